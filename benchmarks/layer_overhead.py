@@ -1,0 +1,552 @@
+#!/usr/bin/env python
+"""Training-step cost of CWPS layers against plain fine-tuning, measured side by side.
+
+Variants (all share the same weights; CWPS variants share the same parents and mask logits):
+
+  finetune        the plain timm model, no CWPS at all;
+  cwps-soft       inject_cwps + set_stage("soft") (one conv, w recomputed in backward);
+  cwps-hard       inject_cwps + set_stage("hard");
+  two-pass        the paper's Eq. 8, y = m*conv(x, child) + (1-m)*conv(x, parent), soft mask;
+  naive-autograd  w = parent + m*(child - parent) with ordinary autograd ops, then F.conv2d
+                  (autograd keeps w and child - parent alive until backward), soft mask.
+
+The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CWPSLinear whose
+``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
+so they hold exactly the same parameters and buffers as cwps-soft.
+
+Time: forward + backward + SGD(momentum 0.9) step, round-robin over the variants (rotated
+every round) to cancel drift, median per variant. Memory: each variant runs in a fresh
+subprocess of this script. On CPU the figure is the peak RSS growth during the training steps,
+``ru_maxrss after the steps - RSS just before the first step`` (after model build and one
+no_grad warm-up forward); on CUDA ``max_memory_allocated - memory_allocated`` before the step.
+Also reported, allocator-independent: the bytes of the tensors autograd saves for backward in
+one step (unique storages, via torch.autograd.graph.saved_tensors_hooks), excluding storages
+that belong to the model's parameters and buffers.
+
+    python benchmarks/layer_overhead.py [--device cpu|cuda] [--batch 32] [--size 112]
+        [--steps N] [--warmup N] [--model resnet18] [--out path.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+try:  # the package may not be pip-installed: fall back to the source tree
+    import cwps_lightning  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(REPO / "src"))
+
+from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
+from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
+
+VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
+TARGET_TIME = 1.05
+TARGET_MEM = 1.10
+MiB = 2**20
+
+
+# ---------------------------------------------------------------------------------------------
+# The two alternatives (benchmark-only; not part of the library)
+# ---------------------------------------------------------------------------------------------
+def _train_mask(layer) -> torch.Tensor:
+    """The stage's mask as an autograd expression of mask_logits (straight-through if hard)."""
+    s = torch.sigmoid(layer.mask_logits)
+    if layer.stage == "hard":
+        return (s >= layer.threshold).to(s.dtype) + (s - s.detach())
+    return s
+
+
+class TwoPassConv2d(CWPSConv2d):
+    """Paper Eq. 8: two convolutions per layer, outputs mixed per output channel."""
+
+    def forward(self, x):
+        if self.stage == "finetune":
+            return super().forward(x)
+        x, padding = self._pad_and_padding(x)
+        m = _train_mask(self).view(1, -1, 1, 1)
+        y_child = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
+                           self.groups)
+        y_parent = F.conv2d(x, self.parent_weight, self.parent_bias, self.stride, padding,
+                            self.dilation, self.groups)
+        return m * y_child + (1 - m) * y_parent
+
+
+class TwoPassLinear(CWPSLinear):
+    def forward(self, x):
+        if self.stage == "finetune":
+            return super().forward(x)
+        m = _train_mask(self)
+        return m * F.linear(x, self.weight, self.bias) + (1 - m) * F.linear(
+            x, self.parent_weight, self.parent_bias)
+
+
+def _naive_compose(layer):
+    m = _train_mask(layer)
+    w = torch.addcmul(layer.parent_weight, m.view(-1, *([1] * (layer.weight.dim() - 1))),
+                      layer.weight - layer.parent_weight)
+    b = None
+    if layer.bias is not None:
+        b = torch.addcmul(layer.parent_bias, m, layer.bias - layer.parent_bias)
+    return w, b
+
+
+class NaiveConv2d(CWPSConv2d):
+    """Compose w with plain autograd ops, then one F.conv2d (autograd keeps w for backward)."""
+
+    def forward(self, x):
+        if self.stage == "finetune":
+            return super().forward(x)
+        x, padding = self._pad_and_padding(x)
+        w, b = _naive_compose(self)
+        return F.conv2d(x, w, b, self.stride, padding, self.dilation, self.groups)
+
+
+class NaiveLinear(CWPSLinear):
+    def forward(self, x):
+        if self.stage == "finetune":
+            return super().forward(x)
+        w, b = _naive_compose(self)
+        return F.linear(x, w, b)
+
+
+SWAPS = {
+    "two-pass": {CWPSConv2d: TwoPassConv2d, CWPSLinear: TwoPassLinear},
+    "naive-autograd": {CWPSConv2d: NaiveConv2d, CWPSLinear: NaiveLinear},
+}
+
+
+def swap_layers(model: nn.Module, kind: str) -> int:
+    """Re-class every CWPS layer of ``model`` (in place) to the ``kind`` alternative."""
+    table = SWAPS[kind]
+    n = 0
+    for _, layer in list(cwps_layers(model)):
+        layer.__class__ = table[type(layer)]
+        n += 1
+    return n
+
+
+# ---------------------------------------------------------------------------------------------
+# Model building (deterministic, so worker subprocesses rebuild identical weights)
+# ---------------------------------------------------------------------------------------------
+def build_base(model_name: str, seed: int) -> nn.Module:
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(model_name, pretrained=False)
+
+
+@torch.no_grad()
+def make_cwps(base: nn.Module, seed: int) -> nn.Module:
+    """inject_cwps into a copy; random parents (perturbed child) and random mask logits."""
+    model = copy.deepcopy(base)
+    inject_cwps(model)
+    g = torch.Generator().manual_seed(seed + 1)
+    for _, layer in cwps_layers(model):
+        w = layer.weight.detach().cpu()
+        noise = torch.randn(w.shape, generator=g) * w.std() * 0.5
+        pb = None
+        if layer.bias is not None:
+            b = layer.bias.detach().cpu()
+            pb = (b + torch.randn(b.shape, generator=g) * 0.1).to(layer.bias.device)
+        layer.set_parent((w + noise).to(layer.weight.device), pb)
+        # N(0, 2): about half the channels specific (sigmoid >= 0.5), half shared
+        logits = torch.randn(layer.mask_logits.shape, generator=g) * 2.0
+        layer.mask_logits.copy_(logits.to(layer.mask_logits.device))
+    return model
+
+
+def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
+    if name == "finetune":
+        model = copy.deepcopy(base)
+    else:
+        model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed))
+        if name in SWAPS:
+            swap_layers(model, name)
+        set_stage(model, "hard" if name == "cwps-hard" else "soft")
+    return model.train()
+
+
+def build_all(names, model_name, seed, device):
+    base = build_base(model_name, seed)
+    cwps = make_cwps(base, seed) if any(n != "finetune" for n in names) else None
+    models = {n: make_variant(n, base, cwps, seed).to(device) for n in names}
+    del base, cwps
+    return models
+
+
+def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+
+
+def make_batch(args, device, num_classes: int):
+    g = torch.Generator().manual_seed(args.seed + 2)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, num_classes, (args.batch,), generator=g)
+    return x.to(device), y.to(device)
+
+
+def num_classes_of(model: nn.Module) -> int:
+    return getattr(model, "num_classes", None) or 1000
+
+
+def train_step(model, opt, x, y) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    return loss.detach()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory (one fresh process per variant)
+# ---------------------------------------------------------------------------------------------
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def reset_hwm() -> bool:
+    """Reset the RSS high-water mark (Linux >= 4.0), so build-time peaks do not count."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def saved_tensor_bytes(model, opt, x, y) -> dict:
+    """Bytes of unique storages autograd saves for backward in one training step."""
+    owned = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    owned |= {t.untyped_storage().data_ptr() for t in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr and ptr not in seen:
+            seen[ptr] = st.nbytes()
+        return t
+
+    opt.zero_grad(set_to_none=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    total = sum(seen.values())
+    activations = sum(n for p, n in seen.items() if p not in owned)
+    return {"saved_total_bytes": total, "saved_activation_bytes": activations,
+            "saved_param_buffer_bytes": total - activations}
+
+
+def memory_worker(args) -> dict:
+    device = torch.device(args.device)
+    name = args._worker
+    models = build_all([name], args.model, args.seed, device)
+    model = models.pop(name)
+    opt = make_optimizer(model)
+    x, y = make_batch(args, device, num_classes_of(model))
+    with torch.no_grad():
+        model(x)
+    gc.collect()
+    sync(device)
+    out = {"variant": name, "mem_steps": args.mem_steps}
+    if device.type == "cuda":
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        for _ in range(args.mem_steps):
+            train_step(model, opt, x, y)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        out.update(peak_growth_bytes=peak, method="cuda max_memory_allocated - allocated")
+    else:
+        hwm_reset = reset_hwm()
+        rss0 = rss_kib()
+        maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        for _ in range(args.mem_steps):
+            train_step(model, opt, x, y)
+        maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        hwm1 = hwm_kib()
+        out.update(
+            peak_growth_bytes=(maxrss1 - rss0) * 1024,
+            hwm_growth_bytes=(hwm1 - rss0) * 1024,
+            rss_before_kib=rss0, ru_maxrss_before_kib=maxrss0, ru_maxrss_after_kib=maxrss1,
+            hwm_reset=hwm_reset,
+            # ru_maxrss is a process high-water mark: it is only the training peak if the
+            # training steps raised it
+            peak_reached_in_steps=maxrss1 > maxrss0,
+            method="ru_maxrss after steps - VmRSS before first step",
+        )
+    out.update(saved_tensor_bytes(model, opt, x, y))
+    return out
+
+
+def run_memory(args, names) -> dict:
+    env = dict(os.environ)
+    src = str(REPO / "src")
+    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    if args.device == "cpu" and not args.malloc_default:
+        # A fixed mmap threshold stops glibc from keeping freed activation buffers in the heap
+        # (its dynamic threshold grows to 32 MiB), so RSS follows the live tensors closely.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    results = {}
+    for name in names:
+        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", name,
+               "--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
+               "--model", args.model, "--seed", str(args.seed), "--threads", str(args.threads),
+               "--mem-steps", str(args.mem_steps)]
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr)
+            raise RuntimeError(f"memory worker for {name} failed (rc={proc.returncode})")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+        res["worker_wall_s"] = round(time.perf_counter() - t0, 1)
+        results[name] = res
+        print(f"  memory {name:<15} {res['peak_growth_bytes'] / MiB:8.1f} MiB peak growth, "
+              f"{res['saved_activation_bytes'] / MiB:8.1f} MiB saved activations "
+              f"({res['worker_wall_s']:.0f} s)", flush=True)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence check (small batch) and timing
+# ---------------------------------------------------------------------------------------------
+def check_equivalence(models, args, device) -> dict:
+    """The soft variants must compute the same function and gradients (sanity check)."""
+    soft = [n for n in ("cwps-soft", "two-pass", "naive-autograd") if n in models]
+    if len(soft) < 2:
+        return {}
+    x, y = make_batch(argparse.Namespace(**{**vars(args), "batch": 2}), device,
+                      num_classes_of(models[soft[0]]))
+    ref = None
+    report = {}
+    for n in soft:
+        m = copy.deepcopy(models[n])
+        # full fp32 (no TF32) so that two convolutions vs one composed one compare closely
+        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            tf32 = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = False
+            try:
+                loss = F.cross_entropy(m(x), y)
+                loss.backward()
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+        grads = {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
+        if ref is None:
+            ref = (loss.detach(), grads)
+            continue
+        gerr = max((grads[k] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
+                   for k, g in ref[1].items())
+        report[n] = {"loss_abs_diff": (loss.detach() - ref[0]).abs().item(),
+                     "max_rel_grad_diff": gerr}
+        del m
+    return report
+
+
+def run_timing(models, args, device) -> dict:
+    names = list(models)
+    opts = {n: make_optimizer(m) for n, m in models.items()}
+    x, y = make_batch(args, device, num_classes_of(models[names[0]]))
+    times = {n: [] for n in names}
+    losses = {}
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(args.warmup + args.steps):
+            k = r % len(names)
+            for n in names[k:] + names[:k]:  # rotate the order every round
+                gc.collect()
+                sync(device)
+                t0 = time.perf_counter()
+                loss = train_step(models[n], opts[n], x, y)
+                sync(device)
+                dt = time.perf_counter() - t0
+                if r >= args.warmup:
+                    times[n].append(dt)
+                losses[n] = float(loss)
+            if r >= args.warmup:
+                line = "  ".join(f"{n} {times[n][-1] * 1e3:6.0f}" for n in names)
+                print(f"  round {r - args.warmup + 1:>2}/{args.steps} ms: {line}", flush=True)
+            else:
+                print(f"  warm-up {r + 1}/{args.warmup}", flush=True)
+    finally:
+        gc.enable()
+    return {"times_s": times, "final_loss": losses}
+
+
+# ---------------------------------------------------------------------------------------------
+def parse_args(argv=None):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--steps", type=int, default=12, help="timed rounds (steps per variant)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help="comma-separated subset of " + ",".join(VARIANTS))
+    p.add_argument("--mem-steps", type=int, default=2,
+                   help="training steps per memory worker (the peak over them is reported)")
+    p.add_argument("--threads", type=int, default=cores)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-memory", action="store_true")
+    p.add_argument("--malloc-default", action="store_true",
+                   help="CPU memory workers: keep glibc's dynamic mmap threshold")
+    p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._worker:
+        print(json.dumps(memory_worker(args)))
+        return 0
+
+    names = [n.strip() for n in args.variants.split(",") if n.strip()]
+    bad = [n for n in names if n not in VARIANTS]
+    if bad or "finetune" not in names:
+        raise SystemExit(f"--variants must include finetune and be among {VARIANTS}; got {bad}")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but CUDA is not available")
+    t_start = time.perf_counter()
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
+        platform.processor() or platform.machine())
+    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, device {args.device} "
+          f"({dev_name}), {args.threads} threads, torch {torch.__version__}", flush=True)
+
+    # Memory first, while this process is still small (a child's ru_maxrss starts from the
+    # parent's high-water mark at exec).
+    mem = {}
+    if not args.skip_memory:
+        print(f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
+              flush=True)
+        mem = run_memory(args, names)
+
+    print("building models ...", flush=True)
+    models = build_all(names, args.model, args.seed, device)
+    n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
+    equiv = check_equivalence(models, args, device)
+    for n, r in equiv.items():
+        print(f"  check {n} vs cwps-soft: |dloss| {r['loss_abs_diff']:.2e}, "
+              f"max rel grad diff {r['max_rel_grad_diff']:.2e}", flush=True)
+    print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, round-robin", flush=True)
+    timing = run_timing(models, args, device)
+
+    # ---- report
+    times = timing["times_s"]
+    ft = statistics.median(times["finetune"])
+    rows = {}
+    for n in names:
+        t = times[n]
+        med = statistics.median(t)
+        paired = statistics.median(a / b for a, b in zip(t, times["finetune"]))
+        row = {"median_ms": med * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
+               "time_ratio": med / ft, "paired_time_ratio": paired,
+               "times_ms": [v * 1e3 for v in t], "final_loss": timing["final_loss"][n]}
+        if n in mem:
+            row.update(mem[n])
+            row["mem_ratio"] = mem[n]["peak_growth_bytes"] / mem["finetune"]["peak_growth_bytes"]
+            base_act = mem["finetune"]["saved_activation_bytes"]
+            row["saved_activation_ratio"] = mem[n]["saved_activation_bytes"] / base_act
+        rows[n] = row
+
+    mem_unit = "peak RSS growth" if device.type == "cpu" else "peak alloc growth"
+    hdr = (f"{'variant':<15} {'median ms':>10} {'x finetune':>10} {'paired x':>9} "
+           f"{mem_unit + ' MiB':>21} {'x finetune':>10} {'saved act MiB':>14} {'x finetune':>10}")
+    print()
+    print(hdr)
+    print("-" * len(hdr))
+    for n in names:
+        r = rows[n]
+        line = (f"{n:<15} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
+                f"{r['paired_time_ratio']:>9.3f}")
+        if "mem_ratio" in r:
+            line += (f" {r['peak_growth_bytes'] / MiB:>21.1f} {r['mem_ratio']:>10.3f}"
+                     f" {r['saved_activation_bytes'] / MiB:>14.1f}"
+                     f" {r['saved_activation_ratio']:>10.3f}")
+        print(line)
+    print()
+
+    verdict = {}
+    for n in ("cwps-soft", "cwps-hard"):
+        if n not in rows:
+            continue
+        v = {"time_ok": rows[n]["time_ratio"] <= TARGET_TIME}
+        if "mem_ratio" in rows[n]:
+            v["mem_ok"] = rows[n]["mem_ratio"] <= TARGET_MEM
+        verdict[n] = v
+        msg = f"time {rows[n]['time_ratio']:.3f} (<= {TARGET_TIME}: " \
+              f"{'PASS' if v['time_ok'] else 'FAIL'})"
+        if "mem_ok" in v:
+            msg += f", memory {rows[n]['mem_ratio']:.3f} (<= {TARGET_MEM}: " \
+                   f"{'PASS' if v['mem_ok'] else 'FAIL'})"
+        print(f"{n}: {msg}")
+    if device.type == "cpu" and mem:
+        notes = [n for n in names if not mem[n].get("peak_reached_in_steps", True)]
+        if notes:
+            print(f"WARNING: ru_maxrss not raised by the training steps for {notes}; "
+                  "the growth figure there is an upper bound")
+    wall = time.perf_counter() - t_start
+    print(f"total wall time {wall:.0f} s")
+
+    if args.out:
+        result = {
+            "config": {k: v for k, v in vars(args).items() if k != "_worker"},
+            "env": {"torch": torch.__version__, "python": platform.python_version(),
+                    "device_name": dev_name, "threads": torch.get_num_threads(),
+                    "platform": platform.platform(),
+                    "malloc_mmap_threshold": None if args.malloc_default or device.type != "cpu"
+                    else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))},
+            "cwps_layers": n_cwps,
+            "targets": {"time_ratio_max": TARGET_TIME, "mem_ratio_max": TARGET_MEM},
+            "equivalence_check": equiv,
+            "variants": rows,
+            "verdict": verdict,
+            "wall_s": wall,
+        }
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,3 @@
+from .mask_stage import MaskStageCallback
+
+__all__ = ["MaskStageCallback"]

@@ -1,0 +1,49 @@
+"""The CWPS core, in plain PyTorch (no Lightning, no Hydra)."""
+
+from .bank import KernelBank, TaskEntry
+from .layers import STAGES, CWPSConv2d, CWPSLinear, hard_mask
+from .search import (
+    DISTANCES,
+    SearchResult,
+    check_distance,
+    init_mask_logits,
+    kernel_distances,
+    merged_kernel_ids,
+    nearest_parents,
+    search_parents,
+)
+from .surgery import (
+    classifier_names,
+    cwps_layers,
+    inject_cwps,
+    merge_cwps,
+    set_stage,
+    set_threshold,
+    shareable_layers,
+    sharing_stats,
+)
+
+__all__ = [
+    "DISTANCES",
+    "STAGES",
+    "CWPSConv2d",
+    "CWPSLinear",
+    "KernelBank",
+    "SearchResult",
+    "TaskEntry",
+    "check_distance",
+    "classifier_names",
+    "cwps_layers",
+    "hard_mask",
+    "init_mask_logits",
+    "inject_cwps",
+    "kernel_distances",
+    "merge_cwps",
+    "merged_kernel_ids",
+    "nearest_parents",
+    "search_parents",
+    "set_stage",
+    "set_threshold",
+    "shareable_layers",
+    "sharing_stats",
+]

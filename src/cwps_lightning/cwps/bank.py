@@ -1,0 +1,171 @@
+"""The bank of trained weights (the paper's W_trained), with an identity for every kernel.
+
+Every output channel ("kernel": weight[j] and bias[j]) of every shareable layer of every kept
+task has a kernel id. A task-specific channel gets a fresh id; a shared channel carries the id of
+the kernel it copied. Two tasks that show the same id hold the same numbers, so a store keeps
+each id once, and the parameters a set of tasks needs is the number of distinct ids they use.
+
+A kernel stays stored as long as any kept task references it (reference counting by
+construction): removing a task from the bank drops exactly the ids no other task uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .surgery import shareable_layers
+
+
+@dataclass
+class LayerWeights:
+    weight: Tensor  # [C, ...]
+    bias: Tensor | None  # [C] or None
+    ids: Tensor  # [C] int64 kernel ids
+
+
+@dataclass
+class TaskEntry:
+    """One kept model: its shareable layers (with kernel ids) and everything else it owns."""
+
+    layers: dict[str, LayerWeights]
+    rest: dict[str, Tensor]  # state-dict entries outside the shareable layers (norms, head, ...)
+    rest_param_names: list[str]  # which of ``rest`` are parameters (counted in param_count)
+    num_classes: int
+    meta: dict = field(default_factory=dict)
+
+
+def split_state(model: nn.Module, layer_names: list[str]):
+    """Split a plain model's state into shareable layer weights and the rest."""
+    layer_set = set(layer_names)
+    rest = {}
+    for key, value in model.state_dict().items():
+        module, _, attr = key.rpartition(".")
+        if module in layer_set and attr in ("weight", "bias"):
+            continue
+        rest[key] = value.detach().cpu().clone()
+    param_names = [n for n, _ in model.named_parameters() if n in rest]
+    weights = {}
+    for name in layer_names:
+        module = model.get_submodule(name)
+        bias = None if module.bias is None else module.bias.detach().cpu().clone()
+        weights[name] = (module.weight.detach().cpu().clone(), bias)
+    return weights, rest, param_names
+
+
+class KernelBank:
+    """Kept models by task name, in insertion order; T0 is a task like the others."""
+
+    def __init__(self, layer_names: list[str]):
+        if not layer_names:
+            raise ValueError("KernelBank needs at least one shareable layer name")
+        self.layer_names = list(layer_names)
+        self.entries: dict[str, TaskEntry] = {}
+        self.next_id: dict[str, int] = {name: 0 for name in self.layer_names}
+
+    @staticmethod
+    def shareable_of(model: nn.Module) -> list[str]:
+        """The layer names a bank for ``model`` tracks (those inject_cwps wraps by default)."""
+        return shareable_layers(model)
+
+    # -- identities ----------------------------------------------------------------------------
+    def new_ids(self, layer: str, n: int) -> Tensor:
+        start = self.next_id[layer]
+        self.next_id[layer] = start + n
+        return torch.arange(start, start + n, dtype=torch.int64)
+
+    # -- membership ----------------------------------------------------------------------------
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, task: str) -> bool:
+        return task in self.entries
+
+    def add(
+        self,
+        task: str,
+        model: nn.Module,
+        num_classes: int,
+        kernel_ids: dict[str, Tensor] | None = None,
+        meta: dict | None = None,
+    ) -> TaskEntry:
+        """Add (or replace) ``task``'s kept model, a plain (merged) nn.Module.
+
+        ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
+        or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
+        """
+        weights, rest, param_names = split_state(model, self.layer_names)
+        layers = {}
+        for name, (w, b) in weights.items():
+            ids = None if kernel_ids is None else kernel_ids[name].detach().cpu().to(torch.int64)
+            if ids is None:
+                ids = self.new_ids(name, w.shape[0])
+            else:
+                if ids.shape != (w.shape[0],):
+                    raise ValueError(f"{name}: {ids.shape[0]} kernel ids for {w.shape[0]} channels")
+                ids = ids.clone()
+                fresh = ids < 0
+                ids[fresh] = self.new_ids(name, int(fresh.sum()))
+            layers[name] = LayerWeights(w, b, ids)
+        entry = TaskEntry(layers, rest, param_names, num_classes, dict(meta or {}))
+        self.entries[task] = entry
+        return entry
+
+    def remove(self, task: str) -> None:
+        del self.entries[task]
+
+    # -- search space --------------------------------------------------------------------------
+    def candidates(self, layer: str, exclude: str | None = None):
+        """Stacked weights [T, C, ...], biases [T, C] (or None), ids [T, C] and task names."""
+        names = [t for t in self.entries if t != exclude]
+        if not names:
+            raise ValueError(f"the bank has no task other than {exclude!r} to share with")
+        lw = [self.entries[t].layers[layer] for t in names]
+        weights = torch.stack([x.weight for x in lw])
+        biases = None if lw[0].bias is None else torch.stack([x.bias for x in lw])
+        ids = torch.stack([x.ids for x in lw])
+        return weights, biases, ids, names
+
+    # -- accounting ----------------------------------------------------------------------------
+    def kernel_params(self, layer: str) -> int:
+        lw = next(iter(self.entries.values())).layers[layer]
+        return lw.weight[0].numel() + (0 if lw.bias is None else 1)
+
+    def distinct_ids(self, layer: str, tasks: list[str] | None = None) -> Tensor:
+        tasks = self.tasks if tasks is None else tasks
+        return torch.unique(torch.cat([self.entries[t].layers[layer].ids for t in tasks]))
+
+    def param_count(self, tasks: list[str] | None = None) -> dict[str, int]:
+        """Parameters needed to serve ``tasks`` (default: all): each distinct kernel once, plus
+        every task's own parameters outside the shareable layers (normalisation, head, ...)."""
+        tasks = self.tasks if tasks is None else tasks
+        shared = sum(
+            self.kernel_params(layer) * self.distinct_ids(layer, tasks).numel()
+            for layer in self.layer_names
+        )
+        own = sum(
+            sum(self.entries[t].rest[n].numel() for n in self.entries[t].rest_param_names)
+            for t in tasks
+        )
+        return {"kernels": shared, "task_own": own, "total": shared + own}
+
+    def shared_channels(self, a: str, b: str) -> int:
+        """Number of output channels where tasks ``a`` and ``b`` hold the same kernel."""
+        return sum(
+            int((self.entries[a].layers[n].ids == self.entries[b].layers[n].ids).sum())
+            for n in self.layer_names
+        )
+
+    def load_into(self, task: str, model: nn.Module) -> nn.Module:
+        """Load ``task``'s kept weights into a plain model of the right architecture."""
+        entry = self.entries[task]
+        state = dict(entry.rest)
+        for name, lw in entry.layers.items():
+            state[f"{name}.weight"] = lw.weight
+            if lw.bias is not None:
+                state[f"{name}.bias"] = lw.bias
+        model.load_state_dict(state)
+        return model

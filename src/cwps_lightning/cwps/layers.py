@@ -1,0 +1,338 @@
+"""CWPS layers: drop-in Conv2d / Linear with a child weight, a frozen composite parent and a
+per-output-channel mask (paper section 3.2.3-3.2.4).
+
+The forward composes the weight once (paper Eq. 6/7),
+
+    w = m * w_child + (1 - m) * w_parent,    b = m * b_child + (1 - m) * b_parent,
+
+and runs ONE convolution / matmul. This is the same function as the paper's two-pass Eq. 8
+(the layer is linear in its weights) with the same gradients for the child and the mask, at the
+cost of the plain layer. A custom autograd function recomputes ``w`` in the backward instead of
+keeping it alive between forward and backward, so training memory matches plain fine-tuning.
+
+Stages:
+  finetune  a plain layer on the child weights (the warm-up fine-tune);
+  soft      m = sigmoid(mask_logits)                                     (Eq. 9);
+  hard      m = 1[sigmoid(mask_logits) >= threshold] in the forward       (Eq. 10/11),
+            straight-through in the backward: dL/ds = dL/dm * sigmoid'(s).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+STAGES = ("finetune", "soft", "hard")
+
+
+def check_threshold(threshold: float) -> float:
+    threshold = float(threshold)
+    if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
+        raise ValueError(f"threshold (lambda) must be in [0, 1], got {threshold}")
+    return threshold
+
+
+def hard_mask(mask_logits: Tensor, threshold: float) -> Tensor:
+    """1 where a channel is task-specific (sigmoid(s) >= lambda), 0 where it is shared."""
+    return (torch.sigmoid(mask_logits) >= threshold).to(mask_logits.dtype)
+
+
+def _mask_and_slope(logits: Tensor, hard: bool, threshold: float) -> tuple[Tensor, Tensor]:
+    """The mask used in the forward and d(mask)/d(logits) used in the backward."""
+    sig = torch.sigmoid(logits)
+    slope = sig * (1.0 - sig)
+    mask = (sig >= threshold).to(sig.dtype) if hard else sig
+    return mask, slope
+
+
+def _compose(child: Tensor, parent: Tensor, mask: Tensor) -> Tensor:
+    """parent + m * (child - parent), with m broadcast along dim 0 (output channels)."""
+    m = mask.view(-1, *([1] * (child.dim() - 1)))
+    return torch.addcmul(parent, m, child - parent)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+class _ComposedOp(torch.autograd.Function):
+    """y = op(x, compose(child, parent, mask)) with the composed weight recomputed in backward.
+
+    ``op`` is a small object with ``forward(x, w, b)`` and
+    ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b); see _ConvOp
+    and _LinearOp.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op):
+        mask, _ = _mask_and_slope(logits.detach(), hard, threshold)
+        w = _compose(w_child.detach(), w_parent, mask)
+        b = None if b_child is None else _compose(b_child.detach(), b_parent, mask)
+        # Autocast does not reach inside a Function: cast the way it would for conv/linear.
+        cast = _autocast_dtype(x.device.type)
+        xc = x.to(cast) if cast is not None else x
+        with torch.autocast(x.device.type, enabled=False):
+            wc = w.to(xc.dtype)
+            bc = None if b is None else b.to(xc.dtype)
+            y = op.forward(xc, wc, bc)
+        ctx.save_for_backward(xc, w_child, b_child, logits, w_parent, b_parent)
+        ctx.hard, ctx.threshold, ctx.op = hard, threshold, op
+        ctx.x_dtype = x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad_y):
+        xc, w_child, b_child, logits, w_parent, b_parent = ctx.saved_tensors
+        mask, slope = _mask_and_slope(logits, ctx.hard, ctx.threshold)
+        w = _compose(w_child, w_parent, mask)
+        has_bias = b_child is not None
+        with torch.autocast(xc.device.type, enabled=False):
+            gx, gw, gb = ctx.op.backward(
+                grad_y.to(xc.dtype), xc, w.to(xc.dtype), has_bias, ctx.needs_input_grad[0]
+            )
+        if gx is not None:
+            gx = gx.to(ctx.x_dtype)
+        grad_child = grad_logits = grad_b_child = None
+        gw = gw.to(w_child.dtype)
+        shape = (-1,) + (1,) * (w_child.dim() - 1)
+        if ctx.needs_input_grad[1]:
+            grad_child = gw * mask.view(shape)
+        if ctx.needs_input_grad[3]:
+            # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j)
+            dm = (gw * (w_child - w_parent)).flatten(1).sum(1)
+            if has_bias:
+                dm = dm + gb.to(b_child.dtype) * (b_child - b_parent)
+            grad_logits = dm * slope
+        if has_bias and ctx.needs_input_grad[2]:
+            grad_b_child = gb.to(b_child.dtype) * mask
+        return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None
+
+
+class _ConvOp:
+    def __init__(self, stride, padding, dilation, groups):
+        self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
+
+    def forward(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def backward(self, g, x, w, has_bias, need_x):
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            g, x, w, [w.shape[0]] if has_bias else None,
+            list(self.stride), list(self.padding), list(self.dilation),
+            False, [0, 0], self.groups, [need_x, True, has_bias],
+        )
+        return gx, gw, gb
+
+
+class _LinearOp:
+    def forward(self, x, w, b):
+        return F.linear(x, w, b)
+
+    def backward(self, g, x, w, has_bias, need_x):
+        gx = g @ w if need_x else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gw = g2.t() @ x2
+        gb = g2.sum(0) if has_bias else None
+        return gx, gw, gb
+
+
+_LINEAR_OP = _LinearOp()
+
+
+class CWPSMixin:
+    """State and behaviour shared by CWPSConv2d and CWPSLinear.
+
+    ``weight``/``bias`` are the child (state-dict names of the wrapped layer are kept, so a
+    checkpoint of the plain backbone still loads); ``parent_weight``/``parent_bias`` are frozen
+    buffers; ``mask_logits`` has one entry per output channel.
+    """
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _init_cwps(self, threshold: float) -> None:
+        out = self.weight.shape[0]
+        self.register_buffer("parent_weight", self.weight.detach().clone())
+        self.register_buffer(
+            "parent_bias", None if self.bias is None else self.bias.detach().clone()
+        )
+        self.mask_logits = nn.Parameter(torch.zeros(out, device=self.weight.device))
+        self.threshold = check_threshold(threshold)
+        self.stage = "finetune"
+
+    # -- stage -------------------------------------------------------------------------------
+    @property
+    def stage(self) -> str:
+        return self._stage
+
+    @stage.setter
+    def stage(self, value: str) -> None:
+        if value not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {value!r}")
+        self._stage = value
+
+    def set_parent(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Install the frozen composite parent (copied; never trained)."""
+        if tuple(weight.shape) != tuple(self.weight.shape):
+            raise ValueError(
+                f"parent weight shape {tuple(weight.shape)} != layer weight shape "
+                f"{tuple(self.weight.shape)}"
+            )
+        self.parent_weight.copy_(weight.detach())
+        if self.bias is not None:
+            if bias is None:
+                raise ValueError("this layer has a bias: set_parent needs a parent bias")
+            self.parent_bias.copy_(bias.detach())
+        elif bias is not None:
+            raise ValueError("this layer has no bias: set_parent got a parent bias")
+
+    def mask(self) -> Tensor:
+        """The mask of the current stage (all ones in finetune)."""
+        if self.stage == "finetune":
+            return torch.ones_like(self.mask_logits)
+        if self.stage == "soft":
+            return torch.sigmoid(self.mask_logits)
+        return hard_mask(self.mask_logits, self.threshold)
+
+    def task_specific(self) -> Tensor:
+        """Bool per output channel: True where the merged layer keeps the child's kernel."""
+        if self.stage == "finetune":
+            return torch.ones_like(self.mask_logits, dtype=torch.bool)
+        return hard_mask(self.mask_logits.detach(), self.threshold).bool()
+
+    @torch.no_grad()
+    def merged_weights(self) -> tuple[Tensor, Tensor | None]:
+        """Weight and bias after the post-training stage (hard mask), or the child in finetune."""
+        m = self.task_specific().to(self.weight.dtype)
+        w = _compose(self.weight, self.parent_weight, m)
+        b = None if self.bias is None else _compose(self.bias, self.parent_bias, m)
+        return w, b
+
+    def _cwps_forward(self, x: Tensor, op) -> Tensor:
+        if self.stage == "finetune":
+            return op.forward(x, self.weight, self.bias)
+        return _ComposedOp.apply(
+            x, self.weight, self.bias, self.mask_logits, self.parent_weight, self.parent_bias,
+            self.stage == "hard", self.threshold, op,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}"
+
+
+class CWPSConv2d(CWPSMixin, nn.Conv2d):
+    """nn.Conv2d with CWPS parameter sharing over its output channels."""
+
+    def __init__(self, *args, threshold: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_cwps(threshold)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5) -> "CWPSConv2d":
+        layer = cls(
+            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+            bias=conv.bias is not None, padding_mode=conv.padding_mode,
+            device=conv.weight.device, dtype=conv.weight.dtype, threshold=threshold,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(conv.weight)
+            layer.parent_weight.copy_(conv.weight)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias)
+                layer.parent_bias.copy_(conv.bias)
+        layer.weight.requires_grad_(conv.weight.requires_grad)
+        layer.train(conv.training)
+        return layer
+
+    def _pad_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
+        """Resolve padding modes and 'same'/'valid' to explicit zero padding ints."""
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return x, (0, 0)
+        if isinstance(self.padding, str):
+            if self.padding == "valid":
+                return x, (0, 0)
+            pads, sym = [], []
+            for d, k in zip(self.dilation, self.kernel_size):
+                total = d * (k - 1)
+                left = total // 2
+                pads.append((left, total - left))
+                sym.append(left)
+            if all(lo == hi for lo, hi in pads):
+                return x, tuple(sym)
+            # asymmetric 'same' padding: pad explicitly (F.pad takes last dim first)
+            x = F.pad(x, (pads[1][0], pads[1][1], pads[0][0], pads[0][1]))
+            return x, (0, 0)
+        return x, tuple(self.padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stage == "finetune":
+            return super().forward(x)
+        x, padding = self._pad_and_padding(x)
+        op = _ConvOp(self.stride, padding, self.dilation, self.groups)
+        return self._cwps_forward(x, op)
+
+    def to_plain(self) -> nn.Conv2d:
+        w, b = self.merged_weights()
+        conv = nn.Conv2d(
+            self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
+            padding=self.padding, dilation=self.dilation, groups=self.groups,
+            bias=b is not None, padding_mode=self.padding_mode,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            conv.weight.copy_(w)
+            if b is not None:
+                conv.bias.copy_(b)
+        conv.train(self.training)
+        return conv
+
+
+class CWPSLinear(CWPSMixin, nn.Linear):
+    """nn.Linear with CWPS parameter sharing over its output features (any leading dims)."""
+
+    def __init__(self, *args, threshold: float = 0.5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._init_cwps(threshold)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5) -> "CWPSLinear":
+        layer = cls(
+            linear.in_features, linear.out_features, bias=linear.bias is not None,
+            device=linear.weight.device, dtype=linear.weight.dtype, threshold=threshold,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            layer.parent_weight.copy_(linear.weight)
+            if linear.bias is not None:
+                layer.bias.copy_(linear.bias)
+                layer.parent_bias.copy_(linear.bias)
+        layer.weight.requires_grad_(linear.weight.requires_grad)
+        layer.train(linear.training)
+        return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._cwps_forward(x, _LINEAR_OP)
+
+    def to_plain(self) -> nn.Linear:
+        w, b = self.merged_weights()
+        linear = nn.Linear(
+            self.in_features, self.out_features, bias=b is not None,
+            device=w.device, dtype=w.dtype,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(w)
+            if b is not None:
+                linear.bias.copy_(b)
+        linear.train(self.training)
+        return linear
+
+
+CWPS_LAYER_TYPES = (CWPSConv2d, CWPSLinear)

@@ -1,0 +1,159 @@
+"""Model surgery: put CWPS layers into a backbone, and merge them back into plain layers."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_threshold
+
+CWPSLayer = CWPSConv2d | CWPSLinear
+
+
+def cwps_layers(model: nn.Module) -> Iterator[tuple[str, CWPSLayer]]:
+    """Iterate (qualified name, layer) over the CWPS layers of ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, CWPS_LAYER_TYPES):
+            yield name, module
+
+
+def classifier_names(model: nn.Module) -> list[str]:
+    """Name(s) of the task head, found the timm way (pretrained_cfg['classifier']).
+
+    Falls back to the last nn.Linear of the model when no timm metadata is present.
+    """
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier")
+    if names:
+        names = [names] if isinstance(names, str) else list(names)
+        modules = dict(model.named_modules())
+        found = [n for n in names if n in modules]
+        if found:
+            return found
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def _is_excluded(name: str, excluded: Iterable[str]) -> bool:
+    return any(name == e or name.startswith(e + ".") for e in excluded)
+
+
+def _plain_forward(module: nn.Module) -> bool:
+    """True for Conv2d/Linear whose forward is the stock one (so the wrap is exact)."""
+    if isinstance(module, nn.Conv2d):
+        return type(module).forward is nn.Conv2d.forward
+    if isinstance(module, nn.Linear):
+        return type(module).forward is nn.Linear.forward
+    return False
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def shareable_layers(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
+    """Names of the nn.Conv2d / nn.Linear layers CWPS shares (in module order).
+
+    ``exclude`` names modules (or module prefixes) to leave alone; by default the classifier
+    head (see :func:`classifier_names`). Normalisation layers are never shared: they stay per
+    task (paper section 3.1). Conv2d/Linear subclasses with a custom forward are left out with
+    a warning, since wrapping them would change what they compute.
+    """
+    excluded = list(classifier_names(model) if exclude is None else exclude)
+    modules = dict(model.named_modules())
+    unknown = [e for e in excluded if e not in modules]
+    if exclude is not None and unknown:
+        raise ValueError(f"exclude names not found in the model: {unknown}")
+    targets, skipped = [], []
+    for name, module in modules.items():
+        if not isinstance(module, (nn.Conv2d, nn.Linear)) or _is_excluded(name, excluded):
+            continue
+        (targets if _plain_forward(module) else skipped).append(name)
+    if skipped:
+        warnings.warn(
+            f"left {len(skipped)} Conv2d/Linear subclass(es) with a custom forward unwrapped: "
+            f"{skipped[:5]}",
+            stacklevel=3,
+        )
+    if not targets:
+        raise ValueError(
+            f"found no nn.Conv2d/nn.Linear to share in {type(model).__name__} "
+            f"(excluded: {excluded})"
+        )
+    return targets
+
+
+def inject_cwps(
+    model: nn.Module, exclude: Iterable[str] | None = None, threshold: float = 0.5
+) -> list[str]:
+    """Replace every shareable nn.Conv2d / nn.Linear of ``model`` (in place) by its CWPS layer.
+
+    See :func:`shareable_layers` for what is wrapped. The new layers start in the "finetune"
+    stage with parent = child. Returns the names wrapped. Raises if the model already has CWPS
+    layers, or if nothing matched.
+    """
+    threshold = check_threshold(threshold)
+    already = [n for n, _ in cwps_layers(model)]
+    if already:
+        raise ValueError(
+            f"model already has {len(already)} CWPS layer(s) (e.g. {already[0]!r}); "
+            "inject_cwps refuses to wrap twice"
+        )
+    targets = shareable_layers(model, exclude)
+    for name in targets:
+        module = model.get_submodule(name)
+        if isinstance(module, nn.Conv2d):
+            new = CWPSConv2d.from_conv(module, threshold=threshold)
+        else:
+            new = CWPSLinear.from_linear(module, threshold=threshold)
+        _set_submodule(model, name, new)
+    return targets
+
+
+def merge_cwps(model: nn.Module) -> nn.Module:
+    """Replace every CWPS layer (in place) by a plain layer holding its merged weights.
+
+    The merge uses the hard mask (the paper's post-training stage), so the merged model equals
+    the wrapped model in the hard stage. Returns ``model``.
+    """
+    for name, layer in list(cwps_layers(model)):
+        _set_submodule(model, name, layer.to_plain())
+    return model
+
+
+def set_stage(model: nn.Module, stage: str) -> None:
+    """Set the stage of every CWPS layer."""
+    layers = list(cwps_layers(model))
+    if not layers:
+        raise ValueError("set_stage: the model has no CWPS layers")
+    for _, layer in layers:
+        layer.stage = stage
+
+
+def set_threshold(model: nn.Module, threshold: float) -> None:
+    threshold = check_threshold(threshold)
+    for _, layer in cwps_layers(model):
+        layer.threshold = threshold
+
+
+@torch.no_grad()
+def sharing_stats(model: nn.Module) -> dict[str, float]:
+    """Channel and parameter fractions of the CWPS layers that are task-specific (hard mask)."""
+    channels = specific_channels = 0
+    params = specific_params = 0
+    for _, layer in cwps_layers(model):
+        spec = layer.task_specific()
+        per_channel = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
+        channels += spec.numel()
+        specific_channels += int(spec.sum())
+        params += spec.numel() * per_channel
+        specific_params += int(spec.sum()) * per_channel
+    return {
+        "specific_channel_fraction": specific_channels / max(channels, 1),
+        "specific_param_fraction": specific_params / max(params, 1),
+    }

@@ -1,0 +1,4 @@
+from .base import DataConfigError, MultiTaskDataModule, TaskSplits
+from .digits import DigitsDataModule
+
+__all__ = ["DataConfigError", "DigitsDataModule", "MultiTaskDataModule", "TaskSplits"]

@@ -1,0 +1,139 @@
+"""What every benchmark provides: named tasks, each with train / val / test splits.
+
+A benchmark is one LightningDataModule that serves several tasks; ``use(task)`` selects the task
+whose splits the dataloaders return. The validation split is carved from the training data and
+is the only split model selection looks at; the test split is only ever reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..errors import ConfigError
+
+
+@dataclass
+class TaskSplits:
+    name: str
+    num_classes: int
+    train: Dataset
+    val: Dataset
+    test: Dataset
+
+
+class DataConfigError(ConfigError):
+    """Bad data configuration or dataset on disk; the message says what and where."""
+
+
+def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
+    """Deterministic random partition of range(n) into len(fractions)+1 parts (rest last)."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    parts, start = [], 0
+    for f in fractions:
+        size = int(round(f * n))
+        parts.append(perm[start : start + size])
+        start += size
+    parts.append(perm[start:])
+    return parts
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Base class: subclasses implement ``build_tasks()`` returning ``{name: TaskSplits}``."""
+
+    #: tasks of the benchmark in their default order
+    default_tasks: tuple[str, ...] = ()
+    #: a task used to pretrain the T0 backbone when no pretrained weights are given (or None)
+    pretrain_task: str | None = None
+
+    def __init__(
+        self,
+        tasks: list[str] | None = None,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.tasks_requested = list(tasks) if tasks else list(self.default_tasks)
+        if batch_size < 1:
+            raise DataConfigError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.seed = seed
+        self._splits: dict[str, TaskSplits] | None = None
+        self.current: str | None = None
+
+    # -- to implement --------------------------------------------------------------------------
+    def build_tasks(self) -> dict[str, TaskSplits]:
+        raise NotImplementedError
+
+    def known_tasks(self) -> list[str]:
+        """Every task name this benchmark can serve (default: default_tasks + pretrain_task)."""
+        extra = [self.pretrain_task] if self.pretrain_task else []
+        return list(self.default_tasks) + extra
+
+    # -- task access ---------------------------------------------------------------------------
+    def validate_tasks(self) -> None:
+        known = self.known_tasks()
+        bad = [t for t in self.tasks_requested if t not in known]
+        if bad:
+            raise DataConfigError(f"unknown task(s) {bad} for this benchmark; known: {known}")
+        if len(set(self.tasks_requested)) != len(self.tasks_requested):
+            raise DataConfigError(f"data.tasks lists a task twice: {self.tasks_requested}")
+        if not self.tasks_requested:
+            raise DataConfigError("data.tasks is empty: name at least one task")
+
+    @property
+    def splits(self) -> dict[str, TaskSplits]:
+        if self._splits is None:
+            self.validate_tasks()
+            self._splits = self.build_tasks()
+        return self._splits
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(self.tasks_requested)
+
+    def num_classes(self, task: str) -> int:
+        return self.splits[task].num_classes
+
+    def use(self, task: str) -> MultiTaskDataModule:
+        if task not in self.splits:
+            raise DataConfigError(f"task {task!r} is not loaded; loaded: {list(self.splits)}")
+        self.current = task
+        return self
+
+    def _current(self) -> TaskSplits:
+        if self.current is None:
+            raise RuntimeError("call use(task) before asking for a dataloader")
+        return self.splits[self.current]
+
+    def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self._current().train, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._current().val, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._current().test, train=False)

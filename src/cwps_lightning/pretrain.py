@@ -1,0 +1,109 @@
+"""The T0 backbone: from a weights file, or pretrained at the start of the run and cached.
+
+The digits benchmark pretrains T0 on its ``mnist`` part. The result is cached under
+``<cache_dir>/t0/<key>.pt``, the key a hash of everything that decides the weights (model,
+benchmark, image size, seed, pretraining settings), so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .fitting import FitSettings, evaluate_top1, fit
+from .models import ModelConfigError, create_backbone, load_backbone_weights
+
+log = logging.getLogger(__name__)
+
+
+def cache_key(spec: Mapping[str, Any]) -> str:
+    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def pretrain_t0(
+    datamodule,
+    model_name: str,
+    model_kwargs: Mapping[str, Any],
+    epochs: int,
+    lr: float,
+    settings: FitSettings,
+    cache_dir: str | Path | None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[nn.Module, dict]:
+    """Train (or load from the cache) a T0 backbone on ``datamodule.pretrain_task``."""
+    task = datamodule.pretrain_task
+    if task is None:
+        raise ModelConfigError(
+            f"{type(datamodule).__name__} has no pretraining task: give pretrained weights"
+        )
+    if epochs < 1:
+        raise ValueError(f"t0.epochs must be >= 1, got {epochs}")
+    num_classes = datamodule.num_classes(task)
+    spec = {
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "data": type(datamodule).__name__,
+        "data_spec": getattr(datamodule, "cache_spec", lambda: {})(),
+        "task": task,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "batch_size": datamodule.batch_size,
+    }
+    path = None
+    if cache_dir is not None:
+        path = Path(cache_dir) / "t0" / f"{cache_key(spec)}.pt"
+        if path.exists():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                model = create_backbone(model_name, num_classes, model_kwargs)
+                model.load_state_dict(saved["state_dict"])
+                log.info("T0: loaded cached backbone %s (val top-1 %.2f)", path, saved["val_top1"])
+                return model, {"cached": str(path), "val_top1": saved["val_top1"]}
+            except (RuntimeError, KeyError, OSError) as err:
+                log.warning("T0: cache %s unreadable (%s); pretraining again", path, err)
+    log.info("T0: pretraining %s on %r for %d epoch(s)", model_name, task, epochs)
+    torch.manual_seed(seed)
+    model = create_backbone(model_name, num_classes, model_kwargs)
+    shareable: list[str] = []  # finetune mode trains everything
+    fit(model, datamodule, task, "finetune", epochs, settings, shareable,
+        log_group="t0", log_name=task, seed=seed, lr=lr)
+    datamodule.use(task)
+    val = evaluate_top1(model, datamodule.val_dataloader(), device)
+    model.cpu()
+    log.info("T0: val top-1 %.2f", val)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, path)
+    return model, {"cached": None, "val_top1": val}
+
+
+def acquire_t0(cfg, datamodule, settings: FitSettings, device) -> tuple[nn.Module, dict]:
+    """T0 for a run (``cfg`` is the composed run config): ``model.weights`` if given, else the
+    benchmark's own pretraining (cached)."""
+    from omegaconf import OmegaConf
+
+    model_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {}
+    if cfg.model.weights:
+        model = load_backbone_weights(cfg.model.name, cfg.model.weights, model_kwargs)
+        return model, {"weights": str(cfg.model.weights)}
+    return pretrain_t0(
+        datamodule, cfg.model.name, model_kwargs, int(cfg.t0.epochs), float(cfg.t0.lr),
+        settings, cfg.paths.cache_dir if cfg.t0.cache else None, cfg.seed, device,
+    )

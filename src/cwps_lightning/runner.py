@@ -1,0 +1,229 @@
+"""The task sequence, top to bottom: T0 -> for each task: warm-up -> CPMS -> soft/hard -> merge ->
+test -> bank. Plain Python around one Lightning fit per phase.
+
+Incremental mode (paper section 3.2) visits every task once. Joint mode (section 3.3,
+Algorithm 1) traverses the tasks ``iterations`` times; each visit trains a candidate from T0 with
+the whole current bank (other tasks) as search space, and the candidate replaces the task's kept
+model only if its validation top-1 is higher: the old weights leave the bank, the new ones enter.
+Test accuracy is recorded, never used for a choice.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cwps import (
+    KernelBank,
+    check_distance,
+    inject_cwps,
+    merge_cwps,
+    merged_kernel_ids,
+    search_parents,
+    sharing_stats,
+)
+from .cwps.layers import check_threshold
+from .fitting import FitSettings, evaluate_top1, fit
+from .models import backbone_param_count, task_model
+
+log = logging.getLogger(__name__)
+
+T0 = "T0"
+MODES = ("incremental", "joint")
+BASELINES = ("finetune", "frozen")
+
+
+@dataclass
+class CWPSSettings:
+    mode: str = "incremental"
+    iterations: int = 1
+    threshold: float = 0.5
+    distance: str = "l2"
+    warmup_epochs: int = 1
+    soft_epochs: int = 1
+    hard_epochs: int = 2
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"cwps.mode must be one of {MODES}, got {self.mode!r}")
+        if self.iterations < 1:
+            raise ValueError(f"cwps.iterations must be >= 1, got {self.iterations}")
+        if self.mode == "incremental" and self.iterations != 1:
+            raise ValueError(
+                f"cwps.iterations={self.iterations} needs cwps.mode=joint (incremental = one pass)"
+            )
+        self.threshold = check_threshold(self.threshold)
+        check_distance(self.distance)
+        for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
+        if self.soft_epochs + self.hard_epochs == 0:
+            raise ValueError("cwps.stages: soft_epochs + hard_epochs must be >= 1")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.warmup_epochs + self.soft_epochs + self.hard_epochs
+
+
+@dataclass
+class MethodResult:
+    """What one method produced: per-task metrics, and the bank of kept models."""
+
+    name: str
+    bank: KernelBank
+    tasks: dict[str, dict] = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self, backbone_params: int) -> dict:
+        counts = self.bank.param_count()
+        tops = [m["top1"] for m in self.tasks.values()]
+        return {
+            "tasks": self.tasks,
+            "mean_top1": sum(tops) / len(tops) if tops else float("nan"),
+            "param_ratio": counts["total"] / backbone_params,
+            "params": counts,
+            "history": self.history,
+        }
+
+
+class Progress:
+    """One line per step of the run, to the log (and so to the console)."""
+
+    def __init__(self, total_steps: int):
+        self.total, self.done = total_steps, 0
+
+    def step(self, msg: str) -> None:
+        self.done += 1
+        log.info("[%d/%d] %s", self.done, self.total, msg)
+
+
+class Runner:
+    def __init__(
+        self,
+        datamodule,
+        t0_model: nn.Module,
+        settings: FitSettings,
+        cwps: CWPSSettings,
+        seed: int = 0,
+        device: torch.device | str = "cpu",
+        on_task_done: Callable[[MethodResult], None] | None = None,
+    ):
+        self.dm = datamodule
+        self.t0 = t0_model
+        self.settings = settings
+        self.cwps = cwps
+        self.seed = seed
+        self.device = torch.device(device)
+        self.on_task_done = on_task_done or (lambda result: None)
+        self.shareable = KernelBank.shareable_of(t0_model)
+        self.backbone_params = backbone_param_count(t0_model)
+        self.t0_classes = int(t0_model.get_classifier().out_features)
+
+    # -- helpers -------------------------------------------------------------------------------
+    def new_bank(self) -> KernelBank:
+        bank = KernelBank(self.shareable)
+        bank.add(T0, self.t0, self.t0_classes)
+        return bank
+
+    def _seed(self, method: str, task: str, phase: str, iteration: int = 0) -> int:
+        # a stable seed per fit, independent of what ran before it
+        key = f"{method}/{task}/{phase}/{iteration}"
+        return (self.seed * 1_000_003 + sum(ord(c) * (i + 1) for i, c in enumerate(key))) % 2**31
+
+    def _test(self, model: nn.Module, task: str) -> tuple[float, float]:
+        self.dm.use(task)
+        val = evaluate_top1(model, self.dm.val_dataloader(), self.device)
+        test = evaluate_top1(model, self.dm.test_dataloader(), self.device)
+        model.cpu()
+        return val, test
+
+    def _fit(self, model, task, mode, epochs, group, name, soft_epochs=None, seed=0):
+        return fit(
+            model, self.dm, task, mode, epochs, self.settings, self.shareable,
+            log_group=group, log_name=name, soft_epochs=soft_epochs, seed=seed,
+        )
+
+    # -- CWPS ----------------------------------------------------------------------------------
+    def train_cwps_task(self, bank: KernelBank, task: str, iteration: int, progress: Progress):
+        """One visit: a candidate model for ``task`` with ``bank`` (minus ``task``) as parents."""
+        c = self.cwps
+        model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed("cwps", task, "head"))
+        tag = f"{task}-it{iteration}"
+        progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
+        self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
+                  seed=self._seed("cwps", task, "warmup", iteration))
+        inject_cwps(model, exclude=None, threshold=c.threshold)
+        search = search_parents(model, bank, task, c.distance)
+        progress.step(
+            f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
+            f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
+        )
+        self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
+                  soft_epochs=c.soft_epochs, seed=self._seed("cwps", task, "mask", iteration))
+        stats = sharing_stats(model)
+        ids = merged_kernel_ids(model, search)
+        parent_counts: dict[str, int] = {}
+        for name, tasks in search.parent_task.items():
+            shared = (ids[name] >= 0).tolist()
+            for t, s in zip(tasks, shared):
+                if s:
+                    parent_counts[t] = parent_counts.get(t, 0) + 1
+        merge_cwps(model)
+        val, test = self._test(model, task)
+        info = {
+            "val_top1": val,
+            "top1": test,
+            "specific_channels": stats["specific_channel_fraction"],
+            "specific_params": stats["specific_param_fraction"],
+            "shared_from": parent_counts,
+        }
+        return model, ids, info
+
+    def run_cwps(self, progress: Progress) -> MethodResult:
+        c = self.cwps
+        result = MethodResult("cwps", self.new_bank())
+        for it in range(c.iterations):
+            for task in self.dm.task_names:
+                model, ids, info = self.train_cwps_task(result.bank, task, it, progress)
+                kept = result.tasks.get(task)
+                accepted = kept is None or info["val_top1"] > kept["val_top1"]
+                result.history.append({"iteration": it, "task": task, "accepted": accepted, **info})
+                if accepted:
+                    # Algorithm 1: the old model's weights leave the search space, the new enter
+                    result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=ids)
+                    result.tasks[task] = {**info, "iteration": it}
+                log.info(
+                    "cwps %s it%d: val %.2f test %.2f, %.1f%% channels task-specific%s",
+                    task, it, info["val_top1"], info["top1"], 100 * info["specific_channels"],
+                    "" if accepted else " (kept the earlier model: higher val top-1)",
+                )
+                self.on_task_done(result)
+        return result
+
+    # -- baselines -----------------------------------------------------------------------------
+    def run_baseline(self, kind: str, progress: Progress) -> MethodResult:
+        """finetune: a full copy of T0 per task. frozen: T0 shared whole, norms + head per task."""
+        if kind not in BASELINES:
+            raise ValueError(f"unknown baseline {kind!r}; accepted: {list(BASELINES)}")
+        result = MethodResult(kind, self.new_bank())
+        t0_ids = {n: result.bank.entries[T0].layers[n].ids for n in self.shareable}
+        for task in self.dm.task_names:
+            model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed(kind, task, "head"))
+            epochs = self.cwps.total_epochs
+            progress.step(f"{kind} {task}: {epochs} epoch(s)")
+            self._fit(model, task, kind, epochs, kind, task, seed=self._seed(kind, task, "fit"))
+            val, test = self._test(model, task)
+            ids = None if kind == "finetune" else t0_ids
+            result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=ids)
+            result.tasks[task] = {"val_top1": val, "top1": test}
+            log.info("%s %s: val %.2f test %.2f", kind, task, val, test)
+            self.on_task_done(result)
+        return result
+
+    def steps(self, baselines: list[str]) -> int:
+        k = len(self.dm.task_names)
+        return 2 * k * self.cwps.iterations + k * len(baselines)

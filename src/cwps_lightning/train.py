@@ -1,0 +1,151 @@
+"""Entry point: ``python -m cwps_lightning.train [overrides]`` (Hydra).
+
+compose config -> check it -> data -> T0 -> CWPS (+ baselines) -> results.json / results.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .fitting import FitSettings, csv_logger_factory, eval_device
+from .models import check_model_name
+from .pretrain import acquire_t0
+from .report import write_results
+from .runner import BASELINES, CWPSSettings, Progress, Runner
+
+log = logging.getLogger("cwps_lightning")
+
+
+
+def quiet_lightning() -> None:
+    """Lightning prints device banners at every Trainer; this run makes many Trainers."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda",
+                 "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
+    warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+
+
+def is_rank_zero() -> bool:
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
+
+
+def cwps_settings(cfg: DictConfig) -> CWPSSettings:
+    c = cfg.cwps
+    return CWPSSettings(
+        mode=c.mode, iterations=int(c.iterations), threshold=float(c.threshold),
+        distance=c.distance, warmup_epochs=int(c.stages.warmup_epochs),
+        soft_epochs=int(c.stages.soft_epochs), hard_epochs=int(c.stages.hard_epochs),
+    )
+
+
+def logger_factory(cfg: DictConfig, run_dir: Path):
+    kind = cfg.logger.kind
+    if kind == "csv":
+        return csv_logger_factory(run_dir / "logs")
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        def make(group: str, name: str):
+            return WandbLogger(
+                project=cfg.logger.project, entity=cfg.logger.entity,
+                group=cfg.logger.group or run_dir.name, name=f"{group}/{name}",
+                job_type=group, tags=list(cfg.logger.tags), save_dir=str(run_dir),
+                mode=cfg.logger.mode or None, reinit="finish_previous",
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+
+        return make
+    if kind in ("none", None):
+        return lambda group, name: False
+    raise ConfigError(f"logger.kind must be csv, wandb or none, got {kind!r}")
+
+
+def check_config(cfg: DictConfig) -> tuple[CWPSSettings, list[str]]:
+    """Every check that can fail before any work is done."""
+    try:
+        settings = cwps_settings(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    check_model_name(cfg.model.name)
+    baselines = list(cfg.cwps.baselines or [])
+    bad = [b for b in baselines if b not in BASELINES]
+    if bad:
+        raise ConfigError(f"cwps.baselines has unknown entries {bad}; accepted: {list(BASELINES)}")
+    if cfg.model.weights and not Path(cfg.model.weights).is_file():
+        raise ConfigError(f"model.weights: no such file {cfg.model.weights!r}")
+    return settings, baselines
+
+
+def run(cfg: DictConfig) -> dict:
+    quiet_lightning()
+    settings, baselines = check_config(cfg)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    torch.manual_seed(cfg.seed)
+    started = time.time()
+
+    datamodule = instantiate(cfg.data)
+    for task in datamodule.task_names:  # builds the splits; bad tasks / roots fail here
+        datamodule.num_classes(task)
+    fit_settings = FitSettings(
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        lr=cfg.optim.lr, mask_lr=cfg.optim.mask_lr, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
+    )
+    device = eval_device(cfg.trainer.accelerator)
+    t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
+
+    runner = Runner(datamodule, t0_model, fit_settings, settings, seed=cfg.seed, device=device)
+    progress = Progress(runner.steps(baselines))
+    methods = {"cwps": runner.run_cwps(progress)}
+    for kind in baselines:
+        methods[kind] = runner.run_baseline(kind, progress)
+
+    results = {
+        "benchmark": type(datamodule).__name__,
+        "tasks": datamodule.task_names,
+        "backbone": cfg.model.name,
+        "backbone_params": runner.backbone_params,
+        "t0": t0_info,
+        "methods": {},
+        "seconds": round(time.time() - started, 1),
+        "device": str(device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    for name, result in methods.items():
+        results["methods"][name] = result.summary(runner.backbone_params)
+    results["methods"]["cwps"].update({"mode": settings.mode, "iterations": settings.iterations})
+    if is_rank_zero():
+        write_results(run_dir, results)
+        log.info("results: %s", run_dir / "results.md")
+        print((run_dir / "results.md").read_text())
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        results = run(cfg)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    # the returned value is what a Hydra sweeper would optimise
+    return results["methods"]["cwps"]["mean_top1"]
+
+
+if __name__ == "__main__":
+    main()

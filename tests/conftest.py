@@ -1,0 +1,24 @@
+"""Shared pytest setup: few threads (the suite runs on small CPU boxes) and a seeded RNG."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+# The package lives in src/ (src layout); make it importable when it is not installed.
+_SRC = Path(__file__).resolve().parents[1] / "src"
+if _SRC.is_dir() and str(_SRC) not in sys.path:
+    sys.path.insert(0, str(_SRC))
+
+
+@pytest.fixture(autouse=True)
+def seed() -> int:
+    """Seed torch's RNG before every test, so random weights/inputs are reproducible."""
+    value = 0
+    torch.manual_seed(value)
+    return value

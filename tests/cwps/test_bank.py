@@ -1,0 +1,267 @@
+"""KernelBank: membership, kernel ids, parameter accounting, reference counting, load_into."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cwps_lightning.cwps import KernelBank, shareable_layers
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)  # kernel: 3*3*3 + 1 = 28 params
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)  # kernel: 4*3*3 = 36
+        self.fc = nn.Linear(6, 10)  # kernel: 6 + 1 = 7
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = self.conv2(x).mean((2, 3))
+        return self.head(torch.relu(self.fc(x)))
+
+
+LAYERS = ["conv1", "conv2", "fc"]
+CHANNELS = {"conv1": 8, "conv2": 6, "fc": 10}
+KERNEL = {"conv1": 28, "conv2": 36, "fc": 7}
+OWN = 8 + 8 + 10 * 3 + 3  # bn weight/bias + head: the task's own parameters
+
+
+def trained_small() -> nn.Module:
+    """A Small whose BN running statistics are not the defaults."""
+    m = Small()
+    m.train()
+    with torch.no_grad():
+        m(torch.randn(4, 3, 6, 6))
+    return m.eval()
+
+
+def all_ids(bank: KernelBank, layer: str) -> set[int]:
+    return {int(i) for t in bank.tasks for i in bank.entries[t].layers[layer].ids}
+
+
+def sharing_copy(src: nn.Module, bank: KernelBank, task: str, share: dict[str, torch.Tensor]):
+    """A model that holds ``task``'s kernels where ``share[layer]`` is True (and new random
+    kernels elsewhere, with its own BN/head), and the kernel ids saying so."""
+    m = copy.deepcopy(src)
+    ids = {}
+    with torch.no_grad():
+        for name in LAYERS:
+            layer = m.get_submodule(name)
+            keep = share[name]
+            layer.weight[~keep] = torch.randn_like(layer.weight[~keep])
+            if layer.bias is not None:
+                layer.bias[~keep] = torch.randn_like(layer.bias[~keep])
+            ids[name] = torch.where(keep, bank.entries[task].layers[name].ids, -1)
+        for p in list(m.bn.parameters()) + list(m.head.parameters()):
+            p.normal_()
+    return m, ids
+
+
+def test_model_layout():
+    m = Small()
+    assert shareable_layers(m) == LAYERS
+    assert sum(p.numel() for p in m.parameters()) == sum(
+        CHANNELS[n] * KERNEL[n] for n in LAYERS
+    ) + OWN
+
+
+def test_needs_layers():
+    with pytest.raises(ValueError):
+        KernelBank([])
+
+
+def test_add_remove_membership():
+    bank = KernelBank(LAYERS)
+    assert bank.tasks == []
+    bank.add("T0", Small(), num_classes=3, meta={"acc": 0.9})
+    bank.add("T1", Small(), num_classes=5)
+    assert bank.tasks == ["T0", "T1"]
+    assert "T0" in bank and "T9" not in bank
+    assert bank.entries["T1"].num_classes == 5
+    assert bank.entries["T0"].meta == {"acc": 0.9}
+    bank.remove("T0")
+    assert bank.tasks == ["T1"] and "T0" not in bank
+    with pytest.raises(KeyError):
+        bank.remove("T0")
+    # adding under an existing name replaces the entry
+    bank.add("T1", Small(), num_classes=7)
+    assert bank.tasks == ["T1"] and bank.entries["T1"].num_classes == 7
+
+
+def test_fresh_ids():
+    bank = KernelBank(LAYERS)
+    bank.add("T0", Small(), num_classes=3)
+    bank.add("T1", Small(), num_classes=3)
+    for name in LAYERS:
+        a = bank.entries["T0"].layers[name].ids
+        b = bank.entries["T1"].layers[name].ids
+        assert a.dtype == b.dtype == torch.int64
+        assert a.shape == b.shape == (CHANNELS[name],)
+        assert len(set(a.tolist())) == CHANNELS[name]
+        assert not set(a.tolist()) & set(b.tolist())
+    assert bank.shared_channels("T0", "T1") == 0
+
+
+def test_shared_ids():
+    bank = KernelBank(LAYERS)
+    t0 = Small()
+    bank.add("T0", t0, num_classes=3)
+    share = {n: torch.arange(CHANNELS[n]) < 3 for n in LAYERS}  # first 3 channels shared
+    t1, ids = sharing_copy(t0, bank, "T0", share)
+    given = copy.deepcopy(ids)
+    bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    for name in LAYERS:
+        ids0 = bank.entries["T0"].layers[name].ids
+        ids1 = bank.entries["T1"].layers[name].ids
+        keep = share[name]
+        assert torch.equal(ids1[keep], ids0[keep])
+        new = ids1[~keep].tolist()
+        assert len(set(new)) == len(new)
+        assert not set(new) & set(ids0.tolist())
+        assert (ids1 >= 0).all()
+        assert torch.equal(ids[name], given[name])  # the caller's tensor is not modified
+    assert bank.shared_channels("T1", "T0") == 9
+    assert bank.shared_channels("T0", "T1") == 9
+    assert bank.shared_channels("T0", "T0") == sum(CHANNELS.values())
+
+
+def test_wrong_number_of_ids_raises():
+    bank = KernelBank(LAYERS)
+    ids = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
+    ids["conv2"] = torch.full((5,), -1)
+    with pytest.raises(ValueError, match="conv2"):
+        bank.add("T0", Small(), num_classes=3, kernel_ids=ids)
+
+
+def test_param_count_single_task():
+    bank = KernelBank(LAYERS)
+    m = trained_small()
+    bank.add("T0", m, num_classes=3)
+    count = bank.param_count()
+    assert count == {
+        "kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS),
+        "task_own": OWN,
+        "total": sum(p.numel() for p in m.parameters()),  # buffers (BN stats) not counted
+    }
+    assert {n: bank.kernel_params(n) for n in LAYERS} == KERNEL
+
+
+def test_param_count_full_and_partial_sharing():
+    bank = KernelBank(LAYERS)
+    t0 = Small()
+    bank.add("T0", t0, num_classes=3)
+    alone = bank.param_count()
+
+    # T1 shares every kernel with T0: only its own (BN + head) parameters are added
+    everything = {n: torch.ones(CHANNELS[n], dtype=torch.bool) for n in LAYERS}
+    t1, ids = sharing_copy(t0, bank, "T0", everything)
+    bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    both = bank.param_count()
+    assert both["kernels"] == alone["kernels"]
+    assert both["task_own"] == 2 * OWN
+    assert both["total"] == alone["total"] + OWN
+
+    # T2 shares only channel 0 of every layer with T0
+    first = {n: torch.arange(CHANNELS[n]) == 0 for n in LAYERS}
+    t2, ids = sharing_copy(t0, bank, "T0", first)
+    bank.add("T2", t2, num_classes=3, kernel_ids=ids)
+    fresh = sum((CHANNELS[n] - 1) * KERNEL[n] for n in LAYERS)
+    assert bank.param_count()["kernels"] == alone["kernels"] + fresh
+    assert bank.param_count()["total"] == alone["total"] + 2 * OWN + fresh
+    # counting a subset of tasks
+    assert bank.param_count(["T1"]) == alone
+    assert bank.param_count(["T1", "T2"])["kernels"] == alone["kernels"] + fresh
+
+
+def test_reference_counting_on_remove():
+    bank = KernelBank(LAYERS)
+    t0 = Small()
+    bank.add("T0", t0, num_classes=3)
+    share = {n: torch.arange(CHANNELS[n]) % 2 == 0 for n in LAYERS}
+    t1, ids = sharing_copy(t0, bank, "T0", share)
+    bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    ids0 = {n: bank.entries["T0"].layers[n].ids.clone() for n in LAYERS}
+    ids1 = {n: bank.entries["T1"].layers[n].ids.clone() for n in LAYERS}
+    issued = {n: all_ids(bank, n) for n in LAYERS}
+    before = bank.param_count()
+
+    bank.remove("T0")  # T0 created the shared kernels; T1 still references them
+    for name in LAYERS:
+        distinct = set(bank.distinct_ids(name).tolist())
+        assert set(ids0[name][share[name]].tolist()) <= distinct  # survive
+        assert not set(ids0[name][~share[name]].tolist()) & distinct  # dropped
+        assert distinct == set(ids1[name].tolist())
+    after = bank.param_count()
+    dropped = sum(int((~share[n]).sum()) * KERNEL[n] for n in LAYERS)
+    assert after["kernels"] == before["kernels"] - dropped
+    assert after["total"] == before["total"] - dropped - OWN
+    assert after == {"kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS), "task_own": OWN,
+                     "total": sum(p.numel() for p in t1.parameters())}
+
+    # ids handed out later are fresh: never one that was issued before
+    bank.add("T2", Small(), num_classes=3)
+    for name in LAYERS:
+        assert not set(bank.entries["T2"].layers[name].ids.tolist()) & issued[name]
+
+
+def test_candidates():
+    bank = KernelBank(LAYERS)
+    models = {t: Small() for t in ("T0", "T1", "T2")}
+    for t, m in models.items():
+        bank.add(t, m, num_classes=3)
+    w, b, ids, names = bank.candidates("conv1", exclude="T1")
+    assert names == ["T0", "T2"]
+    assert w.shape == (2, 8, 3, 3, 3) and b.shape == (2, 8) and ids.shape == (2, 8)
+    assert torch.equal(w[1], models["T2"].conv1.weight.detach())
+    assert torch.equal(b[0], models["T0"].conv1.bias.detach())
+    assert torch.equal(ids[1], bank.entries["T2"].layers["conv1"].ids)
+    w, b, ids, names = bank.candidates("conv2")
+    assert names == ["T0", "T1", "T2"] and b is None
+    single = KernelBank(LAYERS)
+    single.add("T0", Small(), num_classes=3)
+    with pytest.raises(ValueError, match="T0"):
+        single.candidates("fc", exclude="T0")
+
+
+def test_bank_copies_weights():
+    bank = KernelBank(LAYERS)
+    m = Small()
+    bank.add("T0", m, num_classes=3)
+    before = bank.entries["T0"].layers["conv1"].weight.clone()
+    bn_before = bank.entries["T0"].rest["bn.weight"].clone()
+    with torch.no_grad():
+        m.conv1.weight.add_(1.0)
+        m.bn.weight.add_(1.0)
+    assert torch.equal(bank.entries["T0"].layers["conv1"].weight, before)
+    assert torch.equal(bank.entries["T0"].rest["bn.weight"], bn_before)
+
+
+def test_load_into_round_trip():
+    bank = KernelBank(LAYERS)
+    t0 = trained_small()
+    bank.add("T0", t0, num_classes=3)
+    share = {n: torch.arange(CHANNELS[n]) < 4 for n in LAYERS}
+    t1, ids = sharing_copy(t0, bank, "T0", share)
+    t1.train()
+    with torch.no_grad():
+        t1(torch.randn(4, 3, 6, 6))  # its own BN statistics
+    t1.eval()
+    bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+
+    x = torch.randn(2, 3, 6, 6)
+    for task, src in (("T0", t0), ("T1", t1)):
+        target = Small().eval()
+        assert not torch.allclose(target(x), src(x))
+        out = bank.load_into(task, target)
+        assert out is target
+        src_state, new_state = src.state_dict(), target.state_dict()
+        assert src_state.keys() == new_state.keys()
+        for k in src_state:
+            assert torch.equal(src_state[k], new_state[k]), k
+        torch.testing.assert_close(target(x), src(x), atol=0, rtol=0)

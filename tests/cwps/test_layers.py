@@ -1,0 +1,393 @@
+"""CWPSConv2d / CWPSLinear: stages, the custom autograd function, merge, validation."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cwps_lightning.cwps import CWPSConv2d, CWPSLinear, merge_cwps, set_stage, set_threshold
+from cwps_lightning.cwps.surgery import cwps_layers, inject_cwps
+
+# name -> (Conv2d kwargs, input shape [N, C, H, W])
+CONV_VARIANTS = {
+    "basic": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), (2, 4, 9, 9)),
+    "stride2": (dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1), (2, 4, 9, 9)),
+    "dilation2": (dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding=2), (2, 4, 9, 9)),
+    "groups4": (dict(in_channels=8, out_channels=12, kernel_size=3, groups=4, padding=1), (2, 8, 7, 7)),
+    "depthwise": (dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1), (2, 6, 7, 7)),
+    "1x1": (dict(in_channels=4, out_channels=6, kernel_size=1), (2, 4, 5, 5)),
+    "no_bias": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, bias=False), (2, 4, 7, 7)),
+    "same": (dict(in_channels=4, out_channels=6, kernel_size=3, padding="same"), (2, 4, 7, 7)),
+    "same_even_kernel": (dict(in_channels=4, out_channels=6, kernel_size=4, padding="same"), (2, 4, 7, 7)),
+    "same_dilated": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding="same"), (2, 4, 8, 8)
+    ),
+    "valid": (dict(in_channels=4, out_channels=6, kernel_size=3, padding="valid"), (2, 4, 7, 7)),
+    "rect_kernel_stride": (
+        dict(in_channels=4, out_channels=6, kernel_size=(3, 1), stride=(2, 1), padding=(1, 0)),
+        (2, 4, 9, 6),
+    ),
+    "reflect": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
+        (2, 4, 7, 7),
+    ),
+}
+
+# name -> (Linear kwargs, input shape)
+LINEAR_VARIANTS = {
+    "linear_2d": (dict(in_features=7, out_features=6), (5, 7)),
+    "linear_3d": (dict(in_features=7, out_features=6), (2, 5, 7)),
+    "linear_no_bias_3d": (dict(in_features=7, out_features=6, bias=False), (2, 3, 7)),
+}
+
+ALL_VARIANTS = {**CONV_VARIANTS, **LINEAR_VARIANTS}
+
+
+def make_plain(name: str) -> tuple[nn.Module, torch.Tensor]:
+    kwargs, shape = ALL_VARIANTS[name]
+    layer = nn.Conv2d(**kwargs) if name in CONV_VARIANTS else nn.Linear(**kwargs)
+    return layer, torch.randn(shape)
+
+
+def wrap(plain: nn.Module, threshold: float = 0.5):
+    if isinstance(plain, nn.Conv2d):
+        return CWPSConv2d.from_conv(plain, threshold=threshold)
+    return CWPSLinear.from_linear(plain, threshold=threshold)
+
+
+def wrap64(name: str):
+    """A float64 CWPS layer (converted after wrapping, so mask_logits is float64 too)."""
+    plain, x = make_plain(name)
+    layer = wrap(plain).double()
+    return layer, x.double()
+
+
+def randomise(layer, threshold: float = 0.5) -> None:
+    """Random parent (not equal to the child) and random mask logits with both kinds of
+    channel under ``threshold``."""
+    with torch.no_grad():
+        w = layer.weight
+        pw = w + torch.randn_like(w) * (w.std() + 0.1)
+        pb = None if layer.bias is None else layer.bias + torch.randn_like(layer.bias) + 0.1
+        layer.set_parent(pw, pb)
+        logits = torch.randn_like(layer.mask_logits) * 2.0
+        centre = math.log(threshold / (1.0 - threshold))
+        logits[0] = centre + 2.0  # task-specific
+        logits[1] = centre - 2.0  # shared
+        layer.mask_logits.copy_(logits)
+
+
+def reference(layer, x, stage: str, params):
+    """Naive autograd reference: compose the weight, run F.conv2d / F.linear."""
+    w_child, b_child, logits = params
+    sig = torch.sigmoid(logits)
+    if stage == "soft":
+        m = sig
+    else:
+        m = (sig >= layer.threshold).to(sig.dtype) + sig - sig.detach()
+    pw, pb = layer.parent_weight, layer.parent_bias
+    w = pw + m.view(-1, *([1] * (w_child.dim() - 1))) * (w_child - pw)
+    b = None if b_child is None else pb + m * (b_child - pb)
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    padding = layer.padding
+    if layer.padding_mode != "zeros":
+        pads = []
+        for p in reversed(layer.padding):
+            pads += [p, p]
+        x = F.pad(x, pads, mode=layer.padding_mode)
+        padding = 0
+    return F.conv2d(x, w, b, layer.stride, padding, layer.dilation, layer.groups)
+
+
+def plain_with(layer, weight, bias):
+    """Run the layer's op with explicit weights through the stock nn.Module code path."""
+    if isinstance(layer, nn.Conv2d):
+        return lambda x: nn.Conv2d._conv_forward(layer, x, weight, bias)
+    return lambda x: F.linear(x, weight, bias)
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("name", list(ALL_VARIANTS))
+def test_hard_equals_merged(name):
+    plain, x = make_plain(name)
+    layer = wrap(plain)
+    randomise(layer)
+    layer.stage = "hard"
+    spec = layer.task_specific()
+    assert spec.any() and (~spec).any(), "need both task-specific and shared channels"
+
+    with torch.no_grad():
+        y_hard = layer(x)
+        merged = layer.to_plain()
+        assert type(merged) is type(plain)
+        y_merged = merged(x)
+        # via merge_cwps on a container too
+        container = nn.Sequential(copy.deepcopy(layer))
+        merge_cwps(container)
+        assert not list(cwps_layers(container))
+        y_container = container(x)
+    assert y_hard.shape == plain(x).shape
+    torch.testing.assert_close(y_merged, y_hard, atol=1e-5, rtol=0)
+    torch.testing.assert_close(y_container, y_hard, atol=1e-5, rtol=0)
+
+    # the merged kernel is the child's on specific channels and the parent's on shared ones
+    w, b = merged.weight.detach(), merged.bias
+    torch.testing.assert_close(w[spec], layer.weight.detach()[spec], atol=1e-6, rtol=0)
+    assert torch.equal(w[~spec], layer.parent_weight[~spec])
+    if b is not None:
+        torch.testing.assert_close(b.detach()[spec], layer.bias.detach()[spec], atol=1e-6, rtol=0)
+        assert torch.equal(b.detach()[~spec], layer.parent_bias[~spec])
+
+    # the mask matters: neither the child-only nor the parent-only layer gives the same output
+    with torch.no_grad():
+        y_child = plain_with(layer, layer.weight, layer.bias)(x)
+        y_parent = plain_with(layer, layer.parent_weight, layer.parent_bias)(x)
+    assert not torch.allclose(y_hard, y_child, atol=1e-4)
+    assert not torch.allclose(y_hard, y_parent, atol=1e-4)
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+@pytest.mark.parametrize("name", list(ALL_VARIANTS))
+def test_autograd_matches_naive_reference(name, stage):
+    layer, x = wrap64(name)
+    randomise(layer)
+    assert layer.weight.dtype == layer.mask_logits.dtype == torch.float64
+    layer.stage = stage
+
+    x1 = x.clone().requires_grad_(True)
+    y = layer(x1)
+    g = torch.randn_like(y)
+    y.backward(g)
+
+    params = [
+        p.detach().clone().requires_grad_(True) if p is not None else None
+        for p in (layer.weight, layer.bias, layer.mask_logits)
+    ]
+    x2 = x.clone().requires_grad_(True)
+    y_ref = reference(layer, x2, stage, params)
+    y_ref.backward(g)
+
+    opts = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(y, y_ref, **opts)
+    torch.testing.assert_close(x1.grad, x2.grad, **opts)
+    torch.testing.assert_close(layer.weight.grad, params[0].grad, **opts)
+    if layer.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, params[1].grad, **opts)
+    torch.testing.assert_close(layer.mask_logits.grad, params[2].grad, **opts)
+    assert layer.mask_logits.grad.abs().min() > 0
+    # buffers never get gradients
+    assert not layer.parent_weight.requires_grad
+
+
+@pytest.mark.parametrize("name", ["basic", "groups4", "linear_3d"])
+def test_autograd_without_input_grad(name):
+    """x that does not need a gradient (first layer of a network): parameter grads still right."""
+    layer, x = wrap64(name)
+    randomise(layer)
+    layer.stage = "soft"
+    y = layer(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = [p.detach().clone().requires_grad_(True) for p in (layer.weight, layer.bias, layer.mask_logits)]
+    reference(layer, x, "soft", params).backward(g)
+    torch.testing.assert_close(layer.weight.grad, params[0].grad)
+    torch.testing.assert_close(layer.bias.grad, params[1].grad)
+    torch.testing.assert_close(layer.mask_logits.grad, params[2].grad)
+
+
+@pytest.mark.parametrize("name", ["basic", "depthwise", "linear_2d"])
+def test_straight_through_reaches_logits_in_hard_stage(name):
+    plain, x = make_plain(name)
+    layer = wrap(plain)
+    randomise(layer)
+    layer.stage = "hard"
+    layer(x).pow(2).sum().backward()
+    grad = layer.mask_logits.grad
+    assert grad is not None
+    # every channel (shared and specific) gets a non-zero gradient through sigmoid'(s)
+    assert torch.all(grad != 0)
+    # and nothing flows to the logits in the finetune stage
+    layer.zero_grad(set_to_none=True)
+    layer.stage = "finetune"
+    layer(x).pow(2).sum().backward()
+    assert layer.mask_logits.grad is None or torch.all(layer.mask_logits.grad == 0)
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+@pytest.mark.parametrize("name", ["basic", "no_bias", "linear_3d"])
+def test_parent_frozen_under_sgd(name, stage):
+    plain, x = make_plain(name)
+    layer = wrap(plain)
+    randomise(layer)
+    layer.stage = stage
+    parent_w = layer.parent_weight.clone()
+    parent_b = None if layer.parent_bias is None else layer.parent_bias.clone()
+    child_w = layer.weight.detach().clone()
+    logits = layer.mask_logits.detach().clone()
+
+    param_ids = {id(p) for p in layer.parameters()}
+    assert id(layer.parent_weight) not in param_ids
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2)
+    for _ in range(4):
+        opt.zero_grad()
+        layer(x).pow(2).mean().backward()
+        opt.step()
+
+    assert torch.equal(layer.parent_weight, parent_w)
+    if parent_b is not None:
+        assert torch.equal(layer.parent_bias, parent_b)
+    assert not torch.allclose(layer.weight.detach(), child_w)
+    assert not torch.allclose(layer.mask_logits.detach(), logits)
+
+
+@pytest.mark.parametrize("name", list(ALL_VARIANTS))
+def test_finetune_equals_plain(name):
+    plain, x = make_plain(name)
+    layer = wrap(copy.deepcopy(plain))
+    randomise(layer)  # parent and logits must not matter in finetune
+    assert layer.stage == "finetune"
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    y = layer(x1)
+    y_plain = plain(x2)
+    torch.testing.assert_close(y, y_plain, atol=0, rtol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    y_plain.backward(g)
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(layer.weight.grad, plain.weight.grad)
+    if plain.bias is not None:
+        torch.testing.assert_close(layer.bias.grad, plain.bias.grad)
+    # merge in finetune keeps the child (up to rounding of parent + 1 * (child - parent))
+    torch.testing.assert_close(layer.to_plain()(x), y_plain.detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["basic", "linear_3d"])
+def test_soft_with_parent_equal_child_is_plain(name):
+    """Right after wrapping, parent == child, so any mask gives the plain layer."""
+    plain, x = make_plain(name)
+    layer = wrap(copy.deepcopy(plain))
+    with torch.no_grad():
+        layer.mask_logits.normal_()
+    for stage in ("soft", "hard"):
+        layer.stage = stage
+        torch.testing.assert_close(layer(x), plain(x), atol=1e-6, rtol=1e-5)
+
+
+def test_threshold_extremes_select_child_or_parent():
+    plain, x = make_plain("basic")
+    layer = wrap(plain)
+    randomise(layer)
+    with torch.no_grad():
+        layer.mask_logits.clamp_(-5, 5)
+        y_child = plain_with(layer, layer.weight, layer.bias)(x)
+        y_parent = plain_with(layer, layer.parent_weight, layer.parent_bias)(x)
+    layer.stage = "hard"
+    layer.threshold = 0.0  # sigmoid >= 0 everywhere: all task-specific
+    assert layer.task_specific().all()
+    torch.testing.assert_close(layer(x), y_child, atol=1e-5, rtol=0)
+    layer.threshold = 1.0  # sigmoid(<= 5) < 1: all shared
+    assert not layer.task_specific().any()
+    torch.testing.assert_close(layer(x), y_parent, atol=1e-5, rtol=0)
+
+
+def test_mask_per_stage():
+    layer = CWPSLinear(3, 4, threshold=0.6)
+    with torch.no_grad():
+        layer.mask_logits.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))
+    sig = torch.sigmoid(layer.mask_logits.detach())
+    assert torch.equal(layer.mask(), torch.ones(4))
+    assert layer.task_specific().all()
+    layer.stage = "soft"
+    torch.testing.assert_close(layer.mask().detach(), sig)
+    layer.stage = "hard"
+    expected = sig >= 0.6  # [0.27, 0.5, 0.62, 0.88]
+    assert expected.tolist() == [False, False, True, True]
+    assert torch.equal(layer.mask(), expected.float())
+    assert torch.equal(layer.task_specific(), expected)
+    # the comparison is >=: sigmoid(0) == 0.5 is task-specific at lambda = 0.5
+    layer.threshold = 0.5
+    assert layer.task_specific().tolist() == [False, True, True, True]
+
+
+def test_autocast_cpu_bfloat16():
+    plain, x = make_plain("basic")
+    layer = wrap(plain)
+    randomise(layer)
+    layer.stage = "hard"
+    merged = layer.to_plain()
+    with torch.no_grad():
+        y32 = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        y_merged = merged(x)
+    assert y.dtype == y_merged.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), y32, atol=0.1, rtol=0.05)
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert layer.mask_logits.grad.dtype == torch.float32
+    assert torch.isfinite(layer.mask_logits.grad).all()
+
+
+# -- validation --------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", ["bogus", "Hard", ""])
+def test_invalid_stage_raises(bad):
+    layer = CWPSConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=repr(bad)):
+        layer.stage = bad
+    assert layer.stage == "finetune"
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    inject_cwps(model)
+    with pytest.raises(ValueError, match=repr(bad)):
+        set_stage(model, bad)
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
+def test_invalid_threshold_raises(bad):
+    text = str(float(bad))
+    with pytest.raises(ValueError, match=text):
+        CWPSConv2d(3, 4, 3, threshold=bad)
+    with pytest.raises(ValueError, match=text):
+        CWPSLinear(3, 4, threshold=bad)
+    with pytest.raises(ValueError, match=text):
+        CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3), threshold=bad)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=text):
+        inject_cwps(copy.deepcopy(model), threshold=bad)
+    inject_cwps(model)
+    with pytest.raises(ValueError, match=text):
+        set_threshold(model, bad)
+    assert all(layer.threshold == 0.5 for _, layer in cwps_layers(model))
+
+
+@pytest.mark.parametrize("ok", [0.0, 0.3, 1.0])
+def test_valid_threshold_accepted(ok):
+    assert CWPSLinear(3, 4, threshold=ok).threshold == ok
+
+
+def test_set_parent_validation():
+    conv = CWPSConv2d(3, 4, 3)
+    with pytest.raises(ValueError, match=r"\(4, 3, 3, 3\)"):
+        conv.set_parent(torch.zeros(4, 3, 3, 2), torch.zeros(4))
+    with pytest.raises(ValueError):
+        conv.set_parent(torch.zeros(5, 3, 3, 3), torch.zeros(5))
+    with pytest.raises(ValueError, match="bias"):
+        conv.set_parent(torch.zeros(4, 3, 3, 3))  # missing parent bias
+    no_bias = CWPSLinear(3, 4, bias=False)
+    with pytest.raises(ValueError, match="bias"):
+        no_bias.set_parent(torch.zeros(4, 3), torch.zeros(4))
+    with pytest.raises(ValueError):
+        no_bias.set_parent(torch.zeros(3, 4))
+    # a correct call copies (the layer does not alias the given tensor)
+    w = torch.randn(4, 3)
+    no_bias.set_parent(w)
+    assert torch.equal(no_bias.parent_weight, w)
+    w.add_(1.0)
+    assert not torch.equal(no_bias.parent_weight, w)

@@ -1,0 +1,277 @@
+"""CPMS (nearest parent kernel per channel), mask initialisation, kernel ids after merge."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from cwps_lightning.cwps import (
+    KernelBank,
+    cwps_layers,
+    init_mask_logits,
+    inject_cwps,
+    kernel_distances,
+    merge_cwps,
+    merged_kernel_ids,
+    nearest_parents,
+    search_parents,
+    set_stage,
+    shareable_layers,
+)
+from cwps_lightning.cwps.search import gather_channels
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
+        self.fc = nn.Linear(6, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = self.conv2(x).mean((2, 3))
+        return self.head(torch.relu(self.fc(x)))
+
+
+LAYERS = ["conv1", "conv2", "fc"]
+
+
+# -- nearest kernel on constructed cases ---------------------------------------------------------
+def constructed_case():
+    """child [3, 1, 1, 2] and candidates [3 tasks, 3, 1, 1, 2]."""
+    child = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).view(3, 1, 1, 2)
+    cands = torch.tensor(
+        [
+            # task 0            task 0 (channel 1)   task 0: a scaled copy of channel 2
+            [[1.0, 0.1], [1.0, 0.0], [3.0, 3.0]],
+            # task 1
+            [[5.0, 5.0], [0.2, 1.5], [1.2, 0.9]],
+            # task 2: channel 1 is a (slightly longer) parallel copy
+            [[-1.0, 0.0], [0.0, 1.05], [-1.0, -1.0]],
+        ]
+    ).view(3, 3, 1, 1, 2)
+    return child, cands
+
+
+def test_kernel_distances_values():
+    child, cands = constructed_case()
+    d_l2 = kernel_distances(child, cands, "l2")
+    d_cos = kernel_distances(child, cands, "cosine")
+    assert d_l2.shape == d_cos.shape == (3, 3)
+    for t in range(3):
+        for j in range(3):
+            a, b = child[j].flatten(), cands[t, j].flatten()
+            assert d_l2[t, j].item() == pytest.approx(math.dist(a.tolist(), b.tolist()), abs=1e-6)
+            cos = float(a @ b) / (float(a.norm()) * float(b.norm()))
+            assert d_cos[t, j].item() == pytest.approx(1.0 - cos, abs=1e-6)
+
+
+def test_nearest_parents_l2():
+    child, cands = constructed_case()
+    choice, dist = nearest_parents(child, cands, "l2")
+    # ch0: task 0 at 0.1; ch1: task 2 at 0.05; ch2: task 1 at |(0.2, -0.1)| (the scaled copy
+    # in task 0 is 2*sqrt(2) away)
+    assert choice.tolist() == [0, 2, 1]
+    torch.testing.assert_close(dist, torch.tensor([0.1, 0.05, math.sqrt(0.05)]))
+
+
+def test_nearest_parents_cosine():
+    child, cands = constructed_case()
+    choice, dist = nearest_parents(child, cands, "cosine")
+    # ch2: the scaled copy (task 0) is at cosine distance 0, l2 picked task 1 instead
+    assert choice.tolist() == [0, 2, 0]
+    assert dist[1].item() == pytest.approx(0.0, abs=1e-6)
+    assert dist[2].item() == pytest.approx(0.0, abs=1e-6)
+    assert dist[0].item() == pytest.approx(1.0 - 1.0 / math.sqrt(1.01), abs=1e-6)
+
+
+def test_unknown_distance_raises():
+    child, cands = constructed_case()
+    with pytest.raises(ValueError, match="manhattan"):
+        nearest_parents(child, cands, "manhattan")
+    with pytest.raises(ValueError, match="manhattan"):
+        search_parents(Small(), KernelBank(LAYERS), "T0", distance="manhattan")
+
+
+def test_gather_channels():
+    stacked = torch.arange(3 * 4 * 2, dtype=torch.float32).view(3, 4, 2)
+    out = gather_channels(stacked, torch.tensor([2, 0, 1, 2]))
+    expected = torch.stack([stacked[2, 0], stacked[0, 1], stacked[1, 2], stacked[2, 3]])
+    assert torch.equal(out, expected)
+
+
+# -- mask initialisation -------------------------------------------------------------------------
+def test_init_mask_logits_formula():
+    d = torch.tensor([1.0, 2.0, 3.0])  # mean 2: s = 3 * (d - 2) / 2
+    torch.testing.assert_close(init_mask_logits(d), torch.tensor([-1.5, 0.0, 1.5]))
+    d = torch.tensor([0.0, 0.5, 1.0, 2.5])  # mean 1
+    torch.testing.assert_close(init_mask_logits(d), torch.tensor([-3.0, -1.5, 0.0, 4.5]))
+    # a channel at the layer mean starts at sigmoid(0) = 0.5, identical channels at -3
+    assert init_mask_logits(torch.tensor([0.0, 4.0]))[0].item() == pytest.approx(-3.0)
+
+
+def test_init_mask_logits_all_zero():
+    out = init_mask_logits(torch.zeros(5))
+    assert torch.equal(out, torch.full((5,), -3.0))
+
+
+def test_init_mask_logits_clamp():
+    d = torch.tensor([0.0, 0.0, 0.0, 10.0])  # mean 2.5: 3 * 7.5 / 2.5 = 9 -> clamped to 6
+    out = init_mask_logits(d)
+    torch.testing.assert_close(out, torch.tensor([-3.0, -3.0, -3.0, 6.0]))
+    assert out.max().item() == 6.0
+
+
+def test_init_mask_logits_scale_invariant():
+    d = torch.rand(7) + 0.1
+    torch.testing.assert_close(init_mask_logits(d), init_mask_logits(d * 1000.0))
+
+
+# -- search_parents with a KernelBank ------------------------------------------------------------
+def perturbed(base: nn.Module, near: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy of ``base`` whose shareable channels are near the base where ``near[layer]`` is
+    True (tiny noise) and far elsewhere (large noise)."""
+    m = copy.deepcopy(base)
+    with torch.no_grad():
+        for name in LAYERS:
+            layer = m.get_submodule(name)
+            scale = torch.where(near[name], 1e-3, 1.0)
+            layer.weight.add_(scale.view(-1, *[1] * (layer.weight.dim() - 1)) * torch.randn_like(layer.weight))
+            if layer.bias is not None:
+                layer.bias.add_(scale * torch.randn_like(layer.bias))
+        for p in m.head.parameters():
+            p.normal_()
+    return m
+
+
+@pytest.fixture
+def bank_setup():
+    base = Small()
+    assert shareable_layers(base) == LAYERS
+    pattern = {
+        n: torch.arange(base.get_submodule(n).weight.shape[0]) % 3 != 1 for n in LAYERS
+    }  # True: T0 near, False: T1 near
+    t0 = perturbed(base, pattern)
+    t1 = perturbed(base, {n: ~p for n, p in pattern.items()})
+    bank = KernelBank(LAYERS)
+    bank.add("T0", t0, num_classes=3)
+    bank.add("T2", base, num_classes=3)  # the task itself: distance 0 if it were not excluded
+    bank.add("T1", t1, num_classes=3)
+    model = copy.deepcopy(base)
+    inject_cwps(model)
+    return bank, model, pattern
+
+
+def brute_force(layer_weight: torch.Tensor, bank: KernelBank, name: str, tasks, distance):
+    """Per channel: (task, distance) of the nearest kernel, by a plain Python loop."""
+    out = []
+    for j in range(layer_weight.shape[0]):
+        a = layer_weight[j].flatten()
+        best = None
+        for t in tasks:
+            b = bank.entries[t].layers[name].weight[j].flatten()
+            if distance == "l2":
+                d = float((a - b).norm())
+            else:
+                d = 1.0 - float(a @ b) / (float(a.norm()) * float(b.norm()))
+            if best is None or d < best[1]:
+                best = (t, d)
+        out.append(best)
+    return out
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_search_parents_installs_chosen_kernels(bank_setup, distance):
+    bank, model, pattern = bank_setup
+    child = {n: layer.weight.detach().clone() for n, layer in cwps_layers(model)}
+    result = search_parents(model, bank, "T2", distance=distance)
+    layers = dict(cwps_layers(model))
+    assert set(result.parent_ids) == set(LAYERS)
+    for name in LAYERS:
+        layer = layers[name]
+        tasks = result.parent_task[name]
+        assert len(tasks) == layer.weight.shape[0]
+        assert "T2" not in tasks  # the task itself is excluded
+        # the constructed nearest task, and the brute-force nearest among T0/T1
+        expected = ["T0" if p else "T1" for p in pattern[name].tolist()]
+        assert tasks == expected
+        bf = brute_force(child[name], bank, name, ["T0", "T1"], distance)
+        assert tasks == [t for t, _ in bf]
+        torch.testing.assert_close(
+            result.distances[name], torch.tensor([d for _, d in bf]), atol=1e-5, rtol=1e-4
+        )
+        for j, t in enumerate(tasks):
+            entry = bank.entries[t].layers[name]
+            assert torch.equal(layer.parent_weight[j], entry.weight[j])
+            if layer.bias is not None:
+                assert torch.equal(layer.parent_bias[j], entry.bias[j])
+            assert result.parent_ids[name][j].item() == entry.ids[j].item()
+        # the child itself is untouched, the logits follow the init formula
+        assert torch.equal(layer.weight.detach(), child[name])
+        torch.testing.assert_close(layer.mask_logits.detach(), init_mask_logits(result.distances[name]))
+    assert layers["conv2"].bias is None and layers["conv2"].parent_bias is None
+
+
+def test_search_parents_errors():
+    base = Small()
+    bank = KernelBank(LAYERS)
+    bank.add("T0", base, num_classes=3)
+    model = copy.deepcopy(base)
+    with pytest.raises(ValueError, match="CWPS layer"):
+        search_parents(model, bank, "T1")  # model not injected
+    inject_cwps(model)
+    with pytest.raises(ValueError, match="T0"):
+        search_parents(model, bank, "T0")  # nothing else to share with
+    # a new task T1 may share with T0: every channel then picks T0
+    result = search_parents(model, bank, "T1")
+    assert all(t == "T0" for n in LAYERS for t in result.parent_task[n])
+    # distance 0 everywhere -> every channel starts as shared (sigmoid(-3))
+    for _, layer in cwps_layers(model):
+        assert torch.equal(layer.mask_logits.detach(), torch.full_like(layer.mask_logits, -3.0))
+
+
+def test_merged_kernel_ids_and_bank_identity(bank_setup):
+    bank, model, _ = bank_setup
+    result = search_parents(model, bank, "T2")
+    layers = dict(cwps_layers(model))
+    with torch.no_grad():
+        for name, layer in layers.items():
+            c = layer.weight.shape[0]
+            layer.mask_logits.copy_(torch.where(torch.arange(c) % 2 == 0, 2.0, -2.0))
+    set_stage(model, "hard")
+    ids = merged_kernel_ids(model, result)
+    assert set(ids) == set(LAYERS)
+    for name, layer in layers.items():
+        spec = layer.task_specific()
+        assert spec.any() and (~spec).any()
+        assert torch.all(ids[name][spec] == -1)
+        assert torch.equal(ids[name][~spec], result.parent_ids[name][~spec])
+        # the result is not modified in place
+        assert torch.all(result.parent_ids[name] >= 0)
+
+    # the merged model, added with those ids, keeps the "same id, same numbers" invariant
+    merge_cwps(model)
+    bank.add("T3", model, num_classes=3, kernel_ids=ids)
+    for name in LAYERS:
+        new = bank.entries["T3"].layers[name]
+        others = torch.cat([bank.entries[t].layers[name].ids for t in ("T0", "T1", "T2")])
+        fresh = ids[name] == -1
+        assert not torch.isin(new.ids[fresh], others).any()
+        assert torch.equal(new.ids[~fresh], ids[name][~fresh])
+        for t in ("T0", "T1", "T2"):
+            old = bank.entries[t].layers[name]
+            same = old.ids == new.ids
+            assert torch.equal(old.weight[same], new.weight[same])
+            if old.bias is not None:
+                assert torch.equal(old.bias[same], new.bias[same])
+    assert bank.shared_channels("T3", "T2") == 0
+    assert bank.shared_channels("T3", "T0") + bank.shared_channels("T3", "T1") == sum(
+        int((ids[n] >= 0).sum()) for n in LAYERS
+    )

@@ -1,0 +1,256 @@
+"""inject_cwps / merge_cwps / set_stage / sharing_stats on small models and timm backbones."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cwps_lightning.cwps import (
+    CWPSConv2d,
+    CWPSLinear,
+    classifier_names,
+    cwps_layers,
+    inject_cwps,
+    merge_cwps,
+    set_stage,
+    set_threshold,
+    shareable_layers,
+    sharing_stats,
+)
+
+timm = pytest.importorskip("timm")
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+# name -> (create_model kwargs, head name)
+TIMM_MODELS = {
+    "resnet18": (dict(num_classes=5), "fc"),
+    "vit_tiny_patch16_224": (dict(num_classes=5, img_size=32, patch_size=8), "head"),
+    "densenet121": (dict(num_classes=5), "classifier"),
+}
+
+
+def timm_model(name: str) -> nn.Module:
+    kwargs, _ = TIMM_MODELS[name]
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+@torch.no_grad()
+def randomise_model(model: nn.Module, scale: float = 0.3) -> None:
+    """Random parents near the child and random logits (both signs) in every CWPS layer."""
+    for _, layer in cwps_layers(model):
+        w = layer.weight
+        pw = w + scale * (w.std() + 1e-3) * torch.randn_like(w)
+        pb = None if layer.bias is None else layer.bias + scale * torch.randn_like(layer.bias)
+        layer.set_parent(pw, pb)
+        layer.mask_logits.normal_(0.0, 2.0)
+
+
+class Small(nn.Module):
+    """conv(bias) -> bn -> conv(no bias, groups) -> pool -> linear -> head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
+        self.fc = nn.Linear(6, 10)
+        self.head = nn.Linear(10, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv1(x)))
+        x = self.conv2(x).mean((2, 3))
+        return self.head(torch.relu(self.fc(x)))
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(TIMM_MODELS))
+def test_inject_and_merge_timm(name):
+    _, head = TIMM_MODELS[name]
+    model = timm_model(name)
+    # keep the original modules (surgery replaces them in place; no deepcopy, it is slow here)
+    orig_modules = dict(model.named_modules())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y_orig = model(x)
+
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, NORM_TYPES)}
+    assert norms, "the backbone should have normalisation layers"
+    head_module = model.get_submodule(head)
+    expected = [
+        n for n, m in orig_modules.items()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head
+    ]
+    assert classifier_names(model) == [head]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Conv2d/Linear subclass should be skipped here
+        names = inject_cwps(model)
+
+    assert names == expected
+    assert [n for n, _ in cwps_layers(model)] == expected
+    # head untouched (same object, plain type)
+    assert model.get_submodule(head) is head_module
+    assert type(head_module) is nn.Linear
+    # norm layers untouched (same objects) and never wrapped
+    for n, m in norms.items():
+        assert model.get_submodule(n) is m
+    for n, layer in cwps_layers(model):
+        assert isinstance(layer, CWPSConv2d if isinstance(orig_modules[n], nn.Conv2d) else CWPSLinear)
+        assert layer.stage == "finetune"
+        assert torch.equal(layer.weight, orig_modules[n].weight)
+        assert torch.equal(layer.parent_weight, orig_modules[n].weight)
+        assert not layer.training
+
+    with torch.no_grad():
+        y_ft = model(x)
+    torch.testing.assert_close(y_ft, y_orig, atol=1e-6, rtol=0)
+
+    randomise_model(model)
+    set_stage(model, "hard")
+    stats = sharing_stats(model)
+    assert 0.0 < stats["specific_channel_fraction"] < 1.0
+    with torch.no_grad():
+        y_hard = model(x)
+    assert not torch.allclose(y_hard, y_orig, atol=1e-3), "the parents should change the output"
+
+    merged = merge_cwps(model)
+    assert merged is model
+    assert not list(cwps_layers(merged))
+    merged_modules = dict(merged.named_modules())
+    for n in expected:
+        assert type(merged_modules[n]) is type(orig_modules[n])
+    assert not any(k.endswith(("parent_weight", "mask_logits")) for k in merged.state_dict())
+    with torch.no_grad():
+        y_merged = merged(x)
+    torch.testing.assert_close(y_merged, y_hard, atol=1e-5, rtol=0)
+
+
+def test_plain_checkpoint_loads_into_injected_model():
+    orig = Small()
+    fresh = Small()
+    inject_cwps(fresh)
+    result = fresh.load_state_dict(orig.state_dict(), strict=False)
+    assert not result.unexpected_keys
+    assert all(k.rsplit(".", 1)[1] in ("parent_weight", "parent_bias", "mask_logits")
+               for k in result.missing_keys)
+    x = torch.randn(2, 3, 8, 8)
+    fresh.eval(), orig.eval()
+    torch.testing.assert_close(fresh(x), orig(x))
+
+
+def test_refuses_to_wrap_twice():
+    model = Small()
+    inject_cwps(model)
+    snapshot = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="twice"):
+        inject_cwps(model)
+    assert [type(m) for m in model.modules()] == snapshot
+
+
+def test_nothing_to_wrap_raises():
+    with pytest.raises(ValueError, match="no nn.Conv2d/nn.Linear"):
+        inject_cwps(nn.Sequential(nn.BatchNorm2d(3), nn.ReLU()))
+    # everything excluded is "nothing matched" too
+    with pytest.raises(ValueError, match="no nn.Conv2d/nn.Linear"):
+        inject_cwps(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)))  # the only Linear is the head
+
+
+def test_exclude_names_honoured():
+    model = timm_model("resnet18")
+    names = inject_cwps(model, exclude=["fc", "layer1", "layer3.0.downsample"])
+    assert names
+    for n in names:
+        assert not n.startswith("layer1.") and n != "fc"
+        assert not n.startswith("layer3.0.downsample")
+    assert "layer2.0.conv1" in names and "conv1" in names and "layer3.0.conv1" in names
+    assert type(model.layer1[0].conv1) is nn.Conv2d
+    assert type(model.layer3[0].downsample[0]) is nn.Conv2d
+    assert type(model.fc) is nn.Linear
+    assert isinstance(model.layer2[0].conv1, CWPSConv2d)
+
+    # exclude=[] overrides the default: the head is wrapped too
+    model = timm_model("resnet18")
+    names = inject_cwps(model, exclude=[])
+    assert "fc" in names and isinstance(model.fc, CWPSLinear)
+
+
+def test_exclude_is_by_module_prefix_not_string_prefix():
+    model = nn.Module()
+    model.layer1 = nn.Conv2d(3, 3, 1)
+    model.layer10 = nn.Conv2d(3, 3, 1)
+    model.head = nn.Linear(3, 2)
+    assert shareable_layers(model, exclude=["layer1"]) == ["layer10", "head"]
+
+
+def test_unknown_exclude_raises():
+    model = Small()
+    with pytest.raises(ValueError, match="no_such_layer"):
+        inject_cwps(model, exclude=["head", "no_such_layer"])
+    assert not list(cwps_layers(model))
+
+
+def test_default_exclude_is_last_linear_without_timm_cfg():
+    model = Small()
+    assert classifier_names(model) == ["head"]
+    assert inject_cwps(model) == ["conv1", "conv2", "fc"]
+    assert type(model.head) is nn.Linear and type(model.bn) is nn.BatchNorm2d
+
+
+def test_custom_forward_subclass_left_alone_with_warning():
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = nn.Sequential(nn.Linear(4, 4), Scaled(4, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="custom forward"):
+        names = inject_cwps(model)
+    assert names == ["0"]
+    assert type(model[1]) is Scaled
+
+
+def test_set_stage_and_threshold():
+    model = Small()
+    with pytest.raises(ValueError):
+        set_stage(model, "soft")  # no CWPS layers yet
+    inject_cwps(model, threshold=0.3)
+    assert all(layer.threshold == 0.3 for _, layer in cwps_layers(model))
+    set_stage(model, "soft")
+    assert all(layer.stage == "soft" for _, layer in cwps_layers(model))
+    set_threshold(model, 0.7)
+    assert all(layer.threshold == 0.7 for _, layer in cwps_layers(model))
+
+
+def test_sharing_stats_consistent_with_masks():
+    model = Small()
+    inject_cwps(model)
+    # finetune: everything is task-specific
+    assert sharing_stats(model) == {"specific_channel_fraction": 1.0, "specific_param_fraction": 1.0}
+
+    with torch.no_grad():
+        model.conv1.mask_logits.copy_(torch.tensor([1.0, -1, 1, -1, 1, -1, -1, -1]))  # 3 / 8
+        model.conv2.mask_logits.copy_(torch.tensor([1.0, 1, 1, 1, 1, -1]))  # 5 / 6
+        model.fc.mask_logits.copy_(-torch.ones(10))  # 0 / 10
+    set_stage(model, "hard")
+    # per-channel parameter counts: conv1 3*3*3 + 1 = 28, conv2 (8/2)*3*3 = 36, fc 6 + 1 = 7
+    spec = {"conv1": 3, "conv2": 5, "fc": 0}
+    chans = {"conv1": 8, "conv2": 6, "fc": 10}
+    per = {"conv1": 28, "conv2": 36, "fc": 7}
+    for n, layer in cwps_layers(model):
+        assert int(layer.task_specific().sum()) == spec[n]
+    stats = sharing_stats(model)
+    assert stats["specific_channel_fraction"] == pytest.approx(8 / 24)
+    expected_params = sum(spec[n] * per[n] for n in spec) / sum(chans[n] * per[n] for n in spec)
+    assert stats["specific_param_fraction"] == pytest.approx(expected_params)
+
+    # a lower threshold makes every channel specific (sigmoid(-1) = 0.27 >= 0.2)
+    set_threshold(model, 0.2)
+    assert sharing_stats(model)["specific_channel_fraction"] == 1.0
+    # the soft stage reports the same hard-mask statistics as the hard stage
+    set_threshold(model, 0.5)
+    set_stage(model, "soft")
+    assert sharing_stats(model) == stats
