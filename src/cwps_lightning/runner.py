@@ -77,6 +77,11 @@ class MethodResult:
     bank: KernelBank
     tasks: dict[str, dict] = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
+    done: list[list] = field(default_factory=list)  # visits finished: [iteration, task]
+
+    def record(self) -> dict:
+        """What a progress record keeps of this method (the bank goes to the store)."""
+        return {"tasks": self.tasks, "history": self.history, "done": self.done}
 
     def summary(self, backbone_params: int) -> dict:
         counts = self.bank.param_count()
@@ -99,6 +104,10 @@ class Progress:
     def step(self, msg: str) -> None:
         self.done += 1
         log.info("[%d/%d] %s", self.done, self.total, msg)
+
+    def skip(self, n: int, msg: str) -> None:
+        self.done += n
+        log.info("[%d/%d] %s (done before, resumed)", self.done, self.total, msg)
 
 
 class Runner:
@@ -183,11 +192,15 @@ class Runner:
         }
         return model, ids, info
 
-    def run_cwps(self, progress: Progress) -> MethodResult:
+    def run_cwps(self, progress: Progress, result: MethodResult | None = None) -> MethodResult:
+        """All visits of the CWPS method; ``result`` (restored) skips the visits it has done."""
         c = self.cwps
-        result = MethodResult("cwps", self.new_bank())
+        result = result or MethodResult("cwps", self.new_bank())
         for it in range(c.iterations):
             for task in self.dm.task_names:
+                if [it, task] in result.done:
+                    progress.skip(2, f"cwps {task}-it{it}")
+                    continue
                 model, ids, info = self.train_cwps_task(result.bank, task, it, progress)
                 kept = result.tasks.get(task)
                 accepted = kept is None or info["val_top1"] > kept["val_top1"]
@@ -196,6 +209,7 @@ class Runner:
                     # Algorithm 1: the old model's weights leave the search space, the new enter
                     result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=ids)
                     result.tasks[task] = {**info, "iteration": it}
+                result.done.append([it, task])
                 log.info(
                     "cwps %s it%d: val %.2f test %.2f, %.1f%% channels task-specific%s",
                     task, it, info["val_top1"], info["top1"], 100 * info["specific_channels"],
@@ -205,20 +219,40 @@ class Runner:
         return result
 
     # -- baselines -----------------------------------------------------------------------------
-    def run_baseline(self, kind: str, progress: Progress) -> MethodResult:
+    def _baseline_ids(self, kind: str, bank: KernelBank) -> dict | None:
+        # finetune: every kernel new; frozen: every kernel is T0's
+        if kind == "finetune":
+            return None
+        return {n: bank.entries[T0].layers[n].ids for n in self.shareable}
+
+    def restore_baseline(self, kind: str, record: dict) -> MethodResult:
+        """A baseline's finished tasks from a progress record. Baselines keep no weights; their
+        bank is rebuilt for parameter accounting only (kernel ids and parameter shapes)."""
+        result = MethodResult(kind, self.new_bank(), tasks=dict(record["tasks"]))
+        ids = self._baseline_ids(kind, result.bank)
+        for task in result.tasks:
+            stand_in = task_model(self.t0, self.dm.num_classes(task))
+            result.bank.add(task, stand_in, self.dm.num_classes(task), kernel_ids=ids)
+        return result
+
+    def run_baseline(
+        self, kind: str, progress: Progress, result: MethodResult | None = None
+    ) -> MethodResult:
         """finetune: a full copy of T0 per task. frozen: T0 shared whole, norms + head per task."""
         if kind not in BASELINES:
             raise ValueError(f"unknown baseline {kind!r}; accepted: {list(BASELINES)}")
-        result = MethodResult(kind, self.new_bank())
-        t0_ids = {n: result.bank.entries[T0].layers[n].ids for n in self.shareable}
+        result = result or MethodResult(kind, self.new_bank())
+        t0_ids = self._baseline_ids(kind, result.bank)
         for task in self.dm.task_names:
+            if task in result.tasks:
+                progress.skip(1, f"{kind} {task}")
+                continue
             model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed(kind, task, "head"))
             epochs = self.cwps.total_epochs
             progress.step(f"{kind} {task}: {epochs} epoch(s)")
             self._fit(model, task, kind, epochs, kind, task, seed=self._seed(kind, task, "fit"))
             val, test = self._test(model, task)
-            ids = None if kind == "finetune" else t0_ids
-            result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=ids)
+            result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=t0_ids)
             result.tasks[task] = {"val_top1": val, "top1": test}
             log.info("%s %s: val %.2f test %.2f", kind, task, val, test)
             self.on_task_done(result)

@@ -22,7 +22,9 @@ from .fitting import FitSettings, csv_logger_factory, eval_device
 from .models import check_model_name
 from .pretrain import acquire_t0
 from .report import write_results
-from .runner import BASELINES, CWPSSettings, Progress, Runner
+from .cwps import MultiTaskStore, StoreError
+from .persist import RunRecorder
+from .runner import BASELINES, CWPSSettings, MethodResult, Progress, Runner
 
 log = logging.getLogger("cwps_lightning")
 
@@ -107,13 +109,36 @@ def run(cfg: DictConfig) -> dict:
         weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
     )
     device = eval_device(cfg.trainer.accelerator)
-    t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
+    recorder = RunRecorder(
+        run_dir, cfg,
+        backbone={"name": cfg.model.name,
+                  "kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {}},
+        cwps_meta={"mode": settings.mode, "iterations": settings.iterations,
+                   "threshold": settings.threshold, "distance": settings.distance},
+    )
+    store = recorder.existing()
+    if store is not None:
+        t0_model, t0_info = recorder.t0_from(store), {"restored_from": str(recorder.store_dir)}
+    else:
+        t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
 
-    runner = Runner(datamodule, t0_model, fit_settings, settings, seed=cfg.seed, device=device)
+    methods: dict[str, MethodResult] = {}
+
+    def persist(_result=None, complete=False):
+        if is_rank_zero():
+            recorder.save(methods, complete=complete)
+
+    runner = Runner(datamodule, t0_model, fit_settings, settings, seed=cfg.seed, device=device,
+                    on_task_done=persist)
+    if store is not None:
+        methods.update(recorder.restore(store, runner))
+    methods.setdefault("cwps", MethodResult("cwps", runner.new_bank()))
     progress = Progress(runner.steps(baselines))
-    methods = {"cwps": runner.run_cwps(progress)}
+    runner.run_cwps(progress, methods["cwps"])
     for kind in baselines:
-        methods[kind] = runner.run_baseline(kind, progress)
+        methods.setdefault(kind, MethodResult(kind, runner.new_bank()))
+        runner.run_baseline(kind, progress, methods[kind])
+    persist(complete=True)
 
     results = {
         "benchmark": type(datamodule).__name__,
@@ -121,6 +146,7 @@ def run(cfg: DictConfig) -> dict:
         "backbone": cfg.model.name,
         "backbone_params": runner.backbone_params,
         "t0": t0_info,
+        "store": str(recorder.store_dir),
         "methods": {},
         "seconds": round(time.time() - started, 1),
         "device": str(device),
@@ -128,7 +154,13 @@ def run(cfg: DictConfig) -> dict:
     }
     for name, result in methods.items():
         results["methods"][name] = result.summary(runner.backbone_params)
-    results["methods"]["cwps"].update({"mode": settings.mode, "iterations": settings.iterations})
+    cwps_result = results["methods"]["cwps"]
+    cwps_result.update({"mode": settings.mode, "iterations": settings.iterations})
+    if is_rank_zero():
+        # CWPS's parameter count is read back from the store it produced
+        stored = MultiTaskStore.load(recorder.store_dir).param_count()
+        cwps_result["params"] = stored
+        cwps_result["param_ratio"] = stored["total"] / runner.backbone_params
     if is_rank_zero():
         write_results(run_dir, results)
         log.info("results: %s", run_dir / "results.md")
@@ -140,7 +172,7 @@ def run(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
-    except ConfigError as err:
+    except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     # the returned value is what a Hydra sweeper would optimise

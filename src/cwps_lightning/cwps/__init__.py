@@ -12,6 +12,7 @@ from .search import (
     nearest_parents,
     search_parents,
 )
+from .store import MultiTaskStore, StoreError, save_store
 from .surgery import (
     classifier_names,
     cwps_layers,
@@ -29,6 +30,8 @@ __all__ = [
     "CWPSConv2d",
     "CWPSLinear",
     "KernelBank",
+    "MultiTaskStore",
+    "StoreError",
     "SearchResult",
     "TaskEntry",
     "check_distance",
@@ -42,6 +45,7 @@ __all__ = [
     "merged_kernel_ids",
     "nearest_parents",
     "search_parents",
+    "save_store",
     "set_stage",
     "set_threshold",
     "shareable_layers",

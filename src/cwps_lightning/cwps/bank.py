@@ -11,6 +11,7 @@ construction): removing a task from the bank drops exactly the ids no other task
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 import torch
@@ -64,6 +65,9 @@ class KernelBank:
         self.layer_names = list(layer_names)
         self.entries: dict[str, TaskEntry] = {}
         self.next_id: dict[str, int] = {name: 0 for name in self.layer_names}
+        # (uid, revision) names this bank's content, so a store knows when to rewrite tensors
+        self.uid = uuid.uuid4().hex
+        self.revision = 0
 
     @staticmethod
     def shareable_of(model: nn.Module) -> list[str]:
@@ -112,10 +116,12 @@ class KernelBank:
             layers[name] = LayerWeights(w, b, ids)
         entry = TaskEntry(layers, rest, param_names, num_classes, dict(meta or {}))
         self.entries[task] = entry
+        self.revision += 1
         return entry
 
     def remove(self, task: str) -> None:
         del self.entries[task]
+        self.revision += 1
 
     # -- search space --------------------------------------------------------------------------
     def candidates(self, layer: str, exclude: str | None = None):

@@ -1,0 +1,291 @@
+"""The multi-task store: one artifact that serves T0 and every task.
+
+Layout of a store directory::
+
+    manifest.json                 structure, metrics, progress; the commit point
+    kernels-<version>.safetensors for every shared layer, each distinct kernel once:
+                                    "<layer>.weight" [n_kernels, ...], "<layer>.bias" [n_kernels]
+    tasks-<version>.safetensors   per task: "<task>/index/<layer>" (int32 [C], a row of the
+                                    layer's kernel table per output channel) and
+                                    "<task>/rest/<state key>" (normalisation layers, head, ...)
+
+A shared channel costs an index, not a copy. Writes are crash-safe: tensor files get a new
+version name, then the manifest is replaced atomically (write aside, fsync, rename), then files no
+manifest names are deleted. A kill at any moment leaves the previous or the new store, whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from .bank import KernelBank, LayerWeights, TaskEntry
+
+FORMAT = "cwps-store"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class StoreError(RuntimeError):
+    """A store that is missing, corrupt or does not fit; the message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for name in ("timm", "safetensors", "lightning"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception:  # noqa: BLE001 - optional packages
+            pass
+    return versions
+
+
+def _bank_tensors(bank: KernelBank) -> tuple[dict[str, Tensor], dict[str, Tensor], dict]:
+    """Deduplicated kernel tables, per-task indices + rest, and per-layer kernel counts."""
+    kernels, tasks, counts = {}, {}, {}
+    for layer in bank.layer_names:
+        ids = bank.distinct_ids(layer)  # sorted; only ids some kept task references
+        sample = next(iter(bank.entries.values())).layers[layer]
+        weight = torch.empty((len(ids), *sample.weight.shape[1:]), dtype=sample.weight.dtype)
+        bias = None if sample.bias is None else torch.empty(len(ids), dtype=sample.bias.dtype)
+        for task, entry in bank.entries.items():
+            lw = entry.layers[layer]
+            rows = torch.searchsorted(ids, lw.ids)
+            weight[rows] = lw.weight
+            if bias is not None:
+                bias[rows] = lw.bias
+            tasks[f"{task}/index/{layer}"] = rows.to(torch.int32)
+        kernels[f"{layer}.weight"] = weight
+        if bias is not None:
+            kernels[f"{layer}.bias"] = bias
+        counts[layer] = len(ids)
+    for task, entry in bank.entries.items():
+        for key, value in entry.rest.items():
+            tasks[f"{task}/rest/{key}"] = value.contiguous()
+    return kernels, tasks, counts
+
+
+def _write_tensors(path: Path, name: str, tensors: dict[str, Tensor]) -> dict:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path / name))
+    with open(path / name, "rb") as f:
+        os.fsync(f.fileno())
+    return {"file": name, "sha256": _sha256(path / name), "bytes": (path / name).stat().st_size}
+
+
+def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
+    """Write ``bank`` (plus ``meta``: backbone, metrics, progress ...) as a store at ``path``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    old = _read_manifest(path) if (path / MANIFEST).exists() else None
+    version = (old["version"] + 1) if old else 0
+    unchanged = (
+        old is not None
+        and old.get("bank_uid") == bank.uid
+        and old.get("bank_revision") == bank.revision
+        and all((path / f["file"]).exists() for f in old["files"].values())
+    )
+    if unchanged:  # only the manifest (metrics, progress) changes
+        files, counts = old["files"], old["kernel_counts"]
+    else:
+        kernels, tasks, counts = _bank_tensors(bank)
+        files = {
+            "kernels": _write_tensors(path, f"kernels-{version:06d}.safetensors", kernels),
+            "tasks": _write_tensors(path, f"tasks-{version:06d}.safetensors", tasks),
+        }
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "bank_uid": bank.uid,
+        "bank_revision": bank.revision,
+        "files": files,
+        "layers": bank.layer_names,
+        "kernel_counts": counts,
+        "tasks": {
+            t: {"num_classes": e.num_classes, "rest_params": e.rest_param_names, **e.meta}
+            for t, e in bank.entries.items()
+        },
+        "task_order": bank.tasks,
+        "libraries": library_versions(),
+        **meta,
+    }
+    _fsync_write(path / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    keep = {f["file"] for f in files.values()} | {MANIFEST}
+    for stale in path.iterdir():
+        if stale.name not in keep and (stale.suffix in (".safetensors", ".tmp")):
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def _read_manifest(path: Path) -> dict:
+    file = path / MANIFEST
+    if not file.exists():
+        raise StoreError(f"{file}: no store manifest here")
+    try:
+        manifest = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"{file}: corrupt manifest ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{file}: not a CWPS store manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"{file}: store format version {manifest.get('format_version')}, "
+            f"this code reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _load_tensors(path: Path, info: dict, verify: bool) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    file = path / info["file"]
+    if not file.exists():
+        raise StoreError(f"{file}: missing (named by {path / MANIFEST})")
+    size = file.stat().st_size
+    if size != info["bytes"]:
+        raise StoreError(f"{file}: {size} bytes, the manifest says {info['bytes']} (truncated?)")
+    if verify and _sha256(file) != info["sha256"]:
+        raise StoreError(f"{file}: checksum mismatch, the file is corrupt")
+    try:
+        return load_file(str(file))
+    except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        raise StoreError(f"{file}: cannot read ({err})") from err
+
+
+class MultiTaskStore:
+    """A loaded store: ``tasks``, ``model(task)``, ``relation_matrix()``, ``param_count()``."""
+
+    def __init__(self, path: Path, manifest: dict, kernels: dict, task_tensors: dict):
+        self.path, self.manifest = path, manifest
+        self._kernels, self._tasks = kernels, task_tensors
+        self.layers: list[str] = manifest["layers"]
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> MultiTaskStore:
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"{path}: no such store directory")
+        manifest = _read_manifest(path)
+        kernels = _load_tensors(path, manifest["files"]["kernels"], verify)
+        task_tensors = _load_tensors(path, manifest["files"]["tasks"], verify)
+        return cls(path, manifest, kernels, task_tensors)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.manifest["task_order"])
+
+    def _check_task(self, task: str) -> None:
+        if task not in self.manifest["tasks"]:
+            raise KeyError(f"task {task!r} is not in the store; tasks: {self.tasks}")
+
+    def index(self, task: str, layer: str) -> Tensor:
+        return self._tasks[f"{task}/index/{layer}"].to(torch.int64)
+
+    def state_dict(self, task: str) -> dict[str, Tensor]:
+        """The full state dict of ``task``'s plain (merged) model."""
+        self._check_task(task)
+        prefix = f"{task}/rest/"
+        state = {k[len(prefix):]: v for k, v in self._tasks.items() if k.startswith(prefix)}
+        for layer in self.layers:
+            rows = self.index(task, layer)
+            state[f"{layer}.weight"] = self._kernels[f"{layer}.weight"][rows]
+            if f"{layer}.bias" in self._kernels:
+                state[f"{layer}.bias"] = self._kernels[f"{layer}.bias"][rows]
+        return state
+
+    def model(self, task: str, factory: Callable[[int], nn.Module] | None = None) -> nn.Module:
+        """``task``'s model as a plain nn.Module (eval mode). ``factory(num_classes)`` builds
+        the architecture; by default the timm model the manifest names."""
+        self._check_task(task)
+        num_classes = self.manifest["tasks"][task]["num_classes"]
+        if factory is None:
+            backbone = self.manifest.get("backbone") or {}
+            if not backbone.get("name"):
+                raise StoreError(f"{self.path / MANIFEST}: no backbone name; pass a factory")
+            import timm
+
+            model = timm.create_model(
+                backbone["name"], pretrained=False, num_classes=num_classes,
+                **backbone.get("kwargs", {}),
+            )
+        else:
+            model = factory(num_classes)
+        model.load_state_dict(self.state_dict(task))
+        return model.eval()
+
+    def relation_matrix(self) -> tuple[list[str], Tensor]:
+        """Shared output channels between every pair of tasks (T0 included): [n, n] int64."""
+        names = self.tasks
+        n = len(names)
+        mat = torch.zeros(n, n, dtype=torch.int64)
+        for layer in self.layers:
+            idx = torch.stack([self.index(t, layer) for t in names])  # [n, C]
+            mat += (idx.unsqueeze(1) == idx.unsqueeze(0)).sum(-1)
+        return names, mat
+
+    def param_count(self) -> dict[str, int]:
+        """Parameters stored: each kernel once, plus every task's own parameters."""
+        kernels = sum(
+            self._kernels[f"{layer}.weight"].numel()
+            + (self._kernels[f"{layer}.bias"].numel() if f"{layer}.bias" in self._kernels else 0)
+            for layer in self.layers
+        )
+        own = sum(
+            self._tasks[f"{t}/rest/{name}"].numel()
+            for t, info in self.manifest["tasks"].items()
+            for name in info["rest_params"]
+        )
+        return {"kernels": kernels, "task_own": own, "total": kernels + own}
+
+    def to_bank(self) -> KernelBank:
+        """The bank of kept models this store holds (kernel ids = kernel-table rows)."""
+        bank = KernelBank(self.layers)
+        for task in self.tasks:
+            info = self.manifest["tasks"][task]
+            prefix = f"{task}/rest/"
+            rest = {k[len(prefix):]: v for k, v in self._tasks.items() if k.startswith(prefix)}
+            layers = {}
+            for layer in self.layers:
+                rows = self.index(task, layer)
+                w = self._kernels[f"{layer}.weight"][rows]
+                b = self._kernels[f"{layer}.bias"][rows] if f"{layer}.bias" in self._kernels else None
+                layers[layer] = LayerWeights(w, b, rows.clone())
+            meta = {k: v for k, v in info.items() if k not in ("num_classes", "rest_params")}
+            bank.entries[task] = TaskEntry(layers, rest, list(info["rest_params"]),
+                                           info["num_classes"], meta)
+        for layer in self.layers:
+            bank.next_id[layer] = int(self.manifest["kernel_counts"][layer])
+        bank.revision = int(self.manifest.get("bank_revision", 0))
+        bank.uid = self.manifest.get("bank_uid", bank.uid)
+        return bank

@@ -1,0 +1,119 @@
+"""Crash-safe progress: the run's store doubles as its progress record.
+
+After every finished task (every visit in joint mode) the CWPS bank is saved as the store under
+``<run dir>/store`` and the manifest records what is done (see cwps/store.py for why a kill at any
+moment leaves a whole store). Rerunning the same command with the same run directory
+(``hydra.run.dir=<dir>``) restores T0, the bank, the metrics and the finished steps, and goes on
+at the first unfinished step. A store from another config is refused, never overwritten.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from .cwps import MultiTaskStore, StoreError, save_store
+from .cwps.store import MANIFEST
+from .errors import ConfigError
+from .runner import T0, MethodResult, Runner
+
+log = logging.getLogger(__name__)
+
+#: config sections that do not change what a run computes (where it writes, how it logs)
+NON_RESULT_KEYS = ("paths", "hydra", "logger")
+NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
+
+
+def result_config(cfg: DictConfig) -> dict:
+    """The part of the config that decides the results (what a resumed run must share)."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for key in NON_RESULT_KEYS:
+        plain.pop(key, None)
+    for key in NON_RESULT_TRAINER_KEYS:
+        plain.get("trainer", {}).pop(key, None)
+    return plain
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in (d or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+class RunRecorder:
+    def __init__(self, run_dir: str | Path, cfg: DictConfig, backbone: dict, cwps_meta: dict):
+        self.store_dir = Path(run_dir) / "store"
+        self.config = result_config(cfg)
+        self.hash = config_hash(self.config)
+        self.full_config = OmegaConf.to_container(cfg, resolve=True)
+        self.backbone = backbone
+        self.cwps_meta = cwps_meta
+
+    # -- restore -------------------------------------------------------------------------------
+    def existing(self) -> MultiTaskStore | None:
+        """The store of an earlier attempt at this run, checked against this config."""
+        if not (self.store_dir / MANIFEST).exists():
+            if self.store_dir.exists() and any(self.store_dir.iterdir()):
+                raise StoreError(
+                    f"{self.store_dir}: files but no {MANIFEST}; not a store this code wrote "
+                    "(move it away to start afresh)"
+                )
+            return None
+        store = MultiTaskStore.load(self.store_dir)
+        run = store.manifest.get("run") or {}
+        if run.get("config_hash") != self.hash:
+            old, new = _flatten(run.get("config")), _flatten(self.config)
+            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise ConfigError(
+                f"{self.store_dir / MANIFEST} was written by a different config "
+                f"(differs in {diff[:8]}); rerun with the same overrides, or use a new run dir"
+            )
+        return store
+
+    def restore(self, store: MultiTaskStore, runner: Runner) -> dict[str, MethodResult]:
+        run = store.manifest["run"]
+        bank = store.to_bank()
+        cwps = MethodResult("cwps", bank, **run["cwps"])
+        methods = {"cwps": cwps}
+        for kind, record in run.get("baselines", {}).items():
+            methods[kind] = runner.restore_baseline(kind, record)
+        done = len(cwps.done)
+        log.info("resuming %s: %d CWPS visit(s) and %s baseline task(s) done", self.store_dir,
+                 done, {k: len(m.tasks) for k, m in methods.items() if k != "cwps"})
+        return methods
+
+    @staticmethod
+    def t0_from(store: MultiTaskStore):
+        return store.model(T0).train()
+
+    # -- save ----------------------------------------------------------------------------------
+    def save(self, methods: dict[str, MethodResult], complete: bool = False) -> None:
+        cwps = methods["cwps"]
+        meta = {
+            "backbone": self.backbone,
+            **self.cwps_meta,
+            "metrics": {t: {"top1": m["top1"], "val_top1": m["val_top1"]}
+                        for t, m in cwps.tasks.items()},
+            "run": {
+                "config_hash": self.hash,
+                "config": self.config,
+                "complete": complete,
+                "cwps": cwps.record(),
+                "baselines": {k: {"tasks": m.tasks} for k, m in methods.items() if k != "cwps"},
+            },
+            "config": self.full_config,
+        }
+        save_store(self.store_dir, cwps.bank, meta)
