@@ -95,14 +95,39 @@ def pretrain_t0(
 
 
 def acquire_t0(cfg, datamodule, settings: FitSettings, device) -> tuple[nn.Module, dict]:
-    """T0 for a run (``cfg`` is the composed run config): ``model.weights`` if given, else the
-    benchmark's own pretraining (cached)."""
+    """T0 for a run (``cfg`` is the composed run config): ``model.weights`` if given, else timm's
+    hub weights if ``model.pretrained`` is true (the head they come with is kept as T0's), else
+    the benchmark's own pretraining (cached)."""
     from omegaconf import OmegaConf
 
     model_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {}
     if cfg.model.weights:
         model = load_backbone_weights(cfg.model.name, cfg.model.weights, model_kwargs)
         return model, {"weights": str(cfg.model.weights)}
+    if cfg.model.get("pretrained", False):
+        import timm
+
+        from .models import check_model_name
+
+        check_model_name(cfg.model.name)
+        try:
+            model = timm.create_model(cfg.model.name, pretrained=True, **model_kwargs)
+        except Exception as err:  # noqa: BLE001 - network, hub and cache errors alike
+            reason = " ".join(str(err).split())[:300]
+            raise ModelConfigError(
+                f"model.pretrained=true: cannot get timm's pretrained weights for "
+                f"{cfg.model.name!r} ({type(err).__name__}: {reason}); without network access, "
+                f"save them elsewhere (timm.create_model({cfg.model.name!r}, pretrained=True)"
+                f".state_dict()) and pass model.weights=<file>"
+            ) from err
+        tag = getattr(model, "pretrained_cfg", {}).get("hf_hub_id") or cfg.model.name
+        log.info("T0: timm pretrained weights %s", tag)
+        return model, {"pretrained": str(tag)}
+    if getattr(datamodule, "pretrain_task", None) is None:
+        raise ModelConfigError(
+            f"{type(datamodule).__name__} has no pretraining task for T0: set "
+            f"model.pretrained=true (timm hub weights) or model.weights=<checkpoint file>"
+        )
     return pretrain_t0(
         datamodule, cfg.model.name, model_kwargs, int(cfg.t0.epochs), float(cfg.t0.lr),
         settings, cfg.paths.cache_dir if cfg.t0.cache else None, cfg.seed, device,

@@ -66,9 +66,9 @@ def sharing_copy(src: nn.Module, bank: KernelBank, task: str, share: dict[str, t
 def test_model_layout():
     m = Small()
     assert shareable_layers(m) == LAYERS
-    assert sum(p.numel() for p in m.parameters()) == sum(
-        CHANNELS[n] * KERNEL[n] for n in LAYERS
-    ) + OWN
+    assert (
+        sum(p.numel() for p in m.parameters()) == sum(CHANNELS[n] * KERNEL[n] for n in LAYERS) + OWN
+    )
 
 
 def test_needs_layers():
@@ -201,8 +201,11 @@ def test_reference_counting_on_remove():
     dropped = sum(int((~share[n]).sum()) * KERNEL[n] for n in LAYERS)
     assert after["kernels"] == before["kernels"] - dropped
     assert after["total"] == before["total"] - dropped - OWN
-    assert after == {"kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS), "task_own": OWN,
-                     "total": sum(p.numel() for p in t1.parameters())}
+    assert after == {
+        "kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS),
+        "task_own": OWN,
+        "total": sum(p.numel() for p in t1.parameters()),
+    }
 
     # ids handed out later are fresh: never one that was issued before
     bank.add("T2", Small(), num_classes=3)

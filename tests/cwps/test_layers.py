@@ -16,16 +16,35 @@ from cwps_lightning.cwps.surgery import cwps_layers, inject_cwps
 # name -> (Conv2d kwargs, input shape [N, C, H, W])
 CONV_VARIANTS = {
     "basic": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), (2, 4, 9, 9)),
-    "stride2": (dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1), (2, 4, 9, 9)),
-    "dilation2": (dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding=2), (2, 4, 9, 9)),
-    "groups4": (dict(in_channels=8, out_channels=12, kernel_size=3, groups=4, padding=1), (2, 8, 7, 7)),
-    "depthwise": (dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1), (2, 6, 7, 7)),
+    "stride2": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
+        (2, 4, 9, 9),
+    ),
+    "dilation2": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding=2),
+        (2, 4, 9, 9),
+    ),
+    "groups4": (
+        dict(in_channels=8, out_channels=12, kernel_size=3, groups=4, padding=1),
+        (2, 8, 7, 7),
+    ),
+    "depthwise": (
+        dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1),
+        (2, 6, 7, 7),
+    ),
     "1x1": (dict(in_channels=4, out_channels=6, kernel_size=1), (2, 4, 5, 5)),
-    "no_bias": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, bias=False), (2, 4, 7, 7)),
+    "no_bias": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, bias=False),
+        (2, 4, 7, 7),
+    ),
     "same": (dict(in_channels=4, out_channels=6, kernel_size=3, padding="same"), (2, 4, 7, 7)),
-    "same_even_kernel": (dict(in_channels=4, out_channels=6, kernel_size=4, padding="same"), (2, 4, 7, 7)),
+    "same_even_kernel": (
+        dict(in_channels=4, out_channels=6, kernel_size=4, padding="same"),
+        (2, 4, 7, 7),
+    ),
     "same_dilated": (
-        dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding="same"), (2, 4, 8, 8)
+        dict(in_channels=4, out_channels=6, kernel_size=3, dilation=2, padding="same"),
+        (2, 4, 8, 8),
     ),
     "valid": (dict(in_channels=4, out_channels=6, kernel_size=3, padding="valid"), (2, 4, 7, 7)),
     "rect_kernel_stride": (
@@ -79,6 +98,8 @@ def randomise(layer, threshold: float = 0.5) -> None:
         centre = math.log(threshold / (1.0 - threshold))
         logits[0] = centre + 2.0  # task-specific
         logits[1] = centre - 2.0  # shared
+        if threshold == 0.5:
+            logits[2] = 0.0  # sigmoid(0) == 0.5 exactly: a tie is task-specific (>=)
         layer.mask_logits.copy_(logits)
 
 
@@ -122,6 +143,7 @@ def test_hard_equals_merged(name):
     layer.stage = "hard"
     spec = layer.task_specific()
     assert spec.any() and (~spec).any(), "need both task-specific and shared channels"
+    assert spec[2], "the tie channel is task-specific"
 
     with torch.no_grad():
         y_hard = layer(x)
@@ -195,7 +217,10 @@ def test_autograd_without_input_grad(name):
     y = layer(x)
     g = torch.randn_like(y)
     y.backward(g)
-    params = [p.detach().clone().requires_grad_(True) for p in (layer.weight, layer.bias, layer.mask_logits)]
+    params = [
+        p.detach().clone().requires_grad_(True)
+        for p in (layer.weight, layer.bias, layer.mask_logits)
+    ]
     reference(layer, x, "soft", params).backward(g)
     torch.testing.assert_close(layer.weight.grad, params[0].grad)
     torch.testing.assert_close(layer.bias.grad, params[1].grad)
@@ -391,3 +416,41 @@ def test_set_parent_validation():
     assert torch.equal(no_bias.parent_weight, w)
     w.add_(1.0)
     assert not torch.equal(no_bias.parent_weight, w)
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_unbatched_conv_input_trains(stage):
+    layer = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
+    layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+    layer.stage = stage
+    x = torch.randn(4, 9, 9)
+    y = layer(x)
+    assert y.shape == (6, 9, 9)
+    assert torch.allclose(y, layer(x.unsqueeze(0)).squeeze(0))
+    y.sum().backward()
+    assert layer.weight.grad is not None and layer.mask_logits.grad is not None
+
+
+def test_threshold_attribute_is_validated():
+    layer = CWPSLinear.from_linear(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="5.0"):
+        layer.threshold = 5.0
+    layer.threshold = 0.3
+    assert layer.threshold == 0.3
+
+
+def test_mask_logits_follow_weight_dtype():
+    layer = CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3).double())
+    assert layer.mask_logits.dtype == torch.float64
+
+
+def test_kept_channels_merge_bit_exact_to_child():
+    layer = CWPSLinear.from_linear(nn.Linear(5, 6))
+    layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+    with torch.no_grad():
+        layer.mask_logits.copy_(torch.tensor([5.0, -5.0, 5.0, -5.0, 5.0, -5.0]))
+    layer.stage = "hard"
+    plain = layer.to_plain()
+    keep = torch.tensor([True, False, True, False, True, False])
+    assert torch.equal(plain.weight[keep], layer.weight[keep])
+    assert torch.equal(plain.weight[~keep], layer.parent_weight[~keep])

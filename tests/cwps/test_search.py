@@ -143,7 +143,9 @@ def perturbed(base: nn.Module, near: dict[str, torch.Tensor]) -> nn.Module:
         for name in LAYERS:
             layer = m.get_submodule(name)
             scale = torch.where(near[name], 1e-3, 1.0)
-            layer.weight.add_(scale.view(-1, *[1] * (layer.weight.dim() - 1)) * torch.randn_like(layer.weight))
+            layer.weight.add_(
+                scale.view(-1, *[1] * (layer.weight.dim() - 1)) * torch.randn_like(layer.weight)
+            )
             if layer.bias is not None:
                 layer.bias.add_(scale * torch.randn_like(layer.bias))
         for p in m.head.parameters():
@@ -215,7 +217,9 @@ def test_search_parents_installs_chosen_kernels(bank_setup, distance):
             assert result.parent_ids[name][j].item() == entry.ids[j].item()
         # the child itself is untouched, the logits follow the init formula
         assert torch.equal(layer.weight.detach(), child[name])
-        torch.testing.assert_close(layer.mask_logits.detach(), init_mask_logits(result.distances[name]))
+        torch.testing.assert_close(
+            layer.mask_logits.detach(), init_mask_logits(result.distances[name])
+        )
     assert layers["conv2"].bias is None and layers["conv2"].parent_bias is None
 
 
@@ -242,7 +246,7 @@ def test_merged_kernel_ids_and_bank_identity(bank_setup):
     result = search_parents(model, bank, "T2")
     layers = dict(cwps_layers(model))
     with torch.no_grad():
-        for name, layer in layers.items():
+        for layer in layers.values():
             c = layer.weight.shape[0]
             layer.mask_logits.copy_(torch.where(torch.arange(c) % 2 == 0, 2.0, -2.0))
     set_stage(model, "hard")

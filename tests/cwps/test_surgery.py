@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -82,8 +81,7 @@ def test_inject_and_merge_timm(name):
     assert norms, "the backbone should have normalisation layers"
     head_module = model.get_submodule(head)
     expected = [
-        n for n, m in orig_modules.items()
-        if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head
+        n for n, m in orig_modules.items() if isinstance(m, (nn.Conv2d, nn.Linear)) and n != head
     ]
     assert classifier_names(model) == [head]
 
@@ -100,7 +98,9 @@ def test_inject_and_merge_timm(name):
     for n, m in norms.items():
         assert model.get_submodule(n) is m
     for n, layer in cwps_layers(model):
-        assert isinstance(layer, CWPSConv2d if isinstance(orig_modules[n], nn.Conv2d) else CWPSLinear)
+        assert isinstance(
+            layer, CWPSConv2d if isinstance(orig_modules[n], nn.Conv2d) else CWPSLinear
+        )
         assert layer.stage == "finetune"
         assert torch.equal(layer.weight, orig_modules[n].weight)
         assert torch.equal(layer.parent_weight, orig_modules[n].weight)
@@ -136,8 +136,10 @@ def test_plain_checkpoint_loads_into_injected_model():
     inject_cwps(fresh)
     result = fresh.load_state_dict(orig.state_dict(), strict=False)
     assert not result.unexpected_keys
-    assert all(k.rsplit(".", 1)[1] in ("parent_weight", "parent_bias", "mask_logits")
-               for k in result.missing_keys)
+    assert all(
+        k.rsplit(".", 1)[1] in ("parent_weight", "parent_bias", "mask_logits")
+        for k in result.missing_keys
+    )
     x = torch.randn(2, 3, 8, 8)
     fresh.eval(), orig.eval()
     torch.testing.assert_close(fresh(x), orig(x))
@@ -229,7 +231,10 @@ def test_sharing_stats_consistent_with_masks():
     model = Small()
     inject_cwps(model)
     # finetune: everything is task-specific
-    assert sharing_stats(model) == {"specific_channel_fraction": 1.0, "specific_param_fraction": 1.0}
+    assert sharing_stats(model) == {
+        "specific_channel_fraction": 1.0,
+        "specific_param_fraction": 1.0,
+    }
 
     with torch.no_grad():
         model.conv1.mask_logits.copy_(torch.tensor([1.0, -1, 1, -1, 1, -1, -1, -1]))  # 3 / 8
@@ -254,3 +259,9 @@ def test_sharing_stats_consistent_with_masks():
     set_threshold(model, 0.5)
     set_stage(model, "soft")
     assert sharing_stats(model) == stats
+
+
+def test_inject_refuses_root_layer():
+    conv = nn.Conv2d(3, 4, 3)
+    with pytest.raises(ValueError, match="itself"):
+        inject_cwps(conv, exclude=[])

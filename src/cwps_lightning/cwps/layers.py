@@ -49,9 +49,14 @@ def _mask_and_slope(logits: Tensor, hard: bool, threshold: float) -> tuple[Tenso
     return mask, slope
 
 
-def _compose(child: Tensor, parent: Tensor, mask: Tensor) -> Tensor:
-    """parent + m * (child - parent), with m broadcast along dim 0 (output channels)."""
+def _compose(child: Tensor, parent: Tensor, mask: Tensor, binary: bool = False) -> Tensor:
+    """parent + m * (child - parent), with m broadcast along dim 0 (output channels).
+
+    A binary mask selects instead, so kept channels equal the child bit for bit.
+    """
     m = mask.view(-1, *([1] * (child.dim() - 1)))
+    if binary:
+        return torch.where(m.bool(), child, parent)
     return torch.addcmul(parent, m, child - parent)
 
 
@@ -72,8 +77,8 @@ class _ComposedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op):
         mask, _ = _mask_and_slope(logits.detach(), hard, threshold)
-        w = _compose(w_child.detach(), w_parent, mask)
-        b = None if b_child is None else _compose(b_child.detach(), b_parent, mask)
+        w = _compose(w_child.detach(), w_parent, mask, hard)
+        b = None if b_child is None else _compose(b_child.detach(), b_parent, mask, hard)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = _autocast_dtype(x.device.type)
         xc = x.to(cast) if cast is not None else x
@@ -90,7 +95,7 @@ class _ComposedOp(torch.autograd.Function):
     def backward(ctx: Any, grad_y):
         xc, w_child, b_child, logits, w_parent, b_parent = ctx.saved_tensors
         mask, slope = _mask_and_slope(logits, ctx.hard, ctx.threshold)
-        w = _compose(w_child, w_parent, mask)
+        w = _compose(w_child, w_parent, mask, ctx.hard)
         has_bias = b_child is not None
         with torch.autocast(xc.device.type, enabled=False):
             gx, gw, gb = ctx.op.backward(
@@ -162,9 +167,19 @@ class CWPSMixin:
         self.register_buffer(
             "parent_bias", None if self.bias is None else self.bias.detach().clone()
         )
-        self.mask_logits = nn.Parameter(torch.zeros(out, device=self.weight.device))
-        self.threshold = check_threshold(threshold)
+        self.mask_logits = nn.Parameter(
+            torch.zeros(out, device=self.weight.device, dtype=self.weight.dtype)
+        )
+        self.threshold = threshold
         self.stage = "finetune"
+
+    @property
+    def threshold(self) -> float:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = check_threshold(value)
 
     # -- stage -------------------------------------------------------------------------------
     @property
@@ -209,9 +224,9 @@ class CWPSMixin:
     @torch.no_grad()
     def merged_weights(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias after the post-training stage (hard mask), or the child in finetune."""
-        m = self.task_specific().to(self.weight.dtype)
-        w = _compose(self.weight, self.parent_weight, m)
-        b = None if self.bias is None else _compose(self.bias, self.parent_bias, m)
+        m = self.task_specific()
+        w = _compose(self.weight, self.parent_weight, m, binary=True)
+        b = None if self.bias is None else _compose(self.bias, self.parent_bias, m, binary=True)
         return w, b
 
     def _cwps_forward(self, x: Tensor, op) -> Tensor:
@@ -275,6 +290,8 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.stage == "finetune":
             return super().forward(x)
+        if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
+            return self.forward(x.unsqueeze(0)).squeeze(0)
         x, padding = self._pad_and_padding(x)
         op = _ConvOp(self.stride, padding, self.dilation, self.groups)
         return self._cwps_forward(x, op)

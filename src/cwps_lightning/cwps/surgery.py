@@ -70,8 +70,13 @@ def shareable_layers(model: nn.Module, exclude: Iterable[str] | None = None) -> 
     if exclude is not None and unknown:
         raise ValueError(f"exclude names not found in the model: {unknown}")
     targets, skipped = [], []
+    if isinstance(model, (nn.Conv2d, nn.Linear)) and "" not in excluded:
+        raise ValueError(
+            f"the model itself is a {type(model).__name__}: it cannot be replaced in place; "
+            "wrap it in a container (e.g. nn.Sequential) first"
+        )
     for name, module in modules.items():
-        if not isinstance(module, (nn.Conv2d, nn.Linear)) or _is_excluded(name, excluded):
+        if not name or not isinstance(module, (nn.Conv2d, nn.Linear)) or _is_excluded(name, excluded):
             continue
         (targets if _plain_forward(module) else skipped).append(name)
     if skipped:

@@ -1,4 +1,25 @@
 from .base import DataConfigError, MultiTaskDataModule, TaskSplits
 from .digits import DigitsDataModule
+from .domainnet import DomainNetDataModule
+from .folders import FoldersDataModule, ImageTasksDataModule
+from .imagenet_sketch import ImageNetSketchDataModule
 
-__all__ = ["DataConfigError", "DigitsDataModule", "MultiTaskDataModule", "TaskSplits"]
+#: the benchmarks, by their ``data=`` config name
+BENCHMARKS = {
+    "digits": DigitsDataModule,
+    "imagenet_sketch": ImageNetSketchDataModule,
+    "domainnet": DomainNetDataModule,
+    "folders": FoldersDataModule,
+}
+
+__all__ = [
+    "BENCHMARKS",
+    "DataConfigError",
+    "DigitsDataModule",
+    "DomainNetDataModule",
+    "FoldersDataModule",
+    "ImageNetSketchDataModule",
+    "ImageTasksDataModule",
+    "MultiTaskDataModule",
+    "TaskSplits",
+]

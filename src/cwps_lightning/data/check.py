@@ -1,0 +1,144 @@
+"""``python -m cwps_lightning.data check +experiment=domainnet data.root=<dir>``: verify a dataset
+before hours of GPU time are spent on it.
+
+The command composes the same Hydra config as training (same presets, same overrides), builds
+the benchmark's DataModule and asks it to check its tree: layout, split files, classes, image
+counts against the reference dataset, and every image decoded in full. Each problem is printed
+on one line, ``ERROR`` or ``WARN``, with the file (and split-file line) it concerns; the last
+line is a summary. Exit status: 0 no errors (warnings allowed, unless ``--strict``), 1 problems
+found, 2 bad configuration (e.g. a missing data.root).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import ConfigError
+from .folders import find_unreadable
+
+#: the repository's Hydra config directory (the one ``cwps_lightning.train`` uses)
+CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
+
+
+def compose_config(overrides: Sequence[str]):
+    """The run config exactly as ``python -m cwps_lightning.train <overrides>`` composes it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise ConfigError(f"cannot find the Hydra configs at {CONF_DIR}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="data"):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(" ".join(str(err).split())) from err
+    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.cwd} in paths.*
+    return cfg
+
+
+def instantiate_data(cfg):
+    """The DataModule of ``cfg.data``; construction errors become one-line ConfigErrors."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from err
+        raise ConfigError(f"cannot build data={cfg.data.get('_target_')}: "
+                          f"{' '.join(str(err).split())}") from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(" ".join(str(err).split())) from err
+
+
+class Report:
+    """Collects and prints a check's findings, at most ``limit`` lines per (kind, task)."""
+
+    def __init__(self, stream: TextIO | None = None, limit: int = 20, workers: int | None = None):
+        self.stream = stream or sys.stdout
+        self.limit = limit
+        self.workers = workers
+        self.errors: Counter[str] = Counter()
+        self.warnings: Counter[str] = Counter()
+        self._shown: Counter[tuple] = Counter()
+        self._hidden: Counter[tuple] = Counter()
+        self.decoded = 0
+
+    def _emit(self, level: str, kind: str, message: str, task: str | None) -> None:
+        key = (level, kind, task)
+        if self._shown[key] >= self.limit:
+            self._hidden[key] += 1
+            return
+        self._shown[key] += 1
+        where = f"{task}: " if task else ""
+        print(f"{level:<5} [{kind}] {where}{message}", file=self.stream, flush=True)
+
+    def error(self, kind: str, message: str, task: str | None = None) -> None:
+        self.errors[kind] += 1
+        self._emit("ERROR", kind, message, task)
+
+    def warn(self, kind: str, message: str, task: str | None = None) -> None:
+        self.warnings[kind] += 1
+        self._emit("WARN", kind, message, task)
+
+    def info(self, message: str, task: str | None = None) -> None:
+        print(f"{'INFO':<5} {message}", file=self.stream, flush=True)
+
+    def decode_all(self, paths: Iterable[str]) -> None:
+        """Decode every image in full; each one that fails is a ``corrupt-image`` error."""
+        paths = sorted(set(paths))
+        started = time.time()
+        for path, why in find_unreadable(paths, full=True, workers=self.workers):
+            self.error("corrupt-image", f"{path}: {why}")
+        self.decoded += len(paths)
+        self.info(f"decoded {len(paths)} image(s) in {time.time() - started:.1f} s")
+
+    def finish(self, strict: bool = False) -> int:
+        for (level, kind, task), n in sorted(self._hidden.items(), key=str):
+            where = f" ({task})" if task else ""
+            print(f"{level:<5} [{kind}]{where} ... and {n} more like the above", file=self.stream)
+        n_err, n_warn = sum(self.errors.values()), sum(self.warnings.values())
+
+        def kinds(c: Counter) -> str:
+            return ", ".join(f"{k}: {v}" for k, v in sorted(c.items()))
+
+        if n_err:
+            print(f"data check: FAILED, {n_err} error(s) ({kinds(self.errors)}), {n_warn} "
+                  f"warning(s){f' ({kinds(self.warnings)})' if n_warn else ''}", file=self.stream)
+            return 1
+        if n_warn:
+            verdict = "FAILED (--strict)" if strict else "OK"
+            print(f"data check: {verdict}, no errors, {n_warn} warning(s) ({kinds(self.warnings)})",
+                  file=self.stream)
+            return 1 if strict else 0
+        print("data check: OK, no errors, no warnings", file=self.stream)
+        return 0
+
+
+def run_check(overrides: Sequence[str], strict: bool = False, stream: TextIO | None = None) -> int:
+    """Compose the config, build the DataModule, check its tree; the exit status."""
+    from .folders import ImageTasksDataModule
+
+    cfg = compose_config(overrides)
+    dm = instantiate_data(cfg)
+    if not isinstance(dm, ImageTasksDataModule):
+        raise ConfigError(f"data check reads datasets on disk (data=imagenet_sketch, domainnet, "
+                          f"folders); {type(dm).__name__} is built in memory, nothing to check")
+    dm.validate_settings()
+    root = dm.check_root()
+    dm.validate_tasks()
+    stream = stream or sys.stdout
+    print(f"checking {dm.benchmark} at {root}: tasks {dm.tasks_requested}", file=stream)
+    report = Report(stream=stream, workers=dm.num_workers * 4 or None)
+    dm.check_dataset(report)
+    return report.finish(strict)

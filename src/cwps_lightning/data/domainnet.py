@@ -1,0 +1,280 @@
+"""DomainNet (``data=domainnet``): six domains of the same 345 classes, each domain a task.
+
+Official layout (``python -m cwps_lightning.data download +experiment=domainnet`` makes it)::
+
+    <root>/<domain>/<class>/<file>.jpg
+    <root>/<domain>_train.txt        lines: clipart/aircraft_carrier/clipart_001_000018.jpg 0
+    <root>/<domain>_test.txt
+
+The split files are the truth: a task's images are the lines of its split files and its labels
+are the numbers written there, so a class missing from a domain (or from one split) never shifts
+the others. ``data.num_classes`` (345) sizes every head; null takes the largest label found in
+any split file under the root, plus one. Transforms follow TAPS for DomainNet (policy ``rrc``):
+random resized crop 224 + flip for training, resize 256 -> centre crop 224 for test.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import DataConfigError
+from .folders import IMG_EXTENSIONS, ImageTasksDataModule, TaskSource, short_list
+
+DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
+SPLITS = ("train", "test")
+NUM_CLASSES = 345
+#: (train, test) lines of the official split files of the cleaned release
+REFERENCE_COUNTS = {
+    "clipart": (33525, 14604),
+    "infograph": (36023, 15582),
+    "painting": (50416, 21850),
+    "quickdraw": (120750, 51750),
+    "real": (120906, 52041),
+    "sketch": (48212, 20916),
+}
+LINE_FORMAT = "'<domain>/<class>/<file> <label>'"
+
+
+@dataclass
+class SplitEntry:
+    rel: str  # path relative to the root, as written in the split file
+    label: int
+    line: int
+
+    @property
+    def class_name(self) -> str | None:
+        parts = Path(self.rel).parts
+        return parts[1] if len(parts) >= 3 else None
+
+
+def parse_split_file(path: Path) -> tuple[list[SplitEntry], list[str]]:
+    """Entries of a split file, and one message per malformed line."""
+    entries: list[SplitEntry] = []
+    bad: list[str] = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            parts = line.rsplit(maxsplit=1)
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                label = int(parts[1])
+                if label < 0:
+                    raise ValueError
+            except ValueError:
+                bad.append(f"{path.name}:{number}: expected {LINE_FORMAT}, got {line[:80]!r}")
+                continue
+            entries.append(SplitEntry(parts[0], label, number))
+    return entries, bad
+
+
+class DomainNetDataModule(ImageTasksDataModule):
+    # the order of the paper's Table 2 (bottom) columns
+    default_tasks = ("real", "painting", "quickdraw", "clipart", "infograph", "sketch")
+    pretrain_task = None  # T0 is an ImageNet-pretrained backbone (model.pretrained / weights)
+    benchmark = "DomainNet"
+    layout = ("<root>/<domain>/<class>/<file> with split files <root>/<domain>_train.txt and "
+              f"<root>/<domain>_test.txt of lines {LINE_FORMAT}")
+    default_policy = "rrc"
+
+    def __init__(self, num_classes: int | None = NUM_CLASSES,
+                 download: Mapping | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.num_classes_setting = num_classes
+        self.download = dict(download or {})
+        self._parsed: dict[Path, tuple[list[SplitEntry], list[str]]] = {}
+
+    def known_tasks(self) -> list[str]:
+        return list(DOMAINS)
+
+    # -- split files ---------------------------------------------------------------------------
+    def split_file(self, domain: str, split: str) -> Path:
+        return self.root / f"{domain}_{split}.txt"
+
+    def parsed(self, path: Path) -> tuple[list[SplitEntry], list[str]]:
+        if path not in self._parsed:
+            self._parsed[path] = parse_split_file(path)
+        return self._parsed[path]
+
+    def present_split_files(self) -> list[Path]:
+        return [self.split_file(d, s) for d in DOMAINS for s in SPLITS
+                if self.split_file(d, s).is_file()]
+
+    def class_table(self) -> tuple[dict[int, str], list[str]]:
+        """label -> class name over every split file under the root, and the conflicts."""
+        names: dict[int, str] = {}
+        labels: dict[str, int] = {}
+        conflicts: list[str] = []
+        for path in self.present_split_files():
+            for e in self.parsed(path)[0]:
+                name = e.class_name
+                if name is None:
+                    continue
+                if names.setdefault(e.label, name) != name:
+                    conflicts.append(f"{path.name}:{e.line}: label {e.label} is class "
+                                     f"{names[e.label]!r} elsewhere but {name!r} here")
+                elif labels.setdefault(name, e.label) != e.label:
+                    conflicts.append(f"{path.name}:{e.line}: class {name!r} has label "
+                                     f"{labels[name]} elsewhere but {e.label} here")
+        return names, conflicts
+
+    def resolved_num_classes(self, table: Mapping[int, str]) -> int:
+        value = self.num_classes_setting
+        if value is None:
+            return max(table) + 1 if table else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataConfigError(f"data.num_classes must be a positive integer or null, "
+                                  f"got {value!r}")
+        return value
+
+    # -- loading -------------------------------------------------------------------------------
+    def load_source(self, task: str) -> TaskSource:
+        files = {s: self.split_file(task, s) for s in SPLITS}
+        absent = [p.name for p in files.values() if not p.is_file()]
+        if absent:
+            raise self.layout_error(f"no split file(s) {', '.join(absent)}")
+        table, conflicts = self.class_table()
+        if conflicts:
+            raise DataConfigError(f"DomainNet split files disagree on labels: "
+                                  f"{short_list(conflicts, 5)}")
+        num_classes = self.resolved_num_classes(table)
+        samples: dict[str, list[tuple[str, int]]] = {}
+        for split, path in files.items():
+            entries, bad = self.parsed(path)
+            if bad:
+                raise DataConfigError(f"{path} has {len(bad)} malformed line(s): "
+                                      f"{short_list(bad, 5)}")
+            if not entries:
+                raise DataConfigError(f"{path} lists no images")
+            out_of_range = [f"line {e.line}: label {e.label}" for e in entries
+                            if e.label >= num_classes]
+            if out_of_range:
+                raise DataConfigError(
+                    f"{path}: {len(out_of_range)} label(s) outside [0, {num_classes}) "
+                    f"({short_list(out_of_range, 5)}); the head has data.num_classes="
+                    f"{num_classes} classes"
+                )
+            pairs = [(str(self.root / e.rel), e.label) for e in entries]
+            missing = [f"line {e.line}: {e.rel}" for e, (p, _) in zip(entries, pairs, strict=True)
+                       if not os.path.isfile(p)]
+            if missing:
+                hint = ("" if (self.root / task).is_dir()
+                        else f"; {self.root / task}/ does not exist: is the archive extracted?")
+                raise DataConfigError(f"split file {path} names {len(missing)} missing "
+                                      f"image(s): {short_list(missing, 5)}{hint}")
+            samples[split] = pairs
+        classes = [table.get(i, f"<label {i}>") for i in range(num_classes)]
+        return TaskSource(task, num_classes, samples["train"], samples["test"],
+                          self.policy_for(task), classes)
+
+    # -- checking ------------------------------------------------------------------------------
+    def check_dataset(self, report) -> None:
+        table, conflicts = self.class_table()
+        for msg in conflicts:
+            report.error("label", msg)
+        try:
+            num_classes = self.resolved_num_classes(table)
+        except DataConfigError as err:
+            report.error("config", str(err))
+            num_classes = max(table) + 1 if table else 0
+        if len(table) != NUM_CLASSES:
+            report.warn("count", f"the split files under {self.root} name {len(table)} "
+                        f"classes; DomainNet has {NUM_CLASSES}")
+        paths: list[str] = []
+        for domain in self.tasks_requested:
+            paths += self.check_domain(report, domain, table, num_classes)
+        report.decode_all(paths)
+
+    def check_domain(self, report, domain: str, table: Mapping[int, str],
+                     num_classes: int) -> list[str]:
+        ddir = self.root / domain
+        if not ddir.is_dir():
+            report.error("layout", f"missing domain folder {ddir} (expected {self.layout})",
+                         task=domain)
+        listed: set[str] = set()
+        in_split: dict[str, set[int]] = {}
+        counts = {}
+        dir_exists: dict[Path, bool] = {}
+        for split in SPLITS:
+            path = self.split_file(domain, split)
+            if not path.is_file():
+                report.error("layout", f"missing split file {path}", task=domain)
+                continue
+            entries, bad = self.parsed(path)
+            for msg in bad:
+                report.error("split-file", msg, task=domain)
+            counts[split] = len(entries)
+            in_split[split] = {e.label for e in entries}
+            seen: set[str] = set()
+            for e in entries:
+                where = f"{path.name}:{e.line}"
+                if e.rel in seen:
+                    report.warn("duplicate", f"{where}: {e.rel} is listed twice", task=domain)
+                seen.add(e.rel)
+                if e.label >= num_classes:
+                    report.error("label", f"{where}: label {e.label} is outside "
+                                 f"[0, {num_classes})", task=domain)
+                if Path(e.rel).parts[:1] != (domain,):
+                    report.warn("layout", f"{where}: {e.rel} is not under {domain}/",
+                                task=domain)
+                full = self.root / e.rel
+                parent = full.parent
+                if parent not in dir_exists:
+                    dir_exists[parent] = parent.is_dir()
+                # a file whose class folder is missing is reported once, as a missing class
+                if dir_exists[parent] and not full.is_file():
+                    report.error("missing-file", f"{where}: {e.rel} does not exist",
+                                 task=domain)
+                listed.add(str(full))
+        if ddir.is_dir():
+            on_disk = {p.name for p in ddir.iterdir() if p.is_dir()}
+            for label in sorted(table):
+                cls = table[label]
+                if cls in on_disk:
+                    continue
+                uses = sum(1 for s in SPLITS for e in self.parsed_or_empty(domain, s)
+                           if e.label == label)
+                if uses:
+                    report.error("missing-class", f"class folder {ddir / cls} (label {label}) "
+                                 f"is missing; the split files list {uses} image(s) in it",
+                                 task=domain)
+                else:
+                    report.error("missing-class", f"class folder {ddir / cls} (label {label}) "
+                                 f"is missing (other domains have it)", task=domain)
+            for split, labels in in_split.items():
+                absent = sorted(set(table) - labels)
+                if absent:
+                    report.warn("class-not-in-split", f"{domain}_{split}.txt has no image of "
+                                f"{len(absent)} class(es) "
+                                f"({short_list([f'{table[i]} ({i})' for i in absent], 5)}); "
+                                f"labels are unaffected", task=domain)
+            unlisted = [p for p in _images_under(ddir) if p not in listed]
+            if unlisted:
+                report.info(f"{domain}: {len(unlisted)} image(s) on disk are in no split file "
+                            f"(e.g. {unlisted[0]})", task=domain)
+        ref = REFERENCE_COUNTS.get(domain)
+        for split, want in zip(SPLITS, ref, strict=True) if ref else ():
+            if split in counts and counts[split] != want:
+                report.warn("count", f"{domain}_{split}.txt lists {counts[split]} images, the "
+                            f"official file {want}", task=domain)
+        report.info(f"{domain}: train {counts.get('train', 0)} images, test "
+                    f"{counts.get('test', 0)} images, {len(in_split.get('train', ()))} classes "
+                    f"in train", task=domain)
+        return sorted(p for p in listed if os.path.isfile(p))
+
+    def parsed_or_empty(self, domain: str, split: str) -> list[SplitEntry]:
+        path = self.split_file(domain, split)
+        return self.parsed(path)[0] if path.is_file() else []
+
+
+def _images_under(d: Path) -> list[str]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(d):
+        dirnames[:] = [n for n in dirnames if not n.startswith(".")]
+        out += [os.path.join(dirpath, n) for n in filenames if n.lower().endswith(IMG_EXTENSIONS)]
+    return out
