@@ -32,13 +32,13 @@ def parse_args(argv: list[str]) -> dict:
 
 
 def evaluate_store(store: MultiTaskStore, overrides: dict, device: str = "auto") -> list[dict]:
-    from hydra.utils import instantiate
+    from .train import instantiate_data
 
     cfg = OmegaConf.create(store.manifest["config"])
     dotlist = [f"{k}={v}" for k, v in overrides.items()]
     if dotlist:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_data(cfg.data)
     dev = eval_device(device)
     recorded = store.manifest.get("metrics", {})
     rows = []

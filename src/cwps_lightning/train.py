@@ -93,6 +93,19 @@ def check_config(cfg: DictConfig) -> tuple[CWPSSettings, list[str]]:
     return settings, baselines
 
 
+def instantiate_data(data_cfg: DictConfig):
+    """The benchmark's DataModule; a ConfigError raised while building it stays one."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(data_cfg)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise cause from None
+        raise
+
+
 def run(cfg: DictConfig) -> dict:
     quiet_lightning()
     settings, baselines = check_config(cfg)
@@ -100,15 +113,6 @@ def run(cfg: DictConfig) -> dict:
     torch.manual_seed(cfg.seed)
     started = time.time()
 
-    datamodule = instantiate(cfg.data)
-    for task in datamodule.task_names:  # builds the splits; bad tasks / roots fail here
-        datamodule.num_classes(task)
-    fit_settings = FitSettings(
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
-        lr=cfg.optim.lr, mask_lr=cfg.optim.mask_lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
-    )
-    device = eval_device(cfg.trainer.accelerator)
     recorder = RunRecorder(
         run_dir, cfg,
         backbone={"name": cfg.model.name,
@@ -117,6 +121,15 @@ def run(cfg: DictConfig) -> dict:
                    "threshold": settings.threshold, "distance": settings.distance},
     )
     store = recorder.existing()
+    datamodule = instantiate_data(cfg.data)
+    for task in datamodule.task_names:  # builds the splits; bad tasks / roots fail here
+        datamodule.num_classes(task)
+    fit_settings = FitSettings(
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        lr=cfg.optim.lr, mask_lr=cfg.optim.mask_lr, momentum=cfg.optim.momentum,
+        weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
+    )
+    device = eval_device(cfg.trainer.accelerator)
     if store is not None:
         t0_model, t0_info = recorder.t0_from(store), {"restored_from": str(recorder.store_dir)}
     else:

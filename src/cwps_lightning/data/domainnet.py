@@ -174,6 +174,9 @@ class DomainNetDataModule(ImageTasksDataModule):
 
     # -- checking ------------------------------------------------------------------------------
     def check_dataset(self, report) -> None:
+        if not self.present_split_files():
+            report.error("layout", str(self.layout_error("no <domain>_train.txt split file")))
+            return
         table, conflicts = self.class_table()
         for msg in conflicts:
             report.error("label", msg)

@@ -62,6 +62,10 @@ class ImageNetSketchDataModule(ImageTasksDataModule):
 
     def check_dataset(self, report) -> None:
         paths: list[str] = []
+        if not any(self.task_dir(t).is_dir() for t in self.tasks_requested):
+            report.error("layout", str(self.layout_error(
+                f"none of the task folders {', '.join(t + '/' for t in self.tasks_requested)}")))
+            return
         for task in self.tasks_requested:
             d = self.task_dir(task)
             if not d.is_dir():

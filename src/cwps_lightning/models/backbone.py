@@ -100,11 +100,18 @@ def load_backbone_weights(
             **dict(kwargs or {}),
         )
     except RuntimeError as err:
-        expected = set(probe.state_dict())
-        missing = sorted(expected - set(state))[:10]
-        unexpected = sorted(set(state) - expected)[:10]
+        expected = probe.state_dict()
+        missing = sorted(set(expected) - set(state))[:10]
+        unexpected = sorted(set(state) - set(expected))[:10]
+        shapes = sorted(
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+            for k, v in expected.items()
+            if k in state and k != head_key and k != head_key.replace(".weight", ".bias")
+            and tuple(state[k].shape) != tuple(v.shape)
+        )[:10]
         raise ModelConfigError(
             f"model.weights: {str(path)!r} does not fit {name}: missing keys {missing}, "
-            f"unexpected keys {unexpected} ({str(err).splitlines()[0]})"
+            f"unexpected keys {unexpected}, shape mismatches {shapes} "
+            f"({str(err).splitlines()[0]})"
         ) from err
     return model

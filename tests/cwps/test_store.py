@@ -1,0 +1,163 @@
+"""The multi-task store: round trip, deduplication, reference counting, corruption."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import timm
+import torch
+
+from cwps_lightning.cwps import (
+    KernelBank,
+    MultiTaskStore,
+    StoreError,
+    cwps_layers,
+    inject_cwps,
+    merge_cwps,
+    merged_kernel_ids,
+    save_store,
+    search_parents,
+    set_stage,
+)
+
+META = {"backbone": {"name": "resnet18", "kwargs": {}}}
+
+
+def _t0():
+    return timm.create_model("resnet18", num_classes=10).eval()
+
+
+def _child(t0, bank, task, num_classes, noise, logit_fn):
+    """A task model sharing with ``bank`` through CPMS, with a chosen mask."""
+    model = timm.create_model("resnet18", num_classes=num_classes)
+    state = {k: v for k, v in t0.state_dict().items() if not k.startswith("fc.")}
+    model.load_state_dict(state, strict=False)
+    inject_cwps(model)
+    with torch.no_grad():
+        for _, layer in cwps_layers(model):
+            layer.weight.add_(noise * torch.randn_like(layer.weight))
+    result = search_parents(model, bank, task)
+    with torch.no_grad():
+        for name, layer in cwps_layers(model):
+            layer.mask_logits.copy_(logit_fn(name, layer.mask_logits.shape[0]))
+    set_stage(model, "hard")
+    ids = merged_kernel_ids(model, result)
+    merge_cwps(model)
+    return model.eval(), ids
+
+
+def _half(name, c):  # first half of every layer task-specific, second half shared
+    return torch.where(torch.arange(c) < c // 2, 5.0, -5.0)
+
+
+def test_round_trip_reproduces_every_model_and_counts(tmp_path):
+    torch.manual_seed(0)
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    a, ids_a = _child(t0, bank, "a", 5, 0.01, _half)
+    bank.add("a", a, 5, kernel_ids=ids_a)
+    save_store(tmp_path, bank, META)
+    store = MultiTaskStore.load(tmp_path)
+    assert store.tasks == ["T0", "a"]
+    x = torch.randn(3, 3, 32, 32)
+    assert torch.equal(store.model("a")(x), a(x))
+    assert torch.equal(store.model("T0")(x), t0(x))
+    assert store.param_count() == bank.param_count()
+    # a shares half of its channels: the store holds T0 + about half a backbone
+    backbone = sum(p.numel() for n, p in t0.named_parameters() if not n.startswith("fc."))
+    ratio = store.param_count()["total"] / backbone
+    assert 1.4 < ratio < 1.6
+    # no hidden copies: tensor bytes within 5% of 4 bytes per stored parameter
+    tensor_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
+    assert tensor_bytes <= 1.05 * 4 * store.param_count()["total"]
+    names, rel = store.relation_matrix()
+    assert names == ["T0", "a"]
+    assert rel[0, 0] == rel[1, 1]  # a task shares all its channels with itself
+    assert 0.45 * rel[0, 0] < rel[0, 1] < 0.55 * rel[0, 0]
+
+
+def test_reference_counting_keeps_used_kernels_and_drops_unused(tmp_path):
+    torch.manual_seed(1)
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    a, ids_a = _child(t0, bank, "a", 4, 0.05, lambda n, c: torch.full((c,), 5.0))  # all new
+    bank.add("a", a, 4, kernel_ids=ids_a)
+    ids_a = {n: bank.entries["a"].layers[n].ids.clone() for n in bank.layer_names}
+    # b starts from a's weights, so CPMS picks a's kernels; it shares half of its channels
+    b, ids_b = _child(a, bank, "b", 4, 0.0, _half)
+    bank.add("b", b, 4, kernel_ids=ids_b)
+    used_by_b = {n: set(ids_b[n].tolist()) & set(ids_a[n].tolist()) for n in bank.layer_names}
+    assert sum(len(v) for v in used_by_b.values()) > 0, "b must share some of a's kernels"
+    before = bank.param_count()["kernels"]
+    # a is replaced (joint mode): a's old kernels leave the search space ...
+    a2, ids_a2 = _child(t0, bank, "a", 4, 0.05, lambda n, c: torch.full((c,), 5.0))
+    bank.add("a", a2, 4, kernel_ids=ids_a2)
+    save_store(tmp_path, bank, META)
+    store = MultiTaskStore.load(tmp_path)
+    x = torch.randn(2, 3, 32, 32)
+    # ... but those b still references stay loadable: b's model is exact
+    assert torch.equal(store.model("b")(x), b(x))
+    assert torch.equal(store.model("a")(x), a2(x))
+    # and a's old kernels that nobody references are dropped
+    old_only = sum(len(set(ids_a[n].tolist()) - used_by_b[n]) for n in bank.layer_names)
+    assert old_only > 0
+    for n in bank.layer_names:
+        alive = set(bank.distinct_ids(n).tolist())
+        assert used_by_b[n] <= alive
+        assert not (set(ids_a[n].tolist()) - used_by_b[n]) & alive
+    after = store.param_count()["kernels"]
+    assert after == bank.param_count()["kernels"]
+    assert after != before
+
+
+def test_truncated_tensor_file_gives_clear_error(tmp_path):
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    save_store(tmp_path, bank, META)
+    kernels = next(tmp_path.glob("kernels-*.safetensors"))
+    data = kernels.read_bytes()
+    kernels.write_bytes(data[: len(data) // 2])
+    with pytest.raises(StoreError, match=kernels.name):
+        MultiTaskStore.load(tmp_path)
+
+
+def test_corrupt_bytes_and_manifest_give_clear_errors(tmp_path):
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    save_store(tmp_path, bank, META)
+    tasks = next(tmp_path.glob("tasks-*.safetensors"))
+    data = bytearray(tasks.read_bytes())
+    data[-10] ^= 0xFF
+    tasks.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match="checksum"):
+        MultiTaskStore.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match="manifest"):
+        MultiTaskStore.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(StoreError, match="not a CWPS store"):
+        MultiTaskStore.load(tmp_path)
+
+
+def test_resave_without_change_rewrites_only_manifest(tmp_path):
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    save_store(tmp_path, bank, META)
+    files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    save_store(tmp_path, bank, {**META, "note": 1})
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == files
+    assert json.loads((tmp_path / "manifest.json").read_text())["note"] == 1
+    bank.add("x", _t0(), 10)
+    save_store(tmp_path, bank, META)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) != files
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2  # stale versions removed
+    store = MultiTaskStore.load(tmp_path)
+    assert store.tasks == ["T0", "x"]
+    rebuilt = store.to_bank()
+    assert rebuilt.param_count() == bank.param_count()

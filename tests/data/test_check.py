@@ -1,0 +1,175 @@
+"""``python -m cwps_lightning.data check``: each planted defect is found and located."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import (
+    REPO,
+    make_domainnet,
+    make_folder_task,
+    run_cli,
+    write_corrupt,
+    write_image,
+    write_truncated,
+)
+
+from cwps_lightning.data.__main__ import main
+
+
+def check(capsys, *overrides, strict=False):
+    argv = ["check", *(["--strict"] if strict else []), *overrides]
+    code = main(argv)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def lines(out: str, level: str, kind: str) -> list[str]:
+    return [ln for ln in out.splitlines()
+            if ln.startswith(level) and f"[{kind}]" in ln and "more like the above" not in ln]
+
+
+def test_clean_domainnet_passes(capsys, dn_root):
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={dn_root}")
+    assert code == 0, out
+    assert "data check: OK, no errors" in out
+    assert "decoded 108 image(s)" in out  # 6 domains x 3 classes x (4 + 2)
+    assert lines(out, "WARN", "count")  # tiny tree vs the official counts
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={dn_root}", strict=True)
+    assert code == 1 and "FAILED (--strict)" in out
+
+
+def test_domainnet_planted_defects(capsys, dn_root):
+    (dn_root / "clipart" / "apple" / "clipart_apple_train2.jpg").unlink()  # missing file
+    write_corrupt(dn_root / "real" / "cat" / "real_cat_test1.jpg")  # corrupt image
+    write_truncated(dn_root / "sketch" / "bee" / "sketch_bee_train0.jpg")  # truncated image
+    for p in (dn_root / "painting" / "bee").iterdir():  # missing class
+        p.unlink()
+    (dn_root / "painting" / "bee").rmdir()
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={dn_root}")
+    assert code == 1
+    missing = lines(out, "ERROR", "missing-file")
+    assert missing == ["ERROR [missing-file] clipart: clipart_train.txt:3: "
+                       "clipart/apple/clipart_apple_train2.jpg does not exist"]
+    corrupt = lines(out, "ERROR", "corrupt-image")
+    assert len(corrupt) == 2
+    assert any(str(dn_root / "real/cat/real_cat_test1.jpg") in ln for ln in corrupt)
+    assert any(str(dn_root / "sketch/bee/sketch_bee_train0.jpg") in ln for ln in corrupt)
+    cls = lines(out, "ERROR", "missing-class")
+    assert len(cls) == 1 and "painting" in cls[0] and "bee (label 1)" in cls[0]
+    assert "6 image(s)" in cls[0]  # its listed images are reported once, with the class
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("data check: FAILED, 4 error(s)")
+    assert "corrupt-image: 2" in summary and "missing-class: 1" in summary
+
+
+def test_domainnet_split_file_problems(capsys, dn_root):
+    with open(dn_root / "quickdraw_test.txt", "a") as f:
+        f.write("quickdraw/apple/quickdraw_apple_test0.jpg\n")  # no label
+        f.write("quickdraw/apple/quickdraw_apple_test1.jpg 999\n")  # outside the head
+    (dn_root / "infograph_train.txt").unlink()
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={dn_root}")
+    assert code == 1
+    assert any("quickdraw_test.txt:7: expected" in ln for ln in lines(out, "ERROR", "split-file"))
+    assert any("quickdraw_test.txt:8: label 999" in ln for ln in lines(out, "ERROR", "label"))
+    assert any("infograph_train.txt" in ln for ln in lines(out, "ERROR", "layout"))
+
+
+def test_domainnet_class_absent_from_a_split_is_a_warning(capsys, tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "sketch"),
+                          drop={("clipart", "test"): {"bee"}})
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart,sketch]")
+    assert code == 0, out
+    warn = lines(out, "WARN", "class-not-in-split")
+    assert len(warn) == 1 and "clipart_test.txt" in warn[0] and "bee (1)" in warn[0]
+
+
+def test_imagenet_sketch_planted_defects(capsys, i2s_root):
+    write_corrupt(i2s_root / "flowers" / "train" / "bee" / "bad.jpg")  # corrupt image
+    for p in (i2s_root / "wikiart" / "train" / "cat").iterdir():  # missing class (in train)
+        p.unlink()
+    (i2s_root / "wikiart" / "train" / "cat").rmdir()
+    os.symlink(i2s_root / "gone.jpg", i2s_root / "sketches" / "test" / "apple" / "link.jpg")
+    code, out, _ = check(capsys, "+experiment=imagenet_sketch", f"data.root={i2s_root}")
+    assert code == 1
+    assert len(lines(out, "ERROR", "corrupt-image")) == 1
+    assert str(i2s_root / "flowers/train/bee/bad.jpg") in lines(out, "ERROR", "corrupt-image")[0]
+    cls = lines(out, "ERROR", "missing-class")
+    assert len(cls) == 1 and "wikiart" in cls[0] and "'cat'" in cls[0]
+    missing = lines(out, "ERROR", "missing-file")
+    assert len(missing) == 1 and "link.jpg" in missing[0]
+    # counts against the reference dataset (Piggyback): a warning for each task and count
+    assert any("cubs_cropped: 3 classes, the reference dataset has 200" in ln
+               for ln in lines(out, "WARN", "count"))
+
+
+def test_imagenet_sketch_missing_task_and_wrong_layout(capsys, i2s_root, dn_root):
+    for p in sorted((i2s_root / "cubs_cropped").rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    (i2s_root / "cubs_cropped").rmdir()
+    code, out, _ = check(capsys, "+experiment=imagenet_sketch", f"data.root={i2s_root}")
+    assert code == 1
+    assert any("cubs_cropped" in ln for ln in lines(out, "ERROR", "layout"))
+    code, out, _ = check(capsys, "+experiment=imagenet_sketch", f"data.root={dn_root}")
+    layout = lines(out, "ERROR", "layout")
+    assert code == 1 and len(layout) == 1
+    assert "ImageNet-to-Sketch layout" in layout[0] and "clipart/" in layout[0]
+
+
+def test_folders_check(capsys, tmp_path):
+    make_folder_task(tmp_path / "t1", classes=("a", "b"))
+    make_folder_task(tmp_path / "t2", classes=("a", "b"))
+    write_image(tmp_path / "t2" / "test" / "c" / "only_in_test.jpg")
+    (tmp_path / "t1" / "train" / "notes.txt").write_text("hello")
+    code, out, _ = check(capsys, "data=folders", f"data.root={tmp_path}")
+    assert code == 1
+    cls = lines(out, "ERROR", "missing-class")
+    assert len(cls) == 1 and "t2" in cls[0] and "'c'" in cls[0]
+    assert lines(out, "WARN", "ignored-files")
+
+
+def test_report_limits_lines_per_kind(capsys, tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",), n_train=30)
+    for i in range(25):
+        write_corrupt(root / "clipart" / "apple" / f"clipart_apple_train{i}.jpg")
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart]")
+    assert code == 1
+    assert len(lines(out, "ERROR", "corrupt-image")) == 20
+    assert "... and 5 more like the above" in out
+    assert "corrupt-image: 25" in out.strip().splitlines()[-1]
+
+
+def test_config_errors_exit_2(capsys, tmp_path):
+    code, _, err = check(capsys, "+experiment=domainnet", f"data.root={tmp_path / 'none'}")
+    assert code == 2 and err.startswith("error: data.root=") and "does not exist" in err
+    assert err.count("\n") == 1  # one line
+    code, _, err = check(capsys, "+experiment=no_such_preset")
+    assert code == 2 and "no_such_preset" in err
+    code, _, err = check(capsys)  # the default (digits) benchmark lives in memory
+    assert code == 2 and "nothing to check" in err
+    code, _, err = check(capsys, "+experiment=domainnet", f"data.root={tmp_path}",
+                         "data.tasks=[mars]")
+    assert code == 2 and "unknown task" in err
+
+
+def test_check_cli_subprocess(tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "real"))
+    write_corrupt(root / "real" / "apple" / "real_apple_test0.jpg")
+    proc = run_cli("cwps_lightning.data", ["check", "+experiment=domainnet", f"data.root={root}",
+                                           "data.tasks=[clipart,real]"], cwd=REPO, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "ERROR [corrupt-image]" in proc.stdout and "real_apple_test0.jpg" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("data check: FAILED, 1 error(s)")
+
+
+@pytest.mark.parametrize("n", [3])
+def test_decode_uses_full_decoding(capsys, tmp_path, n):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",))
+    for i in range(n):
+        write_truncated(root / "clipart" / "cat" / f"clipart_cat_train{i}.jpg")
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart]")
+    assert code == 1 and len(lines(out, "ERROR", "corrupt-image")) == n

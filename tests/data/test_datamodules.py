@@ -1,0 +1,322 @@
+"""The on-disk DataModules: classes and labels, validation split, loaders, bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import pytest
+import torch
+from conftest import (
+    CLASSES,
+    DOMAINS,
+    I2S_TASKS,
+    make_domainnet,
+    make_folder_task,
+    make_imagenet_sketch,
+    write_corrupt,
+    write_image,
+    write_truncated,
+)
+
+from cwps_lightning.data import (
+    DataConfigError,
+    DomainNetDataModule,
+    FoldersDataModule,
+    ImageNetSketchDataModule,
+)
+from cwps_lightning.data.folders import ImageListDataset
+
+SMALL = dict(image_size=32, num_workers=0, batch_size=4)
+
+
+def paths(ds) -> list[str]:
+    return [str(p) for p in ds.paths]
+
+
+# -- ImageNet-to-Sketch ------------------------------------------------------------------------
+def test_imagenet_sketch_tasks_classes_and_labels(i2s_root):
+    dm = ImageNetSketchDataModule(root=str(i2s_root), **SMALL)
+    assert dm.task_names == list(I2S_TASKS)  # the paper's Table 1 order
+    for task in I2S_TASKS:
+        s = dm.splits[task]
+        assert s.num_classes == 3
+        assert len(s.train) + len(s.val) == 12 and len(s.test) == 6
+        # labels are the sorted class folder names
+        for p, y in zip(paths(s.test), s.test.labels, strict=True):
+            assert CLASSES[y] == os.path.basename(os.path.dirname(p))
+    dm.use("flowers")
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 32, 32) and y.dtype == torch.int64
+
+
+def test_imagenet_sketch_transform_policy_per_task(i2s_root):
+    dm = ImageNetSketchDataModule(root=str(i2s_root), **SMALL)
+    assert dm.policy_for("cubs_cropped") == "resize"
+    assert dm.policy_for("stanford_cars_cropped") == "resize"
+    assert dm.policy_for("flowers") == "crop"
+    cropped = [type(t).__name__ for t in dm.splits["cubs_cropped"].train.transform.transforms]
+    other = [type(t).__name__ for t in dm.splits["flowers"].train.transform.transforms]
+    assert "RandomResizedCrop" not in cropped and "RandomHorizontalFlip" in cropped
+    assert "RandomResizedCrop" in other
+    assert "CenterCrop" in [type(t).__name__ for t in dm.splits["flowers"].test.transform.transforms]
+    everything_resized = ImageNetSketchDataModule(root=str(i2s_root), transform="resize", **SMALL)
+    assert everything_resized.policy_for("flowers") == "resize"
+
+
+def test_task_order_is_configurable(i2s_root):
+    dm = ImageNetSketchDataModule(root=str(i2s_root), tasks=["sketches", "flowers"], **SMALL)
+    assert dm.task_names == ["sketches", "flowers"]
+    assert set(dm.splits) == {"sketches", "flowers"}
+    with pytest.raises(DataConfigError, match="unknown task"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), tasks=["cifar"], **SMALL).task_names
+
+
+def test_validation_split_is_deterministic_and_disjoint(i2s_root):
+    def split(seed):
+        s = ImageNetSketchDataModule(root=str(i2s_root), seed=seed, **SMALL).splits["wikiart"]
+        return paths(s.train), paths(s.val)
+
+    train_a, val_a = split(0)
+    train_b, val_b = split(0)
+    assert (train_a, val_a) == (train_b, val_b)
+    assert not set(train_a) & set(val_a)
+    assert len(val_a) == 1 and len(train_a) == 11  # round(0.1 * 12)
+    others = {tuple(split(seed)[1]) for seed in range(1, 8)}
+    assert len(others | {tuple(val_a)}) > 1  # the seed decides which images
+    # the test split never feeds validation
+    s = ImageNetSketchDataModule(root=str(i2s_root), **SMALL).splits["wikiart"]
+    assert not set(paths(s.test)) & set(paths(s.val))
+
+
+def test_validation_fraction(i2s_root):
+    s = ImageNetSketchDataModule(root=str(i2s_root), val_fraction=0.5, **SMALL).splits["flowers"]
+    assert len(s.val) == 6 and len(s.train) == 6
+    with pytest.raises(DataConfigError, match="data.val_fraction"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), val_fraction=0, **SMALL).task_names
+
+
+# -- DomainNet ---------------------------------------------------------------------------------
+def test_domainnet_labels_come_from_split_files(dn_root):
+    dm = DomainNetDataModule(root=str(dn_root), **SMALL)
+    assert dm.task_names == ["real", "painting", "quickdraw", "clipart", "infograph", "sketch"]
+    assert all(dm.num_classes(d) == 345 for d in DOMAINS)
+    s = dm.splits["clipart"]
+    assert len(s.train) + len(s.val) == 12 and len(s.test) == 6
+    for p, y in zip(paths(s.test), s.test.labels, strict=True):
+        assert CLASSES[y] == os.path.basename(os.path.dirname(p))
+
+
+def test_domainnet_missing_class_does_not_shift_labels(tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "sketch"),
+                          drop={("clipart", "train"): {"bee"}, ("clipart", "test"): {"bee"}})
+    dm = DomainNetDataModule(root=str(root), tasks=["clipart", "sketch"], num_classes=None,
+                             **SMALL)
+    assert dm.num_classes("clipart") == 3  # largest label + 1 over every split file
+    clip = dm.splits["clipart"]
+    labels = {y for ds in (clip.train, clip.val, clip.test) for y in ds.labels.tolist()}
+    assert labels == {0, 2}  # cat keeps label 2 though bee (1) is absent
+    for ds in (clip.train, clip.val, clip.test):
+        for p, y in zip(paths(ds), ds.labels, strict=True):
+            assert CLASSES[y] == os.path.basename(os.path.dirname(p))
+
+
+def test_domainnet_last_class_missing_keeps_the_head_size(tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "sketch"),
+                          drop={("clipart", "train"): {"cat"}, ("clipart", "test"): {"cat"}})
+    dm = DomainNetDataModule(root=str(root), tasks=["clipart"], num_classes=None, **SMALL)
+    assert dm.num_classes("clipart") == 3  # sketch's files still name label 2
+
+
+def test_domainnet_split_file_naming_a_missing_image(dn_root):
+    (dn_root / "real" / "bee" / "real_bee_train1.jpg").unlink()
+    with pytest.raises(DataConfigError) as err:
+        _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL).task_names
+    msg = str(err.value)
+    assert "real_train.txt" in msg and "line 6" in msg and "real/bee/real_bee_train1.jpg" in msg
+    assert "\n" not in msg
+
+
+def test_domainnet_bad_lines_and_labels(dn_root):
+    with open(dn_root / "real_train.txt", "a") as f:
+        f.write("real/apple/x.jpg notalabel\n")
+    with pytest.raises(DataConfigError, match=r"real_train.txt:13: expected"):
+        _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL).task_names
+    make_domainnet(dn_root)  # rewrites the split files
+    with pytest.raises(DataConfigError, match=r"outside \[0, 2\)"):
+        _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], num_classes=2, **SMALL).task_names
+    text = (dn_root / "sketch_test.txt").read_text().replace("sketch/apple/sketch_apple_test0.jpg 0",
+                                                               "sketch/apple/sketch_apple_test0.jpg 1")
+    (dn_root / "sketch_test.txt").write_text(text)
+    with pytest.raises(DataConfigError, match="disagree on labels"):
+        _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL).task_names
+
+
+def test_domainnet_transforms_follow_taps(dn_root):
+    dm = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL)
+    train = [type(t).__name__ for t in dm.splits["real"].train.transform.transforms]
+    test = [type(t).__name__ for t in dm.splits["real"].test.transform.transforms]
+    assert train[:2] == ["RandomResizedCrop", "RandomHorizontalFlip"]
+    assert test[:2] == ["Resize", "CenterCrop"]
+
+
+# -- folders -----------------------------------------------------------------------------------
+def test_folders_explicit_list(tmp_path):
+    make_folder_task(tmp_path / "birds", classes=("a", "b"))
+    make_folder_task(tmp_path / "elsewhere" / "cars", classes=("x", "y", "z", "w"))
+    dm = FoldersDataModule(
+        root=str(tmp_path),
+        folders=[{"name": "cars", "train": str(tmp_path / "elsewhere/cars/train"),
+                  "test": str(tmp_path / "elsewhere/cars/test"), "num_classes": 4},
+                 {"name": "birds", "train": "birds/train", "test": "birds/test",
+                  "val_fraction": 0.5}],
+        **SMALL,
+    )
+    assert dm.task_names == ["cars", "birds"]
+    assert dm.num_classes("cars") == 4 and dm.num_classes("birds") == 2
+    assert len(dm.splits["birds"].val) == 4  # its own val_fraction
+
+
+def test_folders_discovery_and_val_folder(tmp_path):
+    make_folder_task(tmp_path / "t2", classes=("a", "b"))
+    make_folder_task(tmp_path / "t1", classes=("a", "b", "c"))
+    dm = FoldersDataModule(root=str(tmp_path), **SMALL)
+    assert dm.task_names == ["t1", "t2"] and dm.num_classes("t1") == 3
+    for cls in ("a", "b"):
+        write_image(tmp_path / "t2" / "val" / cls / "v.jpg")
+    dm = FoldersDataModule(root=str(tmp_path), folders=[
+        {"name": "t2", "train": "t2/train", "test": "t2/test", "val": "t2/val"}], **SMALL)
+    s = dm.splits["t2"]
+    assert len(s.val) == 2 and len(s.train) == 8  # the val folder, no carving
+
+
+def test_folders_class_count_disagreements(tmp_path):
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    with pytest.raises(DataConfigError, match="num_classes=3 disagrees with the 2 class folders"):
+        _ = FoldersDataModule(root=str(tmp_path), folders=[
+            {"name": "t", "train": "t/train", "test": "t/test", "num_classes": 3}], **SMALL
+        ).task_names
+    write_image(tmp_path / "t" / "test" / "zebra" / "z.jpg")
+    with pytest.raises(DataConfigError, match=r"zebra of the test split .* missing from the train split"):
+        _ = FoldersDataModule(root=str(tmp_path), **SMALL).task_names
+
+
+def test_folders_bad_entries(tmp_path):
+    make_folder_task(tmp_path / "t")
+    with pytest.raises(DataConfigError, match=r"data.folders\[0\] must have keys"):
+        _ = FoldersDataModule(root=str(tmp_path), folders=[{"name": "t"}], **SMALL).task_names
+    with pytest.raises(DataConfigError, match="unknown key"):
+        _ = FoldersDataModule(root=str(tmp_path), folders=[
+            {"name": "t", "train": "t/train", "test": "t/test", "colour": 1}], **SMALL).task_names
+
+
+# -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [ImageNetSketchDataModule, DomainNetDataModule, FoldersDataModule])
+def test_missing_root(tmp_path, cls):
+    with pytest.raises(DataConfigError) as err:
+        _ = cls(root=str(tmp_path / "nowhere"), **SMALL).task_names
+    assert "nowhere" in str(err.value) and "does not exist" in str(err.value)
+    assert cls.layout.split(" ")[0] in str(err.value)  # says which layout was expected
+
+
+def test_wrong_layout_names_the_expected_one(tmp_path, dn_root):
+    with pytest.raises(DataConfigError) as err:
+        _ = ImageNetSketchDataModule(root=str(dn_root), **SMALL).task_names
+    msg = str(err.value)
+    assert "ImageNet-to-Sketch layout" in msg and "{train,test}/<class>/<image>" in msg
+    assert "no folder flowers/" in msg and "clipart/" in msg  # what is there instead
+    i2s = make_imagenet_sketch(tmp_path / "i2s", tasks=("flowers",))
+    with pytest.raises(DataConfigError) as err:
+        _ = DomainNetDataModule(root=str(i2s), **SMALL).task_names
+    assert "DomainNet layout" in str(err.value) and "real_train.txt" in str(err.value)
+
+
+def test_images_without_class_folders(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "flowers" / "train" / f"{i}.jpg")
+        write_image(tmp_path / "flowers" / "test" / f"{i}.jpg")
+    with pytest.raises(DataConfigError, match="holds images directly .* but no class folders"):
+        _ = ImageNetSketchDataModule(root=str(tmp_path), tasks=["flowers"], **SMALL).task_names
+
+
+def test_corrupt_images_are_listed(i2s_root):
+    bad = [write_corrupt(i2s_root / "flowers" / "train" / "bee" / "broken.jpg"),
+           write_corrupt(i2s_root / "wikiart" / "test" / "cat" / "empty.png")]
+    bad[1].write_bytes(b"")
+    with pytest.raises(DataConfigError) as err:
+        _ = ImageNetSketchDataModule(root=str(i2s_root), **SMALL).task_names
+    msg = str(err.value)
+    assert msg.startswith("2 unreadable image(s)")
+    assert all(str(p) in msg for p in bad) and "data.skip_corrupt=true" in msg
+
+
+def test_skip_corrupt_leaves_them_out_and_says_how_many(i2s_root, caplog):
+    write_corrupt(i2s_root / "flowers" / "train" / "bee" / "broken.jpg")
+    write_corrupt(i2s_root / "flowers" / "test" / "bee" / "broken.jpg")
+    write_corrupt(i2s_root / "sketches" / "test" / "bee" / "broken.jpg")
+    with caplog.at_level(logging.WARNING):
+        dm = ImageNetSketchDataModule(root=str(i2s_root), skip_corrupt=True, **SMALL)
+        s = dm.splits["flowers"]
+    assert dm.skipped == {"flowers": 2, "sketches": 1}
+    assert "skipped 3 unreadable image(s)" in caplog.text
+    assert len(s.train) + len(s.val) == 12 and len(s.test) == 6
+    assert not any("broken" in p for ds in (s.train, s.val, s.test) for p in paths(ds))
+
+
+def test_truncated_images(i2s_root):
+    trunc = write_truncated(i2s_root / "flowers" / "test" / "bee" / "trunc.jpg")
+    # the header reads: the default (header) check passes it, a full check does not
+    with pytest.raises(DataConfigError, match="trunc.jpg"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), verify_images="full", **SMALL).task_names
+    dm = ImageNetSketchDataModule(root=str(i2s_root), tasks=["flowers"], **SMALL)
+    test = dm.splits["flowers"].test
+    i = paths(test).index(str(trunc))
+    with pytest.raises(DataConfigError, match="cannot read image .*trunc.jpg.*skip_corrupt"):
+        test[i]
+    skipping = ImageListDataset(test.paths, test.labels, test.transform, skip_corrupt=True)
+    x, y = skipping[i]  # the next readable image instead
+    assert x.shape == (3, 32, 32) and y == int(test.labels[(i + 1) % len(test)])
+
+
+def test_bad_settings_are_reported_when_building(i2s_root):
+    dm = ImageNetSketchDataModule(root=str(i2s_root), num_workers=-1, image_size=32)
+    with pytest.raises(DataConfigError, match="data.num_workers"):
+        _ = dm.task_names
+    for kwargs, key in ((dict(verify_images="some"), "data.verify_images"),
+                        (dict(transform="zoom"), "data.transform"),
+                        (dict(skip_corrupt="yes"), "data.skip_corrupt")):
+        with pytest.raises(DataConfigError, match=key):
+            _ = ImageNetSketchDataModule(root=str(i2s_root), **SMALL, **kwargs).task_names
+
+
+# -- loaders -----------------------------------------------------------------------------------
+def test_loader_settings(i2s_root, monkeypatch):
+    monkeypatch.setattr("cwps_lightning.data.folders.available_cpus", lambda: 16)
+    dm = ImageNetSketchDataModule(root=str(i2s_root), image_size=32, batch_size=5,
+                                  eval_batch_size=7)
+    assert dm.num_workers == 8 and dm.persistent_workers  # auto: one per CPU, at most 8
+    assert dm.pin_memory == torch.cuda.is_available()
+    dm = ImageNetSketchDataModule(root=str(i2s_root), image_size=32, batch_size=5,
+                                  eval_batch_size=7, num_workers=2, pin_memory=False,
+                                  tasks=["flowers"])
+    dm.use("flowers")
+    train, test = dm.train_dataloader(), dm.test_dataloader()
+    assert train.num_workers == 2 and train.persistent_workers and train.batch_size == 5
+    assert test.batch_size == 7
+    batches = list(test)  # worker processes really load the images
+    assert sum(len(y) for _, y in batches) == 6 and batches[0][0].shape[1:] == (3, 32, 32)
+    dm0 = ImageNetSketchDataModule(root=str(i2s_root), num_workers=0, persistent_workers=True)
+    assert not dm0.persistent_workers
+
+
+def test_hydra_config_builds_each_datamodule(i2s_root, dn_root, tmp_path):
+    from cwps_lightning.data.check import compose_config, instantiate_data
+
+    make_folder_task(tmp_path / "mine" / "t")
+    for preset, root, cls in (("imagenet_sketch", i2s_root, ImageNetSketchDataModule),
+                              ("domainnet", dn_root, DomainNetDataModule)):
+        dm = instantiate_data(compose_config([f"+experiment={preset}", f"data.root={root}"]))
+        assert type(dm) is cls and dm.image_size == 224 and dm.batch_size == 96
+    dm = instantiate_data(compose_config(["data=folders", f"data.root={tmp_path / 'mine'}",
+                                          "data.image_size=32"]))
+    assert type(dm) is FoldersDataModule and dm.task_names == ["t"]

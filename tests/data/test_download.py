@@ -1,0 +1,244 @@
+"""``python -m cwps_lightning.data download``: against a tiny DomainNet served on 127.0.0.1."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from conftest import REPO, make_domainnet, run_cli
+
+from cwps_lightning.data.__main__ import main
+from cwps_lightning.data.download import DownloadError, fetch, parse_checksum
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Serves ``server.files`` with HTTP Range support, and can misbehave on request."""
+
+    def do_GET(self):  # noqa: N802
+        srv = self.server
+        rng = self.headers.get("Range")
+        srv.requests.append((self.path, rng))
+        data = srv.files.get(self.path)
+        if data is None:
+            self.send_error(404, "Not Found")
+            return
+        start = 0
+        if rng and not srv.ignore_range:
+            start = int(rng.split("=")[1].split("-")[0])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.path in srv.drop_once:  # send half, then hang up
+            srv.drop_once.discard(self.path)
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    srv.files, srv.requests, srv.drop_once, srv.ignore_range = {}, [], set(), False
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def publish(srv, tmp_path: Path, domains=("clipart",)) -> dict[str, bytes]:
+    """Build a tiny DomainNet, zip each domain as the official archives are, serve it all."""
+    staged = make_domainnet(tmp_path / "staged", domains=domains)
+    for domain in domains:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as zf:
+            for p in sorted((staged / domain).rglob("*")):
+                zf.write(p, p.relative_to(staged).as_posix())
+        archive = {"clipart": "groundtruth/clipart.zip", "painting": "groundtruth/painting.zip"}
+        srv.files["/" + archive.get(domain, f"{domain}.zip")] = buf.getvalue()
+        for split in ("train", "test"):
+            name = f"{domain}_{split}.txt"
+            srv.files[f"/domainnet/txt/{name}"] = (staged / name).read_bytes()
+    return {"staged": staged}
+
+
+def download(capsys, srv, root, *extra):
+    code = main(["download", "+experiment=domainnet", f"data.root={root}",
+                 f"data.download.base_url={srv.url}", "data.download.retry_wait=0", *extra])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def same_tree(a: Path, b: Path) -> bool:
+    files_a = {p.relative_to(a): p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    files_b = {p.relative_to(b): p.read_bytes() for p in b.rglob("*") if p.is_file()}
+    return files_a == files_b and len(files_a) > 0
+
+
+def test_download_extract_and_check(capsys, server, tmp_path):
+    staged = publish(server, tmp_path, ("clipart", "sketch"))["staged"]
+    root = tmp_path / "dn"
+    code, out, err = download(capsys, server, root, "data.tasks=[clipart,sketch]")
+    assert code == 0, err
+    for domain in ("clipart", "sketch"):
+        assert same_tree(root / domain, staged / domain)
+        for split in ("train", "test"):
+            assert (root / f"{domain}_{split}.txt").read_bytes() == \
+                (staged / f"{domain}_{split}.txt").read_bytes()
+    assert not any((root / ".downloads").iterdir())  # archives deleted after extracting
+    assert not list(root.glob(".*.extracting"))
+    digest = hashlib.sha256(server.files["/groundtruth/clipart.zip"]).hexdigest()
+    assert f"sha256 {digest}  clipart.zip" in out
+    # the downloaded tree is a valid DomainNet tree
+    assert main(["check", "+experiment=domainnet", f"data.root={root}",
+                 "data.tasks=[clipart,sketch]"]) == 0
+    # a second run fetches nothing
+    server.requests.clear()
+    code, out, _ = download(capsys, server, root, "data.tasks=[clipart,sketch]")
+    assert code == 0 and server.requests == []
+
+
+def test_resumes_a_partial_download(capsys, server, tmp_path):
+    staged = publish(server, tmp_path)["staged"]
+    data = server.files["/groundtruth/clipart.zip"]
+    root = tmp_path / "dn"
+    part = root / ".downloads" / "clipart.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:1000])  # an earlier run stopped after 1000 bytes
+    code, out, err = download(capsys, server, root, "data.tasks=[clipart]",
+                              "data.download.keep_archives=true")
+    assert code == 0, err
+    assert ("/groundtruth/clipart.zip", "bytes=1000-") in server.requests
+    assert "resuming at 1,000 bytes" in out
+    assert (root / ".downloads" / "clipart.zip").read_bytes() == data
+    assert not part.exists()
+    assert same_tree(root / "clipart", staged / "clipart")
+
+
+def test_resumes_after_a_dropped_connection(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    server.drop_once.add("/groundtruth/clipart.zip")
+    root = tmp_path / "dn"
+    code, out, err = download(capsys, server, root, "data.tasks=[clipart]",
+                              "data.download.keep_archives=true")
+    assert code == 0, err
+    zip_requests = [r for p, r in server.requests if p == "/groundtruth/clipart.zip"]
+    assert zip_requests == [None, f"bytes={len(data) // 2}-"]
+    assert (root / ".downloads" / "clipart.zip").read_bytes() == data
+
+
+def test_server_ignoring_range_restarts(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    server.ignore_range = True
+    root = tmp_path / "dn"
+    part = root / ".downloads" / "clipart.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(b"x" * 500)  # would corrupt the file if appended to
+    code, out, err = download(capsys, server, root, "data.tasks=[clipart]",
+                              "data.download.keep_archives=true")
+    assert code == 0, err
+    assert "ignored the range request" in out
+    assert (root / ".downloads" / "clipart.zip").read_bytes() == data
+
+
+def test_checksums(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    good = hashlib.sha256(data).hexdigest()
+    root = tmp_path / "bad"
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
+                            f"data.download.checksums={{clipart.zip: 'sha256:{'0' * 64}'}}")
+    assert code == 2
+    assert "checksum mismatch for clipart.zip" in err and good in err and "0" * 64 in err
+    assert not (root / "clipart").exists()  # nothing extracted
+    assert not list((root / ".downloads").iterdir())  # the bad file is gone
+    root = tmp_path / "good"
+    md5 = hashlib.md5(data).hexdigest()
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
+                            f"data.download.checksums={{clipart.zip: 'md5:{md5}'}}")
+    assert code == 0, err
+    assert (root / "clipart").is_dir()
+
+
+def test_parse_checksum():
+    assert parse_checksum("a", "SHA256:" + "AB" * 32) == ("sha256", "ab" * 32)
+    assert parse_checksum("a", "ab" * 16) == ("md5", "ab" * 16)
+    with pytest.raises(DownloadError, match="expected 'sha256:<64 hex digits>'"):
+        parse_checksum("a", "sha256:1234")
+
+
+def test_bad_archives_leave_nothing_behind(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    server.files["/groundtruth/clipart.zip"] = b"PK but not really a zip file" * 10
+    root = tmp_path / "dn"
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]")
+    assert code == 2 and "is not a valid zip archive" in err
+    assert not (root / "clipart").exists() and not list(root.glob(".*.extracting"))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("sketch/apple/x.jpg", b"...")
+    server.files["/groundtruth/clipart.zip"] = buf.getvalue()
+    (root / ".downloads" / "clipart.zip").unlink()
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]")
+    assert code == 2 and "no top-level folder clipart/" in err
+    assert not (root / "clipart").exists()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("clipart/../../evil.txt", b"...")
+    server.files["/groundtruth/clipart.zip"] = buf.getvalue()
+    (root / ".downloads" / "clipart.zip").unlink()
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]")
+    assert code == 2 and "unsafe member path" in err
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_http_errors(capsys, server, tmp_path):
+    code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[clipart]")
+    assert code == 2 and "HTTP 404" in err and "clipart_train.txt" in err
+    with pytest.raises(DownloadError, match="failed after 2 attempt"):
+        # nothing listens on port 9 of 127.0.0.1: every attempt is refused
+        fetch("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=1, retry_wait=0,
+              timeout=5, say=lambda m: None)
+
+
+def test_download_is_for_domainnet_only(capsys, tmp_path):
+    assert main(["download", "+experiment=imagenet_sketch", f"data.root={tmp_path}"]) == 2
+    assert "DomainNet only" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_download_cli_subprocess(server, tmp_path):
+    staged = publish(server, tmp_path)["staged"]
+    data = server.files["/groundtruth/clipart.zip"]
+    root = tmp_path / "dn"
+    (root / ".downloads").mkdir(parents=True)
+    (root / ".downloads" / "clipart.zip.part").write_bytes(data[:777])
+    proc = run_cli("cwps_lightning.data", [
+        "download", "+experiment=domainnet", f"data.root={root}", "data.tasks=[clipart]",
+        f"data.download.base_url={server.url}"], cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert ("/groundtruth/clipart.zip", "bytes=777-") in server.requests
+    assert same_tree(root / "clipart", staged / "clipart")

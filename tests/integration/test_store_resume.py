@@ -1,0 +1,98 @@
+"""Joint mode, the store a run leaves, and resuming after SIGKILL (real CLI, tiny settings)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from cwps_lightning.cwps import MultiTaskStore
+from cwps_lightning.evaluate import evaluate_store
+
+from .conftest import REPO, cli_env, compose_run_config, read_results, run_train, train_cmd
+
+TWO_TASKS = "data.tasks=[optdigits,mnist_sketch]"
+
+
+def test_joint_mode_records_iterations_and_store_reproduces_top1(run_dir, t0_cache):
+    proc = run_train(run_dir, TWO_TASKS, "cwps.mode=joint", "cwps.iterations=2",
+                     "cwps.baselines=[]", cache=t0_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(run_dir)
+    hist = res["methods"]["cwps"]["history"]
+    assert [(h["iteration"], h["task"]) for h in hist] == [
+        (0, "optdigits"), (0, "mnist_sketch"), (1, "optdigits"), (1, "mnist_sketch")]
+    for h in hist:
+        assert {"val_top1", "top1", "accepted"} <= set(h)
+    assert all(h["accepted"] for h in hist[:2])  # a first visit is always kept
+    for task, kept in res["methods"]["cwps"]["tasks"].items():
+        visits = [h for h in hist if h["task"] == task]
+        assert kept["val_top1"] == max(h["val_top1"] for h in visits)
+    store = MultiTaskStore.load(run_dir / "store")
+    assert store.tasks[0] == "T0" and set(store.tasks[1:]) == {"optdigits", "mnist_sketch"}
+    # every task's model rebuilt from the store gets exactly the recorded test top-1
+    rows = evaluate_store(store, {}, device="cpu")
+    for row in rows:
+        assert row["top1"] == res["methods"]["cwps"]["tasks"][row["task"]]["top1"]
+    # param_ratio comes from the store, and the files hold no hidden copies
+    counts = store.param_count()
+    assert res["methods"]["cwps"]["param_ratio"] == pytest.approx(
+        counts["total"] / res["backbone_params"])
+    tensor_bytes = sum(f.stat().st_size for f in (run_dir / "store").glob("*.safetensors"))
+    assert tensor_bytes <= 1.05 * 4 * counts["total"]
+
+
+def _done_visits(run_dir) -> int:
+    manifest = run_dir / "store" / "manifest.json"
+    try:
+        return len(json.loads(manifest.read_text())["run"]["cwps"]["done"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+def test_sigkill_mid_run_then_resume_finishes_every_task(run_dir, t0_cache):
+    overrides = ("cwps.baselines=[frozen]",)
+    cmd = train_cmd(run_dir, *overrides, cache=t0_cache)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while _done_visits(run_dir) < 1:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "no finished task within 240 s"
+            time.sleep(0.2)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    done_at_kill = _done_visits(run_dir)
+    assert 1 <= done_at_kill < 3
+    store = MultiTaskStore.load(run_dir / "store")  # loads, and holds exactly the finished work
+    assert len(store.tasks) == 1 + done_at_kill
+    assert not (run_dir / "results.json").exists()
+
+    resumed = run_train(run_dir, *overrides, cache=t0_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed" in resumed.stderr + resumed.stdout
+    res = read_results(run_dir)
+    for method in ("cwps", "frozen"):
+        assert set(res["methods"][method]["tasks"]) == {"optdigits", "mnist_sketch", "mnist_m"}
+    assert len(MultiTaskStore.load(run_dir / "store").tasks) == 4
+
+
+def test_resume_refuses_store_of_other_config_and_corrupt_store(run_dir, t0_cache):
+    from cwps_lightning.cwps import StoreError
+    from cwps_lightning.errors import ConfigError
+    from cwps_lightning.train import run
+
+    args = ("data.tasks=[optdigits]", "cwps.baselines=[]", f"paths.cache_dir={t0_cache}")
+    run(compose_run_config(run_dir, *args))
+    assert (run_dir / "results.json").exists()
+    with pytest.raises(ConfigError, match=r"different config.*cwps\.threshold"):
+        run(compose_run_config(run_dir, *args, "cwps.threshold=0.4"))
+    kernels = next((run_dir / "store").glob("kernels-*.safetensors"))
+    kernels.write_bytes(kernels.read_bytes()[:1000])
+    with pytest.raises(StoreError, match=kernels.name):
+        run(compose_run_config(run_dir, *args))

@@ -1,0 +1,87 @@
+"""The main job end to end through the real CLI (tiny settings), and its bad-input errors."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from .conftest import compose_run_config, read_results, run_train
+
+
+def test_default_run_writes_results_for_every_method(run_dir, t0_cache):
+    proc = run_train(run_dir, cache=t0_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(run_dir)
+    tasks = res["tasks"]
+    assert tasks == ["optdigits", "mnist_sketch", "mnist_m"]
+    k = len(tasks)
+    methods = res["methods"]
+    assert set(methods) == {"cwps", "finetune", "frozen"}
+    for m in methods.values():
+        assert set(m["tasks"]) == set(tasks)
+        for t in tasks:
+            assert 0.0 <= m["tasks"][t]["top1"] <= 100.0
+        assert m["mean_top1"] == pytest.approx(sum(m["tasks"][t]["top1"] for t in tasks) / k)
+    # fine-tuning stores 1 + K backbones (plus heads), a frozen T0 about one
+    assert methods["finetune"]["param_ratio"] == pytest.approx(1 + k, rel=0.01)
+    assert methods["frozen"]["param_ratio"] == pytest.approx(1.0, abs=0.02)
+    assert methods["frozen"]["param_ratio"] < methods["cwps"]["param_ratio"]
+    assert methods["cwps"]["param_ratio"] < methods["finetune"]["param_ratio"]
+    table = (run_dir / "results.md").read_text()
+    assert "| Method | Param ratio | optdigits | mnist_sketch | mnist_m | Mean |" in table
+    assert "CWPS-Incremental" in table
+    assert (run_dir / "store" / "manifest.json").exists()
+    assert list((run_dir / "logs" / "cwps").glob("*/metrics.csv"))
+
+
+def test_experiment_preset_composes(run_dir, t0_cache):
+    proc = run_train(run_dir, "+experiment=digits_joint", "cwps.iterations=1",
+                     "cwps.baselines=[]", "data.tasks=[optdigits]", cache=t0_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = read_results(run_dir)
+    assert res["config"]["cwps"]["mode"] == "joint"
+    assert set(res["methods"]) == {"cwps"}
+    assert res["tasks"] == ["optdigits"]
+
+
+def test_bad_input_on_the_cli_is_one_clear_line(run_dir, t0_cache):
+    proc = run_train(run_dir, "model.name=resnet_nosuch", cache=t0_cache, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "resnet_nosuch" in lines[0], proc.stderr[-2000:]
+    assert "resnet18" in lines[0]  # says what is accepted
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("cwps.threshold=1.5", "1.5"),
+        ("cwps.threshold=-0.1", "-0.1"),
+        ("cwps.distance=manhattan", "manhattan"),
+        ("cwps.mode=sideways", "sideways"),
+        ("cwps.iterations=3", "cwps.mode=joint"),
+        ("data.tasks=[optdigits,nosuchtask]", "nosuchtask"),
+        ("cwps.baselines=[finetune,magic]", "magic"),
+        ("model.weights=/nonexistent/weights.pt", "/nonexistent/weights.pt"),
+    ],
+)
+def test_bad_input_raises_config_error_before_any_output(run_dir, override, needle):
+    from cwps_lightning.errors import ConfigError
+    from cwps_lightning.train import run
+
+    cfg = compose_run_config(run_dir, override)
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        run(cfg)
+    assert not (run_dir / "results.json").exists()
+    assert not (run_dir / "store").exists()
+
+
+def test_unknown_config_group_option_names_it(run_dir):
+    from hydra.errors import MissingConfigException
+
+    with pytest.raises(MissingConfigException) as info:
+        compose_run_config(run_dir, "data=nosuchdata")
+    assert "nosuchdata" in str(info.value) and "digits" in str(info.value)
