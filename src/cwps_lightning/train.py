@@ -38,6 +38,7 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*log_every_n_steps.*")
     warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+    warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
 
 
 def is_rank_zero() -> bool:
@@ -128,6 +129,7 @@ def run(cfg: DictConfig) -> dict:
         trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
         lr=cfg.optim.lr, mask_lr=cfg.optim.mask_lr, momentum=cfg.optim.momentum,
         weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
+        channels_last=bool(cfg.model.get("channels_last", False)),
     )
     device = eval_device(cfg.trainer.accelerator)
     if store is not None:
