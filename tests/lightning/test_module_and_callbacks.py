@@ -1,0 +1,96 @@
+"""The Lightning layer: trainable sets, optimiser groups, soft -> hard switching in one fit."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cwps_lightning.callbacks import MaskStageCallback
+from cwps_lightning.cwps import cwps_layers, inject_cwps
+from cwps_lightning.models import CWPSLitModule, select_trainable
+
+
+def small_net(classes=3):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, classes),
+    )
+
+
+def loader(n=32, classes=3):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, 8, 8, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return DataLoader(TensorDataset(x, y), batch_size=8)
+
+
+def injected():
+    net = small_net()
+    names = inject_cwps(net, exclude=["7"])  # the last Linear is the head
+    for _, layer in cwps_layers(net):
+        with torch.no_grad():
+            layer.set_parent(torch.randn_like(layer.weight),
+                             None if layer.bias is None else torch.randn_like(layer.bias))
+    return net, names
+
+
+def test_select_trainable_modes():
+    net, names = injected()
+    select_trainable(net, "frozen", names)
+    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+    assert trainable == {"1.weight", "1.bias", "7.weight", "7.bias"}  # norm + head only
+    select_trainable(net, "finetune", names)
+    assert not any(p.requires_grad for n, p in net.named_parameters() if "mask_logits" in n)
+    assert all(p.requires_grad for n, p in net.named_parameters() if "mask_logits" not in n)
+    select_trainable(net, "cwps", names)
+    assert all(p.requires_grad for p in net.parameters())
+    with pytest.raises(ValueError, match="sideways"):
+        select_trainable(net, "sideways", names)
+
+
+class StageRecorder(L.Callback):
+    def __init__(self):
+        self.stages = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 0:
+            self.stages.append({layer.stage for _, layer in cwps_layers(pl_module)})
+
+
+def test_soft_then_hard_in_one_fit_with_mask_lr_group(tmp_path):
+    torch.manual_seed(0)
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    parents = {n: layer.parent_weight.clone() for n, layer in cwps_layers(net)}
+    logits_before = {n: layer.mask_logits.detach().clone() for n, layer in cwps_layers(net)}
+    module = CWPSLitModule(net, num_classes=3, lr=0.1, mask_lr=0.05)
+    recorder = StageRecorder()
+    trainer = L.Trainer(max_epochs=3, callbacks=[MaskStageCallback(soft_epochs=1), recorder],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader(16))
+    assert recorder.stages == [{"soft"}, {"hard"}, {"hard"}]
+    groups = trainer.optimizers[0].param_groups
+    mask_group = [g for g in groups if g.get("weight_decay") == 0.0]
+    assert len(mask_group) == 1
+    assert {id(p) for p in mask_group[0]["params"]} == {
+        id(layer.mask_logits) for _, layer in cwps_layers(net)}
+    assert mask_group[0]["initial_lr"] == 0.05 and groups[0]["initial_lr"] == 0.1
+    for n, layer in cwps_layers(net):
+        assert torch.equal(layer.parent_weight, parents[n])  # the parent never changes
+        assert not torch.equal(layer.mask_logits.detach(), logits_before[n])  # masks learn
+        assert layer.stage == "hard"
+    logged = trainer.logged_metrics
+    assert 0.0 <= float(logged["sharing/specific_channels"]) <= 1.0
+    assert float(logged["sharing/hard"]) == 1.0
+
+
+def test_callback_needs_cwps_layers():
+    module = CWPSLitModule(small_net(), num_classes=3)
+    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(1)], accelerator="cpu",
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="CWPS layers"):
+        trainer.fit(module, train_dataloaders=loader())
