@@ -18,7 +18,9 @@ Time: forward + backward + SGD(momentum 0.9) step, round-robin over the variants
 every round) to cancel drift, median per variant. Memory: each variant runs in a fresh
 subprocess of this script. On CPU the figure is the peak RSS growth during the training steps,
 ``ru_maxrss after the steps - RSS just before the first step`` (after model build and one
-no_grad warm-up forward); on CUDA ``max_memory_allocated - memory_allocated`` before the step.
+no_grad warm-up forward), with MALLOC_MMAP_THRESHOLD_=1 MiB in the workers so glibc returns
+freed activation buffers to the OS (--malloc-default to keep glibc's dynamic threshold); on
+CUDA ``max_memory_allocated - memory_allocated`` before the step.
 Also reported, allocator-independent: the bytes of the tensors autograd saves for backward in
 one step (unique storages, via torch.autograd.graph.saved_tensors_hooks), excluding storages
 that belong to the model's parameters and buffers.
@@ -33,6 +35,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import platform
 import resource
@@ -80,10 +83,18 @@ class TwoPassConv2d(CWPSConv2d):
             return super().forward(x)
         x, padding = self._pad_and_padding(x)
         m = _train_mask(self).view(1, -1, 1, 1)
-        y_child = F.conv2d(x, self.weight, self.bias, self.stride, padding, self.dilation,
-                           self.groups)
-        y_parent = F.conv2d(x, self.parent_weight, self.parent_bias, self.stride, padding,
-                            self.dilation, self.groups)
+        y_child = F.conv2d(
+            x, self.weight, self.bias, self.stride, padding, self.dilation, self.groups
+        )
+        y_parent = F.conv2d(
+            x,
+            self.parent_weight,
+            self.parent_bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+        )
         return m * y_child + (1 - m) * y_parent
 
 
@@ -93,13 +104,17 @@ class TwoPassLinear(CWPSLinear):
             return super().forward(x)
         m = _train_mask(self)
         return m * F.linear(x, self.weight, self.bias) + (1 - m) * F.linear(
-            x, self.parent_weight, self.parent_bias)
+            x, self.parent_weight, self.parent_bias
+        )
 
 
 def _naive_compose(layer):
     m = _train_mask(layer)
-    w = torch.addcmul(layer.parent_weight, m.view(-1, *([1] * (layer.weight.dim() - 1))),
-                      layer.weight - layer.parent_weight)
+    w = torch.addcmul(
+        layer.parent_weight,
+        m.view(-1, *([1] * (layer.weight.dim() - 1))),
+        layer.weight - layer.parent_weight,
+    )
     b = None
     if layer.bias is not None:
         b = torch.addcmul(layer.parent_bias, m, layer.bias - layer.parent_bias)
@@ -206,7 +221,7 @@ def num_classes_of(model: nn.Module) -> int:
     return getattr(model, "num_classes", None) or 1000
 
 
-def train_step(model, opt, x, y) -> float:
+def train_step(model, opt, x, y) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     loss = F.cross_entropy(model(x), y)
     loss.backward()
@@ -268,8 +283,11 @@ def saved_tensor_bytes(model, opt, x, y) -> dict:
     opt.step()
     total = sum(seen.values())
     activations = sum(n for p, n in seen.items() if p not in owned)
-    return {"saved_total_bytes": total, "saved_activation_bytes": activations,
-            "saved_param_buffer_bytes": total - activations}
+    return {
+        "saved_total_bytes": total,
+        "saved_activation_bytes": activations,
+        "saved_param_buffer_bytes": total - activations,
+    }
 
 
 def memory_worker(args) -> dict:
@@ -303,7 +321,9 @@ def memory_worker(args) -> dict:
         out.update(
             peak_growth_bytes=(maxrss1 - rss0) * 1024,
             hwm_growth_bytes=(hwm1 - rss0) * 1024,
-            rss_before_kib=rss0, ru_maxrss_before_kib=maxrss0, ru_maxrss_after_kib=maxrss1,
+            rss_before_kib=rss0,
+            ru_maxrss_before_kib=maxrss0,
+            ru_maxrss_after_kib=maxrss1,
             hwm_reset=hwm_reset,
             # ru_maxrss is a process high-water mark: it is only the training peak if the
             # training steps raised it
@@ -324,10 +344,26 @@ def run_memory(args, names) -> dict:
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
     results = {}
     for name in names:
-        cmd = [sys.executable, os.path.abspath(__file__), "--_worker", name,
-               "--device", args.device, "--batch", str(args.batch), "--size", str(args.size),
-               "--model", args.model, "--seed", str(args.seed), "--threads", str(args.threads),
-               "--mem-steps", str(args.mem_steps)]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--_worker",
+            name,
+            "--device",
+            args.device,
+            "--batch",
+            str(args.batch),
+            "--size",
+            str(args.size),
+            "--model",
+            args.model,
+            "--seed",
+            str(args.seed),
+            "--threads",
+            str(args.threads),
+            "--mem-steps",
+            str(args.mem_steps),
+        ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -336,9 +372,12 @@ def run_memory(args, names) -> dict:
         res = json.loads(proc.stdout.strip().splitlines()[-1])
         res["worker_wall_s"] = round(time.perf_counter() - t0, 1)
         results[name] = res
-        print(f"  memory {name:<15} {res['peak_growth_bytes'] / MiB:8.1f} MiB peak growth, "
-              f"{res['saved_activation_bytes'] / MiB:8.1f} MiB saved activations "
-              f"({res['worker_wall_s']:.0f} s)", flush=True)
+        print(
+            f"  memory {name:<15} {res['peak_growth_bytes'] / MiB:8.1f} MiB peak growth, "
+            f"{res['saved_activation_bytes'] / MiB:8.1f} MiB saved activations "
+            f"({res['worker_wall_s']:.0f} s)",
+            flush=True,
+        )
     return results
 
 
@@ -350,14 +389,21 @@ def check_equivalence(models, args, device) -> dict:
     soft = [n for n in ("cwps-soft", "two-pass", "naive-autograd") if n in models]
     if len(soft) < 2:
         return {}
-    x, y = make_batch(argparse.Namespace(**{**vars(args), "batch": 2}), device,
-                      num_classes_of(models[soft[0]]))
+    x, y = make_batch(
+        argparse.Namespace(**{**vars(args), "batch": 2}), device, num_classes_of(models[soft[0]])
+    )
     ref = None
     report = {}
     for n in soft:
         m = copy.deepcopy(models[n])
         # full fp32 (no TF32) so that two convolutions vs one composed one compare closely
-        with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(
+            enabled=cudnn.enabled,
+            benchmark=cudnn.benchmark,
+            deterministic=cudnn.deterministic,
+            allow_tf32=False,
+        ):
             tf32 = torch.backends.cuda.matmul.allow_tf32
             torch.backends.cuda.matmul.allow_tf32 = False
             try:
@@ -369,10 +415,14 @@ def check_equivalence(models, args, device) -> dict:
         if ref is None:
             ref = (loss.detach(), grads)
             continue
-        gerr = max((grads[k] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
-                   for k, g in ref[1].items())
-        report[n] = {"loss_abs_diff": (loss.detach() - ref[0]).abs().item(),
-                     "max_rel_grad_diff": gerr}
+        gerr = max(
+            (grads[k] - g).abs().max().item() / (g.abs().max().item() + 1e-12)
+            for k, g in ref[1].items()
+        )
+        report[n] = {
+            "loss_abs_diff": (loss.detach() - ref[0]).abs().item(),
+            "max_rel_grad_diff": gerr,
+        }
         del m
     return report
 
@@ -409,25 +459,46 @@ def run_timing(models, args, device) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def parse_args(argv=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=112)
-    p.add_argument("--steps", type=int, default=12, help="timed rounds (steps per variant)")
+    p.add_argument("--steps", type=int, default=10, help="timed rounds (steps per variant)")
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     p.add_argument("--model", default="resnet18")
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--variants", default=",".join(VARIANTS),
-                   help="comma-separated subset of " + ",".join(VARIANTS))
-    p.add_argument("--mem-steps", type=int, default=2,
-                   help="training steps per memory worker (the peak over them is reported)")
+    p.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS),
+    )
+    p.add_argument(
+        "--mem-steps",
+        type=int,
+        default=2,
+        help="training steps per memory worker (the peak over them is reported)",
+    )
     p.add_argument("--threads", type=int, default=cores)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-memory", action="store_true")
-    p.add_argument("--malloc-default", action="store_true",
-                   help="CPU memory workers: keep glibc's dynamic mmap threshold")
+    p.add_argument(
+        "--malloc-default",
+        action="store_true",
+        help="CPU memory workers: keep glibc's dynamic mmap threshold",
+    )
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -447,17 +518,21 @@ def main(argv=None):
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
     t_start = time.perf_counter()
-    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (
-        platform.processor() or platform.machine())
-    print(f"{args.model}, batch {args.batch}, {args.size}x{args.size}, device {args.device} "
-          f"({dev_name}), {args.threads} threads, torch {torch.__version__}", flush=True)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(
+        f"{args.model}, batch {args.batch}, {args.size}x{args.size}, device {args.device} "
+        f"({dev_name}), {args.threads} threads, torch {torch.__version__}",
+        flush=True,
+    )
 
     # Memory first, while this process is still small (a child's ru_maxrss starts from the
     # parent's high-water mark at exec).
     mem = {}
     if not args.skip_memory:
-        print(f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
-              flush=True)
+        print(
+            f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
+            flush=True,
+        )
         mem = run_memory(args, names)
 
     print("building models ...", flush=True)
@@ -465,8 +540,11 @@ def main(argv=None):
     n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
     equiv = check_equivalence(models, args, device)
     for n, r in equiv.items():
-        print(f"  check {n} vs cwps-soft: |dloss| {r['loss_abs_diff']:.2e}, "
-              f"max rel grad diff {r['max_rel_grad_diff']:.2e}", flush=True)
+        print(
+            f"  check {n} vs cwps-soft: |dloss| {r['loss_abs_diff']:.2e}, "
+            f"max rel grad diff {r['max_rel_grad_diff']:.2e}",
+            flush=True,
+        )
     print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, round-robin", flush=True)
     timing = run_timing(models, args, device)
 
@@ -477,10 +555,16 @@ def main(argv=None):
     for n in names:
         t = times[n]
         med = statistics.median(t)
-        paired = statistics.median(a / b for a, b in zip(t, times["finetune"]))
-        row = {"median_ms": med * 1e3, "min_ms": min(t) * 1e3, "max_ms": max(t) * 1e3,
-               "time_ratio": med / ft, "paired_time_ratio": paired,
-               "times_ms": [v * 1e3 for v in t], "final_loss": timing["final_loss"][n]}
+        paired = statistics.median(a / b for a, b in zip(t, times["finetune"], strict=True))
+        row = {
+            "median_ms": med * 1e3,
+            "min_ms": min(t) * 1e3,
+            "max_ms": max(t) * 1e3,
+            "time_ratio": med / ft,
+            "paired_time_ratio": paired,
+            "times_ms": [v * 1e3 for v in t],
+            "final_loss": timing["final_loss"][n],
+        }
         if n in mem:
             row.update(mem[n])
             row["mem_ratio"] = mem[n]["peak_growth_bytes"] / mem["finetune"]["peak_growth_bytes"]
@@ -489,19 +573,25 @@ def main(argv=None):
         rows[n] = row
 
     mem_unit = "peak RSS growth" if device.type == "cpu" else "peak alloc growth"
-    hdr = (f"{'variant':<15} {'median ms':>10} {'x finetune':>10} {'paired x':>9} "
-           f"{mem_unit + ' MiB':>21} {'x finetune':>10} {'saved act MiB':>14} {'x finetune':>10}")
+    hdr = (
+        f"{'variant':<15} {'median ms':>10} {'x finetune':>10} {'paired x':>9} "
+        f"{mem_unit + ' MiB':>21} {'x finetune':>10} {'saved act MiB':>14} {'x finetune':>10}"
+    )
     print()
     print(hdr)
     print("-" * len(hdr))
     for n in names:
         r = rows[n]
-        line = (f"{n:<15} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
-                f"{r['paired_time_ratio']:>9.3f}")
+        line = (
+            f"{n:<15} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
+            f"{r['paired_time_ratio']:>9.3f}"
+        )
         if "mem_ratio" in r:
-            line += (f" {r['peak_growth_bytes'] / MiB:>21.1f} {r['mem_ratio']:>10.3f}"
-                     f" {r['saved_activation_bytes'] / MiB:>14.1f}"
-                     f" {r['saved_activation_ratio']:>10.3f}")
+            line += (
+                f" {r['peak_growth_bytes'] / MiB:>21.1f} {r['mem_ratio']:>10.3f}"
+                f" {r['saved_activation_bytes'] / MiB:>14.1f}"
+                f" {r['saved_activation_ratio']:>10.3f}"
+            )
         print(line)
     print()
 
@@ -513,28 +603,42 @@ def main(argv=None):
         if "mem_ratio" in rows[n]:
             v["mem_ok"] = rows[n]["mem_ratio"] <= TARGET_MEM
         verdict[n] = v
-        msg = f"time {rows[n]['time_ratio']:.3f} (<= {TARGET_TIME}: " \
-              f"{'PASS' if v['time_ok'] else 'FAIL'})"
+        msg = (
+            f"time {rows[n]['time_ratio']:.3f} (<= {TARGET_TIME}: "
+            f"{'PASS' if v['time_ok'] else 'FAIL'})"
+        )
         if "mem_ok" in v:
-            msg += f", memory {rows[n]['mem_ratio']:.3f} (<= {TARGET_MEM}: " \
-                   f"{'PASS' if v['mem_ok'] else 'FAIL'})"
+            msg += (
+                f", memory {rows[n]['mem_ratio']:.3f} (<= {TARGET_MEM}: "
+                f"{'PASS' if v['mem_ok'] else 'FAIL'})"
+            )
         print(f"{n}: {msg}")
     if device.type == "cpu" and mem:
         notes = [n for n in names if not mem[n].get("peak_reached_in_steps", True)]
         if notes:
-            print(f"WARNING: ru_maxrss not raised by the training steps for {notes}; "
-                  "the growth figure there is an upper bound")
+            print(
+                f"WARNING: ru_maxrss not raised by the training steps for {notes}; "
+                "the growth figure there is an upper bound"
+            )
+    bad_loss = [n for n in names if not math.isfinite(rows[n]["final_loss"])]
+    if bad_loss:
+        print(f"WARNING: non-finite loss after training for {bad_loss}")
     wall = time.perf_counter() - t_start
     print(f"total wall time {wall:.0f} s")
 
     if args.out:
         result = {
             "config": {k: v for k, v in vars(args).items() if k != "_worker"},
-            "env": {"torch": torch.__version__, "python": platform.python_version(),
-                    "device_name": dev_name, "threads": torch.get_num_threads(),
-                    "platform": platform.platform(),
-                    "malloc_mmap_threshold": None if args.malloc_default or device.type != "cpu"
-                    else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20))},
+            "env": {
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "device_name": dev_name,
+                "threads": torch.get_num_threads(),
+                "platform": platform.platform(),
+                "malloc_mmap_threshold": None
+                if args.malloc_default or device.type != "cpu"
+                else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20)),
+            },
             "cwps_layers": n_cwps,
             "targets": {"time_ratio_max": TARGET_TIME, "mem_ratio_max": TARGET_MEM},
             "equivalence_check": equiv,

@@ -108,15 +108,15 @@ class _ComposedOp(torch.autograd.Function):
         grad_child = grad_logits = grad_b_child = None
         gw = gw.to(w_child.dtype)
         shape = (-1,) + (1,) * (w_child.dim() - 1)
-        if ctx.needs_input_grad[1]:
-            grad_child = gw * mask.view(shape)
         if ctx.needs_input_grad[3]:
-            # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j)
-            diff = torch.sub(w_child, w_parent).mul_(gw)
-            dm = diff.flatten(1).sum(1)
+            # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
+            # the composed weight is dead after the conv backward: reuse its buffer
+            dm = torch.sub(w_child, w_parent, out=w).mul_(gw).flatten(1).sum(1)
             if has_bias:
                 dm = dm + gb.to(b_child.dtype) * (b_child - b_parent)
             grad_logits = dm * slope
+        if ctx.needs_input_grad[1]:
+            grad_child = gw.mul_(mask.view(shape))  # in place: gw is not needed any more
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb.to(b_child.dtype) * mask
         return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None
