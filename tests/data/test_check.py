@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from conftest import (
+from cwps_lightning.data.__main__ import main
+
+from .helpers import (
     REPO,
     make_domainnet,
     make_folder_task,
@@ -14,8 +15,6 @@ from conftest import (
     write_image,
     write_truncated,
 )
-
-from cwps_lightning.data.__main__ import main
 
 
 def check(capsys, *overrides, strict=False):
@@ -165,8 +164,8 @@ def test_check_cli_subprocess(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("data check: FAILED, 1 error(s)")
 
 
-@pytest.mark.parametrize("n", [3])
-def test_decode_uses_full_decoding(capsys, tmp_path, n):
+def test_decode_uses_full_decoding(capsys, tmp_path):
+    n = 3
     root = make_domainnet(tmp_path / "dn", domains=("clipart",))
     for i in range(n):
         write_truncated(root / "clipart" / "cat" / f"clipart_cat_train{i}.jpg")

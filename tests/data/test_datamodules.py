@@ -7,7 +7,16 @@ import os
 
 import pytest
 import torch
-from conftest import (
+
+from cwps_lightning.data import (
+    DataConfigError,
+    DomainNetDataModule,
+    FoldersDataModule,
+    ImageNetSketchDataModule,
+)
+from cwps_lightning.data.folders import ImageListDataset
+
+from .helpers import (
     CLASSES,
     DOMAINS,
     I2S_TASKS,
@@ -18,14 +27,6 @@ from conftest import (
     write_image,
     write_truncated,
 )
-
-from cwps_lightning.data import (
-    DataConfigError,
-    DomainNetDataModule,
-    FoldersDataModule,
-    ImageNetSketchDataModule,
-)
-from cwps_lightning.data.folders import ImageListDataset
 
 SMALL = dict(image_size=32, num_workers=0, batch_size=4)
 

@@ -10,10 +10,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import REPO, make_domainnet, run_cli
 
 from cwps_lightning.data.__main__ import main
 from cwps_lightning.data.download import DownloadError, fetch, parse_checksum
+
+from .helpers import REPO, make_domainnet, run_cli
 
 
 class Handler(BaseHTTPRequestHandler):

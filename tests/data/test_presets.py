@@ -7,7 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import (
+
+from cwps_lightning.data.check import CONF_DIR, compose_config
+
+from .helpers import (
     DOMAINS,
     I2S_TASKS,
     make_domainnet,
@@ -17,8 +20,6 @@ from conftest import (
     write_checkpoint,
     write_corrupt,
 )
-
-from cwps_lightning.data.check import CONF_DIR, compose_config
 
 PRESETS = {
     # preset: (model, mode, iterations, lr, benchmark)

@@ -88,6 +88,7 @@ class DomainNetDataModule(ImageTasksDataModule):
         self.num_classes_setting = num_classes
         self.download = dict(download or {})
         self._parsed: dict[Path, tuple[list[SplitEntry], list[str]]] = {}
+        self._table: tuple[dict[int, str], list[str]] | None = None
 
     def known_tasks(self) -> list[str]:
         return list(DOMAINS)
@@ -107,6 +108,11 @@ class DomainNetDataModule(ImageTasksDataModule):
 
     def class_table(self) -> tuple[dict[int, str], list[str]]:
         """label -> class name over every split file under the root, and the conflicts."""
+        if self._table is None:
+            self._table = self._build_class_table()
+        return self._table
+
+    def _build_class_table(self) -> tuple[dict[int, str], list[str]]:
         names: dict[int, str] = {}
         labels: dict[str, int] = {}
         conflicts: list[str] = []
