@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
-from .fitting import evaluate_top1, eval_device
+from .fitting import eval_device, evaluate_top1
 from .runner import T0
 
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"

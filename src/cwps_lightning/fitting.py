@@ -83,11 +83,15 @@ def fit(
         weight_decay=settings.weight_decay,
     )
     callbacks = [] if soft_epochs is None else [MaskStageCallback(soft_epochs)]
+    trainer_args = dict(settings.trainer)
+    # model selection looks at the merged model only: by default validate once, at the end
+    if trainer_args.get("check_val_every_n_epoch") is None:
+        trainer_args["check_val_every_n_epoch"] = epochs
     trainer = L.Trainer(
         max_epochs=epochs,
         callbacks=callbacks,
         logger=settings.logger_factory(log_group, log_name),
-        **settings.trainer,
+        **trainer_args,
     )
     trainer.fit(module, datamodule=datamodule)
     return model

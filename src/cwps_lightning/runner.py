@@ -43,6 +43,7 @@ class CWPSSettings:
     iterations: int = 1
     threshold: float = 0.5
     distance: str = "l2"
+    init_scope: str = "layer"
     warmup_epochs: int = 1
     soft_epochs: int = 1
     hard_epochs: int = 2
@@ -58,6 +59,8 @@ class CWPSSettings:
             )
         self.threshold = check_threshold(self.threshold)
         check_distance(self.distance)
+        if self.init_scope not in ("layer", "global"):
+            raise ValueError(f"cwps.init_scope must be layer or global, got {self.init_scope!r}")
         for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
@@ -166,7 +169,7 @@ class Runner:
         self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
                   seed=self._seed("cwps", task, "warmup", iteration))
         inject_cwps(model, exclude=None, threshold=c.threshold)
-        search = search_parents(model, bank, task, c.distance)
+        search = search_parents(model, bank, task, c.distance, c.init_scope)
         progress.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
             f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
@@ -178,7 +181,7 @@ class Runner:
         parent_counts: dict[str, int] = {}
         for name, tasks in search.parent_task.items():
             shared = (ids[name] >= 0).tolist()
-            for t, s in zip(tasks, shared):
+            for t, s in zip(tasks, shared, strict=True):
                 if s:
                     parent_counts[t] = parent_counts.get(t, 0) + 1
         merge_cwps(model)

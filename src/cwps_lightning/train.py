@@ -17,13 +17,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
 from .fitting import FitSettings, csv_logger_factory, eval_device
 from .models import check_model_name
+from .persist import RunRecorder
 from .pretrain import acquire_t0
 from .report import write_results
-from .cwps import MultiTaskStore, StoreError
-from .persist import RunRecorder
 from .runner import BASELINES, CWPSSettings, MethodResult, Progress, Runner
 
 log = logging.getLogger("cwps_lightning")
@@ -51,7 +51,7 @@ def cwps_settings(cfg: DictConfig) -> CWPSSettings:
     c = cfg.cwps
     return CWPSSettings(
         mode=c.mode, iterations=int(c.iterations), threshold=float(c.threshold),
-        distance=c.distance, warmup_epochs=int(c.stages.warmup_epochs),
+        distance=c.distance, init_scope=c.get("init_scope", "layer"), warmup_epochs=int(c.stages.warmup_epochs),
         soft_epochs=int(c.stages.soft_epochs), hard_epochs=int(c.stages.hard_epochs),
     )
 

@@ -279,3 +279,36 @@ def test_merged_kernel_ids_and_bank_identity(bank_setup):
     assert bank.shared_channels("T3", "T0") + bank.shared_channels("T3", "T1") == sum(
         int((ids[n] >= 0).sum()) for n in LAYERS
     )
+
+
+def _two_layer_case(scale_far: float):
+    """A T0 with two layers; the child moved far (relative) in layer 0 and little in layer 1."""
+    t0 = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.Linear(16, 2))
+    bank = KernelBank(["0", "2"])
+    bank.add("T0", t0, 2)
+    child = copy.deepcopy(t0)
+    inject_cwps(child, exclude=["3"])
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        child[0].weight.add_(scale_far * torch.randn(child[0].weight.shape, generator=g))
+        child[2].weight.add_(0.01 * torch.randn(child[2].weight.shape, generator=g))
+    return child, bank
+
+
+def test_init_scope_global_gives_more_specific_channels_where_the_layer_moved():
+    child, bank = _two_layer_case(1.0)
+    search_parents(child, bank, "a", "l2", init_scope="global")
+    far = (torch.sigmoid(child[0].mask_logits) >= 0.5).float().mean()
+    near = (torch.sigmoid(child[2].mask_logits) >= 0.5).float().mean()
+    assert far == 1.0 and near == 0.0
+    child, bank = _two_layer_case(1.0)
+    search_parents(child, bank, "a", "l2", init_scope="layer")
+    for i in (0, 2):  # per-layer: each layer splits around its own mean
+        frac = (torch.sigmoid(child[i].mask_logits) >= 0.5).float().mean()
+        assert 0.0 < frac < 1.0
+
+
+def test_init_scope_unknown_raises():
+    child, bank = _two_layer_case(1.0)
+    with pytest.raises(ValueError, match="sideways"):
+        search_parents(child, bank, "a", "l2", init_scope="sideways")

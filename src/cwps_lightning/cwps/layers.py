@@ -252,7 +252,7 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
         self._init_cwps(threshold)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5) -> "CWPSConv2d":
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5) -> CWPSConv2d:
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
@@ -278,7 +278,7 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
             if self.padding == "valid":
                 return x, (0, 0)
             pads, sym = [], []
-            for d, k in zip(self.dilation, self.kernel_size):
+            for d, k in zip(self.dilation, self.kernel_size, strict=True):
                 total = d * (k - 1)
                 left = total // 2
                 pads.append((left, total - left))
@@ -323,7 +323,7 @@ class CWPSLinear(CWPSMixin, nn.Linear):
         self._init_cwps(threshold)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5) -> "CWPSLinear":
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5) -> CWPSLinear:
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype, threshold=threshold,

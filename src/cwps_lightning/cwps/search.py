@@ -81,13 +81,36 @@ class SearchResult:
     distances: dict[str, Tensor]  # per layer [C]
 
 
+INIT_SCOPES = ("layer", "global")
+
+
+def relative_distances(dist: Tensor, child: Tensor, distance: str) -> Tensor:
+    """Distances made comparable across layers: l2 over the child kernel's norm (cosine is
+    already scale-free)."""
+    if distance == "cosine":
+        return dist
+    return dist / child.flatten(1).norm(dim=1).clamp_min(1e-12).to(dist.dtype)
+
+
 @torch.no_grad()
 def search_parents(
-    model: nn.Module, bank: KernelBank, task: str, distance: str = "l2"
+    model: nn.Module,
+    bank: KernelBank,
+    task: str,
+    distance: str = "l2",
+    init_scope: str = "layer",
 ) -> SearchResult:
     """Run CPMS for every CWPS layer of ``model`` against ``bank`` (excluding ``task`` itself):
-    install the composite parent and initialise ``mask_logits``."""
+    install the composite parent and initialise ``mask_logits``.
+
+    ``init_scope="layer"`` applies the mask-logit formula within each layer (every layer starts
+    with a similar share of task-specific channels); ``"global"`` applies it to relative
+    distances (see :func:`relative_distances`) over all channels of all layers at once, so the
+    layers that moved most from their parents start with more task-specific channels.
+    """
     check_distance(distance)
+    if init_scope not in INIT_SCOPES:
+        raise ValueError(f"init_scope must be one of {INIT_SCOPES}, got {init_scope!r}")
     layers = dict(cwps_layers(model))
     missing = [n for n in bank.layer_names if n not in layers]
     if missing:
@@ -101,11 +124,21 @@ def search_parents(
         choice, dist = nearest_parents(layer.weight.detach().float(), weights.float(), distance)
         parent_b = None if biases is None else gather_channels(biases.to(device), choice)
         layer.set_parent(gather_channels(weights, choice), parent_b)
-        layer.mask_logits.copy_(init_mask_logits(dist).to(layer.mask_logits.dtype))
+        if init_scope == "layer":
+            layer.mask_logits.copy_(init_mask_logits(dist).to(layer.mask_logits.dtype))
         choice_cpu = choice.cpu()
         parent_ids[name] = gather_channels(ids, choice_cpu)
         parent_task[name] = [names[i] for i in choice_cpu.tolist()]
         distances[name] = dist.cpu()
+    if init_scope == "global":
+        rel = {n: relative_distances(distances[n], layers[n].weight.detach().cpu(), distance)
+               for n in bank.layer_names}
+        flat = init_mask_logits(torch.cat(list(rel.values())))
+        start = 0
+        for n in bank.layer_names:
+            c = rel[n].numel()
+            layers[n].mask_logits.copy_(flat[start:start + c].to(layers[n].mask_logits))
+            start += c
     return SearchResult(parent_ids, parent_task, distances)
 
 
