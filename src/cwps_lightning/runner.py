@@ -163,7 +163,8 @@ class Runner:
     def train_cwps_task(self, bank: KernelBank, task: str, iteration: int, progress: Progress):
         """One visit: a candidate model for ``task`` with ``bank`` (minus ``task``) as parents."""
         c = self.cwps
-        model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed("cwps", task, "head"))
+        model = task_model(self.t0, self.dm.num_classes(task),
+                           seed=self._seed("cwps", task, "head", iteration))
         tag = f"{task}-it{iteration}"
         progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
         self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
