@@ -184,6 +184,28 @@ class CWPSMixin:
     def threshold(self, value: float) -> None:
         self._threshold = check_threshold(value)
 
+    @torch.no_grad()
+    def _start_from(self, plain: nn.Module):
+        """Child and parent both start as ``plain``'s weights (the T0 / warm-up weights)."""
+        self.weight.copy_(plain.weight)
+        self.parent_weight.copy_(plain.weight)
+        if plain.bias is not None:
+            self.bias.copy_(plain.bias)
+            self.parent_bias.copy_(plain.bias)
+        self.weight.requires_grad_(plain.weight.requires_grad)
+        self.train(plain.training)
+        return self
+
+    @torch.no_grad()
+    def _fill_plain(self, plain: nn.Module):
+        """Give a plain layer of the same shape the merged weights."""
+        w, b = self.merged_weights()
+        plain.weight.copy_(w)
+        if b is not None:
+            plain.bias.copy_(b)
+        plain.train(self.training)
+        return plain
+
     # -- stage -------------------------------------------------------------------------------
     @property
     def stage(self) -> str:
@@ -259,15 +281,7 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device=conv.weight.device, dtype=conv.weight.dtype, threshold=threshold,
         )
-        with torch.no_grad():
-            layer.weight.copy_(conv.weight)
-            layer.parent_weight.copy_(conv.weight)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-                layer.parent_bias.copy_(conv.bias)
-        layer.weight.requires_grad_(conv.weight.requires_grad)
-        layer.train(conv.training)
-        return layer
+        return layer._start_from(conv)
 
     def _pad_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Resolve padding modes and 'same'/'valid' to explicit zero padding ints."""
@@ -300,19 +314,13 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
         return self._cwps_forward(x, op)
 
     def to_plain(self) -> nn.Conv2d:
-        w, b = self.merged_weights()
         conv = nn.Conv2d(
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups,
-            bias=b is not None, padding_mode=self.padding_mode,
-            device=w.device, dtype=w.dtype,
+            bias=self.bias is not None, padding_mode=self.padding_mode,
+            device=self.weight.device, dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            conv.weight.copy_(w)
-            if b is not None:
-                conv.bias.copy_(b)
-        conv.train(self.training)
-        return conv
+        return self._fill_plain(conv)
 
 
 class CWPSLinear(CWPSMixin, nn.Linear):
@@ -328,31 +336,17 @@ class CWPSLinear(CWPSMixin, nn.Linear):
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device=linear.weight.device, dtype=linear.weight.dtype, threshold=threshold,
         )
-        with torch.no_grad():
-            layer.weight.copy_(linear.weight)
-            layer.parent_weight.copy_(linear.weight)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-                layer.parent_bias.copy_(linear.bias)
-        layer.weight.requires_grad_(linear.weight.requires_grad)
-        layer.train(linear.training)
-        return layer
+        return layer._start_from(linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._cwps_forward(x, _LINEAR_OP)
 
     def to_plain(self) -> nn.Linear:
-        w, b = self.merged_weights()
         linear = nn.Linear(
-            self.in_features, self.out_features, bias=b is not None,
-            device=w.device, dtype=w.dtype,
+            self.in_features, self.out_features, bias=self.bias is not None,
+            device=self.weight.device, dtype=self.weight.dtype,
         )
-        with torch.no_grad():
-            linear.weight.copy_(w)
-            if b is not None:
-                linear.bias.copy_(b)
-        linear.train(self.training)
-        return linear
+        return self._fill_plain(linear)
 
 
 CWPS_LAYER_TYPES = (CWPSConv2d, CWPSLinear)
