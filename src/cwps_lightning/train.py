@@ -176,7 +176,6 @@ def run(cfg: DictConfig) -> dict:
         stored = MultiTaskStore.load(recorder.store_dir).param_count()
         cwps_result["params"] = stored
         cwps_result["param_ratio"] = stored["total"] / runner.backbone_params
-    if is_rank_zero():
         write_results(run_dir, results)
         log.info("results: %s", run_dir / "results.md")
         print((run_dir / "results.md").read_text())
