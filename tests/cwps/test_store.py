@@ -47,6 +47,14 @@ def _child(t0, bank, task, num_classes, noise, logit_fn):
     return model.eval(), ids
 
 
+def _t0_bank() -> KernelBank:
+    """A bank holding only a random T0."""
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    return bank
+
+
 def _half(name, c):  # first half of every layer task-specific, second half shared
     return torch.where(torch.arange(c) < c // 2, 5.0, -5.0)
 
@@ -114,9 +122,7 @@ def test_reference_counting_keeps_used_kernels_and_drops_unused(tmp_path):
 
 
 def test_truncated_tensor_file_gives_clear_error(tmp_path):
-    t0 = _t0()
-    bank = KernelBank(KernelBank.shareable_of(t0))
-    bank.add("T0", t0, 10)
+    bank = _t0_bank()
     save_store(tmp_path, bank, META)
     kernels = next(tmp_path.glob("kernels-*.safetensors"))
     data = kernels.read_bytes()
@@ -126,9 +132,7 @@ def test_truncated_tensor_file_gives_clear_error(tmp_path):
 
 
 def test_corrupt_bytes_and_manifest_give_clear_errors(tmp_path):
-    t0 = _t0()
-    bank = KernelBank(KernelBank.shareable_of(t0))
-    bank.add("T0", t0, 10)
+    bank = _t0_bank()
     save_store(tmp_path, bank, META)
     tasks = next(tmp_path.glob("tasks-*.safetensors"))
     data = bytearray(tasks.read_bytes())
@@ -145,9 +149,7 @@ def test_corrupt_bytes_and_manifest_give_clear_errors(tmp_path):
 
 
 def test_resave_without_change_rewrites_only_manifest(tmp_path):
-    t0 = _t0()
-    bank = KernelBank(KernelBank.shareable_of(t0))
-    bank.add("T0", t0, 10)
+    bank = _t0_bank()
     save_store(tmp_path, bank, META)
     files = sorted(p.name for p in tmp_path.glob("*.safetensors"))
     save_store(tmp_path, bank, {**META, "note": 1})
