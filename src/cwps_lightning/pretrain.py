@@ -8,9 +8,9 @@ benchmark, image size, seed, pretraining settings), so a rerun skips it.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
 from .models import ModelConfigError, create_backbone, load_backbone_weights
 
@@ -27,12 +28,6 @@ log = logging.getLogger(__name__)
 def cache_key(spec: Mapping[str, Any]) -> str:
     blob = json.dumps(spec, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def pretrain_t0(
@@ -90,7 +85,9 @@ def pretrain_t0(
     log.info("T0: val top-1 %.2f", val)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, path)
+        buf = io.BytesIO()
+        torch.save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, buf)
+        atomic_write(path, buf.getvalue())
     return model, {"cached": None, "val_top1": val}
 
 

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from .cwps.store import atomic_write
 
 METHOD_LABELS = {
     "finetune": "Fine-Tuning",
     "frozen": "Feature extractor (frozen T0)",
     "cwps": "CWPS",
 }
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write aside, then rename: a reader never sees a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def markdown_table(results: dict) -> str:
@@ -49,5 +42,6 @@ def markdown_table(results: dict) -> str:
 
 def write_results(run_dir: str | Path, results: dict) -> None:
     run_dir = Path(run_dir)
-    write_atomic(run_dir / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    write_atomic(run_dir / "results.md", markdown_table(results))
+    atomic_write(run_dir / "results.json",
+                 (json.dumps(results, indent=2, default=str) + "\n").encode())
+    atomic_write(run_dir / "results.md", markdown_table(results).encode())

@@ -45,7 +45,9 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
+def atomic_write(path: str | Path, data: bytes) -> None:
+    """Write aside, fsync, rename: a reader sees the old file or the new one, never a part."""
+    path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -140,7 +142,7 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
         "libraries": library_versions(),
         **meta,
     }
-    _fsync_write(path / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
+    atomic_write(path / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     keep = {f["file"] for f in files.values()} | {MANIFEST}
     for stale in path.iterdir():
         if stale.name not in keep and (stale.suffix in (".safetensors", ".tmp")):
