@@ -163,3 +163,35 @@ def test_resave_without_change_rewrites_only_manifest(tmp_path):
     assert store.tasks == ["T0", "x"]
     rebuilt = store.to_bank()
     assert rebuilt.param_count() == bank.param_count()
+
+
+def test_atomic_write_with_concurrent_writers(tmp_path):
+    """Parallel runs writing one cache file: no error, the file is one writer's whole bytes,
+    no aside file left behind, and the file has the usual permissions."""
+    import os
+    import threading
+
+    from cwps_lightning.cwps.store import atomic_write
+
+    target = tmp_path / "t0.pt"
+    payloads = [bytes([i]) * (1 << 20) for i in range(8)]
+    errors = []
+
+    def write(data):
+        try:
+            for _ in range(5):
+                atomic_write(target, data)
+        except Exception as e:  # noqa: BLE001 - collected and asserted below
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_bytes() in payloads
+    assert [p.name for p in tmp_path.iterdir()] == ["t0.pt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask

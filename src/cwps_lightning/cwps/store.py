@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -45,15 +46,30 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# mkstemp creates files readable by their owner only; give written files the usual mode
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write aside, fsync, rename: a reader sees the old file or the new one, never a part."""
+    """Write aside, fsync, rename: a reader sees the old file or the new one, never a part.
+
+    The aside file has a name of its own per call, so concurrent writers of the same path
+    (parallel runs sharing the T0 cache) never write into one another's file: the last rename
+    wins and each rename installs a complete file.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
