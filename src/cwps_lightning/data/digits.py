@@ -17,6 +17,11 @@ part. All tensors are built once in memory (a few MB).
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
@@ -39,13 +44,35 @@ def load_mnist_sample() -> tuple[torch.Tensor, torch.Tensor]:
     return x, torch.as_tensor(y, dtype=torch.int64)
 
 
-def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's optdigits as ([N, 1, 8, 8] float in [0, 1], [N] int64)."""
-    from sklearn.datasets import load_digits
+def _optdigits_file() -> Path | None:
+    """scikit-learn's bundled optdigits CSV, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        return None
+    path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+    return path if path.is_file() else None
 
-    d = load_digits()
-    x = torch.as_tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    return x, torch.as_tensor(d.target, dtype=torch.int64)
+
+def load_optdigits() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's optdigits as ([N, 1, 8, 8] float in [0, 1], [N] int64).
+
+    Reads the CSV that scikit-learn ships (64 pixel values of 0-16, then the label, per row)
+    directly: the same arrays as ``sklearn.datasets.load_digits`` without importing
+    scikit-learn's compiled modules (a second of start-up, and a dependency a GPU image may
+    lack). Falls back to ``load_digits`` if the file is not where it has always been.
+    """
+    path = _optdigits_file()
+    if path is not None:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.float32)
+        images, target = table[:, :-1].reshape(-1, 8, 8), table[:, -1]
+    else:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images, target = d.images, d.target
+    x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1) / 16.0
+    return x, torch.as_tensor(target, dtype=torch.int64)
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
