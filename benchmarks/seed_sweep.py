@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Run the training job over several seeds and settings; tabulate CWPS against fine-tuning.
+
+One run of the built-in benchmark is noisy (mnist_m's test split has 375 images, and a short
+training budget leaves every method on the steep part of its learning curve), so a single
+seed cannot tell a real gap from a bad draw. This script runs ``python -m cwps_lightning.train``
+for every (setting, seed) pair, reads each run's results.json and prints, per setting, the mean
+and standard deviation over seeds of every method's mean top-1, of the per-task top-1, of
+CWPS - fine-tune, and of the parameter ratio.
+
+    python benchmarks/seed_sweep.py --seeds 0 1 2 \\
+        --setting default= --setting lambda0.3="cwps.threshold=0.3" \\
+        [--common "trainer=gpu"] [--parallel 2] [--out sweep.json] [--keep-dir runs/]
+
+A setting is NAME=OVERRIDES (space-separated Hydra overrides, may be empty). ``--common`` is
+added to every run. Runs go to a temporary directory unless ``--keep-dir`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_setting(text: str) -> tuple[str, list[str]]:
+    name, sep, overrides = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--setting must be NAME=OVERRIDES, got {text!r}")
+    return name, shlex.split(overrides)
+
+
+def run_one(name, overrides, seed, common, root: Path) -> dict:
+    out = root / f"{name}_s{seed}"
+    cmd = [
+        sys.executable, "-m", "cwps_lightning.train", *common, *overrides, f"seed={seed}",
+        "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    results = out / "results.json"
+    if proc.returncode != 0 or not results.is_file():
+        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+        print(f"  {name} seed {seed}: FAILED (exit {proc.returncode})\n    " + "\n    ".join(tail))
+        return {"setting": name, "seed": seed, "ok": False, "wall_s": wall}
+    data = json.loads(results.read_text())
+    methods = {
+        m: {
+            "mean_top1": r["mean_top1"],
+            "param_ratio": r["param_ratio"],
+            "tasks": {t: v["top1"] for t, v in r["tasks"].items()},
+        }
+        for m, r in data["methods"].items()
+    }
+    line = "  ".join(f"{m} {r['mean_top1']:.2f}" for m, r in methods.items())
+    print(f"  {name} seed {seed}: {line}  ({wall:.0f} s)", flush=True)
+    return {"setting": name, "seed": seed, "ok": True, "wall_s": wall, "methods": methods}
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "-"
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.2f} +- {sd:.2f}"
+
+
+def summarise(runs: list[dict], settings: list[str]) -> dict:
+    summary = {}
+    for name in settings:
+        ok = [r for r in runs if r["setting"] == name and r["ok"]]
+        if not ok:
+            continue
+        s = {"seeds": [r["seed"] for r in ok]}
+        for m in ok[0]["methods"]:
+            s[m] = {
+                "mean_top1": [r["methods"][m]["mean_top1"] for r in ok],
+                "param_ratio": [r["methods"][m]["param_ratio"] for r in ok],
+                "tasks": {
+                    t: [r["methods"][m]["tasks"][t] for r in ok]
+                    for t in ok[0]["methods"][m]["tasks"]
+                },
+            }
+        if "cwps" in s and "finetune" in s:
+            s["cwps_minus_finetune"] = [
+                a - b
+                for a, b in zip(s["cwps"]["mean_top1"], s["finetune"]["mean_top1"], strict=True)
+            ]
+        summary[name] = s
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    print()
+    for name, s in summary.items():
+        print(f"{name}  (seeds {s['seeds']})")
+        for m, r in s.items():
+            if not isinstance(r, dict):
+                continue
+            tasks = "  ".join(f"{t} {mean_sd(v)}" for t, v in r["tasks"].items())
+            print(f"  {m:<9} mean {mean_sd(r['mean_top1'])}  ratio {mean_sd(r['param_ratio'])}"
+                  f"  | {tasks}")
+        if "cwps_minus_finetune" in s:
+            d = s["cwps_minus_finetune"]
+            print(f"  cwps - finetune: {mean_sd(d)}  per seed "
+                  + " ".join(f"{v:+.2f}" for v in d))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--setting", type=parse_setting, action="append",
+                   help="NAME=OVERRIDES; repeatable (default: one setting, 'default=')")
+    p.add_argument("--common", default="", help="overrides added to every run")
+    p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on a 2-core CPU)")
+    p.add_argument("--out", default=None, help="write every run and the summary as JSON")
+    p.add_argument("--keep-dir", default=None, help="keep the run directories here")
+    args = p.parse_args(argv)
+    settings = args.setting or [("default", [])]
+    names = [n for n, _ in settings]
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--setting names must be unique, got {names}")
+    if args.parallel < 1:
+        raise SystemExit(f"--parallel must be >= 1, got {args.parallel}")
+    common = shlex.split(args.common)
+    jobs = [(n, o, seed) for seed in args.seeds for n, o in settings]
+    print(f"{len(jobs)} runs ({len(settings)} settings x {len(args.seeds)} seeds), "
+          f"{args.parallel} at a time", flush=True)
+    with tempfile.TemporaryDirectory(prefix="cwps-sweep-") as tmp:
+        root = Path(args.keep_dir) if args.keep_dir else Path(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        with ThreadPoolExecutor(args.parallel) as pool:
+            runs = list(pool.map(lambda j: run_one(*j, common, root), jobs))
+    summary = summarise(runs, names)
+    print_summary(summary)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({
+            "settings": {n: o for n, o in settings}, "common": common,
+            "runs": runs, "summary": summary,
+        }, indent=2))
+        print(f"wrote {args.out}")
+    return 0 if all(r["ok"] for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
