@@ -101,58 +101,73 @@ def _autocast_dtype(device_type: str) -> torch.dtype | None:
     return None
 
 
+def _run_plain(device_type: str, fn, *args):
+    """Run ``fn`` outside autocast: its inputs are already cast the way autocast would."""
+    if torch.is_autocast_enabled(device_type):
+        with torch.autocast(device_type, enabled=False):
+            return fn(*args)
+    return fn(*args)
+
+
 class _ComposedOp(torch.autograd.Function):
     """y = op(x, compose(child, parent, mask)) with the composed weight recomputed in backward.
 
     ``op`` is a small object with ``forward(x, w, b)`` and
     ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b); see _ConvOp
-    and _LinearOp.
+    and _LinearOp. The per-channel mask and sigmoid slope are kept from the forward (C numbers
+    each), so the backward only redoes the weight-sized compose.
     """
 
     @staticmethod
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op):
-        mask, _ = _stage_mask(logits.detach(), hard, threshold)
+        mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
+        m = mask.to(w_parent.dtype).view(-1, *([1] * (w_child.dim() - 1)))
         # w is dead once the op has run (nothing inside a Function forward keeps it): scratch
-        w = _compose(w_child.detach(), w_parent, mask, out=_SCRATCH.like(w_child))
-        b = None if b_child is None else _compose(b_child.detach(), b_parent, mask)
+        w = torch.lerp(w_parent, w_child, m, out=_SCRATCH.like(w_child))
+        b = None if b_child is None else torch.lerp(b_parent, b_child, m.view(-1))
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = _autocast_dtype(x.device.type)
-        xc = x.to(cast) if cast is not None else x
-        with torch.autocast(x.device.type, enabled=False):
-            wc = w.to(xc.dtype)
-            bc = None if b is None else b.to(xc.dtype)
-            y = op.forward(xc, wc, bc)
-        ctx.save_for_backward(xc, w_child, b_child, logits, w_parent, b_parent)
-        ctx.hard, ctx.threshold, ctx.op = hard, threshold, op
-        ctx.x_dtype = x.dtype
+        if cast is None:
+            xc = x
+            y = op.forward(x, w, b)
+        else:
+            xc = x.to(cast)
+            bc = None if b is None else b.to(cast)
+            y = _run_plain(x.device.type, op.forward, xc, w.to(cast), bc)
+        ctx.save_for_backward(xc, w_child, b_child, w_parent, b_parent)
+        ctx.mask, ctx.op, ctx.x_dtype = m, op, x.dtype
+        # straight-through in the hard stage: dmask/dlogits is sigmoid' either way
+        ctx.slope = sig * (1.0 - sig) if ctx.needs_input_grad[3] else None
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y):
-        xc, w_child, b_child, logits, w_parent, b_parent = ctx.saved_tensors
-        mask, sig = _stage_mask(logits, ctx.hard, ctx.threshold)
-        w = _compose(w_child, w_parent, mask, out=_SCRATCH.like(w_child))
+        xc, w_child, b_child, w_parent, b_parent = ctx.saved_tensors
+        m = ctx.mask
+        w = torch.lerp(w_parent, w_child, m, out=_SCRATCH.like(w_child))
         has_bias = b_child is not None
-        with torch.autocast(xc.device.type, enabled=False):
-            gx, gw, gb = ctx.op.backward(
-                grad_y.to(xc.dtype), xc, w.to(xc.dtype), has_bias, ctx.needs_input_grad[0]
-            )
+        same = xc.dtype == w.dtype
+        gx, gw, gb = _run_plain(
+            xc.device.type, ctx.op.backward, grad_y.to(xc.dtype), xc,
+            w if same else w.to(xc.dtype), has_bias, ctx.needs_input_grad[0],
+        )
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
         grad_child = grad_logits = grad_b_child = None
         gw = gw.to(w_child.dtype)
-        shape = (-1,) + (1,) * (w_child.dim() - 1)
+        if has_bias:
+            gb = gb.to(b_child.dtype)
         if ctx.needs_input_grad[3]:
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
             # the composed weight is dead after the conv backward: reuse its buffer
             dm = torch.sub(w_child, w_parent, out=w).mul_(gw).flatten(1).sum(1)
             if has_bias:
-                dm = dm + gb.to(b_child.dtype) * (b_child - b_parent)
-            grad_logits = dm * sig * (1.0 - sig)  # straight-through in the hard stage
+                dm.addcmul_(gb, b_child - b_parent)
+            grad_logits = dm.mul_(ctx.slope)
         if ctx.needs_input_grad[1]:
-            grad_child = gw.mul_(mask.view(shape))  # in place: gw is not needed any more
+            grad_child = gw.mul_(m)  # in place: gw is not needed any more
         if has_bias and ctx.needs_input_grad[2]:
-            grad_b_child = gb.to(b_child.dtype) * mask
+            grad_b_child = gb * m.view(-1)
         return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None
 
 
