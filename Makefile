@@ -18,8 +18,9 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m cwps_lightning.train $(ARGS)
 
-## the test suite (slow end-to-end tests excluded; `make test-all` includes them)
+## lint, then the test suite (slow end-to-end tests excluded; `make test-all` includes them)
 test: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q $(ARGS)
 
 test-all: $(STAMP)
