@@ -61,10 +61,12 @@ def fit(
     soft_epochs: int | None = None,
     seed: int = 0,
     lr: float | None = None,
+    lr_window: tuple[float, float] = (0.0, 1.0),
 ) -> nn.Module:
     """Train ``model`` on ``task`` for ``epochs`` in ``mode`` (see select_trainable).
 
     With ``soft_epochs`` set, the CWPS layers run soft for that many epochs then hard.
+    ``lr_window``: the part of one cosine schedule this fit covers (see CWPSLitModule).
     Returns the model (trained in place, moved back to the CPU by Lightning's teardown).
     """
     if epochs <= 0:
@@ -81,6 +83,7 @@ def fit(
         mask_lr=settings.mask_lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
+        lr_window=lr_window,
     )
     callbacks = [] if soft_epochs is None else [MaskStageCallback(soft_epochs)]
     trainer_args = dict(settings.trainer)

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 T0 = "T0"
 MODES = ("incremental", "joint")
 BASELINES = ("finetune", "frozen")
+LR_SCHEDULES = ("task", "per_fit")
 
 
 @dataclass
@@ -47,6 +48,7 @@ class CWPSSettings:
     warmup_epochs: int = 1
     soft_epochs: int = 1
     hard_epochs: int = 2
+    lr_schedule: str = "task"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -66,6 +68,21 @@ class CWPSSettings:
                 raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
         if self.soft_epochs + self.hard_epochs == 0:
             raise ValueError("cwps.stages: soft_epochs + hard_epochs must be >= 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(
+                f"cwps.stages.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
+            )
+
+    def lr_windows(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """The cosine-schedule windows of the warm-up fit and the mask fit.
+
+        "task": one schedule over all of the task's epochs, the warm-up its first part (as a
+        fine-tuning run of the same epochs); "per_fit": each fit restarts the schedule.
+        """
+        if self.lr_schedule == "per_fit" or self.warmup_epochs == 0:
+            return (0.0, 1.0), (0.0, 1.0)
+        split = self.warmup_epochs / self.total_epochs
+        return (0.0, split), (split, 1.0)
 
     @property
     def total_epochs(self) -> int:
@@ -153,10 +170,12 @@ class Runner:
         model.cpu()
         return val, test
 
-    def _fit(self, model, task, mode, epochs, group, name, soft_epochs=None, seed=0):
+    def _fit(self, model, task, mode, epochs, group, name, soft_epochs=None, seed=0,
+             lr_window=(0.0, 1.0)):
         return fit(
             model, self.dm, task, mode, epochs, self.settings, self.shareable,
             log_group=group, log_name=name, soft_epochs=soft_epochs, seed=seed,
+            lr_window=lr_window,
         )
 
     # -- CWPS ----------------------------------------------------------------------------------
@@ -166,9 +185,10 @@ class Runner:
         model = task_model(self.t0, self.dm.num_classes(task),
                            seed=self._seed("cwps", task, "head", iteration))
         tag = f"{task}-it{iteration}"
+        warmup_window, mask_window = c.lr_windows()
         progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
         self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
-                  seed=self._seed("cwps", task, "warmup", iteration))
+                  seed=self._seed("cwps", task, "warmup", iteration), lr_window=warmup_window)
         inject_cwps(model, exclude=None, threshold=c.threshold)
         search = search_parents(model, bank, task, c.distance, c.init_scope)
         progress.step(
@@ -176,7 +196,8 @@ class Runner:
             f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
         )
         self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
-                  soft_epochs=c.soft_epochs, seed=self._seed("cwps", task, "mask", iteration))
+                  soft_epochs=c.soft_epochs, seed=self._seed("cwps", task, "mask", iteration),
+                  lr_window=mask_window)
         stats = sharing_stats(model)
         ids = merged_kernel_ids(model, search)
         parent_counts: dict[str, int] = {}

@@ -53,6 +53,7 @@ def cwps_settings(cfg: DictConfig) -> CWPSSettings:
         mode=c.mode, iterations=int(c.iterations), threshold=float(c.threshold),
         distance=c.distance, init_scope=c.get("init_scope", "layer"), warmup_epochs=int(c.stages.warmup_epochs),
         soft_epochs=int(c.stages.soft_epochs), hard_epochs=int(c.stages.hard_epochs),
+        lr_schedule=str(c.stages.get("lr_schedule", "task")),
     )
 
 

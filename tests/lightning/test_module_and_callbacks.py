@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import pytest
 import torch
@@ -94,3 +96,53 @@ def test_callback_needs_cwps_layers():
                         logger=False, enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="CWPS layers"):
         trainer.fit(module, train_dataloaders=loader())
+
+
+class LRRecorder(L.Callback):
+    def __init__(self):
+        self.lrs = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def lrs_of_fit(epochs, window):
+    module = CWPSLitModule(small_net(), num_classes=3, lr=0.1, lr_window=window)
+    rec = LRRecorder()
+    trainer = L.Trainer(max_epochs=epochs, callbacks=[rec], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader())
+    return rec.lrs
+
+
+def test_lr_windows_of_two_fits_make_one_cosine():
+    """Warm-up (first quarter) then the rest: the same learning rates, step by step, as one fit
+    over all the epochs; the full window is the plain cosine from lr to 0."""
+    whole = lrs_of_fit(4, (0.0, 1.0))
+    steps = len(whole)  # 4 batches per epoch
+    assert whole == pytest.approx(
+        [0.05 * (1 + math.cos(math.pi * t / steps)) for t in range(steps)])
+    split = lrs_of_fit(1, (0.0, 0.25)) + lrs_of_fit(3, (0.25, 1.0))
+    assert split == pytest.approx(whole)
+    restart = lrs_of_fit(1, (0.0, 1.0)) + lrs_of_fit(3, (0.0, 1.0))
+    assert restart != pytest.approx(whole)
+
+
+@pytest.mark.parametrize("window", [(0.5, 0.5), (-0.1, 1.0), (0.0, 1.5), (0.8, 0.2)])
+def test_bad_lr_window(window):
+    with pytest.raises(ValueError, match="lr_window"):
+        CWPSLitModule(small_net(), num_classes=3, lr_window=window)
+
+
+def test_cwps_settings_lr_windows():
+    from cwps_lightning.runner import CWPSSettings
+
+    task = CWPSSettings(warmup_epochs=1, soft_epochs=1, hard_epochs=2)
+    assert task.lr_windows() == ((0.0, 0.25), (0.25, 1.0))
+    per_fit = CWPSSettings(warmup_epochs=1, soft_epochs=1, hard_epochs=2, lr_schedule="per_fit")
+    assert per_fit.lr_windows() == ((0.0, 1.0), (0.0, 1.0))
+    no_warmup = CWPSSettings(warmup_epochs=0, soft_epochs=1, hard_epochs=2)
+    assert no_warmup.lr_windows()[1] == (0.0, 1.0)
+    with pytest.raises(ValueError, match="lr_schedule.*'weekly'"):
+        CWPSSettings(lr_schedule="weekly")

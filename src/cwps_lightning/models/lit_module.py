@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -40,9 +42,21 @@ def select_trainable(model: nn.Module, mode: str, shareable: list[str]) -> None:
             p.requires_grad_(True)
 
 
+def check_lr_window(window) -> tuple[float, float]:
+    start, end = (float(v) for v in window)
+    if not 0.0 <= start < end <= 1.0:
+        raise ValueError(f"lr_window must satisfy 0 <= start < end <= 1, got {window}")
+    return start, end
+
+
 class CWPSLitModule(L.LightningModule):
     """Cross-entropy classification with top-1 metrics; SGD + cosine; mask logits in their own
-    parameter group (own learning rate, no weight decay)."""
+    parameter group (own learning rate, no weight decay).
+
+    ``lr_window`` is the part of one cosine schedule (0 = its start at ``lr``, 1 = its end at 0)
+    that this fit covers: a CWPS task's warm-up fit and mask fit take consecutive windows of one
+    schedule, the same schedule a fine-tuning run of all their epochs follows.
+    """
 
     def __init__(
         self,
@@ -53,8 +67,10 @@ class CWPSLitModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 5e-4,
         label_smoothing: float = 0.0,
+        lr_window: tuple[float, float] = (0.0, 1.0),
     ):
         super().__init__()
+        self.lr_window = check_lr_window(lr_window)
         self.model = model
         self.lr, self.mask_lr = lr, mask_lr
         self.momentum, self.weight_decay = momentum, weight_decay
@@ -99,7 +115,13 @@ class CWPSLitModule(L.LightningModule):
             groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
         )
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+        start, end = self.lr_window
+
+        def cosine(step: int) -> float:
+            pos = start + (end - start) * min(step, steps) / steps
+            return 0.5 * (1.0 + math.cos(math.pi * pos))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def has_cwps_layers(self) -> bool:
