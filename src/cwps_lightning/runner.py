@@ -27,6 +27,7 @@ from .cwps import (
     sharing_stats,
 )
 from .cwps.layers import check_threshold
+from .cwps.search import INIT_SCOPES
 from .fitting import FitSettings, evaluate_top1, fit
 from .models import backbone_param_count, task_model
 
@@ -61,8 +62,10 @@ class CWPSSettings:
             )
         self.threshold = check_threshold(self.threshold)
         check_distance(self.distance)
-        if self.init_scope not in ("layer", "global"):
-            raise ValueError(f"cwps.init_scope must be layer or global, got {self.init_scope!r}")
+        if self.init_scope not in INIT_SCOPES:
+            raise ValueError(
+                f"cwps.init_scope must be one of {INIT_SCOPES}, got {self.init_scope!r}"
+            )
         for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
             if getattr(self, key) < 0:
                 raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")

@@ -39,14 +39,18 @@ def check_threshold(threshold: float) -> float:
 
 def hard_mask(mask_logits: Tensor, threshold: float) -> Tensor:
     """1 where a channel is task-specific (sigmoid(s) >= lambda), 0 where it is shared."""
-    return (torch.sigmoid(mask_logits) >= threshold).to(mask_logits.dtype)
+    return _binarise(torch.sigmoid(mask_logits), threshold)
+
+
+def _binarise(sig: Tensor, threshold: float) -> Tensor:
+    """The hard-stage rule on sigmoid(s): a tie at lambda is task-specific."""
+    return (sig >= threshold).to(sig.dtype)
 
 
 def _stage_mask(logits: Tensor, hard: bool, threshold: float) -> tuple[Tensor, Tensor]:
     """The mask the stage uses in the forward, and sigmoid(logits)."""
     sig = torch.sigmoid(logits)
-    mask = (sig >= threshold).to(sig.dtype) if hard else sig
-    return mask, sig
+    return (_binarise(sig, threshold) if hard else sig), sig
 
 
 def _compose(
@@ -123,8 +127,8 @@ class _ComposedOp(torch.autograd.Function):
         mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
         m = mask.to(w_parent.dtype).view(-1, *([1] * (w_child.dim() - 1)))
         # w is dead once the op has run (nothing inside a Function forward keeps it): scratch
-        w = torch.lerp(w_parent, w_child, m, out=_SCRATCH.like(w_child))
-        b = None if b_child is None else torch.lerp(b_parent, b_child, m.view(-1))
+        w = _compose(w_child, w_parent, m, out=_SCRATCH.like(w_child))
+        b = None if b_child is None else _compose(b_child, b_parent, m)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = _autocast_dtype(x.device.type)
         if cast is None:
@@ -144,12 +148,11 @@ class _ComposedOp(torch.autograd.Function):
     def backward(ctx: Any, grad_y):
         xc, w_child, b_child, w_parent, b_parent = ctx.saved_tensors
         m = ctx.mask
-        w = torch.lerp(w_parent, w_child, m, out=_SCRATCH.like(w_child))
+        w = _compose(w_child, w_parent, m, out=_SCRATCH.like(w_child))
         has_bias = b_child is not None
-        same = xc.dtype == w.dtype
         gx, gw, gb = _run_plain(
-            xc.device.type, ctx.op.backward, grad_y.to(xc.dtype), xc,
-            w if same else w.to(xc.dtype), has_bias, ctx.needs_input_grad[0],
+            xc.device.type, ctx.op.backward, grad_y.to(xc.dtype), xc, w.to(xc.dtype), has_bias,
+            ctx.needs_input_grad[0],
         )
         if gx is not None:
             gx = gx.to(ctx.x_dtype)
