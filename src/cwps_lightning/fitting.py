@@ -62,16 +62,21 @@ def fit(
     seed: int = 0,
     lr: float | None = None,
     lr_window: tuple[float, float] = (0.0, 1.0),
+    continue_order: bool = False,
 ) -> nn.Module:
     """Train ``model`` on ``task`` for ``epochs`` in ``mode`` (see select_trainable).
 
     With ``soft_epochs`` set, the CWPS layers run soft for that many epochs then hard.
     ``lr_window``: the part of one cosine schedule this fit covers (see CWPSLitModule).
+    ``seed`` seeds every RNG and restarts the training data order; ``continue_order=True``
+    keeps the order going from the previous fit instead, as if both fits were one run.
     Returns the model (trained in place, moved back to the CPU by Lightning's teardown).
     """
     if epochs <= 0:
         return model
     L.seed_everything(seed, workers=True, verbose=False)
+    if not continue_order:
+        datamodule.reseed_shuffle(seed)
     datamodule.use(task)
     select_trainable(model, mode, shareable)
     if settings.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and tensor cores

@@ -161,9 +161,16 @@ class Runner:
         bank.add(T0, self.t0, self.t0_classes)
         return bank
 
-    def _seed(self, method: str, task: str, phase: str, iteration: int = 0) -> int:
-        # a stable seed per fit, independent of what ran before it
-        key = f"{method}/{task}/{phase}/{iteration}"
+    def _seed(self, task: str, phase: str, iteration: int = 0) -> int:
+        """A stable seed per task, phase and visit, independent of what ran before it.
+
+        The method is deliberately not part of the key (common random numbers): every method's
+        model of a task starts from the same head and sees the same data order, and CWPS's
+        warm-up fit is the first epochs of the fine-tuning run exactly (see train_cwps_task). A
+        difference between methods in one run is then the methods', not two independent draws'
+        (measured: it halves the spread of CWPS - fine-tune over seeds; README).
+        """
+        key = f"{task}/{phase}/{iteration}"
         return (self.seed * 1_000_003 + sum(ord(c) * (i + 1) for i, c in enumerate(key))) % 2**31
 
     def _test(self, model: nn.Module, task: str) -> tuple[float, float]:
@@ -174,11 +181,11 @@ class Runner:
         return val, test
 
     def _fit(self, model, task, mode, epochs, group, name, soft_epochs=None, seed=0,
-             lr_window=(0.0, 1.0)):
+             lr_window=(0.0, 1.0), continue_order=False):
         return fit(
             model, self.dm, task, mode, epochs, self.settings, self.shareable,
             log_group=group, log_name=name, soft_epochs=soft_epochs, seed=seed,
-            lr_window=lr_window,
+            lr_window=lr_window, continue_order=continue_order,
         )
 
     # -- CWPS ----------------------------------------------------------------------------------
@@ -186,21 +193,24 @@ class Runner:
         """One visit: a candidate model for ``task`` with ``bank`` (minus ``task``) as parents."""
         c = self.cwps
         model = task_model(self.t0, self.dm.num_classes(task),
-                           seed=self._seed("cwps", task, "head", iteration))
+                           seed=self._seed(task, "head", iteration))
         tag = f"{task}-it{iteration}"
         warmup_window, mask_window = c.lr_windows()
+        fit_seed = self._seed(task, "fit", iteration)
         progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
         self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
-                  seed=self._seed("cwps", task, "warmup", iteration), lr_window=warmup_window)
+                  seed=fit_seed, lr_window=warmup_window)
         inject_cwps(model, exclude=None, threshold=c.threshold)
         search = search_parents(model, bank, task, c.distance, c.init_scope)
         progress.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
             f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
         )
+        # the mask fit's batches continue the warm-up's order: together, the batches of the
+        # fine-tuning run of this task
         self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
-                  soft_epochs=c.soft_epochs, seed=self._seed("cwps", task, "mask", iteration),
-                  lr_window=mask_window)
+                  soft_epochs=c.soft_epochs, seed=self._seed(task, "mask", iteration),
+                  lr_window=mask_window, continue_order=c.warmup_epochs > 0)
         stats = sharing_stats(model)
         ids = merged_kernel_ids(model, search)
         parent_counts: dict[str, int] = {}
@@ -275,10 +285,10 @@ class Runner:
             if task in result.tasks:
                 progress.skip(1, f"{kind} {task}")
                 continue
-            model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed(kind, task, "head"))
+            model = task_model(self.t0, self.dm.num_classes(task), seed=self._seed(task, "head"))
             epochs = self.cwps.total_epochs
             progress.step(f"{kind} {task}: {epochs} epoch(s)")
-            self._fit(model, task, kind, epochs, kind, task, seed=self._seed(kind, task, "fit"))
+            self._fit(model, task, kind, epochs, kind, task, seed=self._seed(task, "fit"))
             val, test = self._test(model, task)
             result.bank.add(task, model, self.dm.num_classes(task), kernel_ids=t0_ids)
             result.tasks[task] = {"val_top1": val, "top1": test}

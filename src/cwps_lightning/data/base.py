@@ -71,6 +71,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = seed
         self._splits: dict[str, TaskSplits] | None = None
         self.current: str | None = None
+        self._shuffle = torch.Generator().manual_seed(seed)
 
     # -- to implement --------------------------------------------------------------------------
     def build_tasks(self) -> dict[str, TaskSplits]:
@@ -117,6 +118,17 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise RuntimeError("call use(task) before asking for a dataloader")
         return self.splits[self.current]
 
+    def reseed_shuffle(self, seed: int) -> None:
+        """Restart the training data order from ``seed``.
+
+        The order of training batches comes from a generator of its own, so it depends only on
+        this seed and the epochs drawn since, never on what else used the global RNG (a
+        validation pass, a model surgery). Fits that follow one another without a reseed
+        continue one order: CWPS's warm-up fit and mask fit see, epoch for epoch, the batches
+        of a fine-tuning run of the same task.
+        """
+        self._shuffle.manual_seed(seed)
+
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         return DataLoader(
             ds,
@@ -126,8 +138,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            # shuffling follows the global RNG, which every fit seeds with its own seed: runs
-            # are reproducible, and two visits of a task in joint mode see different orders
+            generator=self._shuffle if train else None,  # see reseed_shuffle
         )
 
     def train_dataloader(self) -> DataLoader:
