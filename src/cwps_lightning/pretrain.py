@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .cwps.small_input import use_small_input_convs
 from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
 from .models import ModelConfigError, create_backbone, load_backbone_weights
@@ -76,6 +77,7 @@ def pretrain_t0(
     log.info("T0: pretraining %s on %r for %d epoch(s)", model_name, task, epochs)
     torch.manual_seed(seed)
     model = create_backbone(model_name, num_classes, model_kwargs)
+    use_small_input_convs(model)  # exact, faster on CPU (cwps/small_input.py)
     shareable: list[str] = []  # finetune mode trains everything
     fit(model, datamodule, task, "finetune", epochs, settings, shareable,
         log_group="t0", log_name=task, seed=seed, lr=lr)

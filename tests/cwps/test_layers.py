@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cwps_lightning.cwps import CWPSConv2d, CWPSLinear, merge_cwps, set_stage, set_threshold
+from cwps_lightning.cwps.small_input import use_small_input_convs
 from cwps_lightning.cwps.surgery import cwps_layers, inject_cwps
 
 # name -> (Conv2d kwargs, input shape [N, C, H, W])
@@ -54,6 +55,24 @@ CONV_VARIANTS = {
     "reflect": (
         dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
         (2, 4, 7, 7),
+    ),
+    # a 1x1 input: computed as a 1x1 conv of the kernel's centre tap (cwps/small_input.py)
+    "input_1x1": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), (3, 4, 1, 1)),
+    "input_1x1_stride2_dilated": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, dilation=2, padding=2),
+        (3, 4, 1, 1),
+    ),
+    "input_1x1_depthwise_no_bias": (
+        dict(in_channels=6, out_channels=6, kernel_size=3, groups=6, padding=1, bias=False),
+        (3, 6, 1, 1),
+    ),
+    "input_1x1_rect": (
+        dict(in_channels=4, out_channels=6, kernel_size=(1, 3), padding=(0, 1)),
+        (3, 4, 1, 1),
+    ),
+    "input_1x1_wide_padding": (  # a 3x3 output: no shortcut
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=2),
+        (3, 4, 1, 1),
     ),
 }
 
@@ -275,6 +294,9 @@ def test_parent_frozen_under_sgd(name, stage):
 @pytest.mark.parametrize("name", list(ALL_VARIANTS))
 def test_finetune_equals_plain(name):
     plain, x = make_plain(name)
+    # bit for bit against the same computation: CWPSConv2d takes the 1x1-input shortcut, whose
+    # float rounding differs from nn.Conv2d's (closeness to nn.Conv2d: test_small_input.py)
+    use_small_input_convs(plain)
     layer = wrap(copy.deepcopy(plain))
     randomise(layer)  # parent and logits must not matter in finetune
     assert layer.stage == "finetune"

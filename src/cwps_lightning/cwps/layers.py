@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .small_input import SmallInputConv2d, centre_tap, tap_slice
+
 STAGES = ("finetune", "soft", "hard")
 
 
@@ -178,16 +180,32 @@ class _ConvOp:
     def __init__(self, stride, padding, dilation, groups):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
+    def _tap(self, x, w):
+        return centre_tap(x.shape[-2:], w.shape[-2:], self.stride, self.padding, self.dilation)
+
     def forward(self, x, w, b):
+        tap = self._tap(x, w)
+        if tap is not None:  # a 1x1 input: the 1x1 convolution it is (see small_input.py)
+            return F.conv2d(x, tap_slice(w, tap), b, 1, 0, 1, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, g, x, w, has_bias, need_x):
-        gx, gw, gb = torch.ops.aten.convolution_backward(
+        tap = self._tap(x, w)
+        if tap is None:
+            return self._backward(g, x, w, has_bias, need_x, self.stride, self.padding,
+                                  self.dilation)
+        gx, g_tap, gb = self._backward(g, x, tap_slice(w, tap).contiguous(), has_bias, need_x,
+                                       (1, 1), (0, 0), (1, 1))
+        gw = torch.zeros_like(w)  # the other taps only ever met zero padding
+        tap_slice(gw, tap).copy_(g_tap)
+        return gx, gw, gb
+
+    def _backward(self, g, x, w, has_bias, need_x, stride, padding, dilation):
+        return torch.ops.aten.convolution_backward(
             g, x, w, [w.shape[0]] if has_bias else None,
-            list(self.stride), list(self.padding), list(self.dilation),
+            list(stride), list(padding), list(dilation),
             False, [0, 0], self.groups, [need_x, True, has_bias],
         )
-        return gx, gw, gb
 
 
 class _LinearOp:
@@ -238,8 +256,15 @@ class CWPSMixin:
 
     @torch.no_grad()
     def _start_from(self, plain: nn.Module):
-        """Child and parent both start as ``plain``'s weights (the T0 / warm-up weights)."""
+        """Child and parent both start as ``plain``'s weights (the T0 / warm-up weights).
+
+        ``from_conv``/``from_linear`` build the layer on the meta device and allocate it empty,
+        so every tensor is filled here: wrapping a model skips the default initialisation's
+        work and draws no random numbers (the data order of the fit that follows is the one it
+        would have been without the surgery).
+        """
         self.weight.copy_(plain.weight)
+        self.mask_logits.zero_()
         self.parent_weight.copy_(plain.weight)
         if plain.bias is not None:
             self.bias.copy_(plain.bias)
@@ -250,7 +275,7 @@ class CWPSMixin:
 
     @torch.no_grad()
     def _fill_plain(self, plain: nn.Module):
-        """Give a plain layer of the same shape the merged weights."""
+        """Give a plain layer of the same shape (allocated empty) the merged weights."""
         w, b = self.merged_weights()
         plain.weight.copy_(w)
         if b is not None:
@@ -318,8 +343,12 @@ class CWPSMixin:
         return f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}"
 
 
-class CWPSConv2d(CWPSMixin, nn.Conv2d):
-    """nn.Conv2d with CWPS parameter sharing over its output channels."""
+class CWPSConv2d(CWPSMixin, SmallInputConv2d):
+    """nn.Conv2d with CWPS parameter sharing over its output channels.
+
+    (SmallInputConv2d is an nn.Conv2d that computes a 1x1 input's convolution as a 1x1
+    convolution; the soft and hard stages take the same shortcut in _ConvOp.)
+    """
 
     def __init__(self, *args, threshold: float = 0.5, **kwargs):
         super().__init__(*args, **kwargs)
@@ -331,9 +360,9 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device=conv.weight.device, dtype=conv.weight.dtype, threshold=threshold,
+            device="meta", dtype=conv.weight.dtype, threshold=threshold,
         )
-        return layer._start_from(conv)
+        return layer.to_empty(device=conv.weight.device)._start_from(conv)
 
     def _pad_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Resolve padding modes and 'same'/'valid' to explicit zero padding ints."""
@@ -370,9 +399,9 @@ class CWPSConv2d(CWPSMixin, nn.Conv2d):
             self.in_channels, self.out_channels, self.kernel_size, stride=self.stride,
             padding=self.padding, dilation=self.dilation, groups=self.groups,
             bias=self.bias is not None, padding_mode=self.padding_mode,
-            device=self.weight.device, dtype=self.weight.dtype,
+            device="meta", dtype=self.weight.dtype,
         )
-        return self._fill_plain(conv)
+        return self._fill_plain(conv.to_empty(device=self.weight.device))
 
 
 class CWPSLinear(CWPSMixin, nn.Linear):
@@ -386,9 +415,9 @@ class CWPSLinear(CWPSMixin, nn.Linear):
     def from_linear(cls, linear: nn.Linear, threshold: float = 0.5) -> CWPSLinear:
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device=linear.weight.device, dtype=linear.weight.dtype, threshold=threshold,
+            device="meta", dtype=linear.weight.dtype, threshold=threshold,
         )
-        return layer._start_from(linear)
+        return layer.to_empty(device=linear.weight.device)._start_from(linear)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._cwps_forward(x, _LINEAR_OP)
@@ -396,9 +425,9 @@ class CWPSLinear(CWPSMixin, nn.Linear):
     def to_plain(self) -> nn.Linear:
         linear = nn.Linear(
             self.in_features, self.out_features, bias=self.bias is not None,
-            device=self.weight.device, dtype=self.weight.dtype,
+            device="meta", dtype=self.weight.dtype,
         )
-        return self._fill_plain(linear)
+        return self._fill_plain(linear.to_empty(device=self.weight.device))
 
 
 CWPS_LAYER_TYPES = (CWPSConv2d, CWPSLinear)
