@@ -166,9 +166,10 @@ class Runner:
 
         The method is deliberately not part of the key (common random numbers): every method's
         model of a task starts from the same head and sees the same data order, and CWPS's
-        warm-up fit is the first epochs of the fine-tuning run exactly (see train_cwps_task). A
-        difference between methods in one run is then the methods', not two independent draws'
-        (measured: it halves the spread of CWPS - fine-tune over seeds; README).
+        warm-up fit is the first epochs of the fine-tuning run exactly (see train_cwps_task), so
+        a difference between methods comes from the methods, not from different draws. (It does
+        not make one run's difference noise-free: training diverges chaotically once CPMS swaps
+        kernels in; README, "One seed is not enough".)
         """
         key = f"{task}/{phase}/{iteration}"
         return (self.seed * 1_000_003 + sum(ord(c) * (i + 1) for i, c in enumerate(key))) % 2**31
