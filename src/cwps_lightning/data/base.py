@@ -130,11 +130,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._shuffle.manual_seed(seed)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
+        # A last training batch of one image breaks BatchNorm on a 1x1 feature map ("expected
+        # more than 1 value per channel"): drop it, and only it.
+        n = len(ds)
+        lone_last = train and n > self.batch_size and n % self.batch_size == 1
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train,
-            drop_last=False,
+            drop_last=lone_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
