@@ -3,7 +3,11 @@
 
 Variants (all share the same weights; CWPS variants share the same parents and mask logits):
 
-  finetune        the plain timm model, no CWPS at all;
+  finetune        the plain timm model, no CWPS at all, its convolutions switched to
+                  SmallInputConv2d as the training job does (1x1 inputs run as 1x1 convs;
+                  no effect unless a layer sees a 1x1 map, e.g. resnet18's last stage at 32 px);
+  finetune-conv2d the same with torch's nn.Conv2d (on request: shows what the 1x1-input
+                  shortcut saves, e.g. --size 32 --variants finetune,finetune-conv2d);
   cwps-soft       inject_cwps + set_stage("soft") (one conv, w recomputed in backward);
   cwps-hard       inject_cwps + set_stage("hard");
   two-pass        the paper's Eq. 8, y = m*conv(x, child) + (1-m)*conv(x, parent), soft mask;
@@ -60,8 +64,10 @@ except ImportError:
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
+from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
+EXTRA_VARIANTS = ("finetune-conv2d",)  # valid, not run by default
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
 MiB = 2**20
@@ -191,6 +197,9 @@ def make_cwps(base: nn.Module, seed: int) -> nn.Module:
 
 def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
     if name == "finetune":
+        model = copy.deepcopy(base)
+        use_small_input_convs(model)
+    elif name == "finetune-conv2d":
         model = copy.deepcopy(base)
     else:
         model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed))
@@ -505,7 +514,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--variants",
         default=",".join(VARIANTS),
-        help="comma-separated subset of " + ",".join(VARIANTS),
+        help="comma-separated subset of " + ",".join(VARIANTS + EXTRA_VARIANTS),
     )
     p.add_argument(
         "--mem-steps",
@@ -533,9 +542,12 @@ def main(argv=None):
         return 0
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    bad = [n for n in names if n not in VARIANTS]
+    bad = [n for n in names if n not in VARIANTS + EXTRA_VARIANTS]
     if bad or "finetune" not in names:
-        raise SystemExit(f"--variants must include finetune and be among {VARIANTS}; got {bad}")
+        raise SystemExit(
+            f"--variants must include finetune and be among {VARIANTS + EXTRA_VARIANTS}; "
+            f"got {bad}"
+        )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but CUDA is not available")
