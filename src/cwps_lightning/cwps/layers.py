@@ -118,9 +118,10 @@ def _run_plain(device_type: str, fn, *args):
 class _ComposedOp(torch.autograd.Function):
     """y = op(x, compose(child, parent, mask)) with the composed weight recomputed in backward.
 
-    ``op`` is a small object with ``forward(x, w, b)`` and
-    ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b); see _ConvOp
-    and _LinearOp. The per-channel mask and sigmoid slope are kept from the forward (C numbers
+    ``op`` is a small object with ``forward(x, w, b)``,
+    ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b), and
+    ``reduce(x, w)`` returning the op to run and the kernel tap it needs (None: all of the
+    weight); see _ConvOp and _LinearOp. The per-channel mask and sigmoid slope are kept from the forward (C numbers
     each), so the backward only redoes the weight-sized compose.
     """
 
@@ -128,8 +129,11 @@ class _ComposedOp(torch.autograd.Function):
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op):
         mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
         m = mask.to(w_parent.dtype).view(-1, *([1] * (w_child.dim() - 1)))
+        # a conv on a 1x1 map uses one kernel tap: compose and convolve only that (small_input)
+        op, tap = op.reduce(x, w_child)
+        wc, wp = _weight_part(w_child, tap), _weight_part(w_parent, tap)
         # w is dead once the op has run (nothing inside a Function forward keeps it): scratch
-        w = _compose(w_child, w_parent, m, out=_SCRATCH.like(w_child))
+        w = _compose(wc, wp, m, out=_SCRATCH.like(wc))
         b = None if b_child is None else _compose(b_child, b_parent, m)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = _autocast_dtype(x.device.type)
@@ -141,7 +145,7 @@ class _ComposedOp(torch.autograd.Function):
             bc = None if b is None else b.to(cast)
             y = _run_plain(x.device.type, op.forward, xc, w.to(cast), bc)
         ctx.save_for_backward(xc, w_child, b_child, w_parent, b_parent)
-        ctx.mask, ctx.op, ctx.x_dtype = m, op, x.dtype
+        ctx.mask, ctx.op, ctx.tap, ctx.x_dtype = m, op, tap, x.dtype
         # straight-through in the hard stage: dmask/dlogits is sigmoid' either way
         ctx.slope = sig * (1.0 - sig) if ctx.needs_input_grad[3] else None
         return y
@@ -149,8 +153,9 @@ class _ComposedOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y):
         xc, w_child, b_child, w_parent, b_parent = ctx.saved_tensors
-        m = ctx.mask
-        w = _compose(w_child, w_parent, m, out=_SCRATCH.like(w_child))
+        m, tap = ctx.mask, ctx.tap
+        wc, wp = _weight_part(w_child, tap), _weight_part(w_parent, tap)
+        w = _compose(wc, wp, m, out=_SCRATCH.like(wc))
         has_bias = b_child is not None
         gx, gw, gb = _run_plain(
             xc.device.type, ctx.op.backward, grad_y.to(xc.dtype), xc, w.to(xc.dtype), has_bias,
@@ -165,50 +170,54 @@ class _ComposedOp(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
             # the composed weight is dead after the conv backward: reuse its buffer
-            dm = torch.sub(w_child, w_parent, out=w).mul_(gw).flatten(1).sum(1)
+            dm = torch.sub(wc, wp, out=w).mul_(gw).flatten(1).sum(1)
             if has_bias:
                 dm.addcmul_(gb, b_child - b_parent)
             grad_logits = dm.mul_(ctx.slope)
         if ctx.needs_input_grad[1]:
             grad_child = gw.mul_(m)  # in place: gw is not needed any more
+            if tap is not None:  # the other taps only ever met zero padding
+                full = torch.zeros_like(w_child)
+                tap_slice(full, tap).copy_(grad_child)
+                grad_child = full
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
         return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None
+
+
+def _weight_part(w: Tensor, tap: tuple[int, int] | None) -> Tensor:
+    """``w``, or the view of its kernel tap ``tap``."""
+    return w if tap is None else tap_slice(w, tap)
 
 
 class _ConvOp:
     def __init__(self, stride, padding, dilation, groups):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
-    def _tap(self, x, w):
-        return centre_tap(x.shape[-2:], w.shape[-2:], self.stride, self.padding, self.dilation)
+    def reduce(self, x, w):
+        """(op, tap): on a 1x1 input that meets one kernel tap only, the 1x1 convolution of
+        that tap (see small_input.py) and the tap; else (self, None)."""
+        tap = centre_tap(x.shape[-2:], w.shape[-2:], self.stride, self.padding, self.dilation)
+        if tap is None:
+            return self, None
+        return _ConvOp((1, 1), (0, 0), (1, 1), self.groups), tap
 
     def forward(self, x, w, b):
-        tap = self._tap(x, w)
-        if tap is not None:  # a 1x1 input: the 1x1 convolution it is (see small_input.py)
-            return F.conv2d(x, tap_slice(w, tap), b, 1, 0, 1, self.groups)
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
 
     def backward(self, g, x, w, has_bias, need_x):
-        tap = self._tap(x, w)
-        if tap is None:
-            return self._backward(g, x, w, has_bias, need_x, self.stride, self.padding,
-                                  self.dilation)
-        gx, g_tap, gb = self._backward(g, x, tap_slice(w, tap).contiguous(), has_bias, need_x,
-                                       (1, 1), (0, 0), (1, 1))
-        gw = torch.zeros_like(w)  # the other taps only ever met zero padding
-        tap_slice(gw, tap).copy_(g_tap)
-        return gx, gw, gb
-
-    def _backward(self, g, x, w, has_bias, need_x, stride, padding, dilation):
-        return torch.ops.aten.convolution_backward(
+        gx, gw, gb = torch.ops.aten.convolution_backward(
             g, x, w, [w.shape[0]] if has_bias else None,
-            list(stride), list(padding), list(dilation),
+            list(self.stride), list(self.padding), list(self.dilation),
             False, [0, 0], self.groups, [need_x, True, has_bias],
         )
+        return gx, gw, gb
 
 
 class _LinearOp:
+    def reduce(self, x, w):
+        return self, None
+
     def forward(self, x, w, b):
         return F.linear(x, w, b)
 
