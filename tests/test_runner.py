@@ -16,9 +16,9 @@ TRAINER = dict(
 )
 
 
-def _runner(cwps: CWPSSettings, seed: int = 3) -> Runner:
+def _runner(cwps: CWPSSettings, seed: int = 3, **loader) -> Runner:
     dm = DigitsDataModule(image_size=16, limit_per_task=96, tasks=["optdigits"], batch_size=16,
-                          seed=0)
+                          seed=0, **loader)
     torch.manual_seed(0)  # the same T0 for every runner
     t0 = timm.create_model("resnet18", pretrained=False, num_classes=10)
     # momentum 0: SGD keeps no state across fits, so a warm-up fit followed by a mask fit can
@@ -32,25 +32,40 @@ def _max_weight_diff(a, b, task: str) -> float:
     return max(float((layers_a[n].weight - layers_b[n].weight).abs().max()) for n in layers_a)
 
 
+# the data loader settings the pairing must hold under: in-process, and persistent workers
+# (which start one pass per loader, so a split into two fits must not shift the order)
+LOADERS = {"in_process": {}, "persistent_workers": dict(num_workers=1, persistent_workers=True)}
+
+
+@pytest.fixture(scope="module", params=list(LOADERS))
+def loader(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def finetuned():
+def finetuned(loader):
     cwps = CWPSSettings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
-    return _runner(cwps).run_baseline("finetune", Progress(1))
+    return _runner(cwps, **LOADERS[loader]).run_baseline("finetune", Progress(1))
 
 
-def test_cwps_without_sharing_reproduces_the_finetuning_run(finetuned):
+@pytest.mark.parametrize("warmup_epochs", [1, 0])
+def test_cwps_without_sharing_reproduces_the_finetuning_run(finetuned, loader, warmup_epochs):
     """lambda = 0 keeps every channel task-specific; with no soft stage, CWPS is then the
-    fine-tuning run cut in two fits: same head, same data order, same schedule."""
-    cwps = CWPSSettings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
+    fine-tuning run cut in two fits (or, without a warm-up, in one): same head, same data
+    order, same schedule."""
+    cwps = CWPSSettings(threshold=0.0, warmup_epochs=warmup_epochs, soft_epochs=0,
+                        hard_epochs=3 - warmup_epochs)
     torch.rand(7)  # what ran before must not matter: every fit seeds itself
-    result = _runner(cwps).run_cwps(Progress(2))
+    result = _runner(cwps, **LOADERS[loader]).run_cwps(Progress(2))
     assert result.tasks["optdigits"]["specific_channels"] == 1.0
     assert _max_weight_diff(result, finetuned, "optdigits") < 1e-4
     assert result.tasks["optdigits"]["top1"] == finetuned.tasks["optdigits"]["top1"]
 
 
-def test_another_seed_gives_another_run(finetuned):
+def test_another_seed_gives_another_run(finetuned, loader):
     """The control for the test above: the weights do depend on the draw."""
+    if loader != "in_process":
+        pytest.skip("one control is enough")
     cwps = CWPSSettings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
     other = _runner(cwps, seed=4).run_cwps(Progress(2))
     assert _max_weight_diff(other, finetuned, "optdigits") > 1e-2

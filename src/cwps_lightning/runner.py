@@ -169,7 +169,8 @@ class Runner:
         warm-up fit is the first epochs of the fine-tuning run exactly (see train_cwps_task), so
         a difference between methods comes from the methods, not from different draws. (It does
         not make one run's difference noise-free: training diverges chaotically once CPMS swaps
-        kernels in; README, "One seed is not enough".)
+        kernels in; README. Batch for batch on one device only: under DDP, Lightning's
+        DistributedSampler draws each fit's order from that fit's seed.)
         """
         key = f"{task}/{phase}/{iteration}"
         return (self.seed * 1_000_003 + sum(ord(c) * (i + 1) for i, c in enumerate(key))) % 2**31
@@ -208,10 +209,12 @@ class Runner:
             f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
         )
         # the mask fit's batches continue the warm-up's order: together, the batches of the
-        # fine-tuning run of this task
+        # fine-tuning run of this task (without a warm-up, they start that order)
+        if c.warmup_epochs == 0:
+            self.dm.reseed_shuffle(fit_seed)
         self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
                   soft_epochs=c.soft_epochs, seed=self._seed(task, "mask", iteration),
-                  lr_window=mask_window, continue_order=c.warmup_epochs > 0)
+                  lr_window=mask_window, continue_order=True)
         stats = sharing_stats(model)
         ids = merged_kernel_ids(model, search)
         parent_counts: dict[str, int] = {}

@@ -86,3 +86,38 @@ def test_resnet18_at_32px_unchanged_by_the_switch():
     x = torch.randn(2, 3, 32, 32)  # layer4 runs on 1x1 maps
     torch.testing.assert_close(fast(x), model(x), rtol=1e-4, atol=1e-5)
     assert use_small_input_convs(fast) == 0  # idempotent
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_cwps_layer_takes_the_shortcut(stage, channels_last):
+    """CWPSConv2d on a 1x1 map composes and convolves only the centre tap: poisoning every
+    other tap of child and parent changes nothing, in the output or the gradients."""
+    from cwps_lightning.cwps import CWPSConv2d
+
+    torch.manual_seed(0)
+    layer = CWPSConv2d(6, 4, 3, padding=1)
+    with torch.no_grad():
+        layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+        layer.mask_logits.copy_(torch.tensor([-2.0, 2.0, -0.5, 0.5]))
+    layer.stage = stage
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layer.to(memory_format=fmt)
+    x = torch.randn(3, 6, 1, 1).to(memory_format=fmt)
+
+    def run():
+        layer.zero_grad()
+        y = layer(x)
+        y.square().sum().backward()
+        return y.detach(), layer.weight.grad[:, :, 1, 1].clone(), layer.mask_logits.grad.clone()
+
+    before = run()
+    with torch.no_grad():
+        for w in (layer.weight, layer.parent_weight):
+            centre = w[:, :, 1, 1].clone()
+            w.fill_(float("nan"))
+            w[:, :, 1, 1] = centre
+    after = run()
+    for a, b in zip(before, after, strict=True):
+        assert torch.equal(a, b)
+    assert torch.all(layer.weight.grad[:, :, 0, :] == 0)

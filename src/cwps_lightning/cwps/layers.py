@@ -121,8 +121,8 @@ class _ComposedOp(torch.autograd.Function):
     ``op`` is a small object with ``forward(x, w, b)``,
     ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b), and
     ``reduce(x, w)`` returning the op to run and the kernel tap it needs (None: all of the
-    weight); see _ConvOp and _LinearOp. The per-channel mask and sigmoid slope are kept from the forward (C numbers
-    each), so the backward only redoes the weight-sized compose.
+    weight); see _ConvOp and _LinearOp. The per-channel mask and sigmoid slope are kept from
+    the forward (C numbers each), so the backward only redoes the weight-sized compose.
     """
 
     @staticmethod

@@ -7,11 +7,12 @@ is the only split model selection looks at; the test split is only ever reported
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..errors import ConfigError
 
@@ -131,18 +132,26 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         # A last training batch of one image breaks BatchNorm on a 1x1 feature map ("expected
-        # more than 1 value per channel"): drop it, and only it.
-        n = len(ds)
+        # more than 1 value per channel"): drop it, and only it. Under DDP each rank gets
+        # ceil(n / world) images (the sampler pads), so the check is on a rank's share.
+        trainer = getattr(self, "trainer", None)
+        world = max(int(getattr(trainer, "world_size", 1) or 1), 1)
+        n = math.ceil(len(ds) / world)
         lone_last = train and n > self.batch_size and n % self.batch_size == 1
+        # The order comes from the sampler's generator only (see reseed_shuffle). Handing the
+        # generator to the DataLoader would also make it draw worker seeds from it, once per
+        # loader with persistent workers, once per epoch without: the order would then depend
+        # on how the epochs are split into fits. On one device only: under DDP, Lightning
+        # replaces the sampler with a DistributedSampler seeded per fit.
+        sampler = RandomSampler(ds, generator=self._shuffle) if train else None
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
             drop_last=lone_last,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,
-            generator=self._shuffle if train else None,  # see reseed_shuffle
         )
 
     def train_dataloader(self) -> DataLoader:
