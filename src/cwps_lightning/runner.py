@@ -199,19 +199,18 @@ class Runner:
         tag = f"{task}-it{iteration}"
         warmup_window, mask_window = c.lr_windows()
         fit_seed = self._seed(task, "fit", iteration)
+        # one data order for the visit, the fine-tuning run's: the warm-up fit takes its first
+        # epochs, the mask fit continues it
+        self.dm.reseed_shuffle(fit_seed)
         progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
         self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
-                  seed=fit_seed, lr_window=warmup_window)
+                  seed=fit_seed, lr_window=warmup_window, continue_order=True)
         inject_cwps(model, exclude=None, threshold=c.threshold)
         search = search_parents(model, bank, task, c.distance, c.init_scope)
         progress.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
             f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
         )
-        # the mask fit's batches continue the warm-up's order: together, the batches of the
-        # fine-tuning run of this task (without a warm-up, they start that order)
-        if c.warmup_epochs == 0:
-            self.dm.reseed_shuffle(fit_seed)
         self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
                   soft_epochs=c.soft_epochs, seed=self._seed(task, "mask", iteration),
                   lr_window=mask_window, continue_order=True)

@@ -134,8 +134,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         # A last training batch of one image breaks BatchNorm on a 1x1 feature map ("expected
         # more than 1 value per channel"): drop it, and only it. Under DDP each rank gets
         # ceil(n / world) images (the sampler pads), so the check is on a rank's share.
-        trainer = getattr(self, "trainer", None)
-        world = max(int(getattr(trainer, "world_size", 1) or 1), 1)
+        world = 1 if self.trainer is None else self.trainer.world_size
         n = math.ceil(len(ds) / world)
         lone_last = train and n > self.batch_size and n % self.batch_size == 1
         # The order comes from the sampler's generator only (see reseed_shuffle). Handing the
