@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,17 @@ install: $(STAMP)
 train: $(STAMP)
 	$(PY) -m cwps_lightning.train $(ARGS)
 
-## lint, then the test suite (slow end-to-end tests excluded; `make test-all` includes them)
+# one pytest-xdist worker per core; tests sharing a module fixture run on one worker (loadgroup)
+PYTEST_PARALLEL := -n auto --dist loadgroup
+
+## lint, then the whole test suite, slow end-to-end tests included (`make test-fast` skips them)
 test: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m '' $(ARGS)
 
-test-all: $(STAMP)
-	$(PY) -m pytest -q -m '' $(ARGS)
+test-fast: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks

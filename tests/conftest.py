@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# under pytest-xdist (`make test`: one worker per core) each worker gets one thread
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 # The package lives in src/ (src layout); make it importable when it is not installed.
 _SRC = Path(__file__).resolve().parents[1] / "src"

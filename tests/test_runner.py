@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import timm
 import torch
@@ -10,14 +13,19 @@ from cwps_lightning.data.digits import DigitsDataModule
 from cwps_lightning.fitting import FitSettings
 from cwps_lightning.runner import CWPSSettings, Progress, Runner
 
+from .helpers import cwps_settings
+
+# one pytest-xdist worker runs this module: its tests share the module-scoped baseline runs
+pytestmark = pytest.mark.xdist_group("runner")
+
 TRAINER = dict(
     accelerator="cpu", devices=1, enable_checkpointing=False, enable_model_summary=False,
     enable_progress_bar=False, num_sanity_val_steps=0,
 )
 
 
-def _runner(cwps: CWPSSettings, seed: int = 3, **loader) -> Runner:
-    dm = DigitsDataModule(image_size=16, limit_per_task=96, tasks=["optdigits"], batch_size=16,
+def _runner(cwps: CWPSSettings, seed: int = 3, limit: int = 96, **loader) -> Runner:
+    dm = DigitsDataModule(image_size=16, limit_per_task=limit, tasks=["optdigits"], batch_size=16,
                           seed=0, **loader)
     torch.manual_seed(0)  # the same T0 for every runner
     t0 = timm.create_model("resnet18", pretrained=False, num_classes=10)
@@ -25,6 +33,13 @@ def _runner(cwps: CWPSSettings, seed: int = 3, **loader) -> Runner:
     # reproduce one fine-tuning fit of the same epochs step for step
     settings = FitSettings(trainer=TRAINER, lr=0.05, mask_lr=0.02, momentum=0.0)
     return Runner(dm, t0, settings, cwps, seed=seed)
+
+
+def perturb_global_rngs() -> None:
+    """Draw from torch's, Python's and NumPy's global generators (as other code would)."""
+    torch.rand(7)
+    random.random()
+    np.random.rand(3)
 
 
 def _max_weight_diff(a, b, task: str) -> float:
@@ -44,7 +59,7 @@ def loader(request):
 
 @pytest.fixture(scope="module")
 def finetuned(loader):
-    cwps = CWPSSettings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
+    cwps = cwps_settings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
     return _runner(cwps, **LOADERS[loader]).run_baseline("finetune", Progress(1))
 
 
@@ -53,10 +68,13 @@ def test_cwps_without_sharing_reproduces_the_finetuning_run(finetuned, loader, w
     """lambda = 0 keeps every channel task-specific; with no soft stage, CWPS is then the
     fine-tuning run cut in two fits (or, without a warm-up, in one): same head, same data
     order, same schedule."""
-    cwps = CWPSSettings(threshold=0.0, warmup_epochs=warmup_epochs, soft_epochs=0,
-                        hard_epochs=3 - warmup_epochs)
-    torch.rand(7)  # what ran before must not matter: every fit seeds itself
-    result = _runner(cwps, **LOADERS[loader]).run_cwps(Progress(2))
+    cwps = cwps_settings(threshold=0.0, warmup_epochs=warmup_epochs, soft_epochs=0,
+                         hard_epochs=3 - warmup_epochs)
+    runner = _runner(cwps, **LOADERS[loader])
+    # what ran before must not matter: every fit seeds itself. The fixture's baseline ran with
+    # the global RNGs as _runner left them; move them on before this run starts.
+    perturb_global_rngs()
+    result = runner.run_cwps(Progress(2))
     assert result.tasks["optdigits"]["specific_channels"] == 1.0
     assert _max_weight_diff(result, finetuned, "optdigits") < 1e-4
     assert result.tasks["optdigits"]["top1"] == finetuned.tasks["optdigits"]["top1"]
@@ -66,6 +84,64 @@ def test_another_seed_gives_another_run(finetuned, loader):
     """The control for the test above: the weights do depend on the draw."""
     if loader != "in_process":
         pytest.skip("one control is enough")
-    cwps = CWPSSettings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
+    cwps = cwps_settings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
     other = _runner(cwps, seed=4).run_cwps(Progress(2))
     assert _max_weight_diff(other, finetuned, "optdigits") > 1e-2
+
+
+# -- joint mode: a candidate that does not beat the kept model's val top-1 is not kept ----------
+def _entry_tensors(bank, task: str, ids: bool = True) -> dict[str, torch.Tensor]:
+    """Every tensor of ``task``'s bank entry (kernels, biases, norms, head, and the kernel ids
+    unless ``ids`` is false: a bank read back from a store numbers kernels by table row)."""
+    entry = bank.entries[task]
+    out = {f"rest/{k}": v.clone() for k, v in entry.rest.items()}
+    for name, lw in entry.layers.items():
+        out[f"{name}.weight"] = lw.weight.clone()
+        if ids:
+            out[f"{name}.ids"] = lw.ids.clone()
+        if lw.bias is not None:
+            out[f"{name}.bias"] = lw.bias.clone()
+    return out
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("second_val", [60.0, 95.0], ids=["loses", "wins"])
+def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_path, second_val):
+    """Iteration 0's candidate scores val 80 / test 70, iteration 1's ``second_val`` / test 90
+    (the runner's evaluation is scripted). A loser leaves the kept model, the bank and the
+    store as they were, though its test top-1 is higher; a winner replaces all three."""
+    import cwps_lightning.runner as runner_module
+    from cwps_lightning.cwps import MultiTaskStore, save_store
+
+    scores = iter([80.0, 70.0, second_val, 90.0])  # (val, test) of iteration 0, then 1
+    monkeypatch.setattr(runner_module, "evaluate_top1", lambda model, loader, device: next(scores))
+    cwps = cwps_settings(mode="joint", iterations=2, warmup_epochs=1, soft_epochs=0,
+                         hard_epochs=1)
+    runner = _runner(cwps, limit=48)
+    after_visit = []  # the bank entry after each visit, and the store written then
+
+    def on_task_done(result):
+        after_visit.append(_entry_tensors(result.bank, "optdigits"))
+        save_store(tmp_path / "store", result.bank, {})
+
+    runner.on_task_done = on_task_done
+    result = runner.run_cwps(Progress(4))
+
+    wins = second_val > 80.0
+    assert [h["accepted"] for h in result.history] == [True, wins]
+    assert [(h["val_top1"], h["top1"]) for h in result.history] == [(80.0, 70.0),
+                                                                   (second_val, 90.0)]
+    kept = result.tasks["optdigits"]
+    assert (kept["iteration"], kept["val_top1"], kept["top1"]) == (
+        (1, second_val, 90.0) if wins else (0, 80.0, 70.0))
+    first, second = after_visit  # the bank entry after iteration 0, after iteration 1
+    assert _same_tensors(first, second) is not wins
+    assert _same_tensors(_entry_tensors(result.bank, "optdigits"), second)
+    # the store written after iteration 1 holds the model the bank keeps, tensor for tensor
+    stored = MultiTaskStore.load(tmp_path / "store").to_bank()
+    assert stored.tasks == ["T0", "optdigits"]
+    kept_now = {k: v for k, v in second.items() if not k.endswith(".ids")}
+    assert _same_tensors(_entry_tensors(stored, "optdigits", ids=False), kept_now)

@@ -1,44 +1,49 @@
-"""Re-test every task of a store: ``python -m cwps_lightning.evaluate store=<dir> [key=value ...]``.
+"""Re-test every task of a store: ``python -m cwps_lightning.evaluate store=<dir> [overrides]``.
 
 Rebuilds each task's model from the store alone, tests it on the task's test split (the data
-config is the one saved in the store; ``data.root=...`` and other dotted overrides change it) and
-prints the table next to the accuracies recorded at training time.
+config is the one saved in the store; ``data.root=...`` and other overrides, in the train
+command's syntax, change it) and prints the table next to the accuracies recorded at training
+time. Exit status: 0 every task matches, 1 a task differs, 2 bad input (one ``error:`` line).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from omegaconf import OmegaConf
 
+from .config import apply_overrides, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
 from .fitting import eval_device, evaluate_top1
 from .runner import T0
 
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"
+#: arguments of this command (not config overrides)
+OWN_KEYS = ("store", "device")
 
 
-def parse_args(argv: list[str]) -> dict:
-    args = {}
+def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
+    """``store=`` and ``device=``, and the config overrides (everything else)."""
+    own, overrides = {}, []
     for item in argv:
-        if "=" not in item:
+        key, sep, value = item.partition("=")
+        if not sep:
             raise ConfigError(f"bad argument {item!r}: expected key=value. {USAGE}")
-        key, value = item.split("=", 1)
-        args[key] = value
-    if "store" not in args:
+        if key in OWN_KEYS:
+            own[key] = value
+        else:
+            overrides.append(item)
+    if "store" not in own:
         raise ConfigError(f"missing store=<dir>. {USAGE}")
-    return args
+    return own, overrides
 
 
-def evaluate_store(store: MultiTaskStore, overrides: dict, device: str = "auto") -> list[dict]:
-    from .train import instantiate_data
-
-    cfg = OmegaConf.create(store.manifest["config"])
-    dotlist = [f"{k}={v}" for k, v in overrides.items()]
-    if dotlist:
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
-    datamodule = instantiate_data(cfg.data)
+def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
+                   device: str = "auto") -> list[dict]:
+    cfg = apply_overrides(OmegaConf.create(store.manifest["config"]), overrides)
+    datamodule = instantiate_data(cfg)
     dev = eval_device(device)
     recorded = store.manifest.get("metrics", {})
     rows = []
@@ -64,12 +69,11 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = parse_args(sys.argv[1:] if argv is None else argv)
-        store = MultiTaskStore.load(args.pop("store"))
-        device = args.pop("device", "auto")
-        rows = evaluate_store(store, args, device)
+        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        store = MultiTaskStore.load(own["store"])
+        rows = evaluate_store(store, overrides, own.get("device", "auto"))
     except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from .callbacks import MaskStageCallback
 from .models.lit_module import CWPSLitModule, select_trainable
+from .settings import OptimSettings
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +26,10 @@ class FitSettings:
     def __init__(
         self,
         trainer: Mapping[str, Any],
-        lr: float,
-        mask_lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        lr: float = OptimSettings.lr,
+        mask_lr: float = OptimSettings.mask_lr,
+        momentum: float = OptimSettings.momentum,
+        weight_decay: float = OptimSettings.weight_decay,
         logger_factory: Callable[[str, str], Logger | bool] | None = None,
         channels_last: bool = False,
     ):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cwps.store import atomic_write
+from omegaconf import DictConfig, OmegaConf
+
+from .cwps.store import MANIFEST, MultiTaskStore, atomic_write
 
 METHOD_LABELS = {
     "finetune": "Fine-Tuning",
@@ -45,3 +47,30 @@ def write_results(run_dir: str | Path, results: dict) -> None:
     atomic_write(run_dir / "results.json",
                  (json.dumps(results, indent=2, default=str) + "\n").encode())
     atomic_write(run_dir / "results.md", markdown_table(results).encode())
+
+
+def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict, cwps,
+                     backbone_params: int, t0_info: dict, store_dir: Path, seconds: float,
+                     device) -> dict:
+    """results.json's content: the run, and per method its per-task metrics, mean top-1 and
+    parameter count (CWPS's read back from the store it wrote, where the store is readable:
+    on rank 0, which wrote it)."""
+    results = {
+        "benchmark": benchmark,
+        "tasks": list(tasks),
+        "backbone": cfg.model.name,
+        "backbone_params": backbone_params,
+        "t0": t0_info,
+        "store": str(store_dir),
+        "methods": {name: result.summary(backbone_params) for name, result in methods.items()},
+        "seconds": round(seconds, 1),
+        "device": str(device),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    cwps_result = results["methods"]["cwps"]
+    cwps_result.update({"mode": cwps.mode, "iterations": cwps.iterations})
+    if (Path(store_dir) / MANIFEST).is_file():
+        stored = MultiTaskStore.load(store_dir).param_count()
+        cwps_result["params"] = stored
+        cwps_result["param_ratio"] = stored["total"] / backbone_params
+    return results

@@ -19,77 +19,19 @@ from torch import nn
 
 from .cwps import (
     KernelBank,
-    check_distance,
     inject_cwps,
     merge_cwps,
     merged_kernel_ids,
     search_parents,
     sharing_stats,
 )
-from .cwps.layers import check_threshold
-from .cwps.search import INIT_SCOPES
 from .fitting import FitSettings, evaluate_top1, fit
 from .models import backbone_param_count, task_model
+from .settings import BASELINES, CWPSSettings
 
 log = logging.getLogger(__name__)
 
 T0 = "T0"
-MODES = ("incremental", "joint")
-BASELINES = ("finetune", "frozen")
-LR_SCHEDULES = ("task", "per_fit")
-
-
-@dataclass
-class CWPSSettings:
-    mode: str = "incremental"
-    iterations: int = 1
-    threshold: float = 0.5
-    distance: str = "l2"
-    init_scope: str = "layer"
-    warmup_epochs: int = 1
-    soft_epochs: int = 1
-    hard_epochs: int = 2
-    lr_schedule: str = "task"
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ValueError(f"cwps.mode must be one of {MODES}, got {self.mode!r}")
-        if self.iterations < 1:
-            raise ValueError(f"cwps.iterations must be >= 1, got {self.iterations}")
-        if self.mode == "incremental" and self.iterations != 1:
-            raise ValueError(
-                f"cwps.iterations={self.iterations} needs cwps.mode=joint (incremental = one pass)"
-            )
-        self.threshold = check_threshold(self.threshold)
-        check_distance(self.distance)
-        if self.init_scope not in INIT_SCOPES:
-            raise ValueError(
-                f"cwps.init_scope must be one of {INIT_SCOPES}, got {self.init_scope!r}"
-            )
-        for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
-        if self.soft_epochs + self.hard_epochs == 0:
-            raise ValueError("cwps.stages: soft_epochs + hard_epochs must be >= 1")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(
-                f"cwps.stages.lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}"
-            )
-
-    def lr_windows(self) -> tuple[tuple[float, float], tuple[float, float]]:
-        """The cosine-schedule windows of the warm-up fit and the mask fit.
-
-        "task": one schedule over all of the task's epochs, the warm-up its first part (as a
-        fine-tuning run of the same epochs); "per_fit": each fit restarts the schedule.
-        """
-        if self.lr_schedule == "per_fit" or self.warmup_epochs == 0:
-            return (0.0, 1.0), (0.0, 1.0)
-        split = self.warmup_epochs / self.total_epochs
-        return (0.0, split), (split, 1.0)
-
-    @property
-    def total_epochs(self) -> int:
-        return self.warmup_epochs + self.soft_epochs + self.hard_epochs
 
 
 @dataclass
@@ -193,7 +135,7 @@ class Runner:
     # -- CWPS ----------------------------------------------------------------------------------
     def train_cwps_task(self, bank: KernelBank, task: str, iteration: int, progress: Progress):
         """One visit: a candidate model for ``task`` with ``bank`` (minus ``task``) as parents."""
-        c = self.cwps
+        c, stages = self.cwps, self.cwps.stages
         model = task_model(self.t0, self.dm.num_classes(task),
                            seed=self._seed(task, "head", iteration))
         tag = f"{task}-it{iteration}"
@@ -202,17 +144,18 @@ class Runner:
         # one data order for the visit, the fine-tuning run's: the warm-up fit takes its first
         # epochs, the mask fit continues it
         self.dm.reseed_shuffle(fit_seed)
-        progress.step(f"cwps {tag}: warm-up fine-tune, {c.warmup_epochs} epoch(s)")
-        self._fit(model, task, "finetune", c.warmup_epochs, "cwps", f"{tag}-warmup",
+        progress.step(f"cwps {tag}: warm-up fine-tune, {stages.warmup_epochs} epoch(s)")
+        self._fit(model, task, "finetune", stages.warmup_epochs, "cwps", f"{tag}-warmup",
                   seed=fit_seed, lr_window=warmup_window, continue_order=True)
         inject_cwps(model, exclude=None, threshold=c.threshold)
         search = search_parents(model, bank, task, c.distance, c.init_scope)
         progress.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
-            f"soft {c.soft_epochs} + hard {c.hard_epochs} epoch(s)"
+            f"soft {stages.soft_epochs} + hard {stages.hard_epochs} epoch(s)"
         )
-        self._fit(model, task, "cwps", c.soft_epochs + c.hard_epochs, "cwps", f"{tag}-mask",
-                  soft_epochs=c.soft_epochs, seed=self._seed(task, "mask", iteration),
+        self._fit(model, task, "cwps", stages.soft_epochs + stages.hard_epochs, "cwps",
+                  f"{tag}-mask",
+                  soft_epochs=stages.soft_epochs, seed=self._seed(task, "mask", iteration),
                   lr_window=mask_window, continue_order=True)
         stats = sharing_stats(model)
         ids = merged_kernel_ids(model, search)

@@ -1,33 +1,36 @@
 """Entry point: ``python -m cwps_lightning.train [overrides]`` (Hydra).
 
-compose config -> check it -> data -> T0 -> CWPS (+ baselines) -> results.json / results.md.
+check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (+ baselines)
+-> results.json / results.md. Exit status: 0 done, 2 bad configuration or input (one
+``error:`` line, nothing written), 1 anything else (a traceback).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from .cwps import MultiTaskStore, StoreError
+from .checks import JobSettings, check_config
+from .config import compose_config, instantiate_data
+from .cwps import StoreError
 from .errors import ConfigError
 from .fitting import FitSettings, csv_logger_factory, eval_device
-from .models import check_model_name
 from .persist import RunRecorder
 from .pretrain import acquire_t0
-from .report import write_results
-from .runner import BASELINES, CWPSSettings, MethodResult, Progress, Runner
+from .report import assemble_results, write_results
+from .runner import MethodResult, Progress, Runner
 
 log = logging.getLogger("cwps_lightning")
-
 
 
 def quiet_lightning() -> None:
@@ -47,91 +50,104 @@ def is_rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
-def cwps_settings(cfg: DictConfig) -> CWPSSettings:
-    c = cfg.cwps
-    return CWPSSettings(
-        mode=c.mode, iterations=int(c.iterations), threshold=float(c.threshold),
-        distance=c.distance, init_scope=c.get("init_scope", "layer"), warmup_epochs=int(c.stages.warmup_epochs),
-        soft_epochs=int(c.stages.soft_epochs), hard_epochs=int(c.stages.hard_epochs),
-        lr_schedule=str(c.stages.get("lr_schedule", "task")),
-    )
-
-
-def logger_factory(cfg: DictConfig, run_dir: Path):
-    kind = cfg.logger.kind
-    if kind == "csv":
+def logger_factory(cfg: DictConfig, job: JobSettings, run_dir: Path):
+    """A Lightning logger per fit (group = method, name = fit), or False for none."""
+    settings = job.logger
+    if settings.kind == "csv":
         return csv_logger_factory(run_dir / "logs")
-    if kind == "wandb":
+    if settings.kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
         def make(group: str, name: str):
             return WandbLogger(
-                project=cfg.logger.project, entity=cfg.logger.entity,
-                group=cfg.logger.group or run_dir.name, name=f"{group}/{name}",
-                job_type=group, tags=list(cfg.logger.tags), save_dir=str(run_dir),
-                mode=cfg.logger.mode or None, reinit="finish_previous",
+                project=settings.project, entity=settings.entity,
+                group=settings.group or run_dir.name, name=f"{group}/{name}",
+                job_type=group, tags=list(settings.tags), save_dir=str(run_dir),
+                mode=settings.mode, reinit="finish_previous",
                 config=OmegaConf.to_container(cfg, resolve=True),
             )
 
         return make
-    if kind in ("none", None):
-        return lambda group, name: False
-    raise ConfigError(f"logger.kind must be csv, wandb or none, got {kind!r}")
+    return lambda group, name: False
 
 
-def check_config(cfg: DictConfig) -> tuple[CWPSSettings, list[str]]:
-    """Every check that can fail before any work is done."""
-    try:
-        settings = cwps_settings(cfg)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    check_model_name(cfg.model.name)
-    baselines = list(cfg.cwps.baselines or [])
-    bad = [b for b in baselines if b not in BASELINES]
-    if bad:
-        raise ConfigError(f"cwps.baselines has unknown entries {bad}; accepted: {list(BASELINES)}")
-    if cfg.model.weights and not Path(cfg.model.weights).is_file():
-        raise ConfigError(f"model.weights: no such file {cfg.model.weights!r}")
-    return settings, baselines
+def close_loggers() -> None:
+    """Finish a W&B run left open (a failed job must not leave it to the next job of a sweep)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
-def instantiate_data(data_cfg: DictConfig):
-    """The benchmark's DataModule; a ConfigError raised while building it stays one."""
-    from hydra.errors import InstantiationException
+def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
+    """Say where a job's outputs are, whatever happens to it, and close its loggers."""
 
-    try:
-        return instantiate(data_cfg)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, ConfigError):
-            raise cause from None
-        raise
+    @functools.wraps(task)
+    def wrapped(cfg: DictConfig) -> dict:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            results = task(cfg)
+        except (ConfigError, StoreError):
+            raise  # the CLI prints the one line
+        except Exception as err:
+            log.error("the job failed (%s: %s); its outputs so far: %s",
+                      type(err).__name__, err, run_dir)
+            raise
+        finally:
+            close_loggers()
+        log.info("outputs: %s", run_dir)
+        return results
+
+    return wrapped
 
 
+# -- the steps of a run -------------------------------------------------------------------------
+def build_data(cfg: DictConfig):
+    """The benchmark's DataModule with every task's splits built (bad tasks / roots fail here)."""
+    datamodule = instantiate_data(cfg)
+    for task in datamodule.task_names:
+        datamodule.num_classes(task)
+    return datamodule
+
+
+def fit_settings_of(cfg: DictConfig, job: JobSettings, run_dir: Path) -> FitSettings:
+    o = job.optim
+    return FitSettings(
+        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        lr=o.lr, mask_lr=o.mask_lr, momentum=o.momentum, weight_decay=o.weight_decay,
+        logger_factory=logger_factory(cfg, job, run_dir), channels_last=job.model.channels_last,
+    )
+
+
+def run_methods(runner: Runner, job: JobSettings, restored: dict[str, MethodResult],
+                persist: Callable[..., None]) -> dict[str, MethodResult]:
+    """CWPS, then every baseline, skipping the steps a resumed run has done."""
+    methods = restored
+    methods.setdefault("cwps", MethodResult("cwps", runner.new_bank()))
+    progress = Progress(runner.steps(job.cwps.baselines))
+    runner.run_cwps(progress, methods["cwps"])
+    for kind in job.cwps.baselines:
+        methods.setdefault(kind, MethodResult(kind, runner.new_bank()))
+        runner.run_baseline(kind, progress, methods[kind])
+    return methods
+
+
+@task_wrapper
 def run(cfg: DictConfig) -> dict:
     quiet_lightning()
-    settings, baselines = check_config(cfg)
+    job = check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.seed)
     started = time.time()
 
+    c = job.cwps
     recorder = RunRecorder(
-        run_dir, cfg,
-        backbone={"name": cfg.model.name,
-                  "kwargs": OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {}},
-        cwps_meta={"mode": settings.mode, "iterations": settings.iterations,
-                   "threshold": settings.threshold, "distance": settings.distance},
+        run_dir, cfg, backbone={"name": job.model.name, "kwargs": dict(job.model.kwargs)},
+        cwps_meta={"mode": c.mode, "iterations": c.iterations, "threshold": c.threshold,
+                   "distance": c.distance},
     )
     store = recorder.existing()
-    datamodule = instantiate_data(cfg.data)
-    for task in datamodule.task_names:  # builds the splits; bad tasks / roots fail here
-        datamodule.num_classes(task)
-    fit_settings = FitSettings(
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
-        lr=cfg.optim.lr, mask_lr=cfg.optim.mask_lr, momentum=cfg.optim.momentum,
-        weight_decay=cfg.optim.weight_decay, logger_factory=logger_factory(cfg, run_dir),
-        channels_last=bool(cfg.model.get("channels_last", False)),
-    )
+    datamodule = build_data(cfg)
+    fit_settings = fit_settings_of(cfg, job, run_dir)
     device = eval_device(cfg.trainer.accelerator)
     if store is not None:
         t0_model, t0_info = recorder.t0_from(store), {"restored_from": str(recorder.store_dir)}
@@ -144,39 +160,17 @@ def run(cfg: DictConfig) -> dict:
         if is_rank_zero():
             recorder.save(methods, complete=complete)
 
-    runner = Runner(datamodule, t0_model, fit_settings, settings, seed=cfg.seed, device=device,
+    runner = Runner(datamodule, t0_model, fit_settings, c, seed=cfg.seed, device=device,
                     on_task_done=persist)
-    if store is not None:
-        methods.update(recorder.restore(store, runner))
-    methods.setdefault("cwps", MethodResult("cwps", runner.new_bank()))
-    progress = Progress(runner.steps(baselines))
-    runner.run_cwps(progress, methods["cwps"])
-    for kind in baselines:
-        methods.setdefault(kind, MethodResult(kind, runner.new_bank()))
-        runner.run_baseline(kind, progress, methods[kind])
+    methods.update(recorder.restore(store, runner) if store is not None else {})
+    run_methods(runner, job, methods, persist)
     persist(complete=True)
 
-    results = {
-        "benchmark": type(datamodule).__name__,
-        "tasks": datamodule.task_names,
-        "backbone": cfg.model.name,
-        "backbone_params": runner.backbone_params,
-        "t0": t0_info,
-        "store": str(recorder.store_dir),
-        "methods": {},
-        "seconds": round(time.time() - started, 1),
-        "device": str(device),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
-    for name, result in methods.items():
-        results["methods"][name] = result.summary(runner.backbone_params)
-    cwps_result = results["methods"]["cwps"]
-    cwps_result.update({"mode": settings.mode, "iterations": settings.iterations})
+    results = assemble_results(
+        cfg, type(datamodule).__name__, datamodule.task_names, methods, c, runner.backbone_params, t0_info,
+        recorder.store_dir, seconds=time.time() - started, device=device,
+    )
     if is_rank_zero():
-        # CWPS's parameter count is read back from the store it produced
-        stored = MultiTaskStore.load(recorder.store_dir).param_count()
-        cwps_result["params"] = stored
-        cwps_result["param_ratio"] = stored["total"] / runner.backbone_params
         write_results(run_dir, results)
         log.info("results: %s", run_dir / "results.md")
         print((run_dir / "results.md").read_text())
@@ -184,7 +178,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
-def main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except (ConfigError, StoreError) as err:
@@ -192,6 +186,59 @@ def main(cfg: DictConfig) -> float | None:
         sys.exit(2)
     # the returned value is what a Hydra sweeper would optimise
     return results["methods"]["cwps"]["mean_top1"]
+
+
+# -- checks before Hydra runs anything ------------------------------------------------------------
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The override list of every job a basic-sweeper multirun of ``overrides`` would launch
+    (command-line sweeps and the config's ``hydra.sweeper.params``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = compose_config(fixed)
+    if cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] != "BasicSweeper":
+        return [fixed]  # another sweeper chooses its jobs as it goes: check the fixed part
+    given = {o.key_or_group for o in parsed}
+    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()
+              if k not in given]
+    parsed += parser.parse_overrides(params)
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(job) for batch in batches for job in batch]
+
+
+def preflight(argv: Sequence[str]) -> None:
+    """Compose and check the config of every job the command would run, before Hydra runs
+    any: a bad key, type, value or environment stops the command with one line."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(list(argv))
+    if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion
+            or args.config_path or args.config_dir or args.config_name or args.experimental_rerun):
+        return  # Hydra's own commands, or another config tree: Hydra checks those
+    jobs = sweep_jobs(args.overrides) if args.multirun else [list(args.overrides)]
+    for i, overrides in enumerate(jobs):
+        try:
+            check_config(compose_config(overrides))
+        except ConfigError as err:
+            if len(jobs) == 1:
+                raise
+            raise ConfigError(f"job {i} of the sweep ({' '.join(overrides)}): {err}") from None
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        preflight(argv)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    hydra_main()
 
 
 if __name__ == "__main__":

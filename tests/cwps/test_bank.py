@@ -10,21 +10,7 @@ from torch import nn
 
 from cwps_lightning.cwps import KernelBank, shareable_layers
 
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)  # kernel: 3*3*3 + 1 = 28 params
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)  # kernel: 4*3*3 = 36
-        self.fc = nn.Linear(6, 10)  # kernel: 6 + 1 = 7
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = self.conv2(x).mean((2, 3))
-        return self.head(torch.relu(self.fc(x)))
-
+from ..helpers import Small
 
 LAYERS = ["conv1", "conv2", "fc"]
 CHANNELS = {"conv1": 8, "conv2": 6, "fc": 10}

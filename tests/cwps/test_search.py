@@ -24,21 +24,7 @@ from cwps_lightning.cwps import (
 )
 from cwps_lightning.cwps.search import gather_channels
 
-
-class Small(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
-        self.fc = nn.Linear(6, 10)
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = self.conv2(x).mean((2, 3))
-        return self.head(torch.relu(self.fc(x)))
-
+from ..helpers import Small
 
 LAYERS = ["conv1", "conv2", "fc"]
 
@@ -193,7 +179,7 @@ def brute_force(layer_weight: torch.Tensor, bank: KernelBank, name: str, tasks, 
 def test_search_parents_installs_chosen_kernels(bank_setup, distance):
     bank, model, pattern = bank_setup
     child = {n: layer.weight.detach().clone() for n, layer in cwps_layers(model)}
-    result = search_parents(model, bank, "T2", distance=distance)
+    result = search_parents(model, bank, "T2", distance=distance, init_scope="layer")
     layers = dict(cwps_layers(model))
     assert set(result.parent_ids) == set(LAYERS)
     for name in LAYERS:
@@ -234,7 +220,8 @@ def test_search_parents_errors():
     with pytest.raises(ValueError, match="T0"):
         search_parents(model, bank, "T0")  # nothing else to share with
     # a new task T1 may share with T0: every channel then picks T0
-    result = search_parents(model, bank, "T1")
+    # (l2: the distance of a kernel to its own copy is exactly 0; cosine's is rounding noise)
+    result = search_parents(model, bank, "T1", distance="l2")
     assert all(t == "T0" for n in LAYERS for t in result.parent_task[n])
     # distance 0 everywhere -> every channel starts as shared (sigmoid(-3))
     for _, layer in cwps_layers(model):

@@ -80,10 +80,74 @@ def test_round_trip_reproduces_every_model_and_counts(tmp_path):
     # no hidden copies: tensor bytes within 5% of 4 bytes per stored parameter
     tensor_bytes = sum(f.stat().st_size for f in tmp_path.glob("*.safetensors"))
     assert tensor_bytes <= 1.05 * 4 * store.param_count()["total"]
+    # by construction (_half): in every layer of C channels, the last C - C // 2 are T0's
+    channels = [t0.get_submodule(n).weight.shape[0] for n in store.layers]
     names, rel = store.relation_matrix()
     assert names == ["T0", "a"]
-    assert rel[0, 0] == rel[1, 1]  # a task shares all its channels with itself
-    assert 0.45 * rel[0, 0] < rel[0, 1] < 0.55 * rel[0, 0]
+    assert rel.tolist() == [[sum(channels), sum(c - c // 2 for c in channels)],
+                            [sum(c - c // 2 for c in channels), sum(channels)]]
+
+
+def _copy_channels(model, source, layer_channels):
+    """Copy kernels (weight[j] and bias[j]) of ``source`` into ``model``: {layer: [j, ...]}."""
+    with torch.no_grad():
+        for name, js in layer_channels.items():
+            dst, src = model.get_submodule(name), source.get_submodule(name)
+            for j in js:
+                dst.weight[j] = src.weight[j]
+                if dst.bias is not None:
+                    dst.bias[j] = src.bias[j]
+
+
+def test_relation_matrix_counts_the_shared_channels_of_every_pair(tmp_path):
+    """Three tasks with chosen kernel ids; in each layer of C channels, channel j of
+    a: T0's kernel j for j < C // 4, else its own;
+    b: T0's kernel j for j % 4 == 0, a's kernel j for j % 4 in (1, 2), else its own.
+    So a and b hold the same kernel where b took a's, or where both took T0's."""
+    torch.manual_seed(2)
+    t0 = _t0()
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    t0_ids = {n: bank.entries["T0"].layers[n].ids for n in bank.layer_names}
+    channels = {n: t0.get_submodule(n).weight.shape[0] for n in bank.layer_names}
+    a_from_t0 = {n: [j for j in range(c) if j < c // 4] for n, c in channels.items()}
+    b_from_t0 = {n: [j for j in range(c) if j % 4 == 0] for n, c in channels.items()}
+    b_from_a = {n: [j for j in range(c) if j % 4 in (1, 2)] for n, c in channels.items()}
+
+    a = timm.create_model("resnet18", num_classes=5).eval()
+    _copy_channels(a, t0, a_from_t0)
+    ids_a = {n: torch.full((c,), -1, dtype=torch.int64) for n, c in channels.items()}
+    for n, js in a_from_t0.items():
+        ids_a[n][js] = t0_ids[n][js]
+    bank.add("a", a, 5, kernel_ids=ids_a)
+    a_ids = {n: bank.entries["a"].layers[n].ids for n in bank.layer_names}
+
+    b = timm.create_model("resnet18", num_classes=3).eval()
+    _copy_channels(b, t0, b_from_t0)
+    _copy_channels(b, a, b_from_a)
+    ids_b = {n: torch.full((c,), -1, dtype=torch.int64) for n, c in channels.items()}
+    for n in channels:
+        ids_b[n][b_from_t0[n]] = t0_ids[n][b_from_t0[n]]
+        ids_b[n][b_from_a[n]] = a_ids[n][b_from_a[n]]
+    bank.add("b", b, 3, kernel_ids=ids_b)
+    save_store(tmp_path, bank, META)
+    store = MultiTaskStore.load(tmp_path)
+
+    def count(js_of):  # channels over all layers where j is in js_of(layer, C)
+        return sum(len(js_of(n, c)) for n, c in channels.items())
+
+    total = sum(channels.values())
+    t0_a = count(lambda n, c: a_from_t0[n])
+    t0_b = count(lambda n, c: set(b_from_t0[n]) | (set(b_from_a[n]) & set(a_from_t0[n])))
+    a_b = count(lambda n, c: set(b_from_a[n]) | (set(b_from_t0[n]) & set(a_from_t0[n])))
+    assert len({t0_a, t0_b, a_b}) == 3  # every pair has a count of its own
+    names, rel = store.relation_matrix()
+    assert names == ["T0", "a", "b"]
+    assert rel.tolist() == [[total, t0_a, t0_b], [t0_a, total, a_b], [t0_b, a_b, total]]
+    # and the models the store rebuilds hold those copies: b's kernel j is a's kernel j
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(store.model("b")(x), b(x))
+    assert torch.equal(store.model("a")(x), a(x))
 
 
 def test_reference_counting_keeps_used_kernels_and_drops_unused(tmp_path):

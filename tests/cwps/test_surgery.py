@@ -21,6 +21,8 @@ from cwps_lightning.cwps import (
     sharing_stats,
 )
 
+from ..helpers import Small
+
 timm = pytest.importorskip("timm")
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -49,21 +51,6 @@ def randomise_model(model: nn.Module, scale: float = 0.3) -> None:
         layer.mask_logits.normal_(0.0, 2.0)
 
 
-class Small(nn.Module):
-    """conv(bias) -> bn -> conv(no bias, groups) -> pool -> linear -> head."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.bn = nn.BatchNorm2d(8)
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1, groups=2, bias=False)
-        self.fc = nn.Linear(6, 10)
-        self.head = nn.Linear(10, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn(self.conv1(x)))
-        x = self.conv2(x).mean((2, 3))
-        return self.head(torch.relu(self.fc(x)))
 
 
 # ----------------------------------------------------------------------------------------------

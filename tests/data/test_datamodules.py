@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from cwps_lightning.data import (
     DataConfigError,
+    DigitsDataModule,
     DomainNetDataModule,
     FoldersDataModule,
     ImageNetSketchDataModule,
 )
-from cwps_lightning.data.folders import ImageListDataset
+from cwps_lightning.data.images import ImageListDataset
 
 from .helpers import (
     CLASSES,
@@ -211,7 +213,71 @@ def test_folders_bad_entries(tmp_path):
             {"name": "t", "train": "t/train", "test": "t/test", "colour": 1}], **SMALL).task_names
 
 
+def test_folders_absolute_paths_do_not_need_the_root(tmp_path):
+    make_folder_task(tmp_path / "a", classes=("x", "y"))
+    make_folder_task(tmp_path / "b", classes=("x", "y", "z"))
+    nowhere = tmp_path / "data" / "folders"  # the default root, never created
+    folders = [{"name": t, "train": str(tmp_path / t / "train"),
+                "test": str(tmp_path / t / "test")} for t in ("a", "b")]
+    dm = FoldersDataModule(root=str(nowhere), folders=folders, **SMALL)
+    assert dm.task_names == ["a", "b"] and dm.num_classes("b") == 3
+    assert dm.check_root() == Path(".")  # the root is not read
+    # a relative path does need it, and the message says which path
+    folders[1] = {"name": "b", "train": "b/train", "test": str(tmp_path / "b" / "test")}
+    with pytest.raises(DataConfigError) as err:
+        _ = FoldersDataModule(root=str(nowhere), folders=folders, **SMALL).task_names
+    assert "'b/train' is relative to data.root=" in str(err.value)
+    assert "does not exist" in str(err.value)
+
+
+def test_folders_check_with_absolute_paths(tmp_path):
+    import io
+
+    from cwps_lightning.data.check import run_check
+
+    make_folder_task(tmp_path / "a")
+    folders = f"[{{name: a, train: '{tmp_path}/a/train', test: '{tmp_path}/a/test'}}]"
+    out = io.StringIO()
+    code = run_check(["data=folders", f"data.root={tmp_path / 'nowhere'}",
+                      f"data.folders={folders}"], stream=out)
+    assert code == 0, out.getvalue()
+    assert "a: 3 classes, train 12 images, test 6 images" in out.getvalue()
+
+
 # -- bad input ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls", [FoldersDataModule, ImageNetSketchDataModule, DigitsDataModule])
+def test_tasks_given_as_folder_entries(tmp_path, cls):
+    make_folder_task(tmp_path / "a")
+    tasks = [{"name": "a", "train": "a/train", "test": "a/test"}]
+    kwargs = {} if cls is DigitsDataModule else dict(root=str(tmp_path), **SMALL)
+    with pytest.raises(DataConfigError) as err:
+        _ = cls(tasks=tasks, **kwargs).splits
+    msg = str(err.value)
+    assert msg.startswith("data.tasks takes task names") and "data.tasks[0]" in msg
+    assert "data.folders=[{name: a, train: <dir>, test: <dir>}" in msg and "\n" not in msg
+
+
+def test_tasks_given_as_folder_entries_on_the_command_line(tmp_path):
+    from cwps_lightning.data.check import compose_config, instantiate_data
+
+    entry = "data.tasks=[{name: a, train: a/train, test: a/test}]"
+    for overrides in (["data=digits", entry], ["data=folders", f"data.root={tmp_path}", entry]):
+        dm = instantiate_data(compose_config(overrides))  # OmegaConf containers for digits
+        with pytest.raises(DataConfigError, match=r"data.tasks takes task names .* data.folders"):
+            _ = dm.splits
+
+
+@pytest.mark.parametrize(("tasks", "needle"), [
+    ("optdigits", "e.g. data.tasks=[optdigits], got 'optdigits'"),
+    (["optdigits", 3], "data.tasks[1] must be a task name, got 3"),
+    (7, "a list of task names or null, got 7"),
+])
+def test_tasks_that_are_not_a_list_of_names(tasks, needle):
+    with pytest.raises(DataConfigError) as err:
+        _ = DigitsDataModule(tasks=tasks).num_classes("optdigits")
+    assert needle in str(err.value)
+
+
 @pytest.mark.parametrize("cls", [ImageNetSketchDataModule, DomainNetDataModule, FoldersDataModule])
 def test_missing_root(tmp_path, cls):
     with pytest.raises(DataConfigError) as err:
@@ -292,7 +358,7 @@ def test_bad_settings_are_reported_when_building(i2s_root):
 
 # -- loaders -----------------------------------------------------------------------------------
 def test_loader_settings(i2s_root, monkeypatch):
-    monkeypatch.setattr("cwps_lightning.data.folders.available_cpus", lambda: 16)
+    monkeypatch.setattr("cwps_lightning.data.image_tasks.available_cpus", lambda: 16)
     dm = ImageNetSketchDataModule(root=str(i2s_root), image_size=32, batch_size=5,
                                   eval_batch_size=7)
     assert dm.num_workers == 8 and dm.persistent_workers  # auto: one per CPU, at most 8

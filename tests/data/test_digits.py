@@ -41,3 +41,31 @@ def test_a_lone_last_training_image_is_dropped(n, batches, seen):
     sizes = [len(b[1]) for b in dm.train_dataloader()]
     assert len(sizes) == batches and sum(sizes) == seen
     assert sum(len(b[1]) for b in dm.val_dataloader()) == n  # evaluation sees every image
+
+
+@pytest.mark.parametrize(("kwargs", "needle"), [
+    (dict(image_size=4), "data.image_size must be an integer >= 8, got 4"),
+    (dict(image_size="big"), "data.image_size must be an integer >= 8, got 'big'"),
+    (dict(limit_per_task=-5), "data.limit_per_task must be null or an integer >= 4"),
+    (dict(limit_per_task=2), ">= 4 (images per task; fewer leave a split empty), got 2"),
+    (dict(seed="zero"), "seed must be an integer, got 'zero'"),
+    (dict(batch_size="x"), "data.batch_size must be an integer >= 1, got 'x'"),
+    (dict(eval_batch_size=-1), "data.eval_batch_size must be null or an integer >= 1"),
+    (dict(num_workers="auto"), "data.num_workers must be an integer >= 0, got 'auto'"),
+    (dict(pin_memory="auto"), "data.pin_memory must be true or false, got 'auto'"),
+])
+def test_bad_settings_are_config_errors(kwargs, needle):
+    """Raised when the tasks are resolved (not by the constructor, which Hydra wraps)."""
+    from cwps_lightning.data.base import DataConfigError
+
+    dm = digits.DigitsDataModule(**kwargs)
+    with pytest.raises(DataConfigError) as err:
+        dm.num_classes("optdigits")
+    assert needle in str(err.value)
+
+
+def test_good_settings_are_kept():
+    dm = digits.DigitsDataModule(image_size=16, limit_per_task=4, batch_size=8,
+                                 eval_batch_size=None, seed=3)
+    assert (dm.image_size, dm.limit_per_task, dm.batch_size, dm.eval_batch_size) == (16, 4, 8, 8)
+    assert dm._deferred == []

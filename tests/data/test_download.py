@@ -243,3 +243,29 @@ def test_download_cli_subprocess(server, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert ("/groundtruth/clipart.zip", "bytes=777-") in server.requests
     assert same_tree(root / "clipart", staged / "clipart")
+
+
+@pytest.mark.parametrize(("download", "needle"), [
+    ({"retry": 3}, "data.download has unknown key(s) ['retry']; accepted: "),
+    ({"retries": "many"}, "data.download.retries must be an integer >= 0, got 'many'"),
+    ({"timeout": 0}, "data.download.timeout must be a number of seconds > 0, got 0"),
+    ({"split_files": "txt/{domian}_{split}.txt"}, "only the fields {domain} and {split}"),
+    ({"archives": ["real.zip"]}, "data.download.archives must be a mapping by domain"),
+    ({"keep_archives": "yes"}, "data.download.keep_archives must be true or false"),
+])
+def test_bad_download_settings_are_named(tmp_path, download, needle):
+    from cwps_lightning.data import DomainNetDataModule
+    from cwps_lightning.data.download import download_domainnet
+
+    dm = DomainNetDataModule(root=str(tmp_path / "dn"), download=download, tasks=["clipart"])
+    with pytest.raises(DownloadError) as err:
+        download_domainnet(dm, say=lambda m: None)
+    assert needle in str(err.value)
+
+
+def test_download_setting_that_is_not_a_mapping(tmp_path):
+    from cwps_lightning.data import DataConfigError, DomainNetDataModule
+
+    dm = DomainNetDataModule(root=str(tmp_path), download="yes")
+    with pytest.raises(DataConfigError, match="data.download must be a mapping .* got 'yes'"):
+        _ = dm.task_names

@@ -74,22 +74,39 @@ def test_acquire_t0_prefers_the_weights_file(tmp_path, i2s_root):
     assert_equal_state(model, state)
 
 
-def test_pretrained_failure_is_a_clear_error(monkeypatch, i2s_root):
-    import timm
+def fake_hub(monkeypatch, answer):
+    """Stand in for the network only: timm's downloads of pretrained weights (from the Hugging
+    Face hub or a URL) call ``answer(location)``; the rest of timm.create_model runs as is.
+    Returns the locations asked for."""
+    import timm.models._builder as builder
 
-    real = timm.create_model
+    asked = []
 
-    def offline(name, pretrained=False, **kwargs):
-        if pretrained:
-            raise OSError("We couldn't connect to 'https://huggingface.co'")
-        return real(name, pretrained=False, **kwargs)
+    def download(location, *args, **kwargs):
+        asked.append(location)
+        return answer(location)
 
-    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(builder, "load_state_dict_from_hf", download)
+    monkeypatch.setattr(builder, "load_state_dict_from_url", download)
+    return asked
+
+
+def i2s_pretrained_config(i2s_root):
     cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={i2s_root}",
                           "model.name=resnet18"])
+    assert cfg.model.pretrained is True and not cfg.model.weights  # the preset asks the hub
+    return cfg
+
+
+def test_pretrained_failure_is_a_clear_error(monkeypatch, i2s_root):
+    def offline(location):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    asked = fake_hub(monkeypatch, offline)
     dm = ImageNetSketchDataModule(root=str(i2s_root))
     with pytest.raises(ModelConfigError) as err:
-        acquire_t0(cfg, dm, settings=None, device="cpu")
+        acquire_t0(i2s_pretrained_config(i2s_root), dm, settings=None, device="cpu")
+    assert len(asked) == 1  # the error is the download's
     msg = str(err.value)
     assert "model.pretrained=true" in msg and "resnet18" in msg and "model.weights=" in msg
     assert "couldn't connect" in msg and "\n" not in msg
@@ -98,18 +115,17 @@ def test_pretrained_failure_is_a_clear_error(monkeypatch, i2s_root):
 def test_pretrained_hub_weights_are_used(monkeypatch, i2s_root):
     import timm
 
-    real = timm.create_model
-    calls = []
-
-    def fake_hub(name, pretrained=False, **kwargs):
-        calls.append(pretrained)
-        return real(name, pretrained=False, **kwargs)
-
-    monkeypatch.setattr(timm, "create_model", fake_hub)
-    cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={i2s_root}",
-                          "model.name=resnet18"])
-    model, info = acquire_t0(cfg, ImageNetSketchDataModule(root=str(i2s_root)), None, "cpu")
-    assert calls == [True] and "pretrained" in info
+    # the hub's resnet18: every tensor its own random values, the 1000-class ImageNet head too
+    gen = torch.Generator().manual_seed(123)
+    hub = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+           for k, v in timm.create_model("resnet18", pretrained=False).state_dict().items()}
+    asked = fake_hub(monkeypatch, lambda location: {k: v.clone() for k, v in hub.items()})
+    model, info = acquire_t0(i2s_pretrained_config(i2s_root),
+                             ImageNetSketchDataModule(root=str(i2s_root)), None, "cpu")
+    hub_id = timm.models.get_pretrained_cfg("resnet18").hf_hub_id
+    assert asked in ([hub_id], [timm.models.get_pretrained_cfg("resnet18").url])
+    assert info == {"pretrained": hub_id}
+    assert_equal_state(model, hub)  # every weight the hub's, the head included
     assert model.get_classifier().out_features == 1000  # the ImageNet head stays T0's
 
 
@@ -121,12 +137,12 @@ def test_no_t0_source_for_a_benchmark_without_pretraining(i2s_root):
 
 
 def test_model_configs_share_keys():
-    from omegaconf import OmegaConf
+    """Every model config fills the one typed schema (settings.ModelSettings)."""
+    from cwps_lightning.config import compose_config, settings_of
+    from cwps_lightning.settings import ModelSettings
 
-    from cwps_lightning.data.check import CONF_DIR
-
-    base = set(OmegaConf.load(CONF_DIR / "model" / "resnet18.yaml"))
-    assert {"name", "kwargs", "weights", "pretrained"} <= base
-    for name in ("resnet50", "densenet121", "vit_base_patch16_224"):
-        cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
-        assert set(cfg) == base and cfg.name == name and cfg.pretrained is False
+    for name in ("resnet18", "resnet50", "densenet121", "vit_base_patch16_224"):
+        cfg = compose_config([f"model={name}"])
+        model = settings_of(cfg.model, ModelSettings, "model")
+        assert model.name == name and model.pretrained is False and model.weights is None
+        assert set(cfg.model) == {"name", "kwargs", "weights", "pretrained", "channels_last"}

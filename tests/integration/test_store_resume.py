@@ -12,7 +12,16 @@ import pytest
 from cwps_lightning.cwps import MultiTaskStore
 from cwps_lightning.evaluate import evaluate_store
 
-from .conftest import REPO, cli_env, compose_run_config, read_results, run_train, train_cmd
+from .helpers import (
+    REPO,
+    cli_env,
+    compose_run_config,
+    count_store_params,
+    model_param_counts,
+    read_results,
+    run_train,
+    train_cmd,
+)
 
 TWO_TASKS = "data.tasks=[optdigits,mnist_sketch]"
 
@@ -34,15 +43,19 @@ def test_joint_mode_records_iterations_and_store_reproduces_top1(run_dir, t0_cac
     store = MultiTaskStore.load(run_dir / "store")
     assert store.tasks[0] == "T0" and set(store.tasks[1:]) == {"optdigits", "mnist_sketch"}
     # every task's model rebuilt from the store gets exactly the recorded test top-1
-    rows = evaluate_store(store, {}, device="cpu")
+    rows = evaluate_store(store, device="cpu")
+    assert {row["task"] for row in rows} == {"optdigits", "mnist_sketch"}
     for row in rows:
         assert row["top1"] == res["methods"]["cwps"]["tasks"][row["task"]]["top1"]
-    # param_ratio comes from the store, and the files hold no hidden copies
-    counts = store.param_count()
-    assert res["methods"]["cwps"]["param_ratio"] == pytest.approx(
-        counts["total"] / res["backbone_params"])
+    # param_ratio is the store's parameters, counted from its tensors, over the backbone's,
+    # counted on a fresh model; and the files hold no hidden copies
+    name, kwargs = res["backbone"], res["config"]["model"]["kwargs"]
+    total = count_store_params(run_dir / "store", name, kwargs)
+    backbone = model_param_counts(name, 10, kwargs)["backbone"]
+    assert res["methods"]["cwps"]["params"]["total"] == total
+    assert res["methods"]["cwps"]["param_ratio"] == pytest.approx(total / backbone)
     tensor_bytes = sum(f.stat().st_size for f in (run_dir / "store").glob("*.safetensors"))
-    assert tensor_bytes <= 1.05 * 4 * counts["total"]
+    assert tensor_bytes <= 1.05 * 4 * total
 
 
 def _done_visits(run_dir) -> int:

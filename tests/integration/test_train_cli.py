@@ -3,10 +3,21 @@
 from __future__ import annotations
 
 import re
+import statistics
 
 import pytest
+from hydra.utils import instantiate
 
-from .conftest import compose_run_config, read_results, run_train
+from cwps_lightning.cwps import MultiTaskStore
+
+from .helpers import (
+    compose_run_config,
+    count_store_params,
+    count_test_top1,
+    model_param_counts,
+    read_results,
+    run_train,
+)
 
 
 def test_default_run_writes_results_for_every_method(run_dir, t0_cache):
@@ -22,12 +33,36 @@ def test_default_run_writes_results_for_every_method(run_dir, t0_cache):
         assert set(m["tasks"]) == set(tasks)
         for t in tasks:
             assert 0.0 <= m["tasks"][t]["top1"] <= 100.0
-        assert m["mean_top1"] == pytest.approx(sum(m["tasks"][t]["top1"] for t in tasks) / k)
-    # fine-tuning stores 1 + K backbones (plus heads), a frozen T0 about one
-    assert methods["finetune"]["param_ratio"] == pytest.approx(1 + k, rel=0.01)
-    assert methods["frozen"]["param_ratio"] == pytest.approx(1.0, abs=0.02)
-    assert methods["frozen"]["param_ratio"] < methods["cwps"]["param_ratio"]
-    assert methods["cwps"]["param_ratio"] < methods["finetune"]["param_ratio"]
+        assert m["mean_top1"] == pytest.approx(statistics.fmean(
+            m["tasks"][t]["top1"] for t in tasks))
+
+    # CWPS's top-1 counted again, image by image, with the models rebuilt from the store
+    store_dir = run_dir / "store"
+    store = MultiTaskStore.load(store_dir)
+    datamodule = instantiate(res["config"]["data"])
+    counted = {t: count_test_top1(store.model(t), datamodule, t) for t in tasks}
+    for t in tasks:
+        assert methods["cwps"]["tasks"][t]["top1"] == pytest.approx(counted[t], abs=1e-9)
+    assert methods["cwps"]["mean_top1"] == pytest.approx(sum(counted.values()) / k)
+
+    # parameters counted on fresh models of each task's class count (README "param_ratio"):
+    # fine-tuning = T0 + a full copy per task; frozen = T0 + each task's norms and head; CWPS =
+    # the store's kernel tables + every task's own parameters, T0's included
+    name, kwargs = res["backbone"], res["config"]["model"]["kwargs"]
+    classes = {t: info["num_classes"] for t, info in store.manifest["tasks"].items()}
+    assert set(classes) == {"T0", *tasks}
+    counts = {t: model_param_counts(name, n, kwargs) for t, n in classes.items()}
+    backbone = counts["T0"]["backbone"]
+    assert res["backbone_params"] == backbone
+    expected = {
+        "finetune": counts["T0"]["full"] + sum(counts[t]["full"] for t in tasks),
+        "frozen": counts["T0"]["full"] + sum(counts[t]["own"] for t in tasks),
+        "cwps": count_store_params(store_dir, name, kwargs),
+    }
+    for method, total in expected.items():
+        assert methods[method]["params"]["total"] == total, method
+        assert methods[method]["param_ratio"] == pytest.approx(total / backbone), method
+    assert expected["frozen"] < expected["cwps"] < expected["finetune"]
     table = (run_dir / "results.md").read_text()
     assert "| Method | Param ratio | optdigits | mnist_sketch | mnist_m | Mean |" in table
     assert "CWPS-Incremental" in table

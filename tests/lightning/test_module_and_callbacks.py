@@ -136,13 +136,13 @@ def test_bad_lr_window(window):
 
 
 def test_cwps_settings_lr_windows():
-    from cwps_lightning.runner import CWPSSettings
+    from cwps_lightning.settings import CWPSSettings, StageSettings
 
-    task = CWPSSettings(warmup_epochs=1, soft_epochs=1, hard_epochs=2)
+    task = CWPSSettings(stages=StageSettings(warmup_epochs=1, soft_epochs=1, hard_epochs=2))
     assert task.lr_windows() == ((0.0, 0.25), (0.25, 1.0))
-    per_fit = CWPSSettings(warmup_epochs=1, soft_epochs=1, hard_epochs=2, lr_schedule="per_fit")
+    per_fit = CWPSSettings(stages=StageSettings(1, 1, 2, lr_schedule="per_fit"))
     assert per_fit.lr_windows() == ((0.0, 1.0), (0.0, 1.0))
-    no_warmup = CWPSSettings(warmup_epochs=0, soft_epochs=1, hard_epochs=2)
+    no_warmup = CWPSSettings(stages={"warmup_epochs": 0, "soft_epochs": 1, "hard_epochs": 2})
     assert no_warmup.lr_windows()[1] == (0.0, 1.0)
     with pytest.raises(ValueError, match="lr_schedule.*'weekly'"):
-        CWPSSettings(lr_schedule="weekly")
+        StageSettings(lr_schedule="weekly")

@@ -29,6 +29,10 @@ from .bank import KernelBank
 from .surgery import cwps_layers
 
 DISTANCES = ("l2", "cosine")
+INIT_SCOPES = ("layer", "global")
+#: the defaults of the CLI too (cwps_lightning.settings.CWPSSettings reads them from here)
+DEFAULT_DISTANCE = "cosine"
+DEFAULT_INIT_SCOPE = "global"
 INIT_SCALE = 3.0
 INIT_CLAMP = 6.0
 
@@ -39,7 +43,7 @@ def check_distance(distance: str) -> str:
     return distance
 
 
-def kernel_distances(child: Tensor, candidates: Tensor, distance: str = "l2") -> Tensor:
+def kernel_distances(child: Tensor, candidates: Tensor, distance: str = DEFAULT_DISTANCE) -> Tensor:
     """D between child kernel j and every candidate's kernel j.
 
     child: [C, ...]; candidates: [T, C, ...]. Returns [T, C]. "l2" is the Euclidean distance,
@@ -53,7 +57,7 @@ def kernel_distances(child: Tensor, candidates: Tensor, distance: str = "l2") ->
     return 1.0 - torch.nn.functional.cosine_similarity(k, c, dim=2, eps=1e-12)
 
 
-def nearest_parents(child: Tensor, candidates: Tensor, distance: str = "l2"):
+def nearest_parents(child: Tensor, candidates: Tensor, distance: str = DEFAULT_DISTANCE):
     """Index [C] of the nearest candidate for each channel, and that distance [C]."""
     d = kernel_distances(child, candidates, distance)
     dist, choice = d.min(dim=0)
@@ -81,9 +85,6 @@ class SearchResult:
     distances: dict[str, Tensor]  # per layer [C]
 
 
-INIT_SCOPES = ("layer", "global")
-
-
 def relative_distances(dist: Tensor, child: Tensor, distance: str) -> Tensor:
     """Distances made comparable across layers: l2 over the child kernel's norm (cosine is
     already scale-free)."""
@@ -97,8 +98,8 @@ def search_parents(
     model: nn.Module,
     bank: KernelBank,
     task: str,
-    distance: str = "l2",
-    init_scope: str = "layer",
+    distance: str = DEFAULT_DISTANCE,
+    init_scope: str = DEFAULT_INIT_SCOPE,
 ) -> SearchResult:
     """Run CPMS for every CWPS layer of ``model`` against ``bank`` (excluding ``task`` itself):
     install the composite parent and initialise ``mask_logits``.

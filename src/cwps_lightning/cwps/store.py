@@ -169,7 +169,10 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.exists():
-        raise StoreError(f"{file}: no store manifest here")
+        hint = ""
+        if (path / "store" / MANIFEST).exists():  # a run directory: its store is a subfolder
+            hint = f"; the run's store is {path / 'store'}"
+        raise StoreError(f"{file}: no store manifest here{hint}")
     try:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

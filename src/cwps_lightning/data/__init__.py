@@ -1,7 +1,8 @@
 from .base import DataConfigError, MultiTaskDataModule, TaskSplits
 from .digits import DigitsDataModule
 from .domainnet import DomainNetDataModule
-from .folders import FoldersDataModule, ImageTasksDataModule
+from .folders import FoldersDataModule
+from .image_tasks import ImageTasksDataModule
 from .imagenet_sketch import ImageNetSketchDataModule
 
 #: the benchmarks, by their ``data=`` config name

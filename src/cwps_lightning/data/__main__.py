@@ -40,7 +40,11 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"] and "--strict" in argv[1:]:
+        # --strict may stand anywhere among the overrides (argparse takes it only first)
+        argv = ["check", "--strict", *[a for a in argv[1:] if a != "--strict"]]
+    args = parser().parse_args(argv)
     try:
         if args.command == "check":
             from .check import run_check

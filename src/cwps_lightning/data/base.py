@@ -8,6 +8,7 @@ is the only split model selection looks at; the test split is only ever reported
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -28,6 +29,35 @@ class TaskSplits:
 
 class DataConfigError(ConfigError):
     """Bad data configuration or dataset on disk; the message says what and where."""
+
+
+#: how many offending items an error message lists before "... and N more"
+LIST_LIMIT = 10
+
+
+def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def task_list_error(tasks) -> str | None:
+    """Why ``data.tasks`` is not null or a list of task names; None if it is."""
+    if tasks is None:
+        return None
+    entries = [tasks] if isinstance(tasks, Mapping) else tasks
+    if isinstance(entries, Sequence) and not isinstance(entries, str):
+        for i, entry in enumerate(entries):
+            if isinstance(entry, Mapping):  # {name, train, test}: meant for data.folders
+                return (f"data.tasks takes task names (data.tasks=[a, b]), but data.tasks[{i}] "
+                        f"is a task description {entry!r}; tasks given by their image folders "
+                        f"go in data.folders (with data=folders): "
+                        f"'data.folders=[{{name: a, train: <dir>, test: <dir>}}, ...]'")
+            if not isinstance(entry, str):
+                return f"data.tasks[{i}] must be a task name, got {entry!r}"
+        return None
+    if isinstance(tasks, str):  # data.tasks=a: Hydra reads a string, not a list
+        return f"data.tasks must be a list of task names, e.g. data.tasks=[{tasks}], got {tasks!r}"
+    return f"data.tasks must be a list of task names or null, got {tasks!r}"
 
 
 def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch.Tensor]:
@@ -61,18 +91,52 @@ class MultiTaskDataModule(L.LightningDataModule):
         seed: int = 0,
     ):
         super().__init__()
-        self.tasks_requested = list(tasks) if tasks else list(self.default_tasks)
-        if batch_size < 1:
-            raise DataConfigError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
-        self.seed = seed
+        # Hydra's instantiate wraps what __init__ raises in an error of its own (a traceback for
+        # the user), so a bad value is recorded, replaced by a harmless one, and raised as a
+        # one-line DataConfigError when the tasks are resolved (validate_tasks).
+        self._deferred: list[str] = []
+        tasks_error = task_list_error(tasks)
+        if tasks_error:
+            self._deferred.append(tasks_error)
+        self.tasks_requested = (list(tasks) if tasks and not tasks_error
+                                else list(self.default_tasks))
+        self.batch_size = self.checked_int(batch_size, "data.batch_size", 1, fallback=1)
+        self.eval_batch_size = self.checked_int(eval_batch_size, "data.eval_batch_size", 1,
+                                                fallback=None, none_ok=True) or self.batch_size
+        self.num_workers = self.checked_int(num_workers, "data.num_workers", 0, fallback=0)
+        self.pin_memory = self.checked_bool(pin_memory, "data.pin_memory")
+        self.persistent_workers = (self.checked_bool(persistent_workers, "data.persistent_workers")
+                                   and self.num_workers > 0)
+        self.seed = self.checked_int(seed, "seed", None, fallback=0)
         self._splits: dict[str, TaskSplits] | None = None
         self.current: str | None = None
-        self._shuffle = torch.Generator().manual_seed(seed)
+        self._shuffle = torch.Generator().manual_seed(self.seed)
+
+    # -- settings ------------------------------------------------------------------------------
+    def checked_int(self, value, key: str, minimum: int | None, fallback, none_ok: bool = False,
+                    why: str = ""):
+        """``value`` if it is an integer >= ``minimum`` (or None where ``none_ok``); else
+        ``fallback``, and the error is kept for validate_tasks."""
+        if value is None and none_ok:
+            return None
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or (minimum is not None and value < minimum)):
+            accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+            self._deferred.append(f"{key} must be {'null or ' if none_ok else ''}{accepted}"
+                                  f"{why}, got {value!r}")
+            return fallback
+        return value
+
+    def checked_bool(self, value, key: str) -> bool:
+        if not isinstance(value, bool):
+            self._deferred.append(f"{key} must be true or false, got {value!r}")
+            return False
+        return value
+
+    def raise_deferred(self) -> None:
+        """Raise the first bad setting recorded while constructing."""
+        if self._deferred:
+            raise DataConfigError(self._deferred[0])
 
     # -- to implement --------------------------------------------------------------------------
     def build_tasks(self) -> dict[str, TaskSplits]:
@@ -85,6 +149,7 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     # -- task access ---------------------------------------------------------------------------
     def validate_tasks(self) -> None:
+        self.raise_deferred()
         known = self.known_tasks()
         bad = [t for t in self.tasks_requested if t not in known]
         if bad:

@@ -15,50 +15,12 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import TextIO
 
+# one compose / instantiate helper for every command; data check composes what train runs
+from ..config import CONF_DIR, compose_config, instantiate_data  # noqa: F401
 from ..errors import ConfigError
-from .folders import find_unreadable
-
-#: the repository's Hydra config directory (the one ``cwps_lightning.train`` uses)
-CONF_DIR = Path(__file__).resolve().parents[3] / "conf"
-
-
-def compose_config(overrides: Sequence[str]):
-    """The run config exactly as ``python -m cwps_lightning.train <overrides>`` composes it."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not (CONF_DIR / "config.yaml").is_file():
-        raise ConfigError(f"cannot find the Hydra configs at {CONF_DIR}")
-    try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="data"):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(" ".join(str(err).split())) from err
-    HydraConfig.instance().set_config(cfg)  # resolves ${hydra:runtime.cwd} in paths.*
-    return cfg
-
-
-def instantiate_data(cfg):
-    """The DataModule of ``cfg.data``; construction errors become one-line ConfigErrors."""
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        return instantiate(cfg.data)
-    except InstantiationException as err:
-        cause = err.__cause__
-        if isinstance(cause, ConfigError):
-            raise ConfigError(str(cause)) from err
-        raise ConfigError(f"cannot build data={cfg.data.get('_target_')}: "
-                          f"{' '.join(str(err).split())}") from err
-    except OmegaConfBaseException as err:
-        raise ConfigError(" ".join(str(err).split())) from err
+from .images import find_unreadable
 
 
 class Report:
@@ -127,7 +89,7 @@ class Report:
 
 def run_check(overrides: Sequence[str], strict: bool = False, stream: TextIO | None = None) -> int:
     """Compose the config, build the DataModule, check its tree; the exit status."""
-    from .folders import ImageTasksDataModule
+    from .image_tasks import ImageTasksDataModule
 
     cfg = compose_config(overrides)
     dm = instantiate_data(cfg)

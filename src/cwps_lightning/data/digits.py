@@ -33,6 +33,8 @@ MNIST_PARTS = {"mnist": 0.3, "mnist_sketch": 0.4}  # the rest (0.3) goes to mnis
 SKETCH_CLASSES = 6
 VAL_FRACTION = 0.15
 TEST_FRACTION = 0.25
+#: the smallest data.limit_per_task that leaves an image in every split (round(0.15 * 4) = 1)
+MIN_LIMIT = 4
 
 
 def load_mnist_sample() -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,10 +123,10 @@ class DigitsDataModule(MultiTaskDataModule):
 
     def __init__(self, image_size: int = 32, limit_per_task: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if image_size < 8:
-            raise ValueError(f"data.image_size must be >= 8, got {image_size}")
-        self.image_size = image_size
-        self.limit_per_task = limit_per_task
+        self.image_size = self.checked_int(image_size, "data.image_size", 8, fallback=32)
+        self.limit_per_task = self.checked_int(
+            limit_per_task, "data.limit_per_task", MIN_LIMIT, fallback=None, none_ok=True,
+            why=" (images per task; fewer leave a split empty)")
 
     def cache_spec(self) -> dict:
         """What decides the data T0 is pretrained on (part of the T0 cache key)."""

@@ -20,8 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DataConfigError
-from .folders import IMG_EXTENSIONS, ImageTasksDataModule, TaskSource, short_list
+from .base import DataConfigError, short_list
+from .image_tasks import ImageTasksDataModule, TaskSource
+from .images import is_image_file
 
 DOMAINS = ("clipart", "infograph", "painting", "quickdraw", "real", "sketch")
 SPLITS = ("train", "test")
@@ -86,6 +87,10 @@ class DomainNetDataModule(ImageTasksDataModule):
                  download: Mapping | None = None, **kwargs):
         super().__init__(**kwargs)
         self.num_classes_setting = num_classes
+        if download is not None and not isinstance(download, Mapping):
+            self._deferred.append(f"data.download must be a mapping of download settings "
+                                  f"(base_url, archives, ...) or null, got {download!r}")
+            download = None
         self.download = dict(download or {})
         self._parsed: dict[Path, tuple[list[SplitEntry], list[str]]] = {}
         self._table: tuple[dict[int, str], list[str]] | None = None
@@ -285,5 +290,5 @@ def _images_under(d: Path) -> list[str]:
     out = []
     for dirpath, dirnames, filenames in os.walk(d):
         dirnames[:] = [n for n in dirnames if not n.startswith(".")]
-        out += [os.path.join(dirpath, n) for n in filenames if n.lower().endswith(IMG_EXTENSIONS)]
+        out += [os.path.join(dirpath, n) for n in filenames if is_image_file(n)]
     return out

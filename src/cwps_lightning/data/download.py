@@ -227,10 +227,48 @@ def url_join(base: str, rel: str) -> str:
 
 
 def download_spec(overrides: Mapping | None) -> dict:
-    spec = {**DEFAULT_SPEC, **dict(overrides or {})}
-    spec["archives"] = {**DEFAULT_SPEC["archives"], **dict(spec.get("archives") or {})}
-    spec["checksums"] = dict(spec.get("checksums") or {})
+    """DEFAULT_SPEC updated by ``data.download``, checked before anything is fetched."""
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(DEFAULT_SPEC))
+    if unknown:
+        raise DownloadError(f"data.download has unknown key(s) {unknown}; accepted: "
+                            f"{sorted(DEFAULT_SPEC)}")
+    spec = {**DEFAULT_SPEC, **overrides}
+    for key in ("archives", "checksums"):
+        if spec[key] is not None and not isinstance(spec[key], Mapping):
+            raise DownloadError(f"data.download.{key} must be a mapping by "
+                                f"{'domain' if key == 'archives' else 'file name'} (or null), "
+                                f"got {spec[key]!r}")
+    spec["archives"] = {**DEFAULT_SPEC["archives"], **dict(spec["archives"] or {})}
+    spec["checksums"] = dict(spec["checksums"] or {})
+    check_download_settings(spec)
     return spec
+
+
+def check_download_settings(spec: Mapping) -> None:
+    """The scalar settings of a download spec; a DownloadError names the bad one."""
+    def bad(key: str, accepted: str) -> DownloadError:
+        return DownloadError(f"data.download.{key} must be {accepted}, got {spec[key]!r}")
+
+    def is_number(value) -> bool:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+
+    for key in ("base_url", "split_files"):
+        if not isinstance(spec[key], str) or not spec[key]:
+            raise bad(key, "a non-empty string")
+    try:
+        spec["split_files"].format(domain="clipart", split="train")
+    except (KeyError, IndexError, ValueError) as err:
+        raise bad("split_files", "a path with only the fields {domain} and {split}") from err
+    if not isinstance(spec["retries"], int) or isinstance(spec["retries"], bool) \
+            or spec["retries"] < 0:
+        raise bad("retries", "an integer >= 0")
+    if not is_number(spec["timeout"]) or spec["timeout"] <= 0:
+        raise bad("timeout", "a number of seconds > 0")
+    if not is_number(spec["retry_wait"]) or spec["retry_wait"] < 0:
+        raise bad("retry_wait", "a number of seconds >= 0")
+    if not isinstance(spec["keep_archives"], bool):
+        raise bad("keep_archives", "true or false")
 
 
 def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
@@ -266,7 +304,7 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
 
 
 def run_download(overrides, stream=None) -> int:
-    from .check import compose_config, instantiate_data
+    from ..config import compose_config, instantiate_data
     from .domainnet import DomainNetDataModule
 
     stream = stream or sys.stdout

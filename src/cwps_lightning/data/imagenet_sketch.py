@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .folders import ImageTasksDataModule, TaskSource, check_folder_task, folder_task_source
+from .image_tasks import ImageTasksDataModule, TaskSource
+from .scan import check_folder_task, folder_task_source
 
 #: (classes, train images, test images) of the reference dataset (Piggyback, Table 1)
 REFERENCE_COUNTS = {

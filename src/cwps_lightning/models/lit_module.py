@@ -11,6 +11,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..cwps import cwps_layers
+from ..settings import OptimSettings
 
 #: which parameters a fit trains
 TRAIN_MODES = ("finetune", "cwps", "frozen")
@@ -62,10 +63,10 @@ class CWPSLitModule(L.LightningModule):
         self,
         model: nn.Module,
         num_classes: int,
-        lr: float = 0.01,
-        mask_lr: float = 0.02,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
+        lr: float = OptimSettings.lr,
+        mask_lr: float = OptimSettings.mask_lr,
+        momentum: float = OptimSettings.momentum,
+        weight_decay: float = OptimSettings.weight_decay,
         label_smoothing: float = 0.0,
         lr_window: tuple[float, float] = (0.0, 1.0),
     ):

@@ -1,0 +1,189 @@
+"""Hydra glue: the typed schema of the run config, and one compose / instantiate helper for
+every command (``train``, ``evaluate``, ``data check``, ``data download``).
+
+The schema is the dataclasses of settings.py registered in Hydra's ConfigStore as
+``cwps_lightning_schema``; conf/config.yaml lists it first in its defaults, so every YAML file
+and every override merges into typed nodes: Hydra itself rejects an unknown key
+(``cwps.no_such_key=1``) or a wrong type (``cwps.threshold=abc``), naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+from .settings import CWPSSettings, LoggerSettings, ModelSettings, OptimSettings, T0Settings
+
+#: the repository's Hydra config directory (the one ``cwps_lightning.train`` uses)
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+SCHEMA = "cwps_lightning_schema"
+
+
+@dataclass
+class RunConfig:
+    """The whole run config. ``data`` (a DataModule with its ``_target_``), ``trainer``
+    (lightning.Trainer arguments) and ``paths`` are open dicts given by their YAML groups."""
+
+    data: Any = MISSING
+    model: ModelSettings = field(default_factory=ModelSettings)
+    cwps: CWPSSettings = field(default_factory=CWPSSettings)
+    optim: OptimSettings = field(default_factory=OptimSettings)
+    t0: T0Settings = field(default_factory=T0Settings)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    logger: LoggerSettings = field(default_factory=LoggerSettings)
+    paths: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+
+def register_schema() -> None:
+    ConfigStore.instance().store(name=SCHEMA, node=RunConfig)
+
+
+register_schema()
+
+
+def one_line(err: BaseException) -> str:
+    """Hydra's and OmegaConf's errors as one line that starts with the key concerned.
+
+    OmegaConf reads "Value 'abc' of type 'str' could not be converted to Float / full_key:
+    cwps.threshold / object_type=..."; Hydra wraps it as "Error merging override ...". The
+    user needs the key, the message, and (for a missing config) the options.
+    """
+    from hydra.errors import MissingConfigException
+
+    cause = err.__cause__ if err.__cause__ is not None else err
+    if isinstance(err, MissingConfigException) and err.missing_cfg_file:
+        group = err.missing_cfg_file.rsplit("/", 1)
+        if err.options and len(group) == 2:
+            return (f"{group[0]}={group[1]}: no such config; available: "
+                    f"{', '.join(err.options)}")
+        return f"cannot find config {err.missing_cfg_file!r}"
+    full_key = getattr(cause, "full_key", None)
+    msg = getattr(cause, "msg", None)
+    if full_key and msg:
+        msg = msg.strip().splitlines()[0].strip()
+        accepted = schema_keys(full_key.rsplit(".", 1)[0]) if "not in" in msg else None
+        if accepted:
+            msg = f"no such key; accepted: {', '.join(accepted)}"
+        return f"{full_key}: {msg}"
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search path")),
+                         len(lines))]
+    return "; ".join(lines) or type(err).__name__
+
+
+def schema_keys(path: str) -> list[str] | None:
+    """The keys the schema accepts under ``path`` (e.g. "cwps.stages"), or None if open."""
+    cls: Any = RunConfig
+    for part in path.split(".") if path else []:
+        found = {f.name: f for f in dataclasses.fields(cls)}.get(part)
+        if found is None:
+            return None
+        cls = typing.get_type_hints(cls).get(part)
+        if not dataclasses.is_dataclass(cls):
+            return None
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def unknown_keys(node: DictConfig, cls: type, prefix: str) -> list[str]:
+    """Keys of ``node`` that ``cls`` (a settings dataclass) does not have, with their path.
+    (``+cwps.x=1`` appends to a typed node past Hydra's own check.)"""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for key in node.keys():
+        if key not in hints:
+            out.append(f"{prefix}.{key}")
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            out += unknown_keys(node[key], hints[key], f"{prefix}.{key}")
+    return out
+
+
+def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -> DictConfig:
+    """The run config exactly as ``python -m cwps_lightning.train <overrides>`` composes it,
+    with ``hydra.*`` resolvable (``paths.*`` interpolate ``${hydra:runtime.cwd}``).
+    A composition error (unknown group, key or type) becomes one ConfigError line."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not (CONF_DIR / "config.yaml").is_file():
+        raise ConfigError(f"cannot find the Hydra configs at {CONF_DIR}")
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                                   job_name=job_name):
+            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(one_line(err)) from None
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """``cfg`` (e.g. the config a store was trained with) with ``key=value`` overrides, parsed
+    by Hydra's own override grammar (quoting, lists and dicts as on the train command line)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = cfg.copy()
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        for o in parsed:
+            if o.is_sweep_override() or o.key_or_group.startswith("hydra"):
+                raise ConfigError(f"override {o.input_line!r}: give one value of a config key")
+            key = o.key_or_group
+            if o.is_delete():
+                OmegaConf.update(cfg, key, None, force_add=True)
+            else:
+                OmegaConf.update(cfg, key, o.value(), merge=True, force_add=o.is_add())
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(one_line(err)) from None
+    return cfg
+
+
+def instantiate_data(cfg: DictConfig):
+    """The DataModule of ``cfg.data``; construction errors become one-line ConfigErrors."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return instantiate(cfg.data)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from err
+        raise ConfigError(f"cannot build data={cfg.data.get('_target_')}: "
+                          f"{' '.join(str(err).split())}") from err
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"data: {one_line(err)}") from err
+
+
+def settings_of(node: DictConfig, cls: type, key: str):
+    """The typed settings object of config node ``key``, its ``__post_init__`` checks run;
+    their ValueError and unknown keys become a ConfigError."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    bad = unknown_keys(node, cls, key)
+    if bad:
+        accepted = ", ".join(f.name for f in dataclasses.fields(cls))
+        raise ConfigError(f"{bad[0]}: no such key; accepted under {key}: {accepted}")
+    try:
+        obj = OmegaConf.to_object(node)
+    except (ValueError, OmegaConfBaseException) as err:
+        raise ConfigError(one_line(err)) from None
+    if not isinstance(obj, cls):  # a node that was not typed (e.g. a config saved as a dict)
+        try:
+            obj = cls(**obj)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
+    return obj

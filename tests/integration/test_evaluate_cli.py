@@ -1,0 +1,85 @@
+"""`python -m cwps_lightning.evaluate store=<dir>`: exit 0 when every task's re-tested top-1
+matches the recorded one, 1 when one differs, 2 on bad input (one `error:` line)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from cwps_lightning.evaluate import main
+
+from .helpers import REPO, cli_env, compose_run_config
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory, t0_cache):
+    """The store of a tiny in-process run (one task, no baselines)."""
+    from cwps_lightning.train import run
+
+    run_dir = tmp_path_factory.mktemp("evaluate") / "run"
+    run(compose_run_config(run_dir, "data.tasks=[optdigits]", "cwps.baselines=[]",
+                           f"paths.cache_dir={t0_cache}"))
+    return run_dir / "store"
+
+
+@pytest.fixture
+def mismatching_store(store_dir, tmp_path):
+    """A copy of the store whose manifest records a top-1 one point off the true one."""
+    copy = shutil.copytree(store_dir, tmp_path / "store")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["metrics"]["optdigits"]["top1"] += 1.0
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_matching_store_exits_0(store_dir, capsys):
+    assert main([f"store={store_dir}", "device=cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "optdigits" in out and err == ""
+
+
+def test_mismatch_exits_1(mismatching_store, capsys):
+    assert main([f"store={mismatching_store}", "device=cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert "optdigits" in out and "error:" not in err
+
+
+def test_bad_input_exits_2_with_one_error_line(store_dir, tmp_path, capsys):
+    broken = shutil.copytree(store_dir, tmp_path / "broken")
+    kernels = next(broken.glob("kernels-*.safetensors"))
+    kernels.write_bytes(kernels.read_bytes()[:1000])
+    garbled = shutil.copytree(store_dir, tmp_path / "garbled")
+    (garbled / "manifest.json").write_text("{not json")
+    cases = {
+        "no store argument": [],
+        "an argument without =": [f"store={store_dir}", "cpu"],
+        "no such directory": [f"store={tmp_path / 'nowhere'}"],
+        "a directory without a store": [f"store={tmp_path}"],
+        "a truncated tensor file": [f"store={broken}"],
+        "a corrupt manifest": [f"store={garbled}"],
+    }
+    for case, argv in cases.items():
+        assert main(argv) == 2, case
+        out, err = capsys.readouterr()
+        one_error_line(err)
+        assert out == "", case
+
+
+def test_cli_subprocess_exit_status(mismatching_store):
+    """The module run as a program: the table on stdout, the exit status main returns."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "cwps_lightning.evaluate", f"store={mismatching_store}",
+         "device=cpu"],
+        cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "optdigits" in proc.stdout and "Traceback" not in proc.stderr

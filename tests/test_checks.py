@@ -1,0 +1,182 @@
+"""What can be checked before work starts is checked before work starts (checks.py and the
+train command's preflight): each case ends with one ConfigError line, before data, T0 or any
+fit; the CLI turns it into ``error: ...`` and exit 2 with nothing written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cwps_lightning import checks
+from cwps_lightning.config import compose_config
+from cwps_lightning.errors import ConfigError
+from cwps_lightning.train import preflight, sweep_jobs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def no_fits(monkeypatch):
+    """Fail the test if anything starts training or builds data."""
+    import cwps_lightning.fitting as fitting
+    import cwps_lightning.train as train
+
+    def boom(*args, **kwargs):
+        raise AssertionError("work started before the config was checked")
+
+    monkeypatch.setattr(fitting, "fit", boom)
+    monkeypatch.setattr(train, "build_data", boom)
+
+
+def test_gpu_trainer_without_gpu(monkeypatch, no_fits):
+    monkeypatch.setattr(checks.torch.cuda, "is_available", lambda: False)
+    for trainer in ("trainer=gpu", "trainer=ddp"):
+        with pytest.raises(ConfigError, match=r"^trainer\.accelerator=gpu: no CUDA GPU"):
+            preflight([trainer])
+    preflight(["trainer=cpu"])  # and a CPU run passes
+
+
+def test_more_gpus_than_visible(monkeypatch):
+    monkeypatch.setattr(checks.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(checks.torch.cuda, "device_count", lambda: 2)
+    checks.check_trainer({"accelerator": "gpu", "devices": 2})
+    with pytest.raises(ConfigError, match=r"trainer\.devices=4: only 2 GPU"):
+        checks.check_trainer({"accelerator": "gpu", "devices": 4})
+
+
+def test_unknown_trainer_argument(no_fits):
+    with pytest.raises(ConfigError, match=r"^trainer\.max_epoch: not an argument"):
+        preflight(["+trainer.max_epoch=3"])
+    with pytest.raises(ConfigError, match=r"^trainer\.max_epochs: set per fit"):
+        preflight(["+trainer.max_epochs=3"])
+
+
+@pytest.fixture
+def no_wandb_credentials(monkeypatch, tmp_path):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    return tmp_path / "netrc"
+
+
+def test_wandb_without_credentials(no_wandb_credentials, no_fits, monkeypatch):
+    with pytest.raises(ConfigError, match=r"^logger=wandb: no W&B credentials.*logger\.mode=off"):
+        preflight(["logger=wandb", "logger.project=my-project"])
+    # offline (the key or the environment) needs no account
+    preflight(["logger=wandb", "logger.mode=offline"])
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    preflight(["logger=wandb"])
+    monkeypatch.delenv("WANDB_MODE")
+    # `wandb login` writes a netrc entry for the W&B host
+    no_wandb_credentials.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40)
+    os.chmod(no_wandb_credentials, 0o600)
+    preflight(["logger=wandb"])
+
+
+def test_hub_weights_without_network(monkeypatch, no_fits):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(checks, "hub_cached", lambda name: False)
+    probed = []
+    monkeypatch.setattr(checks, "reachable", lambda host, **kw: probed.append(host) or False)
+    with pytest.raises(ConfigError, match=r"^model\.pretrained=true: .*'resnet18'.*cannot be "
+                                          r"reached.*model\.weights=<file>"):
+        preflight(["model.pretrained=true"])
+    assert probed == ["huggingface.co"]
+    # cached weights need no network; weights from a file need no hub at all
+    monkeypatch.setattr(checks, "hub_cached", lambda name: True)
+    preflight(["model.pretrained=true"])
+
+
+def test_reachable_probes_a_port():
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        port = server.getsockname()[1]
+        assert checks.reachable("127.0.0.1", port, timeout=1.0) is True
+    assert checks.reachable("127.0.0.1", port, timeout=1.0) is False  # closed now
+
+
+def test_sweep_jobs_expand_command_line_and_preset_sweeps():
+    assert sweep_jobs(["cwps.threshold=0.3,0.7", "seed=1"]) == [
+        ["cwps.threshold=0.3", "seed=1"], ["cwps.threshold=0.7", "seed=1"]]
+    jobs = sweep_jobs(["+experiment=lambda_sweep", "data.root=/x"])
+    assert [j[-1] for j in jobs] == [f"cwps.threshold={v}" for v in
+                                     ("0", "0.3", "0.4", "0.5", "0.6", "0.7", "1")]
+
+
+def test_a_bad_sweep_value_stops_the_sweep_before_any_job(no_fits):
+    with pytest.raises(ConfigError, match=r"^job 1 of the sweep \(cwps\.threshold=1\.5\): "
+                                          r"cwps\.threshold \(lambda\) must be in \[0, 1\]"):
+        preflight(["-m", "cwps.threshold=0.3,1.5"])
+
+
+def test_hydra_own_commands_skip_the_preflight(no_fits):
+    preflight(["--help"])
+    preflight(["--cfg", "job", "cwps.threshold=abc"])  # Hydra prints or rejects it itself
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "cwps_lightning.train", *args], cwd=REPO,
+                          env=full_env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("cwps.no_such_key=1", "cwps.no_such_key"),
+    ("cwps.threshold=abc", "cwps.threshold"),
+])
+def test_cli_bad_config_one_line_exit_2_nothing_written(tmp_path, override, key):
+    run_dir = tmp_path / "run"
+    proc = _cli(override, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert not run_dir.exists()
+
+
+def test_cli_hub_without_network_fails_within_seconds(tmp_path):
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    proc = _cli("model.pretrained=true", f"hydra.run.dir={run_dir}",
+                env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")})
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: model.pretrained=true:"), proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not run_dir.exists()
+    # the check itself takes no time; the rest is importing torch and Lightning
+    assert time.monotonic() - started < 60
+
+
+def test_checks_compose_the_default_run_cleanly(no_fits):
+    job = checks.check_config(compose_config([]))
+    assert job.cwps.baselines == ["finetune", "frozen"] and job.model.name == "resnet18"
+
+
+@pytest.mark.parametrize("argv", [
+    ["check", "--strict", "data=folders", "data.root=/nowhere/at/all"],
+    ["check", "data=folders", "--strict", "data.root=/nowhere/at/all"],
+    ["check", "data=folders", "data.root=/nowhere/at/all", "--strict"],
+])
+def test_data_check_takes_strict_anywhere(argv, capsys):
+    from cwps_lightning.data.__main__ import main
+
+    assert main(argv) == 2  # the missing root, reported as one line (not an argparse error)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "/nowhere/at/all" in err[0]
+
+
+def test_evaluate_on_a_run_dir_points_to_its_store(tmp_path, capsys):
+    from cwps_lightning.evaluate import main
+
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "manifest.json").write_text("{}")
+    assert main([f"store={tmp_path}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the run's store is {tmp_path / 'store'}" in err

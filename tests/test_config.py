@@ -1,0 +1,177 @@
+"""The typed config (config.py, settings.py): one source of defaults, Hydra's own rejection of
+unknown keys and wrong types, the overrides grammar of ``evaluate``, and the README's
+plain-PyTorch example running the CLI's method."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cwps_lightning.config import (
+    apply_overrides,
+    compose_config,
+    schema_keys,
+    settings_of,
+    unknown_keys,
+)
+from cwps_lightning.errors import ConfigError
+from cwps_lightning.settings import (
+    CWPSSettings,
+    LoggerSettings,
+    ModelSettings,
+    OptimSettings,
+    StageSettings,
+    T0Settings,
+)
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SECTIONS = {"cwps": CWPSSettings, "optim": OptimSettings, "model": ModelSettings,
+            "t0": T0Settings, "logger": LoggerSettings}
+
+
+@pytest.mark.parametrize("key", sorted(SECTIONS))
+def test_cli_defaults_are_the_library_defaults(key):
+    """The default run's sections equal the dataclasses' defaults: no YAML restates or
+    changes them (so plain Python and the CLI run the same method)."""
+    cfg = compose_config([])
+    assert settings_of(cfg[key], SECTIONS[key], key) == SECTIONS[key]()
+
+
+def test_library_defaults_of_the_lower_layers_match():
+    """CWPSLitModule, FitSettings and search_parents default to the CLI's values."""
+    import inspect
+
+    from cwps_lightning.cwps import search_parents
+    from cwps_lightning.fitting import FitSettings
+    from cwps_lightning.models import CWPSLitModule
+
+    cli = settings_of(compose_config([]).optim, OptimSettings, "optim")
+    for fn in (CWPSLitModule.__init__, FitSettings.__init__):
+        params = inspect.signature(fn).parameters
+        assert {k: params[k].default for k in ("lr", "mask_lr", "momentum", "weight_decay")} == {
+            "lr": cli.lr, "mask_lr": cli.mask_lr, "momentum": cli.momentum,
+            "weight_decay": cli.weight_decay}
+    cwps = settings_of(compose_config([]).cwps, CWPSSettings, "cwps")
+    params = inspect.signature(search_parents).parameters
+    assert (params["distance"].default, params["init_scope"].default) == (
+        cwps.distance, cwps.init_scope)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("cwps.no_such_key=1", r"^cwps\.no_such_key: no such key; accepted: mode, iterations"),
+    ("+cwps.no_such_key=1", r"^cwps\.no_such_key: no such key"),
+    ("cwps.threshold=abc", r"^cwps\.threshold: Value 'abc' .*could not be converted to Float$"),
+    ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Integer"),
+    ("model.pretrained=maybe", r"^model\.pretrained: Value 'maybe' is not a valid bool"),
+    ("data=nosuchdata", r"^data=nosuchdata: no such config; available: digits, "),
+    ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
+    ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
+    ("cwps.baselines=[finetune,nope]", r"cwps\.baselines has unknown entries \['nope'\]"),
+    ("optim.lr=-1", r"^optim\.lr must be >= 0"),
+    ("logger.kind=tensorboard", r"^logger\.kind must be one of"),
+])
+def test_bad_values_give_one_line_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        cfg = compose_config([override])
+        for key, cls in SECTIONS.items():
+            settings_of(cfg[key], cls, key)
+    message = str(err.value)
+    assert "\n" not in message
+    assert re.search(expected, message), message
+
+
+def test_stage_settings_nested_from_a_dict_and_checked():
+    s = CWPSSettings(stages={"warmup_epochs": 2, "soft_epochs": 0, "hard_epochs": 3})
+    assert s.stages == StageSettings(2, 0, 3) and s.total_epochs == 5
+    with pytest.raises(ValueError, match="soft_epochs \\+ hard_epochs"):
+        CWPSSettings(stages=StageSettings(1, 0, 0))
+    with pytest.raises(ValueError, match="cwps.iterations=2 needs cwps.mode=joint"):
+        CWPSSettings(iterations=2)
+
+
+def test_schema_keys_and_unknown_keys():
+    assert schema_keys("cwps.stages") == ["warmup_epochs", "soft_epochs", "hard_epochs",
+                                          "lr_schedule"]
+    assert schema_keys("trainer") is None  # an open dict of Trainer arguments
+    node = OmegaConf.create({"mode": "joint", "stages": {"soft_epochs": 1, "nope": 2}, "x": 1})
+    assert unknown_keys(node, CWPSSettings, "cwps") == ["cwps.stages.nope", "cwps.x"]
+
+
+def test_presets_state_only_what_differs_and_compose_typed():
+    """Every paper preset takes the shared base: the paper's stages and lr unless it says
+    otherwise."""
+    for preset, lr in [("imagenet_sketch", 0.01), ("imagenet_sketch_densenet", 0.08),
+                       ("imagenet_sketch_vit", 0.001), ("domainnet", 0.01)]:
+        cfg = compose_config([f"+experiment={preset}", "data.root=/nowhere"])
+        cwps = settings_of(cfg.cwps, CWPSSettings, "cwps")
+        assert cwps.stages == StageSettings(10, 10, 30) and cwps.baselines == []
+        assert cfg.optim.lr == lr and cfg.model.pretrained is True
+
+
+def test_apply_overrides_uses_the_train_grammar():
+    saved = OmegaConf.create({"data": {"root": "/old", "tasks": ["a", "b"]}, "seed": 0})
+    cfg = apply_overrides(saved, ["data.root=/new", "data.tasks=[b]", "+data.extra=1", "seed=3"])
+    assert OmegaConf.to_container(cfg) == {"data": {"root": "/new", "tasks": ["b"], "extra": 1},
+                                           "seed": 3}
+    assert saved.data.root == "/old"  # the store's config is not changed in place
+    with pytest.raises(ConfigError, match="one value"):
+        apply_overrides(saved, ["seed=1,2"])
+    with pytest.raises(ConfigError):
+        apply_overrides(saved, ["data.root=[unclosed"])
+
+
+def _readme_example() -> str:
+    text = README.read_text()
+    section = text.split("## Using the core from plain PyTorch", 1)[1]
+    return section.split("```python", 1)[1].split("```", 1)[0]
+
+
+def test_readme_plain_pytorch_example_runs_the_clis_cpms(monkeypatch):
+    """The README's example, run as written, chooses the same parents and initialises the same
+    mask logits as the CLI's default settings would (same distance, same init scope)."""
+    from cwps_lightning.cwps import search
+
+    code = _readme_example()
+    assert "search_parents(model, bank, \"task1\")" in code
+    # the example's warm-up placeholder, made a stand-in: the weights move off T0's
+    warmup = "# ... warm-up fine-tune `model` ..."
+    assert warmup in code
+    code = code.replace(warmup, "[p.data.add_(0.01 * torch.randn_like(p)) for p in "
+                                "model.parameters()]")
+    seen = []
+    real = search.search_parents
+
+    def spy(model, bank, task, *args, **kwargs):
+        result = real(model, bank, task, *args, **kwargs)
+        logits = {n: m.mask_logits.detach().clone()
+                  for n, m in model.named_modules() if hasattr(m, "mask_logits")}
+        seen.append((result, logits))
+        return result
+
+    import cwps_lightning
+
+    monkeypatch.setattr(cwps_lightning, "search_parents", spy)
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), {})
+    cli = settings_of(compose_config([]).cwps, CWPSSettings, "cwps")
+    explicit = code.replace('search_parents(model, bank, "task1")',
+                            f'search_parents(model, bank, "task1", distance="{cli.distance}", '
+                            f'init_scope="{cli.init_scope}")')
+    torch.manual_seed(0)
+    exec(compile(explicit, "README.md", "exec"), {})
+    (readme, readme_logits), (cli_run, cli_logits) = seen
+    assert readme.parent_task == cli_run.parent_task
+    for name in readme.parent_ids:
+        assert torch.equal(readme.parent_ids[name], cli_run.parent_ids[name])
+        assert torch.equal(readme_logits[name], cli_logits[name])
+    # and a different setting would have been told apart
+    other = "l2" if cli.distance == "cosine" else "cosine"
+    torch.manual_seed(0)
+    exec(compile(code.replace('search_parents(model, bank, "task1")',
+                              f'search_parents(model, bank, "task1", distance="{other}")'),
+                 "README.md", "exec"), {})
+    assert any(not torch.equal(readme_logits[n], seen[-1][1][n]) for n in readme_logits)
