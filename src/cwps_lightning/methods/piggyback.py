@@ -53,7 +53,7 @@ class _BinariseSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mask: Tensor) -> Tensor:
-        return (mask >= THRESHOLD).to(mask.dtype)
+        return (mask > THRESHOLD).to(mask.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
