@@ -7,7 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cwps.store import MANIFEST, MultiTaskStore, atomic_write
+from .cwps.store import MultiTaskStore, atomic_write
 
 METHOD_LABELS = {
     "finetune": "Fine-Tuning",
@@ -51,10 +51,10 @@ def write_results(run_dir: str | Path, results: dict) -> None:
 
 def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict, cwps,
                      backbone_params: int, t0_info: dict, store_dir: Path, seconds: float,
-                     device) -> dict:
+                     device, read_store: bool = True) -> dict:
     """results.json's content: the run, and per method its per-task metrics, mean top-1 and
-    parameter count (CWPS's read back from the store it wrote, where the store is readable:
-    on rank 0, which wrote it)."""
+    parameter count. With ``read_store`` (rank 0 only: the rank that wrote it, so no rank reads
+    a store being written), CWPS's count is read back from the saved store."""
     results = {
         "benchmark": benchmark,
         "tasks": list(tasks),
@@ -69,7 +69,7 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
     }
     cwps_result = results["methods"]["cwps"]
     cwps_result.update({"mode": cwps.mode, "iterations": cwps.iterations})
-    if (Path(store_dir) / MANIFEST).is_file():
+    if read_store:
         stored = MultiTaskStore.load(store_dir).param_count()
         cwps_result["params"] = stored
         cwps_result["param_ratio"] = stored["total"] / backbone_params

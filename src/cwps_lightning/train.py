@@ -167,8 +167,9 @@ def run(cfg: DictConfig) -> dict:
     persist(complete=True)
 
     results = assemble_results(
-        cfg, type(datamodule).__name__, datamodule.task_names, methods, c, runner.backbone_params, t0_info,
-        recorder.store_dir, seconds=time.time() - started, device=device,
+        cfg, type(datamodule).__name__, datamodule.task_names, methods, c,
+        runner.backbone_params, t0_info, recorder.store_dir, seconds=time.time() - started,
+        device=device, read_store=is_rank_zero(),
     )
     if is_rank_zero():
         write_results(run_dir, results)
