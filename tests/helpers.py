@@ -39,7 +39,7 @@ def cwps_settings(**kwargs):
     The only place tests construct it: the stage keys go into ``stages=StageSettings(...)``
     where the settings have a nested ``stages`` field, and stay flat where they do not.
     """
-    from cwps_lightning.runner import CWPSSettings
+    from cwps_lightning.settings import CWPSSettings
 
     if "stages" not in {f.name for f in dataclasses.fields(CWPSSettings)}:
         return CWPSSettings(**kwargs)

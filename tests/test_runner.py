@@ -9,9 +9,12 @@ import pytest
 import timm
 import torch
 
+from cwps_lightning.cwps.method import CWPSMethod
 from cwps_lightning.data.digits import DigitsDataModule
 from cwps_lightning.fitting import FitSettings
-from cwps_lightning.runner import CWPSSettings, Progress, Runner
+from cwps_lightning.methods.baselines import FineTune
+from cwps_lightning.runner import MethodResult, Runner
+from cwps_lightning.settings import CWPSSettings
 
 from .helpers import cwps_settings
 
@@ -32,7 +35,11 @@ def _runner(cwps: CWPSSettings, seed: int = 3, limit: int = 96, **loader) -> Run
     # momentum 0: SGD keeps no state across fits, so a warm-up fit followed by a mask fit can
     # reproduce one fine-tuning fit of the same epochs step for step
     settings = FitSettings(trainer=TRAINER, lr=0.05, mask_lr=0.02, momentum=0.0)
-    return Runner(dm, t0, settings, cwps, seed=seed)
+    return Runner(dm, t0, settings, epochs=cwps.total_epochs, seed=seed)
+
+
+def run_one(runner: Runner, method) -> MethodResult:
+    return runner.run_method(method, runner.new_result(method))
 
 
 def perturb_global_rngs() -> None:
@@ -42,9 +49,25 @@ def perturb_global_rngs() -> None:
     np.random.rand(3)
 
 
-def _max_weight_diff(a, b, task: str) -> float:
-    layers_a, layers_b = a.bank.entries[task].layers, b.bank.entries[task].layers
-    return max(float((layers_a[n].weight - layers_b[n].weight).abs().max()) for n in layers_a)
+def _max_weight_diff(a: MethodResult, b, task: str) -> float:
+    """Largest weight difference between ``a``'s kept model of ``task`` and ``b``'s
+    (a KeepingFineTune: fine-tuning keeps no models in its bank)."""
+    layers = a.bank.entries[task].layers
+    model = b.models[task]
+    return max(float((lw.weight - model.get_submodule(n).weight.detach()).abs().max())
+               for n, lw in layers.items())
+
+
+class KeepingFineTune(FineTune):
+    """Fine-tuning that keeps each task's trained model for the comparison."""
+
+    def __init__(self):
+        self.models = {}
+
+    def train(self, task, iteration, bank, harness):
+        trained = super().train(task, iteration, bank, harness)
+        self.models[task] = trained.model
+        return trained
 
 
 # the data loader settings the pairing must hold under: in-process, and persistent workers
@@ -60,7 +83,9 @@ def loader(request):
 @pytest.fixture(scope="module")
 def finetuned(loader):
     cwps = cwps_settings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
-    return _runner(cwps, **LOADERS[loader]).run_baseline("finetune", Progress(1))
+    method = KeepingFineTune()
+    method.result = run_one(_runner(cwps, **LOADERS[loader]), method)
+    return method
 
 
 @pytest.mark.parametrize("warmup_epochs", [1, 0])
@@ -74,10 +99,10 @@ def test_cwps_without_sharing_reproduces_the_finetuning_run(finetuned, loader, w
     # what ran before must not matter: every fit seeds itself. The fixture's baseline ran with
     # the global RNGs as _runner left them; move them on before this run starts.
     perturb_global_rngs()
-    result = runner.run_cwps(Progress(2))
+    result = run_one(runner, CWPSMethod(cwps))
     assert result.tasks["optdigits"]["specific_channels"] == 1.0
     assert _max_weight_diff(result, finetuned, "optdigits") < 1e-4
-    assert result.tasks["optdigits"]["top1"] == finetuned.tasks["optdigits"]["top1"]
+    assert result.tasks["optdigits"]["top1"] == finetuned.result.tasks["optdigits"]["top1"]
 
 
 def test_another_seed_gives_another_run(finetuned, loader):
@@ -85,7 +110,7 @@ def test_another_seed_gives_another_run(finetuned, loader):
     if loader != "in_process":
         pytest.skip("one control is enough")
     cwps = cwps_settings(threshold=0.0, warmup_epochs=1, soft_epochs=0, hard_epochs=2)
-    other = _runner(cwps, seed=4).run_cwps(Progress(2))
+    other = run_one(_runner(cwps, seed=4), CWPSMethod(cwps))
     assert _max_weight_diff(other, finetuned, "optdigits") > 1e-2
 
 
@@ -128,7 +153,7 @@ def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_pa
         save_store(tmp_path / "store", result.bank, {})
 
     runner.on_task_done = on_task_done
-    result = runner.run_cwps(Progress(4))
+    result = run_one(runner, CWPSMethod(cwps))
 
     wins = second_val > 80.0
     assert [h["accepted"] for h in result.history] == [True, wins]

@@ -22,8 +22,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import settings_of
 from .errors import ConfigError
+from .methods.registry import method_class
 from .models import check_model_name
-from .settings import CWPSSettings, LoggerSettings, ModelSettings, OptimSettings, T0Settings
+from .settings import (
+    CWPSSettings,
+    LoggerSettings,
+    MethodsSettings,
+    ModelSettings,
+    OptimSettings,
+    T0Settings,
+)
 
 #: seconds to wait for the timm hub's host before calling it unreachable
 HUB_TIMEOUT = 3.0
@@ -36,6 +44,7 @@ class JobSettings:
     """The typed settings of one run (the config's checked sections)."""
 
     cwps: CWPSSettings
+    methods: MethodsSettings
     optim: OptimSettings
     model: ModelSettings
     t0: T0Settings
@@ -45,11 +54,17 @@ class JobSettings:
 def check_config(cfg: DictConfig) -> JobSettings:
     job = JobSettings(
         cwps=settings_of(cfg.cwps, CWPSSettings, "cwps"),
+        methods=settings_of(cfg.methods, MethodsSettings, "methods"),
         optim=settings_of(cfg.optim, OptimSettings, "optim"),
         model=settings_of(cfg.model, ModelSettings, "model"),
         t0=settings_of(cfg.t0, T0Settings, "t0"),
         logger=settings_of(cfg.logger, LoggerSettings, "logger"),
     )
+    for name in job.cwps.baselines:
+        try:
+            method_class(name)
+        except ValueError as err:
+            raise ConfigError(f"cwps.baselines: {err}") from None
     check_model_name(job.model.name)
     if job.model.weights and not Path(job.model.weights).is_file():
         raise ConfigError(f"model.weights: no such file {job.model.weights!r}")

@@ -20,7 +20,14 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .settings import CWPSSettings, LoggerSettings, ModelSettings, OptimSettings, T0Settings
+from .settings import (
+    CWPSSettings,
+    LoggerSettings,
+    MethodsSettings,
+    ModelSettings,
+    OptimSettings,
+    T0Settings,
+)
 
 #: the repository's Hydra config directory (the one ``cwps_lightning.train`` uses)
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -35,6 +42,7 @@ class RunConfig:
     data: Any = MISSING
     model: ModelSettings = field(default_factory=ModelSettings)
     cwps: CWPSSettings = field(default_factory=CWPSSettings)
+    methods: MethodsSettings = field(default_factory=MethodsSettings)
     optim: OptimSettings = field(default_factory=OptimSettings)
     t0: T0Settings = field(default_factory=T0Settings)
     trainer: dict[str, Any] = field(default_factory=dict)

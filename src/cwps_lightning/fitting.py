@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .callbacks import MaskStageCallback
+from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, select_trainable
 from .settings import OptimSettings
 
@@ -53,51 +55,50 @@ def fit(
     model: nn.Module,
     datamodule,
     task: str,
-    mode: str,
-    epochs: int,
+    plan: FitPlan,
     settings: FitSettings,
     shareable: list[str],
     log_group: str,
     log_name: str,
-    soft_epochs: int | None = None,
-    seed: int = 0,
-    lr: float | None = None,
-    lr_window: tuple[float, float] = (0.0, 1.0),
-    continue_order: bool = False,
 ) -> nn.Module:
-    """Train ``model`` on ``task`` for ``epochs`` in ``mode`` (see select_trainable).
+    """Train ``model`` on ``task`` as ``plan`` says (epochs, what trains, optimiser, stages).
 
-    With ``soft_epochs`` set, the CWPS layers run soft for that many epochs then hard.
-    ``lr_window``: the part of one cosine schedule this fit covers (see CWPSLitModule).
-    ``seed`` seeds every RNG and restarts the training data order; ``continue_order=True``
-    keeps the order going from the previous fit instead, as if both fits were one run.
-    Returns the model (trained in place, moved back to the CPU by Lightning's teardown).
+    ``plan.seed`` seeds every RNG and restarts the training data order; with
+    ``plan.continue_order`` the order goes on from the previous fit instead, as if both fits
+    were one run. Returns the model (trained in place, moved back to the CPU by Lightning's
+    teardown).
     """
-    if epochs <= 0:
+    if plan.epochs <= 0:
         return model
-    L.seed_everything(seed, workers=True, verbose=False)
-    if not continue_order:
-        datamodule.reseed_shuffle(seed)
+    L.seed_everything(plan.seed, workers=True, verbose=False)
+    if not plan.continue_order:
+        datamodule.reseed_shuffle(plan.seed)
     datamodule.use(task)
-    select_trainable(model, mode, shareable)
+    select_trainable(model, plan.train, shareable)
     if settings.channels_last:  # NHWC convolutions: faster on CPU (oneDNN) and tensor cores
         model.to(memory_format=torch.channels_last)
     module = CWPSLitModule(
         model,
         num_classes=datamodule.num_classes(task),
-        lr=settings.lr if lr is None else lr,
+        lr=settings.lr,
         mask_lr=settings.mask_lr,
         momentum=settings.momentum,
         weight_decay=settings.weight_decay,
-        lr_window=lr_window,
+        lr_window=plan.lr_window,
+        optimizer=replace(plan.optimizer, groups={"mask_logits": settings.mask_lr,
+                                                  **plan.optimizer.groups}),
+        penalty=plan.penalty,
+        penalty_weight=plan.penalty_weight,
+        penalty_from_epoch=plan.penalty_from_epoch,
+        frozen_norms=plan.frozen_norms,
     )
-    callbacks = [] if soft_epochs is None else [MaskStageCallback(soft_epochs)]
+    callbacks = [] if plan.soft_epochs is None else [MaskStageCallback(plan.soft_epochs)]
     trainer_args = dict(settings.trainer)
     # model selection looks at the merged model only: by default validate once, at the end
     if trainer_args.get("check_val_every_n_epoch") is None:
-        trainer_args["check_val_every_n_epoch"] = epochs
+        trainer_args["check_val_every_n_epoch"] = plan.epochs
     trainer = L.Trainer(
-        max_epochs=epochs,
+        max_epochs=plan.epochs,
         callbacks=callbacks,
         logger=settings.logger_factory(log_group, log_name),
         **trainer_args,

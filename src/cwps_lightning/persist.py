@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from .cwps import MultiTaskStore, StoreError, save_store
 from .cwps.store import MANIFEST
 from .errors import ConfigError
+from .methods.base import Method
 from .runner import T0, MethodResult, Runner
 
 log = logging.getLogger(__name__)
@@ -83,17 +84,24 @@ class RunRecorder:
             )
         return store
 
-    def restore(self, store: MultiTaskStore, runner: Runner) -> dict[str, MethodResult]:
+    def restore(self, store: MultiTaskStore, runner: Runner,
+                methods: list[Method]) -> dict[str, MethodResult]:
+        """The results of ``methods`` an earlier attempt recorded. The store holds the bank of
+        the method that shares between tasks (CWPS); the others' banks are T0 only."""
         run = store.manifest["run"]
-        bank = store.to_bank()
-        cwps = MethodResult("cwps", bank, **run["cwps"])
-        methods = {"cwps": cwps}
-        for kind, record in run.get("baselines", {}).items():
-            methods[kind] = runner.restore_baseline(kind, record)
-        done = len(cwps.done)
-        log.info("resuming %s: %d CWPS visit(s) and %s baseline task(s) done", self.store_dir,
-                 done, {k: len(m.tasks) for k, m in methods.items() if k != "cwps"})
-        return methods
+        records = run.get("methods", {})
+        restored = {}
+        for method in methods:
+            record = records.get(method.name)
+            if record is None:
+                continue
+            result = runner.new_result(method, **record)
+            if method.shares_tasks:
+                result.bank = store.to_bank()
+            restored[method.name] = result
+        log.info("resuming %s: visits done %s", self.store_dir,
+                 {name: len(r.done) for name, r in restored.items()})
+        return restored
 
     @staticmethod
     def t0_from(store: MultiTaskStore):
@@ -101,6 +109,7 @@ class RunRecorder:
 
     # -- save ----------------------------------------------------------------------------------
     def save(self, methods: dict[str, MethodResult], complete: bool = False) -> None:
+        """The store (CWPS's bank) with every method's progress record in its manifest."""
         cwps = methods["cwps"]
         meta = {
             "backbone": self.backbone,
@@ -111,8 +120,7 @@ class RunRecorder:
                 "config_hash": self.hash,
                 "config": self.config,
                 "complete": complete,
-                "cwps": cwps.record(),
-                "baselines": {k: {"tasks": m.tasks} for k, m in methods.items() if k != "cwps"},
+                "methods": {name: m.record() for name, m in methods.items()},
             },
             "config": self.full_config,
         }

@@ -21,6 +21,7 @@ from torch import nn
 from .cwps.small_input import use_small_input_convs
 from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
+from .methods.base import FitPlan, OptimizerPlan
 from .models import ModelConfigError, create_backbone, load_backbone_weights
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,8 @@ def pretrain_t0(
     model = create_backbone(model_name, num_classes, model_kwargs)
     use_small_input_convs(model)  # exact, faster on CPU (cwps/small_input.py)
     shareable: list[str] = []  # finetune mode trains everything
-    fit(model, datamodule, task, "finetune", epochs, settings, shareable,
-        log_group="t0", log_name=task, seed=seed, lr=lr)
+    plan = FitPlan(epochs, seed=seed, train="finetune", optimizer=OptimizerPlan(lr=lr))
+    fit(model, datamodule, task, plan, settings, shareable, log_group="t0", log_name=task)
     datamodule.use(task)
     val = evaluate_top1(model, datamodule.val_dataloader(), device)
     model.cpu()

@@ -9,35 +9,38 @@ from omegaconf import DictConfig, OmegaConf
 
 from .cwps.store import MultiTaskStore, atomic_write
 
-METHOD_LABELS = {
-    "finetune": "Fine-Tuning",
-    "frozen": "Feature extractor (frozen T0)",
-    "cwps": "CWPS",
-}
+#: row order of the table: the reference points first, then the peers, then CWPS
+ROW_ORDER = ("finetune", "frozen", "piggyback", "taps", "cwps")
 
 
 def markdown_table(results: dict) -> str:
     methods = results["methods"]
     tasks = results["tasks"]
-    head = ["Method", "Param ratio", *tasks, "Mean"]
+    head = ["Method", "Param ratio", *tasks, "Mean", "Time per task"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    order = [m for m in ("finetune", "frozen", "cwps") if m in methods]
+    order = [m for m in ROW_ORDER if m in methods]
     order += [m for m in methods if m not in order]
     for m in order:
         r = methods[m]
-        label = METHOD_LABELS.get(m, m)
+        label = r.get("label") or m
         if m == "cwps" and r.get("mode"):
             label = f"CWPS-{r['mode'].capitalize()}"
         cells = [label, f"{r['param_ratio']:.2f}x"]
         cells += [f"{r['tasks'][t]['top1']:.2f}" if t in r["tasks"] else "-" for t in tasks]
         cells.append(f"{r['mean_top1']:.2f}")
+        seconds = r.get("seconds_per_task")
+        cells.append("-" if seconds is None else f"{seconds:.0f} s")
         rows.append("| " + " | ".join(cells) + " |")
     notes = [
         "",
         f"Top-1 accuracy (%) on each task's test split; backbone {results['backbone']} "
         f"({results['backbone_params']:,} parameters without head).",
         "Param ratio: parameters needed to serve T0 and every task (each distinct kernel once, "
-        "plus every task's normalisation layers and head) / backbone parameters.",
+        "plus every task's normalisation layers and head) / backbone parameters. TAPS: a layer "
+        "whose gate is open stores its full residual; Piggyback: 1 bit per masked weight "
+        "(numel / 32) and the head (README, 'Parameter accounting').",
+        "Time per task: training and testing, wall-clock seconds per task (every pass in joint "
+        "mode).",
     ]
     return "\n".join(rows + notes) + "\n"
 
@@ -49,7 +52,8 @@ def write_results(run_dir: str | Path, results: dict) -> None:
     atomic_write(run_dir / "results.md", markdown_table(results).encode())
 
 
-def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict, cwps,
+def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict,
+                     method_objects: list, cwps,
                      backbone_params: int, t0_info: dict, store_dir: Path, seconds: float,
                      device, read_store: bool = True) -> dict:
     """results.json's content: the run, and per method its per-task metrics, mean top-1 and
@@ -67,6 +71,8 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         "device": str(device),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    for method in method_objects:
+        results["methods"][method.name]["label"] = method.label or method.name
     cwps_result = results["methods"]["cwps"]
     cwps_result.update({"mode": cwps.mode, "iterations": cwps.iterations})
     if read_store:

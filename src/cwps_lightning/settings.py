@@ -14,8 +14,11 @@ from typing import Any, Optional
 
 from .cwps.layers import check_threshold
 from .cwps.search import DEFAULT_DISTANCE, DEFAULT_INIT_SCOPE, DISTANCES, INIT_SCOPES
+from .methods.base import OPTIMIZERS
+from .methods.registry import BASELINE_NAMES
 
 MODES = ("incremental", "joint")
+#: the baselines of the default run
 BASELINES = ("finetune", "frozen")
 LR_SCHEDULES = ("task", "per_fit")
 LOGGERS = ("csv", "wandb", "none")
@@ -67,7 +70,8 @@ class CWPSSettings:
     #: mask-logit init over all layers at once (global) or within each layer (layer)
     init_scope: str = DEFAULT_INIT_SCOPE
     stages: StageSettings = field(default_factory=StageSettings)
-    #: methods run in the same job for the results table; [] for none
+    #: methods run in the same job for the results table, after CWPS: finetune, frozen, taps,
+    #: piggyback, or 'package.module:Class' (a Method subclass); [] for none
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
 
     def __post_init__(self):
@@ -86,11 +90,14 @@ class CWPSSettings:
             raise ValueError(f"cwps.{err}") from None
         _one_of("cwps.distance", self.distance, DISTANCES)
         _one_of("cwps.init_scope", self.init_scope, INIT_SCOPES)
-        bad = [b for b in self.baselines if b not in BASELINES]
+        bad = [b for b in self.baselines if b not in BASELINE_NAMES and ":" not in b]
         if bad:
             raise ValueError(
-                f"cwps.baselines has unknown entries {bad}; accepted: {list(BASELINES)}"
+                f"cwps.baselines has unknown entries {bad}; accepted: {list(BASELINE_NAMES)} "
+                "or 'package.module:Class' (a Method subclass)"
             )
+        if len(set(self.baselines)) != len(self.baselines):
+            raise ValueError(f"cwps.baselines lists a method twice: {list(self.baselines)}")
         self.baselines = list(self.baselines)
 
     def lr_windows(self) -> tuple[tuple[float, float], tuple[float, float]]:
@@ -108,6 +115,72 @@ class CWPSSettings:
     @property
     def total_epochs(self) -> int:
         return self.stages.total_epochs
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0.0:  # also catches NaN
+        raise ValueError(f"{key} must be > 0, got {value}")
+
+
+def _non_negative(key: str, value: float) -> None:
+    if not value >= 0.0:
+        raise ValueError(f"{key} must be >= 0, got {value}")
+
+
+@dataclass
+class TAPSSettings:
+    """TAPS (Wallingford et al., CVPR 2022) for the digits budget (4 epochs per task): AdamW on
+    residuals, gates, norms and head, one cosine schedule; the gate penalty from epoch
+    ``penalty_from_epoch`` on (the authors' warm-up epochs without it)."""
+
+    #: weight of the gate penalty mean |s| (the authors use 0.1-1)
+    lam: float = 0.5
+    optimizer: str = "adamw"
+    lr: float = 1.0e-3
+    weight_decay: float = 1.0e-4
+    #: 0-based epoch from which the penalty counts (the CWPS warm-up's length by default)
+    penalty_from_epoch: int = 1
+
+    def __post_init__(self):
+        _non_negative("methods.taps.lam", self.lam)
+        _one_of("methods.taps.optimizer", self.optimizer, OPTIMIZERS)
+        _positive("methods.taps.lr", self.lr)
+        _non_negative("methods.taps.weight_decay", self.weight_decay)
+        if self.penalty_from_epoch < 0:
+            raise ValueError(
+                f"methods.taps.penalty_from_epoch must be >= 0, got {self.penalty_from_epoch}")
+
+
+@dataclass
+class PiggybackSettings:
+    """Piggyback (Mallya et al., ECCV 2018) for the digits budget: Adam, masks at ``mask_lr``
+    (the authors' 1e-4), the head at ``lr``; normalisation layers frozen unless
+    ``train_norms`` (the authors' default)."""
+
+    optimizer: str = "adam"
+    #: learning rate of the head (and of the normalisation layers with train_norms)
+    lr: float = 1.0e-3
+    mask_lr: float = 1.0e-4
+    train_norms: bool = False
+
+    def __post_init__(self):
+        _one_of("methods.piggyback.optimizer", self.optimizer, OPTIMIZERS)
+        _positive("methods.piggyback.lr", self.lr)
+        _positive("methods.piggyback.mask_lr", self.mask_lr)
+
+
+@dataclass
+class MethodsSettings:
+    """Settings of the methods ``cwps.baselines`` can add to a run (others keep defaults)."""
+
+    taps: TAPSSettings = field(default_factory=TAPSSettings)
+    piggyback: PiggybackSettings = field(default_factory=PiggybackSettings)
+
+    def __post_init__(self):
+        if isinstance(self.taps, dict):
+            self.taps = TAPSSettings(**self.taps)
+        if isinstance(self.piggyback, dict):
+            self.piggyback = PiggybackSettings(**self.piggyback)
 
 
 @dataclass

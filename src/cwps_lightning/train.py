@@ -25,10 +25,12 @@ from .config import compose_config, instantiate_data
 from .cwps import StoreError
 from .errors import ConfigError
 from .fitting import FitSettings, csv_logger_factory, eval_device
+from .methods.base import Method
+from .methods.registry import method_class
 from .persist import RunRecorder
 from .pretrain import acquire_t0
 from .report import assemble_results, write_results
-from .runner import MethodResult, Progress, Runner
+from .runner import MethodResult, Runner
 
 log = logging.getLogger("cwps_lightning")
 
@@ -118,17 +120,9 @@ def fit_settings_of(cfg: DictConfig, job: JobSettings, run_dir: Path) -> FitSett
     )
 
 
-def run_methods(runner: Runner, job: JobSettings, restored: dict[str, MethodResult],
-                persist: Callable[..., None]) -> dict[str, MethodResult]:
-    """CWPS, then every baseline, skipping the steps a resumed run has done."""
-    methods = restored
-    methods.setdefault("cwps", MethodResult("cwps", runner.new_bank()))
-    progress = Progress(runner.steps(job.cwps.baselines))
-    runner.run_cwps(progress, methods["cwps"])
-    for kind in job.cwps.baselines:
-        methods.setdefault(kind, MethodResult(kind, runner.new_bank()))
-        runner.run_baseline(kind, progress, methods[kind])
-    return methods
+def methods_of(job: JobSettings) -> list[Method]:
+    """CWPS, then every baseline the config lists, each configured by its settings."""
+    return [method_class(name).from_settings(job) for name in ["cwps", *job.cwps.baselines]]
 
 
 @task_wrapper
@@ -160,14 +154,15 @@ def run(cfg: DictConfig) -> dict:
         if is_rank_zero():
             recorder.save(methods, complete=complete)
 
-    runner = Runner(datamodule, t0_model, fit_settings, c, seed=cfg.seed, device=device,
-                    on_task_done=persist)
-    methods.update(recorder.restore(store, runner) if store is not None else {})
-    run_methods(runner, job, methods, persist)
+    runner = Runner(datamodule, t0_model, fit_settings, epochs=c.total_epochs, seed=cfg.seed,
+                    device=device, on_task_done=persist)
+    to_run = methods_of(job)
+    methods.update(recorder.restore(store, runner, to_run) if store is not None else {})
+    runner.run(to_run, methods)
     persist(complete=True)
 
     results = assemble_results(
-        cfg, type(datamodule).__name__, datamodule.task_names, methods, c,
+        cfg, type(datamodule).__name__, datamodule.task_names, methods, to_run, c,
         runner.backbone_params, t0_info, recorder.store_dir, seconds=time.time() - started,
         device=device, read_store=is_rank_zero(),
     )

@@ -32,15 +32,20 @@ Public API
   piggyback_layers(model)                    iterator of (name, layer)
   kept_fraction(model) -> float              share of masked weights kept
   masked_numel(model) -> int                 number of masked weights (1 bit each to store)
+  PiggybackMethod                            the method for the runner (PiggybackSettings)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from ..cwps.bank import KernelBank
+from ..cwps.surgery import classifier_names
+from .base import FitPlan, Harness, Method, OptimizerPlan, Trained
 from .weight_layers import (
     WeightConv2d,
     WeightLinear,
@@ -51,6 +56,9 @@ from .weight_layers import (
     merge,
     to_buffer,
 )
+
+if TYPE_CHECKING:
+    from ..settings import PiggybackSettings
 
 THRESHOLD = 5e-3
 MASK_INIT = 1e-2
@@ -150,3 +158,61 @@ def kept_fraction(model: nn.Module) -> float:
     layers = layers_or_raise(model, PIGGYBACK_LAYER_TYPES, "Piggyback", "kept_fraction")
     kept = sum(int((layer.mask_real > THRESHOLD).sum()) for _, layer in layers)
     return kept / masked_numel(model)
+
+
+def trainable_setter(train_norms: bool):
+    """requires_grad for a Piggyback fit: the masks and the head, and the normalisation layers
+    only with ``train_norms`` (the authors' ``--train_bn``; off by default, as theirs)."""
+
+    def select(model: nn.Module) -> None:
+        heads = tuple(f"{name}." for name in classifier_names(model))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.endswith("mask_real") or name.startswith(heads) or train_norms)
+
+    return select
+
+
+def task_param_count(model: nn.Module, train_norms: bool) -> dict[str, float]:
+    """What a Piggyback task stores beyond T0: one bit per masked weight (numel / 32 float32
+    parameters), the head, and the normalisation layers if they were trained."""
+    wrapped = [name for name, _ in piggyback_layers(model)]
+    heads = tuple(f"{name}." for name in classifier_names(model))
+    inside = {id(p) for name in wrapped for p in model.get_submodule(name).parameters()}
+    own = sum(p.numel() for name, p in model.named_parameters()
+              if id(p) not in inside and (train_norms or name.startswith(heads)))
+    return {"kernels": masked_numel(model) / 32, "task_own": own}
+
+
+class PiggybackMethod(Method):
+    """T0's weights, frozen, times a learned binary mask per weight; a new head per task."""
+
+    name = "piggyback"
+    label = "Piggyback"
+
+    def __init__(self, settings: PiggybackSettings):
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, job) -> PiggybackMethod:
+        return cls(job.methods.piggyback)
+
+    def train(self, task: str, iteration: int, bank: KernelBank, harness: Harness) -> Trained:
+        s = self.settings
+        model = harness.new_model(task, iteration)
+        inject_piggyback(model)
+        harness.step(f"piggyback {task}: {harness.epochs} epoch(s)")
+        plan = FitPlan(
+            harness.epochs, seed=harness.seed(task, "fit", iteration),
+            train=trainable_setter(s.train_norms),
+            optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=0.0,
+                                    groups={"mask_real": s.mask_lr}),
+            frozen_norms=not s.train_norms,
+        )
+        harness.fit(model, task, plan, name=task)
+        params = task_param_count(model, s.train_norms)
+        info = {"kept_weights": kept_fraction(model)}
+        merge_piggyback(model)
+        return Trained(model, params=params, info=info)
+
+    def describe(self, info: dict) -> str:
+        return f", {100 * info['kept_weights']:.1f}% of weights kept"

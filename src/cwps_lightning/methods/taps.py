@@ -32,15 +32,19 @@ Public API
   taps_layers(model)                   iterator of (name, layer)
   gate_penalty(model) -> Tensor        mean |s| over the TAPS layers (differentiable)
   open_gates(model) -> dict[str, bool] which layers use their residual
+  TAPSMethod                           the method for the runner (settings: TAPSSettings)
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
+from ..cwps.bank import KernelBank
+from .base import FitPlan, Harness, Method, OptimizerPlan, Trained, split_param_count
 from .weight_layers import (
     WeightConv2d,
     WeightLinear,
@@ -51,6 +55,9 @@ from .weight_layers import (
     merge,
     to_buffer,
 )
+
+if TYPE_CHECKING:
+    from ..settings import TAPSSettings
 
 THRESHOLD = 0.1
 GATE_INIT = 0.15
@@ -155,3 +162,51 @@ def open_gates(model: nn.Module) -> dict[str, bool]:
     """{layer name: True where the layer uses its residual (s >= THRESHOLD)}."""
     layers = layers_or_raise(model, TAPS_LAYER_TYPES, "TAPS", "open_gates")
     return {name: layer.is_open() for name, layer in layers}
+
+
+@torch.no_grad()
+def task_param_count(model: nn.Module) -> dict[str, int]:
+    """What a TAPS task stores beyond T0: the residual of every open layer (a closed layer
+    computes with w0), every wrapped layer's bias (trained, ungated), and the parameters
+    outside the wrapped layers (normalisation layers, head)."""
+    layers = list(taps_layers(model))
+    kernels = sum(layer.residual.numel() for _, layer in layers if layer.is_open())
+    kernels += sum(layer.bias.numel() for _, layer in layers
+                   if layer.bias is not None and layer.bias.requires_grad)
+    own = split_param_count(model, [name for name, _ in layers])["task_own"]
+    return {"kernels": kernels, "task_own": own}
+
+
+class TAPSMethod(Method):
+    """T0's layers plus a residual per layer that a learned gate switches on; the gate penalty
+    (``lam`` x mean |s|, from ``penalty_from_epoch``) closes the gates a task can do without."""
+
+    name = "taps"
+    label = "TAPS"
+
+    def __init__(self, settings: TAPSSettings):
+        self.settings = settings
+
+    @classmethod
+    def from_settings(cls, job) -> TAPSMethod:
+        return cls(job.methods.taps)
+
+    def train(self, task: str, iteration: int, bank: KernelBank, harness: Harness) -> Trained:
+        s = self.settings
+        model = harness.new_model(task, iteration)
+        inject_taps(model)
+        harness.step(f"taps {task}: {harness.epochs} epoch(s), lam {s.lam}")
+        plan = FitPlan(
+            harness.epochs, seed=harness.seed(task, "fit", iteration), train="finetune",
+            optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=s.weight_decay),
+            penalty=gate_penalty, penalty_weight=s.lam, penalty_from_epoch=s.penalty_from_epoch,
+        )
+        harness.fit(model, task, plan, name=task)
+        gates = open_gates(model)
+        params = task_param_count(model)
+        merge_taps(model)
+        info = {"open_layers": sum(gates.values()), "layers": len(gates)}
+        return Trained(model, params=params, info=info)
+
+    def describe(self, info: dict) -> str:
+        return f", {info['open_layers']}/{info['layers']} layers open"

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..cwps import cwps_layers
+from ..methods.base import OptimizerPlan
 from ..settings import OptimSettings
 
 #: which parameters a fit trains
@@ -25,12 +28,17 @@ def _shareable_param_ids(model: nn.Module, layer_names: list[str]) -> set[int]:
     return ids
 
 
-def select_trainable(model: nn.Module, mode: str, shareable: list[str]) -> None:
+def select_trainable(model: nn.Module, mode: str | Callable[[nn.Module], None],
+                     shareable: list[str]) -> None:
     """Set requires_grad for ``mode``, once, before the Trainer (and DDP) see the module.
 
     finetune: every parameter but mask logits;  cwps: every parameter;
-    frozen: only parameters outside the shareable layers (normalisation layers, head).
+    frozen: only parameters outside the shareable layers (normalisation layers, head);
+    a function: it sets requires_grad on the model itself (a method's own choice).
     """
+    if callable(mode):
+        mode(model)
+        return
     if mode not in TRAIN_MODES:
         raise ValueError(f"train mode must be one of {TRAIN_MODES}, got {mode!r}")
     shared_ids = _shareable_param_ids(model, shareable)
@@ -50,9 +58,18 @@ def check_lr_window(window) -> tuple[float, float]:
     return start, end
 
 
+def norm_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, _NormBase | nn.GroupNorm | nn.LayerNorm)]
+
+
 class CWPSLitModule(L.LightningModule):
-    """Cross-entropy classification with top-1 metrics; SGD + cosine; mask logits in their own
-    parameter group (own learning rate, no weight decay).
+    """Cross-entropy classification with top-1 metrics; SGD (or the plan's optimiser) + cosine;
+    mask logits in their own parameter group (own learning rate, no weight decay).
+
+    ``optimizer``: a method's OptimizerPlan (kind, lr, weight decay, own groups); its None fields
+    take the arguments above. ``penalty``: a term added to the loss, times ``penalty_weight``,
+    from epoch ``penalty_from_epoch`` on. ``frozen_norms``: normalisation layers stay in eval
+    mode (running statistics kept) while the model trains.
 
     ``lr_window`` is the part of one cosine schedule (0 = its start at ``lr``, 1 = its end at 0)
     that this fit covers: a CWPS task's warm-up fit and mask fit take consecutive windows of one
@@ -69,6 +86,11 @@ class CWPSLitModule(L.LightningModule):
         weight_decay: float = OptimSettings.weight_decay,
         label_smoothing: float = 0.0,
         lr_window: tuple[float, float] = (0.0, 1.0),
+        optimizer: OptimizerPlan | None = None,
+        penalty: Callable[[nn.Module], Tensor] | None = None,
+        penalty_weight: float = 0.0,
+        penalty_from_epoch: int = 0,
+        frozen_norms: bool = False,
     ):
         super().__init__()
         self.lr_window = check_lr_window(lr_window)
@@ -76,6 +98,10 @@ class CWPSLitModule(L.LightningModule):
         self.lr, self.mask_lr = lr, mask_lr
         self.momentum, self.weight_decay = momentum, weight_decay
         self.label_smoothing = label_smoothing
+        self.optimizer_plan = optimizer or OptimizerPlan(groups={"mask_logits": mask_lr})
+        self.penalty, self.penalty_weight = penalty, penalty_weight
+        self.penalty_from_epoch = penalty_from_epoch
+        self.frozen_norms = frozen_norms
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, average="micro")
@@ -94,7 +120,18 @@ class CWPSLitModule(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._step(batch, self.train_top1, "train")
+        loss = self._step(batch, self.train_top1, "train")
+        if self.penalty is not None and self.current_epoch >= self.penalty_from_epoch:
+            term = self.penalty(self.model)
+            self.log("train/penalty", term, on_step=False, on_epoch=True)
+            loss = loss + self.penalty_weight * term
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # Lightning puts the whole module in train mode at every epoch (and after validation)
+        if self.frozen_norms:
+            for layer in norm_layers(self.model):
+                layer.eval()
 
     def validation_step(self, batch, batch_idx):
         self._step(batch, self.val_top1, "val")
@@ -103,18 +140,29 @@ class CWPSLitModule(L.LightningModule):
         self._step(batch, self.test_top1, "test")
 
     def configure_optimizers(self):
-        masks = [p for n, p in self.model.named_parameters() if n.endswith("mask_logits")]
-        mask_ids = {id(p) for p in masks}
-        weights = [p for p in self.model.parameters() if id(p) not in mask_ids]
-        groups = [{"params": [p for p in weights if p.requires_grad]}]
-        trainable_masks = [p for p in masks if p.requires_grad]
-        if trainable_masks:
-            groups.append({"params": trainable_masks, "lr": self.mask_lr, "weight_decay": 0.0})
+        plan = self.optimizer_plan
+        named = list(self.model.named_parameters())
+        own: dict[str, list] = {suffix: [] for suffix in plan.groups}
+        rest = []
+        for name, p in named:
+            suffix = next((s for s in plan.groups if name.endswith(s)), None)
+            (rest if suffix is None else own[suffix]).append(p)
+        groups = [{"params": [p for p in rest if p.requires_grad]}]
+        for suffix, params in own.items():
+            trainable = [p for p in params if p.requires_grad]
+            if trainable:
+                groups.append({"params": trainable, "lr": plan.groups[suffix],
+                               "weight_decay": 0.0})
         if not any(g["params"] for g in groups):
             raise ValueError("nothing to train: every parameter is frozen")
-        opt = torch.optim.SGD(
-            groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
-        )
+        lr = self.lr if plan.lr is None else plan.lr
+        decay = self.weight_decay if plan.weight_decay is None else plan.weight_decay
+        if plan.kind == "sgd":
+            opt = torch.optim.SGD(groups, lr=lr, momentum=self.momentum, weight_decay=decay)
+        elif plan.kind == "adam":
+            opt = torch.optim.Adam(groups, lr=lr, weight_decay=decay)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=decay)
         steps = max(int(self.trainer.estimated_stepping_batches), 1)
         start, end = self.lr_window
 
