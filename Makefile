@@ -23,15 +23,15 @@ PYTEST_PARALLEL := -n auto --dist loadgroup
 
 ## lint, then the whole test suite, slow end-to-end tests included (`make test-fast` skips them)
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) -m '' $(ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q $(PYTEST_PARALLEL) $(ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 ## layer overhead benchmark (step time and memory vs. plain fine-tuning)
 bench: $(STAMP)

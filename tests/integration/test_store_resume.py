@@ -61,7 +61,7 @@ def test_joint_mode_records_iterations_and_store_reproduces_top1(run_dir, t0_cac
 def _done_visits(run_dir) -> int:
     manifest = run_dir / "store" / "manifest.json"
     try:
-        return len(json.loads(manifest.read_text())["run"]["cwps"]["done"])
+        return len(json.loads(manifest.read_text())["run"]["methods"]["cwps"]["done"])
     except (OSError, ValueError, KeyError):
         return 0
 

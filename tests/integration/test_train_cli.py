@@ -6,6 +6,7 @@ import re
 import statistics
 
 import pytest
+import timm
 from hydra.utils import instantiate
 
 from cwps_lightning.cwps import MultiTaskStore
@@ -19,16 +20,20 @@ from .helpers import (
     run_train,
 )
 
+FIVE = "cwps.baselines=[finetune,frozen,taps,piggyback]"
 
-def test_default_run_writes_results_for_every_method(run_dir, t0_cache):
-    proc = run_train(run_dir, cache=t0_cache)
+
+def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
+    """The default run with TAPS and Piggyback added: five rows, each method's accounting
+    counted again by hand from fresh models."""
+    proc = run_train(run_dir, FIVE, cache=t0_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = read_results(run_dir)
     tasks = res["tasks"]
     assert tasks == ["optdigits", "mnist_sketch", "mnist_m"]
     k = len(tasks)
     methods = res["methods"]
-    assert set(methods) == {"cwps", "finetune", "frozen"}
+    assert set(methods) == {"cwps", "finetune", "frozen", "taps", "piggyback"}
     for m in methods.values():
         assert set(m["tasks"]) == set(tasks)
         for t in tasks:
@@ -54,18 +59,33 @@ def test_default_run_writes_results_for_every_method(run_dir, t0_cache):
     counts = {t: model_param_counts(name, n, kwargs) for t, n in classes.items()}
     backbone = counts["T0"]["backbone"]
     assert res["backbone_params"] == backbone
+    # TAPS: each open layer's full weight (resnet convs have no bias) + norms and head;
+    # Piggyback: a bit per masked weight (the backbone's conv weights) + the head
+    fresh = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    taps_open = {t: sum(fresh.get_submodule(n).weight.numel()
+                        for n in methods["taps"]["tasks"][t]["open"]) for t in tasks}
     expected = {
         "finetune": counts["T0"]["full"] + sum(counts[t]["full"] for t in tasks),
         "frozen": counts["T0"]["full"] + sum(counts[t]["own"] for t in tasks),
+        "taps": counts["T0"]["full"] + sum(counts[t]["own"] + taps_open[t] for t in tasks),
+        "piggyback": counts["T0"]["full"] + sum(
+            (counts[t]["full"] - counts[t]["own"]) / 32 + counts[t]["full"] - counts[t]["backbone"]
+            for t in tasks),
         "cwps": count_store_params(store_dir, name, kwargs),
     }
     for method, total in expected.items():
         assert methods[method]["params"]["total"] == total, method
         assert methods[method]["param_ratio"] == pytest.approx(total / backbone), method
     assert expected["frozen"] < expected["cwps"] < expected["finetune"]
+    assert expected["frozen"] < expected["taps"] <= expected["finetune"]
+    assert expected["piggyback"] < expected["cwps"]
     table = (run_dir / "results.md").read_text()
-    assert "| Method | Param ratio | optdigits | mnist_sketch | mnist_m | Mean |" in table
-    assert "CWPS-Incremental" in table
+    assert ("| Method | Param ratio | optdigits | mnist_sketch | mnist_m | Mean | Time per task |"
+            in table)
+    for label in ("CWPS-Incremental", "Fine-Tuning", "TAPS", "Piggyback"):
+        assert f"| {label} |" in table
+    for m in methods.values():
+        assert all(m["tasks"][t]["seconds"] > 0 for t in tasks)
     assert (run_dir / "store" / "manifest.json").exists()
     assert list((run_dir / "logs" / "cwps").glob("*/metrics.csv"))
 
@@ -78,6 +98,17 @@ def test_experiment_preset_composes(run_dir, t0_cache):
     assert res["config"]["cwps"]["mode"] == "joint"
     assert set(res["methods"]) == {"cwps"}
     assert res["tasks"] == ["optdigits"]
+
+
+def test_joint_run_iterates_cwps_and_visits_the_other_methods_once(run_dir, t0_cache):
+    proc = run_train(run_dir, "+experiment=digits_joint", "cwps.iterations=2", FIVE,
+                     "data.tasks=[optdigits]", cache=t0_cache)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    methods = read_results(run_dir)["methods"]
+    assert [h["iteration"] for h in methods["cwps"]["history"]] == [0, 1]
+    for name in ("finetune", "frozen", "taps", "piggyback"):
+        assert [h["iteration"] for h in methods[name]["history"]] == [0]
+        assert set(methods[name]["tasks"]) == {"optdigits"}
 
 
 def test_bad_input_on_the_cli_is_one_clear_line(run_dir, t0_cache):
@@ -100,6 +131,10 @@ def test_bad_input_on_the_cli_is_one_clear_line(run_dir, t0_cache):
         ("cwps.iterations=3", "cwps.mode=joint"),
         ("data.tasks=[optdigits,nosuchtask]", "nosuchtask"),
         ("cwps.baselines=[finetune,magic]", "magic"),
+        ("cwps.baselines=[finetune,no_such_module:Method]", "cannot import no_such_module"),
+        ("cwps.baselines=[taps,taps]", "lists a method twice"),
+        ("methods.taps.lam=-1", "methods.taps.lam must be >= 0, got -1"),
+        ("methods.piggyback.optimizer=lion", "methods.piggyback.optimizer must be one of"),
         ("model.weights=/nonexistent/weights.pt", "/nonexistent/weights.pt"),
     ],
 )

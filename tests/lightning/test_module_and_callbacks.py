@@ -146,3 +146,57 @@ def test_cwps_settings_lr_windows():
     assert no_warmup.lr_windows()[1] == (0.0, 1.0)
     with pytest.raises(ValueError, match="lr_schedule.*'weekly'"):
         StageSettings(lr_schedule="weekly")
+
+
+# -- a method's optimiser plan, loss penalty and frozen normalisation statistics ---------------
+def fit_small(module, epochs=1):
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=loader())
+    return trainer
+
+
+@pytest.mark.parametrize("kind, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+                                       ("adamw", torch.optim.AdamW)])
+def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):
+    from cwps_lightning.methods.base import OptimizerPlan
+
+    net = small_net()
+    plan = OptimizerPlan(kind, lr=0.01, weight_decay=0.1, groups={"7.weight": 0.5})
+    trainer = fit_small(CWPSLitModule(net, num_classes=3, lr=0.2, optimizer=plan))
+    opt = trainer.optimizers[0]
+    assert type(opt) is cls
+    main, own = opt.param_groups
+    assert (main["initial_lr"], main["weight_decay"]) == (0.01, 0.1)
+    assert (own["initial_lr"], own["weight_decay"]) == (0.5, 0.0)
+    assert [id(p) for p in own["params"]] == [id(net[7].weight)]
+
+
+def test_optimizer_plan_rejects_an_unknown_kind():
+    from cwps_lightning.methods.base import OptimizerPlan
+
+    with pytest.raises(ValueError, match=r"one of \['sgd', 'adam', 'adamw'\], got 'lion'"):
+        OptimizerPlan("lion")
+
+
+@pytest.mark.parametrize("from_epoch, changes", [(0, True), (1, False)])
+def test_penalty_enters_the_loss_from_its_epoch(from_epoch, changes):
+    """A penalty on one parameter the loss does not otherwise reach (an unused extra) moves it
+    only if it counts in the epoch trained."""
+    torch.manual_seed(0)
+    net = small_net()
+    net.extra = nn.Parameter(torch.ones(()))
+    module = CWPSLitModule(net, num_classes=3, lr=0.1, penalty=lambda m: m.extra.abs(),
+                           penalty_weight=1.0, penalty_from_epoch=from_epoch)
+    fit_small(module)
+    assert (float(net.extra.detach()) < 1.0) is changes
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_frozen_norms_keep_their_running_statistics(frozen):
+    torch.manual_seed(0)
+    net = small_net()
+    before = net[1].running_mean.clone()
+    fit_small(CWPSLitModule(net, num_classes=3, frozen_norms=frozen))
+    assert torch.equal(net[1].running_mean, before) is frozen

@@ -198,14 +198,16 @@ class TAPSMethod(Method):
         harness.step(f"taps {task}: {harness.epochs} epoch(s), lam {s.lam}")
         plan = FitPlan(
             harness.epochs, seed=harness.seed(task, "fit", iteration), train="finetune",
-            optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=s.weight_decay),
+            optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
+                                    groups={"gate": s.gate_lr}),
             penalty=gate_penalty, penalty_weight=s.lam, penalty_from_epoch=s.penalty_from_epoch,
         )
         harness.fit(model, task, plan, name=task)
         gates = open_gates(model)
         params = task_param_count(model)
         merge_taps(model)
-        info = {"open_layers": sum(gates.values()), "layers": len(gates)}
+        info = {"open_layers": sum(gates.values()), "layers": len(gates),
+                "open": [name for name, is_open in gates.items() if is_open]}
         return Trained(model, params=params, info=info)
 
     def describe(self, info: dict) -> str:

@@ -1,0 +1,47 @@
+"""Method names in the config and the classes they stand for (methods/registry.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cwps_lightning.cwps.method import CWPSMethod
+from cwps_lightning.methods.base import Method
+from cwps_lightning.methods.registry import BASELINE_NAMES, BUILTIN, method_class
+
+
+def test_every_builtin_name_resolves_to_a_method_of_that_name():
+    for name in BUILTIN:
+        cls = method_class(name)
+        assert issubclass(cls, Method) and cls.name == name
+    assert method_class("cwps") is CWPSMethod
+    assert "cwps" not in BASELINE_NAMES
+
+
+def test_a_method_from_any_module_by_its_path():
+    cls = method_class("examples.lora:LoRA")
+    assert issubclass(cls, Method) and cls.name == "lora"
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("magic", r"unknown method 'magic'; accepted: \['finetune', 'frozen', 'taps', 'piggyback'\]"),
+    ("examples.nope:LoRA", r"cannot import examples.nope:LoRA"),
+    ("examples.lora:Nope", r"cannot import examples.lora:Nope"),
+    ("examples.lora:RANK", r"is not a subclass of cwps_lightning.methods.base.Method"),
+])
+def test_bad_names_say_what_is_accepted(name, needle):
+    with pytest.raises(ValueError, match=needle):
+        method_class(name)
+
+
+def test_the_core_and_the_methods_import_without_lightning_or_hydra():
+    """The method code (CWPS's included) stays usable from plain PyTorch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import cwps_lightning.cwps.method, cwps_lightning.methods.taps, "
+            "cwps_lightning.methods.piggyback, cwps_lightning.methods.baselines, "
+            "cwps_lightning.methods.registry, cwps_lightning.settings; "
+            "print([m for m in ('lightning', 'hydra', 'omegaconf') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
