@@ -1,13 +1,22 @@
-"""results.json and results.md (a table shaped like the paper's Table 1)."""
+"""results.json and results.md (a table shaped like the paper's Table 1), and the report
+command that rebuilds them and the figures from what a run left on disk:
+
+    python -m cwps_lightning.report <run dir | multirun dir>
+"""
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from .cwps.store import MultiTaskStore, atomic_write
+from .cwps.store import MANIFEST, MultiTaskStore, StoreError, atomic_write
+
+log = logging.getLogger(__name__)
 
 #: row order of the table: the reference points first, then the peers, then CWPS
 ROW_ORDER = ("finetune", "frozen", "piggyback", "taps", "cwps")
@@ -42,6 +51,8 @@ def markdown_table(results: dict) -> str:
         "Time per task: training and testing, wall-clock seconds per task (every pass in joint "
         "mode).",
     ]
+    if results.get("figures"):
+        notes += ["", "Figures:", ""] + [f"- [{f}]({f})" for f in results["figures"]]
     return "\n".join(rows + notes) + "\n"
 
 
@@ -80,3 +91,65 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         cwps_result["params"] = stored
         cwps_result["param_ratio"] = stored["total"] / backbone_params
     return results
+
+
+# -- figures, and the report command ------------------------------------------------------------
+def add_figures(run_dir: Path, results: dict, store: MultiTaskStore | None) -> None:
+    """Draw the run's figures and list them in ``results["figures"]``. A figure that fails
+    is logged, not raised: the results it would show are already computed."""
+    from .figures import write_run_figures
+
+    try:
+        results["figures"] = write_run_figures(run_dir, results, store)
+    except Exception as err:  # noqa: BLE001 - the run's results stand without its figures
+        log.error("figures failed (%s: %s); rebuild them with python -m cwps_lightning.report "
+                  "%s", type(err).__name__, err, run_dir)
+
+
+def report_run(run_dir: Path) -> dict:
+    """Rebuild a finished run's figures and results.md from its results.json and store."""
+    path = run_dir / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: cannot read ({err})") from None
+    if not isinstance(results, dict) or "methods" not in results:
+        raise StoreError(f"{path}: not a results.json of this project (no 'methods')")
+    store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
+        else None
+    add_figures(run_dir, results, store)
+    write_results(run_dir, results)
+    return results
+
+
+def run_dirs(path: Path) -> list[Path]:
+    """``path`` if it is a run directory, else the run directories below it (a multirun)."""
+    if (path / "results.json").is_file():
+        return [path]
+    found = sorted({p.parent for p in path.glob("**/results.json")})
+    if not found:
+        raise StoreError(f"{path}: no results.json in it or below it (a run or multirun "
+                         "directory of python -m cwps_lightning.train)")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or argv[0].startswith("-"):
+        print("usage: python -m cwps_lightning.report <run dir | multirun dir>", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        for run_dir in run_dirs(Path(argv[0])):
+            started = time.perf_counter()
+            results = report_run(run_dir)
+            print(f"{run_dir}: results.md and {len(results.get('figures', []))} figure(s) "
+                  f"in {time.perf_counter() - started:.1f} s")
+    except StoreError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,14 +22,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from .checks import JobSettings, check_config
 from .config import compose_config, instantiate_data
-from .cwps import StoreError
+from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
 from .fitting import FitSettings, csv_logger_factory, eval_device
 from .methods.base import Method
 from .methods.registry import method_class
 from .persist import RunRecorder
 from .pretrain import acquire_t0
-from .report import assemble_results, write_results
+from .report import add_figures, assemble_results, write_results
 from .runner import MethodResult, Runner
 
 log = logging.getLogger("cwps_lightning")
@@ -167,6 +167,7 @@ def run(cfg: DictConfig) -> dict:
         device=device, read_store=is_rank_zero(),
     )
     if is_rank_zero():
+        add_figures(run_dir, results, MultiTaskStore.load(recorder.store_dir))
         write_results(run_dir, results)
         log.info("results: %s", run_dir / "results.md")
         print((run_dir / "results.md").read_text())

@@ -86,6 +86,13 @@ def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
         assert f"| {label} |" in table
     for m in methods.values():
         assert all(m["tasks"][t]["seconds"] > 0 for t in tasks)
+    # the figures, drawn from this run's numbers (their data is tested in tests/test_figures.py)
+    assert sorted(res["figures"]) == [f"figures/{n}.png" for n in (
+        "accuracy_vs_params", "first_layer_kernels", "relation_graph", "relation_heatmap",
+        "specific_by_layer")]
+    assert all((run_dir / f).stat().st_size > 0 for f in res["figures"])
+    assert all(set(methods["cwps"]["tasks"][t]["specific_by_layer"]) == set(store.layers)
+               for t in tasks)
     assert (run_dir / "store" / "manifest.json").exists()
     assert list((run_dir / "logs" / "cwps").glob("*/metrics.csv"))
 
@@ -104,8 +111,10 @@ def test_joint_run_iterates_cwps_and_visits_the_other_methods_once(run_dir, t0_c
     proc = run_train(run_dir, "+experiment=digits_joint", "cwps.iterations=2", FIVE,
                      "data.tasks=[optdigits]", cache=t0_cache)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    methods = read_results(run_dir)["methods"]
+    res = read_results(run_dir)
+    methods = res["methods"]
     assert [h["iteration"] for h in methods["cwps"]["history"]] == [0, 1]
+    assert "figures/joint_iterations.png" in res["figures"]
     for name in ("finetune", "frozen", "taps", "piggyback"):
         assert [h["iteration"] for h in methods[name]["history"]] == [0]
         assert set(methods[name]["tasks"]) == {"optdigits"}

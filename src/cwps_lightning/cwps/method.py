@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..methods.base import FitPlan, Harness, Method, Trained
 from .bank import KernelBank
 from .search import merged_kernel_ids, search_parents
-from .surgery import inject_cwps, merge_cwps, sharing_stats
+from .surgery import inject_cwps, merge_cwps, sharing_stats, specific_by_layer
 
 if TYPE_CHECKING:
     from ..settings import CWPSSettings
@@ -62,6 +62,7 @@ class CWPSMethod(Method):
                                          continue_order=True),
                     name=f"{tag}-mask")
         stats = sharing_stats(model)
+        by_layer = specific_by_layer(model)
         ids = merged_kernel_ids(model, search)
         parent_counts: dict[str, int] = {}
         for name, tasks in search.parent_task.items():
@@ -74,6 +75,7 @@ class CWPSMethod(Method):
             "specific_channels": stats["specific_channel_fraction"],
             "specific_params": stats["specific_param_fraction"],
             "shared_from": parent_counts,
+            "specific_by_layer": by_layer,
         }
         return Trained(model, kernel_ids=ids, info=info)
 

@@ -147,6 +147,12 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
 
 
 @torch.no_grad()
+def specific_by_layer(model: nn.Module) -> dict[str, float]:
+    """Per CWPS layer (in module order), the fraction of its output channels that are
+    task-specific (hard mask)."""
+    return {name: float(layer.task_specific().float().mean()) for name, layer in cwps_layers(model)}
+
+
 def sharing_stats(model: nn.Module) -> dict[str, float]:
     """Channel and parameter fractions of the CWPS layers that are task-specific (hard mask)."""
     channels = specific_channels = 0

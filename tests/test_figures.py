@@ -1,0 +1,161 @@
+"""The run's figures plot the numbers they claim (figures.py), and the report command rebuilds
+them from disk (report.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from cwps_lightning import figures
+from cwps_lightning.cwps import KernelBank, MultiTaskStore, save_store
+from cwps_lightning.report import main as report_main
+from cwps_lightning.report import write_results
+
+from .helpers import Small
+
+TASKS = ["a", "b"]
+
+
+def small_store(tmp_path) -> MultiTaskStore:
+    """T0, then task a sharing conv1's first 5 channels with T0, then task b sharing conv1's
+    channels 0-1 with T0 and 5-6 with a; every other channel task-specific."""
+    torch.manual_seed(0)
+    t0 = Small()
+    bank = KernelBank(["conv1", "conv2", "fc"])
+    bank.add("T0", t0, 3)
+    a = Small()
+    ids_a = {n: torch.full((c,), -1) for n, c in (("conv1", 8), ("conv2", 6), ("fc", 10))}
+    ids_a["conv1"][:5] = bank.entries["T0"].layers["conv1"].ids[:5]
+    with torch.no_grad():
+        a.conv1.weight[:5] = t0.conv1.weight[:5]
+        a.conv1.bias[:5] = t0.conv1.bias[:5]
+    bank.add("a", a, 3, kernel_ids=ids_a)
+    b = Small()
+    ids_b = {n: torch.full((c,), -1) for n, c in (("conv1", 8), ("conv2", 6), ("fc", 10))}
+    ids_b["conv1"][:2] = bank.entries["T0"].layers["conv1"].ids[:2]
+    ids_b["conv1"][5:7] = bank.entries["a"].layers["conv1"].ids[5:7]
+    bank.add("b", b, 3, kernel_ids=ids_b)
+    save_store(tmp_path / "store", bank, {})
+    return MultiTaskStore.load(tmp_path / "store")
+
+
+def results_of() -> dict:
+    history = [
+        {"iteration": 0, "task": "a", "accepted": True, "val_top1": 80.0, "top1": 70.0},
+        {"iteration": 0, "task": "b", "accepted": True, "val_top1": 60.0, "top1": 50.0},
+        {"iteration": 1, "task": "a", "accepted": False, "val_top1": 75.0, "top1": 90.0},
+        {"iteration": 1, "task": "b", "accepted": True, "val_top1": 65.0, "top1": 58.0},
+    ]
+    by_layer = {"a": {"conv1": 3 / 8, "conv2": 1.0, "fc": 1.0},
+                "b": {"conv1": 4 / 8, "conv2": 1.0, "fc": 0.5}}
+    cwps = {"mode": "joint", "param_ratio": 1.5, "mean_top1": 64.0, "history": history,
+            "tasks": {t: {"top1": 1.0, "specific_by_layer": by_layer[t]} for t in TASKS}}
+    return {
+        "backbone": "small", "tasks": TASKS, "backbone_params": 100,
+        "methods": {"cwps": cwps,
+                    "finetune": {"label": "Fine-Tuning", "param_ratio": 3.0, "mean_top1": 66.0,
+                                 "tasks": {t: {"top1": 1.0} for t in TASKS}}},
+    }
+
+
+def test_relation_heatmap_and_graph_plot_the_stores_shared_channels(tmp_path):
+    store = small_store(tmp_path)
+    tasks, mat = store.relation_matrix()
+    # by hand: T0-a share conv1 0-4 (5), T0-b 0-1 (2), a-b 0-1 and 5-6 (4)
+    expected = np.array([[24, 5, 2], [5, 24, 4], [2, 4, 24]])
+    assert tasks == ["T0", "a", "b"] and np.array_equal(mat.numpy(), expected)
+    fig = figures.plot_relation_heatmap(tasks, mat.numpy(), 24)
+    ax = fig.axes[0]
+    shown = np.ma.filled(ax.images[0].get_array(), np.nan)
+    off = ~np.eye(3, dtype=bool)
+    assert np.array_equal(shown[off], expected[off]) and np.isnan(np.diag(shown)).all()
+    assert sorted(t.get_text() for t in ax.texts) == sorted(["5", "2", "5", "4", "2", "4"])
+    graph = figures.plot_relation_graph(tasks, mat.numpy())
+    widths = sorted(line.get_linewidth() for line in graph.axes[0].lines)
+    assert widths == [1.0, pytest.approx(1.0 + 9.0 * 2 / 3), 10.0]  # 2, 4, 5 shared
+
+
+def test_accuracy_vs_params_plots_every_method(tmp_path):
+    results = results_of()
+    fig = figures.plot_accuracy_vs_params(figures.method_points(results), "t")
+    ax = fig.axes[0]
+    points = sorted(tuple(c.get_offsets()[0]) for c in ax.collections)
+    assert points == [(1.5, 64.0), (3.0, 66.0)]
+    assert sorted(t.get_text() for t in ax.get_legend().get_texts()) == [
+        "CWPS-Joint", "Fine-Tuning"]
+
+
+def test_specific_by_layer_plots_percentages_per_task():
+    by = results_of()["methods"]["cwps"]["tasks"]
+    fig = figures.plot_specific_by_layer(["conv1", "conv2", "fc"],
+                                         {t: list(by[t]["specific_by_layer"].values())
+                                          for t in TASKS})
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].lines}
+    assert lines == {"a": [37.5, 100.0, 100.0], "b": [50.0, 100.0, 50.0]}
+
+
+def test_first_layer_kernels_frame_shared_and_specific_channels(tmp_path):
+    store = small_store(tmp_path)
+    flags = figures.shared_flags(store, "conv1")
+    assert flags["T0"].tolist() == [True] * 5 + [False] * 3
+    assert flags["a"].tolist() == [True] * 7 + [False]
+    assert flags["b"].tolist() == [True, True, False, False, False, True, True, False]
+    tiles = {t: figures.kernel_tiles(store.state_dict(t)["conv1.weight"]) for t in store.tasks}
+    fig, order = figures.plot_first_layer_kernels("conv1", tiles, flags)
+    # columns: shared by 3 tasks (0, 1), then by 2 (2, 3, 4, 5, 6), then by none (7)
+    assert order.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    grid = fig.axes[0].images[0].get_array()
+    cell_h, cell_w = 3 + 3, 3 + 3  # 3x3 kernels, a 1-pixel frame each side, a 1-pixel gap
+    for r, task in enumerate(store.tasks):
+        for c, ch in enumerate(order):
+            corner = grid[r * cell_h, c * cell_w]
+            expected = figures.SHARED_RGB if flags[task][ch] else figures.SPECIFIC_RGB
+            assert np.allclose(corner, expected), (task, ch)
+            inner = grid[r * cell_h + 1:r * cell_h + 4, c * cell_w + 1:c * cell_w + 4]
+            assert np.allclose(inner, tiles[task][ch])
+
+
+def test_joint_iterations_plot_every_visit_and_the_kept_mean():
+    results = results_of()
+    fig = figures.plot_joint_iterations(results["methods"]["cwps"]["history"], TASKS)
+    lines = {line.get_label(): list(line.get_ydata()) for line in fig.axes[0].lines}
+    assert lines["a (test)"] == [70.0, 90.0] and lines["b (test)"] == [50.0, 58.0]
+    # kept after iteration 0: a 70, b 50; after 1: a stays 70 (rejected), b 58
+    assert lines["mean test top-1 of the kept models"] == [60.0, 64.0]
+    hollow = [c for c in fig.axes[0].collections
+              if np.allclose(c.get_facecolor()[0], (1, 1, 1, 1))]
+    assert [tuple(c.get_offsets()[0]) for c in hollow] == [(1.0, 90.0)]
+
+
+def test_report_rebuilds_the_figures_and_results_md(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    small_store(run_dir)
+    results = results_of()
+    write_results(run_dir, results)
+    assert report_main([str(run_dir)]) == 0
+    names = sorted(p.name for p in (run_dir / "figures").iterdir())
+    assert names == ["accuracy_vs_params.png", "first_layer_kernels.png", "joint_iterations.png",
+                     "relation_graph.png", "relation_heatmap.png", "specific_by_layer.png"]
+    listed = json.loads((run_dir / "results.json").read_text())["figures"]
+    assert sorted(listed) == [f"figures/{n}" for n in names]
+    table = (run_dir / "results.md").read_text()
+    assert all(f"({f})" in table for f in listed)
+    # a multirun directory: every run below it
+    assert report_main([str(tmp_path)]) == 0
+    assert "6 figure(s)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("setup, needle", [
+    (lambda d: None, "no results.json in it or below it"),
+    (lambda d: (d / "results.json").write_text("{not json"), "cannot read"),
+    (lambda d: (d / "results.json").write_text("[]"), "not a results.json of this project"),
+])
+def test_report_refuses_what_is_not_a_run_with_one_line(tmp_path, capsys, setup, needle):
+    setup(tmp_path)
+    assert report_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
