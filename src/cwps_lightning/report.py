@@ -145,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
             results = report_run(run_dir)
             print(f"{run_dir}: results.md and {len(results.get('figures', []))} figure(s) "
                   f"in {time.perf_counter() - started:.1f} s")
+        from .sweep import STATUS_FILE, write_sweep_report
+
+        root = Path(argv[0])
+        if not (root / "results.json").is_file() and any(root.glob(f"*/{STATUS_FILE}")):
+            written = write_sweep_report(root)
+            print(f"{root}: {', '.join(written)}")
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -179,6 +179,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         results = run(cfg)
     except (ConfigError, StoreError) as err:
+        from hydra.types import RunMode
+
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # Hydra records the job as failed and runs the others (sweep.py reports it)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     # the returned value is what a Hydra sweeper would optimise

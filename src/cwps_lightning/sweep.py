@@ -1,0 +1,202 @@
+"""The sweep report: one table (Markdown and CSV) and the figures that fit a multirun.
+
+``SweepReport`` is a Hydra callback (conf/hydra/default.yaml). After every job it records the
+job's status (``job_status.json``: completed or failed, with the error line) in the job's
+directory and rewrites the report in the sweep directory, so the report is there whatever
+happens to a later job; ``on_multirun_end`` writes it once more. ``python -m
+cwps_lightning.report <multirun dir>`` rebuilds it from disk.
+
+    sweep.md / sweep.csv      every job: number, overrides, status (or error line), per method
+                              mean top-1 and param_ratio, wall time
+    figures/lambda.png        a sweep over cwps.threshold: the paper's Figure 5 (CWPS mean
+                              top-1 against lambda, marker area = param_ratio), and sweep.md's
+                              table is then its Table 3
+    figures/accuracy_vs_params.png   any other sweep: CWPS mean top-1 against param_ratio,
+                              one point per job, labelled by what the job changed
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .cwps.store import atomic_write
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "job_status.json"
+LAMBDA_KEY = "cwps.threshold"
+
+
+def _rank_zero() -> bool:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+
+
+def error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class SweepReport(Callback):
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        if not _rank_zero():
+            return
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra = HydraConfig.get()
+        job_dir = Path(hydra.runtime.output_dir)
+        failed = job_return.status == JobStatus.FAILED
+        status = {
+            "job": hydra.job.get("num", 0),
+            "overrides": list(hydra.overrides.task),
+            "status": "failed" if failed else "completed",
+            "error": error_line(job_return._return_value) if failed else None,
+        }
+        job_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(job_dir / STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
+        if failed:
+            log.error("job %s failed: %s (the sweep goes on)", status["job"], status["error"])
+        if hydra.mode == RunMode.MULTIRUN:
+            write_sweep_report(Path(config.hydra.sweep.dir))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if _rank_zero():
+            write_sweep_report(Path(config.hydra.sweep.dir))
+
+
+# -- the report ---------------------------------------------------------------------------------
+def sweep_rows(sweep_dir: Path) -> list[dict]:
+    """One row per job directory below ``sweep_dir`` that recorded a status, by job number."""
+    rows = []
+    for status_file in sweep_dir.glob(f"*/{STATUS_FILE}"):
+        status = json.loads(status_file.read_text())
+        results_file = status_file.parent / "results.json"
+        row = {**status, "dir": status_file.parent.name, "methods": {}, "seconds": None}
+        if status["status"] == "completed" and results_file.is_file():
+            results = json.loads(results_file.read_text())
+            row["seconds"] = results.get("seconds")
+            row["methods"] = {m: {"mean_top1": r["mean_top1"], "param_ratio": r["param_ratio"]}
+                              for m, r in results["methods"].items()}
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["job"])
+
+
+def varying_keys(rows: list[dict]) -> list[str]:
+    """The override keys whose value differs between the jobs (what the sweep sweeps)."""
+    values: dict[str, set] = {}
+    for row in rows:
+        for o in row["overrides"]:
+            key, _, value = o.partition("=")
+            values.setdefault(key.lstrip("+~"), set()).add(value)
+    present = [k for k in values if all(any(o.lstrip("+~").startswith(f"{k}=")
+                                            for o in r["overrides"]) for r in rows)]
+    return [k for k in values if len(values[k]) > 1 or k not in present]
+
+
+def override_value(row: dict, key: str) -> str | None:
+    for o in row["overrides"]:
+        k, _, v = o.partition("=")
+        if k.lstrip("+~") == key:
+            return v
+    return None
+
+
+def sweep_table(rows: list[dict]) -> tuple[str, str]:
+    """The sweep table as Markdown and as CSV."""
+    methods = sorted({m for r in rows for m in r["methods"]},
+                     key=lambda m: (m != "cwps", m))
+    keys = varying_keys(rows)
+    head = ["job", *keys, "status"]
+    for m in methods:
+        head += [f"{m} mean top-1", f"{m} param_ratio"]
+    head.append("seconds")
+    body = []
+    for r in rows:
+        cells = [str(r["job"]), *[override_value(r, k) or "-" for k in keys],
+                 r["status"] if r["status"] == "completed" else f"failed: {r['error']}"]
+        for m in methods:
+            got = r["methods"].get(m)
+            cells += ([f"{got['mean_top1']:.2f}", f"{got['param_ratio']:.3f}"] if got
+                      else ["-", "-"])
+        cells.append("-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+        body.append(cells)
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body]
+    failed = sum(r["status"] == "failed" for r in rows)
+    md += ["", f"{len(rows)} job(s), {failed} failed. Mean top-1 (%) over each job's tasks; "
+           "param_ratio as in the job's results.md."]
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(head)
+    writer.writerows(body)
+    return "\n".join(md) + "\n", buf.getvalue()
+
+
+def lambda_points(rows: list[dict]) -> list[tuple[float, float, float]]:
+    """(lambda, CWPS mean top-1, CWPS param_ratio) of every completed job, by lambda."""
+    pts = []
+    for r in rows:
+        value, cwps = override_value(r, LAMBDA_KEY), r["methods"].get("cwps")
+        if value is not None and cwps:
+            pts.append((float(value), cwps["mean_top1"], cwps["param_ratio"]))
+    return sorted(pts)
+
+
+def plot_lambda(points: list[tuple[float, float, float]]):
+    """The paper's Figure 5: accuracy against lambda, marker area proportional to parameters."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    lam, top1, ratio = zip(*points, strict=True)
+    ax.plot(lam, top1, color="0.6", zorder=1)
+    ax.scatter(lam, top1, s=[120 * r for r in ratio], alpha=0.7, zorder=2,
+               label="CWPS (marker area = param_ratio)")
+    for x, y, r in points:
+        ax.annotate(f"{r:.2f}x", (x, y), textcoords="offset points", xytext=(8, -12), fontsize=8)
+    ax.set_xlabel("lambda (cwps.threshold)")
+    ax.set_ylabel("Mean top-1 over tasks (%)")
+    ax.set_title("Accuracy vs lambda (labels: param_ratio)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    return fig
+
+
+def write_sweep_report(sweep_dir: Path) -> list[str]:
+    """sweep.md, sweep.csv and the sweep's figures; returns the files written (relative)."""
+    rows = sweep_rows(sweep_dir)
+    if not rows:
+        return []
+    md, csv_text = sweep_table(rows)
+    atomic_write(sweep_dir / "sweep.csv", csv_text.encode())
+    written = ["sweep.md", "sweep.csv"]
+    figures_dir = sweep_dir / "figures"
+    figure = None
+    if LAMBDA_KEY in varying_keys(rows) and len(lambda_points(rows)) >= 2:
+        figure = ("lambda.png", plot_lambda(lambda_points(rows)))
+    else:
+        from .figures import plot_accuracy_vs_params
+
+        points = [(", ".join(f"{k}={override_value(r, k)}" for k in varying_keys(rows))
+                   or f"job {r['job']}", r["methods"]["cwps"]["param_ratio"],
+                   r["methods"]["cwps"]["mean_top1"]) for r in rows if "cwps" in r["methods"]]
+        if len(points) >= 2:
+            figure = ("accuracy_vs_params.png",
+                      plot_accuracy_vs_params(points, "CWPS per job: accuracy vs parameters"))
+    if figure is not None:
+        figures_dir.mkdir(exist_ok=True)
+        figure[1].savefig(figures_dir / figure[0], dpi=120, bbox_inches="tight")
+        written.append(f"figures/{figure[0]}")
+        md += f"\n![{figure[0]}](figures/{figure[0]})\n"
+    atomic_write(sweep_dir / "sweep.md", md.encode())
+    return written

@@ -1,0 +1,81 @@
+"""A multirun through the real CLI: the sweep report, a failing job, a bad value (sweep.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from cwps_lightning.sweep import lambda_points, sweep_rows
+
+from .helpers import REPO, TINY, cli_env
+
+ONE_TASK = [*TINY, "data.tasks=[optdigits]", "cwps.baselines=[]"]
+
+
+def multirun(sweep_dir, cache, *overrides, timeout=600):
+    cmd = [sys.executable, "-m", "cwps_lightning.train", "-m", *ONE_TASK,
+           f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={cache}", *overrides]
+    return subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_lambda_sweep_writes_table_and_figure5(tmp_path, t0_cache):
+    """Three lambdas: the sweep table (Markdown, CSV) and Figure 5 show each job's numbers."""
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, t0_cache, "cwps.threshold=0.2,0.5,0.8")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sweep_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    results = [json.loads((sweep / r["dir"] / "results.json").read_text()) for r in rows]
+    # the report's numbers are the jobs' own
+    points = lambda_points(rows)
+    assert [p[0] for p in points] == [0.2, 0.5, 0.8]
+    for (lam, top1, ratio), res in zip(points, results, strict=True):
+        assert res["config"]["cwps"]["threshold"] == lam
+        assert (top1, ratio) == (res["methods"]["cwps"]["mean_top1"],
+                                 res["methods"]["cwps"]["param_ratio"])
+    with open(sweep / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [row["cwps.threshold"] for row in table] == ["0.2", "0.5", "0.8"]
+    assert np.allclose([float(row["cwps param_ratio"]) for row in table],
+                       [p[2] for p in points], atol=5e-4)
+    assert (sweep / "figures" / "lambda.png").stat().st_size > 0
+    assert "![lambda.png](figures/lambda.png)" in (sweep / "sweep.md").read_text()
+
+
+def test_a_job_that_fails_does_not_stop_the_sweep(tmp_path, t0_cache):
+    """A task that does not exist fails its job while running (its config passed every check):
+    the other job runs, the report lists the failure with its error line, and the multirun
+    exits non-zero at the end."""
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, t0_cache, "data.tasks=[nosuchtask],[optdigits]")
+    assert proc.returncode != 0  # at the end, after every job ran
+    rows = sweep_rows(sweep)
+    assert [r["status"] for r in rows] == ["failed", "completed"]
+    assert "nosuchtask" in rows[0]["error"] and rows[1]["methods"]["cwps"]["mean_top1"] > 0
+    md = (sweep / "sweep.md").read_text()
+    assert "| failed: DataConfigError: unknown task(s) ['nosuchtask']" in md
+    assert "2 job(s), 1 failed" in md
+
+
+def test_a_bad_lambda_stops_the_sweep_before_any_job(tmp_path, t0_cache):
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, t0_cache, "cwps.threshold=0.5,1.5", timeout=120)
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "1.5" in lines[0] and "job 1 of the sweep" in lines[0]
+    assert not sweep.exists()
+
+
+def test_figure5_plots_each_lambdas_accuracy_with_area_by_parameters():
+    from cwps_lightning.sweep import plot_lambda
+
+    fig = plot_lambda([(0.3, 90.0, 2.0), (0.7, 85.0, 1.25)])
+    dots = fig.axes[0].collections[0]
+    assert np.allclose(dots.get_offsets(), [[0.3, 90.0], [0.7, 85.0]])
+    assert np.allclose(dots.get_sizes(), [240.0, 150.0])
+    assert [t.get_text() for t in fig.axes[0].texts] == ["2.00x", "1.25x"]
