@@ -251,6 +251,8 @@ class LoggerSettings:
     #: null = WANDB_MODE or online; offline | online | disabled
     mode: Optional[str] = None  # noqa: UP045
     tags: list[str] = field(default_factory=list)
+    #: W&B: upload the store as an artifact of the job's summary run
+    log_store: bool = False
 
     def __post_init__(self):
         _one_of("logger.kind", self.kind, LOGGERS)

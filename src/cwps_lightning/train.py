@@ -31,6 +31,7 @@ from .persist import RunRecorder
 from .pretrain import acquire_t0
 from .report import add_figures, assemble_results, write_results
 from .runner import MethodResult, Runner
+from .wandb_log import close_run, log_job_summary, wandb_logger_factory
 
 log = logging.getLogger("cwps_lightning")
 
@@ -58,26 +59,8 @@ def logger_factory(cfg: DictConfig, job: JobSettings, run_dir: Path):
     if settings.kind == "csv":
         return csv_logger_factory(run_dir / "logs")
     if settings.kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        def make(group: str, name: str):
-            return WandbLogger(
-                project=settings.project, entity=settings.entity,
-                group=settings.group or run_dir.name, name=f"{group}/{name}",
-                job_type=group, tags=list(settings.tags), save_dir=str(run_dir),
-                mode=settings.mode, reinit="finish_previous",
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
-
-        return make
+        return wandb_logger_factory(cfg, settings, run_dir)
     return lambda group, name: False
-
-
-def close_loggers() -> None:
-    """Finish a W&B run left open (a failed job must not leave it to the next job of a sweep)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
 
 
 def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
@@ -95,7 +78,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                       type(err).__name__, err, run_dir)
             raise
         finally:
-            close_loggers()
+            close_run()
         log.info("outputs: %s", run_dir)
         return results
 
@@ -169,6 +152,8 @@ def run(cfg: DictConfig) -> dict:
     if is_rank_zero():
         add_figures(run_dir, results, MultiTaskStore.load(recorder.store_dir))
         write_results(run_dir, results)
+        if job.logger.kind == "wandb":
+            log_job_summary(cfg, job.logger, run_dir, results, recorder.store_dir)
         log.info("results: %s", run_dir / "results.md")
         print((run_dir / "results.md").read_text())
     return results
