@@ -111,6 +111,15 @@ def override_value(row: dict, key: str) -> str | None:
     return None
 
 
+def pareto_jobs(rows: list[dict]) -> list[int]:
+    """Jobs no other job beats on both CWPS mean top-1 (higher) and param_ratio (lower)."""
+    pts = {r["job"]: (r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
+           for r in rows if "cwps" in r["methods"]}
+    return sorted(j for j, (top1, ratio) in pts.items()
+                  if not any(t >= top1 and p <= ratio and (t, p) != (top1, ratio)
+                             for k, (t, p) in pts.items() if k != j))
+
+
 def sweep_table(rows: list[dict]) -> tuple[str, str]:
     """The sweep table as Markdown and as CSV."""
     methods = sorted({m for r in rows for m in r["methods"]},
@@ -119,7 +128,8 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     head = ["job", *keys, "status"]
     for m in methods:
         head += [f"{m} mean top-1", f"{m} param_ratio"]
-    head.append("seconds")
+    head += ["seconds", "pareto"]
+    pareto = pareto_jobs(rows)
     body = []
     for r in rows:
         cells = [str(r["job"]), *[override_value(r, k) or "-" for k in keys],
@@ -129,12 +139,14 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
             cells += ([f"{got['mean_top1']:.2f}", f"{got['param_ratio']:.3f}"] if got
                       else ["-", "-"])
         cells.append("-" if r["seconds"] is None else f"{r['seconds']:.0f}")
+        cells.append("yes" if r["job"] in pareto else "")
         body.append(cells)
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body]
     failed = sum(r["status"] == "failed" for r in rows)
     md += ["", f"{len(rows)} job(s), {failed} failed. Mean top-1 (%) over each job's tasks; "
-           "param_ratio as in the job's results.md."]
+           "param_ratio as in the job's results.md. Pareto-optimal (CWPS mean top-1 up, "
+           f"param_ratio down): job(s) {pareto}."]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(head)

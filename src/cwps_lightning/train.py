@@ -18,7 +18,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .checks import JobSettings, check_config
 from .config import compose_config, instantiate_data
@@ -160,7 +160,7 @@ def run(cfg: DictConfig) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
-def hydra_main(cfg: DictConfig) -> float | None:
+def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         results = run(cfg)
     except (ConfigError, StoreError) as err:
@@ -170,8 +170,14 @@ def hydra_main(cfg: DictConfig) -> float | None:
             raise  # Hydra records the job as failed and runs the others (sweep.py reports it)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
-    # the returned value is what a Hydra sweeper would optimise
-    return results["methods"]["cwps"]["mean_top1"]
+    # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
+    # (hparams_search=cwps_optuna) also its param_ratio
+    cwps = results["methods"]["cwps"]
+    directions = HydraConfig.get().sweeper.get("direction")
+    if isinstance(directions, Sequence | ListConfig) and not isinstance(directions, str) \
+            and len(directions) == 2:
+        return cwps["mean_top1"], cwps["param_ratio"]
+    return cwps["mean_top1"]
 
 
 # -- checks before Hydra runs anything ------------------------------------------------------------

@@ -79,3 +79,40 @@ def test_figure5_plots_each_lambdas_accuracy_with_area_by_parameters():
     assert np.allclose(dots.get_offsets(), [[0.3, 90.0], [0.7, 85.0]])
     assert np.allclose(dots.get_sizes(), [240.0, 150.0])
     assert [t.get_text() for t in fig.axes[0].texts] == ["2.00x", "1.25x"]
+
+
+def test_pareto_jobs_are_those_no_other_job_beats_on_both_objectives():
+    from cwps_lightning.sweep import pareto_jobs
+
+    def row(job, top1, ratio):
+        return {"job": job, "methods": {"cwps": {"mean_top1": top1, "param_ratio": ratio}}}
+
+    rows = [row(0, 90.0, 1.5), row(1, 91.0, 1.4), row(2, 89.0, 1.1), row(3, 91.0, 1.4),
+            row(4, 88.0, 1.2), {"job": 5, "methods": {}}]
+    assert pareto_jobs(rows) == [1, 2, 3]  # 0 is beaten by 1, 4 by 2; ties both stay
+
+
+def test_optuna_search_of_three_trials_runs_and_reports_its_pareto_jobs(tmp_path, t0_cache):
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, t0_cache, "hparams_search=cwps_optuna", "hydra.sweeper.n_trials=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sweep_rows(sweep)
+    assert [r["status"] for r in rows] == ["completed"] * 3
+    for r in rows:
+        res = json.loads((sweep / r["dir"] / "results.json").read_text())
+        assert 0.1 <= res["config"]["cwps"]["threshold"] <= 0.9
+        assert 0.002 <= res["config"]["optim"]["mask_lr"] <= 0.2
+    with open(sweep / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert {"cwps.threshold", "optim.mask_lr", "pareto"} <= set(table[0])
+    assert any(row["pareto"] == "yes" for row in table)
+    # the sweeper saw both objectives: its Pareto solutions are the report's Pareto jobs
+    from omegaconf import OmegaConf
+
+    from cwps_lightning.sweep import pareto_jobs
+
+    solutions = OmegaConf.load(sweep / "optimization_results.yaml").solutions
+    got = sorted(tuple(s["values"]) for s in solutions)
+    ours = sorted((r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
+                  for r in rows if r["job"] in pareto_jobs(rows))
+    assert got == ours and all(len(v) == 2 for v in got)
