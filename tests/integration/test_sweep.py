@@ -116,3 +116,22 @@ def test_optuna_search_of_three_trials_runs_and_reports_its_pareto_jobs(tmp_path
     ours = sorted((r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
                   for r in rows if r["job"] in pareto_jobs(rows))
     assert got == ours and all(len(v) == 2 for v in got)
+
+
+def test_a_backbone_sweep_plots_accuracy_vs_params_per_job(tmp_path):
+    from cwps_lightning.sweep import STATUS_FILE, write_sweep_report
+
+    for job, (name, top1, ratio) in enumerate([("resnet18", 90.0, 1.3), ("resnet34", 92.0, 1.2)]):
+        d = tmp_path / str(job)
+        d.mkdir()
+        (d / STATUS_FILE).write_text(json.dumps({
+            "job": job, "overrides": [f"model.name={name}", "seed=0"], "status": "completed",
+            "error": None}))
+        (d / "results.json").write_text(json.dumps({"seconds": 5.0, "methods": {
+            "cwps": {"mean_top1": top1, "param_ratio": ratio}}}))
+    written = write_sweep_report(tmp_path)
+    assert written == ["sweep.md", "sweep.csv", "figures/accuracy_vs_params.png"]
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| job | model.name | status |" in md and "seed" not in md.split("\n")[0]
+    assert "| 1 | resnet34 | completed | 92.00 | 1.200 | 5 | yes |" in md
+    assert "| 0 | resnet18 | completed | 90.00 | 1.300 | 5 |  |" in md
