@@ -60,11 +60,7 @@ def check_config(cfg: DictConfig) -> JobSettings:
         t0=settings_of(cfg.t0, T0Settings, "t0"),
         logger=settings_of(cfg.logger, LoggerSettings, "logger"),
     )
-    for name in job.cwps.baselines:
-        try:
-            method_class(name)
-        except ValueError as err:
-            raise ConfigError(f"cwps.baselines: {err}") from None
+    check_methods(job.cwps.baselines)
     check_model_name(job.model.name)
     if job.model.weights and not Path(job.model.weights).is_file():
         raise ConfigError(f"model.weights: no such file {job.model.weights!r}")
@@ -73,6 +69,27 @@ def check_config(cfg: DictConfig) -> JobSettings:
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
     return job
+
+
+def check_methods(baselines: list[str]) -> None:
+    """Every listed method imports, has a name of its own (results and resume records are
+    keyed by it), and shares with T0 only: the store holds one bank, CWPS's."""
+    seen = {"cwps": "cwps"}
+    for entry in baselines:
+        try:
+            cls = method_class(entry)
+        except ValueError as err:
+            raise ConfigError(f"cwps.baselines: {err}") from None
+        if not cls.name:
+            raise ConfigError(f"cwps.baselines: {entry}: the class sets no `name` (the key of "
+                              "its results)")
+        if cls.name in seen:
+            raise ConfigError(f"cwps.baselines: {entry} and {seen[cls.name]} are both named "
+                              f"{cls.name!r}; give each method its own `name`")
+        if cls.shares_tasks:
+            raise ConfigError(f"cwps.baselines: {entry} sets shares_tasks=True; only CWPS may "
+                              "share between tasks for now (the store keeps one bank, CWPS's)")
+        seen[cls.name] = entry
 
 
 @cache

@@ -265,9 +265,11 @@ def write_run_figures(run_dir: str | Path, results: dict, store=None) -> list[st
         save(plot_relation_heatmap(tasks, mat.numpy(), channels), "relation_heatmap.png")
         save(plot_relation_graph(tasks, mat.numpy()), "relation_graph.png")
         layer = store.layers[0]
-        tiles = {t: kernel_tiles(store.state_dict(t)[f"{layer}.weight"]) for t in store.tasks}
-        fig, _ = plot_first_layer_kernels(layer, tiles, shared_flags(store, layer))
-        save(fig, "first_layer_kernels.png")
+        weights = {t: store.state_dict(t)[f"{layer}.weight"] for t in store.tasks}
+        if next(iter(weights.values())).dim() == 4:  # a conv layer (a ViT starts with one too)
+            tiles = {t: kernel_tiles(w) for t, w in weights.items()}
+            fig, _ = plot_first_layer_kernels(layer, tiles, shared_flags(store, layer))
+            save(fig, "first_layer_kernels.png")
     history = cwps.get("history") or []
     if len({h["iteration"] for h in history}) > 1:
         save(plot_joint_iterations(history, results["tasks"]), "joint_iterations.png")

@@ -185,6 +185,9 @@ class Runner:
         val, test = self._test(trained.model, task)
         info = {"val_top1": val, "top1": test, **trained.info}
         if not method.shares_tasks:
+            if not {"kernels", "task_own"} <= set(trained.params):
+                raise ValueError(f"method {method.name!r}: train() must return params with "
+                                 f"'kernels' and 'task_own' (got {sorted(trained.params)})")
             info["params"] = trained.params
         info["seconds"] = round(time.perf_counter() - started, 1)
         kept = result.tasks.get(task)

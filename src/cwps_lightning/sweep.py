@@ -8,7 +8,7 @@ cwps_lightning.report <multirun dir>`` rebuilds it from disk.
 
     sweep.md / sweep.csv      every job: number, overrides, status (or error line), per method
                               mean top-1 and param_ratio, wall time
-    figures/lambda.png        a sweep over cwps.threshold: the paper's Figure 5 (CWPS mean
+    figures/lambda.png        a sweep over cwps.threshold alone: the paper's Figure 5 (CWPS mean
                               top-1 against lambda, marker area = param_ratio), and sweep.md's
                               table is then its Table 3
     figures/accuracy_vs_params.png   any other sweep: CWPS mean top-1 against param_ratio,
@@ -21,7 +21,7 @@ import csv
 import io
 import json
 import logging
-import os
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +34,17 @@ from .cwps.store import atomic_write
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
+#: failed jobs of this process's multirun, as (sweep dir, job number): train.main exits non-zero
+#: when a sweeper (Optuna with max_failure_rate) finished the sweep despite them
+FAILED_JOBS: list[tuple[str, int]] = []
 LAMBDA_KEY = "cwps.threshold"
 
 
 def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0
+    """Rank as Lightning reads it (RANK, LOCAL_RANK, SLURM_PROCID, ...): only rank 0 writes."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def error_line(err: BaseException) -> str:
@@ -66,6 +72,7 @@ class SweepReport(Callback):
         atomic_write(job_dir / STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
         if failed:
             log.error("job %s failed: %s (the sweep goes on)", status["job"], status["error"])
+            FAILED_JOBS.append((str(config.hydra.sweep.dir), status["job"]))
         if hydra.mode == RunMode.MULTIRUN:
             write_sweep_report(Path(config.hydra.sweep.dir))
 
@@ -115,6 +122,7 @@ def pareto_jobs(rows: list[dict]) -> list[int]:
     """Jobs no other job beats on both CWPS mean top-1 (higher) and param_ratio (lower)."""
     pts = {r["job"]: (r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
            for r in rows if "cwps" in r["methods"]}
+    pts = {j: p for j, p in pts.items() if all(math.isfinite(v) for v in p)}
     return sorted(j for j, (top1, ratio) in pts.items()
                   if not any(t >= top1 and p <= ratio and (t, p) != (top1, ratio)
                              for k, (t, p) in pts.items() if k != j))
@@ -194,7 +202,7 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
     written = ["sweep.md", "sweep.csv"]
     figures_dir = sweep_dir / "figures"
     figure = None
-    if LAMBDA_KEY in varying_keys(rows) and len(lambda_points(rows)) >= 2:
+    if varying_keys(rows) == [LAMBDA_KEY] and len(lambda_points(rows)) >= 2:
         figure = ("lambda.png", plot_lambda(lambda_points(rows)))
     else:
         from .figures import plot_accuracy_vs_params

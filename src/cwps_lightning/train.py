@@ -153,7 +153,11 @@ def run(cfg: DictConfig) -> dict:
         add_figures(run_dir, results, MultiTaskStore.load(recorder.store_dir))
         write_results(run_dir, results)
         if job.logger.kind == "wandb":
-            log_job_summary(cfg, job.logger, run_dir, results, recorder.store_dir)
+            try:
+                log_job_summary(cfg, job.logger, run_dir, results, recorder.store_dir)
+            except Exception as err:  # noqa: BLE001 - the job's results are written already
+                log.error("W&B summary run failed (%s: %s); the results are in %s",
+                          type(err).__name__, err, run_dir)
         log.info("results: %s", run_dir / "results.md")
         print((run_dir / "results.md").read_text())
     return results
@@ -167,7 +171,9 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
         from hydra.types import RunMode
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:
-            raise  # Hydra records the job as failed and runs the others (sweep.py reports it)
+            # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
+            # preset with max_failure_rate: 1.0); sweep.py reports it
+            raise
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
@@ -231,6 +237,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     hydra_main()
+    from .sweep import FAILED_JOBS
+
+    if FAILED_JOBS:  # a sweeper that tolerates failures (the Optuna preset) ended the sweep
+        sweep_dir = FAILED_JOBS[0][0]
+        print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed "
+              f"({[job for _, job in FAILED_JOBS]}); see {sweep_dir}/sweep.md", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

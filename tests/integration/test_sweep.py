@@ -135,3 +135,15 @@ def test_a_backbone_sweep_plots_accuracy_vs_params_per_job(tmp_path):
     assert "| job | model.name | status |" in md and "seed" not in md.split("\n")[0]
     assert "| 1 | resnet34 | completed | 92.00 | 1.200 | 5 | yes |" in md
     assert "| 0 | resnet18 | completed | 90.00 | 1.300 | 5 |  |" in md
+
+
+def test_optuna_search_goes_on_after_a_failed_trial_and_exits_non_zero(tmp_path, t0_cache):
+    """The preset tolerates failed trials (max_failure_rate: 1.0): every trial runs, each is in
+    the report, and the command still ends with status 1 and one line saying so."""
+    sweep = tmp_path / "sweep"
+    proc = multirun(sweep, t0_cache, "hparams_search=cwps_optuna", "hydra.sweeper.n_trials=2",
+                    "data.tasks=[nosuchtask]", timeout=300)
+    assert proc.returncode == 1
+    assert [r["status"] for r in sweep_rows(sweep)] == ["failed", "failed"]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: 2 job(s) of the sweep failed ([0, 1]); see {sweep}/sweep.md")

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+from torch import nn
 
 from cwps_lightning.cwps.method import CWPSMethod
 from cwps_lightning.methods.base import Method
+from cwps_lightning.methods.baselines import FineTune
 from cwps_lightning.methods.registry import BASELINE_NAMES, BUILTIN, method_class
 
 
@@ -45,3 +49,37 @@ def test_the_core_and_the_methods_import_without_lightning_or_hydra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("baselines, needle", [
+    (["tests.methods.plugins:Nameless"], "sets no `name`"),
+    (["finetune", "tests.methods.plugins:AlsoFineTune"],
+     "tests.methods.plugins:AlsoFineTune and finetune are both named 'finetune'"),
+    (["tests.methods.plugins:Sharing"], "only CWPS may share between tasks"),
+])
+def test_config_check_refuses_methods_that_would_mix_up_results(baselines, needle):
+    from cwps_lightning.checks import check_methods
+    from cwps_lightning.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        check_methods(baselines)
+    check_methods(["finetune", "frozen", "taps", "piggyback", "examples.lora:LoRA"])
+
+
+def test_a_method_without_its_cost_fails_at_its_visit():
+    from types import SimpleNamespace
+
+    from cwps_lightning.methods.base import Trained
+    from cwps_lightning.runner import Runner
+
+    class NoCost(FineTune):
+        name = "nocost"
+
+        def train(self, task, iteration, bank, harness):
+            return Trained(nn.Linear(1, 1))
+
+    runner = Runner.__new__(Runner)  # only the visit's bookkeeping is exercised
+    runner._test = lambda model, task: (1.0, 1.0)
+    result = SimpleNamespace(bank=None)
+    with pytest.raises(ValueError, match=r"'nocost': train\(\) must return params"):
+        runner.visit(NoCost(), result, "t", 0)

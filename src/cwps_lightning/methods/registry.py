@@ -41,7 +41,3 @@ def method_class(name: str) -> type[Method]:
                          "cwps_lightning.methods.base.Method")
     return cls
 
-
-def method_key(name: str) -> str:
-    """The key a method's results go under in results.json (its class's ``name``)."""
-    return method_class(name).name or name
