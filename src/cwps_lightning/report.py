@@ -66,10 +66,10 @@ def write_results(run_dir: str | Path, results: dict) -> None:
 def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict,
                      method_objects: list, cwps,
                      backbone_params: int, t0_info: dict, store_dir: Path, seconds: float,
-                     device, read_store: bool = True) -> dict:
+                     device, saved: MultiTaskStore | None = None) -> dict:
     """results.json's content: the run, and per method its per-task metrics, mean top-1 and
-    parameter count. With ``read_store`` (rank 0 only: the rank that wrote it, so no rank reads
-    a store being written), CWPS's count is read back from the saved store."""
+    parameter count. ``saved``: the store as read back after the run (rank 0 only: the rank
+    that wrote it, so no rank reads a store being written); CWPS's count is then its count."""
     results = {
         "benchmark": benchmark,
         "tasks": list(tasks),
@@ -86,8 +86,8 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         results["methods"][method.name]["label"] = method.label or method.name
     cwps_result = results["methods"]["cwps"]
     cwps_result.update({"mode": cwps.mode, "iterations": cwps.iterations})
-    if read_store:
-        stored = MultiTaskStore.load(store_dir).param_count()
+    if saved is not None:
+        stored = saved.param_count()
         cwps_result["params"] = stored
         cwps_result["param_ratio"] = stored["total"] / backbone_params
     return results

@@ -144,13 +144,15 @@ def run(cfg: DictConfig) -> dict:
     runner.run(to_run, methods)
     persist(complete=True)
 
+    # read back once, by the rank that wrote it: CWPS's parameter count and the figures
+    saved = MultiTaskStore.load(recorder.store_dir) if is_rank_zero() else None
     results = assemble_results(
         cfg, type(datamodule).__name__, datamodule.task_names, methods, to_run, c,
         runner.backbone_params, t0_info, recorder.store_dir, seconds=time.time() - started,
-        device=device, read_store=is_rank_zero(),
+        device=device, saved=saved,
     )
     if is_rank_zero():
-        add_figures(run_dir, results, MultiTaskStore.load(recorder.store_dir))
+        add_figures(run_dir, results, saved)
         write_results(run_dir, results)
         if job.logger.kind == "wandb":
             try:
