@@ -220,13 +220,11 @@ def plot_joint_iterations(history: list[dict], tasks: list[str]) -> Figure:
 
 # -- all of a run ---------------------------------------------------------------------------------
 def method_points(results: dict) -> list[tuple[str, float, float]]:
-    out = []
-    for name, r in results["methods"].items():
-        label = r.get("label") or name
-        if name == "cwps" and r.get("mode"):
-            label = f"CWPS-{r['mode'].capitalize()}"
-        out.append((label, float(r["param_ratio"]), float(r["mean_top1"])))
-    return out
+    """(label, param_ratio, mean top-1) per method, labelled as in results.md."""
+    from .report import method_label
+
+    return [(method_label(name, r), float(r["param_ratio"]), float(r["mean_top1"]))
+            for name, r in results["methods"].items()]
 
 
 def shared_flags(store, layer: str) -> dict[str, np.ndarray]:

@@ -22,6 +22,13 @@ log = logging.getLogger(__name__)
 ROW_ORDER = ("finetune", "frozen", "piggyback", "taps", "cwps")
 
 
+def method_label(name: str, result: dict) -> str:
+    """A method's row label in the table and the figures (CWPS with its mode)."""
+    if name == "cwps" and result.get("mode"):
+        return f"CWPS-{result['mode'].capitalize()}"
+    return result.get("label") or name
+
+
 def markdown_table(results: dict) -> str:
     methods = results["methods"]
     tasks = results["tasks"]
@@ -31,10 +38,7 @@ def markdown_table(results: dict) -> str:
     order += [m for m in methods if m not in order]
     for m in order:
         r = methods[m]
-        label = r.get("label") or m
-        if m == "cwps" and r.get("mode"):
-            label = f"CWPS-{r['mode'].capitalize()}"
-        cells = [label, f"{r['param_ratio']:.2f}x"]
+        cells = [method_label(m, r), f"{r['param_ratio']:.2f}x"]
         cells += [f"{r['tasks'][t]['top1']:.2f}" if t in r["tasks"] else "-" for t in tasks]
         cells.append(f"{r['mean_top1']:.2f}")
         seconds = r.get("seconds_per_task")
