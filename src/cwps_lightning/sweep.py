@@ -88,7 +88,8 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     for status_file in sweep_dir.glob(f"*/{STATUS_FILE}"):
         status = json.loads(status_file.read_text())
         results_file = status_file.parent / "results.json"
-        row = {**status, "dir": status_file.parent.name, "methods": {}, "seconds": None}
+        row = {**status, "dir": status_file.parent.name, "methods": {}, "seconds": None,
+               "values": parse_overrides(status["overrides"])}
         if status["status"] == "completed" and results_file.is_file():
             results = json.loads(results_file.read_text())
             row["seconds"] = results.get("seconds")
@@ -98,24 +99,20 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["job"])
 
 
+def parse_overrides(overrides: list[str]) -> dict[str, str]:
+    """``key=value`` overrides as {key: value} (the ``+`` / ``~`` prefix dropped)."""
+    return {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
+
+
 def varying_keys(rows: list[dict]) -> list[str]:
-    """The override keys whose value differs between the jobs (what the sweep sweeps)."""
-    values: dict[str, set] = {}
-    for row in rows:
-        for o in row["overrides"]:
-            key, _, value = o.partition("=")
-            values.setdefault(key.lstrip("+~"), set()).add(value)
-    present = [k for k in values if all(any(o.lstrip("+~").startswith(f"{k}=")
-                                            for o in r["overrides"]) for r in rows)]
-    return [k for k in values if len(values[k]) > 1 or k not in present]
+    """The override keys that some job lacks or sets to another value (what the sweep sweeps),
+    in the order they first appear."""
+    keys = list(dict.fromkeys(k for r in rows for k in r["values"]))
+    return [k for k in keys if len({r["values"].get(k) for r in rows}) > 1]
 
 
 def override_value(row: dict, key: str) -> str | None:
-    for o in row["overrides"]:
-        k, _, v = o.partition("=")
-        if k.lstrip("+~") == key:
-            return v
-    return None
+    return row["values"].get(key)
 
 
 def pareto_jobs(rows: list[dict]) -> list[int]:
@@ -202,12 +199,13 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
     written = ["sweep.md", "sweep.csv"]
     figures_dir = sweep_dir / "figures"
     figure = None
-    if varying_keys(rows) == [LAMBDA_KEY] and len(lambda_points(rows)) >= 2:
-        figure = ("lambda.png", plot_lambda(lambda_points(rows)))
+    keys, lambdas = varying_keys(rows), lambda_points(rows)
+    if keys == [LAMBDA_KEY] and len(lambdas) >= 2:
+        figure = ("lambda.png", plot_lambda(lambdas))
     else:
         from .figures import plot_accuracy_vs_params
 
-        points = [(", ".join(f"{k}={override_value(r, k)}" for k in varying_keys(rows))
+        points = [(", ".join(f"{k}={override_value(r, k)}" for k in keys)
                    or f"job {r['job']}", r["methods"]["cwps"]["param_ratio"],
                    r["methods"]["cwps"]["mean_top1"]) for r in rows if "cwps" in r["methods"]]
         if len(points) >= 2:
