@@ -7,15 +7,21 @@ from ..cwps.bank import KernelBank
 from .base import FitPlan, Harness, Method, Trained, split_param_count
 
 
+def fit_t0_copy(harness: Harness, task: str, iteration: int, mode: str):
+    """T0 with this task's head, trained for the budget in train mode ``mode``."""
+    model = harness.new_model(task, iteration)
+    harness.step(f"{mode} {task}: {harness.epochs} epoch(s)")
+    plan = FitPlan(harness.epochs, seed=harness.seed(task, "fit", iteration), train=mode)
+    harness.fit(model, task, plan, name=task)
+    return model
+
+
 class FineTune(Method):
     name = "finetune"
     label = "Fine-Tuning"
 
     def train(self, task: str, iteration: int, bank: KernelBank, harness: Harness) -> Trained:
-        model = harness.new_model(task, iteration)
-        harness.step(f"finetune {task}: {harness.epochs} epoch(s)")
-        plan = FitPlan(harness.epochs, seed=harness.seed(task, "fit", iteration), train="finetune")
-        harness.fit(model, task, plan, name=task)
+        model = fit_t0_copy(harness, task, iteration, "finetune")
         return Trained(model, params=split_param_count(model, harness.shareable))
 
 
@@ -24,9 +30,6 @@ class Frozen(Method):
     label = "Feature extractor (frozen T0)"
 
     def train(self, task: str, iteration: int, bank: KernelBank, harness: Harness) -> Trained:
-        model = harness.new_model(task, iteration)
-        harness.step(f"frozen {task}: {harness.epochs} epoch(s)")
-        plan = FitPlan(harness.epochs, seed=harness.seed(task, "fit", iteration), train="frozen")
-        harness.fit(model, task, plan, name=task)
+        model = fit_t0_copy(harness, task, iteration, "frozen")
         own = split_param_count(model, harness.shareable)["task_own"]
         return Trained(model, params={"kernels": 0, "task_own": own})
