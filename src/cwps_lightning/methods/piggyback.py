@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..cwps.bank import KernelBank
 from ..cwps.surgery import classifier_names
-from .base import FitPlan, Harness, Method, OptimizerPlan, Trained
+from .base import FitPlan, Harness, Method, OptimizerPlan, Trained, split_param_count
 from .weight_layers import (
     WeightConv2d,
     WeightLinear,
@@ -175,11 +175,12 @@ def trainable_setter(train_norms: bool):
 def task_param_count(model: nn.Module, train_norms: bool) -> dict[str, float]:
     """What a Piggyback task stores beyond T0: one bit per masked weight (numel / 32 float32
     parameters), the head, and the normalisation layers if they were trained."""
-    wrapped = [name for name, _ in piggyback_layers(model)]
-    heads = tuple(f"{name}." for name in classifier_names(model))
-    inside = {id(p) for name in wrapped for p in model.get_submodule(name).parameters()}
-    own = sum(p.numel() for name, p in model.named_parameters()
-              if id(p) not in inside and (train_norms or name.startswith(heads)))
+    if train_norms:
+        wrapped = [name for name, _ in piggyback_layers(model)]
+        own = split_param_count(model, wrapped)["task_own"]
+    else:
+        own = sum(p.numel() for name in classifier_names(model)
+                  for p in model.get_submodule(name).parameters())
     return {"kernels": masked_numel(model) / 32, "task_own": own}
 
 
