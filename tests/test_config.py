@@ -65,7 +65,7 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.no_such_key=1", r"^cwps\.no_such_key: no such key; accepted: mode, iterations"),
     ("+cwps.no_such_key=1", r"^cwps\.no_such_key: no such key"),
     ("cwps.threshold=abc", r"^cwps\.threshold: Value 'abc' .*could not be converted to Float$"),
-    ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Integer"),
+    ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Float"),
     ("model.pretrained=maybe", r"^model\.pretrained: Value 'maybe' is not a valid bool"),
     ("data=nosuchdata", r"^data=nosuchdata: no such config; available: digits, "),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
@@ -89,6 +89,26 @@ def test_stage_settings_nested_from_a_dict_and_checked():
     assert s.stages == StageSettings(2, 0, 3) and s.total_epochs == 5
     with pytest.raises(ValueError, match="soft_epochs \\+ hard_epochs"):
         CWPSSettings(stages=StageSettings(1, 0, 0))
+    # the switch may fall inside an epoch, the mask fit is whole epochs
+    assert StageSettings(1, 0.5, 1.5).mask_epochs == 2
+    with pytest.raises(ValueError, match=r"must be a whole number >= 1, got 0.5 \+ 1.25 = 1.75"):
+        StageSettings(1, 0.5, 1.25)
+    with pytest.raises(ValueError, match="warmup_epochs must be a whole number, got 1.5"):
+        StageSettings(1.5, 1, 2)
+
+
+@pytest.mark.parametrize("preset", [None, "imagenet_sketch", "domainnet", "digits_joint"])
+def test_default_and_presets_split_epochs_as_the_paper(preset):
+    """Warm-up = 1/4 of a visit's epochs; of the mask training 1/4 soft, 3/4 hard; the baselines
+    train as many epochs as one visit (the runner's ``epochs`` is total_epochs)."""
+    if preset is None:
+        stages = CWPSSettings().stages
+    else:
+        stages = StageSettings(**dict(compose_config([f"+experiment={preset}"]).cwps.stages))
+    total = stages.total_epochs
+    assert stages.warmup_epochs == total / 4
+    assert stages.soft_epochs == stages.mask_epochs / 4
+    assert stages.hard_epochs == 3 * stages.mask_epochs / 4
     with pytest.raises(ValueError, match="cwps.iterations=2 needs cwps.mode=joint"):
         CWPSSettings(iterations=2)
 
@@ -108,7 +128,7 @@ def test_presets_state_only_what_differs_and_compose_typed():
                        ("imagenet_sketch_vit", 0.001), ("domainnet", 0.01)]:
         cfg = compose_config([f"+experiment={preset}", "data.root=/nowhere"])
         cwps = settings_of(cfg.cwps, CWPSSettings, "cwps")
-        assert cwps.stages == StageSettings(10, 10, 30) and cwps.baselines == []
+        assert cwps.stages == StageSettings(10, 7.5, 22.5) and cwps.baselines == []
         assert cfg.optim.lr == lr and cfg.model.pretrained is True
 
 

@@ -12,8 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .cwps.layers import check_threshold
-from .cwps.search import DEFAULT_DISTANCE, DEFAULT_INIT_SCOPE, DISTANCES, INIT_SCOPES
+from .cwps.layers import MASK_GRADS, check_threshold
+from .cwps.search import (
+    DEFAULT_DISTANCE,
+    DEFAULT_INIT_SCOPE,
+    DEFAULT_MASK_INIT,
+    DISTANCES,
+    INIT_SCOPES,
+    MASK_INITS,
+)
 from .methods.base import OPTIMIZERS
 from .methods.registry import BASELINE_NAMES
 
@@ -32,26 +39,46 @@ def _one_of(key: str, value, accepted) -> None:
 
 @dataclass
 class StageSettings:
-    """Epochs per phase of every task visit (paper 3.2: warm-up fine-tune, soft mask, hard mask)."""
+    """Epochs per phase of every task visit (paper 3.2: warm-up fine-tune, soft mask, hard mask).
+
+    The paper's split, read one way for the default and every preset: of a visit's E epochs
+    (the baselines train E too), the warm-up takes E/4 (section 3.2.1, "one-quarter of the
+    total training epochs"); of the mask training that follows, one quarter is soft and three
+    quarters hard (section 3.2.4; appendix A.1 "one-quarter of the epochs are dedicated to the
+    soft mask training stage, while the remainder focuses on the hard"). E = 4 gives 1 / 0.75 /
+    2.25; the paper's E = 40 gives 10 / 7.5 / 22.5. The soft-to-hard switch may fall inside an
+    epoch (it counts batches); the warm-up and the whole mask fit are whole epochs.
+    """
 
     warmup_epochs: int = 1
-    soft_epochs: int = 1
-    hard_epochs: int = 2
+    soft_epochs: float = 0.75
+    hard_epochs: float = 2.25
     #: task: one cosine schedule over warm-up + soft + hard, as a fine-tuning run of the same
     #: epochs; per_fit: the warm-up fit and the mask fit each restart the cosine
     lr_schedule: str = "task"
 
     def __post_init__(self):
         for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
-            if getattr(self, key) < 0:
+            if not getattr(self, key) >= 0:  # also catches NaN
                 raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
-        if self.soft_epochs + self.hard_epochs == 0:
-            raise ValueError("cwps.stages: soft_epochs + hard_epochs must be >= 1")
+        if int(self.warmup_epochs) != self.warmup_epochs:
+            raise ValueError(
+                f"cwps.stages.warmup_epochs must be a whole number, got {self.warmup_epochs}")
+        self.warmup_epochs = int(self.warmup_epochs)
+        mask = self.soft_epochs + self.hard_epochs
+        if mask < 1 or abs(mask - round(mask)) > 1e-9:
+            raise ValueError(
+                "cwps.stages: soft_epochs + hard_epochs (the mask fit) must be a whole number "
+                f">= 1, got {self.soft_epochs} + {self.hard_epochs} = {mask}")
         _one_of("cwps.stages.lr_schedule", self.lr_schedule, LR_SCHEDULES)
 
     @property
+    def mask_epochs(self) -> int:
+        return round(self.soft_epochs + self.hard_epochs)
+
+    @property
     def total_epochs(self) -> int:
-        return self.warmup_epochs + self.soft_epochs + self.hard_epochs
+        return self.warmup_epochs + self.mask_epochs
 
 
 @dataclass
@@ -69,6 +96,15 @@ class CWPSSettings:
     distance: str = DEFAULT_DISTANCE
     #: mask-logit init over all layers at once (global) or within each layer (layer)
     init_scope: str = DEFAULT_INIT_SCOPE
+    #: mask-logit init (paper Table 4): standardized (z-scores of the CPMS distances) |
+    #: mean_ratio (3 (d - mean d) / mean d) | random (Gaussian) | constant (cwps/search.py)
+    mask_init: str = DEFAULT_MASK_INIT
+    #: the init's scale (standardized/mean_ratio: factor; random: std; constant: the logit);
+    #: null = 1 / 3 / 1 / 0 respectively
+    init_scale: Optional[float] = None  # noqa: UP045
+    #: hard-stage gradient to the mask scores: sigmoid (dL/dm * sigmoid', the paper's) or
+    #: identity (dL/dm, the straight-through estimator TAPS uses)
+    mask_grad: str = "sigmoid"
     stages: StageSettings = field(default_factory=StageSettings)
     #: methods run in the same job for the results table, after CWPS: finetune, frozen, taps,
     #: piggyback, or 'package.module:Class' (a Method subclass); [] for none
@@ -90,6 +126,11 @@ class CWPSSettings:
             raise ValueError(f"cwps.{err}") from None
         _one_of("cwps.distance", self.distance, DISTANCES)
         _one_of("cwps.init_scope", self.init_scope, INIT_SCOPES)
+        _one_of("cwps.mask_init", self.mask_init, MASK_INITS)
+        _one_of("cwps.mask_grad", self.mask_grad, MASK_GRADS)
+        if self.init_scale is not None and not abs(self.init_scale) < float("inf"):
+            raise ValueError(f"cwps.init_scale must be a finite number or null, got "
+                             f"{self.init_scale}")
         bad = [b for b in self.baselines if b not in BASELINE_NAMES and ":" not in b]
         if bad:
             raise ValueError(

@@ -529,3 +529,60 @@ def test_network_of_layers_matches_reference(stage, channels_last):
         torch.testing.assert_close(layer.weight.grad, ref.params[0].grad, **opts, msg=name)
         torch.testing.assert_close(layer.bias.grad, ref.params[1].grad, **opts, msg=name)
         torch.testing.assert_close(layer.mask_logits.grad, ref.params[2].grad, **opts, msg=name)
+
+
+@pytest.mark.parametrize("name", ["basic", "linear_3d"])
+def test_identity_mask_grad_passes_dl_dm_straight_to_the_scores(name):
+    """mask_grad="identity": dL/ds = dL/dm in the hard stage (TAPS' straight-through), and the
+    soft stage keeps the true sigmoid derivative."""
+    layer, x = wrap64(name)
+    randomise(layer)
+    layer.mask_grad = "identity"
+    for stage in ("soft", "hard"):
+        layer.zero_grad(set_to_none=True)
+        layer.stage = stage
+        y = layer(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        logits = layer.mask_logits.detach().clone().requires_grad_(True)
+        sig = torch.sigmoid(logits)
+        if stage == "soft":
+            m = sig
+        else:  # forward: the hard mask; backward: identity
+            m = (sig >= layer.threshold).to(sig.dtype).detach() + logits - logits.detach()
+        pw = layer.parent_weight
+        w = pw + m.view(-1, *([1] * (pw.dim() - 1))) * (layer.weight.detach() - pw)
+        pb = layer.parent_bias
+        b = None if pb is None else pb + m * (layer.bias.detach() - pb)
+        y_ref = F.linear(x, w, b) if isinstance(layer, nn.Linear) else F.conv2d(
+            x, w, b, layer.stride, layer.padding, layer.dilation, layer.groups)
+        y_ref.backward(g)
+        torch.testing.assert_close(layer.mask_logits.grad, logits.grad, atol=1e-10, rtol=1e-9)
+    # and it differs from the default's gradient by exactly the sigmoid slope
+    hard_identity = layer.mask_logits.grad.clone()
+    layer.zero_grad(set_to_none=True)
+    layer.mask_grad = "sigmoid"
+    layer(x).backward(g)
+    sig = torch.sigmoid(layer.mask_logits.detach())
+    torch.testing.assert_close(layer.mask_logits.grad, hard_identity * sig * (1 - sig))
+
+
+def test_mask_grad_is_checked():
+    with pytest.raises(ValueError, match=r"mask_grad must be one of \['sigmoid', 'identity'\], "
+                                         r"got 'sign'"):
+        CWPSLinear(3, 2, mask_grad="sign")
+
+
+def test_layer_remembers_its_decisions_when_entering_each_stage():
+    layer = CWPSLinear(4, 6, threshold=0.5)
+    with torch.no_grad():
+        layer.mask_logits.copy_(torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0, 3.0]))
+    assert layer.decisions == {}
+    layer.stage = "soft"
+    assert layer.decisions["soft"].tolist() == [False, False, True, True, True, True]
+    with torch.no_grad():
+        layer.mask_logits.mul_(-1)
+    layer.stage = "soft"  # staying in a stage records nothing new
+    assert layer.decisions["soft"].tolist() == [False, False, True, True, True, True]
+    layer.stage = "hard"
+    assert layer.decisions["hard"].tolist() == [True, True, True, False, False, False]

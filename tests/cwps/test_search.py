@@ -22,7 +22,7 @@ from cwps_lightning.cwps import (
     set_stage,
     shareable_layers,
 )
-from cwps_lightning.cwps.search import gather_channels
+from cwps_lightning.cwps.search import gather_channels, relative_distances
 
 from ..helpers import Small
 
@@ -94,30 +94,75 @@ def test_gather_channels():
 
 
 # -- mask initialisation -------------------------------------------------------------------------
-def test_init_mask_logits_formula():
+def test_init_mask_logits_mean_ratio_formula():
     d = torch.tensor([1.0, 2.0, 3.0])  # mean 2: s = 3 * (d - 2) / 2
-    torch.testing.assert_close(init_mask_logits(d), torch.tensor([-1.5, 0.0, 1.5]))
+    torch.testing.assert_close(init_mask_logits(d, "mean_ratio"), torch.tensor([-1.5, 0.0, 1.5]))
     d = torch.tensor([0.0, 0.5, 1.0, 2.5])  # mean 1
-    torch.testing.assert_close(init_mask_logits(d), torch.tensor([-3.0, -1.5, 0.0, 4.5]))
+    torch.testing.assert_close(init_mask_logits(d, "mean_ratio"),
+                               torch.tensor([-3.0, -1.5, 0.0, 4.5]))
     # a channel at the layer mean starts at sigmoid(0) = 0.5, identical channels at -3
-    assert init_mask_logits(torch.tensor([0.0, 4.0]))[0].item() == pytest.approx(-3.0)
+    assert init_mask_logits(torch.tensor([0.0, 4.0]), "mean_ratio")[0].item() == pytest.approx(-3)
+    # init_scale replaces the factor 3
+    torch.testing.assert_close(init_mask_logits(torch.tensor([1.0, 3.0]), "mean_ratio", 1.0),
+                               torch.tensor([-0.5, 0.5]))
 
 
-def test_init_mask_logits_all_zero():
-    out = init_mask_logits(torch.zeros(5))
-    assert torch.equal(out, torch.full((5,), -3.0))
+def test_init_mask_logits_standardized_is_a_z_score():
+    d = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population std sqrt(3.5)
+    z = (d - 3.0) / 3.5 ** 0.5
+    torch.testing.assert_close(init_mask_logits(d), z)  # the default kind, scale 1
+    torch.testing.assert_close(init_mask_logits(d, "standardized", 2.0), 2.0 * z)
+    out = init_mask_logits(torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3)
+    assert abs(out.mean().item()) < 1e-5 and out.std(unbiased=False).item() == pytest.approx(1.0)
+
+
+def test_standardized_init_spreads_a_heavy_tail_around_zero_where_mean_ratio_does_not():
+    # the point of the default: on a heavy-tailed D most channels sit far below the mean, and
+    # the mean ratio puts them all below sigmoid^-1(0.3); z-scores keep lambda in control
+    d = torch.distributions.LogNormal(0.0, 1.5).sample((4000,))
+    share = {kind: [(torch.sigmoid(init_mask_logits(d, kind)) >= lam).float().mean().item()
+                    for lam in (0.3, 0.7)] for kind in ("standardized", "mean_ratio")}
+    span = {kind: lo - hi for kind, (lo, hi) in share.items()}
+    assert span["standardized"] > span["mean_ratio"] + 0.2
+
+
+def test_init_mask_logits_degenerate_scopes():
+    assert torch.equal(init_mask_logits(torch.zeros(5), "mean_ratio"), torch.full((5,), -3.0))
+    assert torch.equal(init_mask_logits(torch.full((4,), 2.0)), torch.zeros(4))
+    assert torch.equal(init_mask_logits(torch.tensor([0.7])), torch.zeros(1))
+    assert torch.equal(init_mask_logits(torch.zeros(3)), torch.full((3,), -6.0))
 
 
 def test_init_mask_logits_clamp():
     d = torch.tensor([0.0, 0.0, 0.0, 10.0])  # mean 2.5: 3 * 7.5 / 2.5 = 9 -> clamped to 6
-    out = init_mask_logits(d)
+    out = init_mask_logits(d, "mean_ratio")
     torch.testing.assert_close(out, torch.tensor([-3.0, -3.0, -3.0, 6.0]))
     assert out.max().item() == 6.0
+    assert init_mask_logits(d, "standardized", 100.0).max().item() == 6.0
 
 
-def test_init_mask_logits_scale_invariant():
+@pytest.mark.parametrize("kind", ["standardized", "mean_ratio"])
+def test_init_mask_logits_scale_invariant(kind):
     d = torch.rand(7) + 0.1
-    torch.testing.assert_close(init_mask_logits(d), init_mask_logits(d * 1000.0))
+    torch.testing.assert_close(init_mask_logits(d, kind), init_mask_logits(d * 1000.0, kind))
+
+
+def test_init_mask_logits_random_and_constant_ignore_the_distances():
+    d = torch.rand(500)
+    g = torch.Generator().manual_seed(3)
+    a = init_mask_logits(d, "random", 2.0, torch.Generator().manual_seed(3))
+    b = init_mask_logits(d * 7, "random", 2.0, g)
+    assert torch.equal(a, b)  # same seed, same draw, whatever d is
+    assert a.std().item() == pytest.approx(2.0, rel=0.15)
+    c = init_mask_logits(d * 7, "random", 2.0, g)
+    assert not torch.equal(b, c)  # the generator moves on
+    assert torch.equal(init_mask_logits(d, "constant"), torch.zeros(500))
+    assert torch.equal(init_mask_logits(d, "constant", -1.5), torch.full((500,), -1.5))
+
+
+def test_init_mask_logits_unknown_kind_names_the_choices():
+    with pytest.raises(ValueError, match="mask_init must be one of .*'standardized'.*got 'zscore'"):
+        init_mask_logits(torch.rand(3), "zscore")
 
 
 # -- search_parents with a KernelBank ------------------------------------------------------------
@@ -179,7 +224,8 @@ def brute_force(layer_weight: torch.Tensor, bank: KernelBank, name: str, tasks, 
 def test_search_parents_installs_chosen_kernels(bank_setup, distance):
     bank, model, pattern = bank_setup
     child = {n: layer.weight.detach().clone() for n, layer in cwps_layers(model)}
-    result = search_parents(model, bank, "T2", distance=distance, init_scope="layer")
+    result = search_parents(model, bank, "T2", distance=distance, init_scope="layer",
+                            mask_init="mean_ratio")
     layers = dict(cwps_layers(model))
     assert set(result.parent_ids) == set(LAYERS)
     for name in LAYERS:
@@ -204,7 +250,8 @@ def test_search_parents_installs_chosen_kernels(bank_setup, distance):
         # the child itself is untouched, the logits follow the init formula
         assert torch.equal(layer.weight.detach(), child[name])
         torch.testing.assert_close(
-            layer.mask_logits.detach(), init_mask_logits(result.distances[name])
+            layer.mask_logits.detach(),
+            init_mask_logits(result.distances[name], "mean_ratio"),
         )
     assert layers["conv2"].bias is None and layers["conv2"].parent_bias is None
 
@@ -223,7 +270,10 @@ def test_search_parents_errors():
     # (l2: the distance of a kernel to its own copy is exactly 0; cosine's is rounding noise)
     result = search_parents(model, bank, "T1", distance="l2")
     assert all(t == "T0" for n in LAYERS for t in result.parent_task[n])
-    # distance 0 everywhere -> every channel starts as shared (sigmoid(-3))
+    # distance 0 everywhere -> every channel starts as shared (sigmoid(-6), mean_ratio: -3)
+    for _, layer in cwps_layers(model):
+        assert torch.equal(layer.mask_logits.detach(), torch.full_like(layer.mask_logits, -6.0))
+    search_parents(model, bank, "T1", distance="l2", mask_init="mean_ratio")
     for _, layer in cwps_layers(model):
         assert torch.equal(layer.mask_logits.detach(), torch.full_like(layer.mask_logits, -3.0))
 
@@ -299,3 +349,21 @@ def test_init_scope_unknown_raises():
     child, bank = _two_layer_case(1.0)
     with pytest.raises(ValueError, match="sideways"):
         search_parents(child, bank, "a", "l2", init_scope="sideways")
+
+
+def test_search_parents_random_init_is_seeded():
+    outs = []
+    for seed in (5, 5, 6):
+        child, bank = _two_layer_case(1.0)
+        search_parents(child, bank, "a", "l2", mask_init="random", seed=seed)
+        outs.append(torch.cat([child[0].mask_logits.detach(), child[2].mask_logits.detach()]))
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+
+
+def test_search_parents_standardized_global_init_is_z_scores_of_relative_distances():
+    child, bank = _two_layer_case(1.0)
+    result = search_parents(child, bank, "a", "l2", init_scope="global")
+    rel = torch.cat([relative_distances(result.distances[n], child.get_submodule(n).weight.detach(),
+                                        "l2") for n in ("0", "2")])
+    logits = torch.cat([child[0].mask_logits.detach(), child[2].mask_logits.detach()])
+    torch.testing.assert_close(logits, ((rel - rel.mean()) / rel.std(unbiased=False)).clamp(-6, 6))

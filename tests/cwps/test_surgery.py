@@ -252,3 +252,34 @@ def test_inject_refuses_root_layer():
     conv = nn.Conv2d(3, 4, 3)
     with pytest.raises(ValueError, match="itself"):
         inject_cwps(conv, exclude=[])
+
+
+def test_mask_flips_counts_changed_decisions_per_stage():
+    from cwps_lightning.cwps.surgery import mask_flips
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5), nn.Linear(5, 2))
+    inject_cwps(net, exclude=["3"], threshold=0.5)
+    a, b = net[0], net[2]
+    with torch.no_grad():
+        a.mask_logits.copy_(torch.tensor([-1.0, -1.0, 1.0, 1.0]))
+        b.mask_logits.copy_(torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0]))
+    set_stage(net, "soft")
+    with torch.no_grad():  # soft stage: a flips channel 0 and 2; b flips channel 3
+        a.mask_logits.copy_(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+        b.mask_logits.copy_(torch.tensor([1.0, 1.0, 1.0, 1.0, -1.0]))
+    set_stage(net, "hard")
+    with torch.no_grad():  # hard stage: a flips channel 0 back
+        a.mask_logits[0] = -1.0
+    flips = mask_flips(net)
+    assert flips == {"soft": 3, "hard": 1, "total": 2, "channels": 9}
+
+
+def test_mask_flips_of_a_fit_without_soft_stage():
+    from cwps_lightning.cwps.surgery import mask_flips
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    inject_cwps(net, exclude=["1"])
+    set_stage(net, "hard")
+    with torch.no_grad():
+        net[0].mask_logits.fill_(-1.0)  # zeros (all specific) -> all shared
+    assert mask_flips(net) == {"soft": 0, "hard": 4, "total": 4, "channels": 4}

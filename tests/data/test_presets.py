@@ -41,7 +41,7 @@ def test_preset_settings(preset):
     assert cfg.cwps.mode == mode and cfg.cwps.iterations == iterations
     assert cfg.cwps.threshold == 0.5 and list(cfg.cwps.baselines) == []
     assert dict(cfg.cwps.stages) == {
-        "warmup_epochs": 10, "soft_epochs": 10, "hard_epochs": 30, "lr_schedule": "task"}
+        "warmup_epochs": 10, "soft_epochs": 7.5, "hard_epochs": 22.5, "lr_schedule": "task"}
     assert cfg.optim.lr == lr and cfg.optim.mask_lr == 0.02
     assert cfg.data.batch_size == 96 and cfg.data.image_size == 224
     assert cfg.data.root.endswith(f"/data/{data}")

@@ -200,3 +200,44 @@ def test_frozen_norms_keep_their_running_statistics(frozen):
     before = net[1].running_mean.clone()
     fit_small(CWPSLitModule(net, num_classes=3, frozen_norms=frozen))
     assert torch.equal(net[1].running_mean, before) is frozen
+
+
+class BatchStageRecorder(L.Callback):
+    def __init__(self):
+        self.stages = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.stages.append({layer.stage for _, layer in cwps_layers(pl_module)})
+
+
+def test_soft_to_hard_switch_falls_inside_an_epoch(tmp_path):
+    """soft_epochs=0.75 with 4 batches per epoch: batches 0-2 soft, then hard."""
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    recorder = BatchStageRecorder()
+    trainer = L.Trainer(max_epochs=2, callbacks=[MaskStageCallback(soft_epochs=0.75), recorder],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CWPSLitModule(net, num_classes=3), train_dataloaders=loader(32))
+    assert recorder.stages == [{"soft"}] * 3 + [{"hard"}] * 5
+    assert MaskStageCallback(1.5).stage_for_epoch(1, 1, 4) == "soft"
+    assert MaskStageCallback(1.5).stage_for_epoch(1, 2, 4) == "hard"
+
+
+def test_fit_keeps_shared_channels_still_in_the_hard_stage():
+    """The LitModule's optimiser freezes the children of shared channels (cwps/freeze.py)."""
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    layer = net[0]
+    with torch.no_grad():
+        layer.mask_logits.copy_(torch.tensor([-4.0] * 4 + [4.0] * 4))  # far from lambda = 0.5
+    w0 = layer.weight.detach().clone()
+    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CWPSLitModule(net, num_classes=3, lr=0.1, weight_decay=0.1),
+                train_dataloaders=loader(32))
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    assert shared.tolist() == [True] * 4 + [False] * 4
+    moved = (layer.weight.detach() != w0).flatten(1).any(1)
+    assert moved.tolist() == [False] * 4 + [True] * 4

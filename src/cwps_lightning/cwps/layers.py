@@ -14,7 +14,13 @@ Stages:
   finetune  a plain layer on the child weights (the warm-up fine-tune);
   soft      m = sigmoid(mask_logits)                                     (Eq. 9);
   hard      m = 1[sigmoid(mask_logits) >= threshold] in the forward       (Eq. 10/11),
-            straight-through in the backward: dL/ds = dL/dm * sigmoid'(s).
+            straight-through in the backward: dL/ds = dL/dm * sigmoid'(s) (mask_grad
+            "sigmoid", the paper's), or dL/ds = dL/dm (mask_grad "identity", the plain
+            straight-through estimator TAPS uses: no sigmoid slope to damp the score's update).
+
+Every layer remembers its hard decisions (sigmoid(s) >= lambda) at the moment it enters the
+soft and the hard stage, so the channels a mask fit flips can be counted afterwards
+(surgery.mask_flips).
 """
 
 from __future__ import annotations
@@ -30,6 +36,14 @@ from torch import Tensor, nn
 from .small_input import SmallInputConv2d, centre_tap, tap_slice
 
 STAGES = ("finetune", "soft", "hard")
+#: the hard stage's gradient to the mask scores: through sigmoid' (paper) or straight (TAPS)
+MASK_GRADS = ("sigmoid", "identity")
+
+
+def check_mask_grad(mask_grad: str) -> str:
+    if mask_grad not in MASK_GRADS:
+        raise ValueError(f"mask_grad must be one of {list(MASK_GRADS)}, got {mask_grad!r}")
+    return mask_grad
 
 
 def check_threshold(threshold: float) -> float:
@@ -53,6 +67,13 @@ def _stage_mask(logits: Tensor, hard: bool, threshold: float) -> tuple[Tensor, T
     """The mask the stage uses in the forward, and sigmoid(logits)."""
     sig = torch.sigmoid(logits)
     return (_binarise(sig, threshold) if hard else sig), sig
+
+
+def mask_slope(sig: Tensor, hard: bool, mask_grad: str = "sigmoid") -> Tensor:
+    """dm/ds as the backward uses it: sigmoid'(s), or 1 in the hard stage with "identity"."""
+    if hard and mask_grad == "identity":
+        return torch.ones_like(sig)
+    return sig * (1.0 - sig)
 
 
 def _compose(
@@ -126,7 +147,8 @@ class _ComposedOp(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op):
+    def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
+                mask_grad="sigmoid"):
         mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
         m = mask.to(w_parent.dtype).view(-1, *([1] * (w_child.dim() - 1)))
         # a conv on a 1x1 map uses one kernel tap: compose and convolve only that (small_input)
@@ -146,8 +168,8 @@ class _ComposedOp(torch.autograd.Function):
             y = _run_plain(x.device.type, op.forward, xc, w.to(cast), bc)
         ctx.save_for_backward(xc, w_child, b_child, w_parent, b_parent)
         ctx.mask, ctx.op, ctx.tap, ctx.x_dtype = m, op, tap, x.dtype
-        # straight-through in the hard stage: dmask/dlogits is sigmoid' either way
-        ctx.slope = sig * (1.0 - sig) if ctx.needs_input_grad[3] else None
+        # straight-through in the hard stage: dmask/dlogits as mask_slope says
+        ctx.slope = mask_slope(sig, hard, mask_grad) if ctx.needs_input_grad[3] else None
         return y
 
     @staticmethod
@@ -182,7 +204,7 @@ class _ComposedOp(torch.autograd.Function):
                 grad_child = full
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
-        return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None
+        return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None
 
 
 def _weight_part(w: Tensor, tap: tuple[int, int] | None) -> Tensor:
@@ -243,7 +265,7 @@ class CWPSMixin:
     weight: nn.Parameter
     bias: nn.Parameter | None
 
-    def _init_cwps(self, threshold: float) -> None:
+    def _init_cwps(self, threshold: float, mask_grad: str = "sigmoid") -> None:
         out = self.weight.shape[0]
         self.register_buffer("parent_weight", self.weight.detach().clone())
         self.register_buffer(
@@ -253,6 +275,9 @@ class CWPSMixin:
             torch.zeros(out, device=self.weight.device, dtype=self.weight.dtype)
         )
         self.threshold = threshold
+        self.mask_grad = check_mask_grad(mask_grad)
+        #: hard decisions (bool per channel) when the layer entered "soft" / "hard"
+        self.decisions: dict[str, Tensor] = {}
         self.stage = "finetune"
 
     @property
@@ -301,7 +326,14 @@ class CWPSMixin:
     def stage(self, value: str) -> None:
         if value not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {value!r}")
+        if value != "finetune" and value != getattr(self, "_stage", None):
+            self.decisions[value] = self.decision()
         self._stage = value
+
+    @torch.no_grad()
+    def decision(self) -> Tensor:
+        """Bool per channel: sigmoid(s) >= lambda now, whatever the stage."""
+        return hard_mask(self.mask_logits.detach(), self.threshold).bool().cpu()
 
     def set_parent(self, weight: Tensor, bias: Tensor | None = None) -> None:
         """Install the frozen composite parent (copied; never trained)."""
@@ -345,11 +377,12 @@ class CWPSMixin:
             return op.forward(x, self.weight, self.bias)
         return _ComposedOp.apply(
             x, self.weight, self.bias, self.mask_logits, self.parent_weight, self.parent_bias,
-            self.stage == "hard", self.threshold, op,
+            self.stage == "hard", self.threshold, op, self.mask_grad,
         )
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}"
+        grad = "" if self.mask_grad == "sigmoid" else f", mask_grad={self.mask_grad}"
+        return f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}{grad}"
 
 
 class CWPSConv2d(CWPSMixin, SmallInputConv2d):
@@ -359,17 +392,18 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
     convolution; the soft and hard stages take the same shortcut in _ConvOp.)
     """
 
-    def __init__(self, *args, threshold: float = 0.5, **kwargs):
+    def __init__(self, *args, threshold: float = 0.5, mask_grad: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_cwps(threshold)
+        self._init_cwps(threshold, mask_grad)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5) -> CWPSConv2d:
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5,
+                  mask_grad: str = "sigmoid") -> CWPSConv2d:
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            device="meta", dtype=conv.weight.dtype, threshold=threshold,
+            device="meta", dtype=conv.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
         return layer.to_empty(device=conv.weight.device)._start_from(conv)
 
@@ -416,15 +450,16 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
 class CWPSLinear(CWPSMixin, nn.Linear):
     """nn.Linear with CWPS parameter sharing over its output features (any leading dims)."""
 
-    def __init__(self, *args, threshold: float = 0.5, **kwargs):
+    def __init__(self, *args, threshold: float = 0.5, mask_grad: str = "sigmoid", **kwargs):
         super().__init__(*args, **kwargs)
-        self._init_cwps(threshold)
+        self._init_cwps(threshold, mask_grad)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5) -> CWPSLinear:
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5,
+                    mask_grad: str = "sigmoid") -> CWPSLinear:
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
-            device="meta", dtype=linear.weight.dtype, threshold=threshold,
+            device="meta", dtype=linear.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
         return layer.to_empty(device=linear.weight.device)._start_from(linear)
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ..methods.base import FitPlan, Harness, Method, Trained
 from .bank import KernelBank
 from .search import merged_kernel_ids, search_parents
-from .surgery import inject_cwps, merge_cwps, sharing_stats, specific_by_layer
+from .surgery import inject_cwps, mask_flips, merge_cwps, sharing_stats, specific_by_layer
 
 if TYPE_CHECKING:
     from ..settings import CWPSSettings
@@ -50,18 +50,21 @@ class CWPSMethod(Method):
         harness.fit(model, task, FitPlan(stages.warmup_epochs, seed=fit_seed, train="finetune",
                                          lr_window=warmup_window, continue_order=True),
                     name=f"{tag}-warmup")
-        inject_cwps(model, exclude=None, threshold=c.threshold)
-        search = search_parents(model, bank, task, c.distance, c.init_scope)
+        inject_cwps(model, exclude=None, threshold=c.threshold, mask_grad=c.mask_grad)
+        search = search_parents(model, bank, task, c.distance, c.init_scope, c.mask_init,
+                                c.init_scale, seed=harness.seed(task, "mask_init", iteration))
         harness.step(
-            f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}); "
-            f"soft {stages.soft_epochs} + hard {stages.hard_epochs} epoch(s)"
+            f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}, "
+            f"{c.mask_init} init); soft {stages.soft_epochs:g} + hard {stages.hard_epochs:g} "
+            "epoch(s)"
         )
-        harness.fit(model, task, FitPlan(stages.soft_epochs + stages.hard_epochs,
+        harness.fit(model, task, FitPlan(stages.mask_epochs,
                                          seed=harness.seed(task, "mask", iteration), train="cwps",
                                          soft_epochs=stages.soft_epochs, lr_window=mask_window,
                                          continue_order=True),
                     name=f"{tag}-mask")
         stats = sharing_stats(model)
+        flips = mask_flips(model)
         by_layer = specific_by_layer(model)
         ids = merged_kernel_ids(model, search)
         parent_counts: dict[str, int] = {}
@@ -76,8 +79,15 @@ class CWPSMethod(Method):
             "specific_params": stats["specific_param_fraction"],
             "shared_from": parent_counts,
             "specific_by_layer": by_layer,
+            # channels whose hard decision changed in each stage (README: the masks barely move)
+            "mask_flips": flips,
         }
         return Trained(model, kernel_ids=ids, info=info)
 
     def describe(self, info: dict) -> str:
-        return f", {100 * info['specific_channels']:.1f}% channels task-specific"
+        text = f", {100 * info['specific_channels']:.1f}% channels task-specific"
+        flips = info.get("mask_flips")
+        if flips:
+            text += (f", mask flips soft {flips['soft']} / hard {flips['hard']} of "
+                     f"{flips['channels']}")
+        return text

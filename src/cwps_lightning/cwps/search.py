@@ -4,18 +4,24 @@ For every shareable layer and output channel j, pick among the kept models of al
 (T0 included) the one whose kernel j is nearest to the child's kernel j (Eq. 3), and assemble
 the composite parent from those choices (Eq. 4/5). Vectorised per layer.
 
-Mask-logit initialisation (appendix A.1: "normalise the values of D and multiply them by
-3/mean(D)"). The text leaves "normalise" open; we use, per layer, with d_j the distance of
-channel j to its chosen parent kernel and mean(d) the layer mean:
+Mask-logit initialisation (``mask_init``; paper Eq. 9 text: "initiated according to the
+standardized results of function D"; appendix A.1: "normalize the values of D and multiply them
+by 3/mean(D)"; Table 4 compares it with a random and a constant init). With d_j the distance of
+channel j to its chosen parent kernel, over the scope (one layer, or all layers' relative
+distances at once) and a scale a (``init_scale``; None takes the default in brackets):
 
-    s_j = 3 * (d_j - mean(d)) / mean(d)          (clamped to [-6, 6]; all-zero d gives -3)
+    standardized  s_j = a * (d_j - mean d) / std d      [a = 1]   z-scores (the paper's Eq. 9)
+    mean_ratio    s_j = a * (d_j - mean d) / mean d     [a = 3]   the A.1 formula read literally
+    random        s_j ~ N(0, a^2)                        [a = 1]   Table 4 "Random Init"
+    constant      s_j = a                                [a = 0]   Table 4 "Constant Init"
 
-Why: the distances of different layers live on different scales, so they are divided by their
-mean (the 1/mean(D) factor); centring puts a channel of average distance at sigmoid(0) = 0.5,
-the default lambda, so the initial mask splits a layer around its typical distance; the factor 3
-spans sigmoid(-3) = 0.05 (a channel identical to its parent starts as shared) to sigmoid(3) =
-0.95 (a channel twice as far as the average starts as task-specific), a range the mask learning
-rate can still move within a few epochs.
+then clamped to [-6, 6]. Why standardized is the default: z-scores are symmetric around 0, so the
+initial share of task-specific channels, P(sigmoid(a z) >= lambda) = P(z >= logit(lambda) / a),
+follows lambda across its range (a = 1: ~80% at 0.3, ~50% at 0.5, ~20% at 0.7 for normal z);
+mean_ratio divides by the mean of a heavy-tailed distribution, which puts most channels far below
+0 whatever lambda is (README, "lambda and the mask initialisation", has both measured).
+Degenerate scopes: all distances 0 (every channel identical to its parent) start shared (s = -6
+standardized, -a mean_ratio); all equal and > 0, standardized starts undecided (s = 0).
 """
 
 from __future__ import annotations
@@ -33,7 +39,10 @@ INIT_SCOPES = ("layer", "global")
 #: the defaults of the CLI too (cwps_lightning.settings.CWPSSettings reads them from here)
 DEFAULT_DISTANCE = "cosine"
 DEFAULT_INIT_SCOPE = "global"
-INIT_SCALE = 3.0
+MASK_INITS = ("standardized", "mean_ratio", "random", "constant")
+DEFAULT_MASK_INIT = "standardized"
+#: init_scale=None takes these
+INIT_SCALES = {"standardized": 1.0, "mean_ratio": 3.0, "random": 1.0, "constant": 0.0}
 INIT_CLAMP = 6.0
 
 
@@ -69,12 +78,40 @@ def gather_channels(stacked: Tensor, choice: Tensor) -> Tensor:
     return stacked[choice, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
-def init_mask_logits(dist: Tensor) -> Tensor:
-    """The formula in the module docstring."""
-    mean = dist.mean()
-    if float(mean) <= 0.0:
-        return torch.full_like(dist, -INIT_SCALE)
-    s = INIT_SCALE * (dist - mean) / mean
+def check_mask_init(mask_init: str) -> str:
+    if mask_init not in MASK_INITS:
+        raise ValueError(f"mask_init must be one of {list(MASK_INITS)}, got {mask_init!r}")
+    return mask_init
+
+
+def init_mask_logits(
+    dist: Tensor,
+    mask_init: str = DEFAULT_MASK_INIT,
+    scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The mask-logit init of the module docstring for the distances ``dist`` of one scope.
+
+    ``generator`` draws the random init (on the CPU, so every device and rank draws the same).
+    """
+    check_mask_init(mask_init)
+    a = INIT_SCALES[mask_init] if scale is None else float(scale)
+    dist = dist.float()
+    if mask_init == "constant":
+        s = torch.full_like(dist, a)
+    elif mask_init == "random":
+        s = a * torch.randn(dist.shape, generator=generator, dtype=dist.dtype)
+    elif mask_init == "standardized":
+        std = dist.std(unbiased=False) if dist.numel() > 1 else dist.new_zeros(())
+        if float(std) > 0.0:
+            s = a * (dist - dist.mean()) / std
+        else:  # no spread: identical to the parents (shared), or all equally far (undecided)
+            s = torch.full_like(dist, -INIT_CLAMP if float(dist.max()) <= 0.0 else 0.0)
+    else:
+        mean = dist.mean()
+        if float(mean) <= 0.0:
+            return torch.full_like(dist, -a).clamp(-INIT_CLAMP, INIT_CLAMP)
+        s = a * (dist - mean) / mean
     return s.clamp(-INIT_CLAMP, INIT_CLAMP)
 
 
@@ -100,9 +137,13 @@ def search_parents(
     task: str,
     distance: str = DEFAULT_DISTANCE,
     init_scope: str = DEFAULT_INIT_SCOPE,
+    mask_init: str = DEFAULT_MASK_INIT,
+    init_scale: float | None = None,
+    seed: int = 0,
 ) -> SearchResult:
     """Run CPMS for every CWPS layer of ``model`` against ``bank`` (excluding ``task`` itself):
-    install the composite parent and initialise ``mask_logits``.
+    install the composite parent and initialise ``mask_logits`` (``mask_init`` and
+    ``init_scale`` as the module docstring says; ``seed`` seeds the random init).
 
     ``init_scope="layer"`` applies the mask-logit formula within each layer (every layer starts
     with a similar share of task-specific channels); ``"global"`` applies it to relative
@@ -110,12 +151,18 @@ def search_parents(
     layers that moved most from their parents start with more task-specific channels.
     """
     check_distance(distance)
+    check_mask_init(mask_init)
     if init_scope not in INIT_SCOPES:
         raise ValueError(f"init_scope must be one of {INIT_SCOPES}, got {init_scope!r}")
     layers = dict(cwps_layers(model))
     missing = [n for n in bank.layer_names if n not in layers]
     if missing:
         raise ValueError(f"the model has no CWPS layer for bank layers {missing[:5]}")
+    gen = torch.Generator().manual_seed(int(seed))
+
+    def init(dist: Tensor) -> Tensor:
+        return init_mask_logits(dist.cpu(), mask_init, init_scale, gen)
+
     parent_ids, parent_task, distances = {}, {}, {}
     for name in bank.layer_names:
         layer = layers[name]
@@ -126,7 +173,7 @@ def search_parents(
         parent_b = None if biases is None else gather_channels(biases.to(device), choice)
         layer.set_parent(gather_channels(weights, choice), parent_b)
         if init_scope == "layer":
-            layer.mask_logits.copy_(init_mask_logits(dist).to(layer.mask_logits.dtype))
+            layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()
         parent_ids[name] = gather_channels(ids, choice_cpu)
         parent_task[name] = [names[i] for i in choice_cpu.tolist()]
@@ -134,7 +181,7 @@ def search_parents(
     if init_scope == "global":
         rel = {n: relative_distances(distances[n], layers[n].weight.detach().cpu(), distance)
                for n in bank.layer_names}
-        flat = init_mask_logits(torch.cat(list(rel.values())))
+        flat = init(torch.cat(list(rel.values())))
         start = 0
         for n in bank.layer_names:
             c = rel[n].numel()

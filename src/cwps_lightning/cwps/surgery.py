@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_threshold
+from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_mask_grad, check_threshold
 
 CWPSLayer = CWPSConv2d | CWPSLinear
 
@@ -94,7 +94,8 @@ def shareable_layers(model: nn.Module, exclude: Iterable[str] | None = None) -> 
 
 
 def inject_cwps(
-    model: nn.Module, exclude: Iterable[str] | None = None, threshold: float = 0.5
+    model: nn.Module, exclude: Iterable[str] | None = None, threshold: float = 0.5,
+    mask_grad: str = "sigmoid",
 ) -> list[str]:
     """Replace every shareable nn.Conv2d / nn.Linear of ``model`` (in place) by its CWPS layer.
 
@@ -113,9 +114,9 @@ def inject_cwps(
     for name in targets:
         module = model.get_submodule(name)
         if isinstance(module, nn.Conv2d):
-            new = CWPSConv2d.from_conv(module, threshold=threshold)
+            new = CWPSConv2d.from_conv(module, threshold=threshold, mask_grad=mask_grad)
         else:
-            new = CWPSLinear.from_linear(module, threshold=threshold)
+            new = CWPSLinear.from_linear(module, threshold=threshold, mask_grad=mask_grad)
         _set_submodule(model, name, new)
     return targets
 
@@ -168,3 +169,24 @@ def sharing_stats(model: nn.Module) -> dict[str, float]:
         "specific_channel_fraction": specific_channels / max(channels, 1),
         "specific_param_fraction": specific_params / max(params, 1),
     }
+
+
+def mask_flips(model: nn.Module) -> dict[str, int]:
+    """How many channels changed their hard decision (sigmoid(s) >= lambda) during the mask fit.
+
+    ``soft``: between entering the soft stage (the initial masks) and entering the hard stage;
+    ``hard``: between entering the hard stage and now; ``total``: between the initial masks and
+    now (a channel that flips and flips back counts in both stages, not in the total). A stage
+    the fit skipped counts 0. ``channels``: the channels counted.
+    """
+    flips = {"soft": 0, "hard": 0, "total": 0, "channels": 0}
+    for _, layer in cwps_layers(model):
+        now = layer.decision()
+        seen = layer.decisions
+        start = seen.get("soft", seen.get("hard", now))
+        at_hard = seen.get("hard", now)
+        flips["soft"] += int((start != at_hard).sum())
+        flips["hard"] += int((at_hard != now).sum())
+        flips["total"] += int((start != now).sum())
+        flips["channels"] += now.numel()
+    return flips

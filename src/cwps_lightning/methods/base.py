@@ -59,7 +59,7 @@ class FitPlan:
     seed: int
     train: str | Callable[[nn.Module], None] = "finetune"
     optimizer: OptimizerPlan = field(default_factory=OptimizerPlan)
-    soft_epochs: int | None = None
+    soft_epochs: float | None = None
     penalty: Callable[[nn.Module], Tensor] | None = None
     penalty_weight: float = 0.0
     penalty_from_epoch: int = 0

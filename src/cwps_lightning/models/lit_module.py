@@ -13,6 +13,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..cwps import cwps_layers
+from ..cwps.freeze import SharedChannelFreeze
 from ..methods.base import OptimizerPlan
 from ..settings import OptimSettings
 
@@ -170,6 +171,8 @@ class CWPSLitModule(L.LightningModule):
             pos = start + (end - start) * min(step, steps) / steps
             return 0.5 * (1.0 + math.cos(math.pi * pos))
 
+        if self.has_cwps_layers():  # shared channels must not drift in the hard stage
+            SharedChannelFreeze(self.model).attach(opt)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 

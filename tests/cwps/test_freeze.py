@@ -1,0 +1,84 @@
+"""Shared channels stand still in the hard stage (cwps/freeze.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cwps_lightning.cwps import inject_cwps, set_stage
+from cwps_lightning.cwps.freeze import SharedChannelFreeze
+
+
+def setup(stage: str, optimizer: str = "sgd", train_masks: bool = True):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(6 * 4 * 4, 5), nn.Linear(5, 2))
+    inject_cwps(net, exclude=["4"])
+    with torch.no_grad():
+        for layer in (net[0], net[3]):
+            layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+            c = layer.mask_logits.numel()
+            layer.mask_logits.copy_(torch.linspace(-2, 2, c))  # half shared, half specific
+            layer.mask_logits.requires_grad_(train_masks)
+    set_stage(net, stage)
+    if optimizer == "sgd":
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    else:
+        opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1)
+    return net, opt
+
+
+def steps(net, opt, n=3):
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(n):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_shared_children_do_not_drift_in_the_hard_stage(optimizer):
+    for freeze in (False, True):
+        net, opt = setup("hard", optimizer, train_masks=False)  # decisions fixed over the steps
+        if freeze:
+            SharedChannelFreeze(net).attach(opt)
+        layers = (net[0], net[3])
+        shared = [~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5) for layer in layers]
+        before = [(layer.weight.detach().clone(), layer.bias.detach().clone()) for layer in layers]
+        steps(net, opt)
+        for layer, sh, (w0, b0) in zip(layers, shared, before, strict=True):
+            moved_w = (layer.weight.detach() != w0).flatten(1).any(1)
+            moved_b = layer.bias.detach() != b0
+            # task-specific channels train either way
+            assert moved_w[~sh].all() and moved_b[~sh].all()
+            # shared channels: weight decay / moments move them unless frozen
+            assert moved_w[sh].any() != freeze and moved_b[sh].any() != freeze
+            if freeze:  # and the optimiser state holds nothing for them
+                for value in opt.state[layer.weight].values():
+                    if value.shape == layer.weight.shape:
+                        assert value[sh].abs().max() == 0
+
+
+def test_soft_stage_is_left_alone():
+    net, opt = setup("soft")
+    SharedChannelFreeze(net).attach(opt)
+    w0 = net[0].weight.detach().clone()
+    steps(net, opt, 1)
+    assert (net[0].weight.detach() != w0).flatten(1).any(1).all()
+
+
+def test_a_channel_that_flips_back_starts_from_its_frozen_kernel():
+    net, opt = setup("hard")
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    steps(net, opt, 1)
+    frozen = layer.weight.detach()[0].clone()  # channel 0: logit -2, shared
+    with torch.no_grad():
+        layer.mask_logits[0] = 3.0  # it becomes task-specific
+    steps(net, opt, 1)
+    # its first update as a task-specific channel starts from the frozen kernel, no momentum
+    assert not torch.equal(layer.weight.detach()[0], frozen)
+    buf = opt.state[layer.weight]["momentum_buffer"][0]
+    step = frozen - layer.weight.detach()[0]
+    torch.testing.assert_close(step, 0.1 * buf)  # lr * (0.9 * 0 + grad + wd * w) = lr * buf
