@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_mask_grad, check_threshold
+from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_threshold
 
 CWPSLayer = CWPSConv2d | CWPSLinear
 
