@@ -58,6 +58,7 @@ def run_one(name, overrides, seed, common, root: Path) -> dict:
         m: {
             "mean_top1": r["mean_top1"],
             "param_ratio": r["param_ratio"],
+            "param_ratio_with_heads": r["param_ratio_with_heads"],
             "tasks": {t: v["top1"] for t, v in r["tasks"].items()},
         }
         for m, r in data["methods"].items()

@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_rows(rows))
     counts = store.param_count()
-    print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in shared kernels)")
+    print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in shared kernels, "
+          f"{counts['heads']:,} in heads; {counts['backbone']:,} without heads)")
     return 0 if all(r["recorded"] is None or abs(r["recorded"] - r["top1"]) < 1e-9
                     for r in rows) else 1
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from .cwps import KernelBank
 from .fitting import FitSettings, evaluate_top1, fit
-from .methods.base import FitPlan, Method, additive_param_count
+from .methods.base import FitPlan, Method, additive_param_count, head_param_count
 from .models import backbone_param_count, task_model
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,9 @@ class MethodResult:
         return {
             "tasks": self.tasks,
             "mean_top1": sum(tops) / len(tops) if tops else float("nan"),
-            "param_ratio": counts["total"] / backbone_params,
+            # the paper's: heads out of numerator and denominator (fine-tuning = 1 + K)
+            "param_ratio": counts["backbone"] / backbone_params,
+            "param_ratio_with_heads": counts["total"] / backbone_params,
             "params": counts,
             # every visit's training and test time (joint mode: all passes), per task
             "seconds_per_task": (sum(h.get("seconds", 0.0) for h in self.history)
@@ -188,7 +190,8 @@ class Runner:
             if not {"kernels", "task_own"} <= set(trained.params):
                 raise ValueError(f"method {method.name!r}: train() must return params with "
                                  f"'kernels' and 'task_own' (got {sorted(trained.params)})")
-            info["params"] = trained.params
+            # the head is the task's own whatever the method: counted for the with-heads figure
+            info["params"] = {"heads": head_param_count(trained.model), **trained.params}
         info["seconds"] = round(time.perf_counter() - started, 1)
         kept = result.tasks.get(task)
         accepted = kept is None or val > kept["val_top1"]

@@ -59,9 +59,10 @@ def log_job_summary(cfg: DictConfig, settings: LoggerSettings, run_dir: Path, re
                      **_init_args(cfg, settings, run_dir))
     try:
         tasks = results["tasks"]
-        table = wandb.Table(columns=["method", "param_ratio", *tasks, "mean_top1"])
+        table = wandb.Table(columns=["method", "param_ratio", "param_ratio_with_heads", *tasks,
+                                     "mean_top1"])
         for name, r in results["methods"].items():
-            table.add_data(r.get("label") or name, r["param_ratio"],
+            table.add_data(r.get("label") or name, r["param_ratio"], r["param_ratio_with_heads"],
                            *[r["tasks"].get(t, {}).get("top1") for t in tasks], r["mean_top1"])
         logged = {"results": table}
         for figure in results.get("figures", []):

@@ -15,7 +15,8 @@ from ..helpers import Small
 LAYERS = ["conv1", "conv2", "fc"]
 CHANNELS = {"conv1": 8, "conv2": 6, "fc": 10}
 KERNEL = {"conv1": 28, "conv2": 36, "fc": 7}
-OWN = 8 + 8 + 10 * 3 + 3  # bn weight/bias + head: the task's own parameters
+HEAD = 10 * 3 + 3  # the head's weight and bias (Small.head, its last Linear)
+OWN = 8 + 8 + HEAD  # bn weight/bias + head: the task's own parameters
 
 
 def trained_small() -> nn.Module:
@@ -130,10 +131,13 @@ def test_param_count_single_task():
     m = trained_small()
     bank.add("T0", m, num_classes=3)
     count = bank.param_count()
+    total = sum(p.numel() for p in m.parameters())  # buffers (BN stats) not counted
     assert count == {
         "kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS),
         "task_own": OWN,
-        "total": sum(p.numel() for p in m.parameters()),  # buffers (BN stats) not counted
+        "heads": HEAD,
+        "total": total,
+        "backbone": total - sum(p.numel() for p in m.head.parameters()),
     }
     assert {n: bank.kernel_params(n) for n in LAYERS} == KERNEL
 
@@ -152,6 +156,8 @@ def test_param_count_full_and_partial_sharing():
     assert both["kernels"] == alone["kernels"]
     assert both["task_own"] == 2 * OWN
     assert both["total"] == alone["total"] + OWN
+    # the paper's count: a task that shares everything adds only its normalisation layers
+    assert both["heads"] == 2 * HEAD and both["backbone"] == alone["backbone"] + OWN - HEAD
 
     # T2 shares only channel 0 of every layer with T0
     first = {n: torch.arange(CHANNELS[n]) == 0 for n in LAYERS}
@@ -187,10 +193,13 @@ def test_reference_counting_on_remove():
     dropped = sum(int((~share[n]).sum()) * KERNEL[n] for n in LAYERS)
     assert after["kernels"] == before["kernels"] - dropped
     assert after["total"] == before["total"] - dropped - OWN
+    total = sum(p.numel() for p in t1.parameters())
     assert after == {
         "kernels": sum(CHANNELS[n] * KERNEL[n] for n in LAYERS),
         "task_own": OWN,
-        "total": sum(p.numel() for p in t1.parameters()),
+        "heads": HEAD,
+        "total": total,
+        "backbone": total - HEAD,
     }
 
     # ids handed out later are fresh: never one that was issued before

@@ -53,7 +53,11 @@ def test_joint_mode_records_iterations_and_store_reproduces_top1(run_dir, t0_cac
     total = count_store_params(run_dir / "store", name, kwargs)
     backbone = model_param_counts(name, 10, kwargs)["backbone"]
     assert res["methods"]["cwps"]["params"]["total"] == total
-    assert res["methods"]["cwps"]["param_ratio"] == pytest.approx(total / backbone)
+    assert res["methods"]["cwps"]["param_ratio_with_heads"] == pytest.approx(total / backbone)
+    heads = sum(model_param_counts(name, info["num_classes"], kwargs)["full"]
+                - model_param_counts(name, info["num_classes"], kwargs)["backbone"]
+                for info in store.manifest["tasks"].values())
+    assert res["methods"]["cwps"]["param_ratio"] == pytest.approx((total - heads) / backbone)
     tensor_bytes = sum(f.stat().st_size for f in (run_dir / "store").glob("*.safetensors"))
     assert tensor_bytes <= 1.05 * 4 * total
 

@@ -73,9 +73,17 @@ def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
             for t in tasks),
         "cwps": count_store_params(store_dir, name, kwargs),
     }
+    # the paper's ratio leaves every head (T0's and each task's) out of the numerator
+    heads = sum(counts[t]["full"] - counts[t]["backbone"] for t in ["T0", *tasks])
     for method, total in expected.items():
         assert methods[method]["params"]["total"] == total, method
-        assert methods[method]["param_ratio"] == pytest.approx(total / backbone), method
+        assert methods[method]["params"]["heads"] == heads, method
+        assert methods[method]["param_ratio_with_heads"] == pytest.approx(total / backbone), method
+        assert methods[method]["param_ratio"] == pytest.approx((total - heads) / backbone), method
+    # fine-tuning is exactly 1 + K backbones; frozen is T0 plus every task's norms
+    assert methods["finetune"]["param_ratio"] == pytest.approx(1 + k, rel=1e-12)
+    norms = sum(counts[t]["own"] - (counts[t]["full"] - counts[t]["backbone"]) for t in tasks)
+    assert methods["frozen"]["param_ratio"] == pytest.approx(1 + norms / backbone, rel=1e-12)
     assert expected["frozen"] < expected["cwps"] < expected["finetune"]
     assert expected["frozen"] < expected["taps"] <= expected["finetune"]
     assert expected["frozen"] < expected["piggyback"] < expected["finetune"]

@@ -12,7 +12,7 @@ from cwps_lightning.cwps import KernelBank
 from cwps_lightning.data.digits import DigitsDataModule
 from cwps_lightning.fitting import FitSettings
 from cwps_lightning.methods import taps
-from cwps_lightning.methods.base import additive_param_count, split_param_count
+from cwps_lightning.methods.base import additive_param_count, head_param_count, split_param_count
 from cwps_lightning.methods.baselines import FineTune, Frozen
 from cwps_lightning.methods.piggyback import PiggybackMethod
 from cwps_lightning.methods.taps import TAPSMethod
@@ -119,7 +119,8 @@ def test_methods_that_share_only_with_t0_add_their_costs_up_to_the_banks_count(r
     trained = FineTune().train(TASK, 0, runner.new_bank(), runner)
     bank = runner.new_bank()
     bank.add(TASK, trained.model, 10)
-    tasks = {TASK: {"params": trained.params}}
+    # (the runner adds the head's count to every task's params, as here)
+    tasks = {TASK: {"params": {"heads": head_param_count(trained.model), **trained.params}}}
     assert additive_param_count(bank.param_count([T0]), tasks) == bank.param_count()
     assert isinstance(bank, KernelBank)
 
@@ -130,9 +131,15 @@ def test_runner_keeps_only_sharing_methods_models_in_the_bank(runner):
     entry = result.tasks[TASK]
     assert entry["params"]["kernels"] == 0 and entry["seconds"] >= 0.0
     assert result.done == [[0, TASK]] and result.history[0]["accepted"]
-    counts = result.summary(runner.backbone_params)["params"]
-    assert counts["total"] == runner.new_bank().param_count()["total"] + entry["params"][
-        "task_own"]
+    summary = result.summary(runner.backbone_params)
+    counts = summary["params"]
+    t0 = runner.new_bank().param_count()
+    assert counts["total"] == t0["total"] + entry["params"]["task_own"]
+    # frozen: the head is the task's own, so the paper's ratio adds only the task's norms
+    head = sum(p.numel() for p in runner.new_model(TASK).get_classifier().parameters())
+    assert entry["params"]["heads"] == head
+    norms = entry["params"]["task_own"] - entry["params"]["heads"]
+    assert summary["param_ratio"] == (runner.backbone_params + norms) / runner.backbone_params
 
 
 def test_the_readme_lora_example_trains_merges_and_counts(runner):

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .surgery import shareable_layers
+from .surgery import classifier_names, shareable_layers
 
 
 @dataclass
@@ -36,6 +36,9 @@ class TaskEntry:
     rest_param_names: list[str]  # which of ``rest`` are parameters (counted in param_count)
     num_classes: int
     meta: dict = field(default_factory=dict)
+    #: which of ``rest_param_names`` belong to the classifier head (the paper's parameter
+    #: count leaves heads out)
+    head_param_names: list[str] = field(default_factory=list)
 
 
 def split_state(model: nn.Module, layer_names: list[str]):
@@ -48,12 +51,14 @@ def split_state(model: nn.Module, layer_names: list[str]):
             continue
         rest[key] = value.detach().cpu().clone()
     param_names = [n for n, _ in model.named_parameters() if n in rest]
+    heads = tuple(f"{h}." for h in classifier_names(model))
+    head_names = [n for n in param_names if n.startswith(heads)]
     weights = {}
     for name in layer_names:
         module = model.get_submodule(name)
         bias = None if module.bias is None else module.bias.detach().cpu().clone()
         weights[name] = (module.weight.detach().cpu().clone(), bias)
-    return weights, rest, param_names
+    return weights, rest, param_names, head_names
 
 
 class KernelBank:
@@ -101,7 +106,7 @@ class KernelBank:
         ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
         or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
         """
-        weights, rest, param_names = split_state(model, self.layer_names)
+        weights, rest, param_names, head_names = split_state(model, self.layer_names)
         layers = {}
         for name, (w, b) in weights.items():
             ids = None if kernel_ids is None else kernel_ids[name].detach().cpu().to(torch.int64)
@@ -114,7 +119,7 @@ class KernelBank:
                 fresh = ids < 0
                 ids[fresh] = self.new_ids(name, int(fresh.sum()))
             layers[name] = LayerWeights(w, b, ids)
-        entry = TaskEntry(layers, rest, param_names, num_classes, dict(meta or {}))
+        entry = TaskEntry(layers, rest, param_names, num_classes, dict(meta or {}), head_names)
         self.entries[task] = entry
         self.revision += 1
         return entry
@@ -146,7 +151,11 @@ class KernelBank:
 
     def param_count(self, tasks: list[str] | None = None) -> dict[str, int]:
         """Parameters needed to serve ``tasks`` (default: all): each distinct kernel once, plus
-        every task's own parameters outside the shareable layers (normalisation, head, ...)."""
+        every task's own parameters outside the shareable layers (normalisation, head, ...).
+
+        ``kernels``, ``task_own`` (heads included), ``heads``, ``total`` = kernels + task_own,
+        and ``backbone`` = total - heads: the paper's count (Table 1: fine-tuning K tasks on
+        T0 is exactly 1 + K backbones)."""
         tasks = self.tasks if tasks is None else tasks
         shared = sum(
             self.kernel_params(layer) * self.distinct_ids(layer, tasks).numel()
@@ -156,7 +165,13 @@ class KernelBank:
             sum(self.entries[t].rest[n].numel() for n in self.entries[t].rest_param_names)
             for t in tasks
         )
-        return {"kernels": shared, "task_own": own, "total": shared + own}
+        heads = sum(
+            sum(self.entries[t].rest[n].numel() for n in self.entries[t].head_param_names)
+            for t in tasks
+        )
+        total = shared + own
+        return {"kernels": shared, "task_own": own, "heads": heads, "total": total,
+                "backbone": total - heads}
 
     def shared_channels(self, a: str, b: str) -> int:
         """Number of output channels where tasks ``a`` and ``b`` hold the same kernel."""

@@ -151,7 +151,8 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
         "layers": bank.layer_names,
         "kernel_counts": counts,
         "tasks": {
-            t: {"num_classes": e.num_classes, "rest_params": e.rest_param_names, **e.meta}
+            t: {"num_classes": e.num_classes, "rest_params": e.rest_param_names,
+                "head_params": e.head_param_names, **e.meta}
             for t, e in bank.entries.items()
         },
         "task_order": bank.tasks,
@@ -276,7 +277,8 @@ class MultiTaskStore:
         return names, mat
 
     def param_count(self) -> dict[str, int]:
-        """Parameters stored: each kernel once, plus every task's own parameters."""
+        """Parameters stored: each kernel once, plus every task's own parameters (keys as
+        KernelBank.param_count; ``backbone`` leaves the heads out, as the paper counts)."""
         kernels = sum(
             self._kernels[f"{layer}.weight"].numel()
             + (self._kernels[f"{layer}.bias"].numel() if f"{layer}.bias" in self._kernels else 0)
@@ -287,7 +289,14 @@ class MultiTaskStore:
             for t, info in self.manifest["tasks"].items()
             for name in info["rest_params"]
         )
-        return {"kernels": kernels, "task_own": own, "total": kernels + own}
+        heads = sum(
+            self._tasks[f"{t}/rest/{name}"].numel()
+            for t, info in self.manifest["tasks"].items()
+            for name in info.get("head_params", [])
+        )
+        total = kernels + own
+        return {"kernels": kernels, "task_own": own, "heads": heads, "total": total,
+                "backbone": total - heads}
 
     def to_bank(self) -> KernelBank:
         """The bank of kept models this store holds (kernel ids = kernel-table rows)."""
@@ -302,9 +311,11 @@ class MultiTaskStore:
                 w = self._kernels[f"{layer}.weight"][rows]
                 b = self._kernels[f"{layer}.bias"][rows] if f"{layer}.bias" in self._kernels else None
                 layers[layer] = LayerWeights(w, b, rows.clone())
-            meta = {k: v for k, v in info.items() if k not in ("num_classes", "rest_params")}
+            meta = {k: v for k, v in info.items()
+                    if k not in ("num_classes", "rest_params", "head_params")}
             bank.entries[task] = TaskEntry(layers, rest, list(info["rest_params"]),
-                                           info["num_classes"], meta)
+                                           info["num_classes"], meta,
+                                           list(info.get("head_params", [])))
         for layer in self.layers:
             bank.next_id[layer] = int(self.manifest["kernel_counts"][layer])
         bank.revision = int(self.manifest.get("bank_revision", 0))

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 from torch import Tensor, nn
 
 from ..cwps.bank import KernelBank
+from ..cwps.surgery import classifier_names
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -146,8 +147,20 @@ def split_param_count(model: nn.Module, shareable: list[str]) -> dict[str, int]:
     return {"kernels": kernels, "task_own": rest}
 
 
+def head_param_count(model: nn.Module) -> int:
+    """Parameters of ``model``'s classifier head(s) (part of its task_own)."""
+    return sum(p.numel() for name in classifier_names(model)
+               for p in model.get_submodule(name).parameters())
+
+
 def additive_param_count(t0_counts: dict[str, int], tasks: dict[str, dict]) -> dict:
-    """T0's parameters plus every task's own cost (methods that share with T0 only)."""
+    """T0's parameters plus every task's own cost (methods that share with T0 only).
+
+    Keys as KernelBank.param_count: kernels, task_own (heads included), heads, total, and
+    backbone = total - heads (what the paper's param_ratio counts)."""
     kernels = t0_counts["kernels"] + sum(t["params"]["kernels"] for t in tasks.values())
     own = t0_counts["task_own"] + sum(t["params"]["task_own"] for t in tasks.values())
-    return {"kernels": kernels, "task_own": own, "total": kernels + own}
+    heads = t0_counts["heads"] + sum(t["params"]["heads"] for t in tasks.values())
+    total = kernels + own
+    return {"kernels": kernels, "task_own": own, "heads": heads, "total": total,
+            "backbone": total - heads}
