@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_threshold
+from .transformed import transformed_class
 
 CWPSLayer = CWPSConv2d | CWPSLinear
 
@@ -50,19 +51,35 @@ def _plain_forward(module: nn.Module) -> bool:
     return False
 
 
+def _cwps_class(module: nn.Module, transformed: bool = True) -> type | None:
+    """The CWPS class that wraps ``module`` exactly, or None: CWPSConv2d / CWPSLinear for a
+    stock forward, a cwps/transformed.py class for timm's StdConv2d, Conv2dSame, ...
+    (``transformed=False``: stock forwards only)."""
+    special = transformed_class(module) if transformed else None
+    if special is not None:
+        return special
+    if _plain_forward(module):
+        return CWPSConv2d if isinstance(module, nn.Conv2d) else CWPSLinear
+    return None
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
 
 
-def shareable_layers(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
+def shareable_layers(
+    model: nn.Module, exclude: Iterable[str] | None = None, transformed: bool = True
+) -> list[str]:
     """Names of the nn.Conv2d / nn.Linear layers CWPS shares (in module order).
 
     ``exclude`` names modules (or module prefixes) to leave alone; by default the classifier
     head (see :func:`classifier_names`). Normalisation layers are never shared: they stay per
-    task (paper section 3.1). Conv2d/Linear subclasses with a custom forward are left out with
-    a warning, since wrapping them would change what they compute.
+    task (paper section 3.1). timm's weight-standardised and TF-"SAME" convolutions are shared
+    through cwps/transformed.py; ``transformed=False`` leaves them out too (for wrappers that
+    only reproduce the stock forward). Other Conv2d/Linear subclasses with a custom forward are
+    left out with a warning, since wrapping them would change what they compute.
     """
     excluded = list(classifier_names(model) if exclude is None else exclude)
     modules = dict(model.named_modules())
@@ -78,11 +95,12 @@ def shareable_layers(model: nn.Module, exclude: Iterable[str] | None = None) -> 
     for name, module in modules.items():
         if not name or not isinstance(module, (nn.Conv2d, nn.Linear)) or _is_excluded(name, excluded):
             continue
-        (targets if _plain_forward(module) else skipped).append(name)
+        (targets if _cwps_class(module, transformed) else skipped).append(name)
     if skipped:
+        classes = sorted({type(modules[n]).__name__ for n in skipped})
         warnings.warn(
-            f"left {len(skipped)} Conv2d/Linear subclass(es) with a custom forward unwrapped: "
-            f"{skipped[:5]}",
+            f"left {len(skipped)} Conv2d/Linear subclass(es) with a custom forward unwrapped "
+            f"({', '.join(classes)}): {skipped[:5]}",
             stacklevel=3,
         )
     if not targets:
@@ -113,10 +131,11 @@ def inject_cwps(
     targets = shareable_layers(model, exclude)
     for name in targets:
         module = model.get_submodule(name)
-        if isinstance(module, nn.Conv2d):
-            new = CWPSConv2d.from_conv(module, threshold=threshold, mask_grad=mask_grad)
-        else:
+        cls = _cwps_class(module)
+        if cls is CWPSLinear:
             new = CWPSLinear.from_linear(module, threshold=threshold, mask_grad=mask_grad)
+        else:
+            new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad)
         _set_submodule(model, name, new)
     return targets
 

@@ -143,7 +143,9 @@ def inject(model: nn.Module, conv_cls: type[WeightConv2d], linear_cls: type[Weig
         raise ValueError(
             f"model already has {method} layer(s) (e.g. {already[0]!r}); not wrapping twice"
         )
-    names = shareable_layers(model, exclude)
+    # stock forwards only: these layers run nn.Conv2d's convolution on their weight, so a
+    # weight-standardised or TF-"SAME" timm conv would silently change what it computes
+    names = shareable_layers(model, exclude, transformed=False)
     for name in names:
         module = model.get_submodule(name)
         if isinstance(module, nn.Conv2d):
