@@ -116,16 +116,6 @@ def test_init_mask_logits_standardized_is_a_z_score():
     assert abs(out.mean().item()) < 1e-5 and out.std(unbiased=False).item() == pytest.approx(1.0)
 
 
-def test_standardized_init_spreads_a_heavy_tail_around_zero_where_mean_ratio_does_not():
-    # the point of the default: on a heavy-tailed D most channels sit far below the mean, and
-    # the mean ratio puts them all below sigmoid^-1(0.3); z-scores keep lambda in control
-    d = torch.distributions.LogNormal(0.0, 1.5).sample((4000,))
-    share = {kind: [(torch.sigmoid(init_mask_logits(d, kind)) >= lam).float().mean().item()
-                    for lam in (0.3, 0.7)] for kind in ("standardized", "mean_ratio")}
-    span = {kind: lo - hi for kind, (lo, hi) in share.items()}
-    assert span["standardized"] > span["mean_ratio"] + 0.2
-
-
 def test_init_mask_logits_degenerate_scopes():
     assert torch.equal(init_mask_logits(torch.zeros(5), "mean_ratio"), torch.full((5,), -3.0))
     assert torch.equal(init_mask_logits(torch.full((4,), 2.0)), torch.zeros(4))
@@ -141,7 +131,22 @@ def test_init_mask_logits_clamp():
     assert init_mask_logits(d, "standardized", 100.0).max().item() == 6.0
 
 
-@pytest.mark.parametrize("kind", ["standardized", "mean_ratio"])
+def test_log_standardized_is_the_z_score_of_log_d_with_a_floor():
+    d = torch.tensor([1e-3, 1e-2, 1e-1, 1.0, 0.0])
+    floored = d.clamp_min(1e-6 * d.mean().item()).log()
+    z = (floored - floored.mean()) / floored.std(unbiased=False)
+    torch.testing.assert_close(init_mask_logits(d, "log_standardized"), z.clamp(-6, 6))
+    # a heavy tail: z of D leaves nothing below logit(0.3); z of log D spreads the channels
+    d = torch.distributions.LogNormal(0.0, 2.0).sample((4000,))
+    share = {kind: [(torch.sigmoid(init_mask_logits(d, kind)) >= lam).float().mean().item()
+                    for lam in (0.3, 0.5, 0.7)] for kind in ("standardized", "log_standardized")}
+    assert share["standardized"][0] == 1.0
+    assert share["log_standardized"] == pytest.approx([0.8, 0.5, 0.2], abs=0.03)
+    assert torch.equal(init_mask_logits(torch.zeros(3), "log_standardized"), torch.full((3,), -6.))
+    assert torch.equal(init_mask_logits(torch.full((3,), 0.2), "log_standardized"), torch.zeros(3))
+
+
+@pytest.mark.parametrize("kind", ["standardized", "log_standardized", "mean_ratio"])
 def test_init_mask_logits_scale_invariant(kind):
     d = torch.rand(7) + 0.1
     torch.testing.assert_close(init_mask_logits(d, kind), init_mask_logits(d * 1000.0, kind))
