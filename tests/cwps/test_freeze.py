@@ -54,10 +54,6 @@ def test_shared_children_do_not_drift_in_the_hard_stage(optimizer):
             assert moved_w[~sh].all() and moved_b[~sh].all()
             # shared channels: weight decay / moments move them unless frozen
             assert moved_w[sh].any() != freeze and moved_b[sh].any() != freeze
-            if freeze:  # and the optimiser state holds nothing for them
-                for value in opt.state[layer.weight].values():
-                    if value.shape == layer.weight.shape:
-                        assert value[sh].abs().max() == 0
 
 
 def test_soft_stage_is_left_alone():
