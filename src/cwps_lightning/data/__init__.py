@@ -1,4 +1,5 @@
 from .base import DataConfigError, MultiTaskDataModule, TaskSplits
+from .colour_digits import ColourDigitsDataModule
 from .digits import DigitsDataModule
 from .domainnet import DomainNetDataModule
 from .folders import FoldersDataModule
@@ -8,6 +9,7 @@ from .imagenet_sketch import ImageNetSketchDataModule
 #: the benchmarks, by their ``data=`` config name
 BENCHMARKS = {
     "digits": DigitsDataModule,
+    "colour_digits": ColourDigitsDataModule,
     "imagenet_sketch": ImageNetSketchDataModule,
     "domainnet": DomainNetDataModule,
     "folders": FoldersDataModule,
@@ -15,6 +17,7 @@ BENCHMARKS = {
 
 __all__ = [
     "BENCHMARKS",
+    "ColourDigitsDataModule",
     "DataConfigError",
     "DigitsDataModule",
     "DomainNetDataModule",
