@@ -13,7 +13,8 @@ CWPS - fine-tune, and of the parameter ratio.
         [--common "trainer=gpu"] [--parallel 2] [--out sweep.json] [--keep-dir runs/]
 
 A setting is NAME=OVERRIDES (space-separated Hydra overrides, may be empty). ``--common`` is
-added to every run. Runs go to a temporary directory unless ``--keep-dir`` is given.
+added to every run. Runs go to a temporary directory unless ``--keep-dir`` is given; with
+``--reuse`` a run already finished there is read instead of run again.
 """
 
 from __future__ import annotations
@@ -39,16 +40,20 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(overrides)
 
 
-def run_one(name, overrides, seed, common, root: Path) -> dict:
+def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> dict:
     out = root / f"{name}_s{seed}"
+    results = out / "results.json"
     cmd = [
         sys.executable, "-m", "cwps_lightning.train", *common, *overrides, f"seed={seed}",
         "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
     ]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    if reuse and results.is_file():  # a finished run of an earlier, interrupted sweep
+        proc = subprocess.CompletedProcess(cmd, 0, "", "")
+        print(f"  {name} seed {seed}: reused {results}", flush=True)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - t0
-    results = out / "results.json"
     if proc.returncode != 0 or not results.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
         print(f"  {name} seed {seed}: FAILED (exit {proc.returncode})\n    " + "\n    ".join(tail))
@@ -125,7 +130,12 @@ def main(argv=None) -> int:
     p.add_argument("--parallel", type=int, default=1, help="runs at once (1 on a 2-core CPU)")
     p.add_argument("--out", default=None, help="write every run and the summary as JSON")
     p.add_argument("--keep-dir", default=None, help="keep the run directories here")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --keep-dir: read runs that already have a results.json there "
+                        "instead of running them again (resumes an interrupted sweep)")
     args = p.parse_args(argv)
+    if args.reuse and not args.keep_dir:
+        raise SystemExit("--reuse needs --keep-dir (the directory of the earlier runs)")
     settings = args.setting or [("default", [])]
     names = [n for n, _ in settings]
     if len(set(names)) != len(names):
@@ -140,7 +150,7 @@ def main(argv=None) -> int:
         root = Path(args.keep_dir) if args.keep_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.parallel) as pool:
-            runs = list(pool.map(lambda j: run_one(*j, common, root), jobs))
+            runs = list(pool.map(lambda j: run_one(*j, common, root, args.reuse), jobs))
     summary = summarise(runs, names)
     print_summary(summary)
     if args.out:
