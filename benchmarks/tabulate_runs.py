@@ -87,7 +87,7 @@ def curves(by_setting: dict[str, list[dict]]) -> dict[str, list[tuple[float, flo
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """Linear interpolation of y at x over (x, y) points; None outside their x range."""
     pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
         if x0 <= x <= x1:
             return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
     if len(pts) == 1 and pts[0][0] == x:
