@@ -109,7 +109,7 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) 
         ax.scatter([ratio], [top1], s=60, label=label, zorder=2)
         ax.annotate(f"{top1:.2f}", (ratio, top1), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
-    ax.set_xlabel("Parameters to serve T0 and every task (x backbone)")
+    ax.set_xlabel("Backbone parameters to serve T0 and every task, heads excluded (x backbone)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, zorder=0)
