@@ -67,7 +67,7 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.threshold=abc", r"^cwps\.threshold: Value 'abc' .*could not be converted to Float$"),
     ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Float"),
     ("model.pretrained=maybe", r"^model\.pretrained: Value 'maybe' is not a valid bool"),
-    ("data=nosuchdata", r"^data=nosuchdata: no such config; available: digits, "),
+    ("data=nosuchdata", r"^data=nosuchdata: no such config; available: colour_digits, digits, "),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
     ("cwps.baselines=[finetune,nope]", r"cwps\.baselines has unknown entries \['nope'\]"),

@@ -110,17 +110,24 @@ def test_init_mask_logits_mean_ratio_formula():
 def test_init_mask_logits_standardized_is_a_z_score():
     d = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population std sqrt(3.5)
     z = (d - 3.0) / 3.5 ** 0.5
-    torch.testing.assert_close(init_mask_logits(d), z)  # the default kind, scale 1
+    torch.testing.assert_close(init_mask_logits(d, "standardized"), z)  # scale 1
     torch.testing.assert_close(init_mask_logits(d, "standardized", 2.0), 2.0 * z)
-    out = init_mask_logits(torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3)
+    out = init_mask_logits(torch.rand(1000, generator=torch.Generator().manual_seed(0)) ** 3,
+                           "standardized")
     assert abs(out.mean().item()) < 1e-5 and out.std(unbiased=False).item() == pytest.approx(1.0)
+
+
+def test_the_default_init_is_log_standardized():
+    d = torch.rand(50) + 0.01
+    assert torch.equal(init_mask_logits(d), init_mask_logits(d, "log_standardized"))
 
 
 def test_init_mask_logits_degenerate_scopes():
     assert torch.equal(init_mask_logits(torch.zeros(5), "mean_ratio"), torch.full((5,), -3.0))
-    assert torch.equal(init_mask_logits(torch.full((4,), 2.0)), torch.zeros(4))
-    assert torch.equal(init_mask_logits(torch.tensor([0.7])), torch.zeros(1))
-    assert torch.equal(init_mask_logits(torch.zeros(3)), torch.full((3,), -6.0))
+    for kind in ("standardized", "log_standardized"):
+        assert torch.equal(init_mask_logits(torch.full((4,), 2.0), kind), torch.zeros(4))
+        assert torch.equal(init_mask_logits(torch.tensor([0.7]), kind), torch.zeros(1))
+        assert torch.equal(init_mask_logits(torch.zeros(3), kind), torch.full((3,), -6.0))
 
 
 def test_init_mask_logits_clamp():
@@ -367,7 +374,7 @@ def test_search_parents_random_init_is_seeded():
 
 def test_search_parents_standardized_global_init_is_z_scores_of_relative_distances():
     child, bank = _two_layer_case(1.0)
-    result = search_parents(child, bank, "a", "l2", init_scope="global")
+    result = search_parents(child, bank, "a", "l2", init_scope="global", mask_init="standardized")
     rel = torch.cat([relative_distances(result.distances[n], child.get_submodule(n).weight.detach(),
                                         "l2") for n in ("0", "2")])
     logits = torch.cat([child[0].mask_logits.detach(), child[2].mask_logits.detach()])
