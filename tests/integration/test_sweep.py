@@ -56,7 +56,8 @@ def test_a_job_that_fails_does_not_stop_the_sweep(tmp_path, t0_cache):
     assert proc.returncode != 0  # at the end, after every job ran
     rows = sweep_rows(sweep)
     assert [r["status"] for r in rows] == ["failed", "completed"]
-    assert "nosuchtask" in rows[0]["error"] and rows[1]["methods"]["cwps"]["mean_top1"] > 0
+    # (12 test images at this size: 0% is a possible draw, so only the range is checked)
+    assert "nosuchtask" in rows[0]["error"] and 0.0 <= rows[1]["methods"]["cwps"]["mean_top1"] <= 100
     md = (sweep / "sweep.md").read_text()
     assert "| failed: DataConfigError: unknown task(s) ['nosuchtask']" in md
     assert "2 job(s), 1 failed" in md

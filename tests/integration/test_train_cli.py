@@ -88,7 +88,7 @@ def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
     assert expected["frozen"] < expected["taps"] <= expected["finetune"]
     assert expected["frozen"] < expected["piggyback"] < expected["finetune"]
     table = (run_dir / "results.md").read_text()
-    assert ("| Method | Param ratio | optdigits | mnist_sketch | mnist_m | Mean | Time per task |"
+    assert ("| Method | Param ratio | With heads | optdigits | mnist_sketch | mnist_m | Mean | Time per task |"
             in table)
     for label in ("CWPS-Incremental", "Fine-Tuning", "TAPS", "Piggyback"):
         assert f"| {label} |" in table
