@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from .cwps.store import MANIFEST, MultiTaskStore, StoreError, atomic_write
+from .methods.base import param_ratios
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,7 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
     if saved is not None:
         stored = saved.param_count()
         cwps_result["params"] = stored
-        cwps_result["param_ratio"] = stored["backbone"] / backbone_params
-        cwps_result["param_ratio_with_heads"] = stored["total"] / backbone_params
+        cwps_result.update(param_ratios(stored, backbone_params))
     return results
 
 

@@ -21,7 +21,13 @@ from torch import nn
 
 from .cwps import KernelBank
 from .fitting import FitSettings, evaluate_top1, fit
-from .methods.base import FitPlan, Method, additive_param_count, head_param_count
+from .methods.base import (
+    FitPlan,
+    Method,
+    additive_param_count,
+    head_param_count,
+    param_ratios,
+)
 from .models import backbone_param_count, task_model
 
 log = logging.getLogger(__name__)
@@ -57,9 +63,7 @@ class MethodResult:
         return {
             "tasks": self.tasks,
             "mean_top1": sum(tops) / len(tops) if tops else float("nan"),
-            # the paper's: heads out of numerator and denominator (fine-tuning = 1 + K)
-            "param_ratio": counts["backbone"] / backbone_params,
-            "param_ratio_with_heads": counts["total"] / backbone_params,
+            **param_ratios(counts, backbone_params),
             "params": counts,
             # every visit's training and test time (joint mode: all passes), per task
             "seconds_per_task": (sum(h.get("seconds", 0.0) for h in self.history)

@@ -61,6 +61,15 @@ def split_state(model: nn.Module, layer_names: list[str]):
     return weights, rest, param_names, head_names
 
 
+def param_counts(kernels: int, task_own: int, heads: int) -> dict[str, int]:
+    """The parameter-count keys every counter returns: ``kernels``, ``task_own`` (heads
+    included), ``heads``, ``total`` = kernels + task_own, and ``backbone`` = total - heads: the
+    paper's count (Table 1: fine-tuning K tasks on T0 is exactly 1 + K backbones)."""
+    total = kernels + task_own
+    return {"kernels": kernels, "task_own": task_own, "heads": heads, "total": total,
+            "backbone": total - heads}
+
+
 class KernelBank:
     """Kept models by task name, in insertion order; T0 is a task like the others."""
 
@@ -151,11 +160,8 @@ class KernelBank:
 
     def param_count(self, tasks: list[str] | None = None) -> dict[str, int]:
         """Parameters needed to serve ``tasks`` (default: all): each distinct kernel once, plus
-        every task's own parameters outside the shareable layers (normalisation, head, ...).
-
-        ``kernels``, ``task_own`` (heads included), ``heads``, ``total`` = kernels + task_own,
-        and ``backbone`` = total - heads: the paper's count (Table 1: fine-tuning K tasks on
-        T0 is exactly 1 + K backbones)."""
+        every task's own parameters outside the shareable layers (normalisation, head, ...);
+        keys as :func:`param_counts`."""
         tasks = self.tasks if tasks is None else tasks
         shared = sum(
             self.kernel_params(layer) * self.distinct_ids(layer, tasks).numel()
@@ -169,9 +175,7 @@ class KernelBank:
             sum(self.entries[t].rest[n].numel() for n in self.entries[t].head_param_names)
             for t in tasks
         )
-        total = shared + own
-        return {"kernels": shared, "task_own": own, "heads": heads, "total": total,
-                "backbone": total - heads}
+        return param_counts(shared, own, heads)
 
     def shared_channels(self, a: str, b: str) -> int:
         """Number of output channels where tasks ``a`` and ``b`` hold the same kernel."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .layers import hard_mask
 from .surgery import cwps_layers
 
 
@@ -64,7 +65,7 @@ class SharedChannelFreeze:
             if layer.stage != "hard" or not layer.weight.requires_grad:
                 continue
             # the mask of this step's forward: the logits move in the same step
-            shared = ~(torch.sigmoid(layer.mask_logits) >= layer.threshold)
+            shared = hard_mask(layer.mask_logits, layer.threshold) == 0
             for p in (layer.weight, layer.bias):
                 if p is not None and p.requires_grad:
                     snap = self._hold(optimizer, p, shared)

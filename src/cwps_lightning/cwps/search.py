@@ -16,8 +16,8 @@ distances at once) and a scale a (``init_scale``; None takes the default in brac
     random        s_j ~ N(0, a^2)                        [a = 1]   Table 4 "Random Init"
     constant      s_j = a                                [a = 0]   Table 4 "Constant Init"
 
-then clamped to [-6, 6]. log_standardized is the default. The initial share of task-specific channels is P(sigmoid(s) >= lambda)
-= P(z >= logit(lambda) / a): for a symmetric z (a = 1) about 80% at lambda 0.3, 50% at 0.5, 20%
+then clamped to [-6, 6]. log_standardized is the default. The initial share of task-specific
+channels is P(sigmoid(s) >= lambda) = P(z >= logit(lambda) / a): for a symmetric z (a = 1) about 80% at lambda 0.3, 50% at 0.5, 20%
 at 0.7, the shape of the paper's Table 3. But D is heavy-tailed (measured on the digits tasks:
 skewness 4-12, most channels within 1e-4 of their parent, a few far away), and z-scores keep the
 skew: every channel starts at z >= -0.5, so lambda 0.3 keeps all of them and lambda 0.7 about

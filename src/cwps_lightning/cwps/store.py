@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .bank import KernelBank, LayerWeights, TaskEntry
+from .bank import KernelBank, LayerWeights, TaskEntry, param_counts
 
 FORMAT = "cwps-store"
 FORMAT_VERSION = 1
@@ -278,7 +278,7 @@ class MultiTaskStore:
 
     def param_count(self) -> dict[str, int]:
         """Parameters stored: each kernel once, plus every task's own parameters (keys as
-        KernelBank.param_count; ``backbone`` leaves the heads out, as the paper counts)."""
+        bank.param_counts; ``backbone`` leaves the heads out, as the paper counts)."""
         kernels = sum(
             self._kernels[f"{layer}.weight"].numel()
             + (self._kernels[f"{layer}.bias"].numel() if f"{layer}.bias" in self._kernels else 0)
@@ -294,9 +294,7 @@ class MultiTaskStore:
             for t, info in self.manifest["tasks"].items()
             for name in info.get("head_params", [])
         )
-        total = kernels + own
-        return {"kernels": kernels, "task_own": own, "heads": heads, "total": total,
-                "backbone": total - heads}
+        return param_counts(kernels, own, heads)
 
     def to_bank(self) -> KernelBank:
         """The bank of kept models this store holds (kernel ids = kernel-table rows)."""

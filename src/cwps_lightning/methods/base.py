@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Protocol
 
 from torch import Tensor, nn
 
-from ..cwps.bank import KernelBank
+from ..cwps.bank import KernelBank, param_counts
 from ..cwps.surgery import classifier_names
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -156,11 +156,14 @@ def head_param_count(model: nn.Module) -> int:
 def additive_param_count(t0_counts: dict[str, int], tasks: dict[str, dict]) -> dict:
     """T0's parameters plus every task's own cost (methods that share with T0 only).
 
-    Keys as KernelBank.param_count: kernels, task_own (heads included), heads, total, and
-    backbone = total - heads (what the paper's param_ratio counts)."""
-    kernels = t0_counts["kernels"] + sum(t["params"]["kernels"] for t in tasks.values())
-    own = t0_counts["task_own"] + sum(t["params"]["task_own"] for t in tasks.values())
-    heads = t0_counts["heads"] + sum(t["params"]["heads"] for t in tasks.values())
-    total = kernels + own
-    return {"kernels": kernels, "task_own": own, "heads": heads, "total": total,
-            "backbone": total - heads}
+    Keys as cwps.bank.param_counts."""
+    kernels, own, heads = (t0_counts[k] + sum(t["params"][k] for t in tasks.values())
+                           for k in ("kernels", "task_own", "heads"))
+    return param_counts(kernels, own, heads)
+
+
+def param_ratios(counts: dict, backbone_params: int) -> dict[str, float]:
+    """``param_ratio`` (the paper's: heads out of numerator and denominator, so fine-tuning
+    reads 1 + K) and ``param_ratio_with_heads`` (every head in the numerator)."""
+    return {"param_ratio": counts["backbone"] / backbone_params,
+            "param_ratio_with_heads": counts["total"] / backbone_params}

@@ -45,7 +45,15 @@ from torch import Tensor, nn
 
 from ..cwps.bank import KernelBank
 from ..cwps.surgery import classifier_names
-from .base import FitPlan, Harness, Method, OptimizerPlan, Trained, split_param_count
+from .base import (
+    FitPlan,
+    Harness,
+    Method,
+    OptimizerPlan,
+    Trained,
+    head_param_count,
+    split_param_count,
+)
 from .weight_layers import (
     WeightConv2d,
     WeightLinear,
@@ -179,8 +187,7 @@ def task_param_count(model: nn.Module, train_norms: bool) -> dict[str, float]:
         wrapped = [name for name, _ in piggyback_layers(model)]
         own = split_param_count(model, wrapped)["task_own"]
     else:
-        own = sum(p.numel() for name in classifier_names(model)
-                  for p in model.get_submodule(name).parameters())
+        own = head_param_count(model)
     return {"kernels": masked_numel(model) / 32, "task_own": own}
 
 
