@@ -180,3 +180,52 @@ def test_evaluate_on_a_run_dir_points_to_its_store(tmp_path, capsys):
     assert main([f"store={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert f"the run's store is {tmp_path / 'store'}" in err
+
+
+# -- how a job is launched: DDP in sweeps, torchrun, SLURM (checks.check_launch) -----------------
+@pytest.mark.parametrize("ddp", [
+    ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"],
+    ["trainer.accelerator=cpu", "trainer.strategy=ddp"],
+    ["hydra/launcher=submitit_local", "trainer.accelerator=cpu", "trainer.devices=2",
+     "trainer.strategy=ddp"],
+])
+def test_a_ddp_multirun_outside_slurm_is_refused_naming_the_way(ddp, no_fits):
+    with pytest.raises(ConfigError, match=r"multirun with DDP .* not supported .* "
+                                          r"hydra/launcher=slurm"):
+        preflight(["-m", *ddp, "cwps.threshold=0.3,0.7"])
+
+
+def test_a_one_device_multirun_and_a_ddp_single_run_pass_the_launch_check(monkeypatch):
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    checks.check_launch(compose_config(["cwps.threshold=0.3"]), multirun=True, overrides=[])
+    ddp = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+    checks.check_launch(compose_config(ddp), multirun=False, overrides=ddp)
+
+
+def test_torchrun_without_one_run_dir_is_refused(monkeypatch, no_fits):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"2 ranks .* give hydra\.run\.dir=<dir>"):
+        preflight(["cwps.threshold=0.3"])
+    preflight(["cwps.threshold=0.3", "hydra.run.dir=/tmp/x"])
+
+
+def test_slurm_launcher_settings_must_match_the_trainer(no_fits):
+    base = ["-m", "hydra/launcher=slurm", "trainer=ddp", "cwps.threshold=0.3,0.7"]
+    with pytest.raises(ConfigError, match=r"trainer\.devices=2 but hydra\.launcher asks SLURM "
+                                          r"for 4 \(gpus_per_node\)"):
+        preflight([*base, "trainer.devices=2", "hydra.launcher.gpus_per_node=4"])
+    with pytest.raises(ConfigError, match=r"trainer\.num_nodes=1 .* for 2 \(nodes\)"):
+        preflight([*base, "trainer.devices=4", "hydra.launcher.nodes=2"])
+    # matching settings pass, on a machine without GPUs: the jobs run on the cluster's
+    preflight([*base, "trainer.devices=4", "hydra.launcher.gpus_per_node=4"])
+
+
+def test_uses_ddp_reads_every_way_of_asking_for_ranks():
+    assert not checks.uses_ddp({"devices": 1, "strategy": "auto"})
+    assert checks.uses_ddp({"devices": 2})
+    assert checks.uses_ddp({"devices": [0, 1]}) and not checks.uses_ddp({"devices": [3]})
+    assert checks.uses_ddp({"devices": "0,1"})
+    assert checks.uses_ddp({"devices": 1, "strategy": "ddp_spawn"})
+    assert checks.uses_ddp({"devices": -1, "accelerator": "gpu"})
+    assert not checks.uses_ddp({"devices": "auto", "accelerator": "cpu"})

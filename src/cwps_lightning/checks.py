@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .config import settings_of
 from .errors import ConfigError
 from .methods.registry import method_class
@@ -51,7 +52,9 @@ class JobSettings:
     logger: LoggerSettings
 
 
-def check_config(cfg: DictConfig) -> JobSettings:
+def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
+    """``here``: the job runs on this machine (False: a launcher submits it elsewhere, so a GPU
+    that this machine lacks is not an error)."""
     job = JobSettings(
         cwps=settings_of(cfg.cwps, CWPSSettings, "cwps"),
         methods=settings_of(cfg.methods, MethodsSettings, "methods"),
@@ -64,7 +67,7 @@ def check_config(cfg: DictConfig) -> JobSettings:
     check_model_name(job.model.name)
     if job.model.weights and not Path(job.model.weights).is_file():
         raise ConfigError(f"model.weights: no such file {job.model.weights!r}")
-    check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True))
+    check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), gpus_here=here)
     check_logger(job.logger)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
@@ -99,7 +102,7 @@ def _trainer_arguments() -> frozenset[str]:
     return frozenset(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
 
 
-def check_trainer(trainer: dict) -> None:
+def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """Trainer arguments Lightning would reject, and a GPU accelerator without a GPU."""
     bad = sorted(set(trainer) - _trainer_arguments() - {"max_epochs"})
     if bad:
@@ -109,7 +112,7 @@ def check_trainer(trainer: dict) -> None:
         raise ConfigError("trainer.max_epochs: set per fit from cwps.stages and t0.epochs; "
                           "remove it")
     accelerator = str(trainer.get("accelerator", "auto"))
-    if accelerator in GPU_ACCELERATORS:
+    if accelerator in GPU_ACCELERATORS and gpus_here:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if available == 0:
             raise ConfigError(
@@ -120,6 +123,74 @@ def check_trainer(trainer: dict) -> None:
         devices = trainer.get("devices", "auto")
         if isinstance(devices, int) and devices > available:
             raise ConfigError(f"trainer.devices={devices}: only {available} GPU(s) visible")
+
+
+# -- how the job is launched: DDP, sweeps, SLURM --------------------------------------------------
+SLURM_LAUNCHER = "SlurmLauncher"  # hydra-submitit-launcher's class (hydra/launcher=slurm)
+
+
+def launcher_kind(cfg: DictConfig) -> str:
+    """The class name of the multirun launcher the config selects (BasicLauncher, ...)."""
+    return str(cfg.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+
+
+def uses_ddp(trainer: dict) -> bool:
+    """Whether the Trainer settings start more than one process per job."""
+    strategy = str(trainer.get("strategy", "auto"))
+    if any(k in strategy for k in ("ddp", "fsdp", "deepspeed")):
+        return True
+    devices = trainer.get("devices", 1)
+    if isinstance(devices, list | tuple):
+        return len(devices) > 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    if str(devices) in ("-1", "auto"):
+        return str(trainer.get("accelerator", "auto")) in GPU_ACCELERATORS
+    return int(devices) > 1
+
+
+def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
+    """DDP inside a sweep, torchrun without one run directory, SLURM settings that disagree.
+
+    * A basic (or submitit_local) multirun runs every job in the sweep's process. Lightning's
+      launcher would re-execute the whole sweep command for each extra rank, and every rank
+      would run every job: refused. Each job's ranks must belong to that job: the SLURM
+      launcher submits one job per point and SLURM starts its ranks.
+    * torchrun starts every rank at once; each would pick its own time-stamped run directory.
+    * Under the SLURM launcher the Trainer must use the devices and nodes SLURM gives the job.
+    """
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    launcher = launcher_kind(cfg)
+    if multirun and uses_ddp(trainer) and launcher != SLURM_LAUNCHER:
+        raise ConfigError(
+            f"a multirun with DDP (trainer.strategy={trainer.get('strategy')}, "
+            f"trainer.devices={trainer.get('devices')}) is not supported with the "
+            f"{launcher or 'basic'} launcher: the extra ranks would re-run the whole sweep. "
+            f"Use hydra/launcher=slurm (one multi-GPU SLURM job per point), or run the points "
+            f"one after another without -m (benchmarks/seed_sweep.py does)"
+        )
+    if (not multirun and distributed.world_size_from_env() > 1
+            and not any(o.startswith("hydra.run.dir=") for o in overrides)):
+        raise ConfigError(
+            f"{distributed.world_size_from_env()} ranks (torchrun or SLURM) and no "
+            f"hydra.run.dir: every rank must write to one run directory, give "
+            f"hydra.run.dir=<dir> (the default is time-stamped, so ranks would differ)"
+        )
+    if multirun and launcher == SLURM_LAUNCHER:
+        lc = cfg.hydra.launcher
+        want = {"trainer.devices": (trainer.get("devices"), lc.get("gpus_per_node")),
+                "trainer.num_nodes": (trainer.get("num_nodes", 1), lc.get("nodes"))}
+        for key, (have, given) in want.items():
+            if given is not None and str(have) != str(given):
+                raise ConfigError(
+                    f"{key}={have} but hydra.launcher asks SLURM for {given} "
+                    f"({'gpus_per_node' if key == 'trainer.devices' else 'nodes'}): "
+                    f"set both to the same number")
+        if lc.get("tasks_per_node") is not None and str(lc.get("tasks_per_node")) != str(
+                lc.get("gpus_per_node")):
+            raise ConfigError(
+                f"hydra.launcher.tasks_per_node={lc.get('tasks_per_node')} must equal "
+                f"gpus_per_node={lc.get('gpus_per_node')} (Lightning runs one rank per task)")
 
 
 def wandb_credentials() -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -12,14 +13,19 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
+from . import distributed
 from .callbacks import MaskStageCallback
 from .methods.base import FitPlan
-from .models.lit_module import CWPSLitModule, select_trainable
+from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
 from .settings import OptimSettings
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(RuntimeError):
+    """A fit met a non-finite loss: the run stops; the store keeps the tasks finished before."""
 
 
 class FitSettings:
@@ -97,33 +103,59 @@ def fit(
     # model selection looks at the merged model only: by default validate once, at the end
     if trainer_args.get("check_val_every_n_epoch") is None:
         trainer_args["check_val_every_n_epoch"] = plan.epochs
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm" and "plugins" not in trainer_args:
+        # submitit requeues a preempted job (hydra/launcher=slurm) and the run resumes from
+        # its store; Lightning's own SIGUSR1 requeue would requeue it a second time
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        trainer_args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
     trainer = L.Trainer(
         max_epochs=plan.epochs,
         callbacks=callbacks,
         logger=settings.logger_factory(log_group, log_name),
         **trainer_args,
     )
-    trainer.fit(module, datamodule=datamodule)
+    what = f"task {task!r}, fit {log_group}/{log_name}"
+    try:
+        trainer.fit(module, datamodule=datamodule)
+    except NonFiniteLoss as err:
+        raise TrainingDiverged(f"{what}: {err}") from None
+    # every rank leaves the fit with rank 0's weights, or the run stops here
+    distributed.sync_buffers(model)
+    distributed.check_same_weights(model, what)
     return model
 
 
-def eval_device(accelerator: str = "auto") -> torch.device:
-    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def eval_device(accelerator: str = "auto", devices=1) -> torch.device:
+    """This rank's device for evaluation and CPMS (distributed.local_device)."""
+    return distributed.local_device(accelerator, devices)
+
+
+def _shard(loader: DataLoader) -> DataLoader:
+    """This rank's part of an evaluation loader (the loader itself on one process)."""
+    if not distributed.active():
+        return loader
+    part = Subset(loader.dataset, distributed.shard_indices(len(loader.dataset)))
+    return DataLoader(part, batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn, pin_memory=loader.pin_memory)
 
 
 @torch.no_grad()
 def evaluate_top1(model: nn.Module, loader: DataLoader, device: torch.device | str) -> float:
-    """Top-1 accuracy in percent of ``model`` (eval mode) over ``loader``."""
+    """Top-1 accuracy in percent of ``model`` (eval mode) over ``loader``.
+
+    Under DDP each rank counts its shard and the counts are summed, so every rank returns the
+    same number, computed once over the whole set."""
+    device = torch.device(device)
     was_training = model.training
     model.eval().to(device)
     correct = total = 0
-    for x, y in loader:
+    for x, y in _shard(loader):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         correct += int((model(x).argmax(dim=1) == y).sum())
         total += y.numel()
     model.train(was_training)
+    correct, total = distributed.all_reduce_sum([correct, total], device)
     if total == 0:
         raise ValueError("evaluate_top1: the loader is empty")
     return 100.0 * correct / total

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .cwps.small_input import use_small_input_convs
 from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
@@ -94,7 +95,7 @@ def pretrain_t0(
     val = evaluate_top1(model, datamodule.val_dataloader(), device)
     model.cpu()
     log.info("T0: val top-1 %.2f", val)
-    if path is not None:
+    if path is not None and distributed.rank() == 0:  # the ranks trained it together
         path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, buf)

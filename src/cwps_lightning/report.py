@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .cwps.store import MANIFEST, MultiTaskStore, StoreError, atomic_write
 from .methods.base import param_ratios
 
@@ -28,6 +29,13 @@ def method_label(name: str, result: dict) -> str:
     if name == "cwps" and result.get("mode"):
         return f"CWPS-{result['mode'].capitalize()}"
     return result.get("label") or name
+
+
+def _ranks_note(ranks: dict | None) -> list[str]:
+    if not ranks or ranks.get("world_size", 1) <= 1:
+        return []
+    return [f"DDP: {ranks['world_size']} ranks; after each of {ranks['fits_checked_equal']} "
+            f"fits every rank held the same weights (state hashes compared)."]
 
 
 def markdown_table(results: dict) -> str:
@@ -58,6 +66,7 @@ def markdown_table(results: dict) -> str:
         "'Parameter accounting').",
         "Time per task: training and testing, wall-clock seconds per task (every pass in joint "
         "mode).",
+        *_ranks_note(results.get("ranks")),
     ]
     if results.get("figures"):
         notes += ["", "Figures:", ""] + [f"- [{f}]({f})" for f in results["figures"]]
@@ -88,6 +97,7 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         "methods": {name: result.summary(backbone_params) for name, result in methods.items()},
         "seconds": round(seconds, 1),
         "device": str(device),
+        "ranks": distributed.ranks_report(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     for method in method_objects:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed
 from .cwps import KernelBank
 from .fitting import FitSettings, evaluate_top1, fit
 from .methods.base import (
@@ -198,7 +199,8 @@ class Runner:
             info["params"] = {"heads": head_param_count(trained.model), **trained.params}
         info["seconds"] = round(time.perf_counter() - started, 1)
         kept = result.tasks.get(task)
-        accepted = kept is None or val > kept["val_top1"]
+        # rank 0 decides for all (the counts are reduced, so the ranks agree anyway)
+        accepted = distributed.broadcast_object(kept is None or val > kept["val_top1"])
         result.history.append({"iteration": iteration, "task": task, "accepted": accepted,
                                **info})
         if accepted:

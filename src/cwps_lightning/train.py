@@ -2,7 +2,12 @@
 
 check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (+ baselines)
 -> results.json / results.md. Exit status: 0 done, 2 bad configuration or input (one
-``error:`` line, nothing written), 1 anything else (a traceback).
+``error:`` line, nothing written), 3 training diverged (one ``error:`` line naming the task,
+fit, epoch and step; the store keeps the tasks finished before), 1 anything else (a traceback).
+
+Under DDP every rank runs this whole job (distributed.py says how they stay in step); only
+rank 0 writes the store, results, figures and the T0 cache, and only rank 0 logs below
+warnings.
 """
 
 from __future__ import annotations
@@ -20,11 +25,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from .checks import JobSettings, check_config
+from . import distributed
+from .checks import SLURM_LAUNCHER, JobSettings, check_config, check_launch, launcher_kind
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
-from .fitting import FitSettings, csv_logger_factory, eval_device
+from .fitting import FitSettings, TrainingDiverged, csv_logger_factory, eval_device
 from .methods.base import Method
 from .methods.registry import method_class
 from .persist import RunRecorder
@@ -48,9 +54,14 @@ def quiet_lightning() -> None:
 
 
 def is_rank_zero() -> bool:
-    from lightning.fabric.utilities.rank_zero import rank_zero_only
+    return distributed.rank() == 0
 
-    return getattr(rank_zero_only, "rank", 0) == 0
+
+def quiet_other_ranks() -> None:
+    """Ranks above 0 run the same job: their INFO lines would repeat rank 0's."""
+    if not is_rank_zero():
+        logging.getLogger().setLevel(logging.WARNING)
+        log.setLevel(logging.WARNING)
 
 
 def logger_factory(cfg: DictConfig, job: JobSettings, run_dir: Path):
@@ -71,7 +82,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             results = task(cfg)
-        except (ConfigError, StoreError):
+        except (ConfigError, StoreError, TrainingDiverged):
             raise  # the CLI prints the one line
         except Exception as err:
             log.error("the job failed (%s: %s); its outputs so far: %s",
@@ -111,6 +122,7 @@ def methods_of(job: JobSettings) -> list[Method]:
 @task_wrapper
 def run(cfg: DictConfig) -> dict:
     quiet_lightning()
+    quiet_other_ranks()
     job = check_config(cfg)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.seed)
@@ -125,7 +137,7 @@ def run(cfg: DictConfig) -> dict:
     store = recorder.existing()
     datamodule = build_data(cfg)
     fit_settings = fit_settings_of(cfg, job, run_dir)
-    device = eval_device(cfg.trainer.accelerator)
+    device = eval_device(cfg.trainer.accelerator, cfg.trainer.devices)
     if store is not None:
         t0_model, t0_info = recorder.t0_from(store), {"restored_from": str(recorder.store_dir)}
     else:
@@ -169,15 +181,16 @@ def run(cfg: DictConfig) -> dict:
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         results = run(cfg)
-    except (ConfigError, StoreError) as err:
+    except (ConfigError, StoreError, TrainingDiverged) as err:
         from hydra.types import RunMode
 
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
             # preset with max_failure_rate: 1.0); sweep.py reports it
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        if is_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
+        sys.exit(3 if isinstance(err, TrainingDiverged) else 2)
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
     # (hparams_search=cwps_optuna) also its param_ratio
     cwps = results["methods"]["cwps"]
@@ -221,7 +234,9 @@ def preflight(argv: Sequence[str]) -> None:
     jobs = sweep_jobs(args.overrides) if args.multirun else [list(args.overrides)]
     for i, overrides in enumerate(jobs):
         try:
-            check_config(compose_config(overrides))
+            cfg = compose_config(overrides)
+            check_launch(cfg, multirun=args.multirun, overrides=overrides)
+            check_config(cfg, here=not (args.multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
         except ConfigError as err:
             if len(jobs) == 1:
                 raise
@@ -236,8 +251,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         preflight(argv)
     except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        if is_rank_zero():
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    if (distributed.world_size_from_env() > 1 and not is_rank_zero()
+            and "hydra.output_subdir=null" not in sys.argv):
+        # torchrun's other ranks share rank 0's run directory: Hydra must not write its
+        # .hydra/ files or its log there a second time (Lightning's launcher does the same)
+        sys.argv += ["hydra.output_subdir=null",
+                     f"hydra.job.name=train_rank_{distributed.rank()}"]
     hydra_main()
     from .sweep import FAILED_JOBS
 

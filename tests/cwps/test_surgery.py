@@ -283,3 +283,16 @@ def test_mask_flips_of_a_fit_without_soft_stage():
     with torch.no_grad():
         net[0].mask_logits.fill_(-1.0)  # zeros (all specific) -> all shared
     assert mask_flips(net) == {"soft": 0, "hard": 4, "total": 4, "channels": 4}
+
+
+def test_merge_refuses_nan_weights_and_leaves_the_model_as_it_was():
+    model = Small()
+    inject_cwps(model)
+    set_stage(model, "hard")
+    layers = dict(cwps_layers(model))
+    with torch.no_grad():
+        layers["conv2"].weight[0].fill_(float("nan"))
+        layers["conv2"].mask_logits[0] = 10.0  # the nan channel is task-specific: it merges
+    with pytest.raises(ValueError, match=r"merge_cwps: conv2\.weight has nan/inf"):
+        merge_cwps(model)
+    assert isinstance(model.conv1, CWPSConv2d) and isinstance(model.conv2, CWPSConv2d)

@@ -115,6 +115,11 @@ class KernelBank:
         ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
         or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
         """
+        bad = [k for k, t in model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:  # a diverged fit must not reach the store
+            raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
+                             f"({len(bad)} tensor(s) in all); the bank is unchanged")
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
         layers = {}
         for name, (w, b) in weights.items():

@@ -78,11 +78,15 @@ def atomic_write(path: str | Path, data: bytes) -> None:
 
 
 def library_versions() -> dict[str, str]:
+    """Versions of the libraries a store's reader may care about, read from the installed
+    packages' metadata (importing them to ask would cost seconds for lightning)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     versions = {"python": platform.python_version(), "torch": torch.__version__}
     for name in ("timm", "safetensors", "lightning"):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:  # noqa: BLE001 - optional packages
+            versions[name] = version(name)
+        except PackageNotFoundError:  # optional packages
             pass
     return versions
 
@@ -127,6 +131,33 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(path) if (path / MANIFEST).exists() else None
     version = (old["version"] + 1) if old else 0
+    try:
+        return _save_version(path, bank, meta, old, version)
+    except Exception as err:  # disk full, quota, permissions: the old manifest still rules
+        if not _is_io_error(err):
+            raise
+        written = (path / MANIFEST).exists() and _read_manifest(path)["version"] == version
+        if written:
+            raise StoreError(f"{path}: store version {version} is written, but tidying up "
+                             f"after it failed ({err})") from err
+        for name in (f"kernels-{version:06d}.safetensors", f"tasks-{version:06d}.safetensors"):
+            if old is None or name not in {f["file"] for f in old["files"].values()}:
+                (path / name).unlink(missing_ok=True)
+        before = (f"still version {old['version']} with tasks {old.get('task_order')}, intact"
+                  if old else "still without a manifest (nothing was stored)")
+        raise StoreError(f"{path}: cannot write store version {version} "
+                         f"({getattr(err, 'strerror', None) or err}); the store there is "
+                         f"{before}") from err
+
+
+def _is_io_error(err: Exception) -> bool:
+    """An OSError, or safetensors' error for one (it wraps the OS error in its own type)."""
+    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError"
+                                        and "Io" in str(err))
+
+
+def _save_version(path: Path, bank: KernelBank, meta: dict, old: dict | None,
+                  version: int) -> Path:
     unchanged = (
         old is not None
         and old.get("bank_uid") == bank.uid

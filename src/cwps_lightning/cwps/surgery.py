@@ -144,10 +144,18 @@ def merge_cwps(model: nn.Module) -> nn.Module:
     """Replace every CWPS layer (in place) by a plain layer holding its merged weights.
 
     The merge uses the hard mask (the paper's post-training stage), so the merged model equals
-    the wrapped model in the hard stage. Returns ``model``.
+    the wrapped model in the hard stage. Returns ``model``. A layer whose merged weights are not
+    finite (a diverged fit) raises ValueError before any layer is replaced, as PEFT's
+    ``safe_merge`` does: the model stays as it was.
     """
-    for name, layer in list(cwps_layers(model)):
-        _set_submodule(model, name, layer.to_plain())
+    plain = {name: layer.to_plain() for name, layer in cwps_layers(model)}
+    for name, layer in plain.items():
+        bad = [k for k, t in layer.state_dict().items() if not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(f"merge_cwps: {name}.{bad[0]} has nan/inf values after the merge "
+                             f"(a diverged fit); nothing was merged")
+    for name, layer in plain.items():
+        _set_submodule(model, name, layer)
     return model
 
 

@@ -52,6 +52,10 @@ def select_trainable(model: nn.Module, mode: str | Callable[[nn.Module], None],
             p.requires_grad_(True)
 
 
+class NonFiniteLoss(FloatingPointError):
+    """The loss of a training step is nan or inf (on any rank: all ranks raise together)."""
+
+
 def check_lr_window(window) -> tuple[float, float]:
     start, end = (float(v) for v in window)
     if not 0.0 <= start < end <= 1.0:
@@ -126,7 +130,22 @@ class CWPSLitModule(L.LightningModule):
             term = self.penalty(self.model)
             self.log("train/penalty", term, on_step=False, on_epoch=True)
             loss = loss + self.penalty_weight * term
+        self.check_finite(loss)
         return loss
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop at the first non-finite loss: a diverged fit would train on and merge nan
+        weights into the bank. Under DDP the ranks decide together (one reduced flag), so
+        they all stop at the same step instead of some waiting in the next all-reduce."""
+        mine = bool(torch.isfinite(loss.detach()))
+        finite = mine
+        if self._trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(mine, all=True)
+        if not finite:
+            value = f"{float(loss.detach()):g}" if not mine else "non-finite on another rank"
+            raise NonFiniteLoss(f"the training loss is {value} at epoch {self.current_epoch}, "
+                                f"step {self.global_step} (counted from 0; lower optim.lr, or "
+                                f"check the data); the store keeps the tasks finished before")
 
     def on_train_batch_start(self, batch, batch_idx):
         # Lightning puts the whole module in train mode at every epoch (and after validation)

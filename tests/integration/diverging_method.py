@@ -1,0 +1,20 @@
+"""A baseline that diverges on purpose (learning rate 1e6), to test what a run does when a fit
+meets a non-finite loss after CWPS has stored its tasks. Named in a run as
+``cwps.baselines=[tests.integration.diverging_method:Diverging]``."""
+
+from __future__ import annotations
+
+from cwps_lightning.methods.base import FitPlan, OptimizerPlan, Trained, split_param_count
+from cwps_lightning.methods.baselines import FineTune
+
+
+class Diverging(FineTune):
+    name = "diverging"
+    label = "Fine-tuning at lr 1e6"
+
+    def train(self, task, iteration, bank, harness) -> Trained:
+        model = harness.new_model(task, iteration)
+        plan = FitPlan(harness.epochs, seed=harness.seed(task, "fit", iteration),
+                       train="finetune", optimizer=OptimizerPlan(lr=1e6))
+        harness.fit(model, task, plan, name=task)
+        return Trained(model, params=split_param_count(model, harness.shareable))

@@ -1,0 +1,125 @@
+"""distributed.py in a real 2-process gloo group (CPU): every helper, and what it guards."""
+
+from __future__ import annotations
+
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from cwps_lightning import distributed
+from cwps_lightning.fitting import evaluate_top1
+
+pytestmark = pytest.mark.xdist_group("ddp")  # two processes of their own: not beside others
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model(seed: int) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+
+
+def _worker(rank: int, world: int, port: int, errors) -> None:
+    try:
+        torch.set_num_threads(1)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        assert distributed.active() and distributed.rank() == rank
+
+        # shards: disjoint, together every item once (13 items: unequal shards)
+        mine = list(distributed.shard_indices(13))
+        every = [None] * world
+        dist.all_gather_object(every, mine)
+        assert sorted(i for part in every for i in part) == list(range(13))
+
+        assert distributed.all_reduce_sum([rank + 1, 10], torch.device("cpu")) == [3, 20]
+        assert distributed.broadcast_object({"accept": rank == 0}) == {"accept": True}
+
+        # evaluation: each rank a shard, counts summed: the whole set's top-1 on every rank
+        x = torch.randn(13, 4, generator=torch.Generator().manual_seed(0))
+        model = _model(0).eval()
+        y = model(x).argmax(1)
+        y[:4] = (y[:4] + 1) % 3  # 4 of 13 wrong
+        loader = DataLoader(TensorDataset(x, y), batch_size=5)
+        assert evaluate_top1(model, loader, "cpu") == pytest.approx(100 * 9 / 13)
+
+        # weights: a rank that differs is named; buffers synced from rank 0 make them agree
+        same = _model(0)
+        distributed.check_same_weights(same, "a fit")
+        with torch.no_grad():
+            same[1].running_mean.fill_(float(rank))  # each rank's last batch: its own stats
+        with pytest.raises(distributed.RanksDisagree, match=r"rank\(s\) \[1\]"):
+            distributed.check_same_weights(same, "a fit")
+        distributed.sync_buffers(same)
+        assert float(same[1].running_mean.sum()) == 0.0
+        distributed.check_same_weights(same, "a fit")
+        with pytest.raises(distributed.RanksDisagree):  # parameters are not synced: caught
+            distributed.check_same_weights(_model(rank), "a fit")
+        dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent process
+        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
+        raise
+
+
+def test_helpers_in_a_two_rank_gloo_group():
+    ctx = mp.get_context("spawn")
+    errors = ctx.SimpleQueue()
+    mp.start_processes(_worker, args=(2, _free_port(), errors), nprocs=2, join=True,
+                       start_method="spawn")
+    assert errors.empty(), errors.get()
+
+
+def test_without_a_group_every_helper_is_the_identity(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    assert not distributed.active()
+    assert distributed.rank() == 0 and distributed.world_size_from_env() == 1
+    assert distributed.shard_indices(5) == range(5)
+    assert distributed.all_reduce_sum([2, 3], torch.device("cpu")) == [2, 3]
+    assert distributed.broadcast_object("x") == "x"
+    distributed.check_same_weights(_model(0), "a fit")  # nothing to compare with
+
+
+def test_rank_before_the_group_reads_each_launcher(monkeypatch):
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "NODE_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # Lightning's launcher: local rank only
+    assert distributed.rank() == 1
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("NODE_RANK", "1")  # another node's first process is not rank 0
+    assert distributed.rank() != 0
+    monkeypatch.setenv("RANK", "5")  # torchrun
+    assert distributed.rank() == 5
+
+
+def test_local_device_is_the_ranks_own(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.local_device("gpu", 2) == torch.device("cuda", 1)
+    assert distributed.local_device("auto", [2, 3]) == torch.device("cuda", 3)
+    assert distributed.local_device("gpu", "0,2") == torch.device("cuda", 2)
+    assert distributed.local_device("cpu", 2) == torch.device("cpu")
+    with pytest.raises(ValueError, match="local rank 1"):
+        distributed.local_device("gpu", [0])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert distributed.local_device("auto", 1) == torch.device("cpu")
+
+
+def test_state_hash_sees_buffers_and_parameters():
+    a, b = _model(0), _model(0)
+    assert distributed.state_hash(a) == distributed.state_hash(b)
+    with torch.no_grad():
+        b[1].running_var[0] += 1e-7
+    assert distributed.state_hash(a) != distributed.state_hash(b)
