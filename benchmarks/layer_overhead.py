@@ -12,7 +12,10 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   cwps-hard       inject_cwps + set_stage("hard");
   two-pass        the paper's Eq. 8, y = m*conv(x, child) + (1-m)*conv(x, parent), soft mask;
   naive-autograd  w = parent + m*(child - parent) with ordinary autograd ops, then F.conv2d
-                  (autograd keeps w and child - parent alive until backward), soft mask.
+                  (autograd keeps w and child - parent alive until backward), soft mask;
+  <v>+compile     any of the above under torch.compile (on request, e.g. --variants
+                  finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
+                  rounds take the compilation, so give --warmup >= 2).
 
 The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CWPSLinear whose
 ``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
@@ -68,6 +71,7 @@ from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d",)  # valid, not run by default
+COMPILED = "+compile"  # suffix: the variant under torch.compile (valid for every variant)
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
 MiB = 2**20
@@ -196,6 +200,8 @@ def make_cwps(base: nn.Module, seed: int) -> nn.Module:
 
 
 def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
+    if name.endswith(COMPILED):
+        return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed))
     if name == "finetune":
         model = copy.deepcopy(base)
         use_small_input_convs(model)
@@ -233,9 +239,16 @@ def num_classes_of(model: nn.Module) -> int:
     return getattr(model, "num_classes", None) or 1000
 
 
-def train_step(model, opt, x, y) -> torch.Tensor:
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def train_step(model, opt, x, y, amp: str = "none") -> torch.Tensor:
+    """One step; ``amp`` bf16/fp16: the forward under torch.autocast (the weights stay fp32,
+    as with Lightning's precision=bf16-mixed / 16-mixed; fp16 without a loss scaler here)."""
     opt.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(model(x), y)
+    dtype = AMP_DTYPES[amp]
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        loss = F.cross_entropy(model(x), y)
     loss.backward()
     opt.step()
     return loss.detach()
@@ -318,7 +331,7 @@ def memory_worker(args) -> dict:
         base = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         for _ in range(args.mem_steps):
-            train_step(model, opt, x, y)
+            train_step(model, opt, x, y, args.amp)
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - base
         out.update(peak_growth_bytes=peak, method="cuda max_memory_allocated - allocated")
@@ -327,7 +340,7 @@ def memory_worker(args) -> dict:
         rss0 = rss_kib()
         maxrss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         for _ in range(args.mem_steps):
-            train_step(model, opt, x, y)
+            train_step(model, opt, x, y, args.amp)
         maxrss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         hwm1 = hwm_kib()
         out.update(
@@ -375,6 +388,8 @@ def run_memory(args, names) -> dict:
             str(args.threads),
             "--mem-steps",
             str(args.mem_steps),
+            "--amp",
+            args.amp,
         ]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -454,7 +469,7 @@ def run_timing(models, args, device) -> dict:
                 gc.collect()
                 sync(device)
                 t0 = time.perf_counter()
-                loss = train_step(models[n], opts[n], x, y)
+                loss = train_step(models[n], opts[n], x, y, args.amp)
                 sync(device)
                 dt = time.perf_counter() - t0
                 if r >= args.warmup:
@@ -510,6 +525,8 @@ def parse_args(argv=None):
     )
     p.add_argument("--warmup", type=int, default=2, help="untimed rounds before timing")
     p.add_argument("--model", default="resnet18")
+    p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
+                   help="autocast the forward to bf16 or fp16 (the paper's GPU runs: bf16)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument(
         "--variants",
@@ -542,11 +559,11 @@ def main(argv=None):
         return 0
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    bad = [n for n in names if n not in VARIANTS + EXTRA_VARIANTS]
+    bad = [n for n in names if n.removesuffix(COMPILED) not in VARIANTS + EXTRA_VARIANTS]
     if bad or "finetune" not in names:
         raise SystemExit(
-            f"--variants must include finetune and be among {VARIANTS + EXTRA_VARIANTS}; "
-            f"got {bad}"
+            f"--variants must include finetune and be among {VARIANTS + EXTRA_VARIANTS} "
+            f"(each also with the suffix {COMPILED}); got {bad}"
         )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -555,7 +572,7 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"{args.model}, batch {args.batch}, {args.size}x{args.size}, device {args.device} "
-        f"({dev_name}), {args.threads} threads, torch {torch.__version__}",
+        f"({dev_name}), {args.threads} threads, autocast {args.amp}, torch {torch.__version__}",
         flush=True,
     )
 

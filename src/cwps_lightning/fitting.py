@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -20,6 +22,7 @@ from .callbacks import MaskStageCallback
 from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
 from .settings import OptimSettings
+from .timing import Stopwatch
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +43,34 @@ class FitSettings:
         weight_decay: float = OptimSettings.weight_decay,
         logger_factory: Callable[[str, str], Logger | bool] | None = None,
         channels_last: bool = False,
+        checkpoint_dir: str | Path | None = None,
+        stopwatch: Stopwatch | None = None,
+        compile_mode: str | None = None,
     ):
         self.trainer = dict(trainer)
         self.lr, self.mask_lr = lr, mask_lr
         self.momentum, self.weight_decay = momentum, weight_decay
         self.logger_factory = logger_factory or (lambda group, name: False)
         self.channels_last = channels_last
+        #: epoch checkpoints of every fit go to <checkpoint_dir>/<group>/<fit>/last.ckpt, and a
+        #: fit that finds one there continues from it (None: no checkpoints)
+        self.checkpoint_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.stopwatch = stopwatch or Stopwatch()
+        #: torch.compile mode of every fit's training forward (None: eager)
+        self.compile_mode = compile_mode
+
+    def fit_checkpoint_dir(self, group: str, name: str) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / group / name
+
+    def drop_checkpoints(self, group: str, names: Callable[[str], bool]) -> None:
+        """Delete the checkpoints of ``group``'s fits whose name ``names`` accepts (a stored
+        task needs them no more). Rank 0 only: it wrote them."""
+        if self.checkpoint_dir is None or distributed.rank() != 0:
+            return
+        root = self.checkpoint_dir / group
+        for fit_dir in (root.iterdir() if root.is_dir() else []):
+            if names(fit_dir.name):
+                shutil.rmtree(fit_dir, ignore_errors=True)
 
 
 def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
@@ -97,6 +122,7 @@ def fit(
         penalty_weight=plan.penalty_weight,
         penalty_from_epoch=plan.penalty_from_epoch,
         frozen_norms=plan.frozen_norms,
+        compile_mode=settings.compile_mode,
     )
     callbacks = [] if plan.soft_epochs is None else [MaskStageCallback(plan.soft_epochs)]
     trainer_args = dict(settings.trainer)
@@ -109,15 +135,26 @@ def fit(
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         trainer_args["plugins"] = [SLURMEnvironment(auto_requeue=False)]
-    trainer = L.Trainer(
-        max_epochs=plan.epochs,
-        callbacks=callbacks,
-        logger=settings.logger_factory(log_group, log_name),
-        **trainer_args,
-    )
+    resume_from = None
+    fit_dir = settings.fit_checkpoint_dir(log_group, log_name)
+    if fit_dir is not None:
+        # every epoch's end: last.ckpt only (weights, optimiser, schedule, epoch)
+        callbacks.append(ModelCheckpoint(dirpath=fit_dir, save_last=True, save_top_k=0,
+                                         save_on_train_epoch_end=True))
+        if (fit_dir / "last.ckpt").is_file():
+            resume_from = str(fit_dir / "last.ckpt")
+            log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
+    with settings.stopwatch.timed("trainer_construction"):
+        trainer = L.Trainer(
+            max_epochs=plan.epochs,
+            callbacks=callbacks,
+            logger=settings.logger_factory(log_group, log_name),
+            **trainer_args,
+        )
     what = f"task {task!r}, fit {log_group}/{log_name}"
     try:
-        trainer.fit(module, datamodule=datamodule)
+        with settings.stopwatch.timed("training"):
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
     # every rank leaves the fit with rank 0's weights, or the run stops here

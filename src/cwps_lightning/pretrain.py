@@ -91,6 +91,7 @@ def pretrain_t0(
     shareable: list[str] = []  # finetune mode trains everything
     plan = FitPlan(epochs, seed=seed, train="finetune", optimizer=OptimizerPlan(lr=lr))
     fit(model, datamodule, task, plan, settings, shareable, log_group="t0", log_name=task)
+    settings.drop_checkpoints("t0", lambda name: True)  # T0 is trained: in the cache now
     datamodule.use(task)
     val = evaluate_top1(model, datamodule.val_dataloader(), device)
     model.cpu()

@@ -156,10 +156,11 @@ class Runner:
                             **record)
 
     def _test(self, model: nn.Module, task: str) -> tuple[float, float]:
-        self.dm.use(task)
-        val = evaluate_top1(model, self.dm.val_dataloader(), self.device)
-        test = evaluate_top1(model, self.dm.test_dataloader(), self.device)
-        model.cpu()
+        with self.settings.stopwatch.timed("evaluation"):
+            self.dm.use(task)
+            val = evaluate_top1(model, self.dm.val_dataloader(), self.device)
+            test = evaluate_top1(model, self.dm.test_dataloader(), self.device)
+            model.cpu()
         return val, test
 
     def steps(self, methods: list[Method]) -> int:
@@ -198,6 +199,7 @@ class Runner:
             # the head is the task's own whatever the method: counted for the with-heads figure
             info["params"] = {"heads": head_param_count(trained.model), **trained.params}
         info["seconds"] = round(time.perf_counter() - started, 1)
+        self.settings.stopwatch.add("cpms", info.get("cpms_seconds", 0.0))
         kept = result.tasks.get(task)
         # rank 0 decides for all (the counts are reduced, so the ranks agree anyway)
         accepted = distributed.broadcast_object(kept is None or val > kept["val_top1"])
@@ -212,4 +214,8 @@ class Runner:
         log.info("%s %s it%d: val %.2f test %.2f%s%s", method.name, task, iteration, val, test,
                  method.describe(trained.info),
                  "" if accepted else " (kept the earlier model: higher val top-1)")
-        self.on_task_done(result)
+        with self.settings.stopwatch.timed("store_writes"):
+            self.on_task_done(result)
+        # stored: a rerun no longer needs this visit's fit checkpoints
+        prefix = f"{task}-it{iteration}-"
+        self.settings.drop_checkpoints(self._group, lambda n: n == task or n.startswith(prefix))

@@ -25,6 +25,7 @@ from .methods.base import OPTIMIZERS
 from .methods.registry import BASELINE_NAMES
 
 MODES = ("incremental", "joint")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: the baselines of the default run
 BASELINES = ("finetune", "frozen")
 LR_SCHEDULES = ("task", "per_fit")
@@ -264,6 +265,14 @@ class ModelSettings:
     pretrained: bool = False
     #: train in NHWC memory format (faster convolutions on CPU and GPU)
     channels_last: bool = True
+    #: torch.compile the task model for every fit's training steps (the merged model and the
+    #: store are unaffected); off by default: on the 2-core CPU it does not pay (README)
+    compile: bool = False
+    #: torch.compile mode: default | reduce-overhead | max-autotune | max-autotune-no-cudagraphs
+    compile_mode: str = "default"
+
+    def __post_init__(self):
+        _one_of("model.compile_mode", self.compile_mode, COMPILE_MODES)
 
 
 @dataclass

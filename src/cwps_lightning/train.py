@@ -12,8 +12,10 @@ warnings.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import shutil
 import sys
 import time
 import warnings
@@ -37,6 +39,7 @@ from .persist import RunRecorder
 from .pretrain import acquire_t0
 from .report import add_figures, assemble_results, write_results
 from .runner import MethodResult, Runner
+from .timing import Stopwatch
 from .wandb_log import close_run, log_job_summary, wandb_logger_factory
 
 log = logging.getLogger("cwps_lightning")
@@ -105,12 +108,21 @@ def build_data(cfg: DictConfig):
     return datamodule
 
 
-def fit_settings_of(cfg: DictConfig, job: JobSettings, run_dir: Path) -> FitSettings:
+def fit_settings_of(cfg: DictConfig, job: JobSettings, run_dir: Path,
+                    config_hash: str = "", stopwatch: Stopwatch | None = None) -> FitSettings:
+    """``trainer.enable_checkpointing=true``: epoch checkpoints of every fit under
+    <run dir>/checkpoints/<config hash>/ (a run dir reused by another config never picks up
+    this one's), so a killed run continues inside the fit it was in."""
     o = job.optim
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    checkpoints = (run_dir / "checkpoints" / config_hash[:12]
+                   if trainer.get("enable_checkpointing") else None)
     return FitSettings(
-        trainer=OmegaConf.to_container(cfg.trainer, resolve=True),
+        trainer=trainer,
         lr=o.lr, mask_lr=o.mask_lr, momentum=o.momentum, weight_decay=o.weight_decay,
         logger_factory=logger_factory(cfg, job, run_dir), channels_last=job.model.channels_last,
+        checkpoint_dir=checkpoints, stopwatch=stopwatch,
+        compile_mode=job.model.compile_mode if job.model.compile else None,
     )
 
 
@@ -136,12 +148,15 @@ def run(cfg: DictConfig) -> dict:
     )
     store = recorder.existing()
     datamodule = build_data(cfg)
-    fit_settings = fit_settings_of(cfg, job, run_dir)
+    stopwatch = Stopwatch()
+    fit_settings = fit_settings_of(cfg, job, run_dir, recorder.hash, stopwatch)
     device = eval_device(cfg.trainer.accelerator, cfg.trainer.devices)
-    if store is not None:
-        t0_model, t0_info = recorder.t0_from(store), {"restored_from": str(recorder.store_dir)}
-    else:
-        t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
+    with stopwatch.timed("t0"):
+        if store is not None:
+            t0_model = recorder.t0_from(store)
+            t0_info = {"restored_from": str(recorder.store_dir)}
+        else:
+            t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
 
     methods: dict[str, MethodResult] = {}
 
@@ -155,6 +170,10 @@ def run(cfg: DictConfig) -> dict:
     methods.update(recorder.restore(store, runner, to_run) if store is not None else {})
     runner.run(to_run, methods)
     persist(complete=True)
+    if fit_settings.checkpoint_dir is not None and is_rank_zero():  # every task is stored
+        shutil.rmtree(fit_settings.checkpoint_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):  # <run dir>/checkpoints, unless other configs' remain
+            fit_settings.checkpoint_dir.parent.rmdir()
 
     # read back once, by the rank that wrote it: CWPS's parameter count and the figures
     saved = MultiTaskStore.load(recorder.store_dir) if is_rank_zero() else None
@@ -164,7 +183,9 @@ def run(cfg: DictConfig) -> dict:
         device=device, saved=saved,
     )
     if is_rank_zero():
-        add_figures(run_dir, results, saved)
+        with stopwatch.timed("figures"):
+            add_figures(run_dir, results, saved)
+        results["time_split"] = stopwatch.split(time.time() - started)
         write_results(run_dir, results)
         if job.logger.kind == "wandb":
             try:

@@ -145,4 +145,5 @@ def test_model_configs_share_keys():
         cfg = compose_config([f"model={name}"])
         model = settings_of(cfg.model, ModelSettings, "model")
         assert model.name == name and model.pretrained is False and model.weights is None
-        assert set(cfg.model) == {"name", "kwargs", "weights", "pretrained", "channels_last"}
+        assert set(cfg.model) == {"name", "kwargs", "weights", "pretrained", "channels_last",
+                                  "compile", "compile_mode"}

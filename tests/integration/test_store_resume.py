@@ -113,3 +113,31 @@ def test_resume_refuses_store_of_other_config_and_corrupt_store(run_dir, t0_cach
     kernels.write_bytes(kernels.read_bytes()[:1000])
     with pytest.raises(StoreError, match=kernels.name):
         run(compose_run_config(run_dir, *args))
+
+
+def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cache):
+    """trainer.enable_checkpointing=true: SIGKILL after the mask fit's first epoch; the rerun
+    takes the finished warm-up from its checkpoint, continues the mask fit from its last epoch,
+    and deletes every checkpoint once the tasks are stored."""
+    overrides = ("trainer.enable_checkpointing=true", "data.tasks=[optdigits]",
+                 "cwps.baselines=[]", "cwps.stages.hard_epochs=4")
+    proc = subprocess.Popen(train_cmd(run_dir, *overrides, cache=t0_cache), cwd=REPO,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while not list(run_dir.glob("checkpoints/*/cwps/optdigits-it0-mask/last.ckpt")):
+            assert proc.poll() is None, "the run ended before its mask fit wrote a checkpoint"
+            assert time.time() < deadline, "no mask-fit checkpoint within 240 s"
+            time.sleep(0.1)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not (run_dir / "store" / "manifest.json").exists()  # the task was not finished
+
+    resumed = run_train(run_dir, *overrides, cache=t0_cache)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = resumed.stdout + resumed.stderr
+    assert "cwps/optdigits-it0-warmup: continuing from" in log
+    assert "cwps/optdigits-it0-mask: continuing from" in log
+    assert set(read_results(run_dir)["methods"]["cwps"]["tasks"]) == {"optdigits"}
+    assert not (run_dir / "checkpoints").exists()

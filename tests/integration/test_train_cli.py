@@ -41,6 +41,15 @@ def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
         assert m["mean_top1"] == pytest.approx(statistics.fmean(
             m["tasks"][t]["top1"] for t in tasks))
 
+    # the time split: exclusive parts and the rest add up to the run's time; CPMS per visit
+    split = res["time_split"]
+    assert sum(split["seconds"].values()) == pytest.approx(split["total"], abs=0.1)
+    assert split["seconds"]["training"] > split["seconds"]["cpms"] > 0
+    cpms = [h["cpms_seconds"] for h in methods["cwps"]["history"]]
+    assert len(cpms) == k and all(c > 0 for c in cpms)
+    assert split["seconds"]["cpms"] == pytest.approx(sum(cpms), abs=0.01)
+    assert res["ranks"] == {"world_size": 1, "fits_checked_equal": 0}
+
     # CWPS's top-1 counted again, image by image, with the models rebuilt from the store
     store_dir = run_dir / "store"
     store = MultiTaskStore.load(store_dir)

@@ -8,6 +8,7 @@ task's model with the best validation top-1 and swaps it in the bank.
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from ..methods.base import FitPlan, Harness, Method, Trained
@@ -50,9 +51,11 @@ class CWPSMethod(Method):
         harness.fit(model, task, FitPlan(stages.warmup_epochs, seed=fit_seed, train="finetune",
                                          lr_window=warmup_window, continue_order=True),
                     name=f"{tag}-warmup")
+        started = time.perf_counter()
         inject_cwps(model, exclude=None, threshold=c.threshold, mask_grad=c.mask_grad)
         search = search_parents(model, bank, task, c.distance, c.init_scope, c.mask_init,
                                 c.init_scale, seed=harness.seed(task, "mask_init", iteration))
+        cpms_seconds = time.perf_counter() - started
         harness.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}, "
             f"{c.mask_init} init); soft {stages.soft_epochs:g} + hard {stages.hard_epochs:g} "
@@ -81,6 +84,8 @@ class CWPSMethod(Method):
             "specific_by_layer": by_layer,
             # channels whose hard decision changed in each stage (README: the masks barely move)
             "mask_flips": flips,
+            # injection + CPMS (the parent search and the mask-logit init), wall seconds
+            "cpms_seconds": round(cpms_seconds, 4),
         }
         return Trained(model, kernel_ids=ids, info=info)
 

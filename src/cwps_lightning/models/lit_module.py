@@ -96,6 +96,7 @@ class CWPSLitModule(L.LightningModule):
         penalty_weight: float = 0.0,
         penalty_from_epoch: int = 0,
         frozen_norms: bool = False,
+        compile_mode: str | None = None,
     ):
         super().__init__()
         self.lr_window = check_lr_window(lr_window)
@@ -110,13 +111,18 @@ class CWPSLitModule(L.LightningModule):
         self.train_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.val_top1 = MulticlassAccuracy(num_classes, average="micro")
         self.test_top1 = MulticlassAccuracy(num_classes, average="micro")
+        # kept out of the module tree (no second copy of the parameters in the state dict):
+        # the compiled forward shares self.model's parameters
+        compiled = None if compile_mode is None else torch.compile(model, mode=compile_mode)
+        self.__dict__["_compiled"] = compiled
 
     def forward(self, x):
         return self.model(x)
 
     def _step(self, batch, metric, prefix):
         x, y = batch
-        logits = self.model(x)
+        run = self._compiled if self._compiled is not None and prefix == "train" else self.model
+        logits = run(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         metric.update(logits.detach(), y)
         on_step = prefix == "train"

@@ -1,0 +1,63 @@
+"""model.compile=true: the compiled training forward of a CWPS model gives the eager loss and
+gradients, soft and hard, and a Lightning fit with it trains the model itself (not a copy)."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage
+from cwps_lightning.models.lit_module import CWPSLitModule
+
+from ..helpers import Small
+
+
+def _model():
+    torch.manual_seed(0)
+    model = Small()
+    inject_cwps(model)
+    with torch.no_grad():
+        for _, layer in cwps_layers(model):
+            layer.weight.add_(0.1 * torch.randn_like(layer.weight))  # child != parent
+            layer.mask_logits.normal_()
+    return model
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_compiled_forward_matches_eager_loss_and_gradients(stage):
+    torch.set_num_threads(1)
+    model = _model()
+    set_stage(model, stage)
+    module = CWPSLitModule(model, num_classes=3, compile_mode="default")
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    grads = {}
+    for name, forward in (("eager", model), ("compiled", module._compiled)):
+        model.zero_grad()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        grads[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                       if p.grad is not None})
+    (loss_e, g_e), (loss_c, g_c) = grads["eager"], grads["compiled"]
+    assert torch.allclose(loss_c, loss_e, atol=1e-5)
+    assert g_e.keys() == g_c.keys() and any(n.endswith("mask_logits") for n in g_e)
+    for n in g_e:
+        assert torch.allclose(g_c[n], g_e[n], atol=1e-5, rtol=1e-4), n
+    # the compiled forward is not a second set of parameters
+    assert set(module.state_dict()) == {f"model.{k}" for k in model.state_dict()}
+
+
+def test_a_fit_with_compile_trains_the_model_itself():
+    torch.set_num_threads(1)
+    model = _model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = torch.utils.data.TensorDataset(torch.randn(16, 3, 8, 8), torch.randint(0, 3, (16,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    module = CWPSLitModule(model, num_classes=3, compile_mode="default")
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, loader)
+    moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert any(k.endswith("conv1.weight") for k in moved)
