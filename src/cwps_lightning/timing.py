@@ -24,9 +24,12 @@ class Stopwatch:
         self._stack: list[str] = []
         self._since = 0.0
 
-    def add(self, part: str, seconds: float) -> None:
+    def _check(self, part: str) -> None:
         if part not in self.seconds:
             raise KeyError(f"unknown time part {part!r}; known: {list(PARTS)}")
+
+    def add(self, part: str, seconds: float) -> None:
+        self._check(part)
         self.seconds[part] += seconds
 
     def _charge(self, now: float) -> None:
@@ -36,8 +39,7 @@ class Stopwatch:
 
     @contextmanager
     def timed(self, part: str) -> Iterator[None]:
-        if part not in self.seconds:
-            raise KeyError(f"unknown time part {part!r}; known: {list(PARTS)}")
+        self._check(part)
         self._charge(time.perf_counter())
         self._stack.append(part)
         try:

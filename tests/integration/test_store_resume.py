@@ -70,20 +70,25 @@ def _done_visits(run_dir) -> int:
         return 0
 
 
-def test_sigkill_mid_run_then_resume_finishes_every_task(run_dir, t0_cache):
-    overrides = ("cwps.baselines=[frozen]",)
-    cmd = train_cmd(run_dir, *overrides, cache=t0_cache)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+def _kill_when(run_dir, overrides, cache, ready, what: str, poll: float) -> None:
+    """Start the run, SIGKILL it as soon as ``ready()`` holds (within 240 s)."""
+    proc = subprocess.Popen(train_cmd(run_dir, *overrides, cache=cache), cwd=REPO,
+                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     try:
-        while _done_visits(run_dir) < 1:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "no finished task within 240 s"
-            time.sleep(0.2)
+        while not ready():
+            assert proc.poll() is None, f"the run ended before {what}"
+            assert time.time() < deadline, f"not {what} within 240 s"
+            time.sleep(poll)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+def test_sigkill_mid_run_then_resume_finishes_every_task(run_dir, t0_cache):
+    overrides = ("cwps.baselines=[frozen]",)
+    _kill_when(run_dir, overrides, t0_cache, lambda: _done_visits(run_dir) >= 1,
+               "a task was finished", poll=0.2)
     done_at_kill = _done_visits(run_dir)
     assert 1 <= done_at_kill < 3
     store = MultiTaskStore.load(run_dir / "store")  # loads, and holds exactly the finished work
@@ -121,17 +126,9 @@ def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cac
     and deletes every checkpoint once the tasks are stored."""
     overrides = ("trainer.enable_checkpointing=true", "data.tasks=[optdigits]",
                  "cwps.baselines=[]", "cwps.stages.hard_epochs=4")
-    proc = subprocess.Popen(train_cmd(run_dir, *overrides, cache=t0_cache), cwd=REPO,
-                            env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while not list(run_dir.glob("checkpoints/*/cwps/optdigits-it0-mask/last.ckpt")):
-            assert proc.poll() is None, "the run ended before its mask fit wrote a checkpoint"
-            assert time.time() < deadline, "no mask-fit checkpoint within 240 s"
-            time.sleep(0.1)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+    mask_ckpt = "checkpoints/*/cwps/optdigits-it0-mask/last.ckpt"
+    _kill_when(run_dir, overrides, t0_cache, lambda: any(run_dir.glob(mask_ckpt)),
+               "the mask fit wrote a checkpoint", poll=0.1)
     assert not (run_dir / "store" / "manifest.json").exists()  # the task was not finished
 
     resumed = run_train(run_dir, *overrides, cache=t0_cache)

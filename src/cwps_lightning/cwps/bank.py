@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .surgery import classifier_names, shareable_layers
+from .surgery import classifier_names, nonfinite_tensors, shareable_layers
 
 
 @dataclass
@@ -115,8 +115,7 @@ class KernelBank:
         ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
         or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
         """
-        bad = [k for k, t in model.state_dict().items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        bad = nonfinite_tensors(model)
         if bad:  # a diverged fit must not reach the store
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
                              f"({len(bad)} tensor(s) in all); the bank is unchanged")

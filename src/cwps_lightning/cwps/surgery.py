@@ -140,6 +140,12 @@ def inject_cwps(
     return targets
 
 
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of ``module``'s floating-point parameters and buffers holding nan or inf."""
+    return [k for k, t in module.state_dict().items()
+            if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
 def merge_cwps(model: nn.Module) -> nn.Module:
     """Replace every CWPS layer (in place) by a plain layer holding its merged weights.
 
@@ -150,7 +156,7 @@ def merge_cwps(model: nn.Module) -> nn.Module:
     """
     plain = {name: layer.to_plain() for name, layer in cwps_layers(model)}
     for name, layer in plain.items():
-        bad = [k for k, t in layer.state_dict().items() if not bool(torch.isfinite(t).all())]
+        bad = nonfinite_tensors(layer)
         if bad:
             raise ValueError(f"merge_cwps: {name}.{bad[0]} has nan/inf values after the merge "
                              f"(a diverged fit); nothing was merged")
