@@ -586,3 +586,44 @@ def test_layer_remembers_its_decisions_when_entering_each_stage():
     assert layer.decisions["soft"].tolist() == [False, False, True, True, True, True]
     layer.stage = "hard"
     assert layer.decisions["hard"].tolist() == [True, True, True, False, False, False]
+
+
+@pytest.mark.parametrize("change", ["set_parent", "load_state_dict", "in_place", "to_double"])
+def test_kept_parent_tap_follows_every_change_of_the_parent(change):
+    """On a 1x1 map the layer keeps the parent's kernel tap between steps: any change of the
+    parent must reach the next forward (soft and hard), as the naive reference says."""
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    layer = wrap(plain)
+    randomise(layer)
+    x = torch.randn(3, 4, 1, 1)
+    set_stage(layer, "soft")
+    layer(x)  # fills the kept tap
+    with torch.no_grad():
+        new_parent = torch.randn_like(layer.parent_weight)
+        if change == "set_parent":
+            layer.set_parent(new_parent, layer.parent_bias.clone())
+        elif change == "load_state_dict":
+            state = {k: v.clone() for k, v in layer.state_dict().items()}
+            state["parent_weight"] = new_parent
+            layer.load_state_dict(state)
+        elif change == "in_place":
+            layer.parent_weight.mul_(-2.0)
+        else:
+            layer.double()
+            x = x.double()
+    for stage in ("soft", "hard"):
+        set_stage(layer, stage)
+        params = (layer.weight, layer.bias, layer.mask_logits)
+        expected = reference(layer, x, stage, params)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_tap_path_gradient_keeps_the_weight_layout():
+    """The full-size child gradient on a 1x1 map takes the child's memory format."""
+    layer = wrap(nn.Conv2d(4, 6, 3, padding=1)).to(memory_format=torch.channels_last)
+    randomise(layer)
+    set_stage(layer, "soft")
+    layer(torch.randn(3, 4, 1, 1)).sum().backward()
+    assert layer.weight.grad.is_contiguous(memory_format=torch.channels_last)
+    assert layer.weight.grad[:, :, 0].abs().sum() == 0  # only the centre tap met the pixel
+    assert layer.weight.grad[:, :, 1, 1].abs().sum() > 0

@@ -8,7 +8,8 @@ The forward composes the weight once (paper Eq. 6/7),
 and runs ONE convolution / matmul. This is the same function as the paper's two-pass Eq. 8
 (the layer is linear in its weights) with the same gradients for the child and the mask, at the
 cost of the plain layer. A custom autograd function recomputes ``w`` in the backward instead of
-keeping it alive between forward and backward, so training memory matches plain fine-tuning.
+keeping it alive between forward and backward, so training memory matches plain fine-tuning
+(a conv on a 1x1 map keeps its tap-sized composed weight instead: see _ComposedOp).
 
 Stages:
   finetune  a plain layer on the child weights (the warm-up fine-tune);
@@ -76,19 +77,12 @@ def mask_slope(sig: Tensor, hard: bool, mask_grad: str = "sigmoid") -> Tensor:
     return sig * (1.0 - sig)
 
 
-def _compose(
-    child: Tensor, parent: Tensor, mask: Tensor, binary: bool = False, out: Tensor | None = None
-) -> Tensor:
-    """parent + m * (child - parent), with m broadcast along dim 0 (output channels).
-
-    ``lerp`` does it in one pass over the weights (addcmul on a difference takes two and an
-    extra buffer), which matters: this runs twice per layer and step. ``binary=True`` selects
-    instead, so kept channels equal the child bit for bit (used for the merge).
-    """
+def _select(child: Tensor, parent: Tensor, mask: Tensor) -> Tensor:
+    """The child's channel where the (binary) mask is 1, the parent's where it is 0: kept
+    channels equal the child bit for bit (the merge). The training forward composes with
+    ``lerp`` instead, parent + m * (child - parent) in one pass over the weights."""
     m = mask.view(-1, *([1] * (child.dim() - 1)))
-    if binary:
-        return torch.where(m.bool(), child, parent)
-    return torch.lerp(parent, child, m.to(parent.dtype), out=out)
+    return torch.where(m.bool(), child, parent)
 
 
 class _Scratch(threading.local):
@@ -137,26 +131,38 @@ def _run_plain(device_type: str, fn, *args):
 
 
 class _ComposedOp(torch.autograd.Function):
-    """y = op(x, compose(child, parent, mask)) with the composed weight recomputed in backward.
+    """y = op(x, compose(child, parent, mask)), the composed weight kept small.
 
-    ``op`` is a small object with ``forward(x, w, b)``,
-    ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b), and
-    ``reduce(x, w)`` returning the op to run and the kernel tap it needs (None: all of the
-    weight); see _ConvOp and _LinearOp. The per-channel mask and sigmoid slope are kept from
-    the forward (C numbers each), so the backward only redoes the weight-sized compose.
+    ``op`` is a small object with ``forward(x, w, b)`` and
+    ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b); see _ConvOp
+    and _LinearOp. The per-channel mask and sigmoid are kept from the forward (C numbers each).
+
+    Two paths:
+    - ``tap`` None (the general case): the composed weight is written into scratch memory and
+      recomputed in the backward, so the step holds no weight-sized tensor of its own;
+    - ``tap`` (a conv on a 1x1 map, see small_input.py): only that kernel tap is composed and
+      convolved. ``w_parent`` is then the parent's tap, already contiguous (the layer keeps it:
+      the parent is frozen), the child's tap is copied out once, and the tap-sized child copy
+      and composed weight are kept for the backward: reading a strided tap costs about as
+      much as reading the whole kernel, and they are a ninth of it (3x3).
     """
 
     @staticmethod
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
-                mask_grad="sigmoid"):
-        mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
-        m = mask.to(w_parent.dtype).view(-1, *([1] * (w_child.dim() - 1)))
-        # a conv on a 1x1 map uses one kernel tap: compose and convolve only that (small_input)
-        op, tap = op.reduce(x, w_child)
-        wc, wp = _weight_part(w_child, tap), _weight_part(w_parent, tap)
-        # w is dead once the op has run (nothing inside a Function forward keeps it): scratch
-        w = _compose(wc, wp, m, out=_SCRATCH.like(wc))
-        b = None if b_child is None else _compose(b_child, b_parent, m)
+                tap=None, mask_grad="sigmoid"):
+        sig = torch.sigmoid(logits)  # no autograd inside forward
+        mask = _binarise(sig, threshold) if hard else sig
+        if mask.dtype != w_parent.dtype:
+            mask = mask.to(w_parent.dtype)
+        m = mask.view(-1, *([1] * (w_child.dim() - 1)))
+        if tap is None:
+            wc = w_child
+            # w is dead once the op has run (nothing inside a Function forward keeps it)
+            w = torch.lerp(w_parent, wc, m, out=_SCRATCH.like(wc))
+        else:
+            wc = tap_slice(w_child, tap).contiguous()
+            w = torch.lerp(w_parent, wc, m)
+        b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = _autocast_dtype(x.device.type)
         if cast is None:
@@ -164,65 +170,64 @@ class _ComposedOp(torch.autograd.Function):
             y = op.forward(x, w, b)
         else:
             xc = x.to(cast)
-            bc = None if b is None else b.to(cast)
-            y = _run_plain(x.device.type, op.forward, xc, w.to(cast), bc)
-        ctx.save_for_backward(xc, w_child, b_child, w_parent, b_parent)
+            w = w.to(cast)
+            y = _run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
+        # wc is the child itself, or its tap-sized copy; w_child gives the gradient's layout
+        ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
+        ctx.composed = None if tap is None else w
         ctx.mask, ctx.op, ctx.tap, ctx.x_dtype = m, op, tap, x.dtype
-        # straight-through in the hard stage: dmask/dlogits as mask_slope says
-        ctx.slope = mask_slope(sig, hard, mask_grad) if ctx.needs_input_grad[3] else None
+        if ctx.needs_input_grad[3]:
+            # straight-through in the hard stage: dmask/dlogits as mask_slope says
+            ctx.slope = mask_slope(sig, hard, mask_grad)
         return y
 
     @staticmethod
     def backward(ctx: Any, grad_y):
-        xc, w_child, b_child, w_parent, b_parent = ctx.saved_tensors
+        xc, wc, b_child, wp, b_parent, w_child = ctx.saved_tensors
         m, tap = ctx.mask, ctx.tap
-        wc, wp = _weight_part(w_child, tap), _weight_part(w_parent, tap)
-        w = _compose(wc, wp, m, out=_SCRATCH.like(wc))
+        if tap is None:
+            w = torch.lerp(wp, wc, m, out=_SCRATCH.like(wc))
+            if w.dtype != xc.dtype:
+                w = w.to(xc.dtype)
+        else:
+            w, ctx.composed = ctx.composed, None
         has_bias = b_child is not None
+        if grad_y.dtype != xc.dtype:
+            grad_y = grad_y.to(xc.dtype)
         gx, gw, gb = _run_plain(
-            xc.device.type, ctx.op.backward, grad_y.to(xc.dtype), xc, w.to(xc.dtype), has_bias,
-            ctx.needs_input_grad[0],
+            xc.device.type, ctx.op.backward, grad_y, xc, w, has_bias, ctx.needs_input_grad[0]
         )
-        if gx is not None:
+        if gx is not None and gx.dtype != ctx.x_dtype:
             gx = gx.to(ctx.x_dtype)
         grad_child = grad_logits = grad_b_child = None
-        gw = gw.to(w_child.dtype)
-        if has_bias:
+        if gw.dtype != wc.dtype:
+            gw = gw.to(wc.dtype)
+        if has_bias and gb.dtype != b_child.dtype:
             gb = gb.to(b_child.dtype)
         if ctx.needs_input_grad[3]:
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
-            # the composed weight is dead after the conv backward: reuse its buffer
-            dm = torch.sub(wc, wp, out=w).mul_(gw).flatten(1).sum(1)
+            # in the general path the composed weight is dead after the conv backward: reuse
+            # its buffer (a tap-sized w is the forward's own tensor, also free now)
+            out = w if w.dtype == wc.dtype else None
+            dm = torch.sub(wc, wp, out=out).mul_(gw).flatten(1).sum(1)
             if has_bias:
                 dm.addcmul_(gb, b_child - b_parent)
             grad_logits = dm.mul_(ctx.slope)
         if ctx.needs_input_grad[1]:
-            grad_child = gw.mul_(m)  # in place: gw is not needed any more
-            if tap is not None:  # the other taps only ever met zero padding
-                full = torch.zeros_like(w_child)
-                tap_slice(full, tap).copy_(grad_child)
-                grad_child = full
+            if tap is None:
+                grad_child = gw.mul_(m)  # in place: gw is not needed any more
+            else:  # the other taps only ever met zero padding
+                grad_child = torch.zeros_like(w_child)
+                torch.mul(gw, m, out=tap_slice(grad_child, tap))
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
-        return gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None
-
-
-def _weight_part(w: Tensor, tap: tuple[int, int] | None) -> Tensor:
-    """``w``, or the view of its kernel tap ``tap``."""
-    return w if tap is None else tap_slice(w, tap)
+        return (gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None,
+                None)
 
 
 class _ConvOp:
     def __init__(self, stride, padding, dilation, groups):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
-
-    def reduce(self, x, w):
-        """(op, tap): on a 1x1 input that meets one kernel tap only, the 1x1 convolution of
-        that tap (see small_input.py) and the tap; else (self, None)."""
-        tap = centre_tap(x.shape[-2:], w.shape[-2:], self.stride, self.padding, self.dilation)
-        if tap is None:
-            return self, None
-        return _ConvOp((1, 1), (0, 0), (1, 1), self.groups), tap
 
     def forward(self, x, w, b):
         return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
@@ -237,9 +242,6 @@ class _ConvOp:
 
 
 class _LinearOp:
-    def reduce(self, x, w):
-        return self, None
-
     def forward(self, x, w, b):
         return F.linear(x, w, b)
 
@@ -368,17 +370,34 @@ class CWPSMixin:
     def merged_weights(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias after the post-training stage (hard mask), or the child in finetune."""
         m = self.task_specific()
-        w = _compose(self.weight, self.parent_weight, m, binary=True)
-        b = None if self.bias is None else _compose(self.bias, self.parent_bias, m, binary=True)
+        w = _select(self.weight, self.parent_weight, m)
+        b = None if self.bias is None else _select(self.bias, self.parent_bias, m)
         return w, b
 
-    def _cwps_forward(self, x: Tensor, op) -> Tensor:
+    def _cwps_forward(self, x: Tensor, op, tap: tuple[int, int] | None = None) -> Tensor:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
+        parent = self.parent_weight if tap is None else self._parent_tap(tap)
         return _ComposedOp.apply(
-            x, self.weight, self.bias, self.mask_logits, self.parent_weight, self.parent_bias,
-            self.stage == "hard", self.threshold, op, self.mask_grad,
+            x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
+            self.stage == "hard", self.threshold, op, tap, self.mask_grad,
         )
+
+    def _parent_tap(self, tap: tuple[int, int]) -> Tensor:
+        """The parent's kernel tap ``tap``, contiguous, kept between steps (the parent is frozen).
+
+        The copy is redone whenever the parent changes: set_parent, load_state_dict and any
+        in-place write bump its version counter; ``.to()`` and friends give it new storage.
+        """
+        parent = self.parent_weight
+        if torch.compiler.is_compiling():
+            return tap_slice(parent, tap).contiguous()
+        key = (tap, parent.data_ptr(), parent._version, parent.dtype, parent.device)
+        kept = self.__dict__.get("_kept_parent_tap")
+        if kept is None or kept[0] != key:
+            kept = (key, tap_slice(parent, tap).contiguous())
+            self.__dict__["_kept_parent_tap"] = kept  # a plain attribute: not state
+        return kept[1]
 
     def extra_repr(self) -> str:
         grad = "" if self.mask_grad == "sigmoid" else f", mask_grad={self.mask_grad}"
@@ -434,8 +453,13 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         x, padding = self._pad_and_padding(x)
-        op = _ConvOp(self.stride, padding, self.dilation, self.groups)
-        return self._cwps_forward(x, op)
+        # a conv on a 1x1 map uses one kernel tap: compose and convolve only that (small_input)
+        tap = centre_tap(x.shape[-2:], self.kernel_size, self.stride, padding, self.dilation)
+        if tap is None:
+            op = _ConvOp(self.stride, padding, self.dilation, self.groups)
+        else:
+            op = _ConvOp((1, 1), (0, 0), (1, 1), self.groups)
+        return self._cwps_forward(x, op, tap)
 
     def to_plain(self) -> nn.Conv2d:
         conv = nn.Conv2d(
