@@ -13,6 +13,10 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   two-pass        the paper's Eq. 8, y = m*conv(x, child) + (1-m)*conv(x, parent), soft mask;
   naive-autograd  w = parent + m*(child - parent) with ordinary autograd ops, then F.conv2d
                   (autograd keeps w and child - parent alive until backward), soft mask;
+  cwps-floor      NOT a CWPS step, a timing floor (on request): cwps-soft with the compose and
+                  the mask gradient of every layer not on a 1x1 map switched off (the child
+                  convolved as it is), so what is left is the layers' other cost: the Python
+                  autograd function, the mask ops, the 1x1-map tap path, SGD on the mask scores;
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2).
@@ -66,11 +70,12 @@ except ImportError:
     sys.path.insert(0, str(REPO / "src"))
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
+from cwps_lightning.cwps import layers as _layers  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
-EXTRA_VARIANTS = ("finetune-conv2d",)  # valid, not run by default
+EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor")  # valid, not run by default
 COMPILED = "+compile"  # suffix: the variant under torch.compile (valid for every variant)
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
@@ -153,9 +158,60 @@ class NaiveLinear(CWPSLinear):
         return F.linear(x, w, b)
 
 
+class _FloorOp(torch.autograd.Function):
+    """The CWPS layer's machinery with its weight-sized work switched off (timing only, NOT a
+    CWPS step): on a map larger than 1x1 the forward convolves the child itself and the
+    backward neither recomposes nor computes the mask gradient (zeros); the mask ops, the saved
+    state, the Python function and the 1x1-map tap path stay as in layers._ComposedOp."""
+
+    @staticmethod
+    def forward(ctx, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
+                tap=None, mask_grad="sigmoid"):
+        if tap is not None:
+            ctx.real = True
+            return _layers._ComposedOp.forward(ctx, x, w_child, b_child, logits, w_parent,
+                                               b_parent, hard, threshold, op, tap, mask_grad)
+        ctx.real = False
+        sig = torch.sigmoid(logits)
+        mask = (sig >= threshold).to(sig.dtype) if hard else sig
+        ctx.mask = mask.view(-1, *([1] * (w_child.dim() - 1)))
+        ctx.slope = _layers.mask_slope(sig, hard, mask_grad)
+        ctx.op, ctx.has_bias = op, b_child is not None
+        ctx.save_for_backward(x, w_child)
+        return op.forward(x, w_child, b_child)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if ctx.real:
+            return _layers._ComposedOp.backward(ctx, grad_y)
+        x, w = ctx.saved_tensors
+        gx, gw, gb = ctx.op.backward(grad_y, x, w, ctx.has_bias, ctx.needs_input_grad[0])
+        m = ctx.mask
+        grad_b = gb * m.view(-1) if ctx.has_bias else None
+        return (gx, gw.mul_(m), grad_b, torch.zeros_like(ctx.slope)) + (None,) * 7
+
+
+class _FloorMixin:
+    def _cwps_forward(self, x, op, tap=None):
+        parent = self.parent_weight if tap is None else self._parent_tap(tap)
+        return _FloorOp.apply(
+            x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
+            self.stage == "hard", self.threshold, op, tap, self.mask_grad,
+        )
+
+
+class FloorConv2d(_FloorMixin, CWPSConv2d):
+    pass
+
+
+class FloorLinear(_FloorMixin, CWPSLinear):
+    pass
+
+
 SWAPS = {
     "two-pass": {CWPSConv2d: TwoPassConv2d, CWPSLinear: TwoPassLinear},
     "naive-autograd": {CWPSConv2d: NaiveConv2d, CWPSLinear: NaiveLinear},
+    "cwps-floor": {CWPSConv2d: FloorConv2d, CWPSLinear: FloorLinear},
 }
 
 

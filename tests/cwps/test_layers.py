@@ -627,3 +627,54 @@ def test_tap_path_gradient_keeps_the_weight_layout():
     assert layer.weight.grad.is_contiguous(memory_format=torch.channels_last)
     assert layer.weight.grad[:, :, 0].abs().sum() == 0  # only the centre tap met the pixel
     assert layer.weight.grad[:, :, 1, 1].abs().sum() > 0
+
+
+def test_copies_and_pickles_of_a_layer_with_a_kept_tap():
+    """deepcopy and pickle work after a 1x1-map forward, and the copy computes with its own
+    parent, not the original's kept tap."""
+    import io
+    import pickle
+
+    layer = wrap(nn.Conv2d(4, 6, 3, padding=1))
+    randomise(layer)
+    set_stage(layer, "soft")
+    x = torch.randn(3, 4, 1, 1)
+    layer(x)
+    twin = copy.deepcopy(layer)
+    with torch.no_grad():
+        twin.set_parent(torch.randn_like(twin.parent_weight), twin.parent_bias.clone())
+    params = (twin.weight, twin.bias, twin.mask_logits)
+    torch.testing.assert_close(twin(x), reference(twin, x, "soft", params), rtol=1e-5, atol=1e-6)
+    buf = io.BytesIO()
+    pickle.dump(layer, buf)
+    again = pickle.loads(buf.getvalue())
+    torch.testing.assert_close(again(x), layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tap_path_runs_the_plain_layers_convolution(channels_last):
+    """With every channel task-specific (m == 1 exactly), a CWPS conv on a 1x1 map returns the
+    plain (SmallInputConv2d) layer's output and gradients bit for bit, channels_last or not."""
+    torch.manual_seed(0)
+    plain = nn.Conv2d(512, 512, 3, padding=1)
+    use_small_input_convs(plain)
+    layer = wrap(copy.deepcopy(plain), threshold=0.5)
+    x = torch.randn(8, 512, 1, 1)
+    if channels_last:
+        plain, layer = (m.to(memory_format=torch.channels_last) for m in (plain, layer))
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer.set_parent(torch.randn_like(layer.parent_weight), torch.randn_like(layer.bias))
+        layer.mask_logits.fill_(100.0)  # sigmoid == 1.0 in float32
+    g = torch.randn(8, 512, 1, 1)
+    for stage in ("soft", "hard"):
+        set_stage(layer, stage)
+        xs, xp = x.clone().requires_grad_(), x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+        ys, yp = layer(xs), plain(xp)
+        ys.backward(g)
+        yp.backward(g)
+        assert torch.equal(ys, yp)
+        assert torch.equal(xs.grad, xp.grad)
+        assert torch.equal(layer.weight.grad, plain.weight.grad)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -160,7 +161,9 @@ class _ComposedOp(torch.autograd.Function):
             # w is dead once the op has run (nothing inside a Function forward keeps it)
             w = torch.lerp(w_parent, wc, m, out=_SCRATCH.like(wc))
         else:
-            wc = tap_slice(w_child, tap).contiguous()
+            # clone, not contiguous: a channels_last kernel's tap stays channels_last (the
+            # layout the convolution picks its algorithm by, as for the plain layer's tap view)
+            wc = tap_slice(w_child, tap).clone()
             w = torch.lerp(w_parent, wc, m)
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
@@ -384,20 +387,28 @@ class CWPSMixin:
         )
 
     def _parent_tap(self, tap: tuple[int, int]) -> Tensor:
-        """The parent's kernel tap ``tap``, contiguous, kept between steps (the parent is frozen).
+        """The parent's kernel tap ``tap``, dense (in the kernel's memory format), kept between
+        steps (the parent is frozen).
 
         The copy is redone whenever the parent changes: set_parent, load_state_dict and any
-        in-place write bump its version counter; ``.to()`` and friends give it new storage.
+        in-place write bump its version counter; ``.to()`` and friends give it a new tensor
+        (a weak reference tells, so a new tensor at a freed one's address is not mistaken for
+        it). Copies and pickles of the layer leave the kept tap behind (__getstate__).
         """
         parent = self.parent_weight
         if torch.compiler.is_compiling():
-            return tap_slice(parent, tap).contiguous()
+            return tap_slice(parent, tap).clone()
         key = (tap, parent.data_ptr(), parent._version, parent.dtype, parent.device)
         kept = self.__dict__.get("_kept_parent_tap")
-        if kept is None or kept[0] != key:
-            kept = (key, tap_slice(parent, tap).contiguous())
+        if kept is None or kept[0]() is not parent or kept[1] != key:
+            kept = (weakref.ref(parent), key, tap_slice(parent, tap).clone())
             self.__dict__["_kept_parent_tap"] = kept  # a plain attribute: not state
-        return kept[1]
+        return kept[2]
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_kept_parent_tap", None)
+        return state
 
     def extra_repr(self) -> str:
         grad = "" if self.mask_grad == "sigmoid" else f", mask_grad={self.mask_grad}"
