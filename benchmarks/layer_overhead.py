@@ -172,8 +172,7 @@ class _FloorOp(torch.autograd.Function):
             return _layers._ComposedOp.forward(ctx, x, w_child, b_child, logits, w_parent,
                                                b_parent, hard, threshold, op, tap, mask_grad)
         ctx.real = False
-        sig = torch.sigmoid(logits)
-        mask = (sig >= threshold).to(sig.dtype) if hard else sig
+        mask, sig = _layers._stage_mask(logits, hard, threshold)
         ctx.mask = mask.view(-1, *([1] * (w_child.dim() - 1)))
         ctx.slope = _layers.mask_slope(sig, hard, mask_grad)
         ctx.op, ctx.has_bias = op, b_child is not None
@@ -191,21 +190,12 @@ class _FloorOp(torch.autograd.Function):
         return (gx, gw.mul_(m), grad_b, torch.zeros_like(ctx.slope)) + (None,) * 7
 
 
-class _FloorMixin:
-    def _cwps_forward(self, x, op, tap=None):
-        parent = self.parent_weight if tap is None else self._parent_tap(tap)
-        return _FloorOp.apply(
-            x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
-            self.stage == "hard", self.threshold, op, tap, self.mask_grad,
-        )
+class FloorConv2d(CWPSConv2d):
+    _composed_op = _FloorOp
 
 
-class FloorConv2d(_FloorMixin, CWPSConv2d):
-    pass
-
-
-class FloorLinear(_FloorMixin, CWPSLinear):
-    pass
+class FloorLinear(CWPSLinear):
+    _composed_op = _FloorOp
 
 
 SWAPS = {

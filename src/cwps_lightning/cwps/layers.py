@@ -142,8 +142,8 @@ class _ComposedOp(torch.autograd.Function):
     - ``tap`` None (the general case): the composed weight is written into scratch memory and
       recomputed in the backward, so the step holds no weight-sized tensor of its own;
     - ``tap`` (a conv on a 1x1 map, see small_input.py): only that kernel tap is composed and
-      convolved. ``w_parent`` is then the parent's tap, already contiguous (the layer keeps it:
-      the parent is frozen), the child's tap is copied out once, and the tap-sized child copy
+      convolved. ``w_parent`` is then the parent's tap, already dense (the layer keeps it: the
+      parent is frozen), the child's tap is copied out once, and the tap-sized child copy
       and composed weight are kept for the backward: reading a strided tap costs about as
       much as reading the whole kernel, and they are a ninth of it (3x3).
     """
@@ -151,8 +151,7 @@ class _ComposedOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
                 tap=None, mask_grad="sigmoid"):
-        sig = torch.sigmoid(logits)  # no autograd inside forward
-        mask = _binarise(sig, threshold) if hard else sig
+        mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
         if mask.dtype != w_parent.dtype:
             mask = mask.to(w_parent.dtype)
         m = mask.view(-1, *([1] * (w_child.dim() - 1)))
@@ -269,6 +268,8 @@ class CWPSMixin:
 
     weight: nn.Parameter
     bias: nn.Parameter | None
+    #: the autograd function of the soft and hard stages (benchmarks swap in a variant)
+    _composed_op: type[torch.autograd.Function] = _ComposedOp
 
     def _init_cwps(self, threshold: float, mask_grad: str = "sigmoid") -> None:
         out = self.weight.shape[0]
@@ -381,7 +382,7 @@ class CWPSMixin:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
         parent = self.parent_weight if tap is None else self._parent_tap(tap)
-        return _ComposedOp.apply(
+        return self._composed_op.apply(
             x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
             self.stage == "hard", self.threshold, op, tap, self.mask_grad,
         )
