@@ -48,6 +48,8 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
         "lr": lr,
         "seed": seed,
         "batch_size": datamodule.batch_size,
+        # training batches are all full (data/base.py): T0s cached before that are not reused
+        "batches": "full",
     }
 
 

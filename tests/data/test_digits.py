@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -29,18 +31,35 @@ def test_optdigits_falls_back_to_scikit_learn(monkeypatch):
     assert torch.equal(x, x_fast) and torch.equal(y, y_fast)
 
 
-@pytest.mark.parametrize("n, batches, seen", [(65, 2, 64), (66, 3, 66), (64, 2, 64), (1, 1, 1)])
-def test_a_lone_last_training_image_is_dropped(n, batches, seen):
-    """A last batch of one image would break BatchNorm on 1x1 maps; no other batch is lost."""
-    dm = digits.DigitsDataModule(batch_size=32)
-    x = torch.zeros(n, 3, 8, 8)
-    y = torch.zeros(n, dtype=torch.int64)
-    ds = TensorDataset(x, y)
+def _one_task(n: int, batch_size: int = 32, world_size: int | None = None):
+    dm = digits.DigitsDataModule(batch_size=batch_size)
+    ds = TensorDataset(torch.zeros(n, 3, 8, 8), torch.zeros(n, dtype=torch.int64))
     dm._splits = {"t": TaskSplits("t", 2, ds, ds, ds)}
-    dm.use("t")
+    if world_size is not None:
+        dm.trainer = SimpleNamespace(world_size=world_size)
+    return dm.use("t")
+
+
+@pytest.mark.parametrize("n, batches, seen", [(65, 2, 64), (66, 2, 64), (95, 2, 64),
+                                              (64, 2, 64), (32, 1, 32), (20, 1, 20), (1, 1, 1)])
+def test_training_batches_are_full(n, batches, seen):
+    """An incomplete last training batch is dropped (a small one misleads train-mode
+    BatchNorm); a task smaller than one batch is one batch; evaluation sees every image."""
+    dm = _one_task(n)
     sizes = [len(b[1]) for b in dm.train_dataloader()]
     assert len(sizes) == batches and sum(sizes) == seen
-    assert sum(len(b[1]) for b in dm.val_dataloader()) == n  # evaluation sees every image
+    assert sum(len(b[1]) for b in dm.val_dataloader()) == n
+    assert sum(len(b[1]) for b in dm.test_dataloader()) == n
+
+
+@pytest.mark.parametrize("n, world, drop", [(900, 2, True), (63, 2, True), (62, 2, False),
+                                            (40, 2, False), (40, 1, True)])
+def test_full_batches_are_decided_on_a_ranks_share(n, world, drop):
+    """Under DDP a rank takes ceil(n / world) images (Lightning's DistributedSampler): the
+    last batch is dropped when that share holds one full batch, whatever the world size."""
+    loader = _one_task(n, world_size=world).train_dataloader()
+    assert loader.drop_last is drop
+    assert _one_task(n, world_size=world).val_dataloader().drop_last is False
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [

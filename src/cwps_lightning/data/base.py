@@ -196,12 +196,17 @@ class MultiTaskDataModule(L.LightningDataModule):
         self._shuffle.manual_seed(seed)
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
-        # A last training batch of one image breaks BatchNorm on a 1x1 feature map ("expected
-        # more than 1 value per channel"): drop it, and only it. Under DDP each rank gets
-        # ceil(n / world) images (the sampler pads), so the check is on a rank's share.
+        # Every training batch is full: an incomplete last batch is dropped (its images come
+        # round in other epochs, the order being reshuffled). Train-mode BatchNorm normalises
+        # a batch by its own statistics and updates the running ones from them; a batch of
+        # two images makes every channel of a 1x1 feature map exactly +-1 and its variance a
+        # two-sample guess, and one of one image fails outright. DDP makes such batches: each
+        # rank takes ceil(n / world) images (the sampler pads), so 900 images at 2 x 32 end
+        # every epoch in two images per rank; mnist_m fine-tuning fell from 77 to 52 points
+        # by that alone (README, "Several processes"). A rank's share smaller than one batch is
+        # kept as one batch.
         world = 1 if self.trainer is None else self.trainer.world_size
-        n = math.ceil(len(ds) / world)
-        lone_last = train and n > self.batch_size and n % self.batch_size == 1
+        full_batches = train and math.ceil(len(ds) / world) >= self.batch_size
         # The order comes from the sampler's generator only (see reseed_shuffle). Handing the
         # generator to the DataLoader would also make it draw worker seeds from it, once per
         # loader with persistent workers, once per epoch without: the order would then depend
@@ -212,7 +217,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
             sampler=sampler,
-            drop_last=lone_last,
+            drop_last=full_batches,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

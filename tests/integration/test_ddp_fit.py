@@ -1,0 +1,73 @@
+"""A fit under DDP is the fit it should be: on 2 CPU ranks (gloo, Lightning's own launcher),
+every training batch is full, the ranks' batches of an epoch are disjoint and cover the
+epoch's images, and the weights equal a one-process replay of those batches that averages the
+two ranks' gradients (what DDP computes), step for step."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from .ddp_fit_script import BATCH, EPOCHS, N_TRAIN, model
+from .helpers import REPO, cli_env
+
+pytestmark = pytest.mark.xdist_group("ddp")  # 2 processes: one such run at a time
+
+SCRIPT = Path(__file__).with_name("ddp_fit_script.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp-fit")
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(out)], cwd=REPO, env=cli_env(),
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    batches = [torch.load(out / f"batches{r}.pt") for r in range(2)]
+    return batches, torch.load(out / "weights.pt")
+
+
+def test_every_batch_is_full_and_the_ranks_split_each_epoch(ddp_fit):
+    batches, _ = ddp_fit
+    share = -(-N_TRAIN // 2)  # a rank's padded share: 23 images, 2 full batches of 8
+    steps = share // BATCH
+    assert [len(b) for b in batches] == [steps * EPOCHS] * 2
+    assert {len(y) for rank in batches for _, y, _ in rank} == {BATCH}
+    for epoch in range(EPOCHS):
+        ids = [int(i) for rank in batches for x, _, _ in rank[epoch * steps:(epoch + 1) * steps]
+               for i in x[:, 0, 0, 0]]
+        assert len(ids) == len(set(ids)) == 2 * steps * BATCH  # no image twice in an epoch
+        assert set(ids) <= set(range(N_TRAIN))
+    first, second = ({int(i) for x, _, _ in batches[0][e * steps:(e + 1) * steps]
+                      for i in x[:, 0, 0, 0]} for e in range(2))
+    assert first != second  # each epoch reshuffles
+
+
+def _replay(batches, ranks) -> dict:
+    """One process, CWPSLitModule's fine-tuning optimiser (one group, SGD with momentum and
+    decay) at each step's recorded rate, gradients averaged over ``ranks``' batches."""
+    net = model()
+    opt = torch.optim.SGD(net.parameters(), lr=1.0, momentum=0.9, weight_decay=5e-4)
+    net.train()
+    for steps in zip(*batches, strict=True):
+        assert len({tuple(lrs) for _, _, lrs in steps}) == 1  # the ranks' schedules agree
+        opt.param_groups[0]["lr"] = steps[0][2][0]
+        opt.zero_grad()
+        for x, y, _ in (steps[r] for r in ranks):
+            (F.cross_entropy(net(x), y) / len(ranks)).backward()
+        opt.step()
+    return {name: p.detach() for name, p in net.named_parameters()}
+
+
+def test_weights_equal_a_replay_that_averages_the_ranks_gradients(ddp_fit):
+    batches, weights = ddp_fit
+    replay = _replay(batches, ranks=(0, 1))
+    for name, p in replay.items():
+        torch.testing.assert_close(weights[name], p, rtol=0, atol=1e-6, msg=name)
+    # rank 0's batches alone end elsewhere: the tolerance tells the two apart
+    alone = _replay(batches, ranks=(0,))
+    assert max(float((weights[n] - p).abs().max()) for n, p in alone.items()) > 1e-3
