@@ -29,6 +29,28 @@ class Small(nn.Module):
         return self.head(torch.relu(self.fc(x)))
 
 
+def indexed_images(n: int, seed: int, classes: int = 3) -> torch.utils.data.TensorDataset:
+    """Random 6x6 images whose first pixel is their index (a batch says which images it holds)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, 6, 6, generator=g)
+    x[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
+    return torch.utils.data.TensorDataset(x, torch.randint(0, classes, (n,), generator=g))
+
+
+def synthetic_tasks(n_train: int = 45, batch_size: int = 8):
+    """A MultiTaskDataModule with one task "t" of indexed_images (3 classes, Small's head)."""
+    from cwps_lightning.data.base import MultiTaskDataModule, TaskSplits
+
+    class SyntheticTasks(MultiTaskDataModule):
+        default_tasks = ("t",)
+
+        def build_tasks(self):
+            return {"t": TaskSplits("t", 3, indexed_images(n_train, 0), indexed_images(10, 1),
+                                    indexed_images(10, 2))}
+
+    return SyntheticTasks(batch_size=batch_size)
+
+
 STAGE_KEYS = ("warmup_epochs", "soft_epochs", "hard_epochs", "lr_schedule")
 
 

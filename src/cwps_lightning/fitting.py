@@ -138,9 +138,12 @@ def fit(
     resume_from = None
     fit_dir = settings.fit_checkpoint_dir(log_group, log_name)
     if fit_dir is not None:
-        # every epoch's end: last.ckpt only (weights, optimiser, schedule, epoch)
-        callbacks.append(ModelCheckpoint(dirpath=fit_dir, save_last=True, save_top_k=0,
-                                         save_on_train_epoch_end=True))
+        # every epoch's end: last.ckpt only (weights, optimiser, schedule, epoch), overwritten.
+        # A top-1 checkpoint without a monitor is the latest one; save_last with save_top_k=0
+        # saves nothing between epochs since Lightning 2.6 (last only follows a saved top-k).
+        callbacks.append(ModelCheckpoint(dirpath=fit_dir, filename="last", save_top_k=1,
+                                         every_n_epochs=1, save_on_train_epoch_end=True,
+                                         enable_version_counter=False))
         if (fit_dir / "last.ckpt").is_file():
             resume_from = str(fit_dir / "last.ckpt")
             log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
@@ -157,6 +160,7 @@ def fit(
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
+    datamodule.epochs_trained(plan.epochs)
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)
     distributed.check_same_weights(model, what)

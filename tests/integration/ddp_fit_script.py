@@ -13,33 +13,17 @@ from pathlib import Path
 
 import torch
 
-from cwps_lightning.data.base import MultiTaskDataModule, TaskSplits
 from cwps_lightning.fitting import FitSettings, fit
 from cwps_lightning.methods.base import FitPlan
 from cwps_lightning.models import lit_module
 
-N_TRAIN, BATCH, EPOCHS, CLASSES = 45, 8, 2, 3
+N_TRAIN, BATCH, EPOCHS = 45, 8, 2
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests.helpers, run as a script
 
-
-def images(n: int, seed: int) -> torch.utils.data.TensorDataset:
-    """Random images whose first pixel is their index (so a batch says which images it holds)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 3, 6, 6, generator=g)
-    x[:, 0, 0, 0] = torch.arange(n, dtype=torch.float32)
-    return torch.utils.data.TensorDataset(x, torch.randint(0, CLASSES, (n,), generator=g))
-
-
-class Synthetic(MultiTaskDataModule):
-    default_tasks = ("t",)
-
-    def build_tasks(self):
-        return {"t": TaskSplits("t", CLASSES, images(N_TRAIN, 0), images(10, 1), images(10, 2))}
+from tests.helpers import Small, synthetic_tasks  # noqa: E402
 
 
 def model() -> torch.nn.Module:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.helpers import Small
-
     torch.manual_seed(0)
     return Small()
 
@@ -60,7 +44,7 @@ def main(out: Path) -> None:
     settings = FitSettings(trainer=dict(
         accelerator="cpu", devices=2, strategy="ddp", enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0))
-    fit(net, Synthetic(batch_size=BATCH), "t", FitPlan(EPOCHS, seed=5, train="finetune"),
+    fit(net, synthetic_tasks(N_TRAIN, BATCH), "t", FitPlan(EPOCHS, seed=5, train="finetune"),
         settings, shareable=[], log_group="g", log_name="t")
     rank = torch.distributed.get_rank()
     torch.save(seen, out / f"batches{rank}.pt")

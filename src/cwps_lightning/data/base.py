@@ -72,6 +72,39 @@ def split_indices(n: int, fractions: tuple[float, ...], seed: int) -> list[torch
     return parts
 
 
+class EpochOrderSampler(RandomSampler):
+    """A random order of ``data_source`` per epoch that depends only on ``seed`` and the
+    epoch's index.
+
+    Epoch ``k`` of the sampler is the ``start + k``-th permutation drawn from a generator seeded
+    with ``seed``: the orders a RandomSampler with that generator gives over consecutive epochs.
+    Lightning calls ``set_epoch`` at every epoch's start, with the epoch restored from a
+    checkpoint on resume, so a fit resumed at epoch ``k`` sees the batches the uninterrupted fit
+    saw. Iterated without ``set_epoch`` (plain PyTorch), it moves on one epoch per pass.
+    """
+
+    def __init__(self, data_source, seed: int, start: int = 0):
+        super().__init__(data_source)
+        self.seed, self.start, self.epoch = seed, start, 0
+        self._generator: torch.Generator | None = None
+        self._drawn = 0  # permutations drawn from _generator so far
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        n, index = len(self.data_source), self.start + self.epoch
+        if self._generator is None or self._drawn > index:
+            self._generator, self._drawn = torch.Generator().manual_seed(self.seed), 0
+        while self._drawn < index:  # the epochs before: one permutation each, discarded
+            torch.randperm(n, generator=self._generator)
+            self._drawn += 1
+        order = torch.randperm(n, generator=self._generator).tolist()
+        self._drawn += 1
+        self.epoch += 1
+        yield from order
+
+
 class MultiTaskDataModule(L.LightningDataModule):
     """Base class: subclasses implement ``build_tasks()`` returning ``{name: TaskSplits}``."""
 
@@ -110,7 +143,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = self.checked_int(seed, "seed", None, fallback=0)
         self._splits: dict[str, TaskSplits] | None = None
         self.current: str | None = None
-        self._shuffle = torch.Generator().manual_seed(self.seed)
+        self._order_seed, self._order_start = self.seed, 0
 
     # -- settings ------------------------------------------------------------------------------
     def checked_int(self, value, key: str, minimum: int | None, fallback, none_ok: bool = False,
@@ -187,13 +220,19 @@ class MultiTaskDataModule(L.LightningDataModule):
     def reseed_shuffle(self, seed: int) -> None:
         """Restart the training data order from ``seed``.
 
-        The order of training batches comes from a generator of its own, so it depends only on
-        this seed and the epochs drawn since, never on what else used the global RNG (a
-        validation pass, a model surgery). Fits that follow one another without a reseed
-        continue one order: CWPS's warm-up fit and mask fit see, epoch for epoch, the batches
+        The order of training batches depends only on this seed and the epoch's index since
+        (EpochOrderSampler), never on what else used the global RNG (a validation pass, a model
+        surgery). Fits that follow one another without a reseed continue one order
+        (``epochs_trained``): CWPS's warm-up fit and mask fit see, epoch for epoch, the batches
         of a fine-tuning run of the same task.
         """
-        self._shuffle.manual_seed(seed)
+        self._order_seed, self._order_start = seed, 0
+
+    def epochs_trained(self, epochs: int) -> None:
+        """A fit trained ``epochs`` epochs of the current order: the next training loader
+        continues after them (fitting.fit calls this, also for a fit resumed from a finished
+        checkpoint, so a rerun continues the order where the interrupted run did)."""
+        self._order_start += epochs
 
     def _loader(self, ds: Dataset, train: bool) -> DataLoader:
         # Every training batch is full: an incomplete last batch is dropped (its images come
@@ -207,12 +246,12 @@ class MultiTaskDataModule(L.LightningDataModule):
         # kept as one batch.
         world = 1 if self.trainer is None else self.trainer.world_size
         full_batches = train and math.ceil(len(ds) / world) >= self.batch_size
-        # The order comes from the sampler's generator only (see reseed_shuffle). Handing the
-        # generator to the DataLoader would also make it draw worker seeds from it, once per
-        # loader with persistent workers, once per epoch without: the order would then depend
-        # on how the epochs are split into fits. On one device only: under DDP, Lightning
-        # replaces the sampler with a DistributedSampler seeded per fit.
-        sampler = RandomSampler(ds, generator=self._shuffle) if train else None
+        # The order comes from the sampler alone (see reseed_shuffle); the DataLoader gets no
+        # generator, which would also make it draw worker seeds from it, and the order would
+        # then depend on how the epochs are split into fits. On one device only: under DDP,
+        # Lightning replaces the sampler with a DistributedSampler seeded per fit.
+        sampler = (EpochOrderSampler(ds, self._order_seed, self._order_start) if train
+                   else None)
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,
