@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from .callbacks import MaskStageCallback
+from .cwps.surgery import nonfinite_tensors
 from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
 from .settings import OptimSettings
@@ -164,6 +165,13 @@ def fit(
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)
     distributed.check_same_weights(model, what)
+    # a loss can stay finite while the weights or BatchNorm statistics overflow (a huge
+    # learning rate, one step per epoch): the same stop as a non-finite loss, on every rank
+    bad = nonfinite_tensors(model)
+    if bad:
+        raise TrainingDiverged(f"{what}: the fit ended with nan/inf in {bad[0]} ({len(bad)} "
+                               f"tensor(s) in all; lower optim.lr, or check the data); the "
+                               f"store keeps the tasks finished before")
     return model
 
 
