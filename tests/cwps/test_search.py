@@ -59,6 +59,23 @@ def test_kernel_distances_values():
             assert d_cos[t, j].item() == pytest.approx(1.0 - cos, abs=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(64, 32, 3, 3), (16, 3, 7, 7), (24, 8, 1, 1), (10, 40)])
+def test_cosine_distances_equal_torch_cosine_similarity_bit_for_bit(shape):
+    """CPMS's own cosine (no [T, C, K] expansion of the child) is F.cosine_similarity exactly,
+    so the parents chosen and the mask init are those of before; a channels_last child, a
+    candidate equal to the child and an all-zero kernel included."""
+    g = torch.Generator().manual_seed(0)
+    child = torch.randn(shape, generator=g)
+    child[0] = 0.0
+    if len(shape) == 4:
+        child = child.contiguous(memory_format=torch.channels_last)
+    cands = torch.stack([child.contiguous() + 0.1 * torch.randn(shape, generator=g)
+                         for _ in range(3)] + [child.contiguous()])
+    ref = 1.0 - torch.nn.functional.cosine_similarity(
+        cands.flatten(2), child.flatten(1).unsqueeze(0), dim=2, eps=1e-12)
+    assert torch.equal(kernel_distances(child, cands, "cosine"), ref)
+
+
 def test_nearest_parents_l2():
     child, cands = constructed_case()
     choice, dist = nearest_parents(child, cands, "l2")
