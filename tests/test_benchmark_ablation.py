@@ -1,0 +1,78 @@
+"""benchmarks/compose_ablation.py: its "full" variant is the real layer's arithmetic, and each
+dropped piece changes exactly what it names."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from cwps_lightning.cwps import CWPSConv2d, set_stage
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def ablation():
+    sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("compose_ablation",
+                                                  BENCHMARKS / "compose_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def grads(layer, x):
+    layer.zero_grad(set_to_none=True)
+    y = layer(x)
+    y.square().sum().backward()
+    return y.detach(), layer.weight.grad.clone(), layer.mask_logits.grad.clone()
+
+
+def pair(ablation, dropped):
+    torch.manual_seed(0)
+    real = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
+    with torch.no_grad():
+        real.set_parent(torch.randn_like(real.parent_weight), torch.randn_like(real.bias))
+        real.mask_logits.normal_()
+    set_stage(real, "hard")
+    other = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
+    other.load_state_dict(real.state_dict())
+    set_stage(other, "hard")
+    return real, ablation.ablated_model(nn.Sequential(other), dropped)[0]
+
+
+@pytest.mark.parametrize("size", [5, 1])  # a 5x5 map (the ablated path) and a 1x1 map (real)
+def test_full_is_the_real_layer(ablation, size):
+    real, full = pair(ablation, ())
+    x = torch.randn(2, 4, size, size)
+    for a, b in zip(grads(real, x), grads(full, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_each_dropped_piece_changes_what_it_names(ablation):
+    x = torch.randn(2, 4, 5, 5)
+    real, _ = pair(ablation, ())
+    y, gw, gm = grads(real, x)
+    _, no_mask = pair(ablation, ("mask",))
+    y2, gw2, gm2 = grads(no_mask, x)
+    torch.testing.assert_close((y2, gw2), (y, gw))
+    assert torch.equal(gm2, torch.zeros_like(gm)) and gm.abs().sum() > 0
+    _, no_fwd = pair(ablation, ("fwd",))
+    assert not torch.allclose(grads(no_fwd, x)[0], y)  # convolves the child, not w
+    _, no_gmul = pair(ablation, ("gmul",))
+    m = (torch.sigmoid(real.mask_logits.detach()) >= real.threshold).float()
+    assert (m == 0).any()  # some shared channel: their child gradient is 0 only when scaled
+    assert not torch.allclose(grads(no_gmul, x)[1], gw)
+
+
+def test_the_script_runs_and_reports_every_variant(ablation, capsys):
+    torch.set_num_threads(1)
+    ratios = ablation.main(["--size", "16", "--batch", "2", "--rounds", "1", "--warmup", "0"])
+    assert set(ratios) == {"finetune", *ablation.VARIANTS}
+    assert ratios["finetune"] == 1.0
+    assert "paired x fine-tuning" in capsys.readouterr().out
