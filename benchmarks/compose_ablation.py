@@ -81,11 +81,10 @@ def ablated_op(dropped: tuple[str, ...]) -> type[torch.autograd.Function]:
 def ablated_model(cwps_model: torch.nn.Module, dropped: tuple[str, ...]) -> torch.nn.Module:
     """``cwps_model`` (in place) with every CWPS layer on ablated_op(dropped)."""
     op = ablated_op(dropped)
-    classes = {CWPSConv2d: type("AblatedConv2d", (CWPSConv2d,), {"_composed_op": op}),
-               CWPSLinear: type("AblatedLinear", (CWPSLinear,), {"_composed_op": op})}
-    for module in cwps_model.modules():
-        if type(module) in classes:
-            module.__class__ = classes[type(module)]
+    lo.reclass_layers(cwps_model, {
+        CWPSConv2d: type("AblatedConv2d", (CWPSConv2d,), {"_composed_op": op}),
+        CWPSLinear: type("AblatedLinear", (CWPSLinear,), {"_composed_op": op}),
+    })
     return cwps_model
 
 

@@ -205,14 +205,18 @@ SWAPS = {
 }
 
 
-def swap_layers(model: nn.Module, kind: str) -> int:
-    """Re-class every CWPS layer of ``model`` (in place) to the ``kind`` alternative."""
-    table = SWAPS[kind]
+def reclass_layers(model: nn.Module, table: dict[type, type]) -> int:
+    """Re-class every CWPS layer of ``model`` (in place) by ``table`` (class -> class)."""
     n = 0
     for _, layer in list(cwps_layers(model)):
         layer.__class__ = table[type(layer)]
         n += 1
     return n
+
+
+def swap_layers(model: nn.Module, kind: str) -> int:
+    """Re-class every CWPS layer of ``model`` (in place) to the ``kind`` alternative."""
+    return reclass_layers(model, SWAPS[kind])
 
 
 # ---------------------------------------------------------------------------------------------

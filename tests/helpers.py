@@ -51,6 +51,38 @@ def synthetic_tasks(n_train: int = 45, batch_size: int = 8):
     return SyntheticTasks(batch_size=batch_size)
 
 
+def load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks"
+    if str(folder) not in sys.path:  # a benchmark may import its neighbours
+        sys.path.insert(0, str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cwps_conv_twins(stage: str):
+    """Two CWPSConv2d(4 -> 6, 3x3, padding 1) with the same weights, random parents and random
+    mask logits, both in ``stage``: one to keep, one for a benchmark to re-class."""
+    from cwps_lightning.cwps import CWPSConv2d, set_stage
+
+    torch.manual_seed(0)
+    real = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
+    with torch.no_grad():
+        real.set_parent(torch.randn_like(real.parent_weight), torch.randn_like(real.bias))
+        real.mask_logits.normal_()
+    twin = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
+    twin.load_state_dict(real.state_dict())
+    for layer in (real, twin):
+        set_stage(layer, stage)
+    return real, twin
+
+
 STAGE_KEYS = ("warmup_epochs", "soft_epochs", "hard_epochs", "lr_schedule")
 
 

@@ -3,27 +3,16 @@ dropped piece changes exactly what it names."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
-from cwps_lightning.cwps import CWPSConv2d, set_stage
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from .helpers import cwps_conv_twins, load_benchmark
 
 
 @pytest.fixture(scope="module")
 def ablation():
-    sys.path.insert(0, str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("compose_ablation",
-                                                  BENCHMARKS / "compose_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compose_ablation")
 
 
 def grads(layer, x):
@@ -34,16 +23,8 @@ def grads(layer, x):
 
 
 def pair(ablation, dropped):
-    torch.manual_seed(0)
-    real = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
-    with torch.no_grad():
-        real.set_parent(torch.randn_like(real.parent_weight), torch.randn_like(real.bias))
-        real.mask_logits.normal_()
-    set_stage(real, "hard")
-    other = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
-    other.load_state_dict(real.state_dict())
-    set_stage(other, "hard")
-    return real, ablation.ablated_model(nn.Sequential(other), dropped)[0]
+    real, twin = cwps_conv_twins("hard")
+    return real, ablation.ablated_model(nn.Sequential(twin), dropped)[0]
 
 
 @pytest.mark.parametrize("size", [5, 1])  # a 5x5 map (the ablated path) and a 1x1 map (real)

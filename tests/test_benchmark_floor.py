@@ -2,41 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from cwps_lightning.cwps import CWPSConv2d, set_stage
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_overhead.py"
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("layer_overhead", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import cwps_conv_twins, load_benchmark
 
 
 def layer_pair(bench):
-    torch.manual_seed(0)
-    real = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
-    with torch.no_grad():
-        real.set_parent(torch.randn_like(real.parent_weight), torch.randn_like(real.bias))
-        real.mask_logits.normal_()
-    set_stage(real, "soft")
-    floor = CWPSConv2d.from_conv(nn.Conv2d(4, 6, 3, padding=1))
-    floor.load_state_dict(real.state_dict())
-    set_stage(floor, "soft")
+    real, floor = cwps_conv_twins("soft")
     floor.__class__ = bench.FloorConv2d
     return real, floor
 
 
 def test_floor_skips_the_compose_and_mask_gradient_off_1x1_maps():
-    real, floor = layer_pair(load_bench())
+    real, floor = layer_pair(load_benchmark("layer_overhead"))
     x = torch.randn(2, 4, 5, 5)
     y = floor(x)
     torch.testing.assert_close(y, F.conv2d(x, floor.weight, floor.bias, padding=1))
@@ -50,7 +29,7 @@ def test_floor_skips_the_compose_and_mask_gradient_off_1x1_maps():
 
 
 def test_floor_is_the_real_layer_on_a_1x1_map():
-    real, floor = layer_pair(load_bench())
+    real, floor = layer_pair(load_benchmark("layer_overhead"))
     x = torch.randn(3, 4, 1, 1)
     yr, yf = real(x), floor(x)
     assert torch.equal(yr, yf)
