@@ -265,10 +265,13 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) 
     return model.train()
 
 
-def build_all(names, model_name, seed, device):
+def build_all(names, model_name, seed, device, channels_last: bool = False):
     base = build_base(model_name, seed)
     cwps = make_cwps(base, seed) if any(n != "finetune" for n in names) else None
-    models = {n: make_variant(n, base, cwps, seed).to(device) for n in names}
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    models = {
+        n: make_variant(n, base, cwps, seed).to(device, memory_format=fmt) for n in names
+    }
     del base, cwps
     return models
 
@@ -282,6 +285,8 @@ def make_batch(args, device, num_classes: int):
     g = torch.Generator().manual_seed(args.seed + 2)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, num_classes, (args.batch,), generator=g)
+    if getattr(args, "channels_last", False):
+        x = x.contiguous(memory_format=torch.channels_last)
     return x.to(device), y.to(device)
 
 
@@ -368,7 +373,7 @@ def saved_tensor_bytes(model, opt, x, y) -> dict:
 def memory_worker(args) -> dict:
     device = torch.device(args.device)
     name = args._worker
-    models = build_all([name], args.model, args.seed, device)
+    models = build_all([name], args.model, args.seed, device, args.channels_last)
     model = models.pop(name)
     opt = make_optimizer(model)
     x, y = make_batch(args, device, num_classes_of(model))
@@ -440,7 +445,7 @@ def run_memory(args, names) -> dict:
             str(args.mem_steps),
             "--amp",
             args.amp,
-        ]
+        ] + (["--channels-last"] if args.channels_last else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -577,6 +582,10 @@ def parse_args(argv=None):
     p.add_argument("--model", default="resnet18")
     p.add_argument("--amp", default="none", choices=list(AMP_DTYPES),
                    help="autocast the forward to bf16 or fp16 (the paper's GPU runs: bf16)")
+    p.add_argument(
+        "--channels-last", action="store_true",
+        help="model and batch in NHWC (the training job's model.channels_last, its default)",
+    )
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument(
         "--variants",
@@ -622,7 +631,8 @@ def main(argv=None):
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(
         f"{args.model}, batch {args.batch}, {args.size}x{args.size}, device {args.device} "
-        f"({dev_name}), {args.threads} threads, autocast {args.amp}, torch {torch.__version__}",
+        f"({dev_name}), {args.threads} threads, autocast {args.amp}, "
+        f"{'channels_last' if args.channels_last else 'NCHW'}, torch {torch.__version__}",
         flush=True,
     )
 
@@ -637,7 +647,7 @@ def main(argv=None):
         mem = run_memory(args, names)
 
     print("building models ...", flush=True)
-    models = build_all(names, args.model, args.seed, device)
+    models = build_all(names, args.model, args.seed, device, args.channels_last)
     n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
     equiv = check_equivalence(models, args, device)
     for n, r in equiv.items():

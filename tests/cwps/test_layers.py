@@ -74,6 +74,19 @@ CONV_VARIANTS = {
         dict(in_channels=4, out_channels=6, kernel_size=3, padding=2),
         (3, 4, 1, 1),
     ),
+    # a 1x1 output from a larger map: the taps that meet the input, as a matmul
+    "output_1x1_stride2": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, stride=2, padding=1),
+        (3, 4, 2, 2),
+    ),
+    "output_1x1_downsample": (
+        dict(in_channels=4, out_channels=6, kernel_size=1, stride=2, bias=False),
+        (3, 4, 2, 2),
+    ),
+    "output_1x1_grouped_dilated": (  # skips the middle pixel
+        dict(in_channels=4, out_channels=6, kernel_size=2, stride=2, dilation=2, groups=2),
+        (3, 4, 3, 3),
+    ),
 }
 
 # name -> (Linear kwargs, input shape)

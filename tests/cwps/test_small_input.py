@@ -11,9 +11,19 @@ from torch import nn
 
 from cwps_lightning.cwps.small_input import (
     SmallInputConv2d,
-    centre_tap,
+    live_window,
     use_small_input_convs,
 )
+
+
+def _centre(window):
+    """The window's single tap, or None (for the 1x1-map cases)."""
+    if window is None:
+        return None
+    (r0, r1), (c0, c1) = window.taps
+    assert (r1 - r0, c1 - c0) == (1, 1) and window.pixels == ((0, 1, window.pixels[0][2]),
+                                                              (0, 1, window.pixels[1][2]))
+    return r0, c0
 
 
 @pytest.mark.parametrize(
@@ -24,16 +34,37 @@ from cwps_lightning.cwps.small_input import (
         ((1, 1), (3, 3), (1, 1), (2, 2), (2, 2), (1, 1)),
         ((1, 1), (5, 5), (1, 1), (2, 2), (1, 1), (2, 2)),
         ((1, 1), (1, 3), (1, 1), (0, 1), (1, 1), (0, 1)),
+        ((1, 1), (1, 1), (1, 1), (0, 0), (1, 1), (0, 0)),  # a 1x1 conv on a 1x1 map
         ((1, 1), (3, 3), (1, 1), (2, 2), (1, 1), None),  # output 3x3
         ((1, 1), (3, 3), (1, 1), (0, 0), (1, 1), None),  # no output at all
         ((1, 1), (3, 3), (1, 1), (1, 1), (2, 2), None),  # no tap meets the pixel
-        ((1, 1), (1, 1), (1, 1), (0, 0), (1, 1), None),  # already 1x1
-        ((2, 2), (3, 3), (1, 1), (1, 1), (1, 1), None),
+        ((2, 2), (3, 3), (1, 1), (1, 1), (1, 1), None),  # output 2x2
         ((1, 2), (3, 3), (1, 1), (1, 1), (1, 1), None),
     ],
 )
-def test_centre_tap(input_hw, kernel, stride, padding, dilation, expected):
-    assert centre_tap(input_hw, kernel, stride, padding, dilation) == expected
+def test_live_window_on_a_1x1_map_is_one_tap(input_hw, kernel, stride, padding, dilation,
+                                             expected):
+    assert _centre(live_window(input_hw, kernel, stride, padding, dilation)) == expected
+
+
+@pytest.mark.parametrize(
+    "input_hw, kernel, stride, padding, dilation, taps, pixels",
+    [
+        # resnet's stride-2 3x3 conv from 2x2 to 1x1: the bottom-right 2x2 taps meet all four
+        ((2, 2), (3, 3), (2, 2), (1, 1), (1, 1), ((1, 3), (1, 3)), ((0, 2, 1), (0, 2, 1))),
+        # its stride-2 1x1 downsample from 2x2: one pixel
+        ((2, 2), (1, 1), (2, 2), (0, 0), (1, 1), ((0, 1), (0, 1)), ((0, 1, 1), (0, 1, 1))),
+        # a valid 3x3 conv on a 3x3 map: the whole kernel and the whole input
+        ((3, 3), (3, 3), (1, 1), (0, 0), (1, 1), ((0, 3), (0, 3)), ((0, 3, 1), (0, 3, 1))),
+        # dilation 2, padding 1 on a 3x3 map: only tap 1 meets a pixel (the centre one)
+        ((3, 3), (3, 3), (3, 3), (1, 1), (2, 2), ((1, 2), (1, 2)), ((1, 2, 2), (1, 2, 2))),
+        # dilation 2 on a 3x3 map: taps 0..1 meet pixels 0 and 2 (step 2), pixel 1 is skipped
+        ((3, 3), (2, 2), (2, 2), (0, 0), (2, 2), ((0, 2), (0, 2)), ((0, 3, 2), (0, 3, 2))),
+    ],
+)
+def test_live_window_geometry(input_hw, kernel, stride, padding, dilation, taps, pixels):
+    window = live_window(input_hw, kernel, stride, padding, dilation)
+    assert window is not None and window.taps == taps and window.pixels == pixels
 
 
 CASES = [
@@ -45,6 +76,14 @@ CASES = [
      (4, 8, 1, 1)),
     (dict(in_channels=8, out_channels=5, kernel_size=3, padding=1), (4, 8, 2, 2)),  # no shortcut
     (dict(in_channels=8, out_channels=5, kernel_size=3, padding="same"), (4, 8, 1, 1)),
+    # output 1x1 from larger maps: stride-2 3x3 and 1x1 convs from 2x2 (resnet's layer4 entry at
+    # 32 px), a valid 3x3 on 3x3, a dilated grouped one that skips a pixel, a 1x1 on 1x1
+    (dict(in_channels=8, out_channels=5, kernel_size=3, padding=1, stride=2), (4, 8, 2, 2)),
+    (dict(in_channels=8, out_channels=5, kernel_size=1, stride=2, bias=False), (4, 8, 2, 2)),
+    (dict(in_channels=8, out_channels=5, kernel_size=3), (4, 8, 3, 3)),
+    (dict(in_channels=8, out_channels=4, kernel_size=2, stride=2, dilation=2, groups=2),
+     (4, 8, 3, 3)),
+    (dict(in_channels=8, out_channels=5, kernel_size=1), (4, 8, 1, 1)),
 ]
 
 
@@ -66,6 +105,41 @@ def test_small_input_conv_equals_conv2d_with_gradients(kwargs, shape):
         torch.testing.assert_close(fast.bias.grad, plain.bias.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("kwargs, shape", CASES[-5:])
+def test_small_input_conv_weight_gradient_keeps_the_weight_layout(kwargs, shape, channels_last):
+    """The full-size weight gradient of the shortcut has the weight's memory format (so
+    autograd does not copy it into that format), zero outside the window."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    conv = SmallInputConv2d(**kwargs).to(memory_format=fmt)
+    x = torch.randn(shape).to(memory_format=fmt)
+    conv(x).square().sum().backward()
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    window = live_window(shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+    outside = conv.weight.grad.clone()
+    window.kernel(outside).zero_()
+    assert outside.abs().sum() == 0 and conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_input_conv_under_autocast(dtype):
+    """Under CPU autocast the shortcut computes in the autocast dtype, as F.conv2d would, and
+    returns gradients in the parameters' dtype."""
+    plain = nn.Conv2d(8, 5, 3, padding=1, stride=2)
+    fast = copy.deepcopy(plain)
+    use_small_input_convs(fast)
+    x = torch.randn(4, 8, 2, 2)
+    with torch.autocast("cpu", dtype=dtype):
+        y_plain, y_fast = plain(x), fast(x)
+    assert y_fast.dtype == y_plain.dtype == dtype
+    torch.testing.assert_close(y_fast.float(), y_plain.float(), rtol=2e-2, atol=2e-2)
+    y_fast.float().sum().backward()
+    y_plain.float().sum().backward()
+    assert fast.weight.grad.dtype == torch.float32 and fast.bias.grad.dtype == torch.float32
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, rtol=2e-2, atol=5e-2)
+    torch.testing.assert_close(fast.bias.grad, plain.bias.grad, rtol=2e-2, atol=5e-2)
+
+
 def test_small_input_conv_takes_the_shortcut():
     """The shortcut is taken: the result ignores every tap but the centre one."""
     conv = SmallInputConv2d(4, 3, 3, padding=1, bias=False)
@@ -75,6 +149,17 @@ def test_small_input_conv_takes_the_shortcut():
         conv.weight[:, :, 0, :] = float("nan")  # taps that only ever meet padding
     after = conv(x)
     assert torch.equal(before, after)
+
+
+def test_small_input_conv_reads_only_the_window():
+    """A stride-2 3x3 conv from 2x2 to 1x1 reads only the bottom-right 2x2 taps."""
+    conv = SmallInputConv2d(4, 3, 3, padding=1, stride=2, bias=False)
+    x = torch.randn(2, 4, 2, 2)
+    before = conv(x)
+    with torch.no_grad():
+        conv.weight[:, :, 0, :] = float("nan")
+        conv.weight[:, :, :, 0] = float("nan")
+    assert torch.equal(before, conv(x))
 
 
 def test_resnet18_at_32px_unchanged_by_the_switch():

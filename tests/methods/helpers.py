@@ -42,18 +42,24 @@ CONV_VARIANTS = {
 }
 
 
-def spy_conv2d(monkeypatch) -> list[tuple[int, int]]:
-    """Record the kernel size of every F.conv2d call (SmallInputConv2d and nn.Conv2d both
-    look it up in torch.nn.functional at call time)."""
-    kernels: list[tuple[int, int]] = []
-    conv2d = F.conv2d
+def spy_conv2d(monkeypatch) -> list[tuple]:
+    """Record every F.conv2d call as ("conv", kernel size) and every F.linear call as
+    ("linear", weight shape) (SmallInputConv2d and nn.Conv2d both look them up in
+    torch.nn.functional at call time)."""
+    calls: list[tuple] = []
+    conv2d, linear = F.conv2d, F.linear
 
-    def spy(x, w, *args, **kwargs):
-        kernels.append(tuple(w.shape[-2:]))
+    def spy_conv(x, w, *args, **kwargs):
+        calls.append(("conv", tuple(w.shape[-2:])))
         return conv2d(x, w, *args, **kwargs)
 
-    monkeypatch.setattr(F, "conv2d", spy)
-    return kernels
+    def spy_linear(x, w, *args, **kwargs):
+        calls.append(("linear", tuple(w.shape)))
+        return linear(x, w, *args, **kwargs)
+
+    monkeypatch.setattr(F, "conv2d", spy_conv)
+    monkeypatch.setattr(F, "linear", spy_linear)
+    return calls
 
 
 # ----------------------------------------------------------------------------------------------

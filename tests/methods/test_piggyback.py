@@ -95,8 +95,9 @@ def test_linear_matches_reference(shape, bias):
 
 
 def test_conv_takes_the_small_input_shortcut(monkeypatch):
-    """On a 1x1 map the layer convolves with the centre tap only (1x1 kernel), and with the
-    full kernel when small_input is off; both compute the same."""
+    """On a 1x1 map the layer multiplies the centre tap only (a [3, 4] matmul, no
+    convolution), and convolves with the full kernel when small_input is off; both compute
+    the same."""
     kernels = spy_conv2d(monkeypatch)
     layer = PiggybackConv2d(4, 3, 3, padding=1)
     random_mask(layer)
@@ -104,7 +105,7 @@ def test_conv_takes_the_small_input_shortcut(monkeypatch):
     y = layer(x)
     layer.small_input = False
     torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-6)
-    assert kernels == [(1, 1), (3, 3)]
+    assert kernels == [("linear", (3, 4)), ("conv", (3, 3))]
 
 
 def test_fresh_layers_keep_every_weight():

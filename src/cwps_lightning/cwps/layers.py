@@ -9,7 +9,7 @@ and runs ONE convolution / matmul. This is the same function as the paper's two-
 (the layer is linear in its weights) with the same gradients for the child and the mask, at the
 cost of the plain layer. A custom autograd function recomputes ``w`` in the backward instead of
 keeping it alive between forward and backward, so training memory matches plain fine-tuning
-(a conv on a 1x1 map keeps its tap-sized composed weight instead: see _ComposedOp).
+(a conv with a 1x1 output keeps its window-sized composed weight instead: see _ComposedOp).
 
 Stages:
   finetune  a plain layer on the child weights (the warm-up fine-tune);
@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .small_input import SmallInputConv2d, centre_tap, tap_slice
+from .small_input import SmallInputConv2d, Window, WindowOp, live_window
 
 STAGES = ("finetune", "soft", "hard")
 #: the hard stage's gradient to the mask scores: through sigmoid' (paper) or straight (TAPS)
@@ -139,30 +139,31 @@ class _ComposedOp(torch.autograd.Function):
     and _LinearOp. The per-channel mask and sigmoid are kept from the forward (C numbers each).
 
     Two paths:
-    - ``tap`` None (the general case): the composed weight is written into scratch memory and
-      recomputed in the backward, so the step holds no weight-sized tensor of its own;
-    - ``tap`` (a conv on a 1x1 map, see small_input.py): only that kernel tap is composed and
-      convolved. ``w_parent`` is then the parent's tap, already dense (the layer keeps it: the
-      parent is frozen), the child's tap is copied out once, and the tap-sized child copy
-      and composed weight are kept for the backward: reading a strided tap costs about as
-      much as reading the whole kernel, and they are a ninth of it (3x3).
+    - ``window`` None (the general case): the composed weight is written into scratch memory
+      and recomputed in the backward, so the step holds no weight-sized tensor of its own;
+    - ``window`` (a conv with a 1x1 output, see small_input.py; ``op`` is then its WindowOp):
+      only the kernel taps that meet the input are composed and multiplied. ``w_parent`` is
+      then the parent's window, already dense (the layer keeps it: the parent is frozen), the
+      child's window is copied out once, and the window-sized child copy and composed weight
+      are kept for the backward: reading a strided window costs about as much as reading the
+      whole kernel, and on a 1x1 map they are a ninth of it (3x3).
     """
 
     @staticmethod
     def forward(ctx: Any, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
-                tap=None, mask_grad="sigmoid"):
+                window=None, mask_grad="sigmoid"):
         mask, sig = _stage_mask(logits, hard, threshold)  # no autograd inside forward
         if mask.dtype != w_parent.dtype:
             mask = mask.to(w_parent.dtype)
         m = mask.view(-1, *([1] * (w_child.dim() - 1)))
-        if tap is None:
+        if window is None:
             wc = w_child
             # w is dead once the op has run (nothing inside a Function forward keeps it)
             w = torch.lerp(w_parent, wc, m, out=_SCRATCH.like(wc))
         else:
-            # clone, not contiguous: a channels_last kernel's tap stays channels_last (the
-            # layout the convolution picks its algorithm by, as for the plain layer's tap view)
-            wc = tap_slice(w_child, tap).clone()
+            # clone, not contiguous: a channels_last kernel's window stays channels_last (it
+            # then flattens for the matmul without a copy, as the plain layer's window does)
+            wc = window.kernel(w_child).clone()
             w = torch.lerp(w_parent, wc, m)
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
@@ -174,10 +175,10 @@ class _ComposedOp(torch.autograd.Function):
             xc = x.to(cast)
             w = w.to(cast)
             y = _run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
-        # wc is the child itself, or its tap-sized copy; w_child gives the gradient's layout
+        # wc is the child itself, or its window-sized copy; w_child gives the gradient's layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
-        ctx.composed = None if tap is None else w
-        ctx.mask, ctx.op, ctx.tap, ctx.x_dtype = m, op, tap, x.dtype
+        ctx.composed = None if window is None else w
+        ctx.mask, ctx.op, ctx.window, ctx.x_dtype = m, op, window, x.dtype
         if ctx.needs_input_grad[3]:
             # straight-through in the hard stage: dmask/dlogits as mask_slope says
             ctx.slope = mask_slope(sig, hard, mask_grad)
@@ -186,8 +187,8 @@ class _ComposedOp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_y):
         xc, wc, b_child, wp, b_parent, w_child = ctx.saved_tensors
-        m, tap = ctx.mask, ctx.tap
-        if tap is None:
+        m, window = ctx.mask, ctx.window
+        if window is None:
             w = torch.lerp(wp, wc, m, out=_SCRATCH.like(wc))
             if w.dtype != xc.dtype:
                 w = w.to(xc.dtype)
@@ -209,7 +210,7 @@ class _ComposedOp(torch.autograd.Function):
         if ctx.needs_input_grad[3]:
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
             # in the general path the composed weight is dead after the conv backward: reuse
-            # its buffer (a tap-sized w is the forward's own tensor, also free now)
+            # its buffer (a window-sized w is the forward's own tensor, also free now)
             out = w if w.dtype == wc.dtype else None
             prod = torch.sub(wc, wp, out=out).mul_(gw)
             # summed over its own dims: flatten(1) of a channels_last kernel is a copy, and
@@ -219,11 +220,11 @@ class _ComposedOp(torch.autograd.Function):
                 dm.addcmul_(gb, b_child - b_parent)
             grad_logits = dm.mul_(ctx.slope)
         if ctx.needs_input_grad[1]:
-            if tap is None:
+            if window is None:
                 grad_child = gw.mul_(m)  # in place: gw is not needed any more
             else:  # the other taps only ever met zero padding
                 grad_child = torch.zeros_like(w_child)
-                torch.mul(gw, m, out=tap_slice(grad_child, tap))
+                torch.mul(gw, m, out=window.kernel(grad_child))
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
         return (gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None,
@@ -381,37 +382,37 @@ class CWPSMixin:
         b = None if self.bias is None else _select(self.bias, self.parent_bias, m)
         return w, b
 
-    def _cwps_forward(self, x: Tensor, op, tap: tuple[int, int] | None = None) -> Tensor:
+    def _cwps_forward(self, x: Tensor, op, window: Window | None = None) -> Tensor:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
-        parent = self.parent_weight if tap is None else self._parent_tap(tap)
+        parent = self.parent_weight if window is None else self._parent_window(window)
         return self._composed_op.apply(
             x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
-            self.stage == "hard", self.threshold, op, tap, self.mask_grad,
+            self.stage == "hard", self.threshold, op, window, self.mask_grad,
         )
 
-    def _parent_tap(self, tap: tuple[int, int]) -> Tensor:
-        """The parent's kernel tap ``tap``, dense (in the kernel's memory format), kept between
-        steps (the parent is frozen).
+    def _parent_window(self, window: Window) -> Tensor:
+        """The parent's kernel taps in ``window``, dense (in the kernel's memory format), kept
+        between steps (the parent is frozen).
 
         The copy is redone whenever the parent changes: set_parent, load_state_dict and any
         in-place write bump its version counter; ``.to()`` and friends give it a new tensor
         (a weak reference tells, so a new tensor at a freed one's address is not mistaken for
-        it). Copies and pickles of the layer leave the kept tap behind (__getstate__).
+        it). Copies and pickles of the layer leave the kept window behind (__getstate__).
         """
         parent = self.parent_weight
         if torch.compiler.is_compiling():
-            return tap_slice(parent, tap).clone()
-        key = (tap, parent.data_ptr(), parent._version, parent.dtype, parent.device)
-        kept = self.__dict__.get("_kept_parent_tap")
+            return window.kernel(parent).clone()
+        key = (window, parent.data_ptr(), parent._version, parent.dtype, parent.device)
+        kept = self.__dict__.get("_kept_parent_window")
         if kept is None or kept[0]() is not parent or kept[1] != key:
-            kept = (weakref.ref(parent), key, tap_slice(parent, tap).clone())
-            self.__dict__["_kept_parent_tap"] = kept  # a plain attribute: not state
+            kept = (weakref.ref(parent), key, window.kernel(parent).clone())
+            self.__dict__["_kept_parent_window"] = kept  # a plain attribute: not state
         return kept[2]
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_kept_parent_tap", None)
+        state.pop("_kept_parent_window", None)
         return state
 
     def extra_repr(self) -> str:
@@ -422,8 +423,9 @@ class CWPSMixin:
 class CWPSConv2d(CWPSMixin, SmallInputConv2d):
     """nn.Conv2d with CWPS parameter sharing over its output channels.
 
-    (SmallInputConv2d is an nn.Conv2d that computes a 1x1 input's convolution as a 1x1
-    convolution; the soft and hard stages take the same shortcut in _ConvOp.)
+    (SmallInputConv2d is an nn.Conv2d that computes a convolution with a 1x1 output as a
+    matmul over the taps that meet the input; the soft and hard stages take the same shortcut
+    with small_input.WindowOp.)
     """
 
     def __init__(self, *args, threshold: float = 0.5, mask_grad: str = "sigmoid", **kwargs):
@@ -468,13 +470,14 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         x, padding = self._pad_and_padding(x)
-        # a conv on a 1x1 map uses one kernel tap: compose and convolve only that (small_input)
-        tap = centre_tap(x.shape[-2:], self.kernel_size, self.stride, padding, self.dilation)
-        if tap is None:
+        # a conv with a 1x1 output uses only the taps that meet the input: compose and
+        # multiply only those (small_input)
+        window = live_window(x.shape[-2:], self.kernel_size, self.stride, padding, self.dilation)
+        if window is None:
             op = _ConvOp(self.stride, padding, self.dilation, self.groups)
         else:
-            op = _ConvOp((1, 1), (0, 0), (1, 1), self.groups)
-        return self._cwps_forward(x, op, tap)
+            op = WindowOp(window, self.groups)
+        return self._cwps_forward(x, op, window)
 
     def to_plain(self) -> nn.Conv2d:
         conv = nn.Conv2d(
