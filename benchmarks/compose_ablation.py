@@ -2,8 +2,9 @@
 
     python benchmarks/compose_ablation.py [--size 32] [--rounds 30] [--batch 32]
 
-Timing only: apart from ``full`` these are NOT CWPS steps. On every map larger than 1x1 (the
-1x1-map tap path is the real layer's in all of them) a variant drops one or more of
+Timing only: apart from ``full`` these are NOT CWPS steps. On every layer whose output is larger
+than 1x1 (the 1x1-output window path is the real layer's in all of them) a variant drops one or
+more of
   fwd   the forward's compose  w = parent + m * (child - parent)  (it convolves the child),
   bwd   the backward's recompose of w  (it differentiates at the child),
   mask  the mask gradient  <dL/dw, child - parent>  (zeros),
@@ -40,12 +41,12 @@ def ablated_op(dropped: tuple[str, ...]) -> type[torch.autograd.Function]:
 
     class Op(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, wc, bc, logits, wp, bp, hard, threshold, op, tap=None,
+        def forward(ctx, x, wc, bc, logits, wp, bp, hard, threshold, op, window=None,
                     mask_grad="sigmoid"):
-            ctx.real = tap is not None
+            ctx.real = window is not None
             if ctx.real:
                 return L._ComposedOp.forward(ctx, x, wc, bc, logits, wp, bp, hard, threshold,
-                                             op, tap, mask_grad)
+                                             op, window, mask_grad)
             mask, sig = L._stage_mask(logits, hard, threshold)
             m = mask.view(-1, *([1] * (wc.dim() - 1)))
             w = wc if "fwd" in drop else torch.lerp(wp, wc, m, out=L._SCRATCH.like(wc))

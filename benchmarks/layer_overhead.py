@@ -4,9 +4,9 @@
 Variants (all share the same weights; CWPS variants share the same parents and mask logits):
 
   finetune        the plain timm model, no CWPS at all, its convolutions switched to
-                  SmallInputConv2d as the training job does (1x1 inputs run as 1x1 convs;
-                  no effect unless a layer sees a 1x1 map, e.g. resnet18's last stage at 32 px);
-  finetune-conv2d the same with torch's nn.Conv2d (on request: shows what the 1x1-input
+                  SmallInputConv2d as the training job does (convs with a 1x1 output run as
+                  matmuls; no effect unless a layer has one, e.g. resnet18's last stage at 32 px);
+  finetune-conv2d the same with torch's nn.Conv2d (on request: shows what the 1x1-output
                   shortcut saves, e.g. --size 32 --variants finetune,finetune-conv2d);
   cwps-soft       inject_cwps + set_stage("soft") (one conv, w recomputed in backward);
   cwps-hard       inject_cwps + set_stage("hard");
@@ -14,9 +14,10 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   naive-autograd  w = parent + m*(child - parent) with ordinary autograd ops, then F.conv2d
                   (autograd keeps w and child - parent alive until backward), soft mask;
   cwps-floor      NOT a CWPS step, a timing floor (on request): cwps-soft with the compose and
-                  the mask gradient of every layer not on a 1x1 map switched off (the child
+                  the mask gradient of every layer without a 1x1 output switched off (the child
                   convolved as it is), so what is left is the layers' other cost: the Python
-                  autograd function, the mask ops, the 1x1-map tap path, SGD on the mask scores;
+                  autograd function, the mask ops, the 1x1-output window path, SGD on the
+                  mask scores;
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2).
@@ -160,17 +161,17 @@ class NaiveLinear(CWPSLinear):
 
 class _FloorOp(torch.autograd.Function):
     """The CWPS layer's machinery with its weight-sized work switched off (timing only, NOT a
-    CWPS step): on a map larger than 1x1 the forward convolves the child itself and the
+    CWPS step): where the output is larger than 1x1 the forward convolves the child itself and the
     backward neither recomposes nor computes the mask gradient (zeros); the mask ops, the saved
-    state, the Python function and the 1x1-map tap path stay as in layers._ComposedOp."""
+    state, the Python function and the 1x1-output window path stay as in layers._ComposedOp."""
 
     @staticmethod
     def forward(ctx, x, w_child, b_child, logits, w_parent, b_parent, hard, threshold, op,
-                tap=None, mask_grad="sigmoid"):
-        if tap is not None:
+                window=None, mask_grad="sigmoid"):
+        if window is not None:
             ctx.real = True
             return _layers._ComposedOp.forward(ctx, x, w_child, b_child, logits, w_parent,
-                                               b_parent, hard, threshold, op, tap, mask_grad)
+                                               b_parent, hard, threshold, op, window, mask_grad)
         ctx.real = False
         mask, sig = _layers._stage_mask(logits, hard, threshold)
         ctx.mask = mask.view(-1, *([1] * (w_child.dim() - 1)))
