@@ -25,13 +25,15 @@ def _model():
     return model
 
 
-@pytest.mark.parametrize("stage", ["soft", "hard"])
-def test_compiled_forward_matches_eager_loss_and_gradients(stage):
+@pytest.mark.parametrize("stage, hw", [("soft", 8), ("hard", 8), ("hard", 1)])
+def test_compiled_forward_matches_eager_loss_and_gradients(stage, hw):
+    """hw 1: both convs have a 1x1 output and take the window path (cwps/small_input.py), one
+    of them grouped."""
     torch.set_num_threads(1)
     model = _model()
     set_stage(model, stage)
     module = CWPSLitModule(model, num_classes=3, compile_mode="default")
-    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(4, 3, hw, hw, generator=torch.Generator().manual_seed(1))
     y = torch.tensor([0, 1, 2, 1])
     grads = {}
     for name, forward in (("eager", model), ("compiled", module._compiled)):
@@ -61,3 +63,27 @@ def test_a_fit_with_compile_trains_the_model_itself():
     trainer.fit(module, loader)
     moved = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert any(k.endswith("conv1.weight") for k in moved)
+
+
+def test_compiled_small_input_convs_match_eager():
+    """A plain model (the fine-tuning baseline's) on a 1x1 map, compiled: the window path
+    gives the eager loss and gradients."""
+    from cwps_lightning.cwps.small_input import use_small_input_convs
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Small()
+    assert use_small_input_convs(model) == 2
+    compiled = torch.compile(model)
+    x = torch.randn(4, 3, 1, 1, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 1])
+    out = {}
+    for name, forward in (("eager", model), ("compiled", compiled)):
+        model.zero_grad()
+        loss = F.cross_entropy(forward(x), y)
+        loss.backward()
+        out[name] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    assert torch.allclose(out["compiled"][0], out["eager"][0], atol=1e-5)
+    for n, g in out["eager"][1].items():
+        assert torch.allclose(out["compiled"][1][n], g, atol=1e-5, rtol=1e-4), n
+    assert out["eager"][1]["conv1.weight"][:, :, 0].abs().sum() == 0  # outside the window
