@@ -52,10 +52,10 @@ class WeightTransform:
 
 
 class WeightConv2d(WeightTransform, SmallInputConv2d):
-    """A Conv2d on ``effective_weight()``. With ``small_input=True`` a convolution on a 1x1 map
-    runs as the 1x1 convolution of its centre tap, else as nn.Conv2d runs it; ``from_conv`` sets
-    it to whether the wrapped layer is a SmallInputConv2d, so the layer and its merge compute
-    exactly what the wrapped layer did."""
+    """A Conv2d on ``effective_weight()``. With ``small_input=True`` a convolution with a 1x1
+    output runs as a matmul of the taps that meet the input, else as nn.Conv2d runs it;
+    ``from_conv`` sets it to whether the wrapped layer is a SmallInputConv2d, so the layer and
+    its merge compute exactly what the wrapped layer did."""
 
     def __init__(self, *args, small_input: bool = True, **kwargs):
         super().__init__(*args, **kwargs)

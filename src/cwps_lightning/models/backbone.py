@@ -52,8 +52,8 @@ def task_model(base: nn.Module, num_classes: int, seed: int | None = None) -> nn
     """A copy of ``base`` (T0) with a fresh head for ``num_classes`` classes.
 
     Everything but the head starts from T0; normalisation layers become the task's own. Its
-    convolutions compute a 1x1 input's convolution as a 1x1 convolution (exact; much faster
-    on CPU, see cwps/small_input.py).
+    convolutions compute a convolution with a 1x1 output as a matmul of the taps that meet the
+    input (the same function; much faster on CPU, see cwps/small_input.py).
     """
     model = copy.deepcopy(base)
     use_small_input_convs(model)
