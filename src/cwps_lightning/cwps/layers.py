@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autocast import autocast_dtype, run_plain
 from .small_input import SmallInputConv2d, Window, WindowOp, live_window
 
 STAGES = ("finetune", "soft", "hard")
@@ -117,20 +118,6 @@ class _Scratch(threading.local):
 _SCRATCH = _Scratch()
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
-def _run_plain(device_type: str, fn, *args):
-    """Run ``fn`` outside autocast: its inputs are already cast the way autocast would."""
-    if torch.is_autocast_enabled(device_type):
-        with torch.autocast(device_type, enabled=False):
-            return fn(*args)
-    return fn(*args)
-
-
 class _ComposedOp(torch.autograd.Function):
     """y = op(x, compose(child, parent, mask)), the composed weight kept small.
 
@@ -167,14 +154,14 @@ class _ComposedOp(torch.autograd.Function):
             w = torch.lerp(w_parent, wc, m)
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
-        cast = _autocast_dtype(x.device.type)
+        cast = autocast_dtype(x.device.type)
         if cast is None:
             xc = x
             y = op.forward(x, w, b)
         else:
             xc = x.to(cast)
             w = w.to(cast)
-            y = _run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
+            y = run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
         # wc is the child itself, or its window-sized copy; w_child gives the gradient's layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
         ctx.composed = None if window is None else w
@@ -197,7 +184,7 @@ class _ComposedOp(torch.autograd.Function):
         has_bias = b_child is not None
         if grad_y.dtype != xc.dtype:
             grad_y = grad_y.to(xc.dtype)
-        gx, gw, gb = _run_plain(
+        gx, gw, gb = run_plain(
             xc.device.type, ctx.op.backward, grad_y, xc, w, has_bias, ctx.needs_input_grad[0]
         )
         if gx is not None and gx.dtype != ctx.x_dtype:

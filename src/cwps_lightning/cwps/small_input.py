@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .autocast import autocast_dtype, run_plain
+
 
 @dataclass(frozen=True)
 class Window:
@@ -127,12 +129,6 @@ class WindowOp:
         return gx, gw, gb
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
-
-
 class _WindowConv(torch.autograd.Function):
     """A plain convolution with a 1x1 output on its window (SmallInputConv2d): the weight's
     gradient is full-size with the weight's memory format, zero outside the window."""
@@ -140,15 +136,14 @@ class _WindowConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, op):
         w = op.window.kernel(weight)
-        cast = _autocast_dtype(x.device.type)
+        cast = autocast_dtype(x.device.type)
         if cast is None:
-            xc, b = x, bias
+            xc = x
             y = op.forward(x, w, bias)
         else:  # autocast does not reach inside a Function: cast as it would for a conv
             xc, w = x.to(cast), w.to(cast)
             b = None if bias is None else bias.to(cast)
-            with torch.autocast(x.device.type, enabled=False):
-                y = op.forward(xc, w, b)
+            y = run_plain(x.device.type, op.forward, xc, w, b)
         ctx.save_for_backward(xc, w, weight)
         ctx.op, ctx.has_bias, ctx.x_dtype = op, bias is not None, x.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
