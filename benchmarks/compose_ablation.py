@@ -1,12 +1,15 @@
 """Where the CWPS step's weight-sized work goes: the hard stage with each piece switched off.
 
-    python benchmarks/compose_ablation.py [--size 32] [--rounds 30] [--batch 32]
+    python benchmarks/compose_ablation.py [--size 32] [--rounds 30] [--batch 32] [--channels-last]
 
 Timing only: apart from ``full`` these are NOT CWPS steps. On every layer whose output is larger
 than 1x1 (the 1x1-output window path is the real layer's in all of them) a variant drops one or
 more of
   fwd   the forward's compose  w = parent + m * (child - parent)  (it convolves the child),
-  bwd   the backward's recompose of w  (it differentiates at the child),
+  bwd   the backward's recompose of w  (it differentiates at the child); as in the real layer,
+        only a kernel larger than layers.KEEP_COMPOSED_NUMEL recomposes, a smaller one keeps
+        the forward's w (so at 32 px, where resnet18's large kernels meet 1x1 maps, this
+        variant is ``full``),
   mask  the mask gradient  <dL/dw, child - parent>  (zeros),
   gmul  the child gradient's scaling by m.
 ``full`` is the layer's own arithmetic (tests/test_benchmark_ablation.py checks it against
@@ -49,8 +52,13 @@ def ablated_op(dropped: tuple[str, ...]) -> type[torch.autograd.Function]:
                                              op, window, mask_grad)
             mask, sig = L._stage_mask(logits, hard, threshold)
             m = mask.view(-1, *([1] * (wc.dim() - 1)))
-            w = wc if "fwd" in drop else torch.lerp(wp, wc, m, out=L._SCRATCH.like(wc))
+            keep = wc.numel() <= L.KEEP_COMPOSED_NUMEL
+            if "fwd" in drop:
+                w = wc
+            else:
+                w = torch.lerp(wp, wc, m, out=None if keep else L._SCRATCH.like(wc))
             b = None if bc is None else torch.lerp(bp, bc, mask)
+            ctx.kept = w if keep else None
             ctx.save_for_backward(x, wc, bc, wp, bp)
             ctx.m, ctx.op = m, op
             ctx.slope = L.mask_slope(sig, hard, mask_grad)
@@ -62,7 +70,12 @@ def ablated_op(dropped: tuple[str, ...]) -> type[torch.autograd.Function]:
                 return L._ComposedOp.backward(ctx, grad_y)
             x, wc, bc, wp, bp = ctx.saved_tensors
             m = ctx.m
-            w = wc if "bwd" in drop else torch.lerp(wp, wc, m, out=L._SCRATCH.like(wc))
+            if ctx.kept is not None:
+                w = ctx.kept
+            elif "bwd" in drop:
+                w = wc
+            else:
+                w = torch.lerp(wp, wc, m, out=L._SCRATCH.like(wc))
             gx, gw, gb = ctx.op.backward(grad_y, x, w, bc is not None, ctx.needs_input_grad[0])
             if "mask" in drop:
                 grad_logits = torch.zeros_like(ctx.slope)
@@ -96,14 +109,19 @@ def main(argv=None) -> dict[str, float]:
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--model", default="resnet18")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="models and batch in channels_last (the training job's format)")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
-    bench = lo.parse_args(["--size", str(args.size), "--batch", str(args.batch)])
+    bench = lo.parse_args(["--size", str(args.size), "--batch", str(args.batch)]
+                          + (["--channels-last"] if args.channels_last else []))
     base = lo.build_base(args.model, 0)
     cwps = lo.make_cwps(base, 0)
     models = {"finetune": lo.make_variant("finetune", base, cwps, 0)}
     for name, dropped in VARIANTS.items():
         models[name] = ablated_model(lo.make_variant("cwps-hard", base, cwps, 0), dropped)
+    if args.channels_last:
+        models = {n: m.to(memory_format=torch.channels_last) for n, m in models.items()}
     x, y = lo.make_batch(bench, torch.device("cpu"), lo.num_classes_of(models["finetune"]))
     opts = {n: lo.make_optimizer(m) for n, m in models.items()}
     names = list(models)
@@ -116,8 +134,9 @@ def main(argv=None) -> dict[str, float]:
             start = time.perf_counter()
             lo.train_step(models[n], opts[n], x, y)
             times[n].append(time.perf_counter() - start)
-    print(f"{args.model}, batch {args.batch}, {args.size} px, hard stage, {args.rounds} rounds "
-          f"({lo.cpu_name()})")
+    fmt = "channels_last" if args.channels_last else "NCHW"
+    print(f"{args.model}, batch {args.batch}, {args.size} px, {fmt}, hard stage, "
+          f"{args.rounds} rounds ({lo.cpu_name()})")
     ratios = {}
     for n in names:
         ratios[n] = statistics.median(a / b for a, b in zip(times[n], times["finetune"],

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cwps_lightning.cwps import CWPSConv2d, CWPSLinear, merge_cwps, set_stage, set_threshold
+from cwps_lightning.cwps import layers as cwps_layers_module
 from cwps_lightning.cwps.small_input import use_small_input_convs
 from cwps_lightning.cwps.surgery import cwps_layers, inject_cwps
 
@@ -97,6 +98,16 @@ LINEAR_VARIANTS = {
 }
 
 ALL_VARIANTS = {**CONV_VARIANTS, **LINEAR_VARIANTS}
+
+
+@pytest.fixture(autouse=True, params=["kept", "recomposed"])
+def composed_weight(request, monkeypatch) -> str:
+    """Every test runs on both general paths of the soft / hard stages: the small kernel's
+    composed weight kept for the backward (the default for these sizes), and recomposed there
+    in the scratch buffer (what kernels larger than KEEP_COMPOSED_NUMEL do)."""
+    if request.param == "recomposed":
+        monkeypatch.setattr(cwps_layers_module, "KEEP_COMPOSED_NUMEL", 0)
+    return request.param
 
 
 def make_plain(name: str) -> tuple[nn.Module, torch.Tensor]:
@@ -691,3 +702,55 @@ def test_tap_path_runs_the_plain_layers_convolution(channels_last):
         assert torch.equal(ys, yp)
         assert torch.equal(xs.grad, xp.grad)
         assert torch.equal(layer.weight.grad, plain.weight.grad)
+
+
+def _count_lerps(monkeypatch) -> list[int]:
+    """Patch torch.lerp to count its calls into the returned one-element list."""
+    calls = [0]
+    real = torch.lerp
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "lerp", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["basic", "no_bias", "linear_3d"])
+def test_backward_recomposes_only_large_kernels(name, composed_weight, monkeypatch):
+    """A kernel up to KEEP_COMPOSED_NUMEL elements keeps its composed weight: the backward
+    composes nothing; a larger one recomposes it (the kernel, and no bias)."""
+    layer, x = wrap64(name)
+    randomise(layer)
+    layer.stage = "hard"
+    lerps = _count_lerps(monkeypatch)
+    y = layer(x.clone().requires_grad_(True))
+    forward_lerps = lerps[0]
+    assert forward_lerps == 1 + (layer.bias is not None)  # kernel (+ bias)
+    y.backward(torch.randn_like(y))
+    assert lerps[0] - forward_lerps == (0 if composed_weight == "kept" else 1)
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_layer_called_twice_in_one_forward_matches_reference(stage):
+    """One layer applied twice before a backward (shared weights): each call's backward uses
+    its own composed weight, kept or recomposed, and the gradients add up."""
+    layer = wrap(nn.Conv2d(5, 5, 3, padding=1)).double()
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
+    randomise(layer)
+    layer.stage = stage
+    x1 = x.clone().requires_grad_(True)
+    y = layer(torch.tanh(layer(x1)))
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = [p.detach().clone().requires_grad_(True)
+              for p in (layer.weight, layer.bias, layer.mask_logits)]
+    x2 = x.clone().requires_grad_(True)
+    y_ref = reference(layer, torch.tanh(reference(layer, x2, stage, params)), stage, params)
+    y_ref.backward(g)
+    opts = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(y, y_ref, **opts)
+    torch.testing.assert_close(x1.grad, x2.grad, **opts)
+    for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
+        torch.testing.assert_close(p.grad, ref.grad, **opts)

@@ -7,9 +7,11 @@ The forward composes the weight once (paper Eq. 6/7),
 
 and runs ONE convolution / matmul. This is the same function as the paper's two-pass Eq. 8
 (the layer is linear in its weights) with the same gradients for the child and the mask, at the
-cost of the plain layer. A custom autograd function recomputes ``w`` in the backward instead of
-keeping it alive between forward and backward, so training memory matches plain fine-tuning
-(a conv with a 1x1 output keeps its window-sized composed weight instead: see _ComposedOp).
+cost of the plain layer. A custom autograd function recomputes a large kernel's ``w`` in the
+backward instead of keeping it alive between forward and backward, so training memory matches
+plain fine-tuning up to the small kernels (at most KEEP_COMPOSED_NUMEL elements each), whose
+composed weight is kept for the backward, and convs with a 1x1 output, which keep their
+window-sized composed weight (see _ComposedOp).
 
 Stages:
   finetune  a plain layer on the child weights (the warm-up fine-tune);
@@ -39,6 +41,12 @@ from .autocast import autocast_dtype, run_plain
 from .small_input import SmallInputConv2d, Window, WindowOp, live_window
 
 STAGES = ("finetune", "soft", "hard")
+#: kernels with at most this many elements keep their composed weight from the forward for the
+#: backward (4 MiB in fp32) instead of recomposing it there. At small inputs the weights are the
+#: step's memory traffic and the recompose a sizeable part of it (resnet18 at 32 px: layers 1-3
+#: and the head, 3.5M elements in all); at large inputs these kernels are small next to the
+#: activations (resnet18 at 112 px: 14 MiB kept, about 5% of the step's peak memory growth).
+KEEP_COMPOSED_NUMEL = 1 << 20
 #: the hard stage's gradient to the mask scores: through sigmoid' (paper) or straight (TAPS)
 MASK_GRADS = ("sigmoid", "identity")
 
@@ -125,9 +133,12 @@ class _ComposedOp(torch.autograd.Function):
     ``backward(grad, x, w, has_bias, need_x)`` returning (grad_x, grad_w, grad_b); see _ConvOp
     and _LinearOp. The per-channel mask and sigmoid are kept from the forward (C numbers each).
 
-    Two paths:
-    - ``window`` None (the general case): the composed weight is written into scratch memory
-      and recomputed in the backward, so the step holds no weight-sized tensor of its own;
+    Three paths:
+    - ``window`` None, a kernel larger than KEEP_COMPOSED_NUMEL: the composed weight is written
+      into scratch memory and recomputed in the backward, so the step holds no weight-sized
+      tensor of its own;
+    - ``window`` None, a small kernel: the composed weight is kept for the backward (its own
+      tensor, not the scratch buffer: another layer's forward reuses that);
     - ``window`` (a conv with a 1x1 output, see small_input.py; ``op`` is then its WindowOp):
       only the kernel taps that meet the input are composed and multiplied. ``w_parent`` is
       then the parent's window, already dense (the layer keeps it: the parent is frozen), the
@@ -143,10 +154,11 @@ class _ComposedOp(torch.autograd.Function):
         if mask.dtype != w_parent.dtype:
             mask = mask.to(w_parent.dtype)
         m = mask.view(-1, *([1] * (w_child.dim() - 1)))
+        keep = window is not None or w_child.numel() <= KEEP_COMPOSED_NUMEL
         if window is None:
             wc = w_child
-            # w is dead once the op has run (nothing inside a Function forward keeps it)
-            w = torch.lerp(w_parent, wc, m, out=_SCRATCH.like(wc))
+            # a scratch w is dead once the op has run (nothing inside a Function forward keeps it)
+            w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
         else:
             # clone, not contiguous: a channels_last kernel's window stays channels_last (it
             # then flattens for the matmul without a copy, as the plain layer's window does)
@@ -164,7 +176,7 @@ class _ComposedOp(torch.autograd.Function):
             y = run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
         # wc is the child itself, or its window-sized copy; w_child gives the gradient's layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
-        ctx.composed = None if window is None else w
+        ctx.composed = w if keep else None
         ctx.mask, ctx.op, ctx.window, ctx.x_dtype = m, op, window, x.dtype
         if ctx.needs_input_grad[3]:
             # straight-through in the hard stage: dmask/dlogits as mask_slope says
@@ -175,7 +187,7 @@ class _ComposedOp(torch.autograd.Function):
     def backward(ctx: Any, grad_y):
         xc, wc, b_child, wp, b_parent, w_child = ctx.saved_tensors
         m, window = ctx.mask, ctx.window
-        if window is None:
+        if ctx.composed is None:
             w = torch.lerp(wp, wc, m, out=_SCRATCH.like(wc))
             if w.dtype != xc.dtype:
                 w = w.to(xc.dtype)
@@ -196,8 +208,8 @@ class _ComposedOp(torch.autograd.Function):
             gb = gb.to(b_child.dtype)
         if ctx.needs_input_grad[3]:
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
-            # in the general path the composed weight is dead after the conv backward: reuse
-            # its buffer (a window-sized w is the forward's own tensor, also free now)
+            # the composed weight is dead after the conv backward: reuse its buffer (the
+            # scratch, or the kept tensor, the forward's own)
             out = w if w.dtype == wc.dtype else None
             prod = torch.sub(wc, wp, out=out).mul_(gw)
             # summed over its own dims: flatten(1) of a channels_last kernel is a copy, and
