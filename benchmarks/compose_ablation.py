@@ -13,7 +13,9 @@ more of
   mask  the mask gradient  <dL/dw, child - parent>  (zeros),
   gmul  the child gradient's scaling by m.
 ``full`` is the layer's own arithmetic (tests/test_benchmark_ablation.py checks it against
-layers._ComposedOp), ``none`` drops all four. Fine-tuning and the variants run round-robin,
+layers._ComposedOp), run through one Python autograd function per layer: the real layer
+composes small kernels with ordinary autograd ops instead (the same numbers; the cost of the
+Python function is not theirs). ``none`` drops all four. Fine-tuning and the variants run round-robin,
 and each is reported as the median over rounds of its step time over fine-tuning's.
 """
 
@@ -95,9 +97,11 @@ def ablated_op(dropped: tuple[str, ...]) -> type[torch.autograd.Function]:
 def ablated_model(cwps_model: torch.nn.Module, dropped: tuple[str, ...]) -> torch.nn.Module:
     """``cwps_model`` (in place) with every CWPS layer on ablated_op(dropped)."""
     op = ablated_op(dropped)
+    # every kernel through the ablated function (small kernels otherwise compose by autograd)
+    attrs = {"_composed_op": op, "_small_kernels_by_autograd": False}
     lo.reclass_layers(cwps_model, {
-        CWPSConv2d: type("AblatedConv2d", (CWPSConv2d,), {"_composed_op": op}),
-        CWPSLinear: type("AblatedLinear", (CWPSLinear,), {"_composed_op": op}),
+        CWPSConv2d: type("AblatedConv2d", (CWPSConv2d,), attrs),
+        CWPSLinear: type("AblatedLinear", (CWPSLinear,), attrs),
     })
     return cwps_model
 

@@ -17,7 +17,8 @@ Variants (all share the same weights; CWPS variants share the same parents and m
                   the mask gradient of every layer without a 1x1 output switched off (the child
                   convolved as it is), so what is left is the layers' other cost: the Python
                   autograd function, the mask ops, the 1x1-output window path, SGD on the
-                  mask scores;
+                  mask scores (every kernel runs through a Python function here, while the
+                  real layer composes small kernels with ordinary autograd ops);
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2).
@@ -193,10 +194,12 @@ class _FloorOp(torch.autograd.Function):
 
 class FloorConv2d(CWPSConv2d):
     _composed_op = _FloorOp
+    _small_kernels_by_autograd = False  # every kernel through _FloorOp
 
 
 class FloorLinear(CWPSLinear):
     _composed_op = _FloorOp
+    _small_kernels_by_autograd = False
 
 
 SWAPS = {

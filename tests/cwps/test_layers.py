@@ -100,11 +100,15 @@ LINEAR_VARIANTS = {
 ALL_VARIANTS = {**CONV_VARIANTS, **LINEAR_VARIANTS}
 
 
-@pytest.fixture(autouse=True, params=["kept", "recomposed"])
+@pytest.fixture(autouse=True, params=["autograd", "function-kept", "recomposed"])
 def composed_weight(request, monkeypatch) -> str:
-    """Every test runs on both general paths of the soft / hard stages: the small kernel's
-    composed weight kept for the backward (the default for these sizes), and recomposed there
-    in the scratch buffer (what kernels larger than KEEP_COMPOSED_NUMEL do)."""
+    """Every test runs on each general path of the soft / hard stages: a small kernel composed
+    with ordinary autograd ops (the default for these sizes), the same kept composed weight in
+    the custom autograd function, and the function recomposing it in the backward (what
+    kernels larger than KEEP_COMPOSED_NUMEL do). Convs with a 1x1 output take their window
+    path in all three."""
+    if request.param == "function-kept":
+        monkeypatch.setattr(cwps_layers_module.CWPSMixin, "_small_kernels_by_autograd", False)
     if request.param == "recomposed":
         monkeypatch.setattr(cwps_layers_module, "KEEP_COMPOSED_NUMEL", 0)
     return request.param
@@ -719,8 +723,9 @@ def _count_lerps(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("name", ["basic", "no_bias", "linear_3d"])
 def test_backward_recomposes_only_large_kernels(name, composed_weight, monkeypatch):
-    """A kernel up to KEEP_COMPOSED_NUMEL elements keeps its composed weight: the backward
-    composes nothing; a larger one recomposes it (the kernel, and no bias)."""
+    """A kernel up to KEEP_COMPOSED_NUMEL elements keeps its composed weight (autograd or the
+    function): the backward composes nothing; a larger one recomposes it (the kernel, and no
+    bias)."""
     layer, x = wrap64(name)
     randomise(layer)
     layer.stage = "hard"
@@ -729,7 +734,7 @@ def test_backward_recomposes_only_large_kernels(name, composed_weight, monkeypat
     forward_lerps = lerps[0]
     assert forward_lerps == 1 + (layer.bias is not None)  # kernel (+ bias)
     y.backward(torch.randn_like(y))
-    assert lerps[0] - forward_lerps == (0 if composed_weight == "kept" else 1)
+    assert lerps[0] - forward_lerps == (1 if composed_weight == "recomposed" else 0)
 
 
 @pytest.mark.parametrize("stage", ["soft", "hard"])
@@ -754,3 +759,29 @@ def test_layer_called_twice_in_one_forward_matches_reference(stage):
     torch.testing.assert_close(x1.grad, x2.grad, **opts)
     for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
         torch.testing.assert_close(p.grad, ref.grad, **opts)
+
+
+@pytest.mark.parametrize("mask_grad", ["sigmoid", "identity"])
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+@pytest.mark.parametrize("name", ["basic", "groups4", "no_bias", "linear_3d"])
+def test_small_kernels_by_autograd_equal_the_function_bit_for_bit(name, stage, mask_grad,
+                                                                   composed_weight, monkeypatch):
+    """The ordinary-autograd composition of small kernels gives _ComposedOp's output and
+    every gradient bit for bit (fp32), in both stages and with both mask gradients."""
+    if composed_weight != "autograd":
+        pytest.skip("compares the two paths itself")
+    plain, x = make_plain(name)
+    layer = wrap(plain)
+    randomise(layer)
+    layer.stage, layer.mask_grad = stage, mask_grad
+    results = []
+    for by_autograd in (True, False):
+        monkeypatch.setattr(type(layer), "_small_kernels_by_autograd", by_autograd)
+        layer.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        y.backward(torch.linspace(-1, 1, y.numel()).view_as(y))
+        grads = [p.grad for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None]
+        results.append([y.detach(), xi.grad, *grads])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

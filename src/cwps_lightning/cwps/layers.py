@@ -215,8 +215,8 @@ class _ComposedOp(torch.autograd.Function):
             # summed over its own dims: flatten(1) of a channels_last kernel is a copy, and
             # that copy cost twice the sum (a 256x256x3x3 kernel on the CPU: 341 -> 124 us)
             dm = prod.sum(dim=tuple(range(1, prod.dim())))
-            if has_bias:
-                dm.addcmul_(gb, b_child - b_parent)
+            if has_bias:  # a product, then a sum: rounded as autograd's lerp backward does
+                dm.add_(gb * (b_child - b_parent))
             grad_logits = dm.mul_(ctx.slope)
         if ctx.needs_input_grad[1]:
             if window is None:
@@ -273,6 +273,10 @@ class CWPSMixin:
     bias: nn.Parameter | None
     #: the autograd function of the soft and hard stages (benchmarks swap in a variant)
     _composed_op: type[torch.autograd.Function] = _ComposedOp
+    #: small kernels (at most KEEP_COMPOSED_NUMEL elements, output larger than 1x1) compose with
+    #: ordinary autograd ops instead of _composed_op (_composed_by_autograd); benchmarks that
+    #: swap in a variant of the function for every kernel set this False
+    _small_kernels_by_autograd: bool = True
 
     def _init_cwps(self, threshold: float, mask_grad: str = "sigmoid") -> None:
         out = self.weight.shape[0]
@@ -384,11 +388,36 @@ class CWPSMixin:
     def _cwps_forward(self, x: Tensor, op, window: Window | None = None) -> Tensor:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
+        if (window is None and self._small_kernels_by_autograd
+                and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
+            w, b = self._composed_by_autograd()
+            return op.forward(x, w, b)
         parent = self.parent_weight if window is None else self._parent_window(window)
         return self._composed_op.apply(
             x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
             self.stage == "hard", self.threshold, op, window, self.mask_grad,
         )
+
+    def _composed_by_autograd(self) -> tuple[Tensor, Tensor | None]:
+        """The composed weight and bias of the soft / hard stage as ordinary autograd ops.
+
+        For small kernels: autograd keeps the composed weight for the conv's backward, as
+        _ComposedOp does for them, and its C++ nodes replace the Python backward, which cost
+        more than these kernels' arithmetic. Values and gradients are _ComposedOp's bit for bit:
+        the mask enters as ``mask + (s - s.detach()) * slope``, whose value is the stage's mask
+        exactly (the added term is 0) and whose gradient to the scores s is dL/dm * slope, the
+        straight-through estimator of the hard stage (mask_slope).
+        """
+        logits, hard = self.mask_logits, self.stage == "hard"
+        with torch.no_grad():
+            mask, sig = _stage_mask(logits, hard, self.threshold)
+            slope = mask_slope(sig, hard, self.mask_grad)
+        m = torch.addcmul(mask, logits - logits.detach(), slope)
+        if m.dtype != self.parent_weight.dtype:
+            m = m.to(self.parent_weight.dtype)
+        w = torch.lerp(self.parent_weight, self.weight, m.view(-1, *([1] * (self.weight.dim() - 1))))
+        b = None if self.bias is None else torch.lerp(self.parent_bias, self.bias, m)
+        return w, b
 
     def _parent_window(self, window: Window) -> Tensor:
         """The parent's kernel taps in ``window``, dense (in the kernel's memory format), kept
