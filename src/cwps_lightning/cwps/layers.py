@@ -9,9 +9,10 @@ and runs ONE convolution / matmul. This is the same function as the paper's two-
 (the layer is linear in its weights) with the same gradients for the child and the mask, at the
 cost of the plain layer. A custom autograd function recomputes a large kernel's ``w`` in the
 backward instead of keeping it alive between forward and backward, so training memory matches
-plain fine-tuning up to the small kernels (at most KEEP_COMPOSED_NUMEL elements each), whose
-composed weight is kept for the backward, and convs with a 1x1 output, which keep their
-window-sized composed weight (see _ComposedOp).
+plain fine-tuning up to the small kernels (at most KEEP_COMPOSED_NUMEL elements each), which
+compose with ordinary autograd ops that keep their ``w`` for the backward
+(CWPSMixin._composed_by_autograd: the same numbers, no Python backward), and convs with a 1x1
+output, which keep their window-sized composed weight (see _ComposedOp).
 
 Stages:
   finetune  a plain layer on the child weights (the warm-up fine-tune);
