@@ -80,6 +80,16 @@ def _flat(t: Tensor) -> Tensor:
     return t.permute(0, 2, 3, 1).reshape(t.shape[0], -1)
 
 
+def _flat_kernel(w: Tensor) -> Tensor:
+    """_flat of the window's taps as a matrix with unit stride along its rows. A one-tap
+    window of an NCHW kernel flattens to a view with row stride kh * kw; the matmul would copy
+    it anyway, but into the transposed layout, and a dense window (CWPS composes a copy of the
+    taps) would then take another BLAS kernel, with other rounding on some CPUs (seen on an
+    Intel AVX-512 one). Copied here, both layouts take the same kernel."""
+    m = _flat(w)
+    return m if m.stride(-1) == 1 else m.contiguous()
+
+
 def _unflat(m: Tensor, shape: Sequence[int]) -> Tensor:
     """The inverse of _flat: [A, h * w * C] -> [A, C, h, w] (channels_last strides)."""
     a, c, h, w = shape
@@ -101,7 +111,7 @@ class WindowOp:
     def forward(self, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
         xc = self.window.crop(x)
         if self.groups == 1:
-            y = F.linear(_flat(xc), _flat(w), b)
+            y = F.linear(_flat(xc), _flat_kernel(w), b)
             return y.view(*y.shape, 1, 1)
         return F.conv2d(xc, w, b, 1, 0, 1, self.groups)
 
@@ -113,7 +123,7 @@ class WindowOp:
             gw = _unflat(g2.t() @ _flat(xc), w.shape)
             gb = g2.sum(0) if has_bias else None
             if need_x:
-                gxc = _unflat(g2 @ _flat(w), xc.shape)
+                gxc = _unflat(g2 @ _flat_kernel(w), xc.shape)
         else:
             gxc, gw, gb = torch.ops.aten.convolution_backward(
                 g, xc, w, [w.shape[0]] if has_bias else None, [1, 1], [0, 0], [1, 1],
