@@ -13,6 +13,10 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   two-pass        the paper's Eq. 8, y = m*conv(x, child) + (1-m)*conv(x, parent), soft mask;
   naive-autograd  w = parent + m*(child - parent) with ordinary autograd ops, then F.conv2d
                   (autograd keeps w and child - parent alive until backward), soft mask;
+  cwps-soft-per-layer, cwps-hard-per-layer
+                  cwps-soft / cwps-hard with every small kernel composed on its own (its layer's
+                  autograd ops), not in one node with the others (on request: what the
+                  ComposeGroup of cwps/compose_group.py saves);
   cwps-floor      NOT a CWPS step, a timing floor (on request): cwps-soft with the compose and
                   the mask gradient of every layer without a 1x1 output switched off (the child
                   convolved as it is), so what is left is the layers' other cost: the Python
@@ -77,7 +81,8 @@ from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
-EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor")  # valid, not run by default
+EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer")
+PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
 COMPILED = "+compile"  # suffix: the variant under torch.compile (valid for every variant)
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
@@ -253,6 +258,13 @@ def make_cwps(base: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def ungroup(model: nn.Module) -> nn.Module:
+    """Every CWPS layer of ``model`` (in place) composes on its own (no ComposeGroup)."""
+    for _, layer in cwps_layers(model):
+        layer.__dict__.pop("_compose_group", None)
+    return model
+
+
 def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
     if name.endswith(COMPILED):
         return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed))
@@ -265,6 +277,9 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) 
         model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed))
         if name in SWAPS:
             swap_layers(model, name)
+        if name.endswith(PER_LAYER):
+            name = name.removesuffix(PER_LAYER)
+            ungroup(model)
         set_stage(model, "hard" if name == "cwps-hard" else "soft")
     return model.train()
 
@@ -459,7 +474,7 @@ def run_memory(args, names) -> dict:
         res["worker_wall_s"] = round(time.perf_counter() - t0, 1)
         results[name] = res
         print(
-            f"  memory {name:<15} {res['peak_growth_bytes'] / MiB:8.1f} MiB peak growth, "
+            f"  memory {name:<19} {res['peak_growth_bytes'] / MiB:8.1f} MiB peak growth, "
             f"{res['saved_activation_bytes'] / MiB:8.1f} MiB saved activations "
             f"({res['worker_wall_s']:.0f} s)",
             flush=True,
@@ -689,8 +704,9 @@ def main(argv=None):
         rows[n] = row
 
     mem_unit = "peak RSS growth" if device.type == "cpu" else "peak alloc growth"
+    w = max(15, *(len(n) for n in names))  # the variant column
     hdr = (
-        f"{'variant':<15} {'median ms':>10} {'x finetune':>10} {'paired x':>9} {'95% CI':>13} "
+        f"{'variant':<{w}} {'median ms':>10} {'x finetune':>10} {'paired x':>9} {'95% CI':>13} "
         f"{mem_unit + ' MiB':>21} {'x finetune':>10} {'saved act MiB':>14} {'x finetune':>10}"
     )
     print()
@@ -699,7 +715,7 @@ def main(argv=None):
     for n in names:
         r = rows[n]
         line = (
-            f"{n:<15} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
+            f"{n:<{w}} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
             f"{r['paired_time_ratio']:>9.3f} {r['paired_time_ratio_ci95'][0]:>6.3f}-"
             f"{r['paired_time_ratio_ci95'][1]:.3f}"
         )

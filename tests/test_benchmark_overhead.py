@@ -26,3 +26,24 @@ def test_channels_last_puts_every_variant_and_the_batch_in_nhwc():
     assert plain.conv1.weight.is_contiguous()
     assert bench.parse_args(["--channels-last"]).channels_last
     assert not bench.parse_args([]).channels_last
+
+
+def test_per_layer_variants_are_the_stage_without_its_groups():
+    """cwps-hard-per-layer: the same layers, stage and step as cwps-hard (the same loss and
+    gradients bit for bit on resnet18, whose layers each run once), only without ComposeGroups."""
+    bench = load_benchmark("layer_overhead")
+    names = ["finetune", "cwps-hard", "cwps-hard-per-layer"]
+    torch.manual_seed(0)
+    models = bench.build_all(names, "resnet18", 0, torch.device("cpu"))
+    grouped, per_layer = models["cwps-hard"], models["cwps-hard-per-layer"]
+    layers = dict(bench.cwps_layers(per_layer))
+    assert all(layer.stage == "hard" and "_compose_group" not in layer.__dict__
+               for layer in layers.values())
+    assert any("_compose_group" in layer.__dict__ for _, layer in bench.cwps_layers(grouped))
+    args = argparse.Namespace(batch=2, size=32, seed=0, channels_last=False)
+    x, y = bench.make_batch(args, torch.device("cpu"), 1000)
+    losses = [bench.train_step(m, bench.make_optimizer(m), x, y) for m in (grouped, per_layer)]
+    assert torch.equal(*losses)
+    for (name, a), b in zip(grouped.named_parameters(), per_layer.parameters(), strict=True):
+        assert torch.equal(a, b), name  # after one SGD step: the same gradients
+    assert "cwps-soft-per-layer" in bench.EXTRA_VARIANTS

@@ -391,7 +391,11 @@ class CWPSMixin:
             return op.forward(x, self.weight, self.bias)
         if (window is None and self._small_kernels_by_autograd
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
-            w, b = self._composed_by_autograd()
+            group = self.__dict__.get("_compose_group")
+            if group is None or torch.compiler.is_compiling():
+                w, b = self._composed_by_autograd()
+            else:  # composed with the other small kernels in one node (compose_group.py)
+                w, b = group[0].weights(group[1])
             return op.forward(x, w, b)
         parent = self.parent_weight if window is None else self._parent_window(window)
         return self._composed_op.apply(

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .layers import CWPS_LAYER_TYPES, CWPSConv2d, CWPSLinear, check_threshold
+from .compose_group import ComposeGroup
+from .layers import (
+    CWPS_LAYER_TYPES,
+    KEEP_COMPOSED_NUMEL,
+    CWPSConv2d,
+    CWPSLinear,
+    check_threshold,
+)
 from .transformed import transformed_class
 
 CWPSLayer = CWPSConv2d | CWPSLinear
@@ -137,7 +144,32 @@ def inject_cwps(
         else:
             new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad)
         _set_submodule(model, name, new)
+    group_small_kernels(model)
     return targets
+
+
+#: the most kernel elements one ComposeGroup composes (16 MiB in fp32). A group's gradients are
+#: ready only once the backward has gone through all its layers; in module order, groups of
+#: this size let DDP reduce the earlier ones while the backward goes on (its buckets are 25 MB).
+GROUP_NUMEL = 1 << 22
+
+
+def group_small_kernels(model: nn.Module) -> list[ComposeGroup]:
+    """Put ``model``'s CWPS layers with small kernels (at most KEEP_COMPOSED_NUMEL elements) into
+    ComposeGroups (compose_group.py) of consecutive layers in module order, at most GROUP_NUMEL
+    kernel elements each. Returns the groups."""
+    chunks: list[list] = []
+    size = GROUP_NUMEL
+    for _, layer in cwps_layers(model):
+        n = layer.weight.numel()
+        if type(layer) not in CWPS_LAYER_TYPES or n > KEEP_COMPOSED_NUMEL:
+            continue
+        if size + n > GROUP_NUMEL:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(layer)
+        size += n
+    return [ComposeGroup(chunk) for chunk in chunks]
 
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:

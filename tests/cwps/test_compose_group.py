@@ -1,0 +1,254 @@
+"""ComposeGroup: the small kernels of an injected model composed in one autograd node, with the
+values and gradients of the per-layer composition bit for bit, and composed again exactly when
+something it depends on changed."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cwps_lightning.cwps import compose_group, surgery
+from cwps_lightning.cwps.layers import KEEP_COMPOSED_NUMEL, CWPSConv2d, CWPSLinear
+from cwps_lightning.cwps.surgery import cwps_layers, inject_cwps, set_stage
+
+
+class Net(nn.Module):
+    """Convs with and without bias, a linear head with bias, a second head that only
+    ``use_second`` uses, and (``twice``) conv2 run twice in one forward."""
+
+    def __init__(self, twice=False):
+        super().__init__()
+        self.twice = twice
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 1, bias=False)
+        self.head = nn.Linear(8, 5)
+        self.other = nn.Linear(8, 5, bias=False)
+        self.use_second = False
+
+    def forward(self, x):
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        if self.twice:
+            x = F.relu(self.conv2(x))
+        x = x.mean((2, 3))
+        return self.other(x) if self.use_second else self.head(x)
+
+
+def _model(stage="soft", mask_grad="sigmoid", seed=0, twice=False):
+    torch.manual_seed(seed)
+    model = Net(twice)
+    inject_cwps(model, exclude=[], threshold=0.5, mask_grad=mask_grad)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, layer in cwps_layers(model):
+            w = layer.weight
+            pb = None if layer.bias is None else layer.bias + torch.randn(layer.bias.shape, generator=g)
+            layer.set_parent(w + torch.randn(w.shape, generator=g), pb)
+            layer.mask_logits.copy_(torch.randn(layer.mask_logits.shape, generator=g) * 2)
+    set_stage(model, stage)
+    return model
+
+
+def _ungrouped(model):
+    """A copy whose layers compose one by one (the path without a group)."""
+    twin = copy.deepcopy(model)
+    for _, layer in cwps_layers(twin):
+        layer.__dict__.pop("_compose_group", None)
+    return twin
+
+
+def _grads(model):
+    return {n: (None if p.grad is None else p.grad.clone()) for n, p in model.named_parameters()}
+
+
+def _step(model, x, r):
+    out = model(x)
+    (out * r).sum().backward()
+    return out.detach()
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(4, 3, 6, 6, generator=g), torch.randn(4, 5, generator=g)
+
+
+def _assert_same(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if a[k] is None or b[k] is None:
+            assert a[k] is None and b[k] is None, k
+        elif exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_inject_groups_the_small_kernels():
+    model = _model()
+    group = model.conv1.__dict__["_compose_group"][0]
+    assert group.layers == [layer for _, layer in cwps_layers(model)]
+    big = nn.Sequential(nn.Linear(1024, 1024), nn.Linear(1024, 1025), nn.Linear(1025, 2))
+    inject_cwps(big, exclude=["2"])
+    assert big[0].weight.numel() == KEEP_COMPOSED_NUMEL
+    assert "_compose_group" in big[0].__dict__
+    assert "_compose_group" not in big[1].__dict__  # over the bound: composes on its own
+
+
+def test_groups_are_consecutive_layers_of_at_most_group_numel(monkeypatch):
+    monkeypatch.setattr(surgery, "GROUP_NUMEL", 8 * 3 * 9 + 8 * 8)  # conv1 and conv2
+    model = _model()
+    groups = [layer.__dict__["_compose_group"] for _, layer in cwps_layers(model)]
+    assert [i for _, i in groups] == [0, 1, 0, 1]  # conv1, conv2 | head, other
+    assert groups[0][0] is groups[1][0] and groups[2][0] is groups[3][0]
+    assert groups[0][0] is not groups[2][0]
+
+
+@pytest.mark.parametrize("stage,mask_grad,group_numel", [
+    ("soft", "sigmoid", None), ("hard", "sigmoid", None), ("hard", "identity", None),
+    ("soft", "sigmoid", 8 * 3 * 9 + 8 * 8),  # two groups
+])
+def test_values_and_gradients_equal_the_per_layer_path(batch, monkeypatch, stage, mask_grad,
+                                                       group_numel):
+    x, r = batch
+    if group_numel is not None:
+        monkeypatch.setattr(surgery, "GROUP_NUMEL", group_numel)
+    grouped = _model(stage, mask_grad)
+    plain = _ungrouped(grouped)
+    for _ in range(2):  # a second step: composed again after the first backward
+        out_g, out_p = _step(grouped, x, r), _step(plain, x, r)
+        assert torch.equal(out_g, out_p)
+        _assert_same(_grads(grouped), _grads(plain))
+    grads = _grads(grouped)
+    assert grads["conv2.mask_logits"].abs().sum() > 0  # the scores learn
+    assert grads["other.weight"] is None  # not used: no gradient, as without the group
+
+
+def test_gradients_under_cpu_autocast_equal_the_per_layer_path(batch):
+    x, r = batch
+    grouped = _model("hard")
+    plain = _ungrouped(grouped)
+    for model in (grouped, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        (out.float() * r).sum().backward()
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_a_frozen_child_gets_no_gradient_and_the_scores_still_learn(batch):
+    x, r = batch
+    grouped = _model("soft")
+    grouped.conv1.weight.requires_grad_(False)
+    plain = _ungrouped(grouped)
+    _step(grouped, x, r), _step(plain, x, r)
+    _assert_same(_grads(grouped), _grads(plain))
+    assert grouped.conv1.weight.grad is None and grouped.conv1.mask_logits.grad is not None
+
+
+def test_the_unused_member_takes_part_when_used(batch):
+    x, r = batch
+    grouped = _model("hard")
+    grouped.use_second = True
+    plain = _ungrouped(grouped)
+    _step(grouped, x, r), _step(plain, x, r)
+    _assert_same(_grads(grouped), _grads(plain))
+    assert grouped.other.weight.grad is not None and grouped.head.weight.grad is None
+
+
+def _count_composes(monkeypatch):
+    calls = []
+    real = compose_group.ComposeGroup._compose
+
+    def counted(self, index, key):
+        calls.append(index)
+        return real(self, index, key)
+
+    monkeypatch.setattr(compose_group.ComposeGroup, "_compose", counted)
+    return calls
+
+
+def test_composes_once_per_step_and_again_when_an_input_changes(batch, monkeypatch):
+    x, r = batch
+    calls = _count_composes(monkeypatch)
+    model = _model("soft")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _step(model, x, r)
+    assert len(calls) == 1  # four layers (one of them twice) in one node
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        before = model(x)
+        model(x)
+    assert len(calls) == 2  # the evaluation forwards share one composition
+    with torch.no_grad():
+        model.conv2.parent_weight.mul_(0.5)  # an input of conv2 changed
+        after = model(x)
+    assert len(calls) == 3 and not torch.equal(before, after)
+    model.conv2.stage = "hard"
+    with torch.no_grad():
+        hard_out = model(x)
+    assert len(calls) == 4
+    assert torch.equal(hard_out, _ungrouped(model)(x))
+
+
+def test_a_forward_after_a_backward_composes_again(batch, monkeypatch):
+    x, r = batch
+    calls = _count_composes(monkeypatch)
+    grouped = _model("hard")
+    plain = _ungrouped(grouped)
+    # two backward passes before a step (gradient accumulation): the weights did not change,
+    # but the first backward freed the node, so the second forward makes a new one
+    for _ in range(2):
+        _step(grouped, x, r), _step(plain, x, r)
+    assert len(calls) == 2
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_a_layer_run_twice_in_one_forward(batch):
+    """One composed weight serves both calls: its gradient is the sum of the two calls'
+    gradients times the mask, where composing per call sums the two products (the same up to
+    float rounding)."""
+    x, r = batch
+    grouped = _model("hard", twice=True)
+    plain = _ungrouped(grouped)
+    for _ in range(2):
+        assert torch.equal(_step(grouped, x, r), _step(plain, x, r))
+    _assert_same(_grads(grouped), _grads(plain), exact=False)
+
+
+def test_two_forwards_then_one_backward(batch):
+    """The second forward reuses the first one's composition (as a layer run twice does)."""
+    x, r = batch
+    grouped = _model("soft")
+    plain = _ungrouped(grouped)
+    for model in (grouped, plain):
+        (model(x) * r).sum().add((model(x * 2) * r).sum()).backward()
+    _assert_same(_grads(grouped), _grads(plain), exact=False)
+
+
+def test_copies_and_pickles_start_without_a_composition(batch):
+    x, r = batch
+    model = _model("soft")
+    out = model(x)  # a live composition (with its autograd graph) in the group
+    twin = copy.deepcopy(model)
+    clone = pickle.loads(pickle.dumps(model))
+    for other in (twin, clone):
+        group, index = other.conv1.__dict__["_compose_group"]
+        assert group.layers[index] is other.conv1 and group._composition is None
+        assert torch.equal(other(x), out)
+    with torch.no_grad():
+        twin.conv1.weight.add_(1.0)
+    assert not torch.equal(twin(x), out) and torch.equal(model(x), out)
+    (out * r).sum().backward()  # the original's graph is intact
+    assert model.conv1.weight.grad is not None
+
+
+def test_layers_made_one_by_one_compose_on_their_own():
+    conv = CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3))
+    linear = CWPSLinear.from_linear(nn.Linear(3, 4))
+    assert "_compose_group" not in conv.__dict__ and "_compose_group" not in linear.__dict__
