@@ -142,10 +142,11 @@ class _ComposedOp(torch.autograd.Function):
       tensor, not the scratch buffer: another layer's forward reuses that);
     - ``window`` (a conv with a 1x1 output, see small_input.py; ``op`` is then its WindowOp):
       only the kernel taps that meet the input are composed and multiplied. ``w_parent`` is
-      then the parent's window, already dense (the layer keeps it: the parent is frozen), the
-      child's window is copied out once, and the window-sized child copy and composed weight
-      are kept for the backward: reading a strided window costs about as much as reading the
-      whole kernel, and on a 1x1 map they are a ninth of it (3x3).
+      then the parent's window, already dense (the layer keeps it: the parent is frozen); the
+      child's window is read in place where its taps are runs of whole input-channel vectors
+      (channels_last), copied out once otherwise (NCHW: reading taps scattered over the kernel
+      costs about as much as reading the kernel); the window-sized composed weight is kept for
+      the backward (on a 1x1 map a ninth of a 3x3 kernel).
     """
 
     @staticmethod
@@ -161,9 +162,13 @@ class _ComposedOp(torch.autograd.Function):
             # a scratch w is dead once the op has run (nothing inside a Function forward keeps it)
             w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
         else:
-            # clone, not contiguous: a channels_last kernel's window stays channels_last (it
-            # then flattens for the matmul without a copy, as the plain layer's window does)
-            wc = window.kernel(w_child).clone()
+            wc = window.kernel(w_child)
+            if wc.stride(1) != 1:
+                # NCHW: the window's taps are scattered over the whole kernel, and reading them
+                # costs about what reading the kernel does: copy them out once for the forward
+                # and the backward. (clone, not contiguous: the copy keeps the kernel's format.)
+                # A channels_last window is runs of whole input-channel vectors, read in place.
+                wc = wc.clone()
             w = torch.lerp(w_parent, wc, m)
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
@@ -175,7 +180,8 @@ class _ComposedOp(torch.autograd.Function):
             xc = x.to(cast)
             w = w.to(cast)
             y = run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
-        # wc is the child itself, or its window-sized copy; w_child gives the gradient's layout
+        # wc is the child itself, its window or the window's copy; w_child gives the gradient's
+        # layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
         ctx.composed = w if keep else None
         ctx.mask, ctx.op, ctx.window, ctx.x_dtype = m, op, window, x.dtype
