@@ -31,8 +31,9 @@ The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CW
 ``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
 so they hold exactly the same parameters and buffers as cwps-soft.
 
-Time: forward + backward + SGD(momentum 0.9) step, round-robin over the variants (rotated
-every round) to cancel drift. The verdict uses the paired ratio: the median over rounds of the
+Time: forward + backward + SGD(momentum 0.9) step (on models with CWPS layers with the training
+job's SharedChannelFreeze: the hard stage restores the shared channels after each step),
+round-robin over the variants (rotated every round) to cancel drift. The verdict uses the paired ratio: the median over rounds of the
 variant's step time over fine-tuning's step time in the same round, with a bootstrap 95% CI.
 Memory: each variant runs in a fresh
 subprocess of this script. On CPU the figure is the peak RSS growth during the training steps,
@@ -77,6 +78,7 @@ except ImportError:
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
 from cwps_lightning.cwps import layers as _layers  # noqa: E402
+from cwps_lightning.cwps.freeze import SharedChannelFreeze  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 
@@ -296,8 +298,14 @@ def build_all(names, model_name, seed, device, channels_last: bool = False):
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
+    """SGD as the benchmark steps it; on a model with CWPS layers with SharedChannelFreeze
+    attached, as the training job does (its restore of the shared channels is part of every
+    hard step)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    if next(iter(cwps_layers(model)), None) is not None:
+        SharedChannelFreeze(model).attach(opt)
+    return opt
 
 
 def make_batch(args, device, num_classes: int):

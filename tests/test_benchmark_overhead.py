@@ -47,3 +47,26 @@ def test_per_layer_variants_are_the_stage_without_its_groups():
     for (name, a), b in zip(grouped.named_parameters(), per_layer.parameters(), strict=True):
         assert torch.equal(a, b), name  # after one SGD step: the same gradients
     assert "cwps-soft-per-layer" in bench.EXTRA_VARIANTS
+
+
+def test_cwps_variants_step_with_the_jobs_shared_channel_freeze():
+    """The hard step restores the shared channels after the SGD step, as the training job's
+    optimiser does; fine-tuning's optimiser has no such hook."""
+    bench = load_benchmark("layer_overhead")
+    models = bench.build_all(["finetune", "cwps-hard"], "resnet18", 0, torch.device("cpu"))
+    ft_opt = bench.make_optimizer(models["finetune"])
+    assert not ft_opt._optimizer_step_post_hooks
+    model = models["cwps-hard"]
+    opt = bench.make_optimizer(model)
+    hooks = opt._optimizer_step_post_hooks.values()
+    assert any(isinstance(getattr(h, "__self__", None), bench.SharedChannelFreeze) for h in hooks)
+    opt.param_groups[0]["weight_decay"] = 0.1  # moves every row, shared ones too, unless restored
+    layer = model.layer1[0].conv1
+    shared = torch.sigmoid(layer.mask_logits.detach()) < layer.threshold
+    assert shared.any() and (~shared).any()
+    before = layer.weight.detach().clone()
+    args = argparse.Namespace(batch=2, size=32, seed=0, channels_last=False)
+    x, y = bench.make_batch(args, torch.device("cpu"), 1000)
+    bench.train_step(model, opt, x, y)
+    moved = (layer.weight.detach() != before).flatten(1).any(1)
+    assert not moved[shared].any() and moved[~shared].all()

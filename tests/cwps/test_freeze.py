@@ -78,3 +78,23 @@ def test_a_channel_that_flips_back_starts_from_its_frozen_kernel():
     buf = opt.state[layer.weight]["momentum_buffer"][0]
     step = frozen - layer.weight.detach()[0]
     torch.testing.assert_close(step, 0.1 * buf)  # lr * (0.9 * 0 + grad + wd * w) = lr * buf
+
+
+def test_channels_last_kernels_restore_whole_rows():
+    """Each channel's kernel is one dense run in a channels_last weight: the restore copies rows
+    of a [C, K] view of it; the kernel keeps its format, shared channels stand still."""
+    net, opt = setup("hard", train_masks=False)
+    net[0].to(memory_format=torch.channels_last)
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4).to(memory_format=torch.channels_last)
+    for _ in range(3):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        opt.step()
+    w = layer.weight.detach()
+    assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+    moved = (w != w0).flatten(1).any(1)
+    assert not moved[shared].any() and moved[~shared].all()

@@ -10,8 +10,8 @@ task-specific again, so a flip back starts from a defined point: the kernel it h
 stale momentum.
 
 Hooks on the optimiser's step (plain PyTorch), so any training loop gets it by calling
-:meth:`attach`; the snapshot costs one copy of the CWPS layers' child weights in memory and one
-pass over them per step.
+:meth:`attach`; it keeps a copy of the shared channels' child kernels and writes them back
+after every step (a pass over the shared channels only).
 """
 
 from __future__ import annotations
@@ -26,37 +26,45 @@ from .surgery import cwps_layers
 class SharedChannelFreeze:
     """Restore shared channels' child weights after every optimiser step in the hard stage.
 
-    Per parameter it keeps a snapshot whose rows are valid for the channels shared at the last
-    step: a step copies in only the rows that became shared (rare: the masks barely move), and
-    the post-step restore is one pass over the weight. The optimiser's state rows of a channel
-    are zeroed when it turns task-specific again (while shared, they are never applied).
+    Per parameter it keeps the rows of the channels shared at the last step, packed (the
+    channels' indices and their kernels, in index order): after a step it writes those rows
+    back, and only those (a pass over the shared channels, not over the weight). After the
+    restore a held row equals its packed copy, so when the shared set changes (rare: the masks
+    barely move) the new packed rows are read from the weight itself, the newly shared ones
+    included. The optimiser's state rows of a channel are zeroed when it turns task-specific
+    again (while shared, they are never applied).
     """
 
     def __init__(self, model: nn.Module):
         self.layers = [layer for _, layer in cwps_layers(model)]
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        self._held: dict[int, tuple[Tensor, Tensor]] = {}  # id(p) -> (snapshot, rows held)
+        # id(p) -> (shared rows held (bool), their indices, their kernels packed)
+        self._held: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SharedChannelFreeze:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
         return self
 
-    def _hold(self, optimizer, p: Tensor, shared: Tensor) -> Tensor:
-        """The snapshot of ``p`` with the rows of ``shared`` valid (their current values)."""
-        snap, held = self._held.get(id(p), (None, None))
-        if snap is None or snap.shape != p.shape or snap.device != p.device:
-            snap, held = torch.empty_like(p), torch.zeros_like(shared)
-        new = shared & ~held
-        if bool(new.any()):
-            snap[new] = p[new]
-        released = held & ~shared
-        if bool(released.any()):  # task-specific again: no stale momentum or moments
-            for value in optimizer.state.get(p, {}).values():
-                if isinstance(value, Tensor) and value.shape == p.shape:
-                    value[released] = 0.0
-        self._held[id(p)] = (snap, shared)
-        return snap
+    def _hold(self, optimizer, p: Tensor, shared: Tensor) -> tuple[Tensor, Tensor]:
+        """The indices of ``shared`` and ``rows(p)``'s rows there as they are now (kept between
+        steps while ``shared`` stays the same)."""
+        entry = self._held.get(id(p))
+        rows = _rows(p)
+        if entry is not None and entry[2].shape[1:] == rows.shape[1:] and \
+                entry[2].device == p.device and entry[0].shape == shared.shape:
+            held, index, packed = entry
+            if torch.equal(held, shared):
+                return index, packed
+            released = held & ~shared
+            if bool(released.any()):  # task-specific again: no stale momentum or moments
+                for value in optimizer.state.get(p, {}).values():
+                    if isinstance(value, Tensor) and value.shape == p.shape:
+                        value[released] = 0.0
+        index = shared.nonzero().squeeze(1)
+        packed = rows.index_select(0, index)
+        self._held[id(p)] = (shared, index, packed)
+        return index, packed
 
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
@@ -68,13 +76,24 @@ class SharedChannelFreeze:
             shared = hard_mask(layer.mask_logits, layer.threshold) == 0
             for p in (layer.weight, layer.bias):
                 if p is not None and p.requires_grad:
-                    snap = self._hold(optimizer, p, shared)
-                    if bool(shared.any()):
-                        rows = shared.view(-1, *([1] * (p.dim() - 1)))
-                        self._pending.append((p, rows, snap))
+                    index, packed = self._hold(optimizer, p, shared)
+                    if index.numel():
+                        self._pending.append((p, index, packed))
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for p, rows, snap in self._pending:
-            torch.where(rows, snap, p, out=p)
+        for p, index, packed in self._pending:
+            _rows(p).index_copy_(0, index, packed)
         self._pending = []
+
+
+def _rows(p: Tensor) -> Tensor:
+    """``p`` as a matrix with a row per output channel: a [C, K] view where every channel's
+    values are one dense run in memory (contiguous and channels_last kernels, biases), so rows
+    are copied whole; ``p`` itself otherwise (its rows indexed along dim 0)."""
+    c = p.shape[0]
+    k = p.numel() // c if c else 0
+    dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    if dense and (c <= 1 or p.stride(0) == k):
+        return p.as_strided((c, k), (k, 1))
+    return p
