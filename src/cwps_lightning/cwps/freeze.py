@@ -69,11 +69,10 @@ class SharedChannelFreeze:
     @torch.no_grad()
     def _before_step(self, optimizer, args, kwargs) -> None:
         self._pending = []
-        for layer in self.layers:
-            if layer.stage != "hard" or not layer.weight.requires_grad:
-                continue
-            # the mask of this step's forward: the logits move in the same step
-            shared = hard_mask(layer.mask_logits, layer.threshold) == 0
+        layers = [layer for layer in self.layers
+                  if layer.stage == "hard" and layer.weight.requires_grad]
+        # the masks of this step's forward: the logits move in the same step
+        for layer, shared in zip(layers, _shared_channels(layers), strict=True):
             for p in (layer.weight, layer.bias):
                 if p is not None and p.requires_grad:
                     index, packed = self._hold(optimizer, p, shared)
@@ -85,6 +84,21 @@ class SharedChannelFreeze:
         for p, index, packed in self._pending:
             _rows(p).index_copy_(0, index, packed)
         self._pending = []
+
+
+def _shared_channels(layers: list) -> list[Tensor]:
+    """Per layer, bool per channel: shared by the hard mask (sigmoid(s) < lambda). Layers with one
+    threshold, dtype and device (a model's) are decided in one pass over all their scores."""
+    if not layers:
+        return []
+    s0, t0 = layers[0].mask_logits, layers[0].threshold
+    if all(layer.threshold == t0 and layer.mask_logits.dtype == s0.dtype
+           and layer.mask_logits.device == s0.device and layer.mask_logits.dim() == 1
+           for layer in layers):
+        flat = torch.cat([layer.mask_logits for layer in layers])
+        sizes = [layer.mask_logits.numel() for layer in layers]
+        return list((hard_mask(flat, t0) == 0).split(sizes))
+    return [hard_mask(layer.mask_logits, layer.threshold) == 0 for layer in layers]
 
 
 def _rows(p: Tensor) -> Tensor:
