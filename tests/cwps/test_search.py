@@ -396,3 +396,29 @@ def test_search_parents_standardized_global_init_is_z_scores_of_relative_distanc
                                         "l2") for n in ("0", "2")])
     logits = torch.cat([child[0].mask_logits.detach(), child[2].mask_logits.detach()])
     torch.testing.assert_close(logits, ((rel - rel.mean()) / rel.std(unbiased=False)).clamp(-6, 6))
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_channels_last_models_search_as_contiguous_ones(bank_setup, distance):
+    """The bank keeps kernels contiguous whatever the model's memory format, and CPMS on a
+    channels_last model (bank and child) picks the same parents with the same distances, bit
+    for bit, as on the contiguous one."""
+    bank, model, _ = bank_setup
+    cl_bank = KernelBank(LAYERS)
+    for task, entry in bank.entries.items():
+        net = copy.deepcopy(Small())
+        net.load_state_dict({**entry.rest, **{f"{n}.{a}": getattr(entry.layers[n], a)
+                                              for n in LAYERS for a in ("weight", "bias")
+                                              if getattr(entry.layers[n], a) is not None}})
+        cl_bank.add(task, net.to(memory_format=torch.channels_last), num_classes=3)
+    kernel = cl_bank.entries["T0"].layers["conv1"].weight
+    assert kernel.is_contiguous() and not kernel.is_contiguous(memory_format=torch.channels_last)
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    plain = search_parents(model, bank, "T2", distance=distance)
+    cl = search_parents(cl_model, cl_bank, "T2", distance=distance)
+    for name in LAYERS:
+        assert torch.equal(plain.distances[name], cl.distances[name])
+        assert torch.equal(plain.parent_ids[name], cl.parent_ids[name])
+        a, b = (dict(cwps_layers(m))[name] for m in (model, cl_model))
+        assert torch.equal(a.parent_weight, b.parent_weight)
+        assert torch.equal(a.mask_logits, b.mask_logits)

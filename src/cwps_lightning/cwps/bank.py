@@ -57,7 +57,10 @@ def split_state(model: nn.Module, layer_names: list[str]):
     for name in layer_names:
         module = model.get_submodule(name)
         bias = None if module.bias is None else module.bias.detach().cpu().clone()
-        weights[name] = (module.weight.detach().cpu().clone(), bias)
+        # contiguous whatever the model's memory format: CPMS reads each kernel as a flat row
+        # (a view of a contiguous kernel; a channels_last one would be copied at every search)
+        weight = module.weight.detach().cpu().clone(memory_format=torch.contiguous_format)
+        weights[name] = (weight, bias)
     return weights, rest, param_names, head_names
 
 
@@ -144,14 +147,18 @@ class KernelBank:
     # -- search space --------------------------------------------------------------------------
     def candidates(self, layer: str, exclude: str | None = None):
         """Stacked weights [T, C, ...], biases [T, C] (or None), ids [T, C] and task names."""
+        weights, biases, ids, names = self.candidate_lists(layer, exclude)
+        return (torch.stack(weights), None if biases is None else torch.stack(biases),
+                torch.stack(ids), names)
+
+    def candidate_lists(self, layer: str, exclude: str | None = None):
+        """As :meth:`candidates`, one tensor per task in lists: no stacked copy of the weights."""
         names = [t for t in self.entries if t != exclude]
         if not names:
             raise ValueError(f"the bank has no task other than {exclude!r} to share with")
         lw = [self.entries[t].layers[layer] for t in names]
-        weights = torch.stack([x.weight for x in lw])
-        biases = None if lw[0].bias is None else torch.stack([x.bias for x in lw])
-        ids = torch.stack([x.ids for x in lw])
-        return weights, biases, ids, names
+        biases = None if lw[0].bias is None else [x.bias for x in lw]
+        return [x.weight for x in lw], biases, [x.ids for x in lw], names
 
     # -- accounting ----------------------------------------------------------------------------
     def kernel_params(self, layer: str) -> int:

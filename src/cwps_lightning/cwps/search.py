@@ -67,22 +67,33 @@ def kernel_distances(child: Tensor, candidates: Tensor, distance: str = DEFAULT_
     "cosine" is 1 - cosine similarity (so smaller is nearer for both).
     """
     check_distance(distance)
-    c = child.flatten(1).unsqueeze(0).to(candidates.dtype)  # [1, C, K]
-    k = candidates.flatten(2)  # [T, C, K]
-    if distance == "l2":
-        return (k - c).norm(dim=2)
-    return 1.0 - _cosine_similarity(k, c)
+    return _distance_rows(child, list(candidates.unbind(0)), distance)
 
 
-def _cosine_similarity(k: Tensor, c: Tensor, eps: float = 1e-12) -> Tensor:
-    """F.cosine_similarity(k, c, dim=-1, eps), bit for bit: each side over its clamped norm,
-    their product summed. torch expands ``c`` [1, C, K] to ``k``'s [T, C, K] first and
-    normalises it T times, in four [T, C, K] temporaries; here ``c`` is normalised once and
-    ``k``'s normalised copy takes the product in place (CPMS on resnet18 at three
-    candidates: 0.13 -> 0.06 s on this project's CPU)."""
-    cn = c / torch.linalg.vector_norm(c, 2, dim=-1, keepdim=True).clamp_min(eps)
-    kn = k / torch.linalg.vector_norm(k, 2, dim=-1, keepdim=True).clamp_min(eps)
-    return kn.mul_(cn).sum(-1)
+def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str) -> Tensor:
+    """kernel_distances with the candidates as a list of [C, ...] tensors (no [T, C, K] stack
+    of them); each kernel flattened to a row (a view of a contiguous kernel, as the bank keeps
+    them)."""
+    c = child.flatten(1)
+    cn = None
+    rows = []
+    for cand in candidates:
+        k = cand.flatten(1)
+        if distance == "l2":
+            rows.append((k - c.to(k.dtype)).norm(dim=1))
+        else:
+            if cn is None or cn.dtype != k.dtype:
+                cn = _normalised(c.to(k.dtype))
+            rows.append(1.0 - _normalised(k).mul_(cn).sum(-1))
+    return torch.stack(rows)
+
+
+def _normalised(k: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows over their clamped norms: with the product of two such summed, F.cosine_similarity
+    bit for bit (torch normalises each side, then sums the product; it expands the child to
+    [T, C, K] first and normalises it T times, here it is normalised once: CPMS on resnet18 at
+    three candidates 0.13 -> 0.06 s on this project's CPU)."""
+    return k / torch.linalg.vector_norm(k, 2, dim=-1, keepdim=True).clamp_min(eps)
 
 
 def nearest_parents(child: Tensor, candidates: Tensor, distance: str = DEFAULT_DISTANCE):
@@ -90,6 +101,16 @@ def nearest_parents(child: Tensor, candidates: Tensor, distance: str = DEFAULT_D
     d = kernel_distances(child, candidates, distance)
     dist, choice = d.min(dim=0)
     return choice, dist
+
+
+def _pick_rows(candidates: list[Tensor], choice: Tensor) -> Tensor:
+    """gather_channels of the stacked candidates: row j of candidates[choice[j]]."""
+    out = candidates[0].clone()
+    for t in range(1, len(candidates)):
+        rows = (choice == t).nonzero().squeeze(1)
+        if rows.numel():
+            out[rows] = candidates[t][rows]
+    return out
 
 
 def gather_channels(stacked: Tensor, choice: Tensor) -> Tensor:
@@ -188,16 +209,18 @@ def search_parents(
     parent_ids, parent_task, distances = {}, {}, {}
     for name in bank.layer_names:
         layer = layers[name]
-        weights, biases, ids, names = bank.candidates(name, exclude=task)
+        weights, biases, ids, names = bank.candidate_lists(name, exclude=task)
         device = layer.weight.device
-        weights = weights.to(device)
-        choice, dist = nearest_parents(layer.weight.detach().float(), weights.float(), distance)
-        parent_b = None if biases is None else gather_channels(biases.to(device), choice)
-        layer.set_parent(gather_channels(weights, choice), parent_b)
+        weights = [w.to(device) for w in weights]
+        dist, choice = _distance_rows(layer.weight.detach().float(),
+                                      [w.float() for w in weights], distance).min(dim=0)
+        parent_b = None if biases is None else gather_channels(
+            torch.stack(biases).to(device), choice)
+        layer.set_parent(_pick_rows(weights, choice), parent_b)
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()
-        parent_ids[name] = gather_channels(ids, choice_cpu)
+        parent_ids[name] = gather_channels(torch.stack(ids), choice_cpu)
         parent_task[name] = [names[i] for i in choice_cpu.tolist()]
         distances[name] = dist.cpu()
     if init_scope == "global":
