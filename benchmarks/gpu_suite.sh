@@ -4,7 +4,8 @@
 #   2. benchmarks/layer_overhead.py  step time and memory vs. fine-tuning, batch 32 at 112 px
 #                                  and batch 64 at 224 px (time only); the digits shape (batch
 #                                  32, 32 px) and the paper's (ResNet-50, batch 96, 224 px, bf16
-#                                  autocast), each eager and torch.compile'd
+#                                  autocast), each eager and torch.compile'd (the digits shape
+#                                  also without the ComposeGroups: cwps-hard-per-layer)
 #   3. the built-in benchmark end to end on the GPU with 16-bit mixed precision (trainer=gpu),
 #      on the two MNIST-derived tasks (optdigits needs scikit-learn, which GPU images may lack)
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR     (PYTHON=... to pick the interpreter)
@@ -31,7 +32,8 @@ step overhead_b64_224 120 $PY benchmarks/layer_overhead.py --device cuda --batch
   --skip-memory --variants finetune,cwps-soft,cwps-hard --out "$OUT/overhead_b64_224.json"
 COMPILED=finetune,cwps-soft,cwps-hard,finetune+compile,cwps-soft+compile,cwps-hard+compile
 step overhead_digits_compile 150 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
-  --skip-memory --warmup 3 --variants $COMPILED --out "$OUT/overhead_digits_compile.json"
+  --skip-memory --warmup 3 --variants $COMPILED,cwps-hard-per-layer \
+  --out "$OUT/overhead_digits_compile.json"
 step overhead_paper_bf16 240 $PY benchmarks/layer_overhead.py --device cuda --model resnet50 \
   --batch 96 --size 224 --amp bf16 --skip-memory --warmup 3 --steps 20 --variants $COMPILED \
   --out "$OUT/overhead_paper_bf16.json"
