@@ -252,3 +252,17 @@ def test_layers_made_one_by_one_compose_on_their_own():
     conv = CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3))
     linear = CWPSLinear.from_linear(nn.Linear(3, 4))
     assert "_compose_group" not in conv.__dict__ and "_compose_group" not in linear.__dict__
+
+
+def test_a_shallow_copy_of_a_member_composes_on_its_own(batch, monkeypatch):
+    """nn.DataParallel's replicas are shallow copies: they share the group attribute but are not
+    its members, so they compose from their own tensors."""
+    x, _ = batch
+    calls = _count_composes(monkeypatch)
+    model = _model("soft")
+    twin = copy.copy(model.conv1)
+    assert twin.__dict__["_compose_group"] == model.conv1.__dict__["_compose_group"]
+    with torch.no_grad():
+        out = twin(x)
+        assert torch.equal(out, _ungrouped(model).conv1(x))
+    assert calls == []  # no group composition: the per-layer path

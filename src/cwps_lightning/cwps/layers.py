@@ -398,7 +398,9 @@ class CWPSMixin:
         if (window is None and self._small_kernels_by_autograd
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
             group = self.__dict__.get("_compose_group")
-            if group is None or torch.compiler.is_compiling():
+            # a shallow copy of the layer (nn.DataParallel's replicas) is not the group's member
+            if (group is None or group[0].layers[group[1]] is not self
+                    or torch.compiler.is_compiling()):
                 w, b = self._composed_by_autograd()
             else:  # composed with the other small kernels in one node (compose_group.py)
                 w, b = group[0].weights(group[1])
