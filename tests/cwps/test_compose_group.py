@@ -172,28 +172,38 @@ def _count_composes(monkeypatch):
     return calls
 
 
-def test_composes_once_per_step_and_again_when_an_input_changes(batch, monkeypatch):
+def test_composes_once_per_forward_and_again_when_an_input_changes(batch, monkeypatch):
     x, r = batch
     calls = _count_composes(monkeypatch)
     model = _model("soft")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _step(model, x, r)
-    assert len(calls) == 1  # four layers (one of them twice) in one node
+    assert len(calls) == 1  # four layers in one node
     opt.step()
     opt.zero_grad()
     with torch.no_grad():
         before = model(x)
         model(x)
-    assert len(calls) == 2  # the evaluation forwards share one composition
+    assert len(calls) == 3  # one composition per forward
     with torch.no_grad():
-        model.conv2.parent_weight.mul_(0.5)  # an input of conv2 changed
+        model.conv1.weight.data.mul_(0.5)  # no version bump: a new forward composes anyway
         after = model(x)
-    assert len(calls) == 3 and not torch.equal(before, after)
-    model.conv2.stage = "hard"
+    assert len(calls) == 4 and not torch.equal(before, after)
+    assert torch.equal(after, _ungrouped(model)(x))
+
+
+def test_an_input_changed_inside_a_forward_composes_again(batch, monkeypatch):
+    x, _ = batch
+    calls = _count_composes(monkeypatch)
+    model = _model("soft")
+    z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        hard_out = model(x)
-    assert len(calls) == 4
-    assert torch.equal(hard_out, _ungrouped(model)(x))
+        model.conv1(x)  # conv1 served: the composition holds conv2's weight too
+        model.conv2.parent_weight.mul_(0.5)
+        model.conv2.stage = "hard"
+        y = model.conv2(z)
+        assert len(calls) == 2  # conv2's inputs changed since: a new composition
+        assert torch.equal(y, _ungrouped(model).conv2(z))
 
 
 def test_a_forward_after_a_backward_composes_again(batch, monkeypatch):
@@ -209,26 +219,89 @@ def test_a_forward_after_a_backward_composes_again(batch, monkeypatch):
     _assert_same(_grads(grouped), _grads(plain))
 
 
-def test_a_layer_run_twice_in_one_forward(batch):
-    """One composed weight serves both calls: its gradient is the sum of the two calls'
-    gradients times the mask, where composing per call sums the two products (the same up to
-    float rounding)."""
+def test_a_layer_run_twice_in_one_forward(batch, monkeypatch):
+    """Its second call starts a new composition, as the per-layer path composes per call: the
+    same gradients bit for bit."""
     x, r = batch
+    calls = _count_composes(monkeypatch)
     grouped = _model("hard", twice=True)
     plain = _ungrouped(grouped)
     for _ in range(2):
         assert torch.equal(_step(grouped, x, r), _step(plain, x, r))
-    _assert_same(_grads(grouped), _grads(plain), exact=False)
+    assert len(calls) == 4
+    _assert_same(_grads(grouped), _grads(plain))
 
 
 def test_two_forwards_then_one_backward(batch):
-    """The second forward reuses the first one's composition (as a layer run twice does)."""
     x, r = batch
     grouped = _model("soft")
     plain = _ungrouped(grouped)
     for model in (grouped, plain):
         (model(x) * r).sum().add((model(x * 2) * r).sum()).backward()
-    _assert_same(_grads(grouped), _grads(plain), exact=False)
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_two_forwards_then_two_backwards(batch):
+    x, r = batch
+    grouped = _model("hard")
+    plain = _ungrouped(grouped)
+    for model in (grouped, plain):
+        first, second = (model(x) * r).sum(), (model(x * 2) * r).sum()
+        first.backward()
+        second.backward()
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_two_losses_of_one_forward_backpropagated_one_after_the_other(batch):
+    """The node keeps its inputs as attributes: a second backward through it works (with the
+    graph retained up to it), as through the per-layer composition."""
+    x, r = batch
+    grouped = _model("soft")
+    plain = _ungrouped(grouped)
+    for model in (grouped, plain):
+        out = model(x)
+        (out * r).sum().backward(retain_graph=True)
+        (out * r * 2).sum().backward()
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_an_in_place_change_before_the_backward_is_an_error(batch):
+    x, r = batch
+    model = _model("soft")
+    loss = (model(x) * r).sum()
+    with torch.no_grad():
+        model.conv1.weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_non_reentrant_activation_checkpointing(batch):
+    from torch.utils.checkpoint import checkpoint
+
+    x, r = batch
+    grouped = _model("hard")
+    plain = _ungrouped(grouped)
+    for model in (grouped, plain):
+        (checkpoint(model, x, use_reentrant=False) * r).sum().backward()
+    _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_a_dropped_model_is_freed_without_the_garbage_collector(batch):
+    import gc
+    import weakref
+
+    x, r = batch
+    model = _model("soft")
+    _step(model, x, r)
+    with torch.no_grad():
+        model(x)  # a live composition too
+    weight = weakref.ref(model.conv1.weight)
+    gc.disable()
+    try:
+        del model
+        assert weight() is None
+    finally:
+        gc.enable()
 
 
 def test_copies_and_pickles_start_without_a_composition(batch):
@@ -239,7 +312,8 @@ def test_copies_and_pickles_start_without_a_composition(batch):
     clone = pickle.loads(pickle.dumps(model))
     for other in (twin, clone):
         group, index = other.conv1.__dict__["_compose_group"]
-        assert group.layers[index] is other.conv1 and group._composition is None
+        assert group.layers[index] is other.conv1
+        assert getattr(group._local, "composition", None) is None
         assert torch.equal(other(x), out)
     with torch.no_grad():
         twin.conv1.weight.add_(1.0)
@@ -266,3 +340,32 @@ def test_a_shallow_copy_of_a_member_composes_on_its_own(batch, monkeypatch):
         out = twin(x)
         assert torch.equal(out, _ungrouped(model).conv1(x))
     assert calls == []  # no group composition: the per-layer path
+
+
+def test_threads_compose_for_themselves(batch, monkeypatch):
+    """A composition belongs to the thread that made it: another thread's forward neither
+    takes weights from it nor replaces it."""
+    import threading
+
+    x, _ = batch
+    calls = _count_composes(monkeypatch)
+    model = _model("hard")
+    z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        model.conv1(x)  # this thread's composition, conv2 not served yet
+    out = {}
+
+    def other():
+        with torch.no_grad():
+            out["other"] = model.conv2(z)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert len(calls) == 2  # the other thread composed its own
+    with torch.no_grad():
+        out["main"] = model.conv2(z)  # served from this thread's composition
+    assert len(calls) == 2
+    with torch.no_grad():
+        expected = _ungrouped(model).conv2(z)
+    assert torch.equal(out["main"], expected) and torch.equal(out["other"], expected)

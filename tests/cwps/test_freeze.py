@@ -98,3 +98,15 @@ def test_channels_last_kernels_restore_whole_rows():
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     moved = (w != w0).flatten(1).any(1)
     assert not moved[shared].any() and moved[~shared].all()
+
+
+def test_a_change_of_memory_format_between_steps_keeps_the_frozen_kernels():
+    net, opt = setup("hard", train_masks=False)
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    steps(net, opt, 1)
+    frozen = layer.weight.detach()[shared].clone()
+    net[0].to(memory_format=torch.channels_last)  # same values, another order in memory
+    steps(net, opt, 2)
+    assert torch.equal(layer.weight.detach()[shared], frozen)

@@ -5,25 +5,32 @@ straight-through slope from the scores, the compose, and in the backward the chi
 the mask gradient and the score gradient, each an op (and an autograd node) of its own per layer.
 At the digits job's shape (resnet18, batch 32, 32 px) that per-layer overhead cost more than the
 arithmetic itself. A ``ComposeGroup`` composes all its layers' weights in one custom autograd
-function the first time one of them runs in a forward, and keeps the results until the inputs
-change; the layers take their composed weight from it. The gradients are those of the
-per-layer composition (``CWPSMixin._composed_by_autograd``) bit for bit: the same ops on the
-same tensors, only batched into one node.
+function when the first of them runs, and hands each layer its composed weight from there. The
+gradients are those of the per-layer composition (``CWPSMixin._composed_by_autograd``) bit for
+bit: the same ops on the same tensors, only batched into one node.
 
-A composition is reused by every later forward for as long as each layer's own tensors,
-stage, threshold and mask gradient rule, and the grad mode, are what they were when it was
-made, and no backward has gone through it; otherwise the whole group is composed again. Each
-layer checks only its own inputs: a layer whose inputs did not change gets a composed weight
-that is still exact, and a layer whose inputs changed makes a new node for all (the older node
-still gives the layers that used it their gradients: a layer's gradient never depends on
-another layer's tensors).
+One composition serves one forward pass: it hands each layer its weight once, and a layer that
+asks again (the next forward, a layer run twice, a checkpointed region recomputed) starts a new
+composition, as the per-layer path composes at every call. So no state carries over between
+forwards, whatever changed the weights in between (an optimiser step, a ``.data`` edit, a fused
+optimiser that does not count versions). Within a forward a layer whose own tensors, stage,
+threshold or grad mode changed since the composition also starts a new one. A layer's gradient
+depends only on its own tensors, so layers served by different compositions get the same
+gradients as from one.
+
+The node keeps its inputs (parameters and buffers) as attributes, not as saved tensors, and
+checks their versions itself: a backward through it again (two losses of one forward, each
+backpropagated) works as for the per-layer path, and activation checkpointing counts no tensors
+of it. The group holds its layers by weak reference (a model dropped is freed at once, with no
+cycle for the garbage collector), and each thread composes for itself.
 
 ``inject_cwps`` puts every small kernel (at most ``layers.KEEP_COMPOSED_NUMEL`` elements) of a
-model into one group; layers made one by one compose on their own, as before.
+model into groups (``surgery.group_small_kernels``); layers made one by one compose on their own.
 """
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -48,27 +55,26 @@ def _inputs_key(layer) -> tuple:
 
 
 class _Composition:
-    """The composed weights of one compose call, and whether a backward went through them."""
+    """The composed weights of one compose call, and which layers it has served."""
 
-    __slots__ = ("grad", "keys", "weights", "biases", "consumed", "__weakref__")
+    __slots__ = ("grad", "keys", "weights", "biases", "served", "consumed", "__weakref__")
 
     def __init__(self, grad: bool, keys: list, weights: list, biases: list):
         self.grad, self.keys, self.weights, self.biases = grad, keys, weights, biases
+        self.served = [False] * len(keys)
         self.consumed = False
 
 
 class _Plan:
-    """Which layers a compose call covers, and where their tensors sit in the flat inputs."""
+    """Where each layer's tensors sit in the node's flat inputs. Holds no layer: the node
+    outlives the forward (the composition would otherwise keep every layer alive)."""
 
-    def __init__(self, layers: list):
-        self.layers = layers
-        self.with_bias = [i for i, layer in enumerate(layers) if layer.bias is not None]
-        # a weak reference: the composition holds the node's outputs, which hold the node, which
-        # holds this plan (a strong one would be a cycle that only the garbage collector frees)
-        self.composition: weakref.ref | None = None
+    def __init__(self, n: int, with_bias: list[int]):
+        self.n, self.with_bias = n, with_bias
+        self.composition: weakref.ref | None = None  # the backward marks it consumed
 
     def split(self, tensors):
-        n, nb = len(self.layers), len(self.with_bias)
+        n, nb = self.n, len(self.with_bias)
         return tensors[:n], tensors[n:n + nb], tensors[n + nb:]
 
 
@@ -103,42 +109,56 @@ def _masks(layers: list, logits) -> tuple[list[Tensor], list[Tensor]]:
     return masks, slopes
 
 
-def _compose(layers: list, children, biases, masks) -> tuple[list[Tensor], list[Tensor | None]]:
-    weights, out_biases, bias_iter = [], [], iter(biases)
-    for layer, c, m in zip(layers, children, masks, strict=True):
-        weights.append(torch.lerp(layer.parent_weight, c, m.view(-1, *([1] * (c.dim() - 1)))))
-        out_biases.append(None if layer.bias is None
-                          else torch.lerp(layer.parent_bias, next(bias_iter), m))
+def _compose(parents, parent_biases, children, biases, masks):
+    """lerp(parent, child, mask) per layer; ``parent_biases``/``biases`` None where no bias."""
+    weights = [torch.lerp(p, c, m.view(-1, *([1] * (c.dim() - 1))))
+               for p, c, m in zip(parents, children, masks, strict=True)]
+    out_biases = [None if b is None else torch.lerp(pb, b, m)
+                  for pb, b, m in zip(parent_biases, biases, masks, strict=True)]
     return weights, out_biases
 
 
+def _check_versions(tensors, versions) -> None:
+    if any(t._version != v for t, v in zip(tensors, versions, strict=True)):
+        raise RuntimeError(
+            "one of the variables needed for gradient computation has been modified by an "
+            "inplace operation: a CWPS layer's child, bias, parent or scores changed between "
+            "its ComposeGroup's forward and this backward")
+
+
 class _GroupCompose(torch.autograd.Function):
-    """(children, child biases, scores) of every layer -> (composed weights, composed biases)."""
+    """(children, child biases, scores) of every layer -> (composed weights, composed biases).
+
+    ``layers`` (given to the forward only) is the list of layers; the backward needs none."""
 
     @staticmethod
-    def forward(ctx: Any, plan: _Plan, *tensors):
+    def forward(ctx: Any, plan: _Plan, layers: list, *tensors):
         children, biases, logits = plan.split(tensors)
-        masks, slopes = _masks(plan.layers, logits)
-        weights, out_biases = _compose(plan.layers, children, biases, masks)
+        masks, slopes = _masks(layers, logits)
+        parents = [layer.parent_weight for layer in layers]
+        parent_biases = [layer.parent_bias for layer in layers]
+        bias_of = dict(zip(plan.with_bias, biases, strict=True))
+        full_biases = [bias_of.get(i) for i in range(plan.n)]
+        weights, out_biases = _compose(parents, parent_biases, children, full_biases, masks)
         ctx.set_materialize_grads(False)
         ctx.plan, ctx.masks, ctx.slopes = plan, masks, slopes
-        parents = [layer.parent_weight for layer in plan.layers]
-        parents += [plan.layers[i].parent_bias for i in plan.with_bias]
-        ctx.save_for_backward(*children, *biases, *parents)
+        # kept as attributes (they are parameters and buffers, not intermediates): see module
+        ctx.inputs = (children, biases, parents, [parent_biases[i] for i in plan.with_bias])
+        flat = [*children, *biases, *parents, *ctx.inputs[3]]
+        ctx.versions = [t._version for t in flat]
         return (*weights, *[out_biases[i] for i in plan.with_bias])
 
     @staticmethod
     def backward(ctx: Any, *grads):
         plan = ctx.plan
         comp = plan.composition() if plan.composition is not None else None
-        if comp is not None:  # its saved tensors may be freed now: the next forward composes
+        if comp is not None:  # nothing to hand out any more: its weights may be freed
             comp.consumed = True
             comp.weights = comp.biases = None
-        n, nb = len(plan.layers), len(plan.with_bias)
-        saved = ctx.saved_tensors
-        children, biases = saved[:n], saved[n:n + nb]
-        parents, parent_biases = saved[n + nb:2 * n + nb], saved[2 * n + nb:]
-        need_child, need_bias, need_logits = plan.split(ctx.needs_input_grad[1:])
+        children, biases, parents, parent_biases = ctx.inputs
+        _check_versions([*children, *biases, *parents, *parent_biases], ctx.versions)
+        n, nb = plan.n, len(plan.with_bias)
+        need_child, need_bias, need_logits = plan.split(ctx.needs_input_grad[2:])
         g_weights, g_biases = grads[:n], grads[n:]
         grad_children, grad_logits = [None] * n, [None] * n
         grad_biases = [None] * nb
@@ -166,56 +186,72 @@ class _GroupCompose(torch.autograd.Function):
                 grad_children[i] = gw.mul_(m.view(-1, *([1] * (c.dim() - 1))))
             if k is not None and gb is not None and need_bias[k]:
                 grad_biases[k] = gb * m
-        return (None, *grad_children, *grad_biases, *grad_logits)
+        return (None, None, *grad_children, *grad_biases, *grad_logits)
 
 
 class ComposeGroup:
     """Composes the weights of ``layers`` (CWPS layers) together; see the module docstring."""
 
     def __init__(self, layers):
-        self.layers = list(layers)
-        self._composition: _Composition | None = None
-        for i, layer in enumerate(self.layers):
+        self._refs = [weakref.ref(layer) for layer in layers]
+        self._local = threading.local()
+        for i, layer in enumerate(layers):
             layer.__dict__["_compose_group"] = (self, i)  # a plain attribute: not state
 
+    @property
+    def layers(self) -> list:
+        return [ref() for ref in self._refs]
+
+    def is_member(self, layer, index: int) -> bool:
+        return self._refs[index]() is layer
+
     def __getstate__(self):  # copies and pickles start without a composition
-        return {"layers": self.layers, "_composition": None}
+        return {"layers": self.layers}
+
+    def __setstate__(self, state):
+        self._refs = [weakref.ref(layer) for layer in state["layers"]]
+        self._local = threading.local()
 
     def weights(self, index: int) -> tuple[Tensor, Tensor | None]:
         """The composed weight and bias of ``self.layers[index]`` (in the soft / hard stage)."""
-        key = _inputs_key(self.layers[index])
-        c = self._composition
-        if (c is None or c.consumed or c.grad != torch.is_grad_enabled()
+        key = _inputs_key(self._refs[index]())
+        c = getattr(self._local, "composition", None)
+        if (c is None or c.consumed or c.served[index] or c.grad != torch.is_grad_enabled()
                 or c.keys[index] != key):
             c = self._compose(index, key)
+        c.served[index] = True
         return c.weights[index], c.biases[index]
 
     def _compose(self, index: int, key: tuple) -> _Composition:
-        n = len(self.layers)
-        members = [i for i in range(n) if i == index or self.layers[i].stage != "finetune"]
-        layers = [self.layers[i] for i in members]
+        everyone = self.layers
+        n = len(everyone)
+        members = [i for i in range(n) if everyone[i] is not None
+                   and (i == index or everyone[i].stage != "finetune")]
+        layers = [everyone[i] for i in members]
         keys: list = [None] * n
         for i in members:
-            keys[i] = key if i == index else _inputs_key(self.layers[i])
+            keys[i] = key if i == index else _inputs_key(everyone[i])
         children = [layer.weight for layer in layers]
         biases = [layer.bias for layer in layers if layer.bias is not None]
         logits = [layer.mask_logits for layer in layers]
         grad = torch.is_grad_enabled()
-        plan = _Plan(layers)
+        plan = _Plan(len(layers), [j for j, layer in enumerate(layers) if layer.bias is not None])
         if grad and any(t.requires_grad for t in (*children, *biases, *logits)):
-            out = _GroupCompose.apply(plan, *children, *biases, *logits)
+            out = _GroupCompose.apply(plan, layers, *children, *biases, *logits)
             w, b_out = list(out[:len(layers)]), out[len(layers):]
             b = [None] * len(layers)
-            for k, i in enumerate(plan.with_bias):
-                b[i] = b_out[k]
+            for k, j in enumerate(plan.with_bias):
+                b[j] = b_out[k]
         else:
             with torch.no_grad():
                 masks, _ = _masks(layers, logits)
-                w, b = _compose(layers, children, biases, masks)
+                w, b = _compose([layer.parent_weight for layer in layers],
+                                [layer.parent_bias for layer in layers], children,
+                                [layer.bias for layer in layers], masks)
         weights, out_biases = [None] * n, [None] * n
         for j, i in enumerate(members):
             weights[i], out_biases[i] = w[j], b[j]
         comp = _Composition(grad, keys, weights, out_biases)
         plan.composition = weakref.ref(comp)
-        self._composition = comp
+        self._local.composition = comp
         return comp

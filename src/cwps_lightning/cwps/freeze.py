@@ -38,8 +38,8 @@ class SharedChannelFreeze:
     def __init__(self, model: nn.Module):
         self.layers = [layer for _, layer in cwps_layers(model)]
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        # id(p) -> (shared rows held (bool), their indices, their kernels packed)
-        self._held: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        # id(p) -> (shared rows held (bool), their indices, their kernels packed, p's layout)
+        self._held: dict[int, tuple] = {}
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SharedChannelFreeze:
         optimizer.register_step_pre_hook(self._before_step)
@@ -51,9 +51,11 @@ class SharedChannelFreeze:
         steps while ``shared`` stays the same)."""
         entry = self._held.get(id(p))
         rows = _rows(p)
-        if entry is not None and entry[2].shape[1:] == rows.shape[1:] and \
-                entry[2].device == p.device and entry[0].shape == shared.shape:
-            held, index, packed = entry
+        # the packed rows are in the memory order of p when they were taken: a change of
+        # format (or shape, device) takes them anew
+        if entry is not None and entry[3] == (p.shape, p.stride(), p.device) and \
+                entry[0].shape == shared.shape:
+            held, index, packed, _ = entry
             if torch.equal(held, shared):
                 return index, packed
             released = held & ~shared
@@ -63,7 +65,7 @@ class SharedChannelFreeze:
                         value[released] = 0.0
         index = shared.nonzero().squeeze(1)
         packed = rows.index_select(0, index)
-        self._held[id(p)] = (shared, index, packed)
+        self._held[id(p)] = (shared, index, packed, (p.shape, p.stride(), p.device))
         return index, packed
 
     @torch.no_grad()

@@ -399,7 +399,7 @@ class CWPSMixin:
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
             group = self.__dict__.get("_compose_group")
             # a shallow copy of the layer (nn.DataParallel's replicas) is not the group's member
-            if (group is None or group[0].layers[group[1]] is not self
+            if (group is None or not group[0].is_member(self, group[1])
                     or torch.compiler.is_compiling()):
                 w, b = self._composed_by_autograd()
             else:  # composed with the other small kernels in one node (compose_group.py)
