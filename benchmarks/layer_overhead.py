@@ -81,6 +81,7 @@ from cwps_lightning.cwps import layers as _layers  # noqa: E402
 from cwps_lightning.cwps.freeze import SharedChannelFreeze  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
+from cwps_lightning.cwps.surgery import ungroup_small_kernels  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer")
@@ -260,13 +261,6 @@ def make_cwps(base: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def ungroup(model: nn.Module) -> nn.Module:
-    """Every CWPS layer of ``model`` (in place) composes on its own (no ComposeGroup)."""
-    for _, layer in cwps_layers(model):
-        layer.__dict__.pop("_compose_group", None)
-    return model
-
-
 def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
     if name.endswith(COMPILED):
         return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed))
@@ -281,7 +275,7 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) 
             swap_layers(model, name)
         if name.endswith(PER_LAYER):
             name = name.removesuffix(PER_LAYER)
-            ungroup(model)
+            ungroup_small_kernels(model)
         set_stage(model, "hard" if name == "cwps-hard" else "soft")
     return model.train()
 

@@ -160,16 +160,36 @@ def test_the_unused_member_takes_part_when_used(batch):
     assert grouped.other.weight.grad is not None and grouped.head.weight.grad is None
 
 
-def _count_composes(monkeypatch):
+def _count_composes(monkeypatch, alone_calls=None):
+    """Record the index of every shared composition made (into ``alone_calls`` the
+    single-layer ones made outside a model's forward)."""
     calls = []
     real = compose_group.ComposeGroup._compose
 
-    def counted(self, index, key):
-        calls.append(index)
-        return real(self, index, key)
+    def counted(self, index, key, alone=False):
+        if not alone:
+            calls.append(index)
+        elif alone_calls is not None:
+            alone_calls.append(index)
+        return real(self, index, key, alone=alone)
 
     monkeypatch.setattr(compose_group.ComposeGroup, "_compose", counted)
     return calls
+
+
+class _InForward:
+    """The model's layers share compositions as inside its forward (the hooks' enter / exit)."""
+
+    def __init__(self, model):
+        self.groups = model.__dict__["_compose_groups"]
+
+    def __enter__(self):
+        for g in self.groups:
+            g.enter()
+
+    def __exit__(self, *exc):
+        for g in self.groups:
+            g.exit()
 
 
 def test_composes_once_per_forward_and_again_when_an_input_changes(batch, monkeypatch):
@@ -197,12 +217,13 @@ def test_an_input_changed_inside_a_forward_composes_again(batch, monkeypatch):
     calls = _count_composes(monkeypatch)
     model = _model("soft")
     z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
+    with torch.no_grad(), _InForward(model):
         model.conv1(x)  # conv1 served: the composition holds conv2's weight too
         model.conv2.parent_weight.mul_(0.5)
         model.conv2.stage = "hard"
         y = model.conv2(z)
         assert len(calls) == 2  # conv2's inputs changed since: a new composition
+    with torch.no_grad():
         assert torch.equal(y, _ungrouped(model).conv2(z))
 
 
@@ -351,21 +372,116 @@ def test_threads_compose_for_themselves(batch, monkeypatch):
     calls = _count_composes(monkeypatch)
     model = _model("hard")
     z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        model.conv1(x)  # this thread's composition, conv2 not served yet
     out = {}
 
     def other():
-        with torch.no_grad():
+        with torch.no_grad(), _InForward(model):
             out["other"] = model.conv2(z)
 
-    thread = threading.Thread(target=other)
-    thread.start()
-    thread.join()
-    assert len(calls) == 2  # the other thread composed its own
-    with torch.no_grad():
+    with torch.no_grad(), _InForward(model):
+        model.conv1(x)  # this thread's composition, conv2 not served yet
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+        assert len(calls) == 2  # the other thread composed its own
         out["main"] = model.conv2(z)  # served from this thread's composition
     assert len(calls) == 2
     with torch.no_grad():
         expected = _ungrouped(model).conv2(z)
     assert torch.equal(out["main"], expected) and torch.equal(out["other"], expected)
+
+
+def test_a_layer_called_on_its_own_composes_alone_and_nothing_is_left_after_a_forward(
+        batch, monkeypatch):
+    x, _ = batch
+    alone = []
+    calls = _count_composes(monkeypatch, alone)
+    model = _model("soft")
+    group = model.__dict__["_compose_groups"][0]
+    feat = torch.randn(4, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(x)  # the second head is not used: it is not served
+        assert len(calls) == 1 and getattr(group._local, "composition", None) is None
+        model.other.weight.data.add_(1.0)  # no version bump
+        y = model.other(feat)  # outside the model's forward: composed alone, from now
+        assert len(calls) == 1 and alone == [3]
+        assert torch.equal(y, _ungrouped(model).other(feat))
+
+
+def test_an_error_in_the_forward_ends_the_shared_composition(batch):
+    x, _ = batch
+    model = _model("soft")
+    group = model.__dict__["_compose_groups"][0]
+    model.head.register_forward_hook(lambda *a: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        model(x)
+    assert getattr(group._local, "depth", 0) == 0
+    assert getattr(group._local, "composition", None) is None
+
+
+def test_checkpointed_region_after_a_weight_write_that_counts_no_version(batch):
+    """A layer outside a checkpointed region, the others inside, weights written through
+    .data between steps (as a fused optimiser does, without a version bump): the gradients of
+    every step are the per-layer path's."""
+    from torch.utils.checkpoint import checkpoint
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.block = nn.Sequential(nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU())
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = checkpoint(self.block, self.conv1(x), use_reentrant=False)
+            return self.head(h.mean((2, 3)))
+
+    x, r = batch
+    torch.manual_seed(0)
+    grouped = Outer()
+    inject_cwps(grouped, exclude=[])
+    set_stage(grouped, "soft")
+    plain = _ungrouped(grouped)
+    for _ in range(3):
+        for model in (grouped, plain):
+            model.zero_grad()
+            _step(model, x, r)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.data.add_(p.grad, alpha=-0.1)
+        _assert_same(_grads(grouped), _grads(plain))
+
+
+def test_double_backward_is_refused_with_a_clear_error(batch):
+    x, r = batch
+    model = _model("soft")
+    loss = (model(x) * r).sum()
+    (g,) = torch.autograd.grad(loss, model.conv2.mask_logits, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate"):
+        g.sum().backward()
+
+
+def test_torch_func_transforms_compose_per_layer(batch):
+    x, r = batch
+    grouped = _model("hard")
+    plain = _ungrouped(grouped)
+    params = {k: v.detach() for k, v in grouped.named_parameters()}
+
+    def loss(model):
+        return lambda p: (torch.func.functional_call(model, p, (x,)) * r).sum()
+
+    ga = torch.func.grad(loss(grouped))(params)
+    gb = torch.func.grad(loss(plain))(params)
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), k
+
+
+def test_ungroup_small_kernels_removes_the_groups_and_hooks(batch):
+    x, _ = batch
+    model = _model("soft")
+    assert model._forward_pre_hooks and model._forward_hooks
+    surgery.ungroup_small_kernels(model)
+    assert "_compose_groups" not in model.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    assert all("_compose_group" not in layer.__dict__ for _, layer in cwps_layers(model))
+    model(x)

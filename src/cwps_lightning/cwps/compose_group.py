@@ -9,14 +9,23 @@ function when the first of them runs, and hands each layer its composed weight f
 gradients are those of the per-layer composition (``CWPSMixin._composed_by_autograd``) bit for
 bit: the same ops on the same tensors, only batched into one node.
 
-One composition serves one forward pass: it hands each layer its weight once, and a layer that
-asks again (the next forward, a layer run twice, a checkpointed region recomputed) starts a new
-composition, as the per-layer path composes at every call. So no state carries over between
-forwards, whatever changed the weights in between (an optimiser step, a ``.data`` edit, a fused
-optimiser that does not count versions). Within a forward a layer whose own tensors, stage,
-threshold or grad mode changed since the composition also starts a new one. A layer's gradient
-depends only on its own tensors, so layers served by different compositions get the same
-gradients as from one.
+Compositions are shared only inside the forward of the model the group belongs to (a forward
+pre-hook and an always-called forward hook on it, see ``surgery.group_small_kernels``), and one
+composition serves one pass: it hands each layer its weight once, and a layer that asks again
+(a layer run twice) starts a new composition, as the per-layer path composes at every call.
+The forward hook drops the composition, so no state carries over between forwards, whatever
+changed the weights in between (an optimiser step, a ``.data`` edit, a fused optimiser that does
+not count versions). A layer called outside the model's forward (on its own, or in a
+checkpointed region recomputed during the backward) is composed alone, through the same node.
+Within a forward a layer whose own tensors, stage, threshold or grad mode changed since the
+composition also starts a new one. A layer's gradient depends only on its own tensors, so
+layers served by different compositions get the same gradients as from one.
+
+Every member's parameters are inputs of a shared composition's node: a member the forward did
+not use gets no gradient, as on the per-layer path, but hooks on its parameters run (with
+None). ``surgery.ungroup_small_kernels`` turns the groups off. The node's backward is not itself
+differentiable (double backward raises); torch.compile and torch.func transforms take the
+per-layer path.
 
 The node keeps its inputs (parameters and buffers) as attributes, not as saved tensors, and
 checks their versions itself: a backward through it again (two losses of one forward, each
@@ -36,6 +45,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .layers import _SCRATCH, _stage_mask, mask_slope
 
@@ -149,6 +159,7 @@ class _GroupCompose(torch.autograd.Function):
         return (*weights, *[out_biases[i] for i in plan.with_bias])
 
     @staticmethod
+    @once_differentiable  # no double backward (the per-layer path has one for small kernels)
     def backward(ctx: Any, *grads):
         plan = ctx.plan
         comp = plan.composition() if plan.composition is not None else None
@@ -212,9 +223,24 @@ class ComposeGroup:
         self._refs = [weakref.ref(layer) for layer in state["layers"]]
         self._local = threading.local()
 
+    # -- the model's forward (hooks that group_small_kernels puts on the model) ---------------
+    def enter(self) -> None:
+        self._local.depth = getattr(self._local, "depth", 0) + 1
+
+    def exit(self) -> None:
+        depth = getattr(self._local, "depth", 0) - 1
+        self._local.depth = max(depth, 0)
+        if depth <= 0:  # nothing is handed out after the forward: no state carries over
+            self._local.composition = None
+
     def weights(self, index: int) -> tuple[Tensor, Tensor | None]:
-        """The composed weight and bias of ``self.layers[index]`` (in the soft / hard stage)."""
+        """The composed weight and bias of ``self.layers[index]`` (in the soft / hard stage):
+        inside the model's forward from the composition of the whole group, outside it (a layer
+        called on its own, a checkpointed region recomputed in the backward) composed alone."""
         key = _inputs_key(self._refs[index]())
+        if not getattr(self._local, "depth", 0):
+            c = self._compose(index, key, alone=True)
+            return c.weights[index], c.biases[index]
         c = getattr(self._local, "composition", None)
         if (c is None or c.consumed or c.served[index] or c.grad != torch.is_grad_enabled()
                 or c.keys[index] != key):
@@ -222,11 +248,11 @@ class ComposeGroup:
         c.served[index] = True
         return c.weights[index], c.biases[index]
 
-    def _compose(self, index: int, key: tuple) -> _Composition:
+    def _compose(self, index: int, key: tuple, alone: bool = False) -> _Composition:
         everyone = self.layers
         n = len(everyone)
         members = [i for i in range(n) if everyone[i] is not None
-                   and (i == index or everyone[i].stage != "finetune")]
+                   and (i == index or (not alone and everyone[i].stage != "finetune"))]
         layers = [everyone[i] for i in members]
         keys: list = [None] * n
         for i in members:
@@ -253,5 +279,21 @@ class ComposeGroup:
             weights[i], out_biases[i] = w[j], b[j]
         comp = _Composition(grad, keys, weights, out_biases)
         plan.composition = weakref.ref(comp)
-        self._local.composition = comp
+        if not alone:
+            self._local.composition = comp
         return comp
+
+
+def enter_forward(model, args) -> None:
+    """Forward pre-hook of a model with ComposeGroups: its layers share a composition."""
+    if not torch.compiler.is_compiling():
+        for group in model.__dict__.get("_compose_groups", ()):
+            group.enter()
+
+
+def exit_forward(model, args, output) -> None:
+    """Forward hook (always called, errors included): the composition is dropped."""
+    if not torch.compiler.is_compiling():
+        for group in model.__dict__.get("_compose_groups", ()):
+            group.exit()
+

@@ -398,9 +398,11 @@ class CWPSMixin:
         if (window is None and self._small_kernels_by_autograd
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
             group = self.__dict__.get("_compose_group")
-            # a shallow copy of the layer (nn.DataParallel's replicas) is not the group's member
+            # a shallow copy of the layer (nn.DataParallel's replicas) is not the group's member;
+            # torch.compile and torch.func transforms trace the per-layer ops
             if (group is None or not group[0].is_member(self, group[1])
-                    or torch.compiler.is_compiling()):
+                    or torch.compiler.is_compiling()
+                    or torch._C._are_functorch_transforms_active()):
                 w, b = self._composed_by_autograd()
             else:  # composed with the other small kernels in one node (compose_group.py)
                 w, b = group[0].weights(group[1])

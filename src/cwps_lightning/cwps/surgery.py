@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-from .compose_group import ComposeGroup
+from .compose_group import ComposeGroup, enter_forward, exit_forward
 from .layers import (
     CWPS_LAYER_TYPES,
     KEEP_COMPOSED_NUMEL,
@@ -157,7 +157,13 @@ GROUP_NUMEL = 1 << 22
 def group_small_kernels(model: nn.Module) -> list[ComposeGroup]:
     """Put ``model``'s CWPS layers with small kernels (at most KEEP_COMPOSED_NUMEL elements) into
     ComposeGroups (compose_group.py) of consecutive layers in module order, at most GROUP_NUMEL
-    kernel elements each. Returns the groups."""
+    kernel elements each, shared by the layers during ``model``'s forward (hooks on ``model``).
+    Returns the groups.
+
+    Every member's parameters take part in each grouped forward's graph: a member the forward did
+    not use gets no gradient, as without a group, but tensor hooks on its parameters run (with
+    None). Code that minds that can :func:`ungroup_small_kernels`."""
+    ungroup_small_kernels(model)
     chunks: list[list] = []
     size = GROUP_NUMEL
     for _, layer in cwps_layers(model):
@@ -169,7 +175,26 @@ def group_small_kernels(model: nn.Module) -> list[ComposeGroup]:
             size = 0
         chunks[-1].append(layer)
         size += n
-    return [ComposeGroup(chunk) for chunk in chunks]
+    groups = [ComposeGroup(chunk) for chunk in chunks]
+    if groups:
+        model.__dict__["_compose_groups"] = groups  # a plain attribute: not state
+        model.register_forward_pre_hook(enter_forward)
+        model.register_forward_hook(exit_forward, always_call=True)
+    return groups
+
+
+def ungroup_small_kernels(model: nn.Module) -> None:
+    """Undo :func:`group_small_kernels`: every CWPS layer of ``model`` composes on its own."""
+    for _, layer in cwps_layers(model):
+        layer.__dict__.pop("_compose_group", None)
+    model.__dict__.pop("_compose_groups", None)
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is enter_forward:
+            del model._forward_pre_hooks[key]
+    for key, hook in list(model._forward_hooks.items()):
+        if hook is exit_forward:
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)
 
 
 def nonfinite_tensors(module: nn.Module) -> list[str]:
@@ -194,6 +219,7 @@ def merge_cwps(model: nn.Module) -> nn.Module:
                              f"(a diverged fit); nothing was merged")
     for name, layer in plain.items():
         _set_submodule(model, name, layer)
+    ungroup_small_kernels(model)
     return model
 
 
