@@ -350,12 +350,13 @@ def test_layers_made_one_by_one_compose_on_their_own():
 
 
 def test_a_shallow_copy_of_a_member_composes_on_its_own(batch, monkeypatch):
-    """nn.DataParallel's replicas are shallow copies: they share the group attribute but are not
-    its members, so they compose from their own tensors."""
+    """nn.DataParallel's replicas copy the layer's __dict__: they share the group attribute but
+    are not its members, so they compose from their own tensors."""
     x, _ = batch
     calls = _count_composes(monkeypatch)
     model = _model("soft")
-    twin = copy.copy(model.conv1)
+    twin = CWPSConv2d.__new__(CWPSConv2d)
+    twin.__dict__ = model.conv1.__dict__.copy()  # as _replicate_for_data_parallel does
     assert twin.__dict__["_compose_group"] == model.conv1.__dict__["_compose_group"]
     with torch.no_grad():
         out = twin(x)
@@ -485,3 +486,39 @@ def test_ungroup_small_kernels_removes_the_groups_and_hooks(batch):
     assert not model._forward_pre_hooks and not model._forward_hooks
     assert all("_compose_group" not in layer.__dict__ for _, layer in cwps_layers(model))
     model(x)
+
+
+def test_a_layer_copied_on_its_own_leaves_its_group_behind(batch):
+    x, _ = batch
+    model = _model("soft")
+    for twin in (copy.deepcopy(model.conv1), pickle.loads(pickle.dumps(model.conv1))):
+        assert "_compose_group" not in twin.__dict__
+        assert len(pickle.dumps(twin)) < len(pickle.dumps(model)) / 2  # not every member
+        with torch.no_grad():
+            assert torch.equal(twin(x), _ungrouped(model).conv1(x))
+    copied = copy.deepcopy(model)  # the whole model: its layers join the copied group
+    group, index = copied.conv2.__dict__["_compose_group"]
+    assert group is copied.__dict__["_compose_groups"][0] and group.layers[index] is copied.conv2
+
+
+def test_an_interrupted_forward_does_not_leave_the_scope_open(batch):
+    x, _ = batch
+    model = _model("soft")
+    group = model.__dict__["_compose_groups"][0]
+    handle = model.head.register_forward_hook(lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    assert group._local.depth == 1  # PyTorch runs always-called hooks on Exception only
+    with torch.no_grad():
+        model(x)  # the next forward starts afresh and closes the scope
+    assert group._local.depth == 0 and group._local.composition is None
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_jit_trace_takes_the_per_layer_path(batch):
+    x, _ = batch
+    model = _model("hard")
+    traced = torch.jit.trace(model, (x,), check_trace=False)
+    with torch.no_grad():
+        assert torch.equal(traced(x), _ungrouped(model)(x))

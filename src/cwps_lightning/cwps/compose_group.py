@@ -18,14 +18,16 @@ changed the weights in between (an optimiser step, a ``.data`` edit, a fused opt
 not count versions). A layer called outside the model's forward (on its own, or in a
 checkpointed region recomputed during the backward) is composed alone, through the same node.
 Within a forward a layer whose own tensors, stage, threshold or grad mode changed since the
-composition also starts a new one. A layer's gradient depends only on its own tensors, so
-layers served by different compositions get the same gradients as from one.
+composition also starts a new one (a write that counts no version, through ``.data`` by a
+hook inside the forward, is not seen there). A layer's gradient depends only on its own
+tensors, so layers served by different compositions get the same gradients as from one.
 
 Every member's parameters are inputs of a shared composition's node: a member the forward did
 not use gets no gradient, as on the per-layer path, but hooks on its parameters run (with
-None). ``surgery.ungroup_small_kernels`` turns the groups off. The node's backward is not itself
-differentiable (double backward raises); torch.compile and torch.func transforms take the
-per-layer path.
+None), and DDP without ``find_unused_parameters`` reduces a zero gradient for it instead of
+stopping with its unused-parameter error. ``surgery.ungroup_small_kernels`` turns the groups
+off. The node's backward is not itself differentiable (double backward raises); torch.compile,
+torch.jit.trace and torch.func transforms take the per-layer path.
 
 The node keeps its inputs (parameters and buffers) as attributes, not as saved tensors, and
 checks their versions itself: a backward through it again (two losses of one forward, each
@@ -220,18 +222,24 @@ class ComposeGroup:
         return {"layers": self.layers}
 
     def __setstate__(self, state):
-        self._refs = [weakref.ref(layer) for layer in state["layers"]]
+        # a copy of the model (which holds its groups): its layers join the copied group (a
+        # layer copied or pickled on its own leaves its group behind, CWPSMixin.__getstate__)
+        layers = state["layers"]
+        self._refs = [weakref.ref(layer) for layer in layers]
         self._local = threading.local()
+        for i, layer in enumerate(layers):
+            layer.__dict__["_compose_group"] = (self, i)
 
     # -- the model's forward (hooks that group_small_kernels puts on the model) ---------------
     def enter(self) -> None:
-        self._local.depth = getattr(self._local, "depth", 0) + 1
+        # a fresh scope even if one seems open: a forward stopped by KeyboardInterrupt or
+        # SystemExit never ran the exit hook (PyTorch calls it on Exception only). A model that
+        # calls itself ends the outer scope at the inner exit: the rest compose alone.
+        self._local.depth, self._local.composition = 1, None
 
     def exit(self) -> None:
-        depth = getattr(self._local, "depth", 0) - 1
-        self._local.depth = max(depth, 0)
-        if depth <= 0:  # nothing is handed out after the forward: no state carries over
-            self._local.composition = None
+        # nothing is handed out after the forward: no state carries over
+        self._local.depth, self._local.composition = 0, None
 
     def weights(self, index: int) -> tuple[Tensor, Tensor | None]:
         """The composed weight and bias of ``self.layers[index]`` (in the soft / hard stage):

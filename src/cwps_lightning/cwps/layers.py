@@ -399,9 +399,9 @@ class CWPSMixin:
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
             group = self.__dict__.get("_compose_group")
             # a shallow copy of the layer (nn.DataParallel's replicas) is not the group's member;
-            # torch.compile and torch.func transforms trace the per-layer ops
+            # torch.compile, torch.jit.trace and torch.func transforms take the per-layer ops
             if (group is None or not group[0].is_member(self, group[1])
-                    or torch.compiler.is_compiling()
+                    or torch.compiler.is_compiling() or torch.jit.is_tracing()
                     or torch._C._are_functorch_transforms_active()):
                 w, b = self._composed_by_autograd()
             else:  # composed with the other small kernels in one node (compose_group.py)
@@ -456,6 +456,9 @@ class CWPSMixin:
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_kept_parent_window", None)
+        # a layer copied on its own leaves its ComposeGroup behind; a copy of the whole model
+        # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
+        state.pop("_compose_group", None)
         return state
 
     def extra_repr(self) -> str:
