@@ -69,12 +69,11 @@ def _inputs_key(layer) -> tuple:
 class _Composition:
     """The composed weights of one compose call, and which layers it has served."""
 
-    __slots__ = ("grad", "keys", "weights", "biases", "served", "consumed", "__weakref__")
+    __slots__ = ("grad", "keys", "weights", "biases", "served")
 
     def __init__(self, grad: bool, keys: list, weights: list, biases: list):
         self.grad, self.keys, self.weights, self.biases = grad, keys, weights, biases
         self.served = [False] * len(keys)
-        self.consumed = False
 
 
 class _Plan:
@@ -83,7 +82,6 @@ class _Plan:
 
     def __init__(self, n: int, with_bias: list[int]):
         self.n, self.with_bias = n, with_bias
-        self.composition: weakref.ref | None = None  # the backward marks it consumed
 
     def split(self, tensors):
         n, nb = self.n, len(self.with_bias)
@@ -164,10 +162,6 @@ class _GroupCompose(torch.autograd.Function):
     @once_differentiable  # no double backward (the per-layer path has one for small kernels)
     def backward(ctx: Any, *grads):
         plan = ctx.plan
-        comp = plan.composition() if plan.composition is not None else None
-        if comp is not None:  # nothing to hand out any more: its weights may be freed
-            comp.consumed = True
-            comp.weights = comp.biases = None
         children, biases, parents, parent_biases = ctx.inputs
         _check_versions([*children, *biases, *parents, *parent_biases], ctx.versions)
         n, nb = plan.n, len(plan.with_bias)
@@ -250,7 +244,7 @@ class ComposeGroup:
             c = self._compose(index, key, alone=True)
             return c.weights[index], c.biases[index]
         c = getattr(self._local, "composition", None)
-        if (c is None or c.consumed or c.served[index] or c.grad != torch.is_grad_enabled()
+        if (c is None or c.served[index] or c.grad != torch.is_grad_enabled()
                 or c.keys[index] != key):
             c = self._compose(index, key)
         c.served[index] = True
@@ -286,7 +280,6 @@ class ComposeGroup:
         for j, i in enumerate(members):
             weights[i], out_biases[i] = w[j], b[j]
         comp = _Composition(grad, keys, weights, out_biases)
-        plan.composition = weakref.ref(comp)
         if not alone:
             self._local.composition = comp
         return comp
