@@ -103,19 +103,15 @@ def nearest_parents(child: Tensor, candidates: Tensor, distance: str = DEFAULT_D
     return choice, dist
 
 
-def _pick_rows(candidates: list[Tensor], choice: Tensor) -> Tensor:
-    """gather_channels of the stacked candidates: row j of candidates[choice[j]]."""
+def gather_channels(candidates: Tensor | list[Tensor], choice: Tensor) -> Tensor:
+    """Row j of candidates[choice[j]], for candidates stacked [T, C, ...] or a list of T [C, ...]
+    tensors (kernels, biases or kernel ids; a list needs no stacked copy of them)."""
     out = candidates[0].clone()
     for t in range(1, len(candidates)):
         rows = (choice == t).nonzero().squeeze(1)
         if rows.numel():
             out[rows] = candidates[t][rows]
     return out
-
-
-def gather_channels(stacked: Tensor, choice: Tensor) -> Tensor:
-    """stacked [T, C, ...], choice [C] -> [C, ...] with row j taken from stacked[choice[j], j]."""
-    return stacked[choice, torch.arange(stacked.shape[1], device=stacked.device)]
 
 
 def check_mask_init(mask_init: str) -> str:
@@ -214,13 +210,13 @@ def search_parents(
         weights = [w.to(device) for w in weights]
         dist, choice = _distance_rows(layer.weight.detach().float(),
                                       [w.float() for w in weights], distance).min(dim=0)
-        parent_b = None if biases is None else gather_channels(
-            torch.stack(biases).to(device), choice)
-        layer.set_parent(_pick_rows(weights, choice), parent_b)
+        parent_b = (None if biases is None
+                    else gather_channels([b.to(device) for b in biases], choice))
+        layer.set_parent(gather_channels(weights, choice), parent_b)
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()
-        parent_ids[name] = gather_channels(torch.stack(ids), choice_cpu)
+        parent_ids[name] = gather_channels(ids, choice_cpu)
         parent_task[name] = [names[i] for i in choice_cpu.tolist()]
         distances[name] = dist.cpu()
     if init_scope == "global":
