@@ -253,23 +253,18 @@ def test_a_layer_run_twice_in_one_forward(batch, monkeypatch):
     _assert_same(_grads(grouped), _grads(plain))
 
 
-def test_two_forwards_then_one_backward(batch):
+@pytest.mark.parametrize("stage,separate", [("soft", False), ("hard", True)])
+def test_two_forwards_then_one_or_two_backwards(batch, stage, separate):
     x, r = batch
-    grouped = _model("soft")
-    plain = _ungrouped(grouped)
-    for model in (grouped, plain):
-        (model(x) * r).sum().add((model(x * 2) * r).sum()).backward()
-    _assert_same(_grads(grouped), _grads(plain))
-
-
-def test_two_forwards_then_two_backwards(batch):
-    x, r = batch
-    grouped = _model("hard")
+    grouped = _model(stage)
     plain = _ungrouped(grouped)
     for model in (grouped, plain):
         first, second = (model(x) * r).sum(), (model(x * 2) * r).sum()
-        first.backward()
-        second.backward()
+        if separate:
+            first.backward()
+            second.backward()
+        else:
+            first.add(second).backward()
     _assert_same(_grads(grouped), _grads(plain))
 
 
