@@ -110,3 +110,48 @@ def test_a_change_of_memory_format_between_steps_keeps_the_frozen_kernels():
     net[0].to(memory_format=torch.channels_last)  # same values, another order in memory
     steps(net, opt, 2)
     assert torch.equal(layer.weight.detach()[shared], frozen)
+
+
+def test_the_copy_lives_for_the_step_alone():
+    """Nothing weight-sized stays with the freeze between steps (it would add to the training
+    peak): it keeps per layer only the decisions and their indices."""
+    net, opt = setup("hard")
+    freeze = SharedChannelFreeze(net).attach(opt)
+    steps(net, opt, 2)
+    assert freeze._pending == []
+    held = sum(t.numel() for entry in freeze._last.values() for t in entry[:2])
+    channels = sum(layer.mask_logits.numel() for layer in (net[0], net[3]))
+    assert 0 < held <= 2 * 2 * channels  # bools and indices, weight and bias of each layer
+
+
+def test_an_edit_between_steps_is_what_the_next_steps_keep():
+    """The rows a step restores are the weight's own at that step: a shared channel edited
+    between steps (a checkpoint load, a user's write) keeps the edit, then stands still."""
+    net, opt = setup("hard", train_masks=False)
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    steps(net, opt, 1)
+    with torch.no_grad():
+        layer.weight[shared] = 7.0
+    steps(net, opt, 2)
+    assert (layer.weight.detach()[shared] == 7.0).all()
+
+
+def test_a_parameter_that_sat_out_a_step_takes_the_decisions_anew():
+    """Decisions that change while a bias sits out a step (frozen), then stay: the bias must
+    not reuse the indices of its own last step, two steps back."""
+    net, opt = setup("hard", train_masks=False)
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    steps(net, opt, 1)  # shared: the channels with negative logits (0..2)
+    layer.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.mask_logits.neg_()  # now channels 3..5 are shared
+    steps(net, opt, 1)
+    layer.bias.requires_grad_(True)
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    b0 = layer.bias.detach().clone()
+    steps(net, opt, 1)  # decisions as at the last step: the one-comparison path
+    moved = layer.bias.detach() != b0
+    assert not moved[shared].any() and moved[~shared].all()
