@@ -31,8 +31,9 @@ The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CW
 ``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
 so they hold exactly the same parameters and buffers as cwps-soft.
 
-Time: forward + backward + SGD(momentum 0.9) step (on models with CWPS layers with the training
-job's SharedChannelFreeze: the hard stage restores the shared channels after each step),
+Time: forward + backward + SGD step as the training job steps (momentum 0.9, weight decay 5e-4,
+fused on the CPU; on models with CWPS layers with the training job's SharedChannelFreeze: the
+hard stage restores the shared channels after each step),
 round-robin over the variants (rotated every round) to cancel drift. The verdict uses the paired ratio: the median over rounds of the
 variant's step time over fine-tuning's step time in the same round, with a bootstrap 95% CI.
 Memory: each variant runs in a fresh
@@ -292,12 +293,18 @@ def build_all(names, model_name, seed, device, channels_last: bool = False):
 
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
-    """SGD as the benchmark steps it; on a model with CWPS layers with SharedChannelFreeze
-    attached, as the training job does (its restore of the shared channels is part of every
-    hard step)."""
+    """SGD as the training job steps it (momentum 0.9, weight decay 5e-4, none on the mask
+    scores; torch's fused kernel on the CPU, see lit_module.fused_sgd_ok); on a model with
+    CWPS layers with SharedChannelFreeze attached, as the training job does (its restore of the
+    shared channels is part of every hard step)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    if next(iter(cwps_layers(model)), None) is not None:
+    masks = {id(layer.mask_logits) for _, layer in cwps_layers(model)}
+    groups = [{"params": [p for p in params if id(p) not in masks]},
+              {"params": [p for p in params if id(p) in masks], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    fused = all(p.is_floating_point() and p.device.type == "cpu" for p in params)
+    opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=fused)
+    if masks:
         SharedChannelFreeze(model).attach(opt)
     return opt
 

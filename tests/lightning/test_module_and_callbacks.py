@@ -173,6 +173,18 @@ def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):
     assert [id(p) for p in own["params"]] == [id(net[7].weight)]
 
 
+def test_sgd_on_the_cpu_steps_with_the_fused_kernel():
+    from cwps_lightning.models.lit_module import fused_sgd_ok
+
+    trainer = fit_small(CWPSLitModule(small_net(), num_classes=3, lr=0.2))
+    opt = trainer.optimizers[0]
+    assert type(opt) is torch.optim.SGD and all(g["fused"] for g in opt.param_groups)
+    # the loop wherever a parameter is not a CPU float tensor
+    assert not fused_sgd_ok([[torch.zeros(2)], [torch.zeros(2, dtype=torch.int64)]])
+    assert not fused_sgd_ok([[torch.zeros(2, device="meta")]])
+    assert not fused_sgd_ok([[]])
+
+
 def test_optimizer_plan_rejects_an_unknown_kind():
     from cwps_lightning.methods.base import OptimizerPlan
 
