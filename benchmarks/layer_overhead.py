@@ -83,6 +83,7 @@ from cwps_lightning.cwps.freeze import SharedChannelFreeze  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
 from cwps_lightning.cwps.surgery import ungroup_small_kernels  # noqa: E402
+from cwps_lightning.optim import make_sgd  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer")
@@ -294,7 +295,7 @@ def build_all(names, model_name, seed, device, channels_last: bool = False):
 
 def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     """SGD as the training job steps it (momentum 0.9, weight decay 5e-4, none on the mask
-    scores; torch's fused kernel on the CPU, see lit_module.fused_sgd_ok); on a model with
+    scores; torch's fused kernel on the CPU, cwps_lightning.optim.make_sgd); on a model with
     CWPS layers with SharedChannelFreeze attached, as the training job does (its restore of the
     shared channels is part of every hard step)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -302,8 +303,7 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if id(p) not in masks]},
               {"params": [p for p in params if id(p) in masks], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    fused = all(p.is_floating_point() and p.device.type == "cpu" for p in params)
-    opt = torch.optim.SGD(groups, lr=1e-3, momentum=0.9, weight_decay=5e-4, fused=fused)
+    opt = make_sgd(groups, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     if masks:
         SharedChannelFreeze(model).attach(opt)
     return opt

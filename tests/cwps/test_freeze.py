@@ -118,8 +118,8 @@ def test_the_copy_lives_for_the_step_alone():
     net, opt = setup("hard")
     freeze = SharedChannelFreeze(net).attach(opt)
     steps(net, opt, 2)
-    assert freeze._pending == []
-    held = sum(t.numel() for entry in freeze._last.values() for t in entry[:2])
+    assert freeze._steps[opt].pending == []
+    held = sum(t.numel() for entry in freeze._steps[opt].last.values() for t in entry[:2])
     channels = sum(layer.mask_logits.numel() for layer in (net[0], net[3]))
     assert 0 < held <= 2 * 2 * channels  # bools and indices, weight and bias of each layer
 
@@ -155,3 +155,102 @@ def test_a_parameter_that_sat_out_a_step_takes_the_decisions_anew():
     steps(net, opt, 1)  # decisions as at the last step: the one-comparison path
     moved = layer.bias.detach() != b0
     assert not moved[shared].any() and moved[~shared].all()
+
+
+@pytest.mark.parametrize("keyword", [False, True])
+def test_a_step_with_a_closure_copies_after_the_backward(keyword):
+    """optimizer.step(closure) runs the forward and backward inside the step (Lightning's
+    automatic optimisation): the copy is taken when the closure returns, not before the
+    forward, and the shared channels still stand still."""
+    net, opt = setup("hard", train_masks=False)
+    freeze = SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    held_in_closure = []
+
+    def closure():
+        held_in_closure.append(len(freeze._steps[opt].pending))
+        opt.zero_grad()
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure=closure) if keyword else opt.step(closure)
+    assert held_in_closure == [0, 0]
+    moved = (layer.weight.detach() != w0).flatten(1).any(1)
+    assert not moved[shared].any() and moved[~shared].all()
+
+
+class _TwoCalls(torch.optim.Optimizer):
+    """Calls the closure twice and moves every weight after each call, as LBFGS does."""
+
+    def __init__(self, params):
+        super().__init__(params, {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for _ in range(2):
+            with torch.enable_grad():
+                loss = closure()
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.add_(1.0)
+        return loss
+
+
+def test_the_copy_is_of_the_weights_before_the_step_began():
+    net, _ = setup("hard", train_masks=False)
+    opt = _TwoCalls(net.parameters())
+    SharedChannelFreeze(net).attach(opt)
+    layer = net[0]
+    shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
+    w0 = layer.weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    w = layer.weight.detach()
+    assert torch.equal(w[shared], w0[shared])
+    torch.testing.assert_close(w[~shared], w0[~shared] + 2.0)
+
+
+def test_each_optimiser_zeroes_its_own_state_when_a_channel_flips_back():
+    """Weights in one optimiser, biases in another, one freeze attached to both."""
+    net, _ = setup("hard", train_masks=False)
+    layer = net[0]
+    biases = [p for name, p in net.named_parameters() if name.endswith("bias")]
+    rest = [p for name, p in net.named_parameters() if not name.endswith("bias")]
+    a = torch.optim.SGD(rest, lr=1e-3, momentum=0.9, weight_decay=0.1)
+    b = torch.optim.SGD(biases, lr=1e-3, momentum=0.9, weight_decay=0.1)
+    freeze = SharedChannelFreeze(net)
+    freeze.attach(a)
+    freeze.attach(b)
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def both_steps():
+        a.zero_grad()
+        b.zero_grad()
+        net(x).pow(2).mean().backward()
+        a.step()
+        b.step()
+
+    both_steps()
+    both_steps()
+    with torch.no_grad():
+        layer.mask_logits[0] = 3.0  # channel 0: shared -> task-specific
+    a.zero_grad()
+    b.zero_grad()
+    net(x).pow(2).mean().backward()
+    b0, g0 = layer.bias[0].item(), layer.bias.grad[0].item()
+    a.step()
+    b.step()
+    # the bias's momentum row started from zero: buf = 0.9 * 0 + grad + wd * b
+    assert b.state[layer.bias]["momentum_buffer"][0].item() == pytest.approx(g0 + 0.1 * b0)

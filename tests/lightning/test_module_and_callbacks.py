@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cwps_lightning.callbacks import MaskStageCallback
 from cwps_lightning.cwps import cwps_layers, inject_cwps
+from cwps_lightning.cwps.freeze import SharedChannelFreeze
 from cwps_lightning.models import CWPSLitModule, select_trainable
 
 
@@ -149,10 +150,10 @@ def test_cwps_settings_lr_windows():
 
 
 # -- a method's optimiser plan, loss penalty and frozen normalisation statistics ---------------
-def fit_small(module, epochs=1):
+def fit_small(module, epochs=1, **trainer_args):
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0)
+                        enable_model_summary=False, limit_val_batches=0, **trainer_args)
     trainer.fit(module, train_dataloaders=loader())
     return trainer
 
@@ -174,15 +175,17 @@ def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):
 
 
 def test_sgd_on_the_cpu_steps_with_the_fused_kernel():
-    from cwps_lightning.models.lit_module import fused_sgd_ok
-
     trainer = fit_small(CWPSLitModule(small_net(), num_classes=3, lr=0.2))
     opt = trainer.optimizers[0]
     assert type(opt) is torch.optim.SGD and all(g["fused"] for g in opt.param_groups)
-    # the loop wherever a parameter is not a CPU float tensor
-    assert not fused_sgd_ok([[torch.zeros(2)], [torch.zeros(2, dtype=torch.int64)]])
-    assert not fused_sgd_ok([[torch.zeros(2, device="meta")]])
-    assert not fused_sgd_ok([[]])
+
+
+def test_gradient_clipping_under_mixed_precision_keeps_the_loop():
+    """Lightning refuses to clip a fused optimiser's gradients under mixed precision."""
+    trainer = fit_small(CWPSLitModule(small_net(), num_classes=3, lr=0.2),
+                        precision="bf16-mixed", gradient_clip_val=1.0)
+    assert trainer.state.finished
+    assert not any(g["fused"] for g in trainer.optimizers[0].param_groups)
 
 
 def test_optimizer_plan_rejects_an_unknown_kind():
@@ -253,3 +256,28 @@ def test_fit_keeps_shared_channels_still_in_the_hard_stage():
     assert shared.tolist() == [True] * 4 + [False] * 4
     moved = (layer.weight.detach() != w0).flatten(1).any(1)
     assert moved.tolist() == [False] * 4 + [True] * 4
+
+
+def test_the_freezes_copy_is_not_alive_in_the_training_step():
+    """Lightning runs the forward and backward inside optimizer.step(closure): the freeze's
+    copy of the shared channels is taken after them, so it adds nothing to their peak."""
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    with torch.no_grad():
+        net[0].mask_logits.copy_(torch.tensor([-4.0] * 4 + [4.0] * 4))
+    seen = []
+
+    class Watching(CWPSLitModule):
+        def training_step(self, batch, batch_idx):
+            hooks = self.trainer.optimizers[0]._optimizer_step_pre_hooks.values()
+            freeze = next(h.__self__ for h in hooks
+                          if isinstance(getattr(h, "__self__", None), SharedChannelFreeze))
+            steps = freeze._steps.get(self.trainer.optimizers[0])
+            seen.append(0 if steps is None else len(steps.pending))
+            return super().training_step(batch, batch_idx)
+
+    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(Watching(net, num_classes=3, lr=0.1), train_dataloaders=loader(32))
+    assert len(seen) > 1 and seen == [0] * len(seen)

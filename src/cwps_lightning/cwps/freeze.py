@@ -16,6 +16,9 @@ Hooks on the optimiser's step (plain PyTorch), so any training loop gets it by c
 
 from __future__ import annotations
 
+import weakref
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor, nn
 
@@ -23,43 +26,80 @@ from .layers import hard_mask
 from .surgery import cwps_layers
 
 
+@dataclass
+class _Steps:
+    """One optimiser's side of the freeze."""
+
+    step: int = 0
+    # (parameter, indices of its shared rows, those rows packed) for the step under way
+    pending: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    # id(p) -> (shared rows at its last step (bool per channel), their indices, that step)
+    last: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
+    # (the layers, all their decisions in one tensor) at the last step
+    last_flat: tuple[list[int], Tensor] | None = None
+
+
 class SharedChannelFreeze:
     """Restore shared channels' child weights after every optimiser step in the hard stage.
 
-    Before a step it copies out the rows of the channels shared at that step, packed (in index
-    order), and after the step it writes those rows back, and only those (a pass over the
-    shared channels, not over the weight). The copy lives for the step alone: it is taken after
-    the backward, when the step's activations are gone, so it adds nothing to the training
-    peak; held between steps it would (with half the channels shared it is half the weights:
-    on resnet18 21 MiB, 8% of fine-tuning's peak memory growth at batch 32, 112 px). Between
-    steps the shared rows are the weight's own: a restore puts back what they held before the
-    step, and an edit between steps (a checkpoint load) is what the next step keeps. The
-    optimiser's state rows of a channel are zeroed when it turns task-specific again (while
-    shared, they are never applied).
+    Each step it copies out the rows of the channels shared at that step, packed (in index
+    order), and after the step writes those rows back, and only those (a pass over the shared
+    channels, not over the weight). The copy lives for the step alone and is taken after the
+    backward, when the step's activations are gone, so it adds nothing to the training peak;
+    held between steps it would (with half the channels shared it is half the weights: on
+    resnet18 21 MiB, 8% of fine-tuning's peak memory growth at batch 32, 112 px). A step given a
+    closure (Lightning's automatic optimisation: ``optimizer.step(closure)`` runs the forward
+    and backward inside the step) takes it when the closure's first call returns. Between steps
+    the shared rows are the weight's own: a restore puts back what they held before the step,
+    and an edit between steps (a checkpoint load) is what the next step keeps. The optimiser's
+    state rows of a channel are zeroed when it turns task-specific again (while shared, they are
+    never applied). Only the parameters of the optimiser that steps are touched, so one freeze
+    may serve several optimisers.
     """
 
     def __init__(self, model: nn.Module):
         self.layers = [layer for _, layer in cwps_layers(model)]
-        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
-        # id(p) -> (shared rows at its last step (bool per channel), their indices, the step)
-        self._last: dict[int, tuple[Tensor, Tensor, int]] = {}
-        # (the layers, all their decisions in one tensor) at the last step
-        self._last_flat: tuple[list[int], Tensor] | None = None
-        self._step = 0
+        self._steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps] = \
+            weakref.WeakKeyDictionary()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SharedChannelFreeze:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
         return self
 
-    def _shared_index(self, optimizer, p: Tensor, shared: Tensor) -> Tensor:
+    def _before_step(self, optimizer, args, kwargs):
+        steps = self._steps.setdefault(optimizer, _Steps())
+        steps.pending = []
+        steps.step += 1
+        # torch passes step's own arguments, the optimiser first (as ``self``)
+        at = 1 if args and args[0] is optimizer else 0
+        closure = kwargs["closure"] if "closure" in kwargs else \
+            (args[at] if len(args) > at else None)
+        if closure is None:  # the backward has run
+            self._copy_out(optimizer, steps)
+            return None
+        called = False
+
+        def closure_then_copy():
+            nonlocal called
+            loss = closure()
+            if not called:  # an optimiser that calls it again (LBFGS) has moved the weights
+                called = True
+                self._copy_out(optimizer, steps)
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_copy}
+        return (*args[:at], closure_then_copy, *args[at + 1:]), kwargs
+
+    def _shared_index(self, optimizer, steps: _Steps, p: Tensor, shared: Tensor) -> Tensor:
         """The indices of ``shared``; rows shared at ``p``'s last step and not now get their
         optimiser state zeroed."""
-        last = self._last.get(id(p))
+        last = steps.last.get(id(p))
         if last is not None and last[0].shape == shared.shape:
             held, index, _ = last
             if torch.equal(held, shared):
-                self._last[id(p)] = (held, index, self._step)
+                steps.last[id(p)] = (held, index, steps.step)
                 return index
             released = held & ~shared
             if bool(released.any()):  # task-specific again: no stale momentum or moments
@@ -67,40 +107,43 @@ class SharedChannelFreeze:
                     if isinstance(value, Tensor) and value.shape == p.shape:
                         value[released] = 0.0
         index = shared.nonzero().squeeze(1)
-        self._last[id(p)] = (shared, index, self._step)
+        steps.last[id(p)] = (shared, index, steps.step)
         return index
 
     @torch.no_grad()
-    def _before_step(self, optimizer, args, kwargs) -> None:
-        self._pending = []
-        self._step += 1
+    def _copy_out(self, optimizer, steps: _Steps) -> None:
+        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
         layers = [layer for layer in self.layers
                   if layer.stage == "hard" and layer.weight.requires_grad]
-        # the masks of this step's forward: the logits move in the same step
+        # the masks of this step's forward (the logits move in this step)
         per_layer, flat = _shared_channels(layers)
         # the decisions rarely change: one comparison for all layers (one device sync on a
         # GPU, not one per layer) tells whether the last step's indices still hold
         ids = [id(layer) for layer in layers]
-        unchanged = (flat is not None and self._last_flat is not None
-                     and self._last_flat[0] == ids and torch.equal(self._last_flat[1], flat))
-        self._last_flat = None if flat is None else (ids, flat)
+        unchanged = (flat is not None and steps.last_flat is not None
+                     and steps.last_flat[0] == ids and torch.equal(steps.last_flat[1], flat))
+        steps.last_flat = None if flat is None else (ids, flat)
         for layer, shared in zip(layers, per_layer, strict=True):
             for p in (layer.weight, layer.bias):
-                if p is not None and p.requires_grad:
-                    last = self._last.get(id(p)) if unchanged else None
-                    if last is not None and last[2] == self._step - 1:  # p stepped last time
-                        index = last[1]
-                        self._last[id(p)] = (last[0], index, self._step)
-                    else:
-                        index = self._shared_index(optimizer, p, shared)
-                    if index.numel():
-                        self._pending.append((p, index, _rows(p).index_select(0, index)))
+                if p is None or not p.requires_grad or id(p) not in mine:
+                    continue
+                last = steps.last.get(id(p)) if unchanged else None
+                if last is not None and last[2] == steps.step - 1:  # p stepped last time
+                    index = last[1]
+                    steps.last[id(p)] = (last[0], index, steps.step)
+                else:
+                    index = self._shared_index(optimizer, steps, p, shared)
+                if index.numel():
+                    steps.pending.append((p, index, _rows(p).index_select(0, index)))
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        for p, index, packed in self._pending:
+        steps = self._steps.get(optimizer)
+        if steps is None:
+            return
+        for p, index, packed in steps.pending:
             _rows(p).index_copy_(0, index, packed)
-        self._pending = []  # the copies go: the next step takes its own
+        steps.pending = []  # the copies go: the next step takes its own
 
 
 def _shared_channels(layers: list) -> tuple[list[Tensor], Tensor | None]:

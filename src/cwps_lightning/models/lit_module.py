@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..cwps import cwps_layers
 from ..cwps.freeze import SharedChannelFreeze
 from ..methods.base import OptimizerPlan
+from ..optim import make_sgd
 from ..settings import OptimSettings
 
 #: which parameters a fit trains
@@ -50,17 +51,6 @@ def select_trainable(model: nn.Module, mode: str | Callable[[nn.Module], None],
             p.requires_grad_(id(p) not in shared_ids)
         else:
             p.requires_grad_(True)
-
-
-def fused_sgd_ok(param_lists) -> bool:
-    """Whether SGD steps these parameters with torch's fused kernel: on the CPU (floating
-    point), where the per-parameter loop makes four passes over memory per parameter and the
-    fused kernel one (resnet18's step with momentum and weight decay: 8.8 -> 4.3 ms on the
-    2-core CPU machine). It rounds differently from the loop in rare elements (by one ulp, in
-    one of 2M elements after five steps, in a check), which is enough for a training run to
-    end in other weights. CUDA keeps torch's default (multi-tensor) path."""
-    params = [p for ps in param_lists for p in ps]
-    return bool(params) and all(p.is_floating_point() and p.device.type == "cpu" for p in params)
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -195,8 +185,10 @@ class CWPSLitModule(L.LightningModule):
         lr = self.lr if plan.lr is None else plan.lr
         decay = self.weight_decay if plan.weight_decay is None else plan.weight_decay
         if plan.kind == "sgd":
-            opt = torch.optim.SGD(groups, lr=lr, momentum=self.momentum, weight_decay=decay,
-                                  fused=fused_sgd_ok(g["params"] for g in groups))
+            # Lightning refuses to clip the gradients of a fused optimiser under mixed
+            # precision: clipping keeps torch's loop
+            opt = make_sgd(groups, lr=lr, momentum=self.momentum, weight_decay=decay,
+                           fused=False if self.trainer.gradient_clip_val else None)
         elif plan.kind == "adam":
             opt = torch.optim.Adam(groups, lr=lr, weight_decay=decay)
         else:
