@@ -114,3 +114,31 @@ def test_the_bank_refuses_a_model_with_nan_weights():
     with pytest.raises(ValueError, match=r"bank.add\('t1'\): 2.weight has nan/inf"):
         bank.add("t1", bad, 10)
     assert bank.tasks == ["t0"]
+
+
+def test_a_file_the_manifest_names_missing_is_a_store_error(tmp_path):
+    save_store(tmp_path, _bank(2), META)
+    next(tmp_path.glob("kernels-*.safetensors")).unlink()
+    with pytest.raises(StoreError, match=r"kernels-000000\.safetensors: missing \(named by"):
+        MultiTaskStore.load(tmp_path)
+
+
+def test_a_store_replaced_while_it_is_read_loads_the_new_version(tmp_path, monkeypatch):
+    """A reader (evaluate on a running job's store) between the manifest and the tensor files
+    while the writer saves its next version, which removes the old files: the reader takes
+    the new version."""
+    save_store(tmp_path, _bank(2), META)
+    read_manifest = store_module._read_manifest
+    replaced = []
+
+    def read_then_replace(path):
+        manifest = read_manifest(path)
+        if not replaced:
+            replaced.append(manifest["version"])
+            save_store(tmp_path, _bank(3), META)
+        return manifest
+
+    monkeypatch.setattr(store_module, "_read_manifest", read_then_replace)
+    store = MultiTaskStore.load(tmp_path)
+    assert replaced == [0] and store.manifest["version"] == 1
+    assert store.tasks == ["t0", "t1", "t2"]

@@ -219,20 +219,29 @@ def _read_manifest(path: Path) -> dict:
     return manifest
 
 
+class _Missing(StoreError):
+    """A file the manifest names is not there (or went while it was read)."""
+
+
 def _load_tensors(path: Path, info: dict, verify: bool) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     file = path / info["file"]
-    if not file.exists():
-        raise StoreError(f"{file}: missing (named by {path / MANIFEST})")
-    size = file.stat().st_size
-    if size != info["bytes"]:
-        raise StoreError(f"{file}: {size} bytes, the manifest says {info['bytes']} (truncated?)")
-    if verify and _sha256(file) != info["sha256"]:
-        raise StoreError(f"{file}: checksum mismatch, the file is corrupt")
+    missing = f"{file}: missing (named by {path / MANIFEST})"
+    try:
+        size = file.stat().st_size
+        if size != info["bytes"]:
+            raise StoreError(
+                f"{file}: {size} bytes, the manifest says {info['bytes']} (truncated?)")
+        if verify and _sha256(file) != info["sha256"]:
+            raise StoreError(f"{file}: checksum mismatch, the file is corrupt")
+    except FileNotFoundError as err:
+        raise _Missing(missing) from err
     try:
         return load_file(str(file))
     except Exception as err:  # noqa: BLE001 - safetensors raises its own error types
+        if not file.exists():
+            raise _Missing(missing) from err
         raise StoreError(f"{file}: cannot read ({err})") from err
 
 
@@ -249,10 +258,17 @@ class MultiTaskStore:
         path = Path(path)
         if not path.is_dir():
             raise StoreError(f"{path}: no such store directory")
-        manifest = _read_manifest(path)
-        kernels = _load_tensors(path, manifest["files"]["kernels"], verify)
-        task_tensors = _load_tensors(path, manifest["files"]["tasks"], verify)
-        return cls(path, manifest, kernels, task_tensors)
+        for attempt in range(3):
+            manifest = _read_manifest(path)
+            try:
+                kernels = _load_tensors(path, manifest["files"]["kernels"], verify)
+                task_tensors = _load_tensors(path, manifest["files"]["tasks"], verify)
+                return cls(path, manifest, kernels, task_tensors)
+            except _Missing:
+                # a run writing its next version has replaced the files in between: read that
+                if attempt == 2 or _read_manifest(path)["version"] == manifest["version"]:
+                    raise
+        raise AssertionError("unreachable")
 
     @property
     def tasks(self) -> list[str]:
