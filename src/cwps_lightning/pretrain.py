@@ -50,6 +50,9 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
         "batch_size": datamodule.batch_size,
         # training batches are all full (data/base.py): T0s cached before that are not reused
         "batches": "full",
+        # SGD steps with torch's fused kernel on the CPU (optim.py), which rounds otherwise:
+        # T0s pretrained before are not reused either
+        "sgd": "fused on cpu",
     }
 
 
