@@ -92,13 +92,15 @@ class SharedChannelFreeze:
             return args, {**kwargs, "closure": closure_then_copy}
         return (*args[:at], closure_then_copy, *args[at + 1:]), kwargs
 
-    def _shared_index(self, optimizer, steps: _Steps, p: Tensor, shared: Tensor) -> Tensor:
+    def _shared_index(self, optimizer, steps: _Steps, p: Tensor, shared: Tensor,
+                      unchanged: bool) -> Tensor:
         """The indices of ``shared``; rows shared at ``p``'s last step and not now get their
-        optimiser state zeroed."""
+        optimiser state zeroed. ``unchanged``: every layer's decisions are those of the last
+        step, so if ``p`` stepped then too its indices hold without comparing."""
         last = steps.last.get(id(p))
         if last is not None and last[0].shape == shared.shape:
-            held, index, _ = last
-            if torch.equal(held, shared):
+            held, index, stepped = last
+            if (unchanged and stepped == steps.step - 1) or torch.equal(held, shared):
                 steps.last[id(p)] = (held, index, steps.step)
                 return index
             released = held & ~shared
@@ -127,12 +129,7 @@ class SharedChannelFreeze:
             for p in (layer.weight, layer.bias):
                 if p is None or not p.requires_grad or id(p) not in mine:
                     continue
-                last = steps.last.get(id(p)) if unchanged else None
-                if last is not None and last[2] == steps.step - 1:  # p stepped last time
-                    index = last[1]
-                    steps.last[id(p)] = (last[0], index, steps.step)
-                else:
-                    index = self._shared_index(optimizer, steps, p, shared)
+                index = self._shared_index(optimizer, steps, p, shared, unchanged)
                 if index.numel():
                     steps.pending.append((p, index, _rows(p).index_select(0, index)))
 
