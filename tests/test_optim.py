@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from cwps_lightning.optim import fused_sgd_ok, make_sgd
+from cwps_lightning.optim import FusedSGD, fused_sgd_ok, make_sgd
 
 
 def test_fused_sgd_on_cpu_float_parameters_only():
@@ -59,3 +60,114 @@ def test_a_parameter_with_its_first_gradient_late_steps_as_in_the_loop():
         results.append((a.detach().clone(), b.detach().clone()))
     for loop, fused in zip(*results, strict=True):
         torch.testing.assert_close(fused, loop, rtol=1e-6, atol=1e-7)
+
+
+# -- FusedSGD: torch's fused step, channels_last weights as flat views ----------------------------
+def _weights():
+    torch.manual_seed(0)
+    return [
+        torch.randn(32, 16, 3, 3).contiguous(memory_format=torch.channels_last),  # flat
+        torch.randn(5, 3, 3, 3).contiguous(memory_format=torch.channels_last),  # scalar tail
+        torch.randn(10, 32),
+        torch.randn(10),
+    ]
+
+
+def _run(make, weights, steps=4, closure=False, **kwargs):
+    params = [w.clone().requires_grad_() for w in weights]
+    opt = make(params, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.1 * (1 - 0.1 * i)  # a schedule moves it
+
+        def grads():
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            return 0.0
+
+        if closure:
+            opt.step(grads)
+        else:
+            grads()
+            opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"momentum": 0.9, "weight_decay": 5e-4},
+    {"momentum": 0.9, "weight_decay": 1e-2, "nesterov": True},
+    {"momentum": 0.5, "dampening": 0.3, "maximize": True},
+    {"momentum": 0.0, "weight_decay": 5e-4},
+])
+@pytest.mark.parametrize("closure", [False, True])
+def test_fused_sgd_gives_torchs_fused_step_bit_for_bit(kwargs, closure):
+    weights = _weights()
+    ours, opt = _run(lambda p, **kw: FusedSGD(p, lr=0.1, **kw), weights, closure=closure,
+                     **kwargs)
+    theirs, ref = _run(lambda p, **kw: torch.optim.SGD(p, lr=0.1, fused=True, **kw), weights,
+                       closure=closure, **kwargs)
+    for a, b, w in zip(ours, theirs, weights, strict=True):
+        assert not torch.equal(a, w)
+        assert torch.equal(a, b) and a.stride() == w.stride()
+    if kwargs["momentum"]:
+        for a, b in zip(ours, theirs, strict=True):
+            buf_a, buf_b = opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"]
+            assert torch.equal(buf_a, buf_b) and buf_a.stride() == a.stride()
+
+
+def test_fused_sgd_steps_channels_last_weights_without_copies():
+    from torch.profiler import ProfilerActivity, profile
+
+    w = torch.randn(64, 32, 3, 3).contiguous(memory_format=torch.channels_last)
+    copies = {}
+    for name, make in (("ours", lambda p: FusedSGD(p, lr=0.1, momentum=0.9)),
+                       ("torch", lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, fused=True))):
+        p = w.clone().requires_grad_()
+        opt = make([p])
+        p.grad = torch.ones_like(p)  # channels_last, as autograd makes it
+        opt.step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            opt.step()
+        copies[name] = sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+    assert copies["torch"] > 0  # what FusedSGD is for
+    assert copies["ours"] == 0
+
+
+def test_fused_sgd_runs_its_step_hooks_once():
+    """Making any torch SGD wraps SGD.step with the hook runner; FusedSGD.step must not call
+    it again (its hooks would run twice)."""
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    p = torch.zeros(3, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1, momentum=0.9)
+    calls = []
+    opt.register_step_pre_hook(lambda *a: calls.append("pre"))
+    opt.register_step_post_hook(lambda *a: calls.append("post"))
+    p.grad = torch.ones(3)
+    opt.step()
+    assert calls == ["pre", "post"]
+
+
+def test_fused_sgd_skips_a_step_the_grad_scaler_found_inf_in():
+    """Also the first step, whose momentum buffer must then not be left uninitialised."""
+    garbage = [torch.full((4096,), 3e17) for _ in range(64)]  # freed memory holds big values
+    del garbage
+    p = torch.ones(4, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1, momentum=0.9)
+    p.grad = torch.ones(4)
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), torch.ones(4))
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros(4))
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()  # the gradient unscaled: 0.5
+    assert torch.allclose(p.detach(), torch.full((4,), 1 - 0.1 * 0.5))
+
+
+def test_fused_sgd_refuses_sparse_gradients():
+    p = torch.zeros(3, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1)
+    p.grad = torch.zeros(3).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()

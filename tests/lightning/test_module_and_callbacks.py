@@ -14,6 +14,7 @@ from cwps_lightning.callbacks import MaskStageCallback
 from cwps_lightning.cwps import cwps_layers, inject_cwps
 from cwps_lightning.cwps.freeze import SharedChannelFreeze
 from cwps_lightning.models import CWPSLitModule, select_trainable
+from cwps_lightning.optim import FusedSGD
 
 
 def small_net(classes=3):
@@ -158,7 +159,7 @@ def fit_small(module, epochs=1, **trainer_args):
     return trainer
 
 
-@pytest.mark.parametrize("kind, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam),
+@pytest.mark.parametrize("kind, cls", [("sgd", FusedSGD), ("adam", torch.optim.Adam),
                                        ("adamw", torch.optim.AdamW)])
 def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):
     from cwps_lightning.methods.base import OptimizerPlan
@@ -177,7 +178,7 @@ def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):
 def test_sgd_on_the_cpu_steps_with_the_fused_kernel():
     trainer = fit_small(CWPSLitModule(small_net(), num_classes=3, lr=0.2))
     opt = trainer.optimizers[0]
-    assert type(opt) is torch.optim.SGD and all(g["fused"] for g in opt.param_groups)
+    assert type(opt) is FusedSGD and all(g["fused"] for g in opt.param_groups)
 
 
 def test_gradient_clipping_under_mixed_precision_keeps_the_loop():
