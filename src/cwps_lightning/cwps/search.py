@@ -60,14 +60,18 @@ def check_distance(distance: str) -> str:
     return distance
 
 
-def kernel_distances(child: Tensor, candidates: Tensor, distance: str = DEFAULT_DISTANCE) -> Tensor:
+def kernel_distances(child: Tensor, candidates: Tensor | list[Tensor],
+                     distance: str = DEFAULT_DISTANCE) -> Tensor:
     """D between child kernel j and every candidate's kernel j.
 
-    child: [C, ...]; candidates: [T, C, ...]. Returns [T, C]. "l2" is the Euclidean distance,
-    "cosine" is 1 - cosine similarity (so smaller is nearer for both).
+    child: [C, ...]; candidates: [T, C, ...] stacked, or a list of T [C, ...] tensors (no
+    stacked copy of them). Returns [T, C]. "l2" is the Euclidean distance, "cosine" is
+    1 - cosine similarity (so smaller is nearer for both).
     """
     check_distance(distance)
-    return _distance_rows(child, list(candidates.unbind(0)), distance)
+    if isinstance(candidates, Tensor):
+        candidates = list(candidates.unbind(0))
+    return _distance_rows(child, candidates, distance)
 
 
 def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str) -> Tensor:
@@ -96,8 +100,10 @@ def _normalised(k: Tensor, eps: float = 1e-12) -> Tensor:
     return k / torch.linalg.vector_norm(k, 2, dim=-1, keepdim=True).clamp_min(eps)
 
 
-def nearest_parents(child: Tensor, candidates: Tensor, distance: str = DEFAULT_DISTANCE):
-    """Index [C] of the nearest candidate for each channel, and that distance [C]."""
+def nearest_parents(child: Tensor, candidates: Tensor | list[Tensor],
+                    distance: str = DEFAULT_DISTANCE):
+    """Index [C] of the nearest candidate for each channel, and that distance [C]
+    (``candidates`` as :func:`kernel_distances` takes them)."""
     d = kernel_distances(child, candidates, distance)
     dist, choice = d.min(dim=0)
     return choice, dist
@@ -208,8 +214,8 @@ def search_parents(
         weights, biases, ids, names = bank.candidate_lists(name, exclude=task)
         device = layer.weight.device
         weights = [w.to(device) for w in weights]
-        dist, choice = _distance_rows(layer.weight.detach().float(),
-                                      [w.float() for w in weights], distance).min(dim=0)
+        choice, dist = nearest_parents(layer.weight.detach().float(),
+                                       [w.float() for w in weights], distance)
         parent_b = (None if biases is None
                     else gather_channels([b.to(device) for b in biases], choice))
         layer.set_parent(gather_channels(weights, choice), parent_b)
