@@ -8,6 +8,7 @@ from torch import nn
 
 from cwps_lightning.cwps import inject_cwps, set_stage
 from cwps_lightning.cwps.freeze import SharedChannelFreeze
+from cwps_lightning.optim import make_sgd
 
 
 def setup(stage: str, optimizer: str = "sgd", train_masks: bool = True):
@@ -254,3 +255,87 @@ def test_each_optimiser_zeroes_its_own_state_when_a_channel_flips_back():
     b.step()
     # the bias's momentum row started from zero: buf = 0.9 * 0 + grad + wd * b
     assert b.state[layer.bias]["momentum_buffer"][0].item() == pytest.approx(g0 + 0.1 * b0)
+
+
+def _all_shared_then_hard(optimizer: str):
+    """net[0] with every channel shared, net[3] half; one soft step first (momentum exists)."""
+    net, _ = setup("soft", train_masks=False)
+    # (the loss is in the thousands with these parents: a larger lr takes it to inf)
+    opt = make_sgd(list(net.parameters()), lr=1e-5, momentum=0.9, weight_decay=0.1,
+                   fused=optimizer == "fused")
+    with torch.no_grad():
+        net[0].mask_logits.fill_(-3.0)
+    steps(net, opt, 1)
+    set_stage(net, "hard")
+    return net, opt
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "fused"])
+def test_a_parameter_with_every_channel_shared_sits_the_step_out(optimizer):
+    """Under SGD it is not stepped at all: its weight and momentum stay bit for bit, its
+    gradient is back after the step; the half-shared layer still trains its specific rows."""
+    net, opt = _all_shared_then_hard(optimizer)
+    freeze = SharedChannelFreeze(net).attach(opt)
+    w0, b0 = net[0].weight.detach().clone(), net[0].bias.detach().clone()
+    buf0 = opt.state[net[0].weight]["momentum_buffer"].clone()
+    lin0 = net[3].weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        opt.zero_grad()
+        net(x).pow(2).mean().backward()
+        grad = net[0].weight.grad
+        opt.step()
+        assert net[0].weight.grad is grad and freeze._steps[opt].sat_out == []
+    assert torch.equal(net[0].weight.detach(), w0) and torch.equal(net[0].bias.detach(), b0)
+    assert torch.equal(opt.state[net[0].weight]["momentum_buffer"], buf0)
+    shared = ~(torch.sigmoid(net[3].mask_logits.detach()) >= 0.5)
+    moved = (net[3].weight.detach() != lin0).any(1)
+    assert not moved[shared].any() and moved[~shared].all()
+
+
+def test_sitting_out_moves_the_weights_as_the_copy_does():
+    """Sitting out and copying give the same weights bit for bit, through a channel of the
+    all-shared layer turning task-specific again (its momentum row starts from zero either
+    way); the momentum buffers agree on every task-specific row."""
+    nets = []
+    for sit_out in (None, False):
+        net, opt = _all_shared_then_hard("sgd")
+        SharedChannelFreeze(net, sit_out=sit_out).attach(opt)
+        nets.append((net, opt))
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    for step in range(4):
+        if step == 2:
+            for net, _ in nets:
+                with torch.no_grad():
+                    net[0].mask_logits[1] = 3.0
+        for net, opt in nets:
+            opt.zero_grad()
+            net(x).pow(2).mean().backward()
+            opt.step()
+        (a, opt_a), (b, opt_b) = nets
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert pa.isfinite().all() and torch.equal(pa, pb)
+    specific = torch.sigmoid(a[0].mask_logits.detach()) >= 0.5
+    assert specific.tolist() == [False, True, False, False, False, False]
+    bufs = [opt.state[net[0].weight]["momentum_buffer"] for net, opt in nets]
+    assert torch.equal(bufs[0][specific], bufs[1][specific])
+    assert not torch.equal(bufs[0][~specific], bufs[1][~specific])  # the copy decayed them
+
+
+def test_adam_keeps_copying_a_parameter_with_every_channel_shared():
+    """Adam's step count is the parameter's: it steps (count and all) and the copy restores."""
+    net, _ = setup("hard", train_masks=False)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1, weight_decay=0.1)
+    with torch.no_grad():
+        net[0].mask_logits.fill_(-3.0)
+    SharedChannelFreeze(net).attach(opt)
+    w0 = net[0].weight.detach().clone()
+    steps(net, opt, 2)
+    assert torch.equal(net[0].weight.detach(), w0)
+    assert float(opt.state[net[0].weight]["step"]) == 2.0
+
+
+def test_sit_out_takes_none_or_false():
+    net, _ = setup("hard")
+    with pytest.raises(ValueError, match="sit_out must be None .* got True"):
+        SharedChannelFreeze(net, sit_out=True)

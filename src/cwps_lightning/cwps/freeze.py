@@ -11,7 +11,10 @@ stale momentum.
 
 Hooks on the optimiser's step (plain PyTorch), so any training loop gets it by calling
 :meth:`attach`; around every step it copies the shared channels' child kernels out and back
-(two passes over the shared channels only).
+(two passes over the shared channels only). A parameter whose channels are all shared (whole
+layers are, deep in a backbone: the default job shares every channel of the four 3x3
+convolutions of resnet18's last stage, three quarters of its weights) is not copied at all under
+SGD: it sits the step out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ class _Steps:
     step: int = 0
     # (parameter, indices of its shared rows, those rows packed) for the step under way
     pending: list[tuple[Tensor, Tensor, Tensor]] = field(default_factory=list)
+    # (parameter, its gradient) of the parameters sitting the step under way out
+    sat_out: list[tuple[Tensor, Tensor]] = field(default_factory=list)
     # id(p) -> (shared rows at its last step (bool per channel), their indices, that step)
     last: dict[int, tuple[Tensor, Tensor, int]] = field(default_factory=dict)
     # (the layers, all their decisions in one tensor) at the last step
@@ -55,10 +60,22 @@ class SharedChannelFreeze:
     state rows of a channel are zeroed when it turns task-specific again (while shared, they are
     never applied). Only the parameters of the optimiser that steps are touched, so one freeze
     may serve several optimisers.
+
+    A parameter with every channel shared sits the step out instead, under SGD (and its
+    subclasses): its gradient is taken away for the step (SGD steps only parameters with one)
+    and handed back after it. The weight is then bit for bit what the copy would restore, with
+    no pass over it at all (copy out, SGD, copy back); what differs is the momentum buffer,
+    which keeps its rows rather than decaying them, and a shared channel's buffer rows are never
+    applied and are zeroed before it trains again. Other optimisers keep the copy: Adam's step
+    count is per parameter, so sitting out would change the bias correction of the parameter's
+    later steps. ``sit_out``: None (the default) sits out under SGD only; False always copies.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, sit_out: bool | None = None):
+        if sit_out not in (None, False):
+            raise ValueError(f"sit_out must be None (under SGD) or False, got {sit_out!r}")
         self.layers = [layer for _, layer in cwps_layers(model)]
+        self.sit_out = sit_out
         self._steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps] = \
             weakref.WeakKeyDictionary()
 
@@ -69,7 +86,9 @@ class SharedChannelFreeze:
 
     def _before_step(self, optimizer, args, kwargs):
         steps = self._steps.setdefault(optimizer, _Steps())
-        steps.pending = []
+        # a step that raised before its post-hook: its copies and the gradients it took go
+        # (a gradient handed back now could be summed into by this step's backward)
+        steps.pending, steps.sat_out = [], []
         steps.step += 1
         # torch passes step's own arguments, the optimiser first (as ``self``)
         at = 1 if args and args[0] is optimizer else 0
@@ -125,13 +144,20 @@ class SharedChannelFreeze:
         unchanged = (flat is not None and steps.last_flat is not None
                      and steps.last_flat[0] == ids and torch.equal(steps.last_flat[1], flat))
         steps.last_flat = None if flat is None else (ids, flat)
+        sit_out = self.sit_out is None and isinstance(optimizer, torch.optim.SGD)
         for layer, shared in zip(layers, per_layer, strict=True):
             for p in (layer.weight, layer.bias):
                 if p is None or not p.requires_grad or id(p) not in mine:
                     continue
                 index = self._shared_index(optimizer, steps, p, shared, unchanged)
-                if index.numel():
-                    steps.pending.append((p, index, _rows(p).index_select(0, index)))
+                if not index.numel():
+                    continue
+                if sit_out and index.numel() == p.shape[0]:
+                    if p.grad is not None:  # (without one, SGD leaves it alone already)
+                        steps.sat_out.append((p, p.grad))
+                        p.grad = None
+                    continue
+                steps.pending.append((p, index, _rows(p).index_select(0, index)))
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
@@ -141,6 +167,15 @@ class SharedChannelFreeze:
         for p, index, packed in steps.pending:
             _rows(p).index_copy_(0, index, packed)
         steps.pending = []  # the copies go: the next step takes its own
+        self._hand_back(steps)
+
+    @staticmethod
+    def _hand_back(steps: _Steps) -> None:
+        """The gradients of the parameters that sat the step out, back where they were."""
+        for p, grad in steps.sat_out:
+            if p.grad is None:
+                p.grad = grad
+        steps.sat_out = []
 
 
 def _shared_channels(layers: list) -> tuple[list[Tensor], Tensor | None]:
