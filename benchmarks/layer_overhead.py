@@ -46,8 +46,15 @@ Also reported, allocator-independent: the bytes of the tensors autograd saves fo
 one step (unique storages, via torch.autograd.graph.saved_tensors_hooks), excluding storages
 that belong to the model's parameters and buffers.
 
+Decisions: by default the CWPS variants' mask scores are N(0, 2), about half of every layer's
+channels task-specific, so every hard-stage parameter has shared rows to restore. A trained job
+shares unevenly (the default job: every channel of resnet18's last-stage 3x3 convolutions, which
+then sit the SGD step out, see cwps/freeze.py); ``--decisions path/to/results.json`` takes that
+job's fraction of task-specific channels per layer (``--decisions-task``: which task's).
+
     python benchmarks/layer_overhead.py [--device cpu|cuda] [--batch 32] [--size 112]
-        [--steps N] [--warmup N] [--model resnet18] [--out path.json]
+        [--steps N] [--warmup N] [--model resnet18] [--decisions random|results.json]
+        [--out path.json]
 """
 
 from __future__ import annotations
@@ -243,13 +250,44 @@ def build_base(model_name: str, seed: int) -> nn.Module:
     return timm.create_model(model_name, pretrained=False)
 
 
+def load_decisions(path: str, task: str | None = None) -> tuple[str, dict[str, float]]:
+    """(task, {layer: fraction of its channels task-specific}) from a training job's
+    results.json (``methods.cwps.tasks.<task>.specific_by_layer``); task None: the last one."""
+    try:
+        results = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--decisions {path}: not a readable results.json ({e})") from e
+    tasks = results.get("methods", {}).get("cwps", {}).get("tasks", {})
+    tasks = {t: v["specific_by_layer"] for t, v in tasks.items() if "specific_by_layer" in v}
+    if not tasks:
+        raise SystemExit(f"--decisions {path}: no CWPS task with specific_by_layer in it "
+                         "(methods.cwps.tasks.<task>.specific_by_layer)")
+    if task is None:
+        task = list(tasks)[-1]
+    if task not in tasks:
+        raise SystemExit(f"--decisions-task {task!r} is not in {path}; it has {list(tasks)}")
+    return task, tasks[task]
+
+
 @torch.no_grad()
-def make_cwps(base: nn.Module, seed: int) -> nn.Module:
-    """inject_cwps into a copy; random parents (perturbed child) and random mask logits."""
+def make_cwps(base: nn.Module, seed: int, decisions: dict[str, float] | None = None) -> nn.Module:
+    """inject_cwps into a copy; random parents (perturbed child) and random mask logits, or
+    with ``decisions`` (layer -> fraction task-specific, load_decisions) that fraction of each
+    layer's channels task-specific (which ones drawn at random), the rest shared."""
     model = copy.deepcopy(base)
     inject_cwps(model)
     g = torch.Generator().manual_seed(seed + 1)
-    for _, layer in cwps_layers(model):
+    pick = torch.Generator().manual_seed(seed + 2)  # its own: the parents stay those of random
+    layers = list(cwps_layers(model))
+    if decisions is not None:
+        names = [name for name, _ in layers]
+        if set(names) != set(decisions):
+            raise SystemExit(
+                f"--decisions: its layers are not this model's CWPS layers (missing "
+                f"{sorted(set(names) - set(decisions))[:5]}, unknown "
+                f"{sorted(set(decisions) - set(names))[:5]}): use the job's backbone"
+            )
+    for name, layer in layers:
         w = layer.weight.detach().cpu()
         noise = torch.randn(w.shape, generator=g) * w.std() * 0.5
         pb = None
@@ -259,20 +297,26 @@ def make_cwps(base: nn.Module, seed: int) -> nn.Module:
         layer.set_parent((w + noise).to(layer.weight.device), pb)
         # N(0, 2): about half the channels specific (sigmoid >= 0.5), half shared
         logits = torch.randn(layer.mask_logits.shape, generator=g) * 2.0
+        if decisions is not None:  # (drawn all the same: the parents stay those of random)
+            c = logits.numel()
+            specific = torch.randperm(c, generator=pick)[: round(decisions[name] * c)]
+            logits = torch.full((c,), -3.0)
+            logits[specific] = 3.0  # sigmoid 0.95 / 0.05: either side of any threshold used
         layer.mask_logits.copy_(logits.to(layer.mask_logits.device))
     return model
 
 
-def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) -> nn.Module:
+def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int,
+                 decisions: dict[str, float] | None = None) -> nn.Module:
     if name.endswith(COMPILED):
-        return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed))
+        return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed, decisions))
     if name == "finetune":
         model = copy.deepcopy(base)
         use_small_input_convs(model)
     elif name == "finetune-conv2d":
         model = copy.deepcopy(base)
     else:
-        model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed))
+        model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed, decisions))
         if name in SWAPS:
             swap_layers(model, name)
         if name.endswith(PER_LAYER):
@@ -282,12 +326,14 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int) 
     return model.train()
 
 
-def build_all(names, model_name, seed, device, channels_last: bool = False):
+def build_all(names, model_name, seed, device, channels_last: bool = False,
+              decisions: dict[str, float] | None = None):
     base = build_base(model_name, seed)
-    cwps = make_cwps(base, seed) if any(n != "finetune" for n in names) else None
+    cwps = make_cwps(base, seed, decisions) if any(n != "finetune" for n in names) else None
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     models = {
-        n: make_variant(n, base, cwps, seed).to(device, memory_format=fmt) for n in names
+        n: make_variant(n, base, cwps, seed, decisions).to(device, memory_format=fmt)
+        for n in names
     }
     del base, cwps
     return models
@@ -401,7 +447,8 @@ def saved_tensor_bytes(model, opt, x, y) -> dict:
 def memory_worker(args) -> dict:
     device = torch.device(args.device)
     name = args._worker
-    models = build_all([name], args.model, args.seed, device, args.channels_last)
+    models = build_all([name], args.model, args.seed, device, args.channels_last,
+                       decisions_of(args))
     model = models.pop(name)
     opt = make_optimizer(model)
     x, y = make_batch(args, device, num_classes_of(model))
@@ -473,7 +520,10 @@ def run_memory(args, names) -> dict:
             str(args.mem_steps),
             "--amp",
             args.amp,
-        ] + (["--channels-last"] if args.channels_last else [])
+        ] + (["--channels-last"] if args.channels_last else []) + (
+            [] if args.decisions == "random"
+            else ["--decisions", args.decisions, "--decisions-task", decisions_of(args, True)]
+        )
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -634,8 +684,26 @@ def parse_args(argv=None):
         action="store_true",
         help="CPU memory workers: keep glibc's dynamic mmap threshold",
     )
+    p.add_argument(
+        "--decisions", default="random",
+        help="which channels the CWPS variants share: 'random' (N(0, 2) mask scores: about half "
+        "of every layer's channels) or a training job's results.json, whose per-layer "
+        "task-specific fractions (methods.cwps.tasks.<task>.specific_by_layer) it takes, the "
+        "channels drawn at random (the job's backbone only)",
+    )
+    p.add_argument("--decisions-task", default=None,
+                   help="with --decisions PATH: the task whose decisions to take (default: the "
+                   "file's last task)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def decisions_of(args, task_only: bool = False):
+    """--decisions as make_cwps takes it (None for random); ``task_only``: the task's name."""
+    if args.decisions == "random":
+        return None
+    task, fractions = load_decisions(args.decisions, args.decisions_task)
+    return task if task_only else fractions
 
 
 def main(argv=None):
@@ -664,6 +732,12 @@ def main(argv=None):
         flush=True,
     )
 
+    decisions = decisions_of(args)  # (a bad file stops the run here, before any work)
+    if decisions is not None:
+        print(f"decisions: {args.decisions}, task {decisions_of(args, True)} (mean "
+              f"{statistics.mean(decisions.values()):.2f} of a layer's channels task-specific)",
+              flush=True)
+
     # Memory first, while this process is still small (a child's ru_maxrss starts from the
     # parent's high-water mark at exec).
     mem = {}
@@ -675,7 +749,7 @@ def main(argv=None):
         mem = run_memory(args, names)
 
     print("building models ...", flush=True)
-    models = build_all(names, args.model, args.seed, device, args.channels_last)
+    models = build_all(names, args.model, args.seed, device, args.channels_last, decisions)
     n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
     equiv = check_equivalence(models, args, device)
     for n, r in equiv.items():
@@ -784,6 +858,9 @@ def main(argv=None):
                 else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(1 << 20)),
             },
             "cwps_layers": n_cwps,
+            # which channels the CWPS variants shared: random, or a job's (file, task)
+            "decisions": "random" if decisions is None
+            else {"results": args.decisions, "task": decisions_of(args, True)},
             "targets": {"time_ratio_max": TARGET_TIME, "mem_ratio_max": TARGET_MEM},
             "equivalence_check": equiv,
             "variants": rows,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 
+import pytest
 import torch
 
 from .helpers import load_benchmark
@@ -70,3 +72,52 @@ def test_cwps_variants_step_with_the_jobs_shared_channel_freeze():
     bench.train_step(model, opt, x, y)
     moved = (layer.weight.detach() != before).flatten(1).any(1)
     assert not moved[shared].any() and moved[~shared].all()
+
+
+def _job_results(tmp_path, model):
+    """A results.json as the training job writes it, with per-layer fractions for model."""
+    bench = load_benchmark("layer_overhead")
+    names = [name for name, _ in bench.cwps_layers(bench.make_cwps(model, 0))]
+    fractions = {name: (0.0 if i % 3 == 0 else 1.0 if i % 3 == 1 else 0.25)
+                 for i, name in enumerate(names)}
+    tasks = {"a": {"specific_by_layer": {n: 1.0 for n in names}},
+             "b": {"specific_by_layer": fractions}}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"methods": {"cwps": {"tasks": tasks}}}))
+    return path, fractions
+
+
+def test_decisions_from_a_job_share_each_layers_fraction_of_channels(tmp_path):
+    bench = load_benchmark("layer_overhead")
+    base = bench.build_base("resnet18", 0)
+    path, fractions = _job_results(tmp_path, base)
+    task, loaded = bench.load_decisions(str(path))
+    assert task == "b" and loaded == fractions  # the last task by default
+    model = bench.make_cwps(base, 0, loaded)
+    for name, layer in bench.cwps_layers(model):
+        specific = torch.sigmoid(layer.mask_logits) >= layer.threshold
+        assert int(specific.sum()) == round(fractions[name] * specific.numel()), name
+    # the parents are those of the random decisions (only the mask scores differ)
+    random = dict(bench.cwps_layers(bench.make_cwps(base, 0)))
+    for name, layer in bench.cwps_layers(model):
+        assert torch.equal(layer.parent_weight, random[name].parent_weight), name
+    args = bench.parse_args(["--decisions", str(path), "--decisions-task", "a"])
+    assert bench.decisions_of(args, True) == "a" and set(bench.decisions_of(args).values()) == {1.0}
+    assert bench.decisions_of(bench.parse_args([])) is None
+
+
+def test_bad_decisions_name_what_is_wrong(tmp_path):
+    bench = load_benchmark("layer_overhead")
+    base = bench.build_base("resnet18", 0)
+    path, _ = _job_results(tmp_path, base)
+    with pytest.raises(SystemExit, match=r"--decisions-task 'c' is not in .*\['a', 'b'\]"):
+        bench.load_decisions(str(path), "c")
+    with pytest.raises(SystemExit, match="not a readable results.json"):
+        bench.load_decisions(str(tmp_path / "missing.json"))
+    (tmp_path / "other.json").write_text(json.dumps({"methods": {"finetune": {}}}))
+    with pytest.raises(SystemExit, match="no CWPS task with specific_by_layer"):
+        bench.load_decisions(str(tmp_path / "other.json"))
+    _, fractions = bench.load_decisions(str(path))
+    fractions["not.a.layer"] = 1.0
+    with pytest.raises(SystemExit, match=r"unknown \['not.a.layer'\]"):
+        bench.make_cwps(base, 0, fractions)
