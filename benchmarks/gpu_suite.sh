@@ -8,6 +8,8 @@
 #                                  also without the ComposeGroups: cwps-hard-per-layer)
 #   3. the built-in benchmark end to end on the GPU with 16-bit mixed precision (trainer=gpu),
 #      on the two MNIST-derived tasks (optdigits needs scikit-learn, which GPU images may lack)
+#   4. the digits shape again with the decisions that run reached (--decisions: whole layers
+#      shared, which sit the hard stage's SGD step out), time only
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR     (PYTHON=... to pick the interpreter)
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR}
@@ -39,4 +41,7 @@ step overhead_paper_bf16 240 $PY benchmarks/layer_overhead.py --device cuda --mo
   --out "$OUT/overhead_paper_bf16.json"
 step train_amp 240 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
   trainer.enable_progress_bar=false "hydra.run.dir=$OUT/train" "paths.cache_dir=$OUT/cache"
+step overhead_digits_job_decisions 90 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
+  --skip-memory --warmup 3 --variants finetune,cwps-soft,cwps-hard \
+  --decisions "$OUT/train/results.json" --out "$OUT/overhead_digits_job_decisions.json"
 exit $status
