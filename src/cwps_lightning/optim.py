@@ -54,6 +54,10 @@ class FusedSGD(torch.optim.SGD):
     2.14.1: weights of 1e3 after one step of 0.05).
     """
 
+    #: a step leaves a parameter without a gradient alone and calls a closure once, as
+    #: torch's SGD does: cwps.freeze.SharedChannelFreeze lets wholly shared weights sit it out
+    sgd_skips_params_without_grad = True
+
     def __init__(self, params, lr: float, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False):
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening,

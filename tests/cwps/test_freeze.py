@@ -339,3 +339,85 @@ def test_sit_out_takes_none_or_false():
     net, _ = setup("hard")
     with pytest.raises(ValueError, match="sit_out must be None .* got True"):
         SharedChannelFreeze(net, sit_out=True)
+
+
+@pytest.mark.parametrize("kind", ["dampening", "torch-fused"])
+def test_a_parameter_without_a_momentum_buffer_yet_is_copied(kind):
+    """Shared from the first step, a parameter has no momentum buffer: SGD would start one as
+    the gradient where the copy path's zeroed row steps from zero (dampening makes them differ)
+    and torch's fused step refuses a mix of missing and present buffers. It is copied until it
+    has one: the same weights as always copying, through a channel turning task-specific."""
+    nets = []
+    for sit_out in (None, False):
+        net, _ = setup("hard", train_masks=False)
+        with torch.no_grad():
+            net[0].mask_logits.fill_(-3.0)
+        opt = torch.optim.SGD(net.parameters(), lr=1e-5, momentum=0.9, weight_decay=0.1,
+                              dampening=0.5 if kind == "dampening" else 0.0,
+                              fused=kind == "torch-fused")
+        SharedChannelFreeze(net, sit_out=sit_out).attach(opt)
+        nets.append((net, opt))
+    for step in range(4):
+        if step == 2:
+            for net, _ in nets:
+                with torch.no_grad():
+                    net[0].mask_logits[1] = 3.0
+        steps(nets[0][0], nets[0][1], 1)
+        steps(nets[1][0], nets[1][1], 1)
+        for pa, pb in zip(nets[0][0].parameters(), nets[1][0].parameters(), strict=True):
+            assert torch.equal(pa, pb)
+
+
+class _ClosureTwiceSGD(torch.optim.SGD):
+    """An SGD subclass whose step runs the closure twice (a probe pass, then the real one)."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            closure()
+            loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad.add(p, alpha=group["weight_decay"]), alpha=-group["lr"])
+        return loss
+
+
+def test_an_sgd_subclass_that_does_not_declare_it_keeps_the_copy():
+    """Its second closure call makes a fresh gradient the step applies: sitting out would let
+    the wholly shared weight move. Undeclared subclasses are copied; torch's SGD and FusedSGD
+    sit out."""
+    net, _ = setup("hard", train_masks=False)
+    with torch.no_grad():
+        net[0].mask_logits.fill_(-3.0)
+    opt = _ClosureTwiceSGD(net.parameters(), lr=1e-3, weight_decay=0.1)
+    freeze = SharedChannelFreeze(net).attach(opt)
+    w0 = net[0].weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def closure():
+        opt.zero_grad()
+        loss = net(x).pow(2).mean()
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert torch.equal(net[0].weight.detach(), w0)
+    assert not freeze._steps[opt].sat_out
+    assert freeze._steps[opt].step == 2
+
+
+def test_attaching_twice_is_one_attachment():
+    """A second attach would take the gradients in its pre-hook after the first did, and
+    drop them: it does nothing."""
+    net, opt = _all_shared_then_hard("sgd")
+    freeze = SharedChannelFreeze(net)
+    assert freeze.attach(opt) is freeze.attach(opt)
+    assert len(opt._optimizer_step_pre_hooks) == 1
+    w0 = net[0].weight.detach().clone()
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(1))
+    opt.zero_grad()
+    net(x).pow(2).mean().backward()
+    opt.step()
+    assert net[0].weight.grad is not None and torch.equal(net[0].weight.detach(), w0)

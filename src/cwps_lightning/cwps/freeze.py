@@ -61,14 +61,20 @@ class SharedChannelFreeze:
     never applied). Only the parameters of the optimiser that steps are touched, so one freeze
     may serve several optimisers.
 
-    A parameter with every channel shared sits the step out instead, under SGD (and its
-    subclasses): its gradient is taken away for the step (SGD steps only parameters with one)
-    and handed back after it. The weight is then bit for bit what the copy would restore, with
-    no pass over it at all (copy out, SGD, copy back); what differs is the momentum buffer,
-    which keeps its rows rather than decaying them, and a shared channel's buffer rows are never
-    applied and are zeroed before it trains again. Other optimisers keep the copy: Adam's step
-    count is per parameter, so sitting out would change the bias correction of the parameter's
-    later steps. ``sit_out``: None (the default) sits out under SGD only; False always copies.
+    A parameter with every channel shared sits the step out instead, under SGD: its gradient is
+    taken away for the step (SGD steps only parameters with one) and handed back after it. The
+    weight is then bit for bit what the copy would restore, with no pass over it at all (copy
+    out, SGD, copy back); what differs is the momentum buffer, which keeps its rows rather than
+    decaying them, and a shared channel's buffer rows are never applied and are zeroed before it
+    trains again. A parameter without a momentum buffer yet (momentum on) takes the copy: SGD
+    starts a missing buffer as the gradient, not as a step from zero (with dampening the numbers
+    would differ; torch's fused step refuses a mix of missing and present buffers). Only
+    ``torch.optim.SGD`` itself and classes that declare ``sgd_skips_params_without_grad = True``
+    (``optim.FusedSGD``) sit out: a subclass might call the closure twice (a second backward
+    makes a fresh gradient the step would apply) or step parameters without one. Other
+    optimisers keep the copy: Adam's step count is per parameter, so sitting out would change
+    the bias correction of the parameter's later steps. ``sit_out``: None (the default) sits out
+    where it can; False always copies. Attaching one freeze to an optimiser twice is a no-op.
     """
 
     def __init__(self, model: nn.Module, sit_out: bool | None = None):
@@ -76,10 +82,14 @@ class SharedChannelFreeze:
             raise ValueError(f"sit_out must be None (under SGD) or False, got {sit_out!r}")
         self.layers = [layer for _, layer in cwps_layers(model)]
         self.sit_out = sit_out
+        self._attached: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
         self._steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps] = \
             weakref.WeakKeyDictionary()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SharedChannelFreeze:
+        if optimizer in self._attached:  # twice would take the gradients and drop them
+            return self
+        self._attached.add(optimizer)
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
         return self
@@ -133,7 +143,7 @@ class SharedChannelFreeze:
 
     @torch.no_grad()
     def _copy_out(self, optimizer, steps: _Steps) -> None:
-        mine = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        mine = {id(p): group for group in optimizer.param_groups for p in group["params"]}
         layers = [layer for layer in self.layers
                   if layer.stage == "hard" and layer.weight.requires_grad]
         # the masks of this step's forward (the logits move in this step)
@@ -144,7 +154,7 @@ class SharedChannelFreeze:
         unchanged = (flat is not None and steps.last_flat is not None
                      and steps.last_flat[0] == ids and torch.equal(steps.last_flat[1], flat))
         steps.last_flat = None if flat is None else (ids, flat)
-        sit_out = self.sit_out is None and isinstance(optimizer, torch.optim.SGD)
+        sit_out = self.sit_out is None and _sgd_that_skips(optimizer)
         for layer, shared in zip(layers, per_layer, strict=True):
             for p in (layer.weight, layer.bias):
                 if p is None or not p.requires_grad or id(p) not in mine:
@@ -152,7 +162,8 @@ class SharedChannelFreeze:
                 index = self._shared_index(optimizer, steps, p, shared, unchanged)
                 if not index.numel():
                     continue
-                if sit_out and index.numel() == p.shape[0]:
+                if sit_out and index.numel() == p.shape[0] and _has_momentum_state(
+                        optimizer, mine[id(p)], p):
                     if p.grad is not None:  # (without one, SGD leaves it alone already)
                         steps.sat_out.append((p, p.grad))
                         p.grad = None
@@ -176,6 +187,20 @@ class SharedChannelFreeze:
             if p.grad is None:
                 p.grad = grad
         steps.sat_out = []
+
+
+def _sgd_that_skips(optimizer) -> bool:
+    """torch's SGD, or a class that says its step leaves a parameter without a gradient alone
+    and calls the closure once (``sgd_skips_params_without_grad``)."""
+    return (type(optimizer) is torch.optim.SGD
+            or getattr(type(optimizer), "sgd_skips_params_without_grad", False) is True)
+
+
+def _has_momentum_state(optimizer, group: dict, p: Tensor) -> bool:
+    """Whether ``p``'s next SGD step would find the state it needs: momentum off, or a buffer."""
+    if not group.get("momentum"):
+        return True
+    return optimizer.state.get(p, {}).get("momentum_buffer") is not None
 
 
 def _shared_channels(layers: list) -> tuple[list[Tensor], Tensor | None]:
