@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from cwps_lightning.cwps import inject_cwps, set_stage
-from cwps_lightning.cwps.freeze import SharedChannelFreeze
-from cwps_lightning.optim import make_sgd
+from cwps_lightning.cwps.freeze import SharedChannelFreeze, _sgd_that_skips
+from cwps_lightning.optim import FusedSGD, make_sgd
 
 
 def setup(stage: str, optimizer: str = "sgd", train_masks: bool = True):
@@ -406,6 +406,13 @@ def test_an_sgd_subclass_that_does_not_declare_it_keeps_the_copy():
     assert torch.equal(net[0].weight.detach(), w0)
     assert not freeze._steps[opt].sat_out
     assert freeze._steps[opt].step == 2
+
+    class _OfFused(FusedSGD):  # inherits the declaration, does not make it
+        pass
+
+    sits = [_sgd_that_skips(c([torch.zeros(1)], lr=0.1))
+            for c in (torch.optim.SGD, FusedSGD, _ClosureTwiceSGD, _OfFused)]
+    assert sits == [True, True, False, False]
 
 
 def test_attaching_twice_is_one_attachment():

@@ -70,7 +70,7 @@ class SharedChannelFreeze:
     starts a missing buffer as the gradient, not as a step from zero (with dampening the numbers
     would differ; torch's fused step refuses a mix of missing and present buffers). Only
     ``torch.optim.SGD`` itself and classes that declare ``sgd_skips_params_without_grad = True``
-    (``optim.FusedSGD``) sit out: a subclass might call the closure twice (a second backward
+    in their own body (``optim.FusedSGD``) sit out: a subclass might call the closure twice (a second backward
     makes a fresh gradient the step would apply) or step parameters without one. Other
     optimisers keep the copy: Adam's step count is per parameter, so sitting out would change
     the bias correction of the parameter's later steps. ``sit_out``: None (the default) sits out
@@ -192,8 +192,9 @@ class SharedChannelFreeze:
 def _sgd_that_skips(optimizer) -> bool:
     """torch's SGD, or a class that says its step leaves a parameter without a gradient alone
     and calls the closure once (``sgd_skips_params_without_grad``)."""
-    return (type(optimizer) is torch.optim.SGD
-            or getattr(type(optimizer), "sgd_skips_params_without_grad", False) is True)
+    cls = type(optimizer)
+    # declared by the class itself: a subclass of such a class may step otherwise
+    return cls is torch.optim.SGD or vars(cls).get("sgd_skips_params_without_grad") is True
 
 
 def _has_momentum_state(optimizer, group: dict, p: Tensor) -> bool:
