@@ -448,7 +448,7 @@ def memory_worker(args) -> dict:
     device = torch.device(args.device)
     name = args._worker
     models = build_all([name], args.model, args.seed, device, args.channels_last,
-                       decisions_of(args))
+                       decisions_of(args)[1])
     model = models.pop(name)
     opt = make_optimizer(model)
     x, y = make_batch(args, device, num_classes_of(model))
@@ -489,7 +489,9 @@ def memory_worker(args) -> dict:
     return out
 
 
-def run_memory(args, names) -> dict:
+def run_memory(args, names, decisions_task: str | None = None) -> dict:
+    """Each variant's memory in a fresh worker; ``decisions_task``: the task of --decisions
+    (resolved once, in main), None for random."""
     env = dict(os.environ)
     src = str(REPO / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -521,8 +523,8 @@ def run_memory(args, names) -> dict:
             "--amp",
             args.amp,
         ] + (["--channels-last"] if args.channels_last else []) + (
-            [] if args.decisions == "random"
-            else ["--decisions", args.decisions, "--decisions-task", decisions_of(args, True)]
+            [] if decisions_task is None
+            else ["--decisions", args.decisions, "--decisions-task", decisions_task]
         )
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -698,12 +700,11 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def decisions_of(args, task_only: bool = False):
-    """--decisions as make_cwps takes it (None for random); ``task_only``: the task's name."""
+def decisions_of(args) -> tuple[str | None, dict[str, float] | None]:
+    """--decisions as (task, the fractions make_cwps takes); (None, None) for random."""
     if args.decisions == "random":
-        return None
-    task, fractions = load_decisions(args.decisions, args.decisions_task)
-    return task if task_only else fractions
+        return None, None
+    return load_decisions(args.decisions, args.decisions_task)
 
 
 def main(argv=None):
@@ -732,9 +733,10 @@ def main(argv=None):
         flush=True,
     )
 
-    decisions = decisions_of(args)  # (a bad file stops the run here, before any work)
+    # read once (a bad file stops the run here, before any work)
+    decisions_task, decisions = decisions_of(args)
     if decisions is not None:
-        print(f"decisions: {args.decisions}, task {decisions_of(args, True)} (mean "
+        print(f"decisions: {args.decisions}, task {decisions_task} (mean "
               f"{statistics.mean(decisions.values()):.2f} of a layer's channels task-specific)",
               flush=True)
 
@@ -746,7 +748,7 @@ def main(argv=None):
             f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
             flush=True,
         )
-        mem = run_memory(args, names)
+        mem = run_memory(args, names, decisions_task)
 
     print("building models ...", flush=True)
     models = build_all(names, args.model, args.seed, device, args.channels_last, decisions)
@@ -860,7 +862,7 @@ def main(argv=None):
             "cwps_layers": n_cwps,
             # which channels the CWPS variants shared: random, or a job's (file, task)
             "decisions": "random" if decisions is None
-            else {"results": args.decisions, "task": decisions_of(args, True)},
+            else {"results": args.decisions, "task": decisions_task},
             "targets": {"time_ratio_max": TARGET_TIME, "mem_ratio_max": TARGET_MEM},
             "equivalence_check": equiv,
             "variants": rows,

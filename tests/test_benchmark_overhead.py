@@ -102,8 +102,9 @@ def test_decisions_from_a_job_share_each_layers_fraction_of_channels(tmp_path):
     for name, layer in bench.cwps_layers(model):
         assert torch.equal(layer.parent_weight, random[name].parent_weight), name
     args = bench.parse_args(["--decisions", str(path), "--decisions-task", "a"])
-    assert bench.decisions_of(args, True) == "a" and set(bench.decisions_of(args).values()) == {1.0}
-    assert bench.decisions_of(bench.parse_args([])) is None
+    task, fractions = bench.decisions_of(args)
+    assert task == "a" and set(fractions.values()) == {1.0}
+    assert bench.decisions_of(bench.parse_args([])) == (None, None)
 
 
 def test_bad_decisions_name_what_is_wrong(tmp_path):
