@@ -82,20 +82,20 @@ class SharedChannelFreeze:
             raise ValueError(f"sit_out must be None (under SGD) or False, got {sit_out!r}")
         self.layers = [layer for _, layer in cwps_layers(model)]
         self.sit_out = sit_out
-        self._attached: weakref.WeakSet[torch.optim.Optimizer] = weakref.WeakSet()
+        # the optimisers it is attached to, each with its side of the freeze
         self._steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps] = \
             weakref.WeakKeyDictionary()
 
     def attach(self, optimizer: torch.optim.Optimizer) -> SharedChannelFreeze:
-        if optimizer in self._attached:  # twice would take the gradients and drop them
+        if optimizer in self._steps:  # twice would take the gradients and drop them
             return self
-        self._attached.add(optimizer)
+        self._steps[optimizer] = _Steps()
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
         return self
 
     def _before_step(self, optimizer, args, kwargs):
-        steps = self._steps.setdefault(optimizer, _Steps())
+        steps = self._steps[optimizer]
         # a step that raised before its post-hook: its copies and the gradients it took go
         # (a gradient handed back now could be summed into by this step's backward)
         steps.pending, steps.sat_out = [], []
@@ -172,9 +172,7 @@ class SharedChannelFreeze:
 
     @torch.no_grad()
     def _after_step(self, optimizer, args, kwargs) -> None:
-        steps = self._steps.get(optimizer)
-        if steps is None:
-            return
+        steps = self._steps[optimizer]
         for p, index, packed in steps.pending:
             _rows(p).index_copy_(0, index, packed)
         steps.pending = []  # the copies go: the next step takes its own
