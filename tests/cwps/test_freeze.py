@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cwps_lightning.cwps import inject_cwps, set_stage
-from cwps_lightning.cwps.freeze import SharedChannelFreeze, _sgd_that_skips
+from cwps_lightning.cwps.freeze import SharedChannelFreeze, _rows, _sgd_that_skips
 from cwps_lightning.optim import FusedSGD, make_sgd
 
 
@@ -99,6 +99,45 @@ def test_channels_last_kernels_restore_whole_rows():
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
     moved = (w != w0).flatten(1).any(1)
     assert not moved[shared].any() and moved[~shared].all()
+
+
+@pytest.mark.parametrize("shape, dtype, wide", [
+    ((6, 8, 1, 1), torch.float32, torch.complex128),  # rows of 32 bytes
+    ((6, 2, 3, 3), torch.float32, torch.float64),  # 72 bytes: 8 divide, 16 do not
+    ((6, 3, 3, 3), torch.float32, torch.float32),  # 108 bytes
+    ((6, 8), torch.bfloat16, torch.complex128),
+    ((6,), torch.float32, torch.float32),  # a bias: one value per row
+])
+def test_rows_are_moved_as_wide_elements_bit_for_bit(shape, dtype, wide):
+    """The freeze copies rows through a view with the widest element that divides a row (the
+    CPU's index_copy_ is per element): the same memory, and every bit pattern (NaN payloads,
+    -0.0, subnormals) comes back as it was."""
+    n = torch.Size(shape).numel()
+    bits = torch.randint(-2**15, 2**15, (n,), dtype=torch.int16, generator=torch.Generator().manual_seed(0))
+    if dtype == torch.float32:
+        bits = torch.randint(-2**31, 2**31 - 1, (n,), dtype=torch.int32,
+                             generator=torch.Generator().manual_seed(0))
+        bits[:4] = torch.tensor([0x7FC01234, -2**31, 1, 0x7F800001], dtype=torch.int32)
+    p = bits.view(dtype).view(shape)
+    rows = _rows(p)
+    assert rows.dtype == wide and rows.data_ptr() == p.data_ptr() and rows.shape[0] == shape[0]
+    index = torch.tensor([0, 2, 5])
+    packed = rows.index_select(0, index)
+    before = bits.clone()
+    with torch.no_grad():
+        p.view(bits.dtype).fill_(0)  # every row overwritten
+    rows.index_copy_(0, index, packed)
+    after = p.view(bits.dtype).view(shape)
+    kept = before.view(shape)[index]
+    assert torch.equal(after[index], kept)
+
+
+def test_rows_at_an_offset_that_wide_elements_cannot_meet_stay_narrow():
+    flat = torch.zeros(2 + 6 * 8)
+    p = flat[1:49].view(6, 8)  # 4 bytes into the storage: no 8- or 16-byte element starts there
+    assert _rows(p).dtype == torch.float32
+    p2 = flat[2:].view(6, 8)  # 8 bytes in: float64 fits, complex128 does not
+    assert _rows(p2).dtype == torch.float64
 
 
 def test_a_change_of_memory_format_between_steps_keeps_the_frozen_kernels():
@@ -428,3 +467,4 @@ def test_attaching_twice_is_one_attachment():
     net(x).pow(2).mean().backward()
     opt.step()
     assert net[0].weight.grad is not None and torch.equal(net[0].weight.detach(), w0)
+

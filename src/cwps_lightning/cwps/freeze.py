@@ -227,5 +227,25 @@ def _rows(p: Tensor) -> Tensor:
     k = p.numel() // c if c else 0
     dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
     if dense and (c <= 1 or p.stride(0) == k):
-        return p.as_strided((c, k), (k, 1))
+        return _wide(p.as_strided((c, k), (k, 1)))
     return p
+
+
+def _wide(rows: Tensor) -> Tensor:
+    """The same bytes with 16-byte elements (8 where 16 do not divide a row), on the CPU.
+
+    The rows are only copied (index_select, index_copy_), never computed with, so any element
+    type moves the same bits; the CPU's index_copy_ loops over elements, and at 4 bytes each it
+    took 2-3x as long as index_select over the same rows (resnet18, 32 px, half the channels
+    shared: 4.6 ms against 1.7 ms a step). At 16 bytes both run at about index_select's speed.
+    """
+    if rows.device.type != "cpu" or rows.dim() != 2:
+        return rows
+    size = rows.element_size()
+    row_bytes = rows.shape[1] * size
+    offset = rows.storage_offset() * size
+    for wide in (torch.complex128, torch.float64):
+        w = wide.itemsize
+        if w > size and row_bytes % w == 0 and offset % w == 0:
+            return rows.view(wide)
+    return rows
