@@ -468,3 +468,65 @@ def test_attaching_twice_is_one_attachment():
     opt.step()
     assert net[0].weight.grad is not None and torch.equal(net[0].weight.detach(), w0)
 
+
+def _resumed(sit_out: bool, carry_state: bool | None):
+    """Two hard steps, a checkpoint (weights, optimiser, and with ``carry_state`` the freeze's
+    decisions), a shared channel of net[0] turned task-specific, two more steps: in one process
+    (``carry_state`` None) or in fresh objects that load the checkpoint (a resumed fit)."""
+    def make():
+        if sit_out:
+            net, opt = _all_shared_then_hard("sgd")
+        else:  # half of net[0] shared: the copy (lr as in _all_shared_then_hard)
+            net, _ = setup("hard", train_masks=False)
+            opt = torch.optim.SGD(net.parameters(), lr=1e-5, momentum=0.9, weight_decay=0.1)
+        return net, opt, SharedChannelFreeze(net).attach(opt)
+
+    net, opt, freeze = make()
+    steps(net, opt, 2)
+    if carry_state is not None:
+        saved = (net.state_dict(), opt.state_dict(), freeze.state_dict(opt))
+        net, opt, freeze = make()
+        net.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+        if carry_state:
+            freeze.load_state_dict(opt, saved[2])
+    with torch.no_grad():
+        net[0].mask_logits[0] = 3.0  # shared until now
+    steps(net, opt, 2)
+    return net.state_dict()
+
+
+@pytest.mark.parametrize("sit_out", [False, True])
+def test_a_resumed_fit_zeroes_the_momentum_of_a_channel_that_flips_at_the_checkpoint(sit_out):
+    """The freeze's decisions of the last step go with the checkpoint: a channel that turns
+    task-specific at the first step after it starts without stale momentum, as it does in the
+    fit that was not interrupted; without them the weights differ."""
+    whole = _resumed(sit_out, None)
+    resumed = _resumed(sit_out, True)
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    assert torch.isfinite(whole["0.weight"]).all()
+    forgot = _resumed(sit_out, False)
+    assert not torch.equal(whole["0.weight"], forgot["0.weight"])
+
+
+def test_freeze_state_names_its_parameters_and_is_checked_whole():
+    net, opt = setup("hard", train_masks=False)
+    freeze = SharedChannelFreeze(net).attach(opt)
+    assert freeze.state_dict(opt) == {}  # no step yet
+    steps(net, opt, 1)
+    state = freeze.state_dict(opt)
+    assert sorted(state) == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    expected = ~(torch.sigmoid(net[0].mask_logits.detach()) >= 0.5)
+    assert torch.equal(state["0.weight"], expected) and state["0.weight"].dtype == torch.bool
+    other = torch.optim.SGD(net.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="not attached"):
+        freeze.state_dict(other)
+    fresh_net, fresh_opt = setup("hard", train_masks=False)
+    fresh = SharedChannelFreeze(fresh_net).attach(fresh_opt)
+    with pytest.raises(ValueError, match=r"\['9.weight'\]"):
+        fresh.load_state_dict(fresh_opt, {**state, "9.weight": state["0.weight"]})
+    with pytest.raises(ValueError, match=r"'3.weight'.*shape \(5,\).*torch.float32"):
+        fresh.load_state_dict(fresh_opt, {**state, "3.weight": torch.zeros(5)})
+    assert fresh._steps[fresh_opt].last == {}  # nothing set by a refused state
+    fresh.load_state_dict(fresh_opt, state)
+    assert fresh.state_dict(fresh_opt).keys() == state.keys()

@@ -26,9 +26,21 @@ class Killed(Exception):
     """Stands for SIGKILL: the fit stops between epochs, its last checkpoint on disk."""
 
 
-def visit(checkpoints, kill_at_epoch: int | None = None) -> dict:
+def flip_a_shared_channel(module) -> None:
+    """The first CWPS layer's most shared channel (lowest score) turns task-specific."""
+    layer = next(layer for _, layer in cwps_layers(module.model))
+    s = layer.mask_logits
+    # (a resumed fit is back in the hard stage from its first batch, MaskStageCallback)
+    assert bool((torch.sigmoid(s) < 0.5).any())
+    with torch.no_grad():
+        s[int(s.argmin())] = 3.0
+
+
+def visit(checkpoints, kill_at_epoch: int | None = None,
+          flip_at_epoch: int | None = None) -> dict:
     """A warm-up fit, CWPS injection with fixed parents, a mask fit; a fresh datamodule and
-    model each time, as in a rerun of the job."""
+    model each time, as in a rerun of the job. ``flip_at_epoch``: a shared channel turns
+    task-specific as that epoch of the mask fit starts (flip_a_shared_channel)."""
     torch.manual_seed(0)
     net, dm = Small(), synthetic_tasks(n_train=45, batch_size=8)
     settings = FitSettings(trainer=TRAINER, checkpoint_dir=checkpoints)
@@ -42,14 +54,17 @@ def visit(checkpoints, kill_at_epoch: int | None = None) -> dict:
             layer.set_parent(layer.weight + 0.1 * torch.randn(layer.weight.shape, generator=g),
                              None if layer.bias is None else layer.bias.clone())
     plan = FitPlan(MASK_EPOCHS, seed=12, train="cwps", soft_epochs=1.5, continue_order=True)
-    if kill_at_epoch is None:
-        fit(net, dm, "t", plan, settings, names, "cwps", "t-mask")
-    else:
-        def start(self):
-            if self.current_epoch == kill_at_epoch:
-                raise Killed
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(lit_module.CWPSLitModule, "on_train_epoch_start", start, raising=False)
+    def start(self):
+        if self.current_epoch == kill_at_epoch:
+            raise Killed
+        if self.current_epoch == flip_at_epoch:
+            flip_a_shared_channel(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lit_module.CWPSLitModule, "on_train_epoch_start", start, raising=False)
+        if kill_at_epoch is None:
+            fit(net, dm, "t", plan, settings, names, "cwps", "t-mask")
+        else:
             with pytest.raises(Killed):
                 fit(net, dm, "t", plan, settings, names, "cwps", "t-mask")
     return {k: v.clone() for k, v in net.state_dict().items()}
@@ -76,3 +91,20 @@ def test_the_comparison_tells_another_data_order_apart(tmp_path, monkeypatch):
                         lambda self, epoch: original(self, epoch + 1))
     shifted = visit(tmp_path / "shifted")
     assert any(not torch.equal(whole[k], shifted[k]) for k in whole)
+
+
+def test_a_channel_that_turns_task_specific_as_the_resumed_fit_starts(tmp_path, monkeypatch):
+    """The checkpoint keeps the shared-channel freeze's decisions of the last step (hard stage
+    from epoch 1.5): a channel shared then and task-specific at the first step after the
+    resume gets its momentum rows zeroed as in the uninterrupted fit, bit for bit; a checkpoint
+    without them ends elsewhere."""
+    torch.set_num_threads(1)
+    whole = visit(tmp_path / "whole", flip_at_epoch=2)
+    visit(tmp_path / "killed", kill_at_epoch=2)
+    resumed = visit(tmp_path / "killed", flip_at_epoch=2)
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not differ, f"the resumed visit differs in {differ}"
+    monkeypatch.setattr(lit_module.CWPSLitModule, "on_save_checkpoint", lambda self, c: None)
+    visit(tmp_path / "forgot", kill_at_epoch=2)
+    forgot = visit(tmp_path / "forgot", flip_at_epoch=2)
+    assert any(not torch.equal(whole[k], forgot[k]) for k in whole)

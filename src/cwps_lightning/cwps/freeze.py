@@ -15,6 +15,11 @@ Hooks on the optimiser's step (plain PyTorch), so any training loop gets it by c
 layers are, deep in a backbone: the default job shares every channel of the four 3x3
 convolutions of resnet18's last stage, three quarters of its weights) is not copied at all under
 SGD: it sits the step out.
+
+Whether a channel turned task-specific is judged against the decisions of the parameter's last
+step, which the freeze holds; a training loop that checkpoints keeps them with its checkpoint
+(:meth:`SharedChannelFreeze.state_dict`, ``load_state_dict``; the Lightning module does), or a
+channel that turns task-specific at the first step after a resume keeps its stale momentum.
 """
 
 from __future__ import annotations
@@ -80,7 +85,9 @@ class SharedChannelFreeze:
     def __init__(self, model: nn.Module, sit_out: bool | None = None):
         if sit_out not in (None, False):
             raise ValueError(f"sit_out must be None (under SGD) or False, got {sit_out!r}")
-        self.layers = [layer for _, layer in cwps_layers(model)]
+        named = list(cwps_layers(model))
+        self.layers = [layer for _, layer in named]
+        self._layer_names = [name for name, _ in named]
         self.sit_out = sit_out
         # the optimisers it is attached to, each with its side of the freeze
         self._steps: weakref.WeakKeyDictionary[torch.optim.Optimizer, _Steps] = \
@@ -93,6 +100,57 @@ class SharedChannelFreeze:
         optimizer.register_step_pre_hook(self._before_step)
         optimizer.register_step_post_hook(self._after_step)
         return self
+
+    def state_dict(self, optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+        """Which channels of each parameter were shared at its last step under ``optimizer``
+        (bool per channel, on the CPU), by the parameter's name in the model.
+
+        A fit resumed from a checkpoint needs them (``load_state_dict``): a channel shared at
+        the last step before the checkpoint and task-specific at the first step after it gets
+        its optimiser state rows zeroed there, as in the fit that was not interrupted."""
+        steps = self._steps_of(optimizer)
+        out = {}
+        for name, p in self._named_params():
+            last = steps.last.get(id(p))
+            if last is not None:
+                out[name] = last[0].detach().to("cpu", copy=True)
+        return out
+
+    def load_state_dict(self, optimizer: torch.optim.Optimizer,
+                        state: dict[str, Tensor]) -> None:
+        """The decisions of ``state_dict`` as this freeze's own under ``optimizer`` (attached),
+        for the parameters of the same names; checked whole before anything is set."""
+        steps = self._steps_of(optimizer)
+        params = dict(self._named_params())
+        unknown = sorted(set(state) - set(params))
+        if unknown:
+            raise ValueError(f"shared-channel freeze state names parameters this model's CWPS "
+                             f"layers do not have: {unknown[:5]}")
+        for name, held in state.items():
+            c = params[name].shape[0]
+            if held.dtype != torch.bool or held.shape != (c,):
+                raise ValueError(f"shared-channel freeze state of {name!r}: expected a bool "
+                                 f"tensor of shape ({c},), got {held.dtype} of shape "
+                                 f"{tuple(held.shape)}")
+        for name, held in state.items():
+            held = held.to(params[name].device)
+            # step -1: never "the last step", so the first step compares the decisions
+            steps.last[id(params[name])] = (held, held.nonzero().squeeze(1), -1)
+        steps.last_flat = None
+
+    def _steps_of(self, optimizer) -> _Steps:
+        steps = self._steps.get(optimizer)
+        if steps is None:
+            raise ValueError("this SharedChannelFreeze is not attached to that optimiser "
+                             "(attach it first)")
+        return steps
+
+    def _named_params(self):
+        for name, layer in zip(self._layer_names, self.layers, strict=True):
+            for kind in ("weight", "bias"):
+                p = getattr(layer, kind)
+                if p is not None:
+                    yield (f"{name}.{kind}" if name else kind), p
 
     def _before_step(self, optimizer, args, kwargs):
         steps = self._steps[optimizer]

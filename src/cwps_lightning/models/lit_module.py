@@ -20,6 +20,8 @@ from ..settings import OptimSettings
 
 #: which parameters a fit trains
 TRAIN_MODES = ("finetune", "cwps", "frozen")
+#: where a checkpoint keeps the shared-channel freeze's decisions (cwps/freeze.py)
+FREEZE_STATE_KEY = "cwps_shared_channel_freeze"
 
 
 def _shareable_param_ids(model: nn.Module, layer_names: list[str]) -> set[int]:
@@ -116,6 +118,10 @@ class CWPSLitModule(L.LightningModule):
         # the compiled forward shares self.model's parameters
         compiled = None if compile_mode is None else torch.compile(model, mode=compile_mode)
         self.__dict__["_compiled"] = compiled
+        # the shared-channel freeze and its optimiser (configure_optimizers), and its decisions
+        # from a checkpoint until there is one to give them to
+        self._freeze: tuple[SharedChannelFreeze, torch.optim.Optimizer] | None = None
+        self._freeze_state: dict[str, Tensor] | None = None
 
     def forward(self, x):
         return self.model(x)
@@ -201,9 +207,30 @@ class CWPSLitModule(L.LightningModule):
             return 0.5 * (1.0 + math.cos(math.pi * pos))
 
         if self.has_cwps_layers():  # shared channels must not drift in the hard stage
-            SharedChannelFreeze(self.model).attach(opt)
+            freeze = SharedChannelFreeze(self.model).attach(opt)
+            self._freeze = (freeze, opt)
+            if self._freeze_state is not None:  # a resumed fit
+                freeze.load_state_dict(opt, self._freeze_state)
+                self._freeze_state = None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # the freeze's decisions of the last step: a channel that turns task-specific at the
+        # first step of a resumed fit gets its momentum rows zeroed, as without the interruption
+        if self._freeze is not None:
+            freeze, opt = self._freeze
+            checkpoint[FREEZE_STATE_KEY] = freeze.state_dict(opt)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores the module before it asks for the optimisers (which make the
+        # freeze); a freeze already made takes the decisions at once
+        state = checkpoint.get(FREEZE_STATE_KEY)
+        if state is not None and self._freeze is not None:
+            freeze, opt = self._freeze
+            freeze.load_state_dict(opt, state)
+        else:
+            self._freeze_state = state
 
     def has_cwps_layers(self) -> bool:
         return next(iter(cwps_layers(self.model)), None) is not None
