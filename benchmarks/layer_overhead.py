@@ -23,6 +23,15 @@ Variants (all share the same weights; CWPS variants share the same parents and m
                   autograd function, the mask ops, the 1x1-output window path, SGD on the
                   mask scores (every kernel runs through a Python function here, while the
                   real layer composes small kernels with ordinary autograd ops);
+  traffic-floor   NOT a CWPS step, a lower bound (on request): fine-tuning plus only the weight
+                  traffic that no implementation composing one weight per layer can avoid:
+                  each layer's compose (a lerp of the weight, or of the taps a 1x1 output
+                  meets, with the CWPS model's parent, into scratch memory), all before the
+                  forward, and one fused pass per layer for the mask and child gradients (an
+                  addcmul with value 0: reads the gradient, the weight and the parent, writes
+                  the gradient), all after the last weight gradient; no recompute, no mask
+                  ops, no Python autograd function, no freeze. Its weights step exactly as
+                  fine-tuning's (class TrafficFloor);
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2).
@@ -88,12 +97,13 @@ from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E40
 from cwps_lightning.cwps import layers as _layers  # noqa: E402
 from cwps_lightning.cwps.freeze import SharedChannelFreeze  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
-from cwps_lightning.cwps.small_input import use_small_input_convs  # noqa: E402
+from cwps_lightning.cwps.small_input import live_window, use_small_input_convs  # noqa: E402
 from cwps_lightning.cwps.surgery import ungroup_small_kernels  # noqa: E402
 from cwps_lightning.optim import make_sgd  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
-EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer")
+EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer",
+                  "traffic-floor")
 PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
 COMPILED = "+compile"  # suffix: the variant under torch.compile (valid for every variant)
 TARGET_TIME = 1.05
@@ -219,6 +229,87 @@ class FloorLinear(CWPSLinear):
     _small_kernels_by_autograd = False
 
 
+class TrafficFloor:
+    """The traffic-floor variant's hooks on a fine-tuning model (see the module docstring).
+
+    Each CWPS layer's module of the fine-tuning model gets the CWPS model's parent and soft mask
+    as buffers (``floor_parent``, ``floor_mask``: they follow the model's device and memory
+    format). The traffic is placed where it costs least, so that this is a floor: every layer
+    composed in one go before the model's forward (a layer's 1x1-output window as its last
+    forward found it: the benchmark's input size does not change; the parent's window kept
+    dense, as a CWPS layer keeps it), and every fused pass in one go once the last weight
+    gradient is in (streaming through the weights, not between the layers' own work; the
+    ComposeGroup of the real layers works that way); each layer composes into memory of its own
+    (a model's worth in all: the floor's peak memory is not a CWPS figure). ``passes`` counts
+    (composes, fused passes) and ``window_numel`` holds each layer's composed size."""
+
+    def __init__(self, model: nn.Module, cwps: nn.Module):
+        self.passes = [0, 0]
+        self.window_numel: dict[str, int] = {}
+        self.modules: dict[str, nn.Module] = {}
+        self._ready = 0
+        for name, layer in cwps_layers(cwps):
+            module = model.get_submodule(name)
+            parent = layer.parent_weight.detach().clone()
+            mask = torch.sigmoid(layer.mask_logits.detach().float())
+            module.register_buffer("floor_parent", parent)
+            module.register_buffer("floor_mask", mask.view(-1, *([1] * (parent.dim() - 1))))
+            module.floor_taps = None  # the window of its last forward (None: the whole kernel)
+            module.register_forward_pre_hook(self._find_window)
+            module.weight.register_post_accumulate_grad_hook(self._gradient_in)
+            self.modules[name] = module
+        model.register_forward_pre_hook(self._compose_all)
+
+    @staticmethod
+    def _find_window(module, args) -> None:
+        x = args[0]
+        taps = None
+        if isinstance(module, nn.Conv2d) and x.dim() == 4 and not isinstance(module.padding, str):
+            taps = live_window(x.shape[-2:], module.weight.shape[-2:], module.stride,
+                               module.padding, module.dilation)
+        module.floor_taps = taps
+
+    @staticmethod
+    def _taps(module, t: torch.Tensor) -> torch.Tensor:
+        return t if module.floor_taps is None else module.floor_taps.kernel(t)
+
+    @classmethod
+    def _parent_taps(cls, module) -> torch.Tensor:
+        if module.floor_taps is None:
+            return module.floor_parent
+        kept = module.__dict__.get("floor_parent_window")
+        if kept is None or kept[0] != module.floor_taps:
+            kept = (module.floor_taps, cls._taps(module, module.floor_parent).clone())
+            module.__dict__["floor_parent_window"] = kept
+        return kept[1]
+
+    @torch.no_grad()
+    def _compose_all(self, model, args) -> None:
+        self._ready = 0
+        for name, module in self.modules.items():
+            w = self._taps(module, module.weight.detach())
+            # into memory of its own that stays (a fresh tensor per step, or one scratch buffer
+            # for all layers, each cost about 1% more at 32 px on the project's CPU)
+            out = module.__dict__.get("floor_out")
+            if out is None or out.shape != w.shape:
+                out = module.__dict__["floor_out"] = torch.empty_like(w)
+            torch.lerp(self._parent_taps(module), w, module.floor_mask, out=out)
+            self.passes[0] += 1
+            self.window_numel[name] = w.numel()
+
+    @torch.no_grad()
+    def _gradient_in(self, p) -> None:
+        self._ready += 1
+        if self._ready < len(self.modules):
+            return
+        for module in self.modules.values():
+            g = module.weight.grad
+            if g is not None:  # g + 0 * w * parent: g exactly, one pass over the three
+                self._taps(module, g).addcmul_(self._taps(module, module.weight.detach()),
+                                               self._parent_taps(module), value=0.0)
+                self.passes[1] += 1
+
+
 SWAPS = {
     "two-pass": {CWPSConv2d: TwoPassConv2d, CWPSLinear: TwoPassLinear},
     "naive-autograd": {CWPSConv2d: NaiveConv2d, CWPSLinear: NaiveLinear},
@@ -315,6 +406,11 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int,
         use_small_input_convs(model)
     elif name == "finetune-conv2d":
         model = copy.deepcopy(base)
+    elif name == "traffic-floor":
+        model = copy.deepcopy(base)
+        use_small_input_convs(model)
+        cwps = cwps if cwps is not None else make_cwps(base, seed, decisions)
+        model.traffic_floor = TrafficFloor(model, cwps)
     else:
         model = copy.deepcopy(cwps if cwps is not None else make_cwps(base, seed, decisions))
         if name in SWAPS:

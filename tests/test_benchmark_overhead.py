@@ -51,6 +51,35 @@ def test_per_layer_variants_are_the_stage_without_its_groups():
     assert "cwps-soft-per-layer" in bench.EXTRA_VARIANTS
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_traffic_floor_steps_as_fine_tuning_with_a_compose_and_a_fused_pass_per_layer(
+        channels_last):
+    """traffic-floor is a lower bound, not a CWPS step: two steps give fine-tuning's weights bit
+    for bit; every CWPS layer composes once per forward and takes one fused pass per backward,
+    on a 1x1 output over the taps its input meets only (resnet18 at 32 px: layer4's 3x3
+    convolutions, one tap of nine, the stride-2 one four of nine)."""
+    torch.set_num_threads(2)
+    bench = load_benchmark("layer_overhead")
+    names = ["finetune", "traffic-floor"]
+    models = bench.build_all(names, "resnet18", 0, torch.device("cpu"), channels_last)
+    floor = models["traffic-floor"].traffic_floor
+    n_layers = len(list(bench.cwps_layers(bench.make_cwps(bench.build_base("resnet18", 0), 0))))
+    args = argparse.Namespace(batch=2, size=32, seed=0, channels_last=channels_last)
+    x, y = bench.make_batch(args, torch.device("cpu"), 1000)
+    opts = {n: bench.make_optimizer(m) for n, m in models.items()}
+    for _ in range(2):
+        losses = [bench.train_step(models[n], opts[n], x, y) for n in names]
+        assert torch.equal(*losses)
+    assert floor.passes == [2 * n_layers, 2 * n_layers]
+    for (name, a), b in zip(models["finetune"].named_parameters(),
+                            models["traffic-floor"].parameters(), strict=True):
+        assert torch.equal(a, b), name
+    assert floor.window_numel["layer4.1.conv2"] == 512 * 512  # one tap of 3x3
+    assert floor.window_numel["layer4.0.conv1"] == 512 * 256 * 4  # 2x2 of 3x3
+    assert floor.window_numel["layer3.1.conv2"] == 256 * 256 * 9  # a 2x2 output: all taps
+    assert "fc" not in floor.window_numel  # the head is not a CWPS layer
+
+
 def test_cwps_variants_step_with_the_jobs_shared_channel_freeze():
     """The hard step restores the shared channels after the SGD step, as the training job's
     optimiser does; fine-tuning's optimiser has no such hook."""
