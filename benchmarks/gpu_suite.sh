@@ -31,7 +31,7 @@ $PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch
 step gpu_check 120 $PY benchmarks/gpu_check.py
 step overhead_b32_112 150 $PY benchmarks/layer_overhead.py --device cuda --out "$OUT/overhead_b32_112.json"
 step overhead_b64_224 120 $PY benchmarks/layer_overhead.py --device cuda --batch 64 --size 224 \
-  --skip-memory --variants finetune,cwps-soft,cwps-hard --out "$OUT/overhead_b64_224.json"
+  --skip-memory --variants finetune,cwps-soft,cwps-hard,traffic-floor --out "$OUT/overhead_b64_224.json"
 COMPILED=finetune,cwps-soft,cwps-hard,finetune+compile,cwps-soft+compile,cwps-hard+compile
 step overhead_digits_compile 150 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
   --skip-memory --warmup 3 --variants $COMPILED,cwps-hard-per-layer \
@@ -42,6 +42,6 @@ step overhead_paper_bf16 240 $PY benchmarks/layer_overhead.py --device cuda --mo
 step train_amp 240 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
   trainer.enable_progress_bar=false "hydra.run.dir=$OUT/train" "paths.cache_dir=$OUT/cache"
 step overhead_digits_job_decisions 90 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
-  --skip-memory --warmup 3 --variants finetune,cwps-soft,cwps-hard \
+  --skip-memory --warmup 3 --variants finetune,cwps-soft,cwps-hard,traffic-floor \
   --decisions "$OUT/train/results.json" --out "$OUT/overhead_digits_job_decisions.json"
 exit $status
