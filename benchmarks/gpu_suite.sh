@@ -5,11 +5,12 @@
 #                                  and batch 64 at 224 px (time only); the digits shape (batch
 #                                  32, 32 px) and the paper's (ResNet-50, batch 96, 224 px, bf16
 #                                  autocast), each eager and torch.compile'd (the digits shape
-#                                  also without the ComposeGroups: cwps-hard-per-layer)
+#                                  also without the ComposeGroups: cwps-hard-per-layer); the
+#                                  traffic-floor lower bound beside it at 224 px
 #   3. the built-in benchmark end to end on the GPU with 16-bit mixed precision (trainer=gpu),
 #      on the two MNIST-derived tasks (optdigits needs scikit-learn, which GPU images may lack)
 #   4. the digits shape again with the decisions that run reached (--decisions: whole layers
-#      shared, which sit the hard stage's SGD step out), time only
+#      shared, which sit the hard stage's SGD step out), time only, with the traffic-floor
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR     (PYTHON=... to pick the interpreter)
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR}
@@ -30,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
 step gpu_check 120 $PY benchmarks/gpu_check.py
 step overhead_b32_112 150 $PY benchmarks/layer_overhead.py --device cuda --out "$OUT/overhead_b32_112.json"
-step overhead_b64_224 120 $PY benchmarks/layer_overhead.py --device cuda --batch 64 --size 224 \
+step overhead_b64_224 150 $PY benchmarks/layer_overhead.py --device cuda --batch 64 --size 224 \
   --skip-memory --variants finetune,cwps-soft,cwps-hard,traffic-floor --out "$OUT/overhead_b64_224.json"
 COMPILED=finetune,cwps-soft,cwps-hard,finetune+compile,cwps-soft+compile,cwps-hard+compile
 step overhead_digits_compile 150 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
@@ -41,7 +42,7 @@ step overhead_paper_bf16 240 $PY benchmarks/layer_overhead.py --device cuda --mo
   --out "$OUT/overhead_paper_bf16.json"
 step train_amp 240 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
   trainer.enable_progress_bar=false "hydra.run.dir=$OUT/train" "paths.cache_dir=$OUT/cache"
-step overhead_digits_job_decisions 90 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
+step overhead_digits_job_decisions 120 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
   --skip-memory --warmup 3 --variants finetune,cwps-soft,cwps-hard,traffic-floor \
   --decisions "$OUT/train/results.json" --out "$OUT/overhead_digits_job_decisions.json"
 exit $status

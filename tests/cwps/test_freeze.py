@@ -130,6 +130,25 @@ def test_rows_are_moved_as_wide_elements_bit_for_bit(shape, dtype, wide):
     after = p.view(bits.dtype).view(shape)
     kept = before.view(shape)[index]
     assert torch.equal(after[index], kept)
+    others = torch.ones(shape[0], dtype=torch.bool)
+    others[index] = False
+    assert (after[others] == 0).all()  # nothing written outside the rows
+
+
+def test_rows_of_memory_not_aligned_to_wide_elements_stay_narrow():
+    """Memory from a buffer can start anywhere: complex128 wants 16-byte alignment."""
+    import numpy as np
+
+    raw = np.zeros(4 + 6 * 8 * 4, dtype=np.uint8)
+    p = torch.from_numpy(raw[4:4 + 6 * 8 * 4].view(np.float32)).view(6, 8)
+    assert p.data_ptr() % 8 == 4 and p.storage_offset() == 0
+    assert _rows(p).dtype == torch.float32
+
+
+def test_conjugate_views_keep_their_own_rows():
+    p = torch.randn(6, 4, dtype=torch.complex64).conj()
+    rows = _rows(p)
+    assert rows.dtype == torch.complex64 and rows.is_conj()
 
 
 def test_rows_at_an_offset_that_wide_elements_cannot_meet_stay_narrow():

@@ -282,3 +282,51 @@ def test_the_freezes_copy_is_not_alive_in_the_training_step():
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Watching(net, num_classes=3, lr=0.1), train_dataloaders=loader(32))
     assert len(seen) > 1 and seen == [0] * len(seen)
+
+
+def test_a_module_fitted_again_from_a_checkpoint_gives_the_decisions_to_its_new_freeze(
+        tmp_path, monkeypatch):
+    """Lightning restores the module before it asks for the optimisers: a module that kept the
+    freeze of an earlier fit must not hand the checkpoint's decisions to that one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from cwps_lightning.models.lit_module import FREEZE_STATE_KEY
+
+    torch.manual_seed(0)
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    module = CWPSLitModule(net, num_classes=3, lr=0.1)
+
+    def trainer(epochs):
+        return L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
+                         callbacks=[MaskStageCallback(soft_epochs=0),
+                                    ModelCheckpoint(dirpath=tmp_path, filename="last")],
+                         enable_progress_bar=False, enable_model_summary=False)
+
+    trainer(1).fit(module, train_dataloaders=loader())
+    first = module._freeze[0]
+    path = tmp_path / "last.ckpt"
+    saved = torch.load(path, weights_only=True)[FREEZE_STATE_KEY]
+    assert set(saved) == {f"{n}.{k}" for n in names for k in ("weight", "bias")}
+    loaded = []
+    original = SharedChannelFreeze.load_state_dict
+    monkeypatch.setattr(SharedChannelFreeze, "load_state_dict",
+                        lambda self, opt, state: (loaded.append((self, opt)),
+                                                  original(self, opt, state)))
+    again = trainer(2)
+    again.fit(module, train_dataloaders=loader(), ckpt_path=str(path))
+    assert loaded == [(module._freeze[0], again.optimizers[0])]
+    assert module._freeze[0] is not first
+
+
+def test_a_checkpoint_without_freeze_decisions_is_named_on_resume():
+    net, _ = injected()
+    module = CWPSLitModule(net, num_classes=3)
+    with pytest.warns(UserWarning, match="no shared-channel freeze decisions"):
+        module.on_load_checkpoint({"state_dict": {}})
+    plain = CWPSLitModule(small_net(), num_classes=3)  # no CWPS layers: nothing to say
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain.on_load_checkpoint({"state_dict": {}})

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _NormBase
 from torchmetrics.classification import MulticlassAccuracy
@@ -215,6 +216,13 @@ class CWPSLitModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        # a fit starts without a freeze (configure_optimizers makes this fit's); a module fitted
+        # again must not hand a checkpoint's decisions to the last fit's freeze, nor carry them
+        # over from a validate / test run
+        if stage == "fit":
+            self._freeze, self._freeze_state = None, None
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the freeze's decisions of the last step: a channel that turns task-specific at the
         # first step of a resumed fit gets its momentum rows zeroed, as without the interruption
@@ -226,6 +234,11 @@ class CWPSLitModule(L.LightningModule):
         # Lightning restores the module before it asks for the optimisers (which make the
         # freeze); a freeze already made takes the decisions at once
         state = checkpoint.get(FREEZE_STATE_KEY)
+        if state is None and self.has_cwps_layers():
+            rank_zero_warn(
+                "this checkpoint has no shared-channel freeze decisions (a revision before "
+                "they were kept): a channel that turns task-specific at the first step after "
+                "the resume keeps its momentum, which the uninterrupted fit zeroes")
         if state is not None and self._freeze is not None:
             freeze, opt = self._freeze
             freeze.load_state_dict(opt, state)
