@@ -785,3 +785,50 @@ def test_small_kernels_by_autograd_equal_the_function_bit_for_bit(name, stage, m
         results.append([y.detach(), xi.grad, *grads])
     for a, b in zip(*results, strict=True):
         assert torch.equal(a, b)
+
+
+def _one_decision_layer(kind: str, specific: bool):
+    torch.manual_seed(0)
+    if kind == "linear":  # over KEEP_COMPOSED_NUMEL: recomposed in the backward
+        layer, x = CWPSLinear.from_linear(nn.Linear(1100, 1000)), torch.randn(3, 1100)
+    elif kind == "large":
+        layer, x = CWPSConv2d.from_conv(nn.Conv2d(512, 512, 3, padding=1)), torch.randn(2, 512, 3, 3)
+    else:  # a 1x1 output: the window path (kept composed window)
+        layer, x = CWPSConv2d.from_conv(nn.Conv2d(16, 24, 3, padding=1)), torch.randn(4, 16, 1, 1)
+    with torch.no_grad():
+        layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+        layer.mask_logits.fill_(3.0 if specific else -3.0)
+    layer.stage = "hard"
+    return layer, x.requires_grad_()
+
+
+@pytest.mark.parametrize("specific", [False, True], ids=["all shared", "all specific"])
+@pytest.mark.parametrize("kind", ["large", "linear", "window"])
+def test_a_hard_mask_of_one_decision_computes_with_the_parent_or_child_itself(kind, specific,
+                                                                               monkeypatch):
+    """The output and every gradient are those of the compose (lerp) bit for bit, and the
+    parent and child are left as they were (the backward's mask gradient must not use them as
+    its scratch memory)."""
+    results = []
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(cwps_layers_module, "_whole", lambda mask, weight: None)
+        layer, x = _one_decision_layer(kind, specific)
+        parent, child = layer.parent_weight.clone(), layer.weight.detach().clone()
+        y = layer(x)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+        assert torch.equal(layer.parent_weight, parent) and torch.equal(layer.weight, child)
+        results.append([y.detach(), x.grad, layer.weight.grad, layer.bias.grad,
+                        layer.mask_logits.grad])
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)
+    if not specific:  # a shared channel's child gets no gradient
+        assert not results[0][2].any()
+
+
+def test_whole_reads_a_mask_on_the_cpu_only():
+    whole = cwps_layers_module._whole
+    assert whole(torch.zeros(4), torch.ones(1)) == "parent"
+    assert whole(torch.ones(4), torch.ones(1)) == "child"
+    assert whole(torch.tensor([0.0, 1.0]), torch.ones(1)) is None
+    assert whole(torch.zeros(4), torch.ones(1, device="meta")) is None

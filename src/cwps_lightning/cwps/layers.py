@@ -96,6 +96,24 @@ def _select(child: Tensor, parent: Tensor, mask: Tensor) -> Tensor:
     return torch.where(m.bool(), child, parent)
 
 
+def _whole(mask: Tensor, weight: Tensor) -> str | None:
+    """"parent" if a binary mask is all 0, "child" if all 1, None otherwise or off the CPU
+    (reading the mask on a GPU would wait for it).
+
+    lerp(parent, child, 0) is the parent and lerp(parent, child, 1) the child, value for value
+    (lerp computes parent + 0 * (child - parent) and child - (child - parent) * 0), but for the
+    sign of a zero (where the parent holds -0.0 the lerp gives +0.0, and the child's -0.0
+    likewise), which can change a convolution's output only in the sign of an exact zero."""
+    if weight.device.type != "cpu" or mask.numel() == 0:
+        return None
+    kept = int(mask.sum())
+    if kept == 0:
+        return "parent"
+    if kept == mask.numel():
+        return "child"
+    return None
+
+
 class _Scratch(threading.local):
     """One reusable buffer per thread, device and dtype for the composed weight.
 
@@ -147,6 +165,10 @@ class _ComposedOp(torch.autograd.Function):
       (channels_last), copied out once otherwise (NCHW: reading taps scattered over the kernel
       costs about as much as reading the kernel); the window-sized composed weight is kept for
       the backward (on a 1x1 map a ninth of a 3x3 kernel).
+
+    On each path, a hard mask that shares every channel or none (on the CPU, ``_whole``) takes
+    the parent or the child (or their windows) as the composed weight, in the forward and the
+    backward: no compose, nothing kept.
     """
 
     @staticmethod
@@ -157,10 +179,17 @@ class _ComposedOp(torch.autograd.Function):
             mask = mask.to(w_parent.dtype)
         m = mask.view(-1, *([1] * (w_child.dim() - 1)))
         keep = window is not None or w_child.numel() <= KEEP_COMPOSED_NUMEL
+        # a hard mask all 0 or all 1 composes to the parent or the child: that tensor itself,
+        # in the forward and in the backward (no compose, no recompose, nothing kept)
+        ctx.whole = _whole(mask, w_child) if hard else None
         if window is None:
             wc = w_child
-            # a scratch w is dead once the op has run (nothing inside a Function forward keeps it)
-            w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
+            if ctx.whole is not None:
+                w = w_parent if ctx.whole == "parent" else wc
+            else:
+                # a scratch w is dead once the op has run (nothing inside a Function forward
+                # keeps it)
+                w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
         else:
             wc = window.kernel(w_child)
             if wc.stride(1) != 1:
@@ -169,7 +198,10 @@ class _ComposedOp(torch.autograd.Function):
                 # and the backward. (clone, not contiguous: the copy keeps the kernel's format.)
                 # A channels_last window is runs of whole input-channel vectors, read in place.
                 wc = wc.clone()
-            w = torch.lerp(w_parent, wc, m)
+            if ctx.whole is not None:
+                w = w_parent if ctx.whole == "parent" else wc
+            else:
+                w = torch.lerp(w_parent, wc, m)
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = autocast_dtype(x.device.type)
@@ -183,7 +215,7 @@ class _ComposedOp(torch.autograd.Function):
         # wc is the child itself, its window or the window's copy; w_child gives the gradient's
         # layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
-        ctx.composed = w if keep else None
+        ctx.composed = w if keep and ctx.whole is None else None
         ctx.mask, ctx.op, ctx.window, ctx.x_dtype = m, op, window, x.dtype
         if ctx.needs_input_grad[3]:
             # straight-through in the hard stage: dmask/dlogits as mask_slope says
@@ -195,7 +227,10 @@ class _ComposedOp(torch.autograd.Function):
         xc, wc, b_child, wp, b_parent, w_child = ctx.saved_tensors
         m, window = ctx.mask, ctx.window
         if ctx.composed is None:
-            w = torch.lerp(wp, wc, m, out=_SCRATCH.like(wc))
+            if ctx.whole is not None:
+                w = wp if ctx.whole == "parent" else wc
+            else:
+                w = torch.lerp(wp, wc, m, out=_SCRATCH.like(wc))
             if w.dtype != xc.dtype:
                 w = w.to(xc.dtype)
         else:
@@ -217,7 +252,9 @@ class _ComposedOp(torch.autograd.Function):
             # dL/dm_j = <dL/dw_j, child_j - parent_j> + dL/db_j * (b_child_j - b_parent_j);
             # the composed weight is dead after the conv backward: reuse its buffer (the
             # scratch, or the kept tensor, the forward's own)
-            out = w if w.dtype == wc.dtype else None
+            # (never the parent or the child themselves: scratch memory, free again then)
+            out = _SCRATCH.like(wc) if ctx.whole is not None else (
+                w if w.dtype == wc.dtype else None)
             prod = torch.sub(wc, wp, out=out).mul_(gw)
             # summed over its own dims: flatten(1) of a channels_last kernel is a copy, and
             # that copy cost twice the sum (a 256x256x3x3 kernel on the CPU: 341 -> 124 us)
