@@ -48,7 +48,8 @@ variant's step time over fine-tuning's step time in the same round, with a boots
 Memory: each variant runs in a fresh
 subprocess of this script. On CPU the figure is the peak RSS growth during the training steps,
 ``ru_maxrss after the steps - RSS just before the first step`` (after model build and one
-no_grad warm-up forward), with MALLOC_MMAP_THRESHOLD_=1 MiB in the workers so glibc returns
+no_grad warm-up forward, the CWPS layers' scratch buffer dropped after it so that the steps
+count it), with MALLOC_MMAP_THRESHOLD_=1 MiB in the workers so glibc returns
 freed activation buffers to the OS (--malloc-default to keep glibc's dynamic threshold); on
 CUDA ``max_memory_allocated - memory_allocated`` before the step.
 Also reported, allocator-independent: the bytes of the tensors autograd saves for backward in
@@ -550,6 +551,11 @@ def memory_worker(args) -> dict:
     x, y = make_batch(args, device, num_classes_of(model))
     with torch.no_grad():
         model(x)
+    # the layers' scratch memory (cwps/layers.py: one buffer per thread for the composed
+    # weights of large kernels) is memory training needs: let the steps allocate it and count
+    # it, not the warm-up forward (whether that forward composes into it depends on the stage
+    # and the masks)
+    _layers._SCRATCH.buffers.clear()
     gc.collect()
     sync(device)
     out = {"variant": name, "mem_steps": args.mem_steps}

@@ -151,3 +151,24 @@ def test_bad_decisions_name_what_is_wrong(tmp_path):
     fractions["not.a.layer"] = 1.0
     with pytest.raises(SystemExit, match=r"unknown \['not.a.layer'\]"):
         bench.make_cwps(base, 0, fractions)
+
+
+def test_memory_counts_the_scratch_buffer_the_training_steps_use(monkeypatch):
+    """The warm-up forward before the memory baseline may compose into the CWPS layers' scratch
+    buffer (a large kernel in the soft stage does): the worker drops it, so the steps allocate
+    it again and the peak growth counts it."""
+    torch.set_num_threads(2)
+    bench = load_benchmark("layer_overhead")
+    seen = []
+    original = bench.train_step
+
+    def step(model, opt, x, y, amp="none"):
+        seen.append(sum(b.numel() for b in bench._layers._SCRATCH.buffers.values()))
+        return original(model, opt, x, y, amp)
+
+    monkeypatch.setattr(bench, "train_step", step)
+    args = bench.parse_args(["--size", "112", "--batch", "1", "--mem-steps", "2"])
+    args._worker = "cwps-soft"
+    out = bench.memory_worker(args)
+    assert seen[0] == 0 and seen[1] >= 512 * 512 * 9  # resnet18's largest kernel, after one
+    assert out["peak_growth_bytes"] > 0
