@@ -26,7 +26,7 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   traffic-floor   NOT a CWPS step, a lower bound (on request): fine-tuning plus only the weight
                   traffic that no implementation composing one weight per layer can avoid:
                   each layer's compose (a lerp of the weight, or of the taps a 1x1 output
-                  meets, with the CWPS model's parent, into scratch memory), all before the
+                  meets, with the CWPS model's parent, into memory the layer keeps), all before the
                   forward, and one fused pass per layer for the mask and child gradients (an
                   addcmul with value 0: reads the gradient, the weight and the parent, writes
                   the gradient), all after the last weight gradient; no recompute, no mask

@@ -184,12 +184,6 @@ class _ComposedOp(torch.autograd.Function):
         ctx.whole = _whole(mask, w_child) if hard else None
         if window is None:
             wc = w_child
-            if ctx.whole is not None:
-                w = w_parent if ctx.whole == "parent" else wc
-            else:
-                # a scratch w is dead once the op has run (nothing inside a Function forward
-                # keeps it)
-                w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
         else:
             wc = window.kernel(w_child)
             if wc.stride(1) != 1:
@@ -198,10 +192,12 @@ class _ComposedOp(torch.autograd.Function):
                 # and the backward. (clone, not contiguous: the copy keeps the kernel's format.)
                 # A channels_last window is runs of whole input-channel vectors, read in place.
                 wc = wc.clone()
-            if ctx.whole is not None:
-                w = w_parent if ctx.whole == "parent" else wc
-            else:
-                w = torch.lerp(w_parent, wc, m)
+        if ctx.whole is not None:
+            w = w_parent if ctx.whole == "parent" else wc
+        else:
+            # a scratch w (a large kernel's: windows are kept) is dead once the op has run
+            # (nothing inside a Function forward keeps it)
+            w = torch.lerp(w_parent, wc, m, out=None if keep else _SCRATCH.like(wc))
         b = None if b_child is None else torch.lerp(b_parent, b_child, mask)
         # Autocast does not reach inside a Function: cast the way it would for conv/linear.
         cast = autocast_dtype(x.device.type)
