@@ -1,48 +1,79 @@
 #!/usr/bin/env bash
-# Every GPU check in one go, each step time-boxed (about 10 minutes on one H100/H200):
-#   1. benchmarks/gpu_check.py     CUDA correctness: fp32, fp16/bf16 autocast, merge, channels_last
-#   2. benchmarks/layer_overhead.py  step time and memory vs. fine-tuning, batch 32 at 112 px
-#                                  and batch 64 at 224 px (time only); the digits shape (batch
-#                                  32, 32 px) and the paper's (ResNet-50, batch 96, 224 px, bf16
-#                                  autocast), each eager and torch.compile'd (the digits shape
-#                                  also without the ComposeGroups: cwps-hard-per-layer); the
-#                                  traffic-floor lower bound beside it at 224 px
-#   3. the built-in benchmark end to end on the GPU with 16-bit mixed precision (trainer=gpu),
-#      on the two MNIST-derived tasks (optdigits needs scikit-learn, which GPU images may lack)
-#   4. the digits shape again with the decisions that run reached (--decisions: whole layers
-#      shared, which sit the hard stage's SGD step out), time only, with the traffic-floor
-# Usage: bash benchmarks/gpu_suite.sh OUT_DIR     (PYTHON=... to pick the interpreter)
+# Every GPU check in one go, most important first, inside one time budget (a lent GPU machine
+# gives a session minutes, not hours). Each step is time-boxed at min(its own limit, the time
+# left); a step that would get under 20 s is skipped and named in the summary.
+#   1. gpu_check                 CUDA correctness (benchmarks/gpu_check.py): fp32, fp16/bf16
+#                                autocast, merge, channels_last
+#   2. overhead_paper_bf16       the paper's shape (ResNet-50, batch 96, 224 px, bf16 autocast):
+#                                fine-tuning, CWPS soft and hard, eager
+#   3. overhead_digits_compile   the digits shape (resnet18, batch 32, 32 px): the three eager,
+#                                each compiled (torch.compile's default mode), and
+#                                cwps-hard-per-layer (without the ComposeGroups)
+#   4. train_amp                 the built-in benchmark end to end on the GPU, 16-bit mixed
+#                                precision (trainer=gpu), on the two MNIST-derived tasks
+#   5. overhead_digits_job_decisions  the digits shape with the decisions step 4 reached
+#                                (whole layers shared sit the hard step out), with the
+#                                traffic-floor lower bound
+#   6. overhead_paper_bf16_compile  the paper's shape compiled (eager fine-tuning beside it)
+#   7. overhead_digits_cudagraphs   the digits shape under mode="reduce-overhead" (CUDA graphs)
+# (Peak memory on the GPU: python benchmarks/layer_overhead.py --device cuda, batch 32, 112 px.)
+# What comes back: OUT/summary.txt (GPU, versions, each step's exit and seconds), OUT/steps.log
+# (every step's output) and one JSON per benchmark step (train_amp: its results.json): at most
+# eight files, so that a tool that returns few files gets them all. The training run itself
+# writes under WORK (default /tmp/cwps_gpu_suite), not OUT.
+# Usage: bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS, default 600]
+#        (PYTHON=... picks the interpreter; exit 1 if any step that ran failed)
 set -u
-OUT=${1:?usage: gpu_suite.sh OUT_DIR}
-mkdir -p "$OUT"
+OUT=${1:?usage: gpu_suite.sh OUT_DIR [BUDGET_SECONDS]}
+BUDGET=${2:-600}
+case $BUDGET in '' | *[!0-9]*) echo "BUDGET_SECONDS must be a whole number of seconds, got '$BUDGET'" >&2; exit 2 ;; esac
+WORK=${WORK:-/tmp/cwps_gpu_suite}
+mkdir -p "$OUT" "$WORK"
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+START=$SECONDS
 status=0
-step() {  # step NAME SECONDS CMD...: run, log to OUT/NAME.log, remember a failure
-  local name=$1 secs=$2; shift 2
-  echo "== $name" | tee -a "$OUT/summary.txt"
-  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+step() {  # step NAME MAX_SECONDS CMD...: run time-boxed, log to OUT/steps.log
+  local name=$1 max=$2; shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  local secs=$((max < left ? max : left))
+  if [ "$secs" -lt 20 ]; then
+    echo "== $name: skipped, ${left} s of the budget left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  echo "== $name (limit $secs s)" | tee -a "$OUT/summary.txt" "$OUT/steps.log"
+  local t0=$SECONDS
+  timeout "$secs" "$@" >>"$OUT/steps.log" 2>&1
   local rc=$?
-  tail -n 25 "$OUT/$name.log"
-  echo "== $name: exit $rc" | tee -a "$OUT/summary.txt"
+  echo "== $name: exit $rc$([ "$rc" -eq 124 ] && echo ' (time limit)'), $((SECONDS - t0)) s" \
+    | tee -a "$OUT/summary.txt" "$OUT/steps.log"
   [ "$rc" -eq 0 ] || status=1
 }
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-$PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)" | tee -a "$OUT/gpu.txt"
-step gpu_check 120 $PY benchmarks/gpu_check.py
-step overhead_b32_112 150 $PY benchmarks/layer_overhead.py --device cuda --out "$OUT/overhead_b32_112.json"
-step overhead_b64_224 150 $PY benchmarks/layer_overhead.py --device cuda --batch 64 --size 224 \
-  --skip-memory --variants finetune,cwps-soft,cwps-hard,traffic-floor --out "$OUT/overhead_b64_224.json"
-COMPILED=finetune,cwps-soft,cwps-hard,finetune+compile,cwps-soft+compile,cwps-hard+compile
-step overhead_digits_compile 150 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
-  --skip-memory --warmup 3 --variants $COMPILED,cwps-hard-per-layer \
-  --out "$OUT/overhead_digits_compile.json"
-step overhead_paper_bf16 240 $PY benchmarks/layer_overhead.py --device cuda --model resnet50 \
-  --batch 96 --size 224 --amp bf16 --skip-memory --warmup 3 --steps 20 --variants $COMPILED \
-  --out "$OUT/overhead_paper_bf16.json"
-step train_amp 240 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
-  trainer.enable_progress_bar=false "hydra.run.dir=$OUT/train" "paths.cache_dir=$OUT/cache"
-step overhead_digits_job_decisions 120 $PY benchmarks/layer_overhead.py --device cuda --size 32 \
-  --skip-memory --warmup 3 --variants finetune,cwps-soft,cwps-hard,traffic-floor \
-  --decisions "$OUT/train/results.json" --out "$OUT/overhead_digits_job_decisions.json"
+bench() { step "$1" "$2" $PY benchmarks/layer_overhead.py --device cuda --out "$OUT/$1.json" "${@:3}"; }
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
+} 2>&1 | tee -a "$OUT/summary.txt"
+EAGER=finetune,cwps-soft,cwps-hard
+PAPER="--model resnet50 --batch 96 --size 224 --amp bf16 --skip-memory"
+DIGITS="--size 32 --skip-memory"
+step gpu_check 90 $PY benchmarks/gpu_check.py
+bench overhead_paper_bf16 120 $PAPER --warmup 3 --steps 20 --variants $EAGER
+bench overhead_digits_compile 240 $DIGITS --warmup 3 --steps 30 \
+  --variants $EAGER,finetune+compile,cwps-soft+compile,cwps-hard+compile,cwps-hard-per-layer
+step train_amp 180 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
+  trainer.enable_progress_bar=false "hydra.run.dir=$WORK/train" "paths.cache_dir=$WORK/cache"
+[ -f "$WORK/train/results.json" ] && cp "$WORK/train/results.json" "$OUT/train_amp_results.json"
+if [ -f "$WORK/train/results.json" ]; then
+  bench overhead_digits_job_decisions 90 $DIGITS --warmup 3 --steps 30 \
+    --variants $EAGER,traffic-floor --decisions "$WORK/train/results.json"
+else
+  echo "== overhead_digits_job_decisions: skipped, train_amp wrote no results.json" | tee -a "$OUT/summary.txt"
+fi
+bench overhead_paper_bf16_compile 300 $PAPER --warmup 3 --steps 10 \
+  --variants finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile
+bench overhead_digits_cudagraphs 240 $DIGITS --warmup 3 --steps 30 \
+  --variants finetune,finetune+compile-ro,cwps-soft+compile-ro,cwps-hard+compile-ro
+echo "== total $((SECONDS - START)) s of a $BUDGET s budget" | tee -a "$OUT/summary.txt"
 exit $status

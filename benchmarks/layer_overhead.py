@@ -34,7 +34,9 @@ Variants (all share the same weights; CWPS variants share the same parents and m
                   fine-tuning's (class TrafficFloor);
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
-                  rounds take the compilation, so give --warmup >= 2).
+                  rounds take the compilation, so give --warmup >= 2);
+  <v>+compile-ro  the same with mode="reduce-overhead" (CUDA graphs on a GPU: one launch
+                  replays the step's kernels, the cure for launch-bound steps).
 
 The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CWPSLinear whose
 ``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
@@ -106,7 +108,17 @@ VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer",
                   "traffic-floor")
 PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
-COMPILED = "+compile"  # suffix: the variant under torch.compile (valid for every variant)
+# suffixes: the variant under torch.compile in this mode (valid for every variant); the longer
+# suffix first, so that a name is split at the right one
+COMPILE_MODES = {"+compile-ro": "reduce-overhead", "+compile": None}
+
+
+def split_compile(name: str) -> tuple[str, str | None, bool]:
+    """(eager variant, torch.compile mode, compiled?) of a --variants name."""
+    for suffix, mode in COMPILE_MODES.items():
+        if name.endswith(suffix):
+            return name.removesuffix(suffix), mode, True
+    return name, None, False
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
 MiB = 2**20
@@ -400,8 +412,9 @@ def make_cwps(base: nn.Module, seed: int, decisions: dict[str, float] | None = N
 
 def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int,
                  decisions: dict[str, float] | None = None) -> nn.Module:
-    if name.endswith(COMPILED):
-        return torch.compile(make_variant(name[: -len(COMPILED)], base, cwps, seed, decisions))
+    eager, mode, compiled = split_compile(name)
+    if compiled:
+        return torch.compile(make_variant(eager, base, cwps, seed, decisions), mode=mode)
     if name == "finetune":
         model = copy.deepcopy(base)
         use_small_input_convs(model)
@@ -817,11 +830,11 @@ def main(argv=None):
         return 0
 
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
-    bad = [n for n in names if n.removesuffix(COMPILED) not in VARIANTS + EXTRA_VARIANTS]
+    bad = [n for n in names if split_compile(n)[0] not in VARIANTS + EXTRA_VARIANTS]
     if bad or "finetune" not in names:
         raise SystemExit(
             f"--variants must include finetune and be among {VARIANTS + EXTRA_VARIANTS} "
-            f"(each also with the suffix {COMPILED}); got {bad}"
+            f"(each also with a suffix of {list(COMPILE_MODES)}); got {bad}"
         )
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -172,3 +172,21 @@ def test_memory_counts_the_scratch_buffer_the_training_steps_use(monkeypatch):
     out = bench.memory_worker(args)
     assert seen[0] == 0 and seen[1] >= 512 * 512 * 9  # resnet18's largest kernel, after one
     assert out["peak_growth_bytes"] > 0
+
+
+def test_compile_suffixes_pick_the_mode_and_bad_names_are_refused(monkeypatch):
+    """+compile is torch.compile's default mode, +compile-ro reduce-overhead (CUDA graphs);
+    the eager variant underneath is the named one; an unknown suffix is refused by name."""
+    bench = load_benchmark("layer_overhead")
+    assert bench.split_compile("cwps-hard+compile-ro") == ("cwps-hard", "reduce-overhead", True)
+    assert bench.split_compile("cwps-soft+compile") == ("cwps-soft", None, True)
+    assert bench.split_compile("traffic-floor") == ("traffic-floor", None, False)
+    seen = []
+    monkeypatch.setattr(bench.torch, "compile",
+                        lambda model, mode=None: seen.append((type(model).__name__, mode)) or model)
+    base = bench.build_all(["finetune"], "resnet18", 0, torch.device("cpu"))["finetune"]
+    bench.make_variant("finetune+compile-ro", base, None, 0)
+    bench.make_variant("finetune+compile", base, None, 0)
+    assert seen == [("ResNet", "reduce-overhead"), ("ResNet", None)]
+    with pytest.raises(SystemExit, match=r"finetune\+compile-xx"):
+        bench.main(["--variants", "finetune,finetune+compile-xx", "--skip-memory"])

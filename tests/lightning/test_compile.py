@@ -51,6 +51,33 @@ def test_compiled_forward_matches_eager_loss_and_gradients(stage, hw):
     assert set(module.state_dict()) == {f"model.{k}" for k in model.state_dict()}
 
 
+@pytest.mark.parametrize("stage, hw, large", [
+    ("soft", 1, False), ("hard", 1, False), ("hard", 8, False), ("soft", 8, True),
+    ("hard", 8, True)])
+def test_compiled_step_has_no_graph_break_with_whole_masks(stage, hw, large, monkeypatch):
+    """Hard-stage layers whose mask keeps every channel or none: eager reads the mask to take a
+    shortcut (on the CPU, for large kernels and 1x1-output windows: hw 1 takes the window
+    path), and large kernels compose into a scratch buffer the CPU keeps (large: every kernel
+    counts as large); compiled, forward and backward trace as one graph (fullgraph=True raises
+    at a graph break)."""
+    from cwps_lightning.cwps import layers
+
+    torch.set_num_threads(1)
+    if large:
+        monkeypatch.setattr(layers, "KEEP_COMPOSED_NUMEL", 0)
+        monkeypatch.setattr(layers._SCRATCH, "buffers", {})  # as in a fresh process
+    model = _model()
+    set_stage(model, stage)
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(cwps_layers(model)):
+            layer.mask_logits.fill_(4.0 if i % 2 else -4.0)  # all specific / all shared
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(4, 3, hw, hw, generator=torch.Generator().manual_seed(1))
+    out = compiled(x)
+    out.square().mean().backward()
+    assert torch.allclose(out, model(x), atol=1e-5)
+
+
 def test_a_fit_with_compile_trains_the_model_itself():
     torch.set_num_threads(1)
     model = _model()

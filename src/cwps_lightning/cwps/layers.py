@@ -97,14 +97,15 @@ def _select(child: Tensor, parent: Tensor, mask: Tensor) -> Tensor:
 
 
 def _whole(mask: Tensor, weight: Tensor) -> str | None:
-    """"parent" if a binary mask is all 0, "child" if all 1, None otherwise or off the CPU
-    (reading the mask on a GPU would wait for it).
+    """"parent" if a binary mask is all 0, "child" if all 1, None otherwise, off the CPU
+    (reading the mask on a GPU would wait for it) and under torch.compile (reading a value
+    breaks the graph, one break per layer).
 
     lerp(parent, child, 0) is the parent and lerp(parent, child, 1) the child, value for value
     (lerp computes parent + 0 * (child - parent) and child - (child - parent) * 0), but for the
     sign of a zero (where the parent holds -0.0 the lerp gives +0.0, and the child's -0.0
     likewise), which can change a convolution's output only in the sign of an exact zero."""
-    if weight.device.type != "cpu" or mask.numel() == 0:
+    if weight.device.type != "cpu" or mask.numel() == 0 or torch.compiler.is_compiling():
         return None
     kept = int(mask.sum())
     if kept == 0:
@@ -132,7 +133,9 @@ class _Scratch(threading.local):
         dense = t.is_contiguous() or (
             t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
         )
-        if t.device.type != "cpu" or not dense:
+        # (under torch.compile the compiler plans memory, and keeping a buffer is a side
+        # effect it cannot trace)
+        if t.device.type != "cpu" or not dense or torch.compiler.is_compiling():
             return torch.empty_like(t)
         key = (t.device, t.dtype)
         buf = self.buffers.get(key)
@@ -262,8 +265,9 @@ class _ComposedOp(torch.autograd.Function):
             if window is None:
                 grad_child = gw.mul_(m)  # in place: gw is not needed any more
             else:  # the other taps only ever met zero padding
+                # (a copy, not mul(out=) into the strided view: torch.compile cannot trace that)
                 grad_child = torch.zeros_like(w_child)
-                torch.mul(gw, m, out=window.kernel(grad_child))
+                window.kernel(grad_child).copy_(gw.mul_(m))
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
         return (gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None,
