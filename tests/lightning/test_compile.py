@@ -114,3 +114,23 @@ def test_compiled_small_input_convs_match_eager():
     for n, g in out["eager"][1].items():
         assert torch.allclose(out["compiled"][1][n], g, atol=1e-5, rtol=1e-4), n
     assert out["eager"][1]["conv1.weight"][:, :, 0].abs().sum() == 0  # outside the window
+
+
+def test_every_fit_compiles_past_the_recompile_limit():
+    """Each fit's module compiles its own graphs: many fits in one process (tasks with other
+    heads, soft and hard stages) would otherwise pass torch._dynamo's recompile limit, after
+    which the forward runs eager (the limit lowered to 2 here: a fit's soft and hard stage)."""
+    from torch._dynamo.utils import counters
+
+    torch.set_num_threads(1)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for task in range(3):
+            model = _model()
+            model.head = torch.nn.Linear(10, 3 + task)  # another task's head
+            module = CWPSLitModule(model, num_classes=3 + task, compile_mode="default")
+            for stage in ("soft", "hard"):
+                set_stage(model, stage)
+                before = counters["stats"]["unique_graphs"]
+                module._compiled(x).square().mean().backward()
+                assert counters["stats"]["unique_graphs"] > before, (task, stage)

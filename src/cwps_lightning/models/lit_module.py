@@ -117,7 +117,15 @@ class CWPSLitModule(L.LightningModule):
         self.test_top1 = MulticlassAccuracy(num_classes, average="micro")
         # kept out of the module tree (no second copy of the parameters in the state dict):
         # the compiled forward shares self.model's parameters
-        compiled = None if compile_mode is None else torch.compile(model, mode=compile_mode)
+        compiled = None
+        if compile_mode is not None:
+            # torch.compile caches graphs per code object (the backbone's forward), shared by
+            # every fit in the process; each fit adds its own (another head, the soft and hard
+            # stages), and past torch._dynamo.config.recompile_limit (8) the forward silently
+            # runs eager. A fit starts from an empty cache instead (recompiling what an earlier
+            # fit compiled: the compiler's on-disk cache makes that cheaper).
+            torch._dynamo.reset()
+            compiled = torch.compile(model, mode=compile_mode)
         self.__dict__["_compiled"] = compiled
         # the shared-channel freeze and its optimiser (configure_optimizers), and its decisions
         # from a checkpoint until there is one to give them to
