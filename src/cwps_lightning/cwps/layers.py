@@ -265,9 +265,11 @@ class _ComposedOp(torch.autograd.Function):
             if window is None:
                 grad_child = gw.mul_(m)  # in place: gw is not needed any more
             else:  # the other taps only ever met zero padding
-                # (a copy, not mul(out=) into the strided view: torch.compile cannot trace that)
                 grad_child = torch.zeros_like(w_child)
-                window.kernel(grad_child).copy_(gw.mul_(m))
+                if torch.compiler.is_compiling():  # it cannot trace mul(out=) into a view
+                    window.kernel(grad_child).copy_(gw.mul_(m))
+                else:  # one pass, not two
+                    torch.mul(gw, m, out=window.kernel(grad_child))
         if has_bias and ctx.needs_input_grad[2]:
             grad_b_child = gb * m.view(-1)
         return (gx, grad_child, grad_b_child, grad_logits, None, None, None, None, None, None,
