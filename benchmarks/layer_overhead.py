@@ -108,9 +108,11 @@ VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer",
                   "traffic-floor")
 PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
-# suffixes: the variant under torch.compile in this mode (valid for every variant); the longer
-# suffix first, so that a name is split at the right one
-COMPILE_MODES = {"+compile-ro": "reduce-overhead", "+compile": None}
+# suffixes: the variant under torch.compile in this mode (valid for every variant)
+COMPILE_MODES = {"+compile": None, "+compile-ro": "reduce-overhead"}
+TARGET_TIME = 1.05
+TARGET_MEM = 1.10
+MiB = 2**20
 
 
 def split_compile(name: str) -> tuple[str, str | None, bool]:
@@ -119,9 +121,6 @@ def split_compile(name: str) -> tuple[str, str | None, bool]:
         if name.endswith(suffix):
             return name.removesuffix(suffix), mode, True
     return name, None, False
-TARGET_TIME = 1.05
-TARGET_MEM = 1.10
-MiB = 2**20
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,15 +14,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SUITE = REPO / "benchmarks" / "gpu_suite.sh"
 
-# Records each call; `-m cwps_lightning.train` writes a results.json into its hydra.run.dir;
-# a call whose arguments contain $FAIL exits 1; every call sleeps $NAP seconds.
+# Records each call; a call whose arguments contain $FAIL exits 1; otherwise
+# `-m cwps_lightning.train` writes a results.json into its hydra.run.dir; one whose arguments contain $NAP_ON sleeps $NAP s.
 FAKE_PYTHON = """#!/usr/bin/env bash
 echo "$*" >> "$CALLS"
-sleep "${NAP:-0}"
+case "$*" in *"${NAP_ON:-@none@}"*) sleep "$NAP" ;; esac
+case "$*" in *"${FAIL:-@none@}"*) exit 1 ;; esac
 for a in "$@"; do
   case $a in hydra.run.dir=*) d=${a#hydra.run.dir=}; mkdir -p "$d"; echo '{}' > "$d/results.json" ;; esac
 done
-case "$*" in *"${FAIL:-@none@}"*) exit 1 ;; esac
 exit 0
 """
 
@@ -63,16 +63,43 @@ def test_every_step_runs_in_order_and_at_most_eight_files_come_back(tmp_path):
     assert summary.count(": exit 0") == 7 and "skipped" not in summary
 
 
-def test_a_spent_budget_skips_the_remaining_steps_and_a_failed_step_fails_the_suite(tmp_path):
-    # the version line takes 3-4 s of 24, gpu_check 20-21 s at most (it takes 3): then < 20 left
-    proc, out, calls = run_suite(tmp_path, 24, NAP="3", FAIL="gpu_check.py")
-    assert proc.returncode == 1
-    assert len(calls) == 1 and "gpu_check.py" in calls[0]
+def test_a_step_stopped_by_the_budget_is_named_not_failed_and_the_rest_are_skipped(tmp_path):
+    # gpu_check would take 60 s: it gets the whole budget (25 s, not its own 90), is stopped
+    # there, and nothing is left for the steps after it
+    proc, out, calls = run_suite(tmp_path, 25, NAP_ON="gpu_check.py", NAP="60")
     summary = (out / "summary.txt").read_text()
-    assert re.search(r"== gpu_check \(limit 2[01] s\)", summary) and "== gpu_check: exit 1" in summary
+    assert proc.returncode == 0, summary
+    assert len(calls) == 1 and "gpu_check.py" in calls[0]
+    assert re.search(r"== gpu_check \(limit 2[45] s\)", summary)
+    assert "== gpu_check: exit 124 (stopped at the end of the budget)" in summary
     assert "== overhead_paper_bf16: skipped" in summary
     assert "== overhead_digits_cudagraphs: skipped" in summary
     assert "overhead_digits_job_decisions: skipped, train_amp wrote no results.json" in summary
+
+
+def test_a_failed_step_fails_the_suite_and_the_others_still_run(tmp_path):
+    proc, out, calls = run_suite(tmp_path, 600, FAIL="gpu_check.py")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 1
+    assert "== gpu_check: exit 1," in summary and summary.count(": exit 0") == 6
+
+
+def test_a_rerun_trains_afresh_not_from_the_last_runs_directory(tmp_path):
+    """The training run's directory under WORK is cleared first: a left one would be resumed,
+    and its results.json would stand in for a run that failed this time."""
+    stale = tmp_path / "work" / "train" / "results.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"stale": true}')
+    proc, out, calls = run_suite(tmp_path, 600, FAIL="cwps_lightning.train")
+    assert proc.returncode == 1
+    assert not (out / "train_amp_results.json").exists()
+    assert "job_decisions: skipped, train_amp wrote no results.json" in \
+        (out / "summary.txt").read_text()
+
+
+def test_a_budget_with_a_leading_zero_is_decimal(tmp_path):
+    proc, out, calls = run_suite(tmp_path, "030")
+    assert "== gpu_check (limit 30 s)" in (out / "summary.txt").read_text()
 
 
 @pytest.mark.parametrize("budget", ["ten", "-5"])

@@ -52,17 +52,17 @@ def test_compiled_forward_matches_eager_loss_and_gradients(stage, hw):
 
 
 @pytest.mark.parametrize("stage, hw, large", [
-    ("soft", 1, False), ("hard", 1, False), ("hard", 8, False), ("soft", 8, True),
-    ("hard", 8, True)])
+    ("soft", 1, False), ("hard", 1, False), ("soft", 8, True), ("hard", 8, True)])
 def test_compiled_step_has_no_graph_break_with_whole_masks(stage, hw, large, monkeypatch):
-    """Hard-stage layers whose mask keeps every channel or none: eager reads the mask to take a
-    shortcut (on the CPU, for large kernels and 1x1-output windows: hw 1 takes the window
-    path), and large kernels compose into a scratch buffer the CPU keeps (large: every kernel
-    counts as large); compiled, forward and backward trace as one graph (fullgraph=True raises
-    at a graph break)."""
+    """Eager, on the CPU, hard-stage layers whose mask keeps every channel or none read the
+    mask to take a shortcut (large kernels and 1x1-output windows: hw 1 takes the window path),
+    and large kernels compose into a scratch buffer the CPU keeps (large: every kernel counts
+    as large). Compiled, forward and backward trace as one graph (fullgraph=True raises at a
+    graph break) and give eager's output and gradients."""
     from cwps_lightning.cwps import layers
 
     torch.set_num_threads(1)
+    torch.compiler.reset()  # (the cases compile the same forward: no recompile limit here)
     if large:
         monkeypatch.setattr(layers, "KEEP_COMPOSED_NUMEL", 0)
         monkeypatch.setattr(layers._SCRATCH, "buffers", {})  # as in a fresh process
@@ -71,11 +71,19 @@ def test_compiled_step_has_no_graph_break_with_whole_masks(stage, hw, large, mon
     with torch.no_grad():
         for i, (_, layer) in enumerate(cwps_layers(model)):
             layer.mask_logits.fill_(4.0 if i % 2 else -4.0)  # all specific / all shared
-    compiled = torch.compile(model, fullgraph=True)
     x = torch.randn(4, 3, hw, hw, generator=torch.Generator().manual_seed(1))
-    out = compiled(x)
-    out.square().mean().backward()
-    assert torch.allclose(out, model(x), atol=1e-5)
+    runs = {}
+    for name, forward in (("compiled", torch.compile(model, fullgraph=True)), ("eager", model)):
+        model.zero_grad()
+        out = forward(x)
+        out.square().mean().backward()
+        runs[name] = (out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.grad is not None})
+    assert torch.allclose(runs["compiled"][0], runs["eager"][0], atol=1e-5)
+    grads_c, grads_e = runs["compiled"][1], runs["eager"][1]
+    assert grads_c.keys() == grads_e.keys() and any(n.endswith(".weight") for n in grads_e)
+    for n, g in grads_e.items():
+        assert torch.allclose(grads_c[n], g, atol=1e-5, rtol=1e-4), n
 
 
 def test_a_fit_with_compile_trains_the_model_itself():

@@ -169,9 +169,9 @@ class _ComposedOp(torch.autograd.Function):
       costs about as much as reading the kernel); the window-sized composed weight is kept for
       the backward (on a 1x1 map a ninth of a 3x3 kernel).
 
-    On each path, a hard mask that shares every channel or none (on the CPU, ``_whole``) takes
-    the parent or the child (or their windows) as the composed weight, in the forward and the
-    backward: no compose, nothing kept.
+    On each path, a hard mask that shares every channel or none (eager, on the CPU:
+    ``_whole``) takes the parent or the child (or their windows) as the composed weight, in the
+    forward and the backward: no compose, nothing kept.
     """
 
     @staticmethod

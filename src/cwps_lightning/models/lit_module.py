@@ -121,10 +121,11 @@ class CWPSLitModule(L.LightningModule):
         if compile_mode is not None:
             # torch.compile caches graphs per code object (the backbone's forward), shared by
             # every fit in the process; each fit adds its own (another head, the soft and hard
-            # stages), and past torch._dynamo.config.recompile_limit (8) the forward silently
-            # runs eager. A fit starts from an empty cache instead (recompiling what an earlier
-            # fit compiled: the compiler's on-disk cache makes that cheaper).
-            torch._dynamo.reset()
+            # stages), and past torch._dynamo.config.recompile_limit (8) the forward runs eager
+            # after one warning. A fit starts from an empty cache instead (recompiling what an
+            # earlier fit compiled: the compiler's on-disk cache makes that cheaper). This
+            # drops whatever else the process compiled too.
+            torch.compiler.reset()
             compiled = torch.compile(model, mode=compile_mode)
         self.__dict__["_compiled"] = compiled
         # the shared-channel freeze and its optimiser (configure_optimizers), and its decisions
