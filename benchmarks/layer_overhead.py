@@ -734,6 +734,19 @@ def run_timing(models, args, device) -> dict:
     return {"times_s": times, "final_loss": losses}
 
 
+def same_mode_ratios(times: dict[str, list[float]]) -> dict[str, tuple[str, float, tuple]]:
+    """For each compiled variant other than fine-tuning, whose fine-tuning compiled in the same
+    mode was timed too: (that variant's name, the paired ratio against it, its 95% CI)."""
+    out = {}
+    for n, t in times.items():
+        eager, _, compiled = split_compile(n)
+        base = "finetune" + n.removeprefix(eager)
+        if compiled and eager != "finetune" and base in times:
+            paired, ci = paired_ratio(t, times[base])
+            out[n] = (base, paired, ci)
+    return out
+
+
 def paired_ratio(times, base, resamples: int = 2000, seed: int = 0):
     """Median over rounds of time / finetune time in the same round, with a bootstrap 95% CI.
 
@@ -901,6 +914,9 @@ def main(argv=None):
             base_act = mem["finetune"]["saved_activation_bytes"]
             row["saved_activation_ratio"] = mem[n]["saved_activation_bytes"] / base_act
         rows[n] = row
+    for n, (base, paired, ci) in same_mode_ratios(times).items():
+        rows[n].update(same_mode_base=base, paired_time_ratio_same_mode=paired,
+                       paired_time_ratio_same_mode_ci95=list(ci))
 
     mem_unit = "peak RSS growth" if device.type == "cpu" else "peak alloc growth"
     w = max(15, *(len(n) for n in names))  # the variant column
@@ -926,6 +942,13 @@ def main(argv=None):
             )
         print(line)
     print()
+    same = [n for n in names if "same_mode_base" in rows[n]]
+    for n in same:  # like for like: compiled CWPS against fine-tuning compiled the same way
+        lo, hi = rows[n]["paired_time_ratio_same_mode_ci95"]
+        print(f"{n:<{w}} paired x {rows[n]['same_mode_base']}: "
+              f"{rows[n]['paired_time_ratio_same_mode']:.3f} [95% CI {lo:.3f}-{hi:.3f}]")
+    if same:
+        print()
 
     verdict = {}
     for n in ("cwps-soft", "cwps-hard"):

@@ -190,3 +190,18 @@ def test_compile_suffixes_pick_the_mode_and_bad_names_are_refused(monkeypatch):
     assert seen == [("ResNet", "reduce-overhead"), ("ResNet", None)]
     with pytest.raises(SystemExit, match=r"finetune\+compile-xx"):
         bench.main(["--variants", "finetune,finetune+compile-xx", "--skip-memory"])
+
+
+def test_compiled_variants_are_also_paired_with_fine_tuning_compiled_the_same_way():
+    bench = load_benchmark("layer_overhead")
+    times = {"finetune": [10.0, 10.0, 10.0], "cwps-soft": [11.0, 11.0, 11.0],
+             "finetune+compile": [8.0, 8.0, 8.0], "cwps-soft+compile": [10.0, 10.0, 10.0],
+             "cwps-hard+compile-ro": [9.0, 9.0, 9.0], "finetune+compile-ro": [6.0, 6.0, 6.0],
+             "cwps-hard+compile": [9.0, 9.0, 9.0]}
+    got = bench.same_mode_ratios(times)
+    assert set(got) == {"cwps-soft+compile", "cwps-hard+compile", "cwps-hard+compile-ro"}
+    assert got["cwps-soft+compile"][:2] == ("finetune+compile", 1.25)
+    assert got["cwps-hard+compile"][:2] == ("finetune+compile", 9.0 / 8.0)
+    assert got["cwps-hard+compile-ro"][:2] == ("finetune+compile-ro", 1.5)
+    del times["finetune+compile-ro"]  # nothing to pair with
+    assert "cwps-hard+compile-ro" not in bench.same_mode_ratios(times)
