@@ -22,6 +22,8 @@
 # (every step's output) and one JSON per benchmark step (train_amp: its results.json): at most
 # eight files, so that a tool that returns few files gets them all. The training run itself
 # writes under WORK (default /tmp/cwps_gpu_suite), not OUT.
+# A GPU image without Hydra/OmegaConf/mlxtend: python benchmarks/gpu_site.py .gpusite here,
+# then PYTHONPATH=$PWD/.gpusite there.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS, default 600]
 #        (PYTHON=... picks the interpreter; exit 1 if any step that ran failed; the training
 #        run starts afresh each time, WORK/train is cleared first)
