@@ -3,7 +3,8 @@
 The built-in benchmarks pretrain T0 on a task of their own (digits: its ``mnist`` part;
 colour_digits: ``optdigits``). The result is cached under ``<cache_dir>/t0/<key>.pt``, the key a
 hash of everything that decides the weights (model, benchmark class and pretraining task, image
-size, seed, pretraining settings: ``t0_spec``), so a rerun skips it.
+size, seed, pretraining settings, the Trainer arguments that change the fit and the device type:
+``t0_spec``), so a rerun skips it.
 """
 
 from __future__ import annotations
@@ -34,10 +35,21 @@ def cache_key(spec: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+#: the Trainer arguments that change what a T0 fit computes: the ranks (each takes its own
+#: batches), the device and the arithmetic; all from the run's config, the same on every rank
+#: (the launcher's environment is not: Lightning's own launcher sets WORLD_SIZE for rank 0 only
+#: at the first fit, after the key is taken)
+T0_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
+
+
 def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs: int,
-            lr: float, seed: int) -> dict:
+            lr: float, seed: int, trainer: Mapping[str, Any] | None = None,
+            device_type: str = "cpu") -> dict:
     """Everything that decides a pretrained T0's weights; its hash is the cache key. The
-    benchmark enters by its class name, its pretraining task and its ``cache_spec()``."""
+    benchmark enters by its class name, its pretraining task and its ``cache_spec()``; the
+    run by its Trainer arguments (``T0_TRAINER_KEYS``) and the type of device it evaluates on
+    (``accelerator: auto`` is a GPU on one machine and the CPU on another)."""
+    trainer = trainer or {}
     return {
         "model": model_name,
         "model_kwargs": dict(model_kwargs),
@@ -53,6 +65,8 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
         # SGD steps with torch's fused kernel on the CPU (optim.py), which rounds otherwise:
         # T0s pretrained before are not reused either
         "sgd": "fused on cpu",
+        "trainer": {k: trainer.get(k) for k in T0_TRAINER_KEYS},
+        "device_type": device_type,
     }
 
 
@@ -76,7 +90,8 @@ def pretrain_t0(
     if epochs < 1:
         raise ValueError(f"t0.epochs must be >= 1, got {epochs}")
     num_classes = datamodule.num_classes(task)
-    spec = t0_spec(datamodule, model_name, model_kwargs, epochs, lr, seed)
+    spec = t0_spec(datamodule, model_name, model_kwargs, epochs, lr, seed, settings.trainer,
+                   torch.device(device).type)
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "t0" / f"{cache_key(spec)}.pt"

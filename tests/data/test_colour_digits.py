@@ -201,3 +201,22 @@ def test_colour_blend_of_the_digits_benchmark_is_unchanged():
     field = torch.nn.functional.interpolate(field, size=(12, 12), mode="bicubic",
                                             align_corners=False).clamp(0, 1)
     assert torch.equal(digits.to_colour_blend(x, 7), (field - x).abs())
+
+
+def test_t0_cache_key_holds_the_ranks_device_and_arithmetic_of_the_run():
+    """A T0 pretrained on 2 ranks, in 16-bit or on a GPU is another T0: another key. The key
+    comes from the run's config, the same on every rank; Trainer arguments that do not change
+    the fit (the progress bar) leave it alone."""
+    args = ("resnet18", {}, 3, 0.05, 0)
+    one = {"accelerator": "auto", "devices": 1, "strategy": "auto", "precision": "32-true",
+           "enable_progress_bar": True}
+    key = cache_key(t0_spec(DigitsDataModule(), *args, one, "cpu"))
+    assert key == cache_key(t0_spec(DigitsDataModule(), *args, dict(one), "cpu"))
+    assert key == cache_key(t0_spec(DigitsDataModule(), *args,
+                                    {**one, "enable_progress_bar": False}, "cpu"))
+    others = [({**one, "devices": 2, "strategy": "ddp"}, "cpu"),
+              ({**one, "num_nodes": 2}, "cpu"),
+              ({**one, "precision": "16-mixed"}, "cpu"),
+              (one, "cuda")]
+    keys = {cache_key(t0_spec(DigitsDataModule(), *args, t, d)) for t, d in others}
+    assert key not in keys and len(keys) == len(others)
