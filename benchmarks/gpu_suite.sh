@@ -75,8 +75,8 @@ bench overhead_digits_compile 240 $DIGITS --warmup 3 --steps 30 \
 rm -rf "$WORK/train"  # a run directory left from an earlier suite would be resumed, not rerun
 step train_amp 180 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
   trainer.enable_progress_bar=false "hydra.run.dir=$WORK/train" "paths.cache_dir=$WORK/cache"
-[ -f "$WORK/train/results.json" ] && cp "$WORK/train/results.json" "$OUT/train_amp_results.json"
 if [ -f "$WORK/train/results.json" ]; then
+  cp "$WORK/train/results.json" "$OUT/train_amp_results.json"
   bench overhead_digits_job_decisions 90 $DIGITS --warmup 3 --steps 30 \
     --variants $EAGER,traffic-floor --decisions "$WORK/train/results.json"
 else

@@ -38,9 +38,10 @@ Variants (all share the same weights; CWPS variants share the same parents and m
   <v>+compile-ro  the same with mode="reduce-overhead" (CUDA graphs on a GPU: one launch
                   replays the step's kernels, the cure for launch-bound steps).
 
-The last two are implemented here (not in src/) as subclasses of CWPSConv2d / CWPSLinear whose
-``forward`` differs; they are swapped into a copy of the CWPS model by re-classing its layers,
-so they hold exactly the same parameters and buffers as cwps-soft.
+two-pass, naive-autograd and cwps-floor are implemented here (not in src/) as subclasses of
+CWPSConv2d / CWPSLinear whose ``forward`` differs (SWAPS); they are swapped into a copy of the
+CWPS model by re-classing its layers, so they hold exactly the same parameters and buffers as
+cwps-soft.
 
 Time: forward + backward + SGD step as the training job steps (momentum 0.9, weight decay 5e-4,
 fused on the CPU; on models with CWPS layers with the training job's SharedChannelFreeze: the
