@@ -159,3 +159,27 @@ def test_report_refuses_what_is_not_a_run_with_one_line(tmp_path, capsys, setup,
     assert report_main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
+
+
+def test_a_machine_without_matplotlib_gets_its_results_without_figures(tmp_path, monkeypatch,
+                                                                       caplog):
+    """The figures are the only part of a run that needs matplotlib: without it the run's
+    results.json and results.md are written all the same, and the log says how to draw the
+    figures later."""
+    import sys
+
+    from cwps_lightning.report import add_figures
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    store = small_store(run_dir)
+    results = results_of()
+    # what an import of figures meets on a machine without matplotlib
+    monkeypatch.delitem(sys.modules, "cwps_lightning.figures", raising=False)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    add_figures(run_dir, results, store)
+    assert "figures" not in results
+    assert "ModuleNotFoundError" in caplog.text and "cwps_lightning.report" in caplog.text
+    write_results(run_dir, results)
+    assert json.loads((run_dir / "results.json").read_text())["methods"]["cwps"]["mode"] == "joint"
+    assert not (run_dir / "figures").exists()

@@ -114,10 +114,11 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
 # -- figures, and the report command ------------------------------------------------------------
 def add_figures(run_dir: Path, results: dict, store: MultiTaskStore | None) -> None:
     """Draw the run's figures and list them in ``results["figures"]``. A figure that fails
-    is logged, not raised: the results it would show are already computed."""
-    from .figures import write_run_figures
-
+    is logged, not raised: the results it would show are already computed (a machine without
+    matplotlib, the figures' only extra package, included)."""
     try:
+        from .figures import write_run_figures
+
         results["figures"] = write_run_figures(run_dir, results, store)
     except Exception as err:  # noqa: BLE001 - the run's results stand without its figures
         log.error("figures failed (%s: %s); rebuild them with python -m cwps_lightning.report "
