@@ -1,23 +1,43 @@
-"""GPU checks of the CWPS layers (needs CUDA): ``python benchmarks/gpu_check.py``.
+"""GPU checks of the CWPS layers: ``python benchmarks/gpu_check.py [--device cuda|cpu]``.
 
-For Conv2d variants and Linear, in the soft and hard stages, on the GPU:
-  * forward and gradients (input, child weight, bias, mask logits) of the fused layer equal a
-    naive autograd reference (fp32; and under autocast fp16/bf16 within a mixed-precision
-    tolerance);
-  * the merged plain layer equals the wrapped layer in the hard stage;
-  * channels_last inputs give the same result.
-Prints one line per case and exits non-zero if any fails.
+Every path a CWPS layer takes in the soft and hard stages, on the device:
+  * small kernels composed with ordinary autograd ops (a layer made on its own);
+  * large kernels (more than layers.KEEP_COMPOSED_NUMEL elements) through the custom autograd
+    function _ComposedOp, which recomposes the weight in the backward;
+  * convolutions with a 1x1 output, through _ComposedOp's window path (only the taps that meet
+    the input);
+  * a model's small kernels grouped by inject_cwps, composed together in one node
+    (compose_group._GroupCompose).
+For each: the forward and the gradients (input, child weights, biases, mask logits) equal a
+naive autograd reference (fp32; under autocast fp16/bf16 within a mixed-precision tolerance);
+the merged plain layer equals the wrapped layer in the hard stage; channels_last inputs give
+the same result. Each path's autograd function counts its calls, and a path that no case took
+is a failure (the check would otherwise pass on paths it never ran).
+
+``--device cpu`` runs the same on the CPU (fp32 and bf16 autocast) for the tests; there the
+layers take their CPU-only shortcuts, which the GPU never does. Prints one line per case and
+exits non-zero if any fails.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cwps_lightning.cwps import CWPSConv2d, CWPSLinear
+from cwps_lightning.cwps import (
+    CWPSConv2d,
+    CWPSLinear,
+    compose_group,
+    cwps_layers,
+    inject_cwps,
+    layers,
+    set_stage,
+)
 
 CONVS = {
     "3x3 s1": dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
@@ -27,6 +47,52 @@ CONVS = {
     "depthwise": dict(in_channels=16, out_channels=16, kernel_size=3, groups=16, padding=1),
     "1x1 nobias": dict(in_channels=16, out_channels=32, kernel_size=1, bias=False),
 }
+#: (layer arguments, input shape) of the paths a layer made on its own takes besides autograd's
+PATH_CASES = {
+    # 256 x 512 x 3 x 3 = 1.18M elements > KEEP_COMPOSED_NUMEL: _ComposedOp, recomposed
+    "large 3x3": (dict(in_channels=256, out_channels=512, kernel_size=3, padding=1),
+                  (2, 256, 5, 5)),
+    # a 1x1 map: only the centre tap meets it
+    "1x1-out 3x3": (dict(in_channels=32, out_channels=48, kernel_size=3, padding=1),
+                    (8, 32, 1, 1)),
+    # stride 2 from a 2x2 map to 1x1: the 2x2 window of taps
+    "1x1-out s2": (dict(in_channels=32, out_channels=48, kernel_size=3, stride=2, padding=1),
+                   (8, 32, 2, 2)),
+}
+#: the autograd functions of the paths, by name; each must be taken at least once
+PATHS = ("composed-op large kernel", "composed-op window", "group compose")
+
+
+class PathCounter:
+    """Counts the calls of the layers' autograd functions while it is on (a ``with`` block)."""
+
+    def __init__(self):
+        self.calls: Counter[str] = Counter()
+        self._saved: list[tuple[type, object]] = []
+
+    def __enter__(self):
+        self._wrap(layers._ComposedOp, lambda args: "composed-op window" if args[9] is not None
+                   else "composed-op large kernel")
+        self._wrap(compose_group._GroupCompose, lambda args: "group compose")
+        return self
+
+    def _wrap(self, cls, name_of):
+        original = cls.apply
+        self._saved.append((cls, cls.__dict__["apply"] if "apply" in cls.__dict__ else None))
+
+        def apply(*args):
+            self.calls[name_of(args)] += 1
+            return original(*args)
+
+        cls.apply = staticmethod(apply)
+
+    def __exit__(self, *exc):
+        for cls, saved in reversed(self._saved):
+            if saved is None:
+                del cls.apply
+            else:
+                cls.apply = saved
+        self._saved = []
 
 
 def reference(layer, x, stage):
@@ -40,6 +106,23 @@ def reference(layer, x, stage):
     return F.linear(x, w, b)
 
 
+def reference_model(model: nn.Sequential, x, stage):
+    """The model's forward with every CWPS layer replaced by its naive reference."""
+    for module in model:
+        x = reference(module, x, stage) if isinstance(module, (CWPSConv2d, CWPSLinear)) \
+            else module(x)
+    return x
+
+
+def small_model() -> nn.Sequential:
+    """Convolutions and a linear layer, every kernel small: inject_cwps groups them all."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(32, 32, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10),
+    )
+
+
 def randomise(layer):
     with torch.no_grad():
         layer.parent_weight.copy_(torch.randn_like(layer.weight) * 0.1)
@@ -48,53 +131,84 @@ def randomise(layer):
         layer.mask_logits.copy_(torch.randn_like(layer.mask_logits) * 2)
 
 
-def grads(layer, x, out):
-    params = [x, layer.weight, layer.mask_logits] + ([layer.bias] if layer.bias is not None else [])
-    return torch.autograd.grad(out.float().square().mean(), params)
+def trainable(module: nn.Module) -> list[torch.Tensor]:
+    out = []
+    for layer in [module] if isinstance(module, (CWPSConv2d, CWPSLinear)) else \
+            [m for _, m in cwps_layers(module)]:
+        out += [layer.weight, layer.mask_logits] + ([layer.bias] if layer.bias is not None else [])
+    return out
 
 
-def check(name, layer, x, stage, dtype):
-    layer.stage = stage
-    ctx = (torch.autocast("cuda", dtype=dtype) if dtype is not None
-           else torch.autocast("cuda", enabled=False))
+def grads(module, x, out):
+    return torch.autograd.grad(out.float().square().mean(), [x, *trainable(module)])
+
+
+def check(name, module, x, stage, dtype, forward_ref):
+    set_stage(module, stage)
+    device_type = x.device.type
+    ctx = (torch.autocast(device_type, dtype=dtype) if dtype is not None
+           else torch.autocast(device_type, enabled=False))
     with ctx:
-        y, y_ref = layer(x), reference(layer, x, stage)
-        g, g_ref = grads(layer, x, y), grads(layer, x, y_ref)
+        y, y_ref = module(x), forward_ref(module, x, stage)
+        g, g_ref = grads(module, x, y), grads(module, x, y_ref)
     tol = dict(atol=1e-5, rtol=1e-4) if dtype is None else dict(atol=2e-2, rtol=2e-2)
     ok = y.dtype == y_ref.dtype and torch.allclose(y.float(), y_ref.float(), **tol)
     for a, b in zip(g, g_ref, strict=True):
+        ok &= a.dtype == b.dtype
         scale = b.abs().max().clamp_min(1e-6)
         ok &= bool(((a.float() - b.float()).abs().max() / scale) < (1e-4 if dtype is None else 3e-2))
     label = "fp32" if dtype is None else str(dtype).replace("torch.", "")
-    print(f"{'ok ' if ok else 'FAIL'} {name:12s} {stage:4s} {label}")
+    print(f"{'ok ' if ok else 'FAIL'} {name:14s} {stage:4s} {label}", flush=True)
     return ok
 
 
-def main() -> int:
-    if not torch.cuda.is_available():
+def check_merged(name, module, shape, device):
+    set_stage(module, "hard")
+    x = torch.randn(shape, device=device)
+    merged = module.to_plain()
+    ok = torch.allclose(merged(x), module(x), atol=1e-5)
+    if x.dim() == 4:
+        ok &= torch.allclose(module(x.to(memory_format=torch.channels_last)), module(x),
+                             atol=1e-5)
+    print(f"{'ok ' if ok else 'FAIL'} {name:14s} merged == wrapped (hard), channels_last",
+          flush=True)
+    return ok
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device")
         return 2
     torch.manual_seed(0)
-    dev = torch.device("cuda")
+    dev = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
+    # CPU autocast runs bf16; fp16 autocast is the GPU's
+    dtypes = (None, torch.float16, torch.bfloat16) if dev.type == "cuda" else (None, torch.bfloat16)
     all_ok = True
     cases = [(n, CWPSConv2d(**kw).to(dev), (8, kw["in_channels"], 20, 20)) for n, kw in CONVS.items()]
+    cases += [(n, CWPSConv2d(**kw).to(dev), shape) for n, (kw, shape) in PATH_CASES.items()]
     cases.append(("linear 3-D", CWPSLinear(24, 40).to(dev), (4, 7, 24)))
-    for name, layer, shape in cases:
-        randomise(layer)
-        for stage in ("soft", "hard"):
-            for dtype in (None, torch.float16, torch.bfloat16):
-                x = torch.randn(shape, device=dev, requires_grad=True)
-                all_ok &= check(name, layer, x, stage, dtype)
-        layer.stage = "hard"
-        x = torch.randn(shape, device=dev)
-        merged = layer.to_plain()
-        ok = torch.allclose(merged(x), layer(x), atol=1e-5)
-        if x.dim() == 4:
-            ok &= torch.allclose(layer(x.to(memory_format=torch.channels_last)), layer(x),
-                                 atol=1e-5)
-        print(f"{'ok ' if ok else 'FAIL'} {name:12s} merged == wrapped (hard), channels_last")
+    model = small_model()
+    inject_cwps(model, exclude=[])
+    cases.append(("grouped model", model.to(dev), (4, 3, 12, 12)))
+    with PathCounter() as counter:
+        for name, module, shape in cases:
+            for _, layer in cwps_layers(module):
+                randomise(layer)
+            forward_ref = reference_model if isinstance(module, nn.Sequential) else reference
+            for stage in ("soft", "hard"):
+                for dtype in dtypes:
+                    x = torch.randn(shape, device=dev, requires_grad=True)
+                    all_ok &= check(name, module, x, stage, dtype, forward_ref)
+            if not isinstance(module, nn.Sequential):
+                all_ok &= check_merged(name, module, shape, dev)
+    for path in PATHS:
+        ok = counter.calls[path] > 0
+        print(f"{'ok ' if ok else 'FAIL'} path {path!r} taken {counter.calls[path]} time(s)")
         all_ok &= ok
     print("ALL OK" if all_ok else "SOME CHECKS FAILED")
     return 0 if all_ok else 1

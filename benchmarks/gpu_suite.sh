@@ -3,7 +3,8 @@
 # gives a session minutes, not hours). Each step is time-boxed at min(its own limit, the time
 # left); a step that would get under 20 s is skipped and named in the summary, and one stopped
 # by the end of the budget (rather than by its own limit) is named so, not counted as failed.
-#   1. gpu_check                 CUDA correctness (benchmarks/gpu_check.py): fp32, fp16/bf16
+#   1. gpu_check                 CUDA correctness (benchmarks/gpu_check.py): every layer path
+#                                (autograd, large kernel, 1x1 output, grouped), fp32, fp16/bf16
 #                                autocast, merge, channels_last
 #   2. overhead_paper_bf16       the paper's shape (ResNet-50, batch 96, 224 px, bf16 autocast):
 #                                fine-tuning, CWPS soft and hard, eager

@@ -1,0 +1,43 @@
+"""benchmarks/gpu_check.py, run on the CPU: every layer path is checked, and a path no case
+took fails the check."""
+
+from __future__ import annotations
+
+import torch
+
+from cwps_lightning.cwps import compose_group, layers
+
+from .helpers import load_benchmark
+
+
+def test_every_path_is_checked_and_counted(capsys):
+    check = load_benchmark("gpu_check")
+    torch.set_num_threads(1)
+    assert check.main(["--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    for path in check.PATHS:
+        assert f"ok  path {path!r} taken" in out and f"{path!r} taken 0 " not in out
+    assert out.strip().endswith("ALL OK")
+    # the counters are gone afterwards
+    assert "apply" not in layers._ComposedOp.__dict__
+    assert "apply" not in compose_group._GroupCompose.__dict__
+
+
+def test_a_path_no_case_took_fails(capsys, monkeypatch):
+    check = load_benchmark("gpu_check")
+    torch.set_num_threads(1)
+    # every kernel small: nothing reaches the large-kernel path
+    monkeypatch.setattr(layers, "KEEP_COMPOSED_NUMEL", 1 << 30)
+    assert check.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL path 'composed-op large kernel' taken 0 time(s)" in out
+    assert out.strip().endswith("SOME CHECKS FAILED")
+
+
+def test_a_wrong_mask_gradient_fails(capsys, monkeypatch):
+    check = load_benchmark("gpu_check")
+    torch.set_num_threads(1)
+    slope = layers.mask_slope
+    monkeypatch.setattr(layers, "mask_slope", lambda *a, **k: 2.0 * slope(*a, **k))
+    assert check.main(["--device", "cpu"]) == 1
+    assert "FAIL large 3x3      soft fp32" in capsys.readouterr().out
