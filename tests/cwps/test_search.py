@@ -422,3 +422,53 @@ def test_channels_last_models_search_as_contiguous_ones(bank_setup, distance):
         a, b = (dict(cwps_layers(m))[name] for m in (model, cl_model))
         assert torch.equal(a.parent_weight, b.parent_weight)
         assert torch.equal(a.mask_logits, b.mask_logits)
+
+
+@pytest.mark.parametrize("mask_init", ["log_standardized", "standardized", "mean_ratio"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_kernels_equal_to_their_parents_start_shared_under_cosine(mask_init, scope):
+    """A child whose kernels are T0's, bit for bit (no warm-up): every channel's distance is 0,
+    not the rounding of 1 - cos, so every channel starts shared, as under l2."""
+    torch.manual_seed(3)
+    base = Small()
+    for p in base.parameters():  # kernels of many sizes and signs: plenty of rounding
+        p.data.normal_().mul_(0.05)
+    bank = KernelBank(LAYERS)
+    bank.add("T0", base, num_classes=3)
+    model = copy.deepcopy(base)
+    inject_cwps(model)
+    raw = {n: 1.0 - torch.nn.functional.cosine_similarity(
+        model.get_submodule(n).weight.detach().flatten(1),
+        base.get_submodule(n).weight.detach().flatten(1), dim=1) for n in LAYERS}
+    assert any(bool((d != 0).any()) for d in raw.values())  # the noise the fix is about
+    for distance in ("cosine", "l2"):
+        result = search_parents(model, bank, "task", distance, init_scope=scope,
+                                mask_init=mask_init)
+        for name in LAYERS:
+            assert torch.equal(result.distances[name], torch.zeros_like(result.distances[name]))
+            logits = model.get_submodule(name).mask_logits.detach()
+            assert bool((torch.sigmoid(logits) < 0.3).all()), (distance, name, logits)
+
+
+def test_only_kernels_equal_to_their_parents_count_zero():
+    """A kernel a hair from its parent keeps its (tiny) cosine distance; the equal one next to
+    it gets 0."""
+    from cwps_lightning.cwps.search import equal_kernels_at_zero
+
+    parent = torch.randn(5, 4, 3, 3)
+    child = parent.clone()
+    child[1, 0, 0, 0] += 1e-3  # its first value differs
+    child[3, 2, 1, 1] += 1e-3  # a value in the middle: first and last are equal
+    child[4].mul_(1 - 1e-4)  # a scaled copy (weight decay alone): cosine 1, not equal
+    dist = torch.tensor([3e-7, 2e-6, -1e-7, 4e-6, 1.2e-7])
+    out = equal_kernels_at_zero(dist, child, parent)
+    assert out.tolist() == [0.0, pytest.approx(2e-6), 0.0, pytest.approx(4e-6),
+                            pytest.approx(1.2e-7)]
+    assert dist[0] == pytest.approx(3e-7)  # the input is left alone
+    far = torch.tensor([0.5, 2e-6, 0.1, 0.2, 0.3])  # only channels within COSINE_ROUNDING
+    assert equal_kernels_at_zero(far, child, parent).tolist() == pytest.approx(far.tolist())
+    # channels_last kernels and 2-D (linear) ones alike
+    cl = equal_kernels_at_zero(dist, child.to(memory_format=torch.channels_last),
+                               parent.to(memory_format=torch.channels_last))
+    assert torch.equal(cl, out)
+    assert torch.equal(equal_kernels_at_zero(dist, child.flatten(1), parent.flatten(1)), out)

@@ -24,8 +24,9 @@ skew: every channel starts at z >= -0.5, so lambda 0.3 keeps all of them and lam
 10%. The logarithm makes D nearly symmetric (82% / 49% / 28% at 0.3 / 0.5 / 0.7, measured);
 mean_ratio divides by the mean of the tail and puts most channels below every lambda in
 0.3-0.7 (31% / 27% / 23%). README, "lambda and the mask initialisation", compares all of them.
-Degenerate scopes: all distances 0 (every channel identical to its parent) start shared (s = -6
-standardized, -a mean_ratio); all equal and > 0, standardized starts undecided (s = 0).
+Degenerate scopes: all distances 0 (every channel identical to its parent; under cosine a kernel
+equal to its parent counts 0, not the rounding of 1 - cos: equal_kernels_at_zero) start shared
+(s = -6 standardized, -a mean_ratio); all equal and > 0, standardized starts undecided (s = 0).
 """
 
 from __future__ import annotations
@@ -52,6 +53,9 @@ INIT_SCALES = {"standardized": 1.0, "log_standardized": 1.0, "mean_ratio": 3.0, 
 #: identical to its parent has d = 0, or cosine rounding noise, and log 0 is -inf)
 LOG_FLOOR = 1e-6
 INIT_CLAMP = 6.0
+#: cosine distances at most this are looked at for a kernel equal to its parent: 1 - cos of two
+#: equal float32 kernels is rounding, not 0 (measured: up to a few 1e-7, of either sign)
+COSINE_ROUNDING = 1e-5
 
 
 def check_distance(distance: str) -> str:
@@ -216,9 +220,12 @@ def search_parents(
         weights = [w.to(device) for w in weights]
         choice, dist = nearest_parents(layer.weight.detach().float(),
                                        [w.float() for w in weights], distance)
+        parent_w = gather_channels(weights, choice)
         parent_b = (None if biases is None
                     else gather_channels([b.to(device) for b in biases], choice))
-        layer.set_parent(gather_channels(weights, choice), parent_b)
+        if distance == "cosine":
+            dist = equal_kernels_at_zero(dist, layer.weight.detach(), parent_w)
+        layer.set_parent(parent_w, parent_b)
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()
@@ -235,6 +242,30 @@ def search_parents(
             layers[n].mask_logits.copy_(flat[start:start + c].to(layers[n].mask_logits))
             start += c
     return SearchResult(parent_ids, parent_task, distances)
+
+
+def equal_kernels_at_zero(dist: Tensor, child: Tensor, parent: Tensor) -> Tensor:
+    """``dist`` (cosine, per channel) with 0 where the child's kernel equals its parent's bit
+    for bit. Computed, 1 - cos of two equal kernels is rounding noise, so a scope whose kernels
+    all equal their parents (no warm-up, or a layer the warm-up left alone) would start from
+    z-scores of that noise instead of all shared (init_mask_logits' degenerate scope).
+
+    Only channels within COSINE_ROUNDING are compared, and those first by their first and last
+    values: many channels are that near without being equal (a kernel that weight decay alone
+    moved is a scaled copy of its parent: cosine 1 up to rounding), and comparing them whole
+    took longer than the rest of the search (the digits job: 6259 of 14400 channels near)."""
+    near = (dist.abs() <= COSINE_ROUNDING).nonzero().squeeze(1)
+    for corner in (0, -1):
+        if not near.numel():
+            return dist
+        at = (near,) + (corner,) * (child.dim() - 1)
+        near = near[child[at].to(parent.dtype) == parent[at]]
+    if not near.numel():
+        return dist
+    same = (child[near].to(parent.dtype) == parent[near]).flatten(1).all(dim=1)
+    dist = dist.clone()
+    dist[near[same]] = 0.0
+    return dist
 
 
 def merged_kernel_ids(model: nn.Module, result: SearchResult) -> dict[str, Tensor]:
