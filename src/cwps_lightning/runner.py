@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed
 from .cwps import KernelBank
+from .data.base import PRETRAINED_NAME
 from .fitting import FitSettings, evaluate_top1, fit
 from .methods.base import (
     FitPlan,
@@ -33,7 +34,7 @@ from .models import backbone_param_count, task_model
 
 log = logging.getLogger(__name__)
 
-T0 = "T0"
+T0 = PRETRAINED_NAME
 
 
 @dataclass

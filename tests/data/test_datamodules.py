@@ -193,6 +193,22 @@ def test_folders_discovery_and_val_folder(tmp_path):
     assert len(s.val) == 2 and len(s.train) == 8  # the val folder, no carving
 
 
+def test_a_task_may_not_take_the_pretrained_models_name(tmp_path):
+    """The kernel bank and the store keep the pretrained model under "T0": a task folder of
+    that name would take its place (its entry overwrites T0's), so it is refused up front."""
+    make_folder_task(tmp_path / "T0", classes=("a", "b"))
+    make_folder_task(tmp_path / "t1", classes=("a", "b"))
+    dm = FoldersDataModule(root=str(tmp_path), **SMALL)
+    with pytest.raises(DataConfigError, match="a task is named 'T0', the name the kernel bank"):
+        _ = dm.splits
+    dm = FoldersDataModule(root=str(tmp_path), folders=[
+        {"name": "T0", "train": "t1/train", "test": "t1/test"}], **SMALL)
+    with pytest.raises(DataConfigError, match="rename that task"):
+        dm.validate_tasks()
+    assert FoldersDataModule(root=str(tmp_path), folders=[  # any other name is fine
+        {"name": "t0", "train": "T0/train", "test": "T0/test"}], **SMALL).splits["t0"]
+
+
 def test_folders_class_count_disagreements(tmp_path):
     make_folder_task(tmp_path / "t", classes=("a", "b"))
     with pytest.raises(DataConfigError, match="num_classes=3 disagrees with the 2 class folders"):

@@ -33,6 +33,9 @@ class DataConfigError(ConfigError):
 
 #: how many offending items an error message lists before "... and N more"
 LIST_LIMIT = 10
+#: the name the kernel bank and the store keep the pretrained model under: no task may take it
+#: (its entry would take T0's place)
+PRETRAINED_NAME = "T0"
 
 
 def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
@@ -187,6 +190,11 @@ class MultiTaskDataModule(L.LightningDataModule):
         bad = [t for t in self.tasks_requested if t not in known]
         if bad:
             raise DataConfigError(f"unknown task(s) {bad} for this benchmark; known: {known}")
+        if PRETRAINED_NAME in self.tasks_requested:
+            raise DataConfigError(
+                f"a task is named {PRETRAINED_NAME!r}, the name the kernel bank and the store "
+                f"keep the pretrained model under; rename that task (its folder) to something "
+                f"else")
         if len(set(self.tasks_requested)) != len(self.tasks_requested):
             raise DataConfigError(f"data.tasks lists a task twice: {self.tasks_requested}")
         if not self.tasks_requested:
