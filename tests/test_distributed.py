@@ -30,54 +30,63 @@ def _model(seed: int) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
 
 
-def _worker(rank: int, world: int, port: int, errors) -> None:
+def _ranked(rank: int, world: int, port: int, errors, body) -> None:
+    """One rank of a gloo group running ``body(rank, world)``; a failure goes to ``errors``."""
     try:
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
-        assert distributed.active() and distributed.rank() == rank
-
-        # shards: disjoint, together every item once (13 items: unequal shards)
-        mine = list(distributed.shard_indices(13))
-        every = [None] * world
-        dist.all_gather_object(every, mine)
-        assert sorted(i for part in every for i in part) == list(range(13))
-
-        assert distributed.all_reduce_sum([rank + 1, 10], torch.device("cpu")) == [3, 20]
-        assert distributed.broadcast_object({"accept": rank == 0}) == {"accept": True}
-
-        # evaluation: each rank a shard, counts summed: the whole set's top-1 on every rank
-        x = torch.randn(13, 4, generator=torch.Generator().manual_seed(0))
-        model = _model(0).eval()
-        y = model(x).argmax(1)
-        y[:4] = (y[:4] + 1) % 3  # 4 of 13 wrong
-        loader = DataLoader(TensorDataset(x, y), batch_size=5)
-        assert evaluate_top1(model, loader, "cpu") == pytest.approx(100 * 9 / 13)
-
-        # weights: a rank that differs is named; buffers synced from rank 0 make them agree
-        same = _model(0)
-        distributed.check_same_weights(same, "a fit")
-        with torch.no_grad():
-            same[1].running_mean.fill_(float(rank))  # each rank's last batch: its own stats
-        with pytest.raises(distributed.RanksDisagree, match=r"rank\(s\) \[1\]"):
-            distributed.check_same_weights(same, "a fit")
-        distributed.sync_buffers(same)
-        assert float(same[1].running_mean.sum()) == 0.0
-        distributed.check_same_weights(same, "a fit")
-        with pytest.raises(distributed.RanksDisagree):  # parameters are not synced: caught
-            distributed.check_same_weights(_model(rank), "a fit")
+        body(rank, world)
         dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent process
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
 
 
-def test_helpers_in_a_two_rank_gloo_group():
+def _on_two_ranks(body) -> None:
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
-    mp.start_processes(_worker, args=(2, _free_port(), errors), nprocs=2, join=True,
+    mp.start_processes(_ranked, args=(2, _free_port(), errors, body), nprocs=2, join=True,
                        start_method="spawn")
     assert errors.empty(), errors.get()
+
+
+def _helpers(rank: int, world: int) -> None:
+    assert distributed.active() and distributed.rank() == rank
+
+    # shards: disjoint, together every item once (13 items: unequal shards)
+    mine = list(distributed.shard_indices(13))
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    assert sorted(i for part in every for i in part) == list(range(13))
+
+    assert distributed.all_reduce_sum([rank + 1, 10], torch.device("cpu")) == [3, 20]
+    assert distributed.broadcast_object({"accept": rank == 0}) == {"accept": True}
+
+    # evaluation: each rank a shard, counts summed: the whole set's top-1 on every rank
+    x = torch.randn(13, 4, generator=torch.Generator().manual_seed(0))
+    model = _model(0).eval()
+    y = model(x).argmax(1)
+    y[:4] = (y[:4] + 1) % 3  # 4 of 13 wrong
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    assert evaluate_top1(model, loader, "cpu") == pytest.approx(100 * 9 / 13)
+
+    # weights: a rank that differs is named; buffers synced from rank 0 make them agree
+    same = _model(0)
+    distributed.check_same_weights(same, "a fit")
+    with torch.no_grad():
+        same[1].running_mean.fill_(float(rank))  # each rank's last batch: its own stats
+    with pytest.raises(distributed.RanksDisagree, match=r"rank\(s\) \[1\]"):
+        distributed.check_same_weights(same, "a fit")
+    distributed.sync_buffers(same)
+    assert float(same[1].running_mean.sum()) == 0.0
+    distributed.check_same_weights(same, "a fit")
+    with pytest.raises(distributed.RanksDisagree):  # parameters are not synced: caught
+        distributed.check_same_weights(_model(rank), "a fit")
+
+
+def test_helpers_in_a_two_rank_gloo_group():
+    _on_two_ranks(_helpers)
 
 
 def test_without_a_group_every_helper_is_the_identity(monkeypatch):
@@ -125,49 +134,37 @@ def test_state_hash_sees_buffers_and_parameters():
     assert distributed.state_hash(a) != distributed.state_hash(b)
 
 
-def _parents_worker(rank: int, world: int, port: int, errors) -> None:
-    try:
-        from cwps_lightning.cwps import inject_cwps, set_stage
-        from cwps_lightning.models.lit_module import CWPSLitModule
+def _parents(rank: int, world: int) -> None:
+    from cwps_lightning.cwps import inject_cwps, set_stage
+    from cwps_lightning.models.lit_module import CWPSLitModule
 
-        from .helpers import Small
+    from .helpers import Small
 
-        torch.set_num_threads(1)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-        torch.manual_seed(0)
-        model = Small()
-        inject_cwps(model)
-        set_stage(model, "soft")
-        with torch.no_grad():  # each rank's own parent search, as if it had found other ones
-            model.conv1.parent_weight.fill_(float(rank))
-            model.bn.running_mean.fill_(float(rank))
-        module = CWPSLitModule(model, num_classes=3)
-        module.setup("fit")
-        names = module.parent_buffer_names()
-        assert names == ["model.conv1.parent_weight", "model.conv1.parent_bias",
-                         "model.conv2.parent_weight", "model.fc.parent_weight",
-                         "model.fc.parent_bias"]
-        ddp = torch.nn.parallel.DistributedDataParallel(module)
-        # DDP broadcasts the BatchNorm statistics (at its start and every forward), not the
-        # parents: 0.1-0.3% of the buffer bytes of a resnet
-        assert "model.bn.running_mean" in ddp.named_module_buffers
-        assert not set(names) & set(ddp.named_module_buffers)
-        ddp(torch.randn(2, 3, 6, 6))
-        assert float(model.bn.running_mean.abs().max()) < 1.0  # rank 0's, one batch on
-        assert float(model.conv1.parent_weight.min()) == float(rank)  # its own: not sent
-        # what fitting.fit does before every fit: every rank starts from rank 0's parents
-        distributed.sync_buffers(model)
-        assert float(model.conv1.parent_weight.abs().max()) == 0.0
-        dist.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the parent process
-        errors.put(f"rank {rank}:\n{traceback.format_exc()}")
-        raise
+    torch.manual_seed(0)
+    model = Small()
+    inject_cwps(model)
+    set_stage(model, "soft")
+    with torch.no_grad():  # each rank's own parent search, as if it had found other ones
+        model.conv1.parent_weight.fill_(float(rank))
+        model.bn.running_mean.fill_(float(rank))
+    module = CWPSLitModule(model, num_classes=3)
+    module.setup("fit")
+    names = module.parent_buffer_names()
+    assert names == ["model.conv1.parent_weight", "model.conv1.parent_bias",
+                     "model.conv2.parent_weight", "model.fc.parent_weight",
+                     "model.fc.parent_bias"]
+    ddp = torch.nn.parallel.DistributedDataParallel(module)
+    # DDP broadcasts the BatchNorm statistics (at its start and every forward), not the
+    # parents: 0.1-0.3% of the buffer bytes of a resnet
+    assert "model.bn.running_mean" in ddp.named_module_buffers
+    assert not set(names) & set(ddp.named_module_buffers)
+    ddp(torch.randn(2, 3, 6, 6))
+    assert float(model.bn.running_mean.abs().max()) < 1.0  # rank 0's, one batch on
+    assert float(model.conv1.parent_weight.min()) == float(rank)  # its own: not sent
+    # what fitting.fit does before every fit: every rank starts from rank 0's parents
+    distributed.sync_buffers(model)
+    assert float(model.conv1.parent_weight.abs().max()) == 0.0
 
 
 def test_ddp_leaves_the_frozen_parents_out_of_its_buffer_broadcasts():
-    ctx = mp.get_context("spawn")
-    errors = ctx.SimpleQueue()
-    mp.start_processes(_parents_worker, args=(2, _free_port(), errors), nprocs=2, join=True,
-                       start_method="spawn")
-    assert errors.empty(), errors.get()
+    _on_two_ranks(_parents)
