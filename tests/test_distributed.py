@@ -154,8 +154,8 @@ def _parents(rank: int, world: int) -> None:
                      "model.conv2.parent_weight", "model.fc.parent_weight",
                      "model.fc.parent_bias"]
     ddp = torch.nn.parallel.DistributedDataParallel(module)
-    # DDP broadcasts the BatchNorm statistics (at its start and every forward), not the
-    # parents: 0.1-0.3% of the buffer bytes of a resnet
+    # DDP broadcasts the BatchNorm statistics (0.1-0.3% of a resnet's buffer bytes) at its
+    # start and before every forward, not the parents
     assert "model.bn.running_mean" in ddp.named_module_buffers
     assert not set(names) & set(ddp.named_module_buffers)
     ddp(torch.randn(2, 3, 6, 6))
