@@ -197,7 +197,22 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
     md, csv_text = sweep_table(rows)
     atomic_write(sweep_dir / "sweep.csv", csv_text.encode())
     written = ["sweep.md", "sweep.csv"]
-    figures_dir = sweep_dir / "figures"
+    try:
+        figure = sweep_figure(rows, sweep_dir / "figures")
+    except Exception as err:  # noqa: BLE001 - the table stands without its figure
+        figure = None
+        log.error("the sweep's figure failed (%s: %s); sweep.md and sweep.csv are written "
+                  "without it", type(err).__name__, err)
+    if figure is not None:
+        written.append(f"figures/{figure}")
+        md += f"\n![{figure}](figures/{figure})\n"
+    atomic_write(sweep_dir / "sweep.md", md.encode())
+    return written
+
+
+def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
+    """Draw the sweep's figure into ``figures_dir`` (Figure 5 for a lambda sweep, accuracy
+    against parameters per job otherwise); its file name, or None with under two points."""
     figure = None
     keys, lambdas = varying_keys(rows), lambda_points(rows)
     if keys == [LAMBDA_KEY] and len(lambdas) >= 2:
@@ -211,10 +226,8 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
         if len(points) >= 2:
             figure = ("accuracy_vs_params.png",
                       plot_accuracy_vs_params(points, "CWPS per job: accuracy vs parameters"))
-    if figure is not None:
-        figures_dir.mkdir(exist_ok=True)
-        figure[1].savefig(figures_dir / figure[0], dpi=120, bbox_inches="tight")
-        written.append(f"figures/{figure[0]}")
-        md += f"\n![{figure[0]}](figures/{figure[0]})\n"
-    atomic_write(sweep_dir / "sweep.md", md.encode())
-    return written
+    if figure is None:
+        return None
+    figures_dir.mkdir(exist_ok=True)
+    figure[1].savefig(figures_dir / figure[0], dpi=120, bbox_inches="tight")
+    return figure[0]

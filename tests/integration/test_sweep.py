@@ -148,3 +148,23 @@ def test_optuna_search_goes_on_after_a_failed_trial_and_exits_non_zero(tmp_path,
     assert [r["status"] for r in sweep_rows(sweep)] == ["failed", "failed"]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: 2 job(s) of the sweep failed ([0, 1]); see {sweep}/sweep.md")
+
+
+def test_a_machine_without_matplotlib_gets_the_sweep_table_without_its_figure(
+        tmp_path, monkeypatch, caplog):
+    import sys
+
+    from cwps_lightning.sweep import STATUS_FILE, write_sweep_report
+
+    for job, lam in enumerate((0.3, 0.7)):
+        d = tmp_path / str(job)
+        d.mkdir()
+        (d / STATUS_FILE).write_text(json.dumps({
+            "job": job, "overrides": [f"cwps.threshold={lam}"], "status": "completed",
+            "error": None}))
+        (d / "results.json").write_text(json.dumps({"seconds": 5.0, "methods": {
+            "cwps": {"mean_top1": 90.0 + job, "param_ratio": 1.5 - job / 10}}}))
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # what an import then meets
+    assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
+    assert "| 1 | 0.7 | completed | 91.00 |" in (tmp_path / "sweep.md").read_text()
+    assert "ModuleNotFoundError" in caplog.text and not (tmp_path / "figures").exists()
