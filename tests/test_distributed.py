@@ -146,13 +146,19 @@ def _parents(rank: int, world: int) -> None:
     set_stage(model, "soft")
     with torch.no_grad():  # each rank's own parent search, as if it had found other ones
         model.conv1.parent_weight.fill_(float(rank))
-        model.bn.running_mean.fill_(float(rank))
     module = CWPSLitModule(model, num_classes=3)
-    module.setup("fit")
+    version = model.conv1.parent_weight._version
+    module.setup("fit")  # every rank takes rank 0's buffers, parents included
+    assert float(model.conv1.parent_weight.abs().max()) == 0.0
+    # written in place by gloo: the version moves, so a kept parent window is redone
+    assert model.conv1.parent_weight._version > version
     names = module.parent_buffer_names()
     assert names == ["model.conv1.parent_weight", "model.conv1.parent_bias",
                      "model.conv2.parent_weight", "model.fc.parent_weight",
                      "model.fc.parent_bias"]
+    with torch.no_grad():  # ranks that disagree from here on: what DDP would send
+        model.conv1.parent_weight.fill_(float(rank))
+        model.bn.running_mean.fill_(float(rank))
     ddp = torch.nn.parallel.DistributedDataParallel(module)
     # DDP broadcasts the BatchNorm statistics (0.1-0.3% of a resnet's buffer bytes) at its
     # start and before every forward, not the parents
@@ -161,9 +167,6 @@ def _parents(rank: int, world: int) -> None:
     ddp(torch.randn(2, 3, 6, 6))
     assert float(model.bn.running_mean.abs().max()) < 1.0  # rank 0's, one batch on
     assert float(model.conv1.parent_weight.min()) == float(rank)  # its own: not sent
-    # what fitting.fit does before every fit: every rank starts from rank 0's parents
-    distributed.sync_buffers(model)
-    assert float(model.conv1.parent_weight.abs().max()) == 0.0
 
 
 def test_ddp_leaves_the_frozen_parents_out_of_its_buffer_broadcasts():

@@ -153,6 +153,9 @@ def sync_buffers(model: nn.Module) -> None:
             buf.copy_(moved)
         else:
             dist.broadcast(buf, src=0)
+            # written in place by the backend, which autograd does not see: bump the version,
+            # so what is kept for a buffer's version (a CWPS parent's window) is redone
+            torch.autograd.graph.increment_version(buf)
 
 
 def check_same_weights(model: nn.Module, what: str) -> None:

@@ -156,10 +156,6 @@ def fit(
             **trainer_args,
         )
     what = f"task {task!r}, fit {log_group}/{log_name}"
-    # every rank starts from rank 0's buffers: the CWPS parents, which each rank searched on its
-    # own and DDP leaves out of its broadcasts (CWPSLitModule.setup), included (no group yet at
-    # the first fit: the ranks built the same model then)
-    distributed.sync_buffers(model)
     try:
         with settings.stopwatch.timed("training"):
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)

@@ -14,6 +14,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics.classification import MulticlassAccuracy
 
+from .. import distributed
 from ..cwps import cwps_layers
 from ..cwps.freeze import SharedChannelFreeze
 from ..methods.base import OptimizerPlan
@@ -233,11 +234,13 @@ class CWPSLitModule(L.LightningModule):
         if stage == "fit":
             self._freeze, self._freeze_state = None, None
             # DDP broadcasts every buffer from rank 0 before every forward by default; the CWPS
-            # parents are frozen buffers, equal on every rank from the fit's start (fitting.fit
-            # syncs them) and all but 0.1-0.3% of the buffer bytes (resnet18 44.7 MB, resnet50 93.8
-            # MB a forward), so they are left out
+            # parents are frozen buffers and all but 0.1-0.3% of the buffer bytes (resnet18
+            # 44.7 MB, resnet50 93.8 MB a forward), so they are left out, and every rank takes
+            # rank 0's once here (each searched its own; Lightning has made the process group
+            # by the time it calls setup, before it wraps the module in DDP)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, self.parent_buffer_names())
+            distributed.sync_buffers(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the freeze's decisions of the last step: a channel that turns task-specific at the
