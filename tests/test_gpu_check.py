@@ -3,6 +3,7 @@ took fails the check."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from cwps_lightning.cwps import compose_group, layers
@@ -10,9 +11,20 @@ from cwps_lightning.cwps import compose_group, layers
 from .helpers import load_benchmark
 
 
-def test_every_path_is_checked_and_counted(capsys):
-    check = load_benchmark("gpu_check")
+@pytest.fixture
+def check():
+    """The benchmark module; the process-wide settings its main() changes (random state, TF32
+    flags) and this test's thread count are put back afterwards."""
+    threads = torch.get_num_threads()
+    flags = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        yield load_benchmark("gpu_check")
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = flags
+
+
+def test_every_path_is_checked_and_counted(check, capsys):
     assert check.main(["--device", "cpu"]) == 0
     out = capsys.readouterr().out
     for path in check.PATHS:
@@ -23,9 +35,7 @@ def test_every_path_is_checked_and_counted(capsys):
     assert "apply" not in compose_group._GroupCompose.__dict__
 
 
-def test_a_path_no_case_took_fails(capsys, monkeypatch):
-    check = load_benchmark("gpu_check")
-    torch.set_num_threads(1)
+def test_a_path_no_case_took_fails(check, capsys, monkeypatch):
     # every kernel small: nothing reaches the large-kernel path
     monkeypatch.setattr(layers, "KEEP_COMPOSED_NUMEL", 1 << 30)
     assert check.main(["--device", "cpu"]) == 1
@@ -34,9 +44,7 @@ def test_a_path_no_case_took_fails(capsys, monkeypatch):
     assert out.strip().endswith("SOME CHECKS FAILED")
 
 
-def test_a_wrong_mask_gradient_fails(capsys, monkeypatch):
-    check = load_benchmark("gpu_check")
-    torch.set_num_threads(1)
+def test_a_wrong_mask_gradient_fails(check, capsys, monkeypatch):
     slope = layers.mask_slope
     monkeypatch.setattr(layers, "mask_slope", lambda *a, **k: 2.0 * slope(*a, **k))
     assert check.main(["--device", "cpu"]) == 1
