@@ -467,6 +467,13 @@ def test_only_kernels_equal_to_their_parents_count_zero():
     assert dist[0] == pytest.approx(3e-7)  # the input is left alone
     far = torch.tensor([0.5, 2e-6, 0.1, 0.2, 0.3])  # only channels within COSINE_ROUNDING
     assert equal_kernels_at_zero(far, child, parent).tolist() == pytest.approx(far.tolist())
+    # an all-zero kernel equal to its parent: cosine distance 1 (F.cosine_similarity's 0), now 0
+    zero_child, zero_parent = child.clone(), parent.clone()
+    zero_child[2], zero_parent[2] = 0.0, 0.0
+    zero_parent[0] = 0.0  # only the child's kernel 0 is nonzero there: 1 - 0 stays
+    d = torch.tensor([1.0, 2e-6, 1.0, 4e-6, 1.2e-7])
+    assert equal_kernels_at_zero(d, zero_child, zero_parent).tolist() == pytest.approx(
+        [1.0, 2e-6, 0.0, 4e-6, 1.2e-7])
     # channels_last kernels and 2-D (linear) ones alike
     cl = equal_kernels_at_zero(dist, child.to(memory_format=torch.channels_last),
                                parent.to(memory_format=torch.channels_last))

@@ -250,11 +250,12 @@ def equal_kernels_at_zero(dist: Tensor, child: Tensor, parent: Tensor) -> Tensor
     all equal their parents (no warm-up, or a layer the warm-up left alone) would start from
     z-scores of that noise instead of all shared (init_mask_logits' degenerate scope).
 
-    Only channels within COSINE_ROUNDING are compared, and those first by their first and last
+    Only channels within COSINE_ROUNDING are compared (and those at exactly 1, where an all-zero
+    kernel sits: its cosine with anything is 0), and those first by their first and last
     values: many channels are that near without being equal (a kernel that weight decay alone
     moved is a scaled copy of its parent: cosine 1 up to rounding), and comparing them whole
     took longer than the rest of the search (the digits job: 6259 of 14400 channels near)."""
-    near = (dist.abs() <= COSINE_ROUNDING).nonzero().squeeze(1)
+    near = ((dist.abs() <= COSINE_ROUNDING) | (dist == 1.0)).nonzero().squeeze(1)
     for corner in (0, -1):
         if not near.numel():
             return dist
