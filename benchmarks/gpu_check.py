@@ -40,6 +40,7 @@ from cwps_lightning.cwps import (
     layers,
     set_stage,
 )
+from cwps_lightning.cwps.layers import CWPS_LAYER_TYPES
 
 CONVS = {
     "3x3 s1": dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
@@ -111,8 +112,7 @@ def reference(layer, x, stage):
 def reference_model(model: nn.Sequential, x, stage):
     """The model's forward with every CWPS layer replaced by its naive reference."""
     for module in model:
-        x = reference(module, x, stage) if isinstance(module, (CWPSConv2d, CWPSLinear)) \
-            else module(x)
+        x = reference(module, x, stage) if isinstance(module, CWPS_LAYER_TYPES) else module(x)
     return x
 
 
@@ -139,9 +139,10 @@ def randomise(layer, logits: float | None = None):
 
 
 def trainable(module: nn.Module) -> list[torch.Tensor]:
+    """Child weights, mask scores and biases of every CWPS layer (``module`` itself if it is
+    one: cwps_layers yields it)."""
     out = []
-    for layer in [module] if isinstance(module, (CWPSConv2d, CWPSLinear)) else \
-            [m for _, m in cwps_layers(module)]:
+    for _, layer in cwps_layers(module):
         out += [layer.weight, layer.mask_logits] + ([layer.bias] if layer.bias is not None else [])
     return out
 
