@@ -32,6 +32,18 @@ Variants (all share the same weights; CWPS variants share the same parents and m
                   the gradient), all after the last weight gradient; no recompute, no mask
                   ops, no Python autograd function, no freeze. Its weights step exactly as
                   fine-tuning's (class TrafficFloor);
+  step-compose-soft, step-compose-hard
+                  NOT the CWPS layers of src/: a prototype of another design (on request). The
+                  layer is fine-tuning's, its weight the composed weight parent + m * (child -
+                  parent), kept between steps (a weight-sized buffer more than cwps-soft keeps,
+                  allocated before the steps, so the peak growth does not count it) and written
+                  by the optimiser step, not by the forward: after the backward one function per
+                  step (torch.compile'd) takes each layer's weight gradient to the mask-score
+                  and child gradients, steps scores and children as the training job's SGD does
+                  (hard: the shared channels' children stand still, as SharedChannelFreeze
+                  keeps them) and writes the next step's composed weight. Forward and backward
+                  are fine-tuning's; the step trains the same numbers as cwps-soft / cwps-hard
+                  (class StepCompose; tests/test_benchmark_step_compose.py);
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2);
@@ -107,7 +119,7 @@ from cwps_lightning.optim import make_sgd  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer",
-                  "traffic-floor")
+                  "traffic-floor", "step-compose-soft", "step-compose-hard")
 PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
 # suffixes: the variant under torch.compile in this mode (valid for every variant)
 COMPILE_MODES = {"+compile": None, "+compile-ro": "reduce-overhead"}
@@ -323,6 +335,151 @@ class TrafficFloor:
                 self.passes[1] += 1
 
 
+def _step_rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as [channels, K], a view: every channel's values one dense run in memory
+    (contiguous or channels_last kernels; biases as [C, 1])."""
+    c = t.shape[0]
+    k = t.numel() // c
+    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(
+        memory_format=torch.channels_last))
+    if not dense or (c > 1 and t.stride(0) != k):
+        raise ValueError(f"step-compose needs dense rows, got shape {tuple(t.shape)} strides "
+                         f"{t.stride()}")
+    return t.as_strided((c, k), (k, 1))
+
+
+def _step_compose_layers(layers, lr: float, momentum: float, weight_decay: float, hard: bool,
+                         threshold: float) -> None:
+    """One SGD step of every layer's child and mask scores from its composed weight's
+    gradient, then the composed weights for the next forward. ``layers``: per layer
+    (scores, score momentum, weight part, bias part or None), a part being (gradient, child,
+    parent, child momentum, composed) as [C, K] rows (_step_rows)."""
+    for scores, score_mom, *parts in layers:
+        parts = [q for q in parts if q is not None]
+        sig = torch.sigmoid(scores)
+        m = ((sig >= threshold).to(sig.dtype) if hard else sig)[:, None]
+        # dL/ds = sigmoid'(s) <dL/dw, child - parent> (straight through in the hard stage)
+        dot = sum((g * (child - parent)).sum(1) for g, child, parent, _, _ in parts)
+        score_mom.mul_(momentum).add_(sig * (1 - sig) * dot)
+        scores.sub_(lr * score_mom)  # no weight decay on the scores, as in the job
+        sig = torch.sigmoid(scores)
+        m_next = ((sig >= threshold).to(sig.dtype) if hard else sig)[:, None]
+        for g, child, parent, mom, w in parts:
+            step = momentum * mom + (m * g + weight_decay * child)
+            if hard:  # shared rows stand still; their momentum is never applied (zeroed)
+                keep = m > 0
+                mom.copy_(torch.where(keep, step, 0.0))
+                child.copy_(torch.where(keep, child - lr * step, child))
+            else:
+                mom.copy_(step)
+                child.sub_(lr * step)
+            w.copy_(torch.lerp(parent, child, m_next))
+
+
+class StepCompose:
+    """The step-compose variants' state on a fine-tuning model (see the module docstring).
+
+    Each CWPS layer's module gets the CWPS model's child, parent, mask scores and their
+    momentum buffers as buffers (``sc_*``; they follow the model's device and memory format),
+    and its weight (and bias) set to the composed one. :meth:`step` runs after the backward
+    (``StepComposeSGD``); the weights and biases of these modules are stepped by it alone."""
+
+    def __init__(self, model: nn.Module, cwps: nn.Module, hard: bool, compiled: bool = True):
+        self.hard = hard
+        self.names: list[str] = []
+        self.modules: list[nn.Module] = []
+        thresholds = set()
+        with torch.no_grad():
+            for name, layer in cwps_layers(cwps):
+                module = model.get_submodule(name)
+                for kind in ("weight", "bias"):
+                    p = getattr(layer, kind)
+                    if p is None:
+                        continue
+                    parent = layer.parent_weight if kind == "weight" else layer.parent_bias
+                    module.register_buffer(f"sc_{kind}_child", p.detach().clone())
+                    module.register_buffer(f"sc_{kind}_parent", parent.detach().clone())
+                    # made at the first step, as SGD makes its momentum buffers: the peak
+                    # growth of the steps counts it as it counts fine-tuning's
+                    module.register_buffer(f"sc_{kind}_mom", None)
+                module.register_buffer("sc_scores", layer.mask_logits.detach().float().clone())
+                module.register_buffer("sc_score_mom", None)
+                thresholds.add(layer.threshold)
+                self.names.append(name)
+                self.modules.append(module)
+        if len(thresholds) > 1:
+            raise ValueError(f"step-compose: one threshold for all layers, got {thresholds}")
+        self.threshold = thresholds.pop() if thresholds else 0.5
+        self.compose = torch.compile(_step_compose_layers) if compiled else _step_compose_layers
+        self.compose_now()
+
+    def _tensors(self, module, kind: str):
+        child = getattr(module, f"sc_{kind}_child")
+        if getattr(module, f"sc_{kind}_mom") is None:  # zeros, as FusedSGD starts a buffer
+            setattr(module, f"sc_{kind}_mom", torch.zeros_like(child))
+        return (getattr(module, kind).grad, getattr(module, f"sc_{kind}_child"),
+                getattr(module, f"sc_{kind}_parent"), getattr(module, f"sc_{kind}_mom"),
+                getattr(module, kind))
+
+    @torch.no_grad()
+    def compose_now(self) -> None:
+        """The composed weights from the children, parents and scores as they are."""
+        for module in self.modules:
+            sig = torch.sigmoid(module.sc_scores)
+            m = (sig >= self.threshold).to(sig.dtype) if self.hard else sig
+            for kind in ("weight", "bias"):
+                if getattr(module, f"sc_{kind}_child", None) is not None:
+                    child, parent = (getattr(module, f"sc_{kind}_{k}") for k in ("child", "parent"))
+                    w = getattr(module, kind)
+                    w.copy_(torch.lerp(parent, child, m.view(-1, *([1] * (w.dim() - 1)))))
+
+    @torch.no_grad()
+    def step(self, lr: float, momentum: float, weight_decay: float) -> None:
+        layers = []
+        for module in self.modules:
+            parts = []
+            for kind in ("weight", "bias"):
+                if getattr(module, f"sc_{kind}_child", None) is None:
+                    parts.append(None)
+                    continue
+                tensors = self._tensors(module, kind)
+                if tensors[0] is None:  # no gradient: this layer did not take part
+                    break
+                if len({t.is_contiguous() for t in tensors}) > 1:
+                    raise ValueError(f"step-compose: {kind} tensors of {module} are not laid "
+                                     "out alike (move the model with .to(memory_format=))")
+                parts.append(tuple(_step_rows(t) for t in tensors))
+            else:
+                if module.sc_score_mom is None:
+                    module.sc_score_mom = torch.zeros_like(module.sc_scores)
+                layers.append((module.sc_scores, module.sc_score_mom, *parts))
+        self.compose(layers, lr, momentum, weight_decay, self.hard, self.threshold)
+
+
+class StepComposeSGD:
+    """The training job's SGD for a step-compose model: torch's for the other parameters,
+    :meth:`StepCompose.step` for the composed layers' weights and biases."""
+
+    def __init__(self, model: nn.Module, sc: StepCompose, lr: float, momentum: float,
+                 weight_decay: float):
+        composed = {id(getattr(m, k)) for m in sc.modules for k in ("weight", "bias")
+                    if getattr(m, k, None) is not None}
+        self.composed = [p for p in model.parameters() if id(p) in composed]
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in composed]
+        self.rest = make_sgd([{"params": rest}], lr=lr, momentum=momentum,
+                             weight_decay=weight_decay)
+        self.sc, self.hyper = sc, (lr, momentum, weight_decay)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.rest.zero_grad(set_to_none=set_to_none)
+        for p in self.composed:
+            p.grad = None
+
+    def step(self) -> None:
+        self.rest.step()
+        self.sc.step(*self.hyper)
+
+
 SWAPS = {
     "two-pass": {CWPSConv2d: TwoPassConv2d, CWPSLinear: TwoPassLinear},
     "naive-autograd": {CWPSConv2d: NaiveConv2d, CWPSLinear: NaiveLinear},
@@ -420,6 +577,11 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int,
         use_small_input_convs(model)
     elif name == "finetune-conv2d":
         model = copy.deepcopy(base)
+    elif name.startswith("step-compose-"):
+        model = copy.deepcopy(base)
+        use_small_input_convs(model)
+        cwps = cwps if cwps is not None else make_cwps(base, seed, decisions)
+        model.step_compose = StepCompose(model, cwps, hard=name.endswith("-hard"))
     elif name == "traffic-floor":
         model = copy.deepcopy(base)
         use_small_input_convs(model)
@@ -454,6 +616,9 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     scores; torch's fused kernel on the CPU, cwps_lightning.optim.make_sgd); on a model with
     CWPS layers with SharedChannelFreeze attached, as the training job does (its restore of the
     shared channels is part of every hard step)."""
+    sc = getattr(model, "step_compose", None)
+    if sc is not None:
+        return StepComposeSGD(model, sc, lr=1e-3, momentum=0.9, weight_decay=5e-4)
     params = [p for p in model.parameters() if p.requires_grad]
     masks = {id(layer.mask_logits) for _, layer in cwps_layers(model)}
     groups = [{"params": [p for p in params if id(p) not in masks]},
