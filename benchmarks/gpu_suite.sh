@@ -17,7 +17,9 @@
 #                                (whole layers shared sit the hard step out), with the
 #                                traffic-floor lower bound
 #   6. overhead_paper_bf16_compile  the paper's shape compiled (eager fine-tuning beside it)
-#   7. overhead_digits_cudagraphs   the digits shape under mode="reduce-overhead" (CUDA graphs)
+#   7. overhead_digits_cudagraphs   the digits shape under mode="reduce-overhead" (CUDA graphs),
+#                                and the step-compose prototype (the composed weight written
+#                                by a compiled optimiser step; the forward is fine-tuning's)
 # (Peak memory on the GPU: python benchmarks/layer_overhead.py --device cuda, batch 32, 112 px.)
 # What comes back: OUT/summary.txt (GPU, versions, each step's exit and seconds), OUT/steps.log
 # (every step's output) and one JSON per benchmark step (train_amp: its results.json): at most
@@ -86,6 +88,6 @@ fi
 bench overhead_paper_bf16_compile 300 $PAPER --warmup 3 --steps 10 \
   --variants finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile
 bench overhead_digits_cudagraphs 240 $DIGITS --warmup 3 --steps 30 \
-  --variants finetune,finetune+compile-ro,cwps-soft+compile-ro,cwps-hard+compile-ro
+  --variants finetune,finetune+compile-ro,cwps-soft+compile-ro,cwps-hard+compile-ro,step-compose-soft,step-compose-hard
 echo "== total $((SECONDS - START)) s of a $BUDGET s budget" | tee -a "$OUT/summary.txt"
 exit $status

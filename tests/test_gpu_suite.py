@@ -106,3 +106,20 @@ def test_a_budget_with_a_leading_zero_is_decimal(tmp_path):
 def test_a_bad_budget_is_named(tmp_path, budget):
     proc, out, calls = run_suite(tmp_path, budget)
     assert proc.returncode == 2 and f"got '{budget}'" in proc.stderr and not calls
+
+
+def test_every_variant_the_suite_asks_for_is_one_the_benchmark_knows(tmp_path):
+    """A misspelt variant would cost a lent GPU's step (the benchmark refuses it on start)."""
+    from .helpers import load_benchmark
+
+    bench = load_benchmark("layer_overhead")
+    proc, _, calls = run_suite(tmp_path, 600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    asked = [c.split("--variants ")[1].split()[0].split(",")
+             for c in calls if "layer_overhead.py" in c]
+    assert len(asked) == 5
+    known = bench.VARIANTS + bench.EXTRA_VARIANTS
+    for names in asked:
+        assert "finetune" in names
+        assert all(bench.split_compile(n)[0] in known for n in names), names
+    assert any("step-compose-soft" in names for names in asked)
