@@ -386,11 +386,13 @@ class StepCompose:
 
     def __init__(self, model: nn.Module, cwps: nn.Module, hard: bool, compiled: bool = True):
         self.hard = hard
-        self.names: list[str] = []
         self.modules: list[nn.Module] = []
         thresholds = set()
         with torch.no_grad():
             for name, layer in cwps_layers(cwps):
+                if layer.mask_grad != "sigmoid":  # the step's score gradient is sigmoid'(s)
+                    raise ValueError(f"step-compose: {name} has mask_grad "
+                                     f"{layer.mask_grad!r}; only 'sigmoid' is prototyped")
                 module = model.get_submodule(name)
                 for kind in ("weight", "bias"):
                     p = getattr(layer, kind)
@@ -405,7 +407,6 @@ class StepCompose:
                 module.register_buffer("sc_scores", layer.mask_logits.detach().float().clone())
                 module.register_buffer("sc_score_mom", None)
                 thresholds.add(layer.threshold)
-                self.names.append(name)
                 self.modules.append(module)
         if len(thresholds) > 1:
             raise ValueError(f"step-compose: one threshold for all layers, got {thresholds}")
