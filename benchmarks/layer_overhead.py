@@ -348,12 +348,13 @@ def _step_rows(t: torch.Tensor) -> torch.Tensor:
     return t.as_strided((c, k), (k, 1))
 
 
-def _step_compose_layers(layers, lr: float, momentum: float, weight_decay: float, hard: bool,
-                         threshold: float) -> None:
+def _step_compose_layers(layers, lr: torch.Tensor, momentum: float, weight_decay: float,
+                         hard: bool, threshold: float) -> None:
     """One SGD step of every layer's child and mask scores from its composed weight's
     gradient, then the composed weights for the next forward. ``layers``: per layer
     (scores, score momentum, weight part, bias part or None), a part being (gradient, child,
-    parent, child momentum, composed) as [C, K] rows (_step_rows)."""
+    parent, child momentum, composed) as [C, K] rows (_step_rows). ``lr``: a 0-dim tensor (a
+    graph input, not a constant of the compiled graph: StepCompose.warm_up steps at 0)."""
     for scores, score_mom, *parts in layers:
         parts = [q for q in parts if q is not None]
         sig = torch.sigmoid(scores)
@@ -436,6 +437,28 @@ class StepCompose:
 
     @torch.no_grad()
     def step(self, lr: float, momentum: float, weight_decay: float) -> None:
+        self._run(self._layers(), lr, momentum, weight_decay)
+
+    @torch.no_grad()
+    def warm_up(self, momentum: float, weight_decay: float) -> None:
+        """Compile the step before the first one (a compile inside the first step would count
+        in its peak memory, ~90 MiB for resnet18 on the CPU): one step at lr 0 from zero
+        gradients leaves children and scores as they were (bit for bit) and rewrites the
+        composed weights (the same to rounding: the compiled lerp may round otherwise than
+        torch's), and the momentum buffers it makes go again (the first step makes them, as
+        SGD makes fine-tuning's)."""
+        self._run(self._layers(zero_grads=True), 0.0, momentum, weight_decay)
+        for module in self.modules:
+            for kind in ("weight", "bias", "score"):
+                if hasattr(module, f"sc_{kind}_mom"):
+                    setattr(module, f"sc_{kind}_mom", None)
+
+    def _run(self, layers, lr: float, momentum: float, weight_decay: float) -> None:
+        device = self.modules[0].sc_scores.device if self.modules else "cpu"
+        self.compose(layers, torch.tensor(lr, device=device), momentum, weight_decay, self.hard,
+                     self.threshold)
+
+    def _layers(self, zero_grads: bool = False) -> list:
         layers = []
         for module in self.modules:
             parts = []
@@ -444,6 +467,8 @@ class StepCompose:
                     parts.append(None)
                     continue
                 tensors = self._tensors(module, kind)
+                if zero_grads:  # (autograd gives a gradient its weight's strides)
+                    tensors = (torch.zeros_like(tensors[-1]), *tensors[1:])
                 if tensors[0] is None:  # no gradient: this layer did not take part
                     break
                 if len({t.is_contiguous() for t in tensors}) > 1:
@@ -454,7 +479,7 @@ class StepCompose:
                 if module.sc_score_mom is None:
                     module.sc_score_mom = torch.zeros_like(module.sc_scores)
                 layers.append((module.sc_scores, module.sc_score_mom, *parts))
-        self.compose(layers, lr, momentum, weight_decay, self.hard, self.threshold)
+        return layers
 
 
 class StepComposeSGD:
@@ -470,6 +495,7 @@ class StepComposeSGD:
         self.rest = make_sgd([{"params": rest}], lr=lr, momentum=momentum,
                              weight_decay=weight_decay)
         self.sc, self.hyper = sc, (lr, momentum, weight_decay)
+        sc.warm_up(momentum, weight_decay)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.rest.zero_grad(set_to_none=set_to_none)
