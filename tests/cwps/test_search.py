@@ -479,3 +479,62 @@ def test_only_kernels_equal_to_their_parents_count_zero():
                                parent.to(memory_format=torch.channels_last))
     assert torch.equal(cl, out)
     assert torch.equal(equal_kernels_at_zero(dist, child.flatten(1), parent.flatten(1)), out)
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_a_kernel_equal_to_t0s_is_chosen_over_a_scaled_copy_nearer_by_rounding(scope):
+    """A bank can hold a scaled copy of T0's kernel (a task whose channel weight decay alone
+    moved). For a child equal to T0 (no warm-up), 1 - cos with that copy rounds below T0's own
+    for some channels: those must still get T0's kernel at distance 0, so every channel starts
+    shared, as with T0 alone."""
+    torch.manual_seed(3)
+    base = Small()
+    for p in base.parameters():
+        p.data.normal_().mul_(0.05)
+    scaled = copy.deepcopy(base)
+    with torch.no_grad():
+        for n in LAYERS:
+            scaled.get_submodule(n).weight.mul_(1 - 1e-4)
+    bank = KernelBank(LAYERS)
+    bank.add("T0", base, num_classes=3)
+    bank.add("a", scaled, num_classes=3)
+    fooled = 0  # channels whose plain argmin takes the copy (what the test is about)
+    for n in LAYERS:
+        w = base.get_submodule(n).weight.detach()
+        choice, _ = nearest_parents(w, [w, scaled.get_submodule(n).weight.detach()], "cosine")
+        fooled += int((choice == 1).sum())
+    assert fooled > 0
+    model = copy.deepcopy(base)
+    inject_cwps(model)
+    result = search_parents(model, bank, "task", "cosine", init_scope=scope)
+    t0_ids = {n: bank.entries["T0"].layers[n].ids for n in LAYERS}
+    for n in LAYERS:
+        layer = model.get_submodule(n)
+        assert torch.equal(result.distances[n], torch.zeros_like(result.distances[n])), n
+        assert set(result.parent_task[n]) == {"T0"}, n
+        assert torch.equal(result.parent_ids[n], t0_ids[n]), n
+        assert torch.equal(layer.parent_weight, base.get_submodule(n).weight.detach()), n
+        assert torch.equal(layer.parent_bias, base.get_submodule(n).bias.detach()) \
+            if layer.bias is not None else True
+        assert bool((torch.sigmoid(layer.mask_logits.detach()) < 0.3).all()), n
+
+
+def test_equal_kernels_first_keeps_an_equal_choice_and_patches_the_parent_rows():
+    from cwps_lightning.cwps.search import equal_kernels_first
+
+    child = torch.randn(6, 4, 3, 3)
+    a, b = child.clone(), child.clone()
+    a[0].mul_(1 - 1e-4)  # channel 0: only b equals the child
+    b[1, 0, 0, 0] += 1.0  # channel 1: only a does
+    c = child * (1 - 1e-4)  # a scaled copy of every channel
+    candidates = [c, a, b]
+    choice = torch.tensor([0, 0, 1, 2, 0, 0])  # (channels 2, 3 chose an equal candidate)
+    dist = torch.tensor([-1e-7, 2e-7, 3e-7, 0.0, 0.4, 1e-7])
+    parent = gather_channels(candidates, choice)
+    d, ch = equal_kernels_first(dist, choice, child, candidates, parent)
+    # 0 -> b (a is not equal there), 1 -> a, 2 and 3 keep theirs, 4 is far, 5 -> a (first)
+    assert ch.tolist() == [2, 1, 1, 2, 0, 1]
+    assert d.tolist() == [0.0, 0.0, 0.0, 0.0, pytest.approx(0.4), 0.0]
+    assert torch.equal(parent, gather_channels(candidates, ch))
+    assert choice.tolist() == [0, 0, 1, 2, 0, 0]  # the inputs are left alone
+    assert dist[0] == pytest.approx(-1e-7)

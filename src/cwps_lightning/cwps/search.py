@@ -25,7 +25,8 @@ skew: every channel starts at z >= -0.5, so lambda 0.3 keeps all of them and lam
 mean_ratio divides by the mean of the tail and puts most channels below every lambda in
 0.3-0.7 (31% / 27% / 23%). README, "lambda and the mask initialisation", compares all of them.
 Degenerate scopes: all distances 0 (every channel identical to its parent; under cosine a kernel
-equal to its parent counts 0, not the rounding of 1 - cos: equal_kernels_at_zero) start shared
+equal to its parent counts 0, not the rounding of 1 - cos, and an equal candidate is chosen over
+a nearer-by-rounding one: equal_kernels_first) start shared
 (s = -6 standardized, -a mean_ratio); all equal and > 0, standardized starts undecided (s = 0).
 """
 
@@ -221,10 +222,11 @@ def search_parents(
         choice, dist = nearest_parents(layer.weight.detach().float(),
                                        [w.float() for w in weights], distance)
         parent_w = gather_channels(weights, choice)
+        if distance == "cosine":
+            dist, choice = equal_kernels_first(dist, choice, layer.weight.detach(), weights,
+                                               parent_w)
         parent_b = (None if biases is None
                     else gather_channels([b.to(device) for b in biases], choice))
-        if distance == "cosine":
-            dist = equal_kernels_at_zero(dist, layer.weight.detach(), parent_w)
         layer.set_parent(parent_w, parent_b)
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
@@ -244,29 +246,96 @@ def search_parents(
     return SearchResult(parent_ids, parent_task, distances)
 
 
+def _near(dist: Tensor) -> Tensor:
+    """Channels whose cosine distance could be that of an equal kernel: within COSINE_ROUNDING,
+    or exactly 1 (an all-zero kernel: its cosine with anything is 0)."""
+    return ((dist.abs() <= COSINE_ROUNDING) | (dist == 1.0)).nonzero().squeeze(1)
+
+
+def _equal_rows(rows: Tensor, child: Tensor, other: Tensor) -> Tensor:
+    """Which of channels ``rows`` of ``child`` equal ``other``'s bit for bit (bool per row),
+    compared first by their first and last values: many channels are near without being equal
+    (a kernel that weight decay alone moved is a scaled copy of its parent: cosine 1 up to
+    rounding), and comparing them whole took longer than the rest of the search (the digits
+    job: 6259 of 14400 channels near)."""
+    same = torch.ones(rows.numel(), dtype=torch.bool, device=rows.device)
+    for corner in (0, -1):
+        left = same.nonzero().squeeze(1)
+        if not left.numel():
+            return same
+        at = (rows[left],) + (corner,) * (child.dim() - 1)
+        same[left] = child[at].to(other.dtype) == other[at]
+    left = same.nonzero().squeeze(1)
+    if left.numel():
+        r = rows[left]
+        same[left] = (child[r].to(other.dtype) == other[r]).flatten(1).all(dim=1)
+    return same
+
+
 def equal_kernels_at_zero(dist: Tensor, child: Tensor, parent: Tensor) -> Tensor:
     """``dist`` (cosine, per channel) with 0 where the child's kernel equals its parent's bit
     for bit. Computed, 1 - cos of two equal kernels is rounding noise, so a scope whose kernels
     all equal their parents (no warm-up, or a layer the warm-up left alone) would start from
-    z-scores of that noise instead of all shared (init_mask_logits' degenerate scope).
-
-    Only channels within COSINE_ROUNDING are compared (and those at exactly 1, where an all-zero
-    kernel sits: its cosine with anything is 0), and those first by their first and last
-    values: many channels are that near without being equal (a kernel that weight decay alone
-    moved is a scaled copy of its parent: cosine 1 up to rounding), and comparing them whole
-    took longer than the rest of the search (the digits job: 6259 of 14400 channels near)."""
-    near = ((dist.abs() <= COSINE_ROUNDING) | (dist == 1.0)).nonzero().squeeze(1)
-    for corner in (0, -1):
-        if not near.numel():
-            return dist
-        at = (near,) + (corner,) * (child.dim() - 1)
-        near = near[child[at].to(parent.dtype) == parent[at]]
+    z-scores of that noise instead of all shared (init_mask_logits' degenerate scope). Only
+    channels near 0 (or at 1) are compared (_near, _equal_rows)."""
+    near = _near(dist)
     if not near.numel():
         return dist
-    same = (child[near].to(parent.dtype) == parent[near]).flatten(1).all(dim=1)
+    same = _equal_rows(near, child, parent)
+    if not bool(same.any()):
+        return dist
     dist = dist.clone()
     dist[near[same]] = 0.0
     return dist
+
+
+def equal_kernels_first(dist: Tensor, choice: Tensor, child: Tensor, candidates: list[Tensor],
+                        parent: Tensor) -> tuple[Tensor, Tensor]:
+    """CPMS's cosine choice with a kernel equal to the child's, bit for bit, preferred: at
+    distance 0 (equal_kernels_at_zero), and chosen even where rounding made another candidate
+    nearer. A bank holds such near ones: a task whose channel weight decay alone moved keeps a
+    scaled copy of T0's kernel, whose 1 - cos with a child equal to T0 rounds below T0's own
+    about half the time (resnet18, the child T0's, a bank of T0 and T0 scaled by 1 - 1e-4: 1229
+    of 4800 channels chose the copy, 674 of them at a rounding distance, and the global
+    log_standardized init made every channel task-specific instead of every one shared).
+
+    ``parent`` (the candidates gathered by ``choice``) gets the rows of the changed choices in
+    place. Returns (distances, choice), new tensors where anything changed. Of several equal
+    candidates the chosen one stays; otherwise the first in the bank's order wins."""
+    near = _near(dist)
+    if not near.numel():
+        return dist, choice
+    same = _equal_rows(near, child, parent)
+    zero = near[same]
+    rest = near[~same]
+    moved = []
+    if rest.numel():
+        # every candidate's first and last values against the child's in one go (the ops, not
+        # the values, cost here), then whole rows only where both probes agree
+        corners = [(slice(None), *((i,) * (child.dim() - 1))) for i in (0, -1)]
+        probe = torch.ones(len(candidates), rest.numel(), dtype=torch.bool, device=rest.device)
+        for at in corners:
+            values = torch.stack([cand[at][rest] for cand in candidates])
+            probe &= values == child[at][rest].to(values.dtype)
+        # (a channel's own choice was compared above)
+        probe &= choice[rest] != torch.arange(len(candidates), device=rest.device)[:, None]
+        for t in probe.any(dim=1).nonzero().squeeze(1).tolist():
+            rows = rest[probe[t]]
+            if moved:  # the first equal candidate in the bank's order wins
+                rows = rows[~torch.isin(rows, torch.cat([r for r, _ in moved]))]
+            cand = candidates[t]
+            found = rows[(child[rows].to(cand.dtype) == cand[rows]).flatten(1).all(dim=1)]
+            if found.numel():
+                moved.append((found, t))
+    if not zero.numel() and not moved:
+        return dist, choice
+    dist, choice = dist.clone(), choice.clone()
+    dist[zero] = 0.0
+    for rows, t in moved:
+        dist[rows] = 0.0
+        choice[rows] = t
+        parent[rows] = candidates[t][rows].to(parent.dtype)
+    return dist, choice
 
 
 def merged_kernel_ids(model: nn.Module, result: SearchResult) -> dict[str, Tensor]:
