@@ -453,7 +453,11 @@ def test_kernels_equal_to_their_parents_start_shared_under_cosine(mask_init, sco
 def test_only_kernels_equal_to_their_parents_count_zero():
     """A kernel a hair from its parent keeps its (tiny) cosine distance; the equal one next to
     it gets 0."""
-    from cwps_lightning.cwps.search import equal_kernels_at_zero
+    from cwps_lightning.cwps.search import equal_kernels_first
+
+    def equal_kernels_at_zero(dist, child, parent):  # the parent as the only candidate
+        choice = torch.zeros(dist.numel(), dtype=torch.long)
+        return equal_kernels_first(dist, choice, child, [parent], parent.clone())[0]
 
     parent = torch.randn(5, 4, 3, 3)
     child = parent.clone()

@@ -272,32 +272,19 @@ def _equal_rows(rows: Tensor, child: Tensor, other: Tensor) -> Tensor:
     return same
 
 
-def equal_kernels_at_zero(dist: Tensor, child: Tensor, parent: Tensor) -> Tensor:
-    """``dist`` (cosine, per channel) with 0 where the child's kernel equals its parent's bit
-    for bit. Computed, 1 - cos of two equal kernels is rounding noise, so a scope whose kernels
-    all equal their parents (no warm-up, or a layer the warm-up left alone) would start from
-    z-scores of that noise instead of all shared (init_mask_logits' degenerate scope). Only
-    channels near 0 (or at 1) are compared (_near, _equal_rows)."""
-    near = _near(dist)
-    if not near.numel():
-        return dist
-    same = _equal_rows(near, child, parent)
-    if not bool(same.any()):
-        return dist
-    dist = dist.clone()
-    dist[near[same]] = 0.0
-    return dist
-
-
 def equal_kernels_first(dist: Tensor, choice: Tensor, child: Tensor, candidates: list[Tensor],
                         parent: Tensor) -> tuple[Tensor, Tensor]:
     """CPMS's cosine choice with a kernel equal to the child's, bit for bit, preferred: at
-    distance 0 (equal_kernels_at_zero), and chosen even where rounding made another candidate
-    nearer. A bank holds such near ones: a task whose channel weight decay alone moved keeps a
-    scaled copy of T0's kernel, whose 1 - cos with a child equal to T0 rounds below T0's own
-    about half the time (resnet18, the child T0's, a bank of T0 and T0 scaled by 1 - 1e-4: 1229
-    of 4800 channels chose the copy, 674 of them at a rounding distance, and the global
-    log_standardized init made every channel task-specific instead of every one shared).
+    distance 0, and chosen even where rounding made another candidate nearer. Computed, 1 - cos
+    of two equal kernels is rounding noise, so a scope whose kernels all equal their parents (no
+    warm-up, or a layer the warm-up left alone) would start from z-scores of that noise instead
+    of all shared (init_mask_logits' degenerate scope). Only channels near 0 (or at 1) are
+    compared (_near, _equal_rows). A bank holds near ones: a task whose channel weight decay
+    alone moved keeps a scaled copy of T0's kernel, whose 1 - cos with a child equal to T0
+    rounds below T0's own about half the time (resnet18, the child T0's, a bank of T0 and T0
+    scaled by 1 - 1e-4: 1229 of 4800 channels chose the copy, 674 of them at a rounding
+    distance, and the global log_standardized init made every channel task-specific instead of
+    every one shared).
 
     ``parent`` (the candidates gathered by ``choice``) gets the rows of the changed choices in
     place. Returns (distances, choice), new tensors where anything changed. Of several equal
@@ -309,24 +296,14 @@ def equal_kernels_first(dist: Tensor, choice: Tensor, child: Tensor, candidates:
     zero = near[same]
     rest = near[~same]
     moved = []
-    if rest.numel():
-        # every candidate's first and last values against the child's in one go (the ops, not
-        # the values, cost here), then whole rows only where both probes agree
-        corners = [(slice(None), *((i,) * (child.dim() - 1))) for i in (0, -1)]
-        probe = torch.ones(len(candidates), rest.numel(), dtype=torch.bool, device=rest.device)
-        for at in corners:
-            values = torch.stack([cand[at][rest] for cand in candidates])
-            probe &= values == child[at][rest].to(values.dtype)
-        # (a channel's own choice was compared above)
-        probe &= choice[rest] != torch.arange(len(candidates), device=rest.device)[:, None]
-        for t in probe.any(dim=1).nonzero().squeeze(1).tolist():
-            rows = rest[probe[t]]
-            if moved:  # the first equal candidate in the bank's order wins
-                rows = rows[~torch.isin(rows, torch.cat([r for r, _ in moved]))]
-            cand = candidates[t]
-            found = rows[(child[rows].to(cand.dtype) == cand[rows]).flatten(1).all(dim=1)]
-            if found.numel():
-                moved.append((found, t))
+    for t, cand in enumerate(candidates):  # the first equal one in the bank's order wins
+        rows = rest[choice[rest] != t]  # (a channel's own choice was compared above)
+        if not rows.numel():
+            continue
+        found = rows[_equal_rows(rows, child, cand)]
+        if found.numel():
+            moved.append((found, t))
+            rest = rest[~torch.isin(rest, found)]
     if not zero.numel() and not moved:
         return dist, choice
     dist, choice = dist.clone(), choice.clone()
