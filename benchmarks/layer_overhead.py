@@ -111,7 +111,7 @@ except ImportError:
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
 from cwps_lightning.cwps import layers as _layers  # noqa: E402
-from cwps_lightning.cwps.freeze import SharedChannelFreeze  # noqa: E402
+from cwps_lightning.cwps.freeze import SharedChannelFreeze, row_matrix  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
 from cwps_lightning.cwps.small_input import live_window, use_small_input_convs  # noqa: E402
 from cwps_lightning.cwps.surgery import ungroup_small_kernels  # noqa: E402
@@ -336,16 +336,12 @@ class TrafficFloor:
 
 
 def _step_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as [channels, K], a view: every channel's values one dense run in memory
-    (contiguous or channels_last kernels; biases as [C, 1])."""
-    c = t.shape[0]
-    k = t.numel() // c
-    dense = t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(
-        memory_format=torch.channels_last))
-    if not dense or (c > 1 and t.stride(0) != k):
+    """``t`` as [channels, K], a view (row_matrix); an error where its rows are not dense."""
+    rows = row_matrix(t)
+    if rows is None:
         raise ValueError(f"step-compose needs dense rows, got shape {tuple(t.shape)} strides "
                          f"{t.stride()}")
-    return t.as_strided((c, k), (k, 1))
+    return rows
 
 
 def _step_compose_layers(layers, lr: torch.Tensor, momentum: float, weight_decay: float,

@@ -277,16 +277,23 @@ def _shared_channels(layers: list) -> tuple[list[Tensor], Tensor | None]:
     return [hard_mask(layer.mask_logits, layer.threshold) == 0 for layer in layers], None
 
 
-def _rows(p: Tensor) -> Tensor:
+def row_matrix(p: Tensor) -> Tensor | None:
     """``p`` as a matrix with a row per output channel: a [C, K] view where every channel's
-    values are one dense run in memory (contiguous and channels_last kernels, biases), so rows
-    are copied whole; ``p`` itself otherwise (its rows indexed along dim 0)."""
+    values are one dense run in memory (contiguous and channels_last kernels, biases); None
+    where they are not."""
     c = p.shape[0]
     k = p.numel() // c if c else 0
     dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
     if dense and (c <= 1 or p.stride(0) == k):
-        return _wide(p.as_strided((c, k), (k, 1)))
-    return p
+        return p.as_strided((c, k), (k, 1))
+    return None
+
+
+def _rows(p: Tensor) -> Tensor:
+    """``p``'s row_matrix with wide elements, so rows are copied whole; ``p`` itself where it
+    has none (its rows indexed along dim 0)."""
+    rows = row_matrix(p)
+    return p if rows is None else _wide(rows)
 
 
 def _wide(rows: Tensor) -> Tensor:
