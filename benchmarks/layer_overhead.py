@@ -353,14 +353,13 @@ def _step_compose_layers(layers, lr: torch.Tensor, momentum: float, weight_decay
     graph input, not a constant of the compiled graph: StepCompose.warm_up steps at 0)."""
     for scores, score_mom, *parts in layers:
         parts = [q for q in parts if q is not None]
-        sig = torch.sigmoid(scores)
-        m = ((sig >= threshold).to(sig.dtype) if hard else sig)[:, None]
+        m, sig = _layers._stage_mask(scores, hard, threshold)  # the layers' own mask
+        m = m[:, None]
         # dL/ds = sigmoid'(s) <dL/dw, child - parent> (straight through in the hard stage)
         dot = sum((g * (child - parent)).sum(1) for g, child, parent, _, _ in parts)
-        score_mom.mul_(momentum).add_(sig * (1 - sig) * dot)
+        score_mom.mul_(momentum).add_(_layers.mask_slope(sig, hard) * dot)
         scores.sub_(lr * score_mom)  # no weight decay on the scores, as in the job
-        sig = torch.sigmoid(scores)
-        m_next = ((sig >= threshold).to(sig.dtype) if hard else sig)[:, None]
+        m_next = _layers._stage_mask(scores, hard, threshold)[0][:, None]
         for g, child, parent, mom, w in parts:
             step = momentum * mom + (m * g + weight_decay * child)
             if hard:  # shared rows stand still; their momentum is never applied (zeroed)
@@ -423,8 +422,7 @@ class StepCompose:
     def compose_now(self) -> None:
         """The composed weights from the children, parents and scores as they are."""
         for module in self.modules:
-            sig = torch.sigmoid(module.sc_scores)
-            m = (sig >= self.threshold).to(sig.dtype) if self.hard else sig
+            m = _layers._stage_mask(module.sc_scores, self.hard, self.threshold)[0]
             for kind in ("weight", "bias"):
                 if getattr(module, f"sc_{kind}_child", None) is not None:
                     child, parent = (getattr(module, f"sc_{kind}_{k}") for k in ("child", "parent"))

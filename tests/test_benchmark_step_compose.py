@@ -93,12 +93,9 @@ def test_step_compose_matches_the_cwps_layers_while_decisions_flip(stage):
     layers = dict(bench.cwps_layers(real))
     assert any(layer.bias is not None for layer in layers.values())
     lr = 2.0
-    masks = {id(layer.mask_logits) for layer in layers.values()}
-    params = [p for p in real.parameters() if p.requires_grad]
-    opt_real = bench.make_sgd([{"params": [p for p in params if id(p) not in masks]},
-                               {"params": [p for p in params if id(p) in masks],
-                                "weight_decay": 0.0}], lr=lr, momentum=0.9, weight_decay=5e-4)
-    bench.SharedChannelFreeze(real).attach(opt_real)
+    opt_real = bench.make_optimizer(real)  # the job's SGD and freeze, at this lr
+    for group in opt_real.param_groups:
+        group["lr"] = lr
     opt_proto = bench.StepComposeSGD(proto, sc, lr=lr, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(1)
     decided = {n: torch.sigmoid(layer.mask_logits.detach()) >= layer.threshold
