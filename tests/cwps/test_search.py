@@ -110,6 +110,20 @@ def test_gather_channels():
     assert torch.equal(out, expected)
 
 
+def test_gather_channels_into_a_tensor_of_another_layout():
+    """With ``out``, the rows land in ``out`` itself (a channels_last parent, a float64 one),
+    every element written: the same values as the gathered copy."""
+    cands = [torch.randn(5, 3, 2, 2) for _ in range(3)]
+    choice = torch.tensor([2, 0, 1, 2, 1])
+    expected = gather_channels(cands, choice)
+    for out in (torch.full((5, 2, 2, 3), float("nan")).permute(0, 3, 1, 2),
+                torch.full((5, 3, 2, 2), float("nan"), dtype=torch.float64)):
+        got = gather_channels(cands, choice, out=out)
+        assert got is out
+        assert torch.equal(out.float(), expected)
+    assert out.dtype == torch.float64
+
+
 # -- mask initialisation -------------------------------------------------------------------------
 def test_init_mask_logits_mean_ratio_formula():
     d = torch.tensor([1.0, 2.0, 3.0])  # mean 2: s = 3 * (d - 2) / 2
@@ -422,6 +436,52 @@ def test_channels_last_models_search_as_contiguous_ones(bank_setup, distance):
         a, b = (dict(cwps_layers(m))[name] for m in (model, cl_model))
         assert torch.equal(a.parent_weight, b.parent_weight)
         assert torch.equal(a.mask_logits, b.mask_logits)
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_unwritten_parents_are_all_installed_by_the_search(bank_setup, distance, channels_last):
+    """inject_cwps(fill_parents=False) leaves the parents unwritten (here: NaN); the search
+    writes every element of every one, in the layer's own layout, and the result is the one
+    of parents first copied from the child."""
+    bank, _, _ = bank_setup
+    base = Small()
+    if channels_last:
+        base = base.to(memory_format=torch.channels_last)
+    filled, unwritten = copy.deepcopy(base), copy.deepcopy(base)
+    inject_cwps(filled)
+    inject_cwps(unwritten, fill_parents=False)
+    with torch.no_grad():
+        for _, layer in cwps_layers(unwritten):
+            layer.parent_weight.fill_(float("nan"))
+            if layer.parent_bias is not None:
+                layer.parent_bias.fill_(float("nan"))
+    a = search_parents(filled, bank, "T2", distance=distance)
+    b = search_parents(unwritten, bank, "T2", distance=distance)
+    for name in LAYERS:
+        assert torch.equal(a.distances[name], b.distances[name])
+        x, y = (dict(cwps_layers(m))[name] for m in (filled, unwritten))
+        assert torch.equal(x.parent_weight, y.parent_weight)
+        assert torch.equal(x.mask_logits, y.mask_logits)
+        if x.parent_bias is not None:
+            assert torch.equal(x.parent_bias, y.parent_bias)
+        assert y.parent_weight.stride() == y.weight.stride()
+
+
+def test_search_refuses_layers_the_bank_has_no_kernels_for_or_of_another_shape(bank_setup):
+    bank, model, _ = bank_setup
+    small = KernelBank(["conv1", "fc"])
+    for task, entry in bank.entries.items():
+        small.entries[task] = copy.copy(entry)
+        small.entries[task].layers = {n: entry.layers[n] for n in ("conv1", "fc")}
+    with pytest.raises(ValueError, match=r"no kernels for the model's CWPS layers \['conv2'\]"):
+        search_parents(model, small, "T2")
+    for entry in bank.entries.values():  # one channel fewer in the bank than in the model
+        lw = entry.layers["conv1"]
+        entry.layers["conv1"] = type(lw)(lw.weight[:-1], lw.bias[:-1], lw.ids[:-1])
+    c, *k = dict(cwps_layers(model))["conv1"].weight.shape
+    with pytest.raises(ValueError, match=rf"'conv1'.*\({c - 1}, {', '.join(map(str, k))}\)"):
+        search_parents(model, bank, "T2")
 
 
 @pytest.mark.parametrize("mask_init", ["log_standardized", "standardized", "mean_ratio"])

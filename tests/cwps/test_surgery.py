@@ -132,6 +132,35 @@ def test_plain_checkpoint_loads_into_injected_model():
     torch.testing.assert_close(fresh(x), orig(x))
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_inject_takes_the_plain_parameters_and_keeps_their_layout(channels_last):
+    """The CWPS layers' children are the plain layers' own Parameters (no copy), the parents
+    equal copies in the same memory format; from_conv / from_linear on their own copy (the
+    plain layer stays independent)."""
+    model = Small()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.conv1.weight.requires_grad_(False)
+    plain = {n: model.get_submodule(n) for n in shareable_layers(model)}
+    inject_cwps(model)
+    for name, layer in cwps_layers(model):
+        p = plain[name]
+        assert layer.weight is p.weight and layer.bias is p.bias
+        assert layer.parent_weight.stride() == p.weight.stride()
+        assert torch.equal(layer.parent_weight, p.weight)
+        assert layer.parent_weight.data_ptr() != p.weight.data_ptr()
+        assert layer.weight.requires_grad == (name != "conv1")
+    for p in plain.values():
+        copied = (CWPSConv2d.from_conv(p) if isinstance(p, nn.Conv2d)
+                  else CWPSLinear.from_linear(p))
+        assert torch.equal(copied.weight, p.weight)
+        assert copied.weight.stride() == p.weight.stride()
+        assert copied.weight.requires_grad == p.weight.requires_grad
+        with torch.no_grad():
+            copied.weight.add_(1.0)
+        assert not torch.equal(copied.weight, p.weight)
+
+
 def test_refuses_to_wrap_twice():
     model = Small()
     inject_cwps(model)

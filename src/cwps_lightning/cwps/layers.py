@@ -348,21 +348,29 @@ class CWPSMixin:
         self._threshold = check_threshold(value)
 
     @torch.no_grad()
-    def _start_from(self, plain: nn.Module):
-        """Child and parent both start as ``plain``'s weights (the T0 / warm-up weights).
+    def _start_from(self, plain: nn.Module, take: bool = False, fill_parent: bool = True):
+        """Child and parent both start as ``plain``'s weights (the T0 / warm-up weights), in
+        their memory format (a channels_last model stays channels_last: no conversion here and
+        none back at the next fit).
 
         ``from_conv``/``from_linear`` build the layer on the meta device and allocate it empty,
         so every tensor is filled here: wrapping a model skips the default initialisation's
         work and draws no random numbers (the data order of the fit that follows is the one it
         would have been without the surgery).
+
+        ``take``: the child is ``plain``'s own weight and bias Parameters, not copies of them
+        (inject_cwps, which replaces ``plain`` in its model). ``fill_parent`` False leaves the
+        parent allocated but unwritten, for a caller that installs it next (CPMS: the copy
+        would be overwritten unread).
         """
-        self.weight.copy_(plain.weight)
+        w = plain.weight
+        self.weight = w if take else nn.Parameter(w.detach().clone(), w.requires_grad)
         self.mask_logits.zero_()
-        self.parent_weight.copy_(plain.weight)
+        self.parent_weight = w.detach().clone() if fill_parent else torch.empty_like(w)
         if plain.bias is not None:
-            self.bias.copy_(plain.bias)
-            self.parent_bias.copy_(plain.bias)
-        self.weight.requires_grad_(plain.weight.requires_grad)
+            b = plain.bias
+            self.bias = b if take else nn.Parameter(b.detach().clone())
+            self.parent_bias = b.detach().clone() if fill_parent else torch.empty_like(b)
         self.train(plain.training)
         return self
 
@@ -518,15 +526,17 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
         self._init_cwps(threshold, mask_grad)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5,
-                  mask_grad: str = "sigmoid") -> CWPSConv2d:
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5, mask_grad: str = "sigmoid",
+                  *, take: bool = False, fill_parent: bool = True) -> CWPSConv2d:
+        """The CWPS layer of ``conv``, child and parent ``conv``'s weights (``take`` and
+        ``fill_parent``: see _start_from)."""
         layer = cls(
             conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
             padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device="meta", dtype=conv.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
-        return layer.to_empty(device=conv.weight.device)._start_from(conv)
+        return layer.to_empty(device=conv.weight.device)._start_from(conv, take, fill_parent)
 
     def _pad_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Resolve padding modes and 'same'/'valid' to explicit zero padding ints."""
@@ -582,13 +592,15 @@ class CWPSLinear(CWPSMixin, nn.Linear):
         self._init_cwps(threshold, mask_grad)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5,
-                    mask_grad: str = "sigmoid") -> CWPSLinear:
+    def from_linear(cls, linear: nn.Linear, threshold: float = 0.5, mask_grad: str = "sigmoid",
+                    *, take: bool = False, fill_parent: bool = True) -> CWPSLinear:
+        """As CWPSConv2d.from_conv, for ``linear``."""
         layer = cls(
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device="meta", dtype=linear.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
-        return layer.to_empty(device=linear.weight.device)._start_from(linear)
+        return layer.to_empty(device=linear.weight.device)._start_from(linear, take,
+                                                                        fill_parent)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._cwps_forward(x, _LINEAR_OP)

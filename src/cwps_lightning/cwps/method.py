@@ -52,7 +52,9 @@ class CWPSMethod(Method):
                                          lr_window=warmup_window, continue_order=True),
                     name=f"{tag}-warmup")
         started = time.perf_counter()
-        inject_cwps(model, exclude=None, threshold=c.threshold, mask_grad=c.mask_grad)
+        # (CPMS installs every parent: no copy of the child into them first)
+        inject_cwps(model, exclude=None, threshold=c.threshold, mask_grad=c.mask_grad,
+                    fill_parents=False)
         search = search_parents(model, bank, task, c.distance, c.init_scope, c.mask_init,
                                 c.init_scale, seed=harness.seed(task, "mask_init", iteration))
         cpms_seconds = time.perf_counter() - started

@@ -114,14 +114,20 @@ def nearest_parents(child: Tensor, candidates: Tensor | list[Tensor],
     return choice, dist
 
 
-def gather_channels(candidates: Tensor | list[Tensor], choice: Tensor) -> Tensor:
+def gather_channels(candidates: Tensor | list[Tensor], choice: Tensor,
+                    out: Tensor | None = None) -> Tensor:
     """Row j of candidates[choice[j]], for candidates stacked [T, C, ...] or a list of T [C, ...]
-    tensors (kernels, biases or kernel ids; a list needs no stacked copy of them)."""
-    out = candidates[0].clone()
+    tensors (kernels, biases or kernel ids; a list needs no stacked copy of them), written into
+    ``out`` if given (any layout: a channels_last parent is filled in place, with no copy
+    between the layouts)."""
+    if out is None:
+        out = candidates[0].clone()
+    else:
+        out.copy_(candidates[0])
     for t in range(1, len(candidates)):
         rows = (choice == t).nonzero().squeeze(1)
         if rows.numel():
-            out[rows] = candidates[t][rows]
+            out[rows] = candidates[t][rows].to(out.dtype)
     return out
 
 
@@ -208,6 +214,12 @@ def search_parents(
     missing = [n for n in bank.layer_names if n not in layers]
     if missing:
         raise ValueError(f"the model has no CWPS layer for bank layers {missing[:5]}")
+    # every layer gets its parent here (inject_cwps(fill_parents=False) leaves them unwritten)
+    in_bank = set(bank.layer_names)
+    extra = [n for n in layers if n not in in_bank]
+    if extra:
+        raise ValueError(f"the bank has no kernels for the model's CWPS layers {extra[:5]}: "
+                         "CPMS would leave their parents as they are")
     gen = torch.Generator().manual_seed(int(seed))
 
     def init(dist: Tensor) -> Tensor:
@@ -219,15 +231,16 @@ def search_parents(
         weights, biases, ids, names = bank.candidate_lists(name, exclude=task)
         device = layer.weight.device
         weights = [w.to(device) for w in weights]
+        _check_parent(name, layer, weights[0], biases)
         choice, dist = nearest_parents(layer.weight.detach().float(),
                                        [w.float() for w in weights], distance)
-        parent_w = gather_channels(weights, choice)
-        if distance == "cosine":
+        # gathered straight into the layer's parent (set_parent's checks, without its copy)
+        parent_w = gather_channels(weights, choice, out=layer.parent_weight)
+        if distance == "cosine":  # (patches the parent's rows it changes)
             dist, choice = equal_kernels_first(dist, choice, layer.weight.detach(), weights,
                                                parent_w)
-        parent_b = (None if biases is None
-                    else gather_channels([b.to(device) for b in biases], choice))
-        layer.set_parent(parent_w, parent_b)
+        if biases is not None:
+            gather_channels([b.to(device) for b in biases], choice, out=layer.parent_bias)
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()
@@ -244,6 +257,17 @@ def search_parents(
             layers[n].mask_logits.copy_(flat[start:start + c].to(layers[n].mask_logits))
             start += c
     return SearchResult(parent_ids, parent_task, distances)
+
+
+def _check_parent(name: str, layer: nn.Module, weight: Tensor, biases: list | None) -> None:
+    """The bank's kernels of layer ``name`` fit the layer's parent (as set_parent checks)."""
+    if tuple(weight.shape) != tuple(layer.parent_weight.shape):
+        raise ValueError(f"layer {name!r}: the bank's kernels have shape {tuple(weight.shape)}, "
+                         f"the layer's weight {tuple(layer.parent_weight.shape)}")
+    if (biases is None) != (layer.parent_bias is None):
+        raise ValueError(f"layer {name!r}: the bank's kernels "
+                         f"{'have no' if biases is None else 'have a'} bias, the layer "
+                         f"{'has one' if biases is None else 'has none'}")
 
 
 def _near(dist: Tensor) -> Tensor:

@@ -120,12 +120,15 @@ def shareable_layers(
 
 def inject_cwps(
     model: nn.Module, exclude: Iterable[str] | None = None, threshold: float = 0.5,
-    mask_grad: str = "sigmoid",
+    mask_grad: str = "sigmoid", fill_parents: bool = True,
 ) -> list[str]:
     """Replace every shareable nn.Conv2d / nn.Linear of ``model`` (in place) by its CWPS layer.
 
     See :func:`shareable_layers` for what is wrapped. The new layers start in the "finetune"
-    stage with parent = child. Returns the names wrapped. Raises if the model already has CWPS
+    stage with parent = child; each takes over its plain layer's weight and bias Parameters as
+    its child (no copy: the plain layer leaves the model). ``fill_parents`` False leaves the
+    parents unwritten, for a caller that installs every one next (search_parents does: a
+    weight-sized copy saved). Returns the names wrapped. Raises if the model already has CWPS
     layers, or if nothing matched.
     """
     threshold = check_threshold(threshold)
@@ -140,9 +143,11 @@ def inject_cwps(
         module = model.get_submodule(name)
         cls = _cwps_class(module)
         if cls is CWPSLinear:
-            new = CWPSLinear.from_linear(module, threshold=threshold, mask_grad=mask_grad)
+            new = CWPSLinear.from_linear(module, threshold=threshold, mask_grad=mask_grad,
+                                         take=True, fill_parent=fill_parents)
         else:
-            new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad)
+            new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad, take=True,
+                                fill_parent=fill_parents)
         _set_submodule(model, name, new)
     group_small_kernels(model)
     return targets

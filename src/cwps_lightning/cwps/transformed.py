@@ -93,11 +93,12 @@ class TransformedCWPSConv2d(CWPSConv2d):
     same_pad: bool = False  # pad the input TF "SAME" style, from its size
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5,
-                  mask_grad: str = "sigmoid") -> TransformedCWPSConv2d:
+    def from_conv(cls, conv: nn.Conv2d, threshold: float = 0.5, mask_grad: str = "sigmoid",
+                  *, take: bool = False, fill_parent: bool = True) -> TransformedCWPSConv2d:
         if _class_path(type(conv)) != cls.source:
             raise TypeError(f"{cls.__name__} wraps {cls.source}, got {type(conv).__name__}")
-        return super().from_conv(conv, threshold=threshold, mask_grad=mask_grad)
+        return super().from_conv(conv, threshold=threshold, mask_grad=mask_grad, take=take,
+                                 fill_parent=fill_parent)
 
     def _copy_extras(self, src: nn.Module, dst: nn.Module) -> None:
         for name in self.attrs:
@@ -108,8 +109,8 @@ class TransformedCWPSConv2d(CWPSConv2d):
             q.requires_grad_(p.requires_grad)
 
     @torch.no_grad()
-    def _start_from(self, plain: nn.Module):
-        super()._start_from(plain)
+    def _start_from(self, plain: nn.Module, take: bool = False, fill_parent: bool = True):
+        super()._start_from(plain, take, fill_parent)
         self._copy_extras(plain, self)
         return self
 
