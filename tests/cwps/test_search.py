@@ -468,20 +468,35 @@ def test_unwritten_parents_are_all_installed_by_the_search(bank_setup, distance,
         assert y.parent_weight.stride() == y.weight.stride()
 
 
-def test_search_refuses_layers_the_bank_has_no_kernels_for_or_of_another_shape(bank_setup):
-    bank, model, _ = bank_setup
+def test_a_layer_the_bank_lacks_keeps_its_parent_and_is_refused_if_that_is_unwritten(
+        bank_setup):
+    bank, _, _ = bank_setup
     small = KernelBank(["conv1", "fc"])
     for task, entry in bank.entries.items():
         small.entries[task] = copy.copy(entry)
         small.entries[task].layers = {n: entry.layers[n] for n in ("conv1", "fc")}
+    filled, unwritten = Small(), Small()
+    inject_cwps(filled)
+    inject_cwps(unwritten, fill_parents=False)
+    kept = filled.conv2.parent_weight.clone()
+    search_parents(filled, small, "T2")
+    assert torch.equal(filled.conv2.parent_weight, kept)
+    assert not filled.fc.parent_unset and unwritten.fc.parent_unset
     with pytest.raises(ValueError, match=r"no kernels for the model's CWPS layers \['conv2'\]"):
-        search_parents(model, small, "T2")
+        search_parents(unwritten, small, "T2")
+    assert unwritten.conv1.parent_unset  # refused before anything was written
+
+
+def test_search_checks_every_layers_shape_before_it_writes_any(bank_setup):
+    bank, model, _ = bank_setup
     for entry in bank.entries.values():  # one channel fewer in the bank than in the model
-        lw = entry.layers["conv1"]
-        entry.layers["conv1"] = type(lw)(lw.weight[:-1], lw.bias[:-1], lw.ids[:-1])
-    c, *k = dict(cwps_layers(model))["conv1"].weight.shape
-    with pytest.raises(ValueError, match=rf"'conv1'.*\({c - 1}, {', '.join(map(str, k))}\)"):
+        lw = entry.layers["fc"]
+        entry.layers["fc"] = type(lw)(lw.weight[:-1], lw.bias[:-1], lw.ids[:-1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    c, k = model.fc.weight.shape
+    with pytest.raises(ValueError, match=rf"'fc'.*\({c - 1}, {k}\).*\({c}, {k}\)"):
         search_parents(model, bank, "T2")
+    assert all(torch.equal(v, model.state_dict()[n]) for n, v in before.items())
 
 
 @pytest.mark.parametrize("mask_init", ["log_standardized", "standardized", "mean_ratio"])

@@ -161,6 +161,48 @@ def test_inject_takes_the_plain_parameters_and_keeps_their_layout(channels_last)
         assert not torch.equal(copied.weight, p.weight)
 
 
+def test_inject_copies_weights_it_cannot_take():
+    """A weight computed by a parametrization (weight norm) and a Parameter two layers hold
+    (tied) are copied, as before the layers took theirs over; the rest are taken."""
+    model = Small()
+    nn.utils.parametrizations.weight_norm(model.conv1)
+    w1 = model.conv1.weight.detach().clone()
+    fc_w = model.fc.weight
+    inject_cwps(model)
+    assert torch.equal(model.conv1.weight, w1) and type(model.conv1.weight) is nn.Parameter
+    assert model.fc.weight is fc_w
+    tied = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.Linear(4, 2))
+    tied[2].weight = tied[0].weight
+    w, b0 = tied[0].weight, tied[0].bias
+    inject_cwps(tied)
+    assert tied[0].weight is not w and tied[2].weight is not w
+    assert tied[0].weight is not tied[2].weight
+    assert torch.equal(tied[0].weight, w) and torch.equal(tied[2].weight, w)
+    assert tied[0].bias is not b0 and torch.equal(tied[0].bias, b0)  # the layer is copied
+
+
+def test_unwritten_parents_are_refused_until_installed():
+    model = Small()
+    inject_cwps(model, fill_parents=False)
+    assert all(layer.parent_unset for _, layer in cwps_layers(model))
+    x = torch.randn(2, 3, 8, 8)
+    model(x)  # finetune: the parent is not read
+    set_stage(model, "soft")
+    with pytest.raises(RuntimeError, match="parent was never installed"):
+        model(x)
+    set_stage(model, "hard")
+    with pytest.raises(RuntimeError, match="parent was never installed"):
+        merge_cwps(model)
+    model.conv1.set_parent(model.conv1.weight, model.conv1.bias)
+    assert not model.conv1.parent_unset and model.conv2.parent_unset
+    filled = Small()
+    inject_cwps(filled)
+    model.load_state_dict(filled.state_dict())
+    assert not any(layer.parent_unset for _, layer in cwps_layers(model))
+    model(x)
+    merge_cwps(model)
+
+
 def test_refuses_to_wrap_twice():
     model = Small()
     inject_cwps(model)

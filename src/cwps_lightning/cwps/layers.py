@@ -359,20 +359,51 @@ class CWPSMixin:
         would have been without the surgery).
 
         ``take``: the child is ``plain``'s own weight and bias Parameters, not copies of them
-        (inject_cwps, which replaces ``plain`` in its model). ``fill_parent`` False leaves the
-        parent allocated but unwritten, for a caller that installs it next (CPMS: the copy
-        would be overwritten unread).
+        (inject_cwps, which replaces ``plain`` in its model; a weight that is not a registered
+        Parameter, e.g. one computed by torch.nn.utils.parametrize, is copied all the same).
+        ``fill_parent`` False leaves the parent allocated but unwritten (``parent_unset``), for
+        a caller that installs it next (CPMS: a copy would be overwritten unread).
         """
+        def child(name: str) -> nn.Parameter:
+            t = getattr(plain, name)
+            if take and plain._parameters.get(name) is t:
+                t.grad = None  # (the plain layer's last gradient means nothing here)
+                return t
+            return nn.Parameter(t.detach().clone(), t.requires_grad)
+
         w = plain.weight
-        self.weight = w if take else nn.Parameter(w.detach().clone(), w.requires_grad)
+        self.weight = child("weight")
         self.mask_logits.zero_()
         self.parent_weight = w.detach().clone() if fill_parent else torch.empty_like(w)
         if plain.bias is not None:
             b = plain.bias
-            self.bias = b if take else nn.Parameter(b.detach().clone())
+            self.bias = child("bias")
             self.parent_bias = b.detach().clone() if fill_parent else torch.empty_like(b)
+        self.__dict__["_parent_unset"] = not fill_parent  # a plain attribute: not state
         self.train(plain.training)
         return self
+
+    @property
+    def parent_unset(self) -> bool:
+        """True while the parent is unwritten: from ``inject_cwps(fill_parents=False)`` until
+        search_parents, set_parent or a loaded state dict installs one. The soft and hard
+        stages and the merge refuse such a layer."""
+        return self.__dict__.get("_parent_unset", False)
+
+    def _parent_installed(self) -> None:
+        self.__dict__["_parent_unset"] = False
+
+    def _check_parent_set(self) -> None:
+        if self.parent_unset:
+            raise RuntimeError(
+                f"{type(self).__name__}: its parent was never installed (inject_cwps with "
+                "fill_parents=False leaves it unwritten): run search_parents or set_parent first"
+            )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "parent_weight" in state_dict:
+            self._parent_installed()
 
     @torch.no_grad()
     def _fill_plain(self, plain: nn.Module):
@@ -409,13 +440,14 @@ class CWPSMixin:
                 f"parent weight shape {tuple(weight.shape)} != layer weight shape "
                 f"{tuple(self.weight.shape)}"
             )
-        self.parent_weight.copy_(weight.detach())
-        if self.bias is not None:
-            if bias is None:
-                raise ValueError("this layer has a bias: set_parent needs a parent bias")
-            self.parent_bias.copy_(bias.detach())
-        elif bias is not None:
+        if self.bias is not None and bias is None:
+            raise ValueError("this layer has a bias: set_parent needs a parent bias")
+        if self.bias is None and bias is not None:
             raise ValueError("this layer has no bias: set_parent got a parent bias")
+        self.parent_weight.copy_(weight.detach())
+        if bias is not None:
+            self.parent_bias.copy_(bias.detach())
+        self._parent_installed()
 
     def mask(self) -> Tensor:
         """The mask of the current stage (all ones in finetune)."""
@@ -434,6 +466,8 @@ class CWPSMixin:
     @torch.no_grad()
     def merged_weights(self) -> tuple[Tensor, Tensor | None]:
         """Weight and bias after the post-training stage (hard mask), or the child in finetune."""
+        if self.stage != "finetune":
+            self._check_parent_set()
         m = self.task_specific()
         w = _select(self.weight, self.parent_weight, m)
         b = None if self.bias is None else _select(self.bias, self.parent_bias, m)
@@ -442,6 +476,8 @@ class CWPSMixin:
     def _cwps_forward(self, x: Tensor, op, window: Window | None = None) -> Tensor:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
+        if self.__dict__.get("_parent_unset"):
+            self._check_parent_set()
         if (window is None and self._small_kernels_by_autograd
                 and self.weight.numel() <= KEEP_COMPOSED_NUMEL):
             group = self.__dict__.get("_compose_group")

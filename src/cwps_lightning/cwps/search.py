@@ -201,6 +201,9 @@ def search_parents(
     install the composite parent and initialise ``mask_logits`` (``mask_init`` and
     ``init_scale`` as the module docstring says; ``seed`` seeds the random init).
 
+    Every bank layer must be a CWPS layer of the model with the same kernel shape; a CWPS layer
+    the bank lacks keeps its parent (and is refused if that was never written).
+
     ``init_scope="layer"`` applies the mask-logit formula within each layer (every layer starts
     with a similar share of task-specific channels); ``"global"`` applies it to relative
     distances (see :func:`relative_distances`) over all channels of all layers at once, so the
@@ -214,12 +217,16 @@ def search_parents(
     missing = [n for n in bank.layer_names if n not in layers]
     if missing:
         raise ValueError(f"the model has no CWPS layer for bank layers {missing[:5]}")
-    # every layer gets its parent here (inject_cwps(fill_parents=False) leaves them unwritten)
+    # a layer the bank lacks keeps its parent: refused if that was never written
+    # (inject_cwps(fill_parents=False))
     in_bank = set(bank.layer_names)
-    extra = [n for n in layers if n not in in_bank]
-    if extra:
-        raise ValueError(f"the bank has no kernels for the model's CWPS layers {extra[:5]}: "
-                         "CPMS would leave their parents as they are")
+    unset = [n for n, layer in layers.items() if n not in in_bank and layer.parent_unset]
+    if unset:
+        raise ValueError(f"the bank has no kernels for the model's CWPS layers {unset[:5]}, "
+                         "whose parents are unwritten (inject_cwps(fill_parents=False))")
+    for name in bank.layer_names:  # every layer checked before any is written
+        weights, biases, _, _ = bank.candidate_lists(name, exclude=task)
+        _check_parent(name, layers[name], weights[0], biases)
     gen = torch.Generator().manual_seed(int(seed))
 
     def init(dist: Tensor) -> Tensor:
@@ -231,7 +238,6 @@ def search_parents(
         weights, biases, ids, names = bank.candidate_lists(name, exclude=task)
         device = layer.weight.device
         weights = [w.to(device) for w in weights]
-        _check_parent(name, layer, weights[0], biases)
         choice, dist = nearest_parents(layer.weight.detach().float(),
                                        [w.float() for w in weights], distance)
         # gathered straight into the layer's parent (set_parent's checks, without its copy)
@@ -241,6 +247,7 @@ def search_parents(
                                                parent_w)
         if biases is not None:
             gather_channels([b.to(device) for b in biases], choice, out=layer.parent_bias)
+        layer._parent_installed()
         if init_scope == "layer":
             layer.mask_logits.copy_(init(dist).to(layer.mask_logits))
         choice_cpu = choice.cpu()

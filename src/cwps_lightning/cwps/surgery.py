@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -126,9 +127,10 @@ def inject_cwps(
 
     See :func:`shareable_layers` for what is wrapped. The new layers start in the "finetune"
     stage with parent = child; each takes over its plain layer's weight and bias Parameters as
-    its child (no copy: the plain layer leaves the model). ``fill_parents`` False leaves the
-    parents unwritten, for a caller that installs every one next (search_parents does: a
-    weight-sized copy saved). Returns the names wrapped. Raises if the model already has CWPS
+    its child (no copy: the plain layer leaves the model; a Parameter the model holds twice,
+    tied weights, is copied instead, for each layer). ``fill_parents`` False leaves the parents
+    unwritten, for a caller that installs every one next (search_parents does: a weight-sized
+    copy saved); until then the layers refuse the soft and hard stages and the merge. Returns the names wrapped. Raises if the model already has CWPS
     layers, or if nothing matched.
     """
     threshold = check_threshold(threshold)
@@ -139,14 +141,18 @@ def inject_cwps(
             "inject_cwps refuses to wrap twice"
         )
     targets = shareable_layers(model, exclude)
+    # a Parameter the model holds more than once (tied weights) is copied for each layer, as
+    # every other weight was before the layers took theirs over
+    held = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     for name in targets:
         module = model.get_submodule(name)
         cls = _cwps_class(module)
+        take = all(held[id(p)] == 1 for p in module.parameters(recurse=False))
         if cls is CWPSLinear:
             new = CWPSLinear.from_linear(module, threshold=threshold, mask_grad=mask_grad,
-                                         take=True, fill_parent=fill_parents)
+                                         take=take, fill_parent=fill_parents)
         else:
-            new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad, take=True,
+            new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad, take=take,
                                 fill_parent=fill_parents)
         _set_submodule(model, name, new)
     group_small_kernels(model)

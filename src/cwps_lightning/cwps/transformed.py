@@ -128,6 +128,7 @@ class TransformedCWPSConv2d(CWPSConv2d):
         """The raw weight and bias of the current stage (before ``_transform``)."""
         if self.stage == "finetune":
             return self.weight, self.bias
+        self._check_parent_set()
         if self.stage == "soft":
             m = torch.sigmoid(self.mask_logits)
         else:
