@@ -181,6 +181,13 @@ def test_inject_copies_weights_it_cannot_take():
     assert tied[0].bias is not b0 and torch.equal(tied[0].bias, b0)  # the layer is copied
 
 
+def test_a_layer_whose_weight_disagrees_with_its_attributes_is_refused():
+    conv = nn.Conv2d(3, 8, 3)
+    conv.weight = nn.Parameter(torch.randn(8, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"weight has shape \(8, 3, 5, 5\).*\(8, 3, 3, 3\)"):
+        CWPSConv2d.from_conv(conv, take=True)
+
+
 def test_unwritten_parents_are_refused_until_installed():
     model = Small()
     inject_cwps(model, fill_parents=False)

@@ -366,6 +366,10 @@ class CWPSMixin:
         """
         def child(name: str) -> nn.Parameter:
             t = getattr(plain, name)
+            declared = getattr(self, name)  # (allocated from plain's attributes)
+            if t.shape != declared.shape:
+                raise ValueError(f"{type(plain).__name__}.{name} has shape {tuple(t.shape)}, "
+                                 f"its attributes make {tuple(declared.shape)}")
             if take and plain._parameters.get(name) is t:
                 t.grad = None  # (the plain layer's last gradient means nothing here)
                 return t

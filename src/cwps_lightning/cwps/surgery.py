@@ -130,8 +130,8 @@ def inject_cwps(
     its child (no copy: the plain layer leaves the model; a Parameter the model holds twice,
     tied weights, is copied instead, for each layer). ``fill_parents`` False leaves the parents
     unwritten, for a caller that installs every one next (search_parents does: a weight-sized
-    copy saved); until then the layers refuse the soft and hard stages and the merge. Returns the names wrapped. Raises if the model already has CWPS
-    layers, or if nothing matched.
+    copy saved); until then the layers refuse the soft and hard stages and the merge. Returns
+    the names wrapped. Raises if the model already has CWPS layers, or if nothing matched.
     """
     threshold = check_threshold(threshold)
     already = [n for n, _ in cwps_layers(model)]
