@@ -437,17 +437,22 @@ class CWPSMixin:
         """Bool per channel: sigmoid(s) >= lambda now, whatever the stage."""
         return hard_mask(self.mask_logits.detach(), self.threshold).bool().cpu()
 
-    def set_parent(self, weight: Tensor, bias: Tensor | None = None) -> None:
-        """Install the frozen composite parent (copied; never trained)."""
-        if tuple(weight.shape) != tuple(self.weight.shape):
+    def check_parent_fits(self, shape: tuple[int, ...], has_bias: bool) -> None:
+        """ValueError unless a parent weight of ``shape``, with a bias or without as
+        ``has_bias`` says, fits this layer (set_parent; search_parents before it writes)."""
+        if tuple(shape) != tuple(self.weight.shape):
             raise ValueError(
-                f"parent weight shape {tuple(weight.shape)} != layer weight shape "
+                f"parent weight shape {tuple(shape)} != layer weight shape "
                 f"{tuple(self.weight.shape)}"
             )
-        if self.bias is not None and bias is None:
-            raise ValueError("this layer has a bias: set_parent needs a parent bias")
-        if self.bias is None and bias is not None:
-            raise ValueError("this layer has no bias: set_parent got a parent bias")
+        if self.bias is not None and not has_bias:
+            raise ValueError("this layer has a bias: its parent needs one")
+        if self.bias is None and has_bias:
+            raise ValueError("this layer has no bias: its parent has one")
+
+    def set_parent(self, weight: Tensor, bias: Tensor | None = None) -> None:
+        """Install the frozen composite parent (copied; never trained)."""
+        self.check_parent_fits(weight.shape, bias is not None)
         self.parent_weight.copy_(weight.detach())
         if bias is not None:
             self.parent_bias.copy_(bias.detach())

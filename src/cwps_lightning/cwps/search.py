@@ -224,9 +224,12 @@ def search_parents(
     if unset:
         raise ValueError(f"the bank has no kernels for the model's CWPS layers {unset[:5]}, "
                          "whose parents are unwritten (inject_cwps(fill_parents=False))")
-    for name in bank.layer_names:  # every layer checked before any is written
-        weights, biases, _, _ = bank.candidate_lists(name, exclude=task)
-        _check_parent(name, layers[name], weights[0], biases)
+    candidates = {name: bank.candidate_lists(name, exclude=task) for name in bank.layer_names}
+    for name, (weights, biases, _, _) in candidates.items():  # all checked before any write
+        try:
+            layers[name].check_parent_fits(weights[0].shape, biases is not None)
+        except ValueError as e:
+            raise ValueError(f"layer {name!r}: the bank's kernels do not fit: {e}") from None
     gen = torch.Generator().manual_seed(int(seed))
 
     def init(dist: Tensor) -> Tensor:
@@ -235,12 +238,12 @@ def search_parents(
     parent_ids, parent_task, distances = {}, {}, {}
     for name in bank.layer_names:
         layer = layers[name]
-        weights, biases, ids, names = bank.candidate_lists(name, exclude=task)
+        weights, biases, ids, names = candidates[name]
         device = layer.weight.device
         weights = [w.to(device) for w in weights]
         choice, dist = nearest_parents(layer.weight.detach().float(),
                                        [w.float() for w in weights], distance)
-        # gathered straight into the layer's parent (set_parent's checks, without its copy)
+        # gathered straight into the layer's parent (set_parent without its copy)
         parent_w = gather_channels(weights, choice, out=layer.parent_weight)
         if distance == "cosine":  # (patches the parent's rows it changes)
             dist, choice = equal_kernels_first(dist, choice, layer.weight.detach(), weights,
@@ -264,17 +267,6 @@ def search_parents(
             layers[n].mask_logits.copy_(flat[start:start + c].to(layers[n].mask_logits))
             start += c
     return SearchResult(parent_ids, parent_task, distances)
-
-
-def _check_parent(name: str, layer: nn.Module, weight: Tensor, biases: list | None) -> None:
-    """The bank's kernels of layer ``name`` fit the layer's parent (as set_parent checks)."""
-    if tuple(weight.shape) != tuple(layer.parent_weight.shape):
-        raise ValueError(f"layer {name!r}: the bank's kernels have shape {tuple(weight.shape)}, "
-                         f"the layer's weight {tuple(layer.parent_weight.shape)}")
-    if (biases is None) != (layer.parent_bias is None):
-        raise ValueError(f"layer {name!r}: the bank's kernels "
-                         f"{'have no' if biases is None else 'have a'} bias, the layer "
-                         f"{'has one' if biases is None else 'has none'}")
 
 
 def _near(dist: Tensor) -> Tensor:
