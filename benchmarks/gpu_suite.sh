@@ -11,9 +11,10 @@
 #   3. overhead_digits_compile   the digits shape (resnet18, batch 32, 32 px): the three eager,
 #                                each compiled (torch.compile's default mode),
 #                                cwps-hard-per-layer (without the ComposeGroups), and the
-#                                step-compose prototype (the composed weight written by a
-#                                compiled optimiser step; the forward is fine-tuning's: whether
-#                                it cures the launch-bound step)
+#                                step-compose prototype and the core's cwps.compose=step
+#                                (the composed weight written by a compiled optimiser step;
+#                                the forward is fine-tuning's: whether it cures the
+#                                launch-bound step)
 #   4. train_amp                 the built-in benchmark end to end on the GPU, 16-bit mixed
 #                                precision (trainer=gpu), on the two MNIST-derived tasks
 #   5. overhead_digits_job_decisions  the digits shape with the decisions step 4 reached
@@ -77,7 +78,7 @@ DIGITS="--size 32 --skip-memory"
 step gpu_check 90 $PY benchmarks/gpu_check.py
 bench overhead_paper_bf16 120 $PAPER --warmup 3 --steps 20 --variants $EAGER
 bench overhead_digits_compile 240 $DIGITS --warmup 3 --steps 30 \
-  --variants $EAGER,finetune+compile,cwps-soft+compile,cwps-hard+compile,cwps-hard-per-layer,step-compose-soft,step-compose-hard
+  --variants $EAGER,finetune+compile,cwps-soft+compile,cwps-hard+compile,cwps-hard-per-layer,step-compose-soft,step-compose-hard,cwps-step-soft,cwps-step-hard
 rm -rf "$WORK/train"  # a run directory left from an earlier suite would be resumed, not rerun
 step train_amp 180 $PY -m cwps_lightning.train trainer=gpu "data.tasks=[mnist_sketch,mnist_m]" \
   trainer.enable_progress_bar=false "hydra.run.dir=$WORK/train" "paths.cache_dir=$WORK/cache"

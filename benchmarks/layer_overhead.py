@@ -44,6 +44,14 @@ Variants (all share the same weights; CWPS variants share the same parents and m
                   keeps them) and writes the next step's composed weight. Forward and backward
                   are fine-tuning's; the step trains the same numbers as cwps-soft / cwps-hard
                   (class StepCompose; tests/test_benchmark_step_compose.py);
+  cwps-step-soft, cwps-step-hard
+                  the CWPS layers of src/ in compose="step" (cwps/step_compose.py): the layer
+                  keeps its composed weight and runs as the plain layer on it, and
+                  StepComposeSGD's step (compiled before the steps) takes that weight's
+                  gradient to the child and the scores, steps them and writes the next
+                  composed weight: the step-compose design above, in the core; its composed
+                  weights are allocated by the steps, so the peak growth counts them (the
+                  step-compose prototype's are not);
   <v>+compile     any of the above under torch.compile (on request, e.g. --variants
                   finetune,finetune+compile,cwps-soft+compile,cwps-hard+compile; the warm-up
                   rounds take the compilation, so give --warmup >= 2);
@@ -109,7 +117,7 @@ try:  # the package may not be pip-installed: fall back to the source tree
 except ImportError:
     sys.path.insert(0, str(REPO / "src"))
 
-from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage  # noqa: E402
+from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage, step_compose  # noqa: E402
 from cwps_lightning.cwps import layers as _layers  # noqa: E402
 from cwps_lightning.cwps.freeze import SharedChannelFreeze, row_matrix  # noqa: E402
 from cwps_lightning.cwps.layers import CWPSConv2d, CWPSLinear  # noqa: E402
@@ -119,7 +127,9 @@ from cwps_lightning.optim import make_sgd  # noqa: E402
 
 VARIANTS = ("finetune", "cwps-soft", "cwps-hard", "two-pass", "naive-autograd")
 EXTRA_VARIANTS = ("finetune-conv2d", "cwps-floor", "cwps-soft-per-layer", "cwps-hard-per-layer",
-                  "traffic-floor", "step-compose-soft", "step-compose-hard")
+                  "traffic-floor", "step-compose-soft", "step-compose-hard", "cwps-step-soft",
+                  "cwps-step-hard")
+STEP = "cwps-step-"  # prefix: the CWPS layers in compose="step" (cwps/step_compose.py)
 PER_LAYER = "-per-layer"  # suffix: a CWPS stage without its ComposeGroups
 # suffixes: the variant under torch.compile in this mode (valid for every variant)
 COMPILE_MODES = {"+compile": None, "+compile-ro": "reduce-overhead"}
@@ -615,7 +625,9 @@ def make_variant(name: str, base: nn.Module, cwps: nn.Module | None, seed: int,
         if name.endswith(PER_LAYER):
             name = name.removesuffix(PER_LAYER)
             ungroup_small_kernels(model)
-        set_stage(model, "hard" if name == "cwps-hard" else "soft")
+        if name.startswith(STEP):
+            step_compose.use_step_compose(model)
+        set_stage(model, "hard" if name.endswith("-hard") else "soft")
     return model.train()
 
 
@@ -645,7 +657,16 @@ def make_optimizer(model: nn.Module) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if id(p) not in masks]},
               {"params": [p for p in params if id(p) in masks], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
-    opt = make_sgd(groups, lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    hyper = dict(lr=1e-3, momentum=0.9, weight_decay=5e-4)
+    if any(layer.compose == "step" for _, layer in cwps_layers(model)):
+        # the inner SGD for the other parameters is the job's (fused on the CPU); compiled
+        # before the steps, as StepCompose.warm_up does
+        opt = step_compose.StepComposeSGD(groups, **hyper, model=model,
+                                          make_rest=lambda gs: make_sgd(gs, **hyper))
+        opt.precompile()
+        step_compose.release_composed(model)  # (allocated again by the steps, which count them)
+        return opt
+    opt = make_sgd(groups, **hyper)
     if masks:
         SharedChannelFreeze(model).attach(opt)
     return opt
@@ -755,6 +776,7 @@ def memory_worker(args) -> dict:
     # it, not the warm-up forward (whether that forward composes into it depends on the stage
     # and the masks)
     _layers._SCRATCH.buffers.clear()
+    step_compose.release_composed(model)  # the same for the step-compose layers' composed weights
     gc.collect()
     sync(device)
     out = {"variant": name, "mem_steps": args.mem_steps}

@@ -214,3 +214,32 @@ def test_compiled_variants_are_also_paired_with_fine_tuning_compiled_the_same_wa
     assert got["cwps-hard+compile-ro"][:2] == ("finetune+compile-ro", 1.5)
     del times["finetune+compile-ro"]  # nothing to pair with
     assert "cwps-hard+compile-ro" not in bench.same_mode_ratios(times)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_step_variants_are_the_core_step_compose_training_as_the_cwps_variant(stage):
+    """cwps-step-<stage>: the CWPS model's own layers in compose="step", stepped by the core's
+    StepComposeSGD (compiled before the steps, its composed weights released so that the
+    steps allocate them), training as cwps-<stage> does to rounding, the job's fused SGD for
+    the other parameters."""
+    torch.set_num_threads(2)
+    bench = load_benchmark("layer_overhead")
+    names = [f"cwps-{stage}", f"cwps-step-{stage}"]
+    models = bench.build_all(names, "resnet18", 0, torch.device("cpu"), channels_last=True)
+    ref, step = (models[n] for n in names)
+    assert all(layer.compose == "step" and layer.stage == stage
+               for _, layer in bench.cwps_layers(step))
+    opts = {n: bench.make_optimizer(m) for n, m in models.items()}
+    opt = opts[names[1]]
+    assert isinstance(opt, bench.step_compose.StepComposeSGD)
+    assert type(opt._rest).__name__ == "FusedSGD"
+    assert all(layer.composed_weight is None for _, layer in bench.cwps_layers(step))
+    args = argparse.Namespace(batch=2, size=32, seed=0, channels_last=True)
+    x, y = bench.make_batch(args, torch.device("cpu"), 1000)
+    for _ in range(2):
+        losses = [bench.train_step(models[n], opts[n], x, y) for n in names]
+        torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(ref.named_parameters(), step.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
+    assert "cwps-step-soft" in bench.EXTRA_VARIANTS and "cwps-step-hard" in bench.EXTRA_VARIANTS

@@ -195,3 +195,38 @@ def test_readme_plain_pytorch_example_runs_the_clis_cpms(monkeypatch):
                               f'search_parents(model, bank, "task1", distance="{other}")'),
                  "README.md", "exec"), {})
     assert any(not torch.equal(readme_logits[n], seen[-1][1][n]) for n in readme_logits)
+
+
+def test_readme_step_compose_example_trains_the_layers():
+    """The README's second example (compose at the step), run as written on an injected
+    model: the children and scores move, and every composed weight is the next forward's."""
+    from torch import nn
+
+    import cwps_lightning
+    from cwps_lightning.cwps import cwps_layers, inject_cwps
+
+    text = README.read_text().split("## Using the core from plain PyTorch", 1)[1]
+    code = text.split("```python", 2)[2].split("```", 1)[0]
+    assert "use_step_compose(model)" in code and "StepComposeSGD(" in code
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 6),
+                          nn.Linear(6, 3))
+    inject_cwps(model)
+    for _, layer in cwps_layers(model):
+        with torch.no_grad():
+            layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(4, 3, 6, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    scope = {"model": model, "batches": batches, "torch": torch,
+             "set_stage": cwps_lightning.set_stage}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert isinstance(scope["opt"], cwps_lightning.cwps.StepComposeSGD)
+    for _, layer in cwps_layers(model):
+        assert layer.compose == "step" and layer.stage == "soft"
+        for kind in ("weight", "mask_logits"):
+            name = next(n for n, m in model.named_modules() if m is layer) + "." + kind
+            assert not torch.equal(getattr(layer, kind), before[name]), name
+        m = torch.sigmoid(layer.mask_logits.detach())[:, None]
+        parent = layer.parent_weight.flatten(1)
+        expected = parent + m * (layer.weight.detach().flatten(1) - parent)
+        torch.testing.assert_close(layer.composed_weight.flatten(1), expected)

@@ -123,4 +123,5 @@ def test_every_variant_the_suite_asks_for_is_one_the_benchmark_knows(tmp_path):
         assert "finetune" in names
         assert all(bench.split_compile(n)[0] in known for n in names), names
     # the prototype at the digits shape, in a step the recipe's budget always reaches (step 3)
-    assert {"step-compose-soft", "step-compose-hard"} <= set(asked[1]), asked[1]
+    assert {"step-compose-soft", "step-compose-hard", "cwps-step-soft",
+            "cwps-step-hard"} <= set(asked[1]), asked[1]

@@ -21,6 +21,7 @@ from .cwps.search import (
     INIT_SCOPES,
     MASK_INITS,
 )
+from .cwps.step_compose import COMPOSE_MODES
 from .methods.base import OPTIMIZERS
 from .methods.registry import BASELINE_NAMES
 
@@ -108,6 +109,12 @@ class CWPSSettings:
     #: hard-stage gradient to the mask scores: sigmoid (dL/dm * sigmoid', the paper's) or
     #: identity (dL/dm, the straight-through estimator TAPS uses)
     mask_grad: str = "sigmoid"
+    #: where the soft / hard weight is composed (cwps/step_compose.py): forward (every forward,
+    #: autograd through the compose) | step (kept between steps, written by the optimiser step:
+    #: the fit steps with cwps.StepComposeSGD; SGD only, no gradient clipping, no 16-mixed).
+    #: step pays at large inputs (resnet18 at 112 px) and costs more at the digits job's 32 px
+    #: (README, "Compose at the step")
+    compose: str = "forward"
     stages: StageSettings = field(default_factory=StageSettings)
     #: methods run in the same job for the results table, after CWPS: finetune, frozen, taps,
     #: piggyback, or 'package.module:Class' (a Method subclass); [] for none
@@ -131,6 +138,7 @@ class CWPSSettings:
         _one_of("cwps.init_scope", self.init_scope, INIT_SCOPES)
         _one_of("cwps.mask_init", self.mask_init, MASK_INITS)
         _one_of("cwps.mask_grad", self.mask_grad, MASK_GRADS)
+        _one_of("cwps.compose", self.compose, COMPOSE_MODES)
         if self.init_scale is not None and not abs(self.init_scale) < float("inf"):
             raise ValueError(f"cwps.init_scale must be a finite number or null, got "
                              f"{self.init_scale}")

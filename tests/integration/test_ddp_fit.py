@@ -71,3 +71,24 @@ def test_weights_equal_a_replay_that_averages_the_ranks_gradients(ddp_fit):
     # rank 0's batches alone end elsewhere: the tolerance tells the two apart
     alone = _replay(batches, ranks=(0,))
     assert max(float((weights[n] - p).abs().max()) for n, p in alone.items()) > 1e-3
+
+
+@pytest.mark.slow
+def test_a_step_compose_fit_under_ddp_trains_as_the_forward_compose_fit(tmp_path):
+    """cwps.compose=step under DDP: the children, scores and composed weights are left out of
+    DDP, StepComposeSGD averages the composed weights' gradients over the ranks itself, and
+    the mask fit ends where the forward compose's DDP fit ends (to rounding), decisions
+    included."""
+    weights = {}
+    for compose in ("forward", "step"):
+        proc = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), compose], cwd=REPO,
+                              env=cli_env(), capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+        weights[compose] = torch.load(tmp_path / f"weights_{compose}.pt")
+    forward, step = weights["forward"], weights["step"]
+    assert set(forward) == set(step) and not any("composed" in k for k in step)
+    for name, value in forward.items():
+        torch.testing.assert_close(step[name], value, rtol=1e-4, atol=1e-5, msg=name)
+    # some layer shares channels and keeps others: both branches of the step ran
+    scores = [k for k in forward if k.endswith("mask_logits")]
+    assert scores and any(((forward[k] > 0).any() and (forward[k] <= 0).any()) for k in scores)

@@ -12,6 +12,12 @@ from .search import (
     nearest_parents,
     search_parents,
 )
+from .step_compose import (
+    StepComposeSGD,
+    release_composed,
+    use_forward_compose,
+    use_step_compose,
+)
 from .store import MultiTaskStore, StoreError, save_store
 from .surgery import (
     classifier_names,
@@ -33,6 +39,7 @@ __all__ = [
     "MultiTaskStore",
     "StoreError",
     "SearchResult",
+    "StepComposeSGD",
     "TaskEntry",
     "check_distance",
     "classifier_names",
@@ -44,10 +51,13 @@ __all__ = [
     "merge_cwps",
     "merged_kernel_ids",
     "nearest_parents",
+    "release_composed",
     "search_parents",
     "save_store",
     "set_stage",
     "set_threshold",
     "shareable_layers",
     "sharing_stats",
+    "use_forward_compose",
+    "use_step_compose",
 ]

@@ -482,6 +482,76 @@ class CWPSMixin:
         b = None if self.bias is None else _select(self.bias, self.parent_bias, m)
         return w, b
 
+    # -- compose at the optimiser step (step_compose.py) -------------------------------------
+    @property
+    def compose(self) -> str:
+        """Where the soft / hard weight is composed: "forward" (every forward, with autograd
+        through the compose) or "step" (kept in ``composed_weight`` / ``composed_bias``,
+        written by step_compose.StepComposeSGD's step; see step_compose.use_step_compose)."""
+        return self.__dict__.get("_compose", "forward")
+
+    def _step_inputs(self) -> tuple:
+        """What the kept composed weight depends on (versions count in-place writes; a
+        ``.data`` write counts none and is not seen)."""
+        key = (self.stage, self.threshold)
+        for t in (self.weight, self.bias, self.mask_logits, self.parent_weight,
+                  self.parent_bias, self.composed_weight, self.composed_bias):
+            key += (None,) if t is None else (id(t), t.data_ptr(), t._version)
+        return key
+
+    @torch.no_grad()
+    def recompose(self) -> None:
+        """Write the kept composed weight (and bias) from the child, the parent and the
+        stage's mask as they are: parent + m * (child - parent), the forward compose's values."""
+        self._check_parent_set()
+        leaves = self.__dict__.get("_step_leaves")
+        if leaves is not None and any(t is not None and t.grad is not None for t in leaves):
+            raise RuntimeError(
+                f"{type(self).__name__}: its child, mask scores, parent, stage or threshold "
+                "changed between a backward and the optimiser step (the gradient of the "
+                "composed weight would be stepped against other weights); step or zero_grad "
+                "with the StepComposeSGD first")
+        self.__dict__["_step_leaves"] = None
+        if self.composed_weight is None:  # (in the child's memory format)
+            self.composed_weight = torch.empty_like(self.weight.detach())
+            if self.bias is not None:
+                self.composed_bias = torch.empty_like(self.bias.detach())
+        m = self.mask()
+        if m.dtype != self.parent_weight.dtype:
+            m = m.to(self.parent_weight.dtype)
+        torch.lerp(self.parent_weight, self.weight,
+                   m.view(-1, *([1] * (self.weight.dim() - 1))), out=self.composed_weight)
+        if self.bias is not None:
+            torch.lerp(self.parent_bias, self.bias, m, out=self.composed_bias)
+        self.__dict__["_step_key"] = self._step_inputs()
+
+    def _step_weights(self) -> tuple[Tensor, Tensor | None]:
+        """The kept composed weight and bias for a forward of the soft / hard stage: while
+        autograd records, leaf tensors over them (one pair until the optimiser step, so a
+        layer run twice, or gradients accumulated over several backwards, sum into one
+        gradient, which the step takes to the child and the mask scores)."""
+        if self.__dict__.get("_parent_unset"):
+            self._check_parent_set()
+        # (under torch.compile the leaf below is a graph break: the layer runs eagerly)
+        if torch.jit.is_tracing():
+            raise RuntimeError(
+                f"{type(self).__name__}: compose='step' does not run under torch.jit.trace (its "
+                "gradient goes to a leaf the optimiser step reads); use compose='forward' "
+                "(step_compose.use_forward_compose)")
+        if self.__dict__.get("_step_key") != self._step_inputs():
+            self.recompose()
+        w, b = self.composed_weight, self.composed_bias
+        if not torch.is_grad_enabled() or not (
+                self.weight.requires_grad or self.mask_logits.requires_grad
+                or (self.bias is not None and self.bias.requires_grad)):
+            return w, b
+        leaves = self.__dict__.get("_step_leaves")
+        if leaves is None:
+            leaves = (w.detach().requires_grad_(),
+                      None if b is None else b.detach().requires_grad_())
+            self.__dict__["_step_leaves"] = leaves
+        return leaves
+
     def _cwps_forward(self, x: Tensor, op, window: Window | None = None) -> Tensor:
         if self.stage == "finetune":
             return op.forward(x, self.weight, self.bias)
@@ -548,6 +618,9 @@ class CWPSMixin:
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_kept_parent_window", None)
+        # a copy composes anew at its first forward and has no gradient to step
+        state.pop("_step_leaves", None)
+        state.pop("_step_key", None)
         # a layer copied on its own leaves its ComposeGroup behind; a copy of the whole model
         # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
         state.pop("_compose_group", None)
@@ -555,7 +628,9 @@ class CWPSMixin:
 
     def extra_repr(self) -> str:
         grad = "" if self.mask_grad == "sigmoid" else f", mask_grad={self.mask_grad}"
-        return f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}{grad}"
+        compose = "" if self.compose == "forward" else f", compose={self.compose}"
+        return (f"{super().extra_repr()}, stage={self.stage}, threshold={self.threshold}{grad}"
+                f"{compose}")
 
 
 class CWPSConv2d(CWPSMixin, SmallInputConv2d):
@@ -607,6 +682,8 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
     def forward(self, x: Tensor) -> Tensor:
         if self.stage == "finetune":
             return super().forward(x)
+        if self.__dict__.get("_compose") == "step":  # the plain conv on the kept weight
+            return self._conv_forward(x, *self._step_weights())
         if x.dim() == 3:  # unbatched (C, H, W), as nn.Conv2d accepts
             return self.forward(x.unsqueeze(0)).squeeze(0)
         x, padding = self._pad_and_padding(x)
@@ -648,6 +725,8 @@ class CWPSLinear(CWPSMixin, nn.Linear):
                                                                         fill_parent)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.stage != "finetune" and self.__dict__.get("_compose") == "step":
+            return F.linear(x, *self._step_weights())
         return self._cwps_forward(x, _LINEAR_OP)
 
     def to_plain(self) -> nn.Linear:

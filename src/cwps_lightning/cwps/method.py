@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from ..methods.base import FitPlan, Harness, Method, Trained
 from .bank import KernelBank
 from .search import merged_kernel_ids, search_parents
+from .step_compose import use_step_compose
 from .surgery import inject_cwps, mask_flips, merge_cwps, sharing_stats, specific_by_layer
 
 if TYPE_CHECKING:
@@ -58,6 +59,8 @@ class CWPSMethod(Method):
         search = search_parents(model, bank, task, c.distance, c.init_scope, c.mask_init,
                                 c.init_scale, seed=harness.seed(task, "mask_init", iteration))
         cpms_seconds = time.perf_counter() - started
+        if c.compose == "step":  # the fit steps with StepComposeSGD (lit_module)
+            use_step_compose(model)
         harness.step(
             f"cwps {tag}: CPMS over {[t for t in bank.tasks if t != task]} ({c.distance}, "
             f"{c.mask_init} init); soft {stages.soft_epochs:g} + hard {stages.hard_epochs:g} "

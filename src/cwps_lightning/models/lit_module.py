@@ -17,6 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import distributed
 from ..cwps import cwps_layers
 from ..cwps.freeze import SharedChannelFreeze
+from ..cwps.step_compose import StepComposeSGD
 from ..methods.base import OptimizerPlan
 from ..optim import make_sgd
 from ..settings import OptimSettings
@@ -202,7 +203,9 @@ class CWPSLitModule(L.LightningModule):
             raise ValueError("nothing to train: every parameter is frozen")
         lr = self.lr if plan.lr is None else plan.lr
         decay = self.weight_decay if plan.weight_decay is None else plan.weight_decay
-        if plan.kind == "sgd":
+        if self.step_composed():
+            opt = self._step_compose_sgd(groups, plan.kind, lr, decay)
+        elif plan.kind == "sgd":
             # Lightning refuses to clip the gradients of a fused optimiser under mixed
             # precision: clipping keeps torch's loop
             opt = make_sgd(groups, lr=lr, momentum=self.momentum, weight_decay=decay,
@@ -218,7 +221,8 @@ class CWPSLitModule(L.LightningModule):
             pos = start + (end - start) * min(step, steps) / steps
             return 0.5 * (1.0 + math.cos(math.pi * pos))
 
-        if self.has_cwps_layers():  # shared channels must not drift in the hard stage
+        # shared channels must not drift in the hard stage (StepComposeSGD holds them itself)
+        if self.has_cwps_layers() and not self.step_composed():
             freeze = SharedChannelFreeze(self.model).attach(opt)
             self._freeze = (freeze, opt)
             if self._freeze_state is not None:  # a resumed fit
@@ -226,6 +230,35 @@ class CWPSLitModule(L.LightningModule):
                 self._freeze_state = None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def _step_compose_sgd(self, groups: list[dict], kind: str, lr: float,
+                          decay: float) -> StepComposeSGD:
+        """The optimiser of a fit whose CWPS layers compose at the step (cwps.compose=step),
+        after refusing what it cannot do."""
+        trainer = self.trainer
+        if kind != "sgd":
+            raise ValueError(f"cwps.compose=step steps with SGD; this fit's optimiser is "
+                             f"{kind!r} (use cwps.compose=forward)")
+        if trainer.gradient_clip_val:
+            raise ValueError(f"cwps.compose=step does not clip gradients (trainer."
+                             f"gradient_clip_val={trainer.gradient_clip_val}): the composed "
+                             "weights' gradients are not the optimiser's; use "
+                             "cwps.compose=forward or gradient_clip_val=null")
+        if str(trainer.precision) in ("16-mixed", "16"):
+            raise ValueError(f"cwps.compose=step does not run under trainer.precision="
+                             f"{trainer.precision} (its gradient scaler does not reach the "
+                             "composed weights' gradients): use bf16-mixed or 32-true, or "
+                             "cwps.compose=forward")
+        group = torch.distributed.group.WORLD if trainer.world_size > 1 else None
+        return StepComposeSGD(
+            groups, lr=lr, momentum=self.momentum, weight_decay=decay, model=self.model,
+            make_rest=lambda gs: make_sgd(gs, lr=lr, momentum=self.momentum,
+                                          weight_decay=decay),
+            process_group=group)
+
+    def step_composed(self) -> bool:
+        """Whether this module's CWPS layers compose at the step (cwps/step_compose.py)."""
+        return any(layer.compose == "step" for _, layer in cwps_layers(self.model))
 
     def setup(self, stage: str) -> None:
         # a fit starts without a freeze (configure_optimizers makes this fit's); a module fitted
@@ -239,7 +272,7 @@ class CWPSLitModule(L.LightningModule):
             # rank 0's once here (each searched its own; Lightning has made the process group
             # by the time it calls setup, before it wraps the module in DDP)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
-                self, self.parent_buffer_names())
+                self, self.parent_buffer_names() + self.step_composed_names())
             distributed.sync_buffers(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -253,7 +286,7 @@ class CWPSLitModule(L.LightningModule):
         # Lightning restores the module before it asks for the optimisers (which make the
         # freeze); a freeze already made takes the decisions at once
         state = checkpoint.get(FREEZE_STATE_KEY)
-        if state is None and self.has_cwps_layers():
+        if state is None and self.has_cwps_layers() and not self.step_composed():
             rank_zero_warn(
                 "this checkpoint has no shared-channel freeze decisions (a revision before "
                 "they were kept): a channel that turns task-specific at the first step after "
@@ -271,6 +304,20 @@ class CWPSLitModule(L.LightningModule):
             prefix = f"model.{name}." if name else "model."
             names += [prefix + kind for kind in ("parent_weight", "parent_bias")
                       if getattr(layer, kind, None) is not None]
+        return names
+
+    def step_composed_names(self) -> list[str]:
+        """What DDP leaves alone in a fit that composes at the step: the children and mask
+        scores (no gradient of their own: StepComposeSGD takes theirs from the composed
+        weights, all-reducing those) and the composed weights (written by every rank's step)."""
+        names = []
+        for name, layer in cwps_layers(self.model):
+            if layer.compose != "step":
+                continue
+            prefix = f"model.{name}." if name else "model."
+            names += [prefix + kind for kind in ("weight", "bias", "mask_logits",
+                                                  "composed_weight", "composed_bias")
+                      if kind in layer._parameters or kind in layer._buffers]
         return names
 
     def has_cwps_layers(self) -> bool:

@@ -1,0 +1,372 @@
+"""Compose at the optimiser step: the CWPS layers' ``compose="step"`` mode and its SGD.
+
+In the default mode (``compose="forward"``) a CWPS layer composes its weight
+``w = parent + m * (child - parent)`` in every forward and autograd takes the gradient through
+the compose to the child and the mask scores. That costs passes over the weights in the
+forward and the backward, and per layer a Python autograd function (layers._ComposedOp).
+
+In ``compose="step"`` the layer keeps its composed weight (``composed_weight`` /
+``composed_bias``, buffers left out of the state dict) and runs as the plain layer on it:
+forward and backward are fine-tuning's. The gradient lands on that weight (a leaf tensor over
+it), and :class:`StepComposeSGD`'s step takes it to the child and the mask scores, steps them
+as SGD does and writes the next composed weight, every layer in one function
+(torch.compile'd unless ``compiled=False``):
+
+    dL/dchild = m * dL/dw                                  (+ any gradient the child has)
+    dL/ds     = mask_slope(s) * <dL/dw, child - parent>    (+ dL/db (b_child - b_parent))
+    child, s  <- SGD (momentum, weight decay; the scores' group's own)
+    w         <- parent + m' * (child - parent)            (m' the mask of the new scores)
+
+These are the numbers of the forward mode followed by SGD, to rounding (the compiled function
+sums and fuses in its own order). In the hard stage the shared channels' child rows stand
+still and their momentum rows are zeroed, which is what cwps.freeze.SharedChannelFreeze gives
+the forward mode (it holds the rows and zeroes the momentum when a channel turns specific
+again: the weights are the same). Parameters of layers in the finetune stage, of layers in the
+forward mode and of everything else (normalisation layers, heads) are stepped by an inner SGD
+over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
+optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
+
+Limits, each refused with an error where it would apply: SGD without dampening or nesterov;
+the stock CWPSConv2d / CWPSLinear (not the transformed timm layers); not under
+torch.jit.trace. Under torch.distributed it needs ``process_group`` (the DDP model's): the step
+averages the composed weights' gradients over the ranks in one all-reduce, as DDP averages the
+other gradients; the DDP model must leave the children, scores and composed weights alone
+(``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: they get no
+gradient in the backward, which DDP would wait for). Under torch.compile each such layer is a graph break (the leaf its gradient goes to)
+and runs eagerly: the numbers are the same, the compiler's gain is lost there. Zero the
+gradients with the optimiser's ``zero_grad`` (``model.zero_grad()`` does not reach the
+composed weights' gradients); a step drops them too. A change to a layer's child, scores,
+parent, stage or threshold between a backward and the step is refused at the next forward.
+
+What it buys is measured by ``benchmarks/layer_overhead.py`` (variants ``cwps-step-soft`` and
+``cwps-step-hard``): the step's passes over the weights cost about the same at every input
+size, so it pays where activations are large (resnet18 at 112 px) and costs more than the
+forward compose where they are small (the default job's 32 px); see the README.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from .freeze import row_matrix
+from .layers import CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
+from .surgery import cwps_layers
+
+COMPOSE_MODES = ("forward", "step")
+
+
+def check_compose(mode: str) -> str:
+    if mode not in COMPOSE_MODES:
+        raise ValueError(f"compose must be one of {list(COMPOSE_MODES)}, got {mode!r}")
+    return mode
+
+
+def use_step_compose(model: nn.Module) -> int:
+    """Put every CWPS layer of ``model`` in ``compose="step"`` (in place; the layers keep
+    their parameters, a composed weight and bias are added as non-persistent buffers in the
+    child's memory format). Every layer is checked before any changes. Returns how many."""
+    layers = list(cwps_layers(model))
+    for name, layer in layers:
+        if type(layer) not in (CWPSConv2d, CWPSLinear):
+            raise ValueError(f"compose='step': {name or 'the model'} is a "
+                             f"{type(layer).__name__}; only CWPSConv2d and CWPSLinear compose "
+                             "at the step (use compose='forward')")
+    for _, layer in layers:
+        if layer.compose == "step":
+            continue
+        # allocated at the first forward of the soft / hard stage (LayerMixin.recompose)
+        layer.register_buffer("composed_weight", None, persistent=False)
+        layer.register_buffer("composed_bias", None, persistent=False)
+        layer.__dict__["_compose"] = "step"
+        layer.__dict__["_step_key"] = None
+    return len(layers)
+
+
+def release_composed(model: nn.Module) -> int:
+    """Free the composed weights the step-compose layers of ``model`` keep (the next forward
+    of a soft / hard stage composes them again): memory back for evaluation or a merge.
+    Refused while a composed weight has a gradient the optimiser has not stepped."""
+    n = 0
+    for _, layer in cwps_layers(model):
+        if layer.compose != "step" or layer.composed_weight is None:
+            continue
+        leaves = layer.__dict__.get("_step_leaves") or ()
+        if any(leaf is not None and leaf.grad is not None for leaf in leaves):
+            raise RuntimeError("release_composed: a composed weight has a gradient the "
+                               "optimiser has not stepped (step or zero_grad first)")
+        layer.composed_weight = None
+        layer.composed_bias = None
+        layer.__dict__["_step_key"] = None
+        layer.__dict__["_step_leaves"] = None
+        n += 1
+    return n
+
+
+def use_forward_compose(model: nn.Module) -> int:
+    """Back to ``compose="forward"``: the composed buffers go. Returns how many layers."""
+    n = 0
+    for _, layer in cwps_layers(model):
+        if layer.compose != "step":
+            continue
+        for name in ("composed_weight", "composed_bias"):
+            del layer._buffers[name]
+        for key in ("_compose", "_step_key", "_step_leaves"):
+            layer.__dict__.pop(key, None)
+        n += 1
+    return n
+
+
+def _rows(t: Tensor) -> Tensor:
+    rows = row_matrix(t)
+    if rows is None:
+        raise ValueError(f"compose='step' needs each channel's values dense in memory, got "
+                         f"shape {tuple(t.shape)} strides {t.stride()}")
+    return rows
+
+
+def _sgd(p: Tensor, d: Tensor, mom: Tensor | None, lr: Tensor, momentum: float,
+         keep: Tensor | None) -> None:
+    """p -= lr * (momentum * mom + d), the momentum buffer updated; rows where ``keep`` is
+    False stand still and their buffer rows are zeroed."""
+    if mom is not None:
+        d = momentum * mom + d
+        mom.copy_(d if keep is None else torch.where(keep, d, 0.0))
+    p.copy_(p - lr * d if keep is None else torch.where(keep, p - lr * d, p))
+
+
+def compose_step(layers: list) -> None:
+    """One SGD step of each layer's child and scores from its composed weight's gradient,
+    then the composed weights of the new scores. Per layer a tuple
+    (scores, hard, threshold, mask_grad, score_step, parts), ``score_step`` None or
+    (momentum buffer or None, extra gradient or None, lr, momentum, weight_decay), a part
+    (weight, then bias) being (grad, child, parent, composed, child_step) as [C, K] rows,
+    ``child_step`` None or (buffer, extra, lr, momentum, weight_decay) likewise. ``lr``: 0-dim
+    tensors (graph inputs, not constants of a compiled graph: schedulers change them)."""
+    for scores, hard, threshold, mask_grad, score_step, parts in layers:
+        m, sig = _stage_mask(scores, hard, threshold)
+        m = m.to(parts[0][2].dtype)[:, None]
+        keep = (m > 0) if hard else None
+        if score_step is not None:
+            mom, extra, lr, momentum, decay = score_step
+            dot = sum((g * (child - parent)).sum(1) for g, child, parent, _, _ in parts)
+            d = mask_slope(sig, hard, mask_grad) * dot.to(scores.dtype)
+            if extra is not None:
+                d = d + extra
+            if decay:
+                d = d + decay * scores
+            _sgd(scores, d, mom, lr, momentum, None)
+        for g, child, _, _, child_step in parts:
+            if child_step is not None:
+                mom, extra, lr, momentum, decay = child_step
+                d = m * g
+                if extra is not None:
+                    d = d + extra
+                if decay:
+                    d = d + decay * child
+                _sgd(child, d, mom, lr, momentum, keep)
+        m_next = _stage_mask(scores, hard, threshold)[0].to(parts[0][2].dtype)[:, None]
+        for _, child, parent, w, _ in parts:
+            w.copy_(torch.lerp(parent, child, m_next))
+
+
+class StepComposeSGD(torch.optim.Optimizer):
+    """SGD for a model whose CWPS layers compose at the step (see the module docstring).
+
+    ``params``: parameters or parameter groups as torch.optim.SGD takes them (the mask scores
+    usually in a group of their own, without weight decay). ``model``: the model, its CWPS
+    layers put in ``compose="step"`` by :func:`use_step_compose` first. ``make_rest``: builds
+    the inner SGD for every parameter with a gradient of its own, from a list of groups
+    (default torch.optim.SGD). ``compiled``: compose_step under torch.compile (the first step
+    compiles it; False runs it eagerly).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0,
+                 weight_decay: float = 0.0, *, model: nn.Module,
+                 make_rest: Callable[[list[dict]], torch.optim.Optimizer] | None = None,
+                 compiled: bool = True, process_group=None):
+        for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
+            if not value >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+        for group in self.param_groups:
+            extra = sorted(set(group) - {"params", "lr", "momentum", "weight_decay"})
+            if extra:
+                raise ValueError(f"StepComposeSGD steps plain SGD (lr, momentum, weight_decay "
+                                 f"per group); a group sets {extra}")
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        self.layers = [layer for _, layer in cwps_layers(model)
+                       if any(id(p) in self._group_of for p in self._trained(layer))]
+        if not self.layers:
+            raise ValueError("StepComposeSGD: these parameters train none of the model's CWPS "
+                             "layers")
+        forward = sum(layer.compose != "step" for layer in self.layers)
+        if forward:
+            raise ValueError(f"StepComposeSGD: {forward} of the {len(self.layers)} CWPS layers "
+                             "it trains compose in the forward (call "
+                             "cwps.step_compose.use_step_compose(model) first)")
+        groups = [dict(g) for g in self.param_groups]
+        if make_rest is None:
+            self._rest = torch.optim.SGD(groups, lr=lr, momentum=momentum,
+                                         weight_decay=weight_decay)
+        else:
+            self._rest = make_rest(groups)
+        self._rest.state = self.state  # one state: momentum buffers by parameter
+        self._step = torch.compile(compose_step) if compiled else compose_step
+        self.process_group = process_group
+        self._lrs: dict = {}
+
+    @staticmethod
+    def _trained(layer) -> list[Tensor]:
+        return [p for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None]
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._rest.state = self.state
+        self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        # the leaves stay: a forward may have run already (Lightning zeroes between its
+        # forward and its backward), and its backward writes into them
+        for layer in self.layers:
+            for leaf in layer.__dict__.get("_step_leaves") or ():
+                if leaf is not None and leaf.grad is not None:
+                    if set_to_none:
+                        leaf.grad = None
+                    else:
+                        leaf.grad.zero_()
+
+    def _hyper(self, p: Tensor, grads: list | None, rows: bool = True):
+        """(momentum buffer, extra gradient, lr, momentum, weight decay) for ``p``, or None
+        where this optimiser does not train it. The extra gradient (``p``'s own ``.grad``:
+        a penalty on the scores) is taken from ``p`` for the step and kept in ``grads``.
+        ``grads`` None: a dry run (precompile), at lr 0 with a scratch buffer and no extra.
+        ``rows``: buffer and extra gradient as [C, K] rows (a child's; the scores stay 1-D)."""
+        shape = _rows if rows else (lambda t: t)
+        group = self._group_of.get(id(p))
+        if group is None or not p.requires_grad:
+            return None
+        extra = None if grads is None else p.grad
+        if extra is not None:
+            grads.append((p, extra))
+            p.grad = None  # the inner SGD must not step it as well
+            extra = shape(extra)
+        mom = None
+        if group["momentum"]:
+            if grads is None:
+                mom = torch.zeros_like(p.detach())
+            else:
+                state = self.state[p]
+                if state.get("momentum_buffer") is None:  # zeros + d: SGD's first buffer, d
+                    state["momentum_buffer"] = torch.zeros_like(p.detach())
+                mom = state["momentum_buffer"]
+            mom = shape(mom)
+        lr = self._lr_tensor(0.0 if grads is None else float(group["lr"]), p)
+        return mom, extra, lr, float(group["momentum"]), float(group["weight_decay"])
+
+    def _lr_tensor(self, value: float, p: Tensor) -> Tensor:
+        """``value`` as a 0-dim tensor on ``p``'s device and dtype, one per value kept (a
+        scheduler moves the lr every step: a small tensor per group and step, not one per
+        parameter, and no host-to-device copy per parameter on a GPU)."""
+        key = (p.device, p.dtype, value)
+        held = self._lrs.get(key)
+        if held is None:
+            if len(self._lrs) >= 16:  # the last step's values (a group each) stay
+                self._lrs.clear()
+            held = self._lrs[key] = torch.tensor(value, device=p.device, dtype=p.dtype)
+        return held
+
+    def _items(self, taken: list | None) -> tuple[list, list]:
+        """compose_step's input for the layers with a composed weight's gradient (``taken``
+        None: every layer in the soft / hard stage, from zero gradients), and those layers."""
+        items, stepped = [], []
+        for layer in self.layers:
+            if layer.compose != "step":  # (its hard stage would step without a freeze)
+                raise RuntimeError(f"StepComposeSGD: a {type(layer).__name__} it trains "
+                                   "composes in the forward again (use_forward_compose): "
+                                   "train it with torch's SGD and SharedChannelFreeze instead")
+            if layer.stage == "finetune":  # the child has its own gradient, the inner SGD's
+                continue
+            leaves = layer.__dict__.get("_step_leaves")
+            if taken is not None and (leaves is None or leaves[0].grad is None):
+                continue  # not run since the last step
+            if taken is None and layer.composed_weight is None:
+                layer.recompose()
+            parts = []
+            for i, kind in enumerate(("weight", "bias")):
+                child = getattr(layer, kind)
+                if child is None:
+                    continue
+                w = getattr(layer, f"composed_{kind}")
+                g = None if taken is None else leaves[i].grad
+                g = torch.zeros_like(w) if g is None else g
+                tensors = (g, child.detach(), getattr(layer, f"parent_{kind}"), w)
+                if len({t.stride() for t in tensors}) > 1:
+                    raise ValueError(f"compose='step': the {kind} tensors of a "
+                                     f"{type(layer).__name__} are not laid out alike (move the "
+                                     "model with .to(memory_format=), then step)")
+                parts.append((*(_rows(t) for t in tensors), self._hyper(child, taken)))
+            items.append((layer.mask_logits.detach(), layer.stage == "hard", layer.threshold,
+                          layer.mask_grad, self._hyper(layer.mask_logits, taken, rows=False), parts))
+            stepped.append(layer)
+        return items, stepped
+
+    def _average(self, layers: list, ranks: int) -> None:
+        """Average the composed weights' gradients over the ranks in one all-reduce (every
+        rank steps the same layers: the same model on every rank runs the same layers)."""
+        grads = [leaf.grad for layer in layers
+                 for leaf in layer.__dict__["_step_leaves"] if leaf is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, group=self.process_group)
+        flat.div_(ranks)
+        for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+            g.copy_(part.view(g.shape))  # (reshape(-1) flattened in logical order)
+
+    @torch.no_grad()
+    def precompile(self) -> None:
+        """Compile the step for the layers' present stages before the first step (a compile
+        inside a step counts in its time and peak memory): one step at lr 0 from zero
+        gradients, which leaves children, scores and this optimiser's state as they were and
+        rewrites the composed weights (the same, to the compiled lerp's rounding)."""
+        items, stepped = self._items(None)
+        if items:
+            self._step(items)
+        for layer in stepped:
+            layer.__dict__["_step_key"] = layer._step_inputs()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        ranks = 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = torch.distributed.get_world_size(self.process_group)
+        if ranks > 1 and self.process_group is None:
+            raise RuntimeError("StepComposeSGD under torch.distributed: pass process_group (the "
+                               "DDP model's) so the composed weights' gradients are averaged "
+                               "over the ranks as DDP averages the others")
+        taken: list[tuple[Tensor, Tensor]] = []
+        try:
+            items, stepped = self._items(taken)
+            if ranks > 1:
+                self._average(stepped, ranks)
+            for group, inner in zip(self.param_groups, self._rest.param_groups, strict=True):
+                for key in ("lr", "momentum", "weight_decay"):
+                    inner[key] = group[key]
+            self._rest.step()
+        finally:
+            for p, grad in taken:  # back where they were (zero_grad takes them)
+                p.grad = grad
+        if items:
+            self._step(items)
+        for layer in stepped:
+            layer.__dict__["_step_leaves"] = None
+            layer.__dict__["_step_key"] = layer._step_inputs()
+        return loss

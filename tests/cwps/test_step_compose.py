@@ -1,0 +1,356 @@
+"""Compose at the optimiser step (cwps/step_compose.py): the same training as the forward
+compose with SGD and the shared-channel freeze, and its refusals."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cwps_lightning.cwps import cwps_layers, inject_cwps, merge_cwps, set_stage
+from cwps_lightning.cwps.freeze import SharedChannelFreeze
+from cwps_lightning.cwps.step_compose import (
+    StepComposeSGD,
+    check_compose,
+    release_composed,
+    use_forward_compose,
+    use_step_compose,
+)
+
+
+def make_net(channels_last: bool = False, seed: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, bias=False), nn.ReLU(),
+        nn.Conv2d(16, 16, 3),  # 1x1 output on a 3x3 input: the window path of the forward mode
+        nn.Flatten(), nn.Linear(16, 12), nn.Linear(12, 5))
+    inject_cwps(net)  # every layer but the head (8)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in cwps_layers(net):
+            w = layer.weight
+            layer.set_parent(w + 0.1 * torch.randn(w.shape, generator=g),
+                             None if layer.bias is None else layer.bias + 0.1)
+            layer.mask_logits.copy_(2 * torch.randn(layer.mask_logits.shape, generator=g))
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+
+def groups(net: nn.Module, mask_lr: float) -> list[dict]:
+    masks = [layer.mask_logits for _, layer in cwps_layers(net)]
+    ids = {id(p) for p in masks}
+    return [{"params": [p for p in net.parameters() if id(p) not in ids]},
+            {"params": masks, "lr": mask_lr, "weight_decay": 0.0}]
+
+
+HYPER = dict(lr=0.05, momentum=0.9, weight_decay=5e-3)
+
+
+def pair(mask_lr: float = 200.0, channels_last: bool = False, compiled: bool = False,
+         momentum: float = 0.9):
+    """The same model twice: forward compose with torch's SGD and the freeze, and step
+    compose with StepComposeSGD."""
+    a = make_net(channels_last)
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+    hyper = {**HYPER, "momentum": momentum}
+    opt_a = torch.optim.SGD(groups(a, mask_lr), **hyper)
+    SharedChannelFreeze(a).attach(opt_a)
+    opt_b = StepComposeSGD(groups(b, mask_lr), **hyper, model=b, compiled=compiled)
+    return a, opt_a, b, opt_b
+
+
+def batch(n: int = 6, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 8, 8, generator=g), torch.randint(0, 5, (n,), generator=g)
+
+
+def train(net, opt, stages, x, y, penalty: float = 0.0):
+    losses = []
+    for stage in stages:
+        set_stage(net, stage)
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        if penalty:
+            loss = loss + penalty * sum(layer.mask_logits.sigmoid().sum()
+                                        for _, layer in cwps_layers(net))
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def decisions(net) -> list[list[bool]]:
+    return [layer.task_specific().tolist() for _, layer in cwps_layers(net)]
+
+
+def assert_same_params(a, b, atol=1e-6):
+    """To rounding: the score gradient sums its products in another order (the mask
+    learning rate of 200 makes the scores' differences the largest: up to 6e-5 on scores of
+    11, channels_last, after 12 steps), so the scores compare relative to their size."""
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        tol = atol * max(1.0, 100 * float(pa.abs().max())) if name.endswith("mask_logits") \
+            else atol
+        torch.testing.assert_close(pb, pa, atol=tol, rtol=1e-5, msg=name)
+
+
+STAGES = ["soft"] * 4 + ["hard"] * 8
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("momentum", [0.9, 0.0])
+def test_trains_as_the_forward_compose_with_the_freeze(channels_last, momentum):
+    a, opt_a, b, opt_b = pair(channels_last=channels_last, momentum=momentum)
+    x, y = batch()
+    seen = []
+    for stage in STAGES:
+        la = train(a, opt_a, [stage], x, y)
+        lb = train(b, opt_b, [stage], x, y)
+        assert lb == pytest.approx(la, rel=1e-5)
+        assert_same_params(a, b)
+        seen.append(decisions(a))
+        assert decisions(b) == seen[-1]
+    # the mask learning rate moves decisions in the hard stage: channels turn shared and back
+    assert len({str(d) for d in seen[4:]}) > 2
+
+
+def test_shared_channels_stand_still_in_the_hard_stage():
+    _, _, b, opt_b = pair(mask_lr=0.0)  # decisions fixed
+    x, y = batch()
+    set_stage(b, "hard")
+    before = {id(layer): layer.weight.detach().clone() for _, layer in cwps_layers(b)}
+    train(b, opt_b, ["hard"] * 3, x, y)
+    moved = 0
+    for _, layer in cwps_layers(b):
+        shared = ~layer.task_specific()
+        old, new = before[id(layer)], layer.weight.detach()
+        assert torch.equal(new[shared], old[shared])
+        moved += int((new[~shared] != old[~shared]).any())
+        # the composed weight is the merge's: the parent on shared channels
+        torch.testing.assert_close(layer.composed_weight, layer.merged_weights()[0])
+    assert moved
+
+
+def test_gradient_on_the_scores_is_added():
+    """A loss term on the scores themselves (a penalty) reaches them as in the forward mode."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    for stage in ("soft", "soft", "hard"):
+        train(a, opt_a, [stage], x, y, penalty=0.01)
+        train(b, opt_b, [stage], x, y, penalty=0.01)
+        assert_same_params(a, b)
+
+
+def test_zero_grad_between_forward_and_backward_and_accumulation():
+    """Lightning zeroes after the forward, before the backward; two backwards before a step
+    sum, as for any parameter; a layer run twice gets the sum of both uses."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    x2, y2 = batch(seed=3)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        set_stage(net, "soft")
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        F.cross_entropy(net(x2), y2).backward()
+        opt.step()
+    assert_same_params(a, b)
+    # a discarded backward: zero_grad after it drops its gradient
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        F.cross_entropy(net(x), y).backward()
+        opt.zero_grad()
+        F.cross_entropy(net(x2), y2).backward()
+        opt.step()
+    assert_same_params(a, b)
+
+
+def test_a_layer_run_twice_sums_its_gradients():
+    torch.manual_seed(0)
+    nets = []
+    for _ in range(2):
+        net = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 3))
+        inject_cwps(net, exclude=["1"])
+        with torch.no_grad():
+            net[0].set_parent(net[0].weight + 0.3, net[0].bias - 0.2)
+            net[0].mask_logits.copy_(torch.tensor([-1.0, 0.5, 2.0, 0.0]))
+        nets.append(net)
+    nets[1].load_state_dict(nets[0].state_dict())
+    use_step_compose(nets[1])
+    opts = [torch.optim.SGD(nets[0].parameters(), **HYPER),
+            StepComposeSGD(nets[1].parameters(), **HYPER, model=nets[1])]
+    x = torch.randn(5, 4)
+    for net, opt in zip(nets, opts, strict=True):
+        set_stage(net, "soft")
+        opt.zero_grad()
+        net[1](net[0](net[0](x))).square().mean().backward()
+        opt.step()
+    assert_same_params(nets[0], nets[1])
+
+
+def test_optimizer_state_round_trip():
+    """A step-compose fit resumed from its state dicts continues as the uninterrupted one."""
+    _, _, b, opt_b = pair()
+    x, y = batch()
+    train(b, opt_b, ["soft", "soft", "hard"], x, y)
+    model_state = copy.deepcopy(b.state_dict())
+    opt_state = copy.deepcopy(opt_b.state_dict())
+    assert not any("composed" in k for k in model_state)
+    train(b, opt_b, ["hard"] * 3, x, y)
+
+    c = make_net()
+    use_step_compose(c)
+    c.load_state_dict(model_state)
+    opt_c = StepComposeSGD(groups(c, 200.0), **HYPER, model=c)
+    opt_c.load_state_dict(opt_state)
+    assert len(opt_c.state) == len(opt_b.state)
+    train(c, opt_c, ["hard"] * 3, x, y)
+    assert_same_params(b, c, atol=0)
+
+
+def test_composed_weight_follows_every_change():
+    """Stage, threshold, parent, an in-place edit, a device/format move: the next forward
+    composes again; the forward output is the forward mode's."""
+    a = make_net()
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+    x, _ = batch()
+
+    def same():
+        with torch.no_grad():
+            torch.testing.assert_close(b(x), a(x), atol=1e-6, rtol=1e-5)
+
+    for stage in ("soft", "hard"):
+        set_stage(a, stage)
+        set_stage(b, stage)
+        same()
+    for net in (a, b):
+        net[0].threshold = 0.2
+        with torch.no_grad():
+            net[3].weight.mul_(1.5)
+        net[5].set_parent(torch.zeros_like(net[5].weight), torch.ones_like(net[5].bias))
+    same()
+    a, b = (net.to(memory_format=torch.channels_last) for net in (a, b))
+    same()
+
+
+def test_merge_after_step_compose_training():
+    _, _, b, opt_b = pair()
+    x, y = batch()
+    train(b, opt_b, ["soft", "hard", "hard"], x, y)
+    b.eval()
+    with torch.no_grad():
+        before = b(x)
+        merged = merge_cwps(copy.deepcopy(b))
+        torch.testing.assert_close(merged(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_compose_again_and_release():
+    a = make_net()
+    b = copy.deepcopy(a)
+    assert use_step_compose(b) == 4
+    assert use_step_compose(b) == 4  # twice: no-op
+    set_stage(b, "soft")
+    x, _ = batch()
+    b(x)
+    assert all(layer.composed_weight is not None for _, layer in cwps_layers(b))
+    assert release_composed(b) == 4
+    assert all(layer.composed_weight is None for _, layer in cwps_layers(b))
+    opt = StepComposeSGD(b.parameters(), **HYPER, model=b)
+    assert use_forward_compose(b) == 4
+    with pytest.raises(RuntimeError, match="composes in the forward again"):
+        opt.step()
+    assert all(layer.compose == "forward" and "composed_weight" not in layer._buffers
+               for _, layer in cwps_layers(b))
+    set_stage(a, "soft")
+    torch.testing.assert_close(b(x), a(x))
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_as_the_eager_one():
+    torch.compiler.reset()
+    _, _, b, opt_b = pair(channels_last=True)
+    _, _, c, opt_c = pair(channels_last=True, compiled=True)
+    x, y = batch()
+    set_stage(c, "soft")
+    opt_c.precompile()
+    assert_same_params(b, c, atol=0)  # the dry run moves nothing
+    assert not opt_c.state
+    for stage in STAGES[:6]:
+        train(b, opt_b, [stage], x, y)
+        train(c, opt_c, [stage], x, y)
+        assert_same_params(b, c, atol=1e-5)
+
+
+# -- refusals -----------------------------------------------------------------------------------
+def test_refusals():
+    with pytest.raises(ValueError, match="compose must be one of"):
+        check_compose("backward")
+    a = make_net()
+    with pytest.raises(ValueError, match="use_step_compose"):
+        StepComposeSGD(a.parameters(), lr=0.1, model=a)
+    with pytest.raises(ValueError, match="train none of the model's CWPS layers"):
+        StepComposeSGD(a[8].parameters(), lr=0.1, model=a)
+    use_step_compose(a)
+    with pytest.raises(ValueError, match="nesterov"):
+        StepComposeSGD([{"params": list(a.parameters()), "nesterov": True}], lr=0.1, model=a)
+    with pytest.raises(ValueError, match="momentum must be >= 0"):
+        StepComposeSGD(a.parameters(), lr=0.1, momentum=-1.0, model=a)
+
+
+def test_composed_weight_refuses_a_change_before_the_step():
+    a = make_net()
+    use_step_compose(a)
+    opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
+    x, y = batch()
+    set_stage(a, "soft")
+    F.cross_entropy(a(x), y).backward()
+    set_stage(a, "hard")
+    with pytest.raises(RuntimeError, match="between a backward and the optimiser step"):
+        a(x)
+    with pytest.raises(RuntimeError, match="not stepped"):
+        release_composed(a)
+    opt.zero_grad()
+    a(x)  # zeroed: composes again
+
+
+def test_under_torch_compile_and_refuses_transformed_layers():
+    """Under torch.compile each step-compose layer runs eagerly (a graph break: the leaf its
+    gradient goes to) and trains the same; fullgraph refuses; jit.trace is refused."""
+    a, _, b, opt_b = pair()
+    c = copy.deepcopy(b)
+    opt_c = StepComposeSGD(groups(c, 200.0), **HYPER, model=c)
+    x, y = batch()
+    train(b, opt_b, ["soft", "hard"], x, y)
+    torch.compiler.reset()
+    compiled = torch.compile(c, backend="eager")
+    for stage in ("soft", "hard"):
+        set_stage(c, stage)
+        opt_c.zero_grad()
+        F.cross_entropy(compiled(x), y).backward()
+        opt_c.step()
+    assert_same_params(b, c)
+    with pytest.raises(RuntimeError, match="torch.jit.trace"):
+        torch.jit.trace(c, x)
+
+    class Other(type(a[0])):
+        pass
+
+    a = make_net()
+    a[0].__class__ = Other
+    with pytest.raises(ValueError, match="only CWPSConv2d and CWPSLinear"):
+        use_step_compose(nn.Sequential(a[0]))
+
+
+def test_refuses_ddp(monkeypatch):
+    a = make_net()
+    use_step_compose(a)
+    opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="pass process_group"):
+        opt.step()
