@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwps_lightning.cwps import cwps_layers, inject_cwps
+from cwps_lightning.cwps import cwps_layers, inject_cwps, use_step_compose
 from cwps_lightning.data import base
 from cwps_lightning.fitting import FitSettings, fit
 from cwps_lightning.methods.base import FitPlan
@@ -37,10 +37,11 @@ def flip_a_shared_channel(module) -> None:
 
 
 def visit(checkpoints, kill_at_epoch: int | None = None,
-          flip_at_epoch: int | None = None) -> dict:
+          flip_at_epoch: int | None = None, compose: str = "forward") -> dict:
     """A warm-up fit, CWPS injection with fixed parents, a mask fit; a fresh datamodule and
     model each time, as in a rerun of the job. ``flip_at_epoch``: a shared channel turns
-    task-specific as that epoch of the mask fit starts (flip_a_shared_channel)."""
+    task-specific as that epoch of the mask fit starts (flip_a_shared_channel). ``compose``:
+    the layers' compose mode in the mask fit (cwps.compose)."""
     torch.manual_seed(0)
     net, dm = Small(), synthetic_tasks(n_train=45, batch_size=8)
     settings = FitSettings(trainer=TRAINER, checkpoint_dir=checkpoints)
@@ -53,6 +54,8 @@ def visit(checkpoints, kill_at_epoch: int | None = None,
         with torch.no_grad():
             layer.set_parent(layer.weight + 0.1 * torch.randn(layer.weight.shape, generator=g),
                              None if layer.bias is None else layer.bias.clone())
+    if compose == "step":
+        use_step_compose(net)
     plan = FitPlan(MASK_EPOCHS, seed=12, train="cwps", soft_epochs=1.5, continue_order=True)
     def start(self):
         if self.current_epoch == kill_at_epoch:
@@ -70,12 +73,16 @@ def visit(checkpoints, kill_at_epoch: int | None = None,
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
-def test_a_killed_fit_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_path):
+@pytest.mark.parametrize("compose", ["forward", "step"])
+def test_a_killed_fit_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(tmp_path,
+                                                                                compose):
+    """(compose=step: StepComposeSGD's state, every momentum buffer, is in the checkpoint; the
+    composed weights are not, and are composed again from the restored weights.)"""
     torch.set_num_threads(1)
-    whole = visit(tmp_path / "whole")
-    visit(tmp_path / "killed", kill_at_epoch=2)  # epochs 0 and 1 of the mask fit are done
+    whole = visit(tmp_path / "whole", compose=compose)
+    visit(tmp_path / "killed", kill_at_epoch=2, compose=compose)  # mask epochs 0, 1 done
     assert (tmp_path / "killed" / "cwps" / "t-mask" / "last.ckpt").is_file()
-    resumed = visit(tmp_path / "killed")
+    resumed = visit(tmp_path / "killed", compose=compose)
     assert whole.keys() == resumed.keys()
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, f"the resumed visit differs in {differ}"
@@ -104,6 +111,12 @@ def test_a_channel_that_turns_task_specific_as_the_resumed_fit_starts(tmp_path, 
     resumed = visit(tmp_path / "killed", flip_at_epoch=2)
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, f"the resumed visit differs in {differ}"
+    # compose=step zeroes a shared channel's momentum rows at every step: nothing to keep
+    step_whole = visit(tmp_path / "step-whole", flip_at_epoch=2, compose="step")
+    visit(tmp_path / "step-killed", kill_at_epoch=2, compose="step")
+    step_resumed = visit(tmp_path / "step-killed", flip_at_epoch=2, compose="step")
+    differ = [k for k in step_whole if not torch.equal(step_whole[k], step_resumed[k])]
+    assert not differ, f"the resumed compose=step visit differs in {differ}"
     monkeypatch.setattr(lit_module.CWPSLitModule, "on_save_checkpoint", lambda self, c: None)
     visit(tmp_path / "forgot", kill_at_epoch=2)
     forgot = visit(tmp_path / "forgot", flip_at_epoch=2)
