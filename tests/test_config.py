@@ -230,3 +230,26 @@ def test_readme_step_compose_example_trains_the_layers():
         parent = layer.parent_weight.flatten(1)
         expected = parent + m * (layer.weight.detach().flatten(1) - parent)
         torch.testing.assert_close(layer.composed_weight.flatten(1), expected)
+
+
+def test_a_key_added_at_its_old_value_leaves_the_run_hash_as_it_was():
+    """cwps.compose came after runs were made: at "forward" (what they computed) it is left
+    out of the resume hash, so such a run's store and fit checkpoints are still found; at
+    "step" it counts."""
+    from omegaconf import OmegaConf
+
+    from cwps_lightning.persist import config_hash, result_config
+
+    cfg = compose_config([])
+    plain = result_config(cfg)
+    assert "compose" not in plain["cwps"] and "threshold" in plain["cwps"]
+    before = OmegaConf.to_container(cfg, resolve=False)
+    del before["cwps"]["compose"]  # the config as a run before the key wrote it
+    for key in ("paths", "hydra", "logger"):
+        before.pop(key, None)
+    for key in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps"):
+        before["trainer"].pop(key, None)
+    assert config_hash(plain) == config_hash(before)
+    step = result_config(compose_config(["cwps.compose=step"]))
+    assert step["cwps"]["compose"] == "step"
+    assert config_hash(step) != config_hash(plain)

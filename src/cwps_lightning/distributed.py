@@ -143,19 +143,28 @@ def state_hash(model: nn.Module) -> str:
 def sync_buffers(model: nn.Module) -> None:
     """Copy rank 0's buffers to every rank (float buffers: BatchNorm statistics and CWPS
     parents alike; the parents are equal already, the statistics are not)."""
+    sync_tensors(model.buffers())
+
+
+@torch.no_grad()
+def sync_tensors(tensors) -> None:
+    """Copy rank 0's values of ``tensors`` (buffers or parameters, the same list on every
+    rank) to every rank, in place."""
     if not active():
         return
     backend = dist.get_backend()
-    for buf in model.buffers():
-        if backend == "nccl" and not buf.is_cuda:
-            moved = buf.cuda()
+    for t in tensors:
+        t = t.detach()  # (a parameter's storage, written in place)
+        if backend == "nccl" and not t.is_cuda:
+            moved = t.cuda()
             dist.broadcast(moved, src=0)
-            buf.copy_(moved)
+            t.copy_(moved)
         else:
-            dist.broadcast(buf, src=0)
+            dist.broadcast(t, src=0)
             # written in place by the backend, which autograd does not see: bump the version,
-            # so what is kept for a buffer's version (a CWPS parent's window) is redone
-            torch.autograd.graph.increment_version(buf)
+            # so what is kept for a tensor's version (a CWPS parent's window, a composed
+            # weight) is redone
+            torch.autograd.graph.increment_version(t)
 
 
 def check_same_weights(model: nn.Module, what: str) -> None:

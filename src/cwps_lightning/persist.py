@@ -29,6 +29,12 @@ NON_RESULT_KEYS = ("paths", "hydra", "logger")
 NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 
 
+#: keys added after runs were made, at the value that computes what those runs computed: left
+#: out of the hash at that value, so such a run's store still resumes (and its fit
+#: checkpoints, whose folder is named by the hash, are still found)
+ADDED_KEYS_AT_OLD_VALUE = {("cwps", "compose"): "forward"}
+
+
 def result_config(cfg: DictConfig) -> dict:
     """The part of the config that decides the results (what a resumed run must share)."""
     plain = OmegaConf.to_container(cfg, resolve=False)
@@ -36,6 +42,9 @@ def result_config(cfg: DictConfig) -> dict:
         plain.pop(key, None)
     for key in NON_RESULT_TRAINER_KEYS:
         plain.get("trainer", {}).pop(key, None)
+    for (section, key), old in ADDED_KEYS_AT_OLD_VALUE.items():
+        if plain.get(section, {}).get(key, old) == old:
+            plain.get(section, {}).pop(key, None)
     return plain
 
 

@@ -302,20 +302,85 @@ def test_refusals():
         StepComposeSGD(a.parameters(), lr=0.1, momentum=-1.0, model=a)
 
 
-def test_composed_weight_refuses_a_change_before_the_step():
-    a = make_net()
-    use_step_compose(a)
-    opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
+def test_a_stage_switch_inside_an_accumulation_folds_the_gradient():
+    """soft backward, hard backward, one step (Lightning's accumulate_grad_batches with the
+    switch inside the window): the soft gradient goes to the child and the scores under the
+    soft mask, as the forward compose sums the two; release_composed folds likewise."""
+    a, opt_a, b, opt_b = pair()
     x, y = batch()
-    set_stage(a, "soft")
-    F.cross_entropy(a(x), y).backward()
+    x2, y2 = batch(seed=3)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        F.cross_entropy(net(x), y).backward()
+        set_stage(net, "hard")
+        F.cross_entropy(net(x2), y2).backward()
+        opt.step()
+    assert_same_params(a, b)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        if net is b:
+            assert release_composed(b) == 4  # the pending gradient: the children's now
+            assert all(layer.weight.grad is not None for _, layer in cwps_layers(b))
+        opt.step()
+    assert_same_params(a, b)
+
+
+def test_a_layer_that_did_not_run_is_stepped_as_torch_steps_it():
+    """A layer the forward skipped: with a gradient of its own on the scores (a penalty) it is
+    stepped (held in the hard stage) and composed again; after zero_grad(set_to_none=False)
+    its zero gradient is stepped too (weight decay, momentum), as torch's SGD does."""
+    for set_to_none in (True, False):
+        a, opt_a, b, opt_b = pair(mask_lr=20.0)
+        x, y = batch()
+        for step in range(4):
+            for net, opt in ((a, opt_a), (b, opt_b)):
+                set_stage(net, "soft" if step < 2 else "hard")
+                opt.zero_grad(set_to_none=set_to_none)
+                if step % 2 == 0:
+                    loss = F.cross_entropy(net(x), y)
+                else:  # net[7] (a CWPS Linear) takes no part; a penalty on its scores
+                    h = net[:7](x)
+                    with torch.no_grad():
+                        h = net[7](h)
+                    loss = net[8](h).square().mean() + net[7].mask_logits.sigmoid().sum()
+                loss.backward()
+                opt.step()
+            assert_same_params(a, b)
+        with torch.no_grad():  # the skipped layer's kept weight is the stepped one
+            torch.testing.assert_close(b(x), a(x), atol=1e-5, rtol=1e-5)
+
+
+def test_first_forward_under_inference_mode():
+    """An evaluation first (trainer.test before a fit, or after release_composed) composes
+    into an ordinary tensor, so the versions the next forwards compare are there."""
+    a = make_net()
+    b = copy.deepcopy(a)
+    use_step_compose(b)
     set_stage(a, "hard")
-    with pytest.raises(RuntimeError, match="between a backward and the optimiser step"):
-        a(x)
-    with pytest.raises(RuntimeError, match="not stepped"):
-        release_composed(a)
-    opt.zero_grad()
-    a(x)  # zeroed: composes again
+    set_stage(b, "hard")
+    x, _ = batch()
+    for _ in range(2):
+        with torch.inference_mode():
+            out = b(x)
+        torch.testing.assert_close(out, a(x).detach())
+        assert not b[0].composed_weight.is_inference()
+        release_composed(b)
+
+
+def test_a_momentum_buffer_of_another_layout_is_taken_in_the_childs():
+    """model.to(channels_last) after some steps: the buffers made before follow the children's
+    new layout (rows read alike), as torch's SGD applies them element by element."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    train(a, opt_a, ["soft", "soft"], x, y)
+    train(b, opt_b, ["soft", "soft"], x, y)
+    a.to(memory_format=torch.channels_last)
+    b.to(memory_format=torch.channels_last)
+    train(a, opt_a, ["soft", "hard", "hard"], x, y)
+    train(b, opt_b, ["soft", "hard", "hard"], x, y)
+    assert_same_params(a, b)
 
 
 def test_under_torch_compile_and_refuses_transformed_layers():

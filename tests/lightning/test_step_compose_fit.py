@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from cwps_lightning.callbacks import MaskStageCallback
-from cwps_lightning.cwps import cwps_layers, use_step_compose
+from cwps_lightning.cwps import cwps_layers, release_composed, use_step_compose
 from cwps_lightning.cwps.step_compose import StepComposeSGD
 from cwps_lightning.methods.base import OptimizerPlan
 from cwps_lightning.models import CWPSLitModule, select_trainable
@@ -20,8 +20,8 @@ from cwps_lightning.settings import CWPSSettings
 from .test_module_and_callbacks import injected, loader
 
 
-def mask_fit(net, names, epochs=2, soft_epochs=0.75, **trainer_args):
-    select_trainable(net, "cwps", names)
+def mask_fit(net, names, epochs=2, soft_epochs=0.75, mode="cwps", **trainer_args):
+    select_trainable(net, mode, names)
     module = CWPSLitModule(net, num_classes=3, lr=0.1, mask_lr=20.0, weight_decay=0.01,
                            **trainer_args.pop("module", {}))
     trainer = L.Trainer(max_epochs=epochs, callbacks=[MaskStageCallback(soft_epochs)],
@@ -51,6 +51,58 @@ def test_a_step_compose_fit_trains_as_the_forward_compose_fit():
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
     # 8 steps of a mask lr of 20 move decisions: the hard stage's freeze had work to do
     assert any(not all(d) and any(d) for layer in decisions[0] for d in [layer])
+
+
+def scored_pair():
+    torch.manual_seed(0)
+    net, names = injected()
+    with torch.no_grad():
+        for _, layer in cwps_layers(net):
+            layer.mask_logits.normal_(0.0, 1.0)
+    step = copy.deepcopy(net)
+    use_step_compose(step)
+    return net, step, names
+
+
+def assert_same(net, step):
+    for (name, a), b in zip(net.named_parameters(), step.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gradients_accumulated_over_the_soft_to_hard_switch():
+    """accumulate_grad_batches=3 with the switch at the third batch (soft_epochs 0.5 of 4
+    batches): the soft batches' gradient reaches the child and the scores under the soft mask,
+    as the forward mode sums it."""
+    net, step, names = scored_pair()
+    for model in (net, step):
+        mask_fit(model, names, epochs=2, soft_epochs=0.5, accumulate_grad_batches=3)
+    assert_same(net, step)
+
+
+def test_a_fit_that_trains_no_step_layer_steps_as_the_forward_mode():
+    """The frozen mode (normalisation layers and head only) on a step-compose model: torch's
+    SGD, as in the forward mode, and the same weights."""
+    net, step, names = scored_pair()
+    for model in (net, step):
+        trainer = mask_fit(model, names, epochs=1, mode="frozen")
+        assert type(trainer.optimizers[0]) is not StepComposeSGD
+    assert_same(net, step)
+
+
+def test_a_test_run_after_release_composes_again():
+    """trainer.test (inference_mode) on a step-compose model whose composed weights were
+    released: the same accuracy as the forward mode."""
+    net, step, names = scored_pair()
+    release_composed(step)
+    results = []
+    for model in (net, step):
+        mask_fit(model, names, epochs=1)
+        release_composed(model)
+        trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        results.append(trainer.test(CWPSLitModule(model, num_classes=3), loader(16),
+                                    verbose=False)[0]["test/loss"])
+    assert results[1] == pytest.approx(results[0], rel=1e-4)
 
 
 @pytest.mark.parametrize("trainer_args, message", [

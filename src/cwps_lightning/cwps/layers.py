@@ -307,6 +307,10 @@ class _LinearOp:
 _LINEAR_OP = _LinearOp()
 
 
+def _add_grad(p: Tensor, g: Tensor) -> None:
+    p.grad = g if p.grad is None else p.grad + g
+
+
 class CWPSMixin:
     """State and behaviour shared by CWPSConv2d and CWPSLinear.
 
@@ -502,29 +506,72 @@ class CWPSMixin:
     @torch.no_grad()
     def recompose(self) -> None:
         """Write the kept composed weight (and bias) from the child, the parent and the
-        stage's mask as they are: parent + m * (child - parent), the forward compose's values."""
+        stage's mask as they are: parent + m * (child - parent), the forward compose's values.
+        A gradient of the old composed weight that no step has taken yet (a stage switch
+        inside an accumulation of gradients) goes to the child and the scores first
+        (fold_step_gradient)."""
         self._check_parent_set()
-        leaves = self.__dict__.get("_step_leaves")
-        if leaves is not None and any(t is not None and t.grad is not None for t in leaves):
-            raise RuntimeError(
-                f"{type(self).__name__}: its child, mask scores, parent, stage or threshold "
-                "changed between a backward and the optimiser step (the gradient of the "
-                "composed weight would be stepped against other weights); step or zero_grad "
-                "with the StepComposeSGD first")
-        self.__dict__["_step_leaves"] = None
+        self.fold_step_gradient()
         if self.composed_weight is None:  # (in the child's memory format)
-            self.composed_weight = torch.empty_like(self.weight.detach())
-            if self.bias is not None:
-                self.composed_bias = torch.empty_like(self.bias.detach())
-        m = self.mask()
-        if m.dtype != self.parent_weight.dtype:
-            m = m.to(self.parent_weight.dtype)
+            # an ordinary tensor even when the first forward runs under inference_mode (an
+            # inference tensor counts no versions, which _step_inputs reads)
+            with torch.inference_mode(False):
+                self.composed_weight = torch.empty_like(self.weight.detach())
+                if self.bias is not None:
+                    self.composed_bias = torch.empty_like(self.bias.detach())
+        # the stage the kept weight is composed in: with the scores it was composed from
+        # (the step writes both), what a gradient of it was taken under (fold_step_gradient)
+        self.__dict__["_step_stage"] = (self.stage, self.threshold)
+        m = self._step_mask()[0]
         torch.lerp(self.parent_weight, self.weight,
                    m.view(-1, *([1] * (self.weight.dim() - 1))), out=self.composed_weight)
         if self.bias is not None:
             torch.lerp(self.parent_bias, self.bias, m, out=self.composed_bias)
         self.__dict__["_step_key"] = self._step_inputs()
 
+    def _step_mask(self) -> tuple[Tensor, Tensor]:
+        """The mask (in the parent's dtype) and its slope of the kept weight's stage and the
+        scores as they are."""
+        stage, threshold = self.__dict__["_step_stage"]
+        logits, hard = self.mask_logits.detach(), stage == "hard"
+        if stage == "finetune":
+            m, slope = torch.ones_like(logits), torch.zeros_like(logits)
+        else:
+            m, sig = _stage_mask(logits, hard, threshold)
+            slope = mask_slope(sig, hard, self.mask_grad)
+        return m.to(self.parent_weight.dtype), slope
+
+    @torch.no_grad()
+    def fold_step_gradient(self) -> None:
+        """Move a gradient of the kept composed weight that no step has taken yet to the
+        child's and the scores' own ``.grad`` (added), as the forward compose gives them under
+        the mask it was taken with: dL/dchild = m dL/dw, dL/ds = slope <dL/dw, child - parent>;
+        the leaves go. StepComposeSGD steps such gradients with the rest."""
+        leaves = self.__dict__.get("_step_leaves")
+        self.__dict__["_step_leaves"] = None
+        if leaves is None or leaves[0].grad is None and (
+                leaves[1] is None or leaves[1].grad is None):
+            return
+        m, slope = self._step_mask()
+        parts = [(leaves[0].grad, self.weight, self.parent_weight)]
+        if self.bias is not None and leaves[1] is not None:
+            parts.append((leaves[1].grad, self.bias, self.parent_bias))
+        dm = None
+        for g, child, parent in parts:
+            if g is None:
+                continue
+            mv = m.view(-1, *([1] * (g.dim() - 1)))
+            if child.requires_grad:
+                _add_grad(child, g * mv)
+            if self.mask_logits.requires_grad:
+                term = g * (child.detach() - parent)
+                if term.dim() > 1:  # (a bias is a term per channel already)
+                    term = term.sum(dim=tuple(range(1, term.dim())))
+                dm = term if dm is None else dm + term
+        if dm is not None:
+            _add_grad(self.mask_logits, (dm * slope).to(self.mask_logits.dtype))
+
+    @torch.compiler.disable  # (traced, its version reads would recompile the model each step)
     def _step_weights(self) -> tuple[Tensor, Tensor | None]:
         """The kept composed weight and bias for a forward of the soft / hard stage: while
         autograd records, leaf tensors over them (one pair until the optimiser step, so a
@@ -621,6 +668,7 @@ class CWPSMixin:
         # a copy composes anew at its first forward and has no gradient to step
         state.pop("_step_leaves", None)
         state.pop("_step_key", None)
+        state.pop("_step_stage", None)
         # a layer copied on its own leaves its ComposeGroup behind; a copy of the whole model
         # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
         state.pop("_compose_group", None)

@@ -21,7 +21,11 @@ These are the numbers of the forward mode followed by SGD, to rounding (the comp
 sums and fuses in its own order). In the hard stage the shared channels' child rows stand
 still and their momentum rows are zeroed, which is what cwps.freeze.SharedChannelFreeze gives
 the forward mode (it holds the rows and zeroes the momentum when a channel turns specific
-again: the weights are the same). Parameters of layers in the finetune stage, of layers in the
+again: the weights are the same; only a return from the hard stage to the soft one differs,
+where the forward mode applies the momentum the shared rows kept). A layer takes part in a
+step as torch's SGD would step its tensors: when it ran, when they have a gradient of their
+own (a penalty; a gradient folded by CWPSMixin.fold_step_gradient when the kept weight had to
+change before the step), or with kept zeros after ``zero_grad(set_to_none=False)``. Parameters of layers in the finetune stage, of layers in the
 forward mode and of everything else (normalisation layers, heads) are stepped by an inner SGD
 over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
 optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
@@ -32,11 +36,11 @@ torch.jit.trace. Under torch.distributed it needs ``process_group`` (the DDP mod
 averages the composed weights' gradients over the ranks in one all-reduce, as DDP averages the
 other gradients; the DDP model must leave the children, scores and composed weights alone
 (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: they get no
-gradient in the backward, which DDP would wait for). Under torch.compile each such layer is a graph break (the leaf its gradient goes to)
+gradient in the backward, which DDP would wait for), and since DDP then does not broadcast them
+at the wrap either, give every rank rank 0's values first (the Lightning module does). Under torch.compile each such layer is a graph break (the leaf its gradient goes to)
 and runs eagerly: the numbers are the same, the compiler's gain is lost there. Zero the
 gradients with the optimiser's ``zero_grad`` (``model.zero_grad()`` does not reach the
-composed weights' gradients); a step drops them too. A change to a layer's child, scores,
-parent, stage or threshold between a backward and the step is refused at the next forward.
+composed weights' gradients); a step drops them too.
 
 What it buys is measured by ``benchmarks/layer_overhead.py`` (variants ``cwps-step-soft`` and
 ``cwps-step-hard``): the step's passes over the weights cost about the same at every input
@@ -77,7 +81,7 @@ def use_step_compose(model: nn.Module) -> int:
     for _, layer in layers:
         if layer.compose == "step":
             continue
-        # allocated at the first forward of the soft / hard stage (LayerMixin.recompose)
+        # allocated at the first forward of the soft / hard stage (CWPSMixin.recompose)
         layer.register_buffer("composed_weight", None, persistent=False)
         layer.register_buffer("composed_bias", None, persistent=False)
         layer.__dict__["_compose"] = "step"
@@ -87,16 +91,14 @@ def use_step_compose(model: nn.Module) -> int:
 
 def release_composed(model: nn.Module) -> int:
     """Free the composed weights the step-compose layers of ``model`` keep (the next forward
-    of a soft / hard stage composes them again): memory back for evaluation or a merge.
-    Refused while a composed weight has a gradient the optimiser has not stepped."""
+    of a soft / hard stage composes them again): memory back for evaluation or a merge. A
+    gradient of theirs that no step has taken yet goes to the children and the scores first
+    (CWPSMixin.fold_step_gradient)."""
     n = 0
     for _, layer in cwps_layers(model):
         if layer.compose != "step" or layer.composed_weight is None:
             continue
-        leaves = layer.__dict__.get("_step_leaves") or ()
-        if any(leaf is not None and leaf.grad is not None for leaf in leaves):
-            raise RuntimeError("release_composed: a composed weight has a gradient the "
-                               "optimiser has not stepped (step or zero_grad first)")
+        layer.fold_step_gradient()
         layer.composed_weight = None
         layer.composed_bias = None
         layer.__dict__["_step_key"] = None
@@ -111,9 +113,11 @@ def use_forward_compose(model: nn.Module) -> int:
     for _, layer in cwps_layers(model):
         if layer.compose != "step":
             continue
+        if layer.composed_weight is not None:  # (a pending gradient: the children's now)
+            layer.fold_step_gradient()
         for name in ("composed_weight", "composed_bias"):
             del layer._buffers[name]
-        for key in ("_compose", "_step_key", "_step_leaves"):
+        for key in ("_compose", "_step_key", "_step_leaves", "_step_stage"):
             layer.__dict__.pop(key, None)
         n += 1
     return n
@@ -125,6 +129,13 @@ def _rows(t: Tensor) -> Tensor:
         raise ValueError(f"compose='step' needs each channel's values dense in memory, got "
                          f"shape {tuple(t.shape)} strides {t.stride()}")
     return rows
+
+
+def _like(p: Tensor, t: Tensor) -> Tensor:
+    """``t`` laid out as ``p`` (itself where it is): compose_step reads both as [C, K] rows."""
+    if t.stride() == p.stride():
+        return t
+    return torch.empty_like(p.detach()).copy_(t)
 
 
 def _sgd(p: Tensor, d: Tensor, mom: Tensor | None, lr: Tensor, momentum: float,
@@ -217,6 +228,8 @@ class StepComposeSGD(torch.optim.Optimizer):
         self._step = torch.compile(compose_step) if compiled else compose_step
         self.process_group = process_group
         self._lrs: dict = {}
+        self._zeros_kept = False  # the last zero_grad's set_to_none=False (_steps_now)
+        self._stepped_before: set[int] = set()
 
     @staticmethod
     def _trained(layer) -> list[Tensor]:
@@ -229,6 +242,7 @@ class StepComposeSGD(torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
+        self._zeros_kept = not set_to_none
         # the leaves stay: a forward may have run already (Lightning zeroes between its
         # forward and its backward), and its backward writes into them
         for layer in self.layers:
@@ -253,7 +267,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         if extra is not None:
             grads.append((p, extra))
             p.grad = None  # the inner SGD must not step it as well
-            extra = shape(extra)
+            extra = shape(_like(p, extra))
         mom = None
         if group["momentum"]:
             if grads is None:
@@ -262,7 +276,8 @@ class StepComposeSGD(torch.optim.Optimizer):
                 state = self.state[p]
                 if state.get("momentum_buffer") is None:  # zeros + d: SGD's first buffer, d
                     state["momentum_buffer"] = torch.zeros_like(p.detach())
-                mom = state["momentum_buffer"]
+                # (a buffer from before a change of memory format: its rows in p's order)
+                mom = state["momentum_buffer"] = _like(p, state["momentum_buffer"])
             mom = shape(mom)
         lr = self._lr_tensor(0.0 if grads is None else float(group["lr"]), p)
         return mom, extra, lr, float(group["momentum"]), float(group["weight_decay"])
@@ -290,35 +305,48 @@ class StepComposeSGD(torch.optim.Optimizer):
                                    "train it with torch's SGD and SharedChannelFreeze instead")
             if layer.stage == "finetune":  # the child has its own gradient, the inner SGD's
                 continue
-            leaves = layer.__dict__.get("_step_leaves")
-            if taken is not None and (leaves is None or leaves[0].grad is None):
-                continue  # not run since the last step
-            if taken is None and layer.composed_weight is None:
-                layer.recompose()
+            leaves = layer.__dict__.get("_step_leaves") or (None, None)
+            ran = [leaf is not None and leaf.grad is not None for leaf in leaves]
+            if taken is not None and not self._takes_part(layer, any(ran)):
+                continue  # not run since the last step, nothing of its own: SGD skips it too
+            if layer.composed_weight is None or (
+                    layer.__dict__.get("_step_key") != layer._step_inputs()):
+                layer.recompose()  # (its gradient, if any, is the child's and scores' now)
+                leaves = (None, None)
             parts = []
             for i, kind in enumerate(("weight", "bias")):
                 child = getattr(layer, kind)
                 if child is None:
                     continue
                 w = getattr(layer, f"composed_{kind}")
-                g = None if taken is None else leaves[i].grad
+                g = None if taken is None or leaves[i] is None else leaves[i].grad
                 g = torch.zeros_like(w) if g is None else g
                 tensors = (g, child.detach(), getattr(layer, f"parent_{kind}"), w)
                 if len({t.stride() for t in tensors}) > 1:
                     raise ValueError(f"compose='step': the {kind} tensors of a "
                                      f"{type(layer).__name__} are not laid out alike (move the "
                                      "model with .to(memory_format=), then step)")
-                parts.append((*(_rows(t) for t in tensors), self._hyper(child, taken)))
-            items.append((layer.mask_logits.detach(), layer.stage == "hard", layer.threshold,
-                          layer.mask_grad, self._hyper(layer.mask_logits, taken, rows=False), parts))
+                steps = taken is None or self._takes_part(layer, ran[i], child)
+                parts.append((*(_rows(t) for t in tensors),
+                              self._hyper(child, taken) if steps else None))
+            scores = layer.mask_logits
+            steps = taken is None or self._takes_part(layer, any(ran), scores)
+            items.append((scores.detach(), layer.stage == "hard", layer.threshold,
+                          layer.mask_grad,
+                          self._hyper(scores, taken, rows=False) if steps else None, parts))
             stepped.append(layer)
         return items, stepped
 
-    def _average(self, layers: list, ranks: int) -> None:
-        """Average the composed weights' gradients over the ranks in one all-reduce (every
-        rank steps the same layers: the same model on every rank runs the same layers)."""
-        grads = [leaf.grad for layer in layers
-                 for leaf in layer.__dict__["_step_leaves"] if leaf is not None]
+    def _average(self, ranks: int) -> None:
+        """Average over the ranks, in one all-reduce, every gradient of these layers that DDP
+        does not see: the composed weights', and the children's and scores' own (a finetune
+        stage's, a penalty's). The same model on every rank runs the same layers, so every
+        rank holds the same list."""
+        grads = []
+        for layer in self.layers:
+            leaves = layer.__dict__.get("_step_leaves") or ()
+            grads += [leaf.grad for leaf in leaves if leaf is not None and leaf.grad is not None]
+            grads += [p.grad for p in self._trained(layer) if p.grad is not None]
         if not grads:
             return
         flat = torch.cat([g.reshape(-1) for g in grads])
@@ -326,6 +354,16 @@ class StepComposeSGD(torch.optim.Optimizer):
         flat.div_(ranks)
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view(g.shape))  # (reshape(-1) flattened in logical order)
+
+    def _takes_part(self, layer, ran: bool, p: Tensor | None = None) -> bool:
+        """Whether ``p`` (any of ``layer``'s trained tensors where None) is stepped now, as
+        torch's SGD would step it: ``ran`` (the composed weight has a gradient from it), or it
+        has a gradient of its own (a penalty, a folded gradient), or the last zero_grad kept
+        zeros and the layer has been stepped before (SGD steps a zero gradient: decay and
+        momentum)."""
+        if ran or self._zeros_kept and id(layer) in self._stepped_before:
+            return True
+        return any(q.grad is not None for q in ([p] if p is not None else self._trained(layer)))
 
     @torch.no_grad()
     def precompile(self) -> None:
@@ -352,11 +390,11 @@ class StepComposeSGD(torch.optim.Optimizer):
             raise RuntimeError("StepComposeSGD under torch.distributed: pass process_group (the "
                                "DDP model's) so the composed weights' gradients are averaged "
                                "over the ranks as DDP averages the others")
+        if ranks > 1:
+            self._average(ranks)
         taken: list[tuple[Tensor, Tensor]] = []
         try:
             items, stepped = self._items(taken)
-            if ranks > 1:
-                self._average(stepped, ranks)
             for group, inner in zip(self.param_groups, self._rest.param_groups, strict=True):
                 for key in ("lr", "momentum", "weight_decay"):
                     inner[key] = group[key]
@@ -369,4 +407,5 @@ class StepComposeSGD(torch.optim.Optimizer):
         for layer in stepped:
             layer.__dict__["_step_leaves"] = None
             layer.__dict__["_step_key"] = layer._step_inputs()
+            self._stepped_before.add(id(layer))
         return loss

@@ -257,8 +257,13 @@ class CWPSLitModule(L.LightningModule):
             process_group=group)
 
     def step_composed(self) -> bool:
-        """Whether this module's CWPS layers compose at the step (cwps/step_compose.py)."""
-        return any(layer.compose == "step" for _, layer in cwps_layers(self.model))
+        """Whether this module trains CWPS layers that compose at the step
+        (cwps/step_compose.py): a fit that trains none of them (the frozen mode) steps as
+        the forward mode's does."""
+        return any(layer.compose == "step" and any(
+            p is not None and p.requires_grad for p in (layer.weight, layer.bias,
+                                                       layer.mask_logits))
+            for _, layer in cwps_layers(self.model))
 
     def setup(self, stage: str) -> None:
         # a fit starts without a freeze (configure_optimizers makes this fit's); a module fitted
@@ -274,6 +279,11 @@ class CWPSLitModule(L.LightningModule):
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
                 self, self.parent_buffer_names() + self.step_composed_names())
             distributed.sync_buffers(self.model)
+            # what DDP leaves alone it does not broadcast at the wrap either: rank 0's children
+            # and scores for every rank (equal already after the job's warm-up and CPMS)
+            distributed.sync_tensors(
+                p for _, layer in cwps_layers(self.model) if layer.compose == "step"
+                for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the freeze's decisions of the last step: a channel that turns task-specific at the
