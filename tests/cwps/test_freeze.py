@@ -549,3 +549,19 @@ def test_freeze_state_names_its_parameters_and_is_checked_whole():
     assert fresh._steps[fresh_opt].last == {}  # nothing set by a refused state
     fresh.load_state_dict(fresh_opt, state)
     assert fresh.state_dict(fresh_opt).keys() == state.keys()
+
+
+def test_shared_bias_rows_stand_still_when_only_the_bias_trains():
+    """A layer whose child kernel is frozen and whose bias trains: the shared channels' bias
+    rows are held too (the layer is not skipped for its frozen weight)."""
+    net, opt = setup("hard", train_masks=False)  # decisions fixed
+    for layer in (net[0], net[3]):
+        layer.weight.requires_grad_(False)
+    shared = {id(layer): ~layer.task_specific() for layer in (net[0], net[3])}
+    before = {id(layer): layer.bias.detach().clone() for layer in (net[0], net[3])}
+    SharedChannelFreeze(net).attach(opt)
+    steps(net, opt)
+    for layer in (net[0], net[3]):
+        rows, old = shared[id(layer)], before[id(layer)]
+        assert rows.any() and torch.equal(layer.bias.detach()[rows], old[rows])
+        assert not torch.equal(layer.bias.detach()[~rows], old[~rows])

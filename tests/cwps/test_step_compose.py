@@ -419,3 +419,72 @@ def test_refuses_ddp(monkeypatch):
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(RuntimeError, match="pass process_group"):
         opt.step()
+
+
+def test_a_pending_gradient_is_refused_against_other_weights():
+    """An edit of the scores, the child or the parent between a backward and the step would
+    fold the composed weight's gradient against weights it was not taken under: refused (a
+    stage or threshold change folds: the accumulation test above)."""
+    x, y = batch()
+    for edit in (lambda layer: layer.mask_logits.add_(1.0),
+                 lambda layer: layer.weight.mul_(1.5),
+                 lambda layer: layer.set_parent(torch.zeros_like(layer.parent_weight),
+                                                torch.zeros_like(layer.parent_bias))):
+        a = make_net()
+        use_step_compose(a)
+        opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
+        set_stage(a, "soft")
+        F.cross_entropy(a(x), y).backward()
+        with torch.no_grad():
+            edit(a[0])
+        with pytest.raises(RuntimeError, match="changed between a backward and the optimiser"):
+            opt.step()
+
+
+def test_a_fold_under_inference_mode_makes_ordinary_gradients():
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        F.cross_entropy(net(x), y).backward()
+        set_stage(net, "hard")
+        with torch.inference_mode():
+            net(x)  # (an evaluation: b folds its pending soft gradient here)
+        assert not any(p.grad is not None and p.grad.is_inference() for p in net.parameters())
+        F.cross_entropy(net(x), y).backward()  # adds to the folded gradients
+        opt.step()
+    assert_same_params(a, b)
+
+
+def test_a_switch_to_finetune_before_the_step_keeps_the_gradient():
+    """soft backward, then finetune (the plain child) before the step: the soft gradient is
+    the child's and the scores', stepped by the inner SGD, as in the forward mode."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        F.cross_entropy(net(x), y).backward()
+        set_stage(net, "finetune")
+        opt.step()
+    assert_same_params(a, b)
+
+
+def test_zero_gradients_kept_step_only_what_was_stepped_before():
+    """zero_grad(set_to_none=False): torch's SGD steps a zero gradient only for a tensor that
+    had one. A layer that never ran, stepped once through a penalty on its scores, keeps its
+    child where it was."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        set_stage(net, "soft")
+        for _ in range(3):
+            opt.zero_grad(set_to_none=False)
+            h = net[:7](x)
+            with torch.no_grad():
+                h = net[7](h)  # never part of the graph
+            (net[8](h).square().mean() + net[7].mask_logits.sigmoid().sum()).backward()
+            opt.step()
+    assert_same_params(a, b)
+    assert torch.equal(b[7].weight, make_net()[7].weight)  # the child never stepped

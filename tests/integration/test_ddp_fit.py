@@ -92,3 +92,33 @@ def test_a_step_compose_fit_under_ddp_trains_as_the_forward_compose_fit(tmp_path
     # some layer shares channels and keeps others: both branches of the step ran
     scores = [k for k in forward if k.endswith("mask_logits")]
     assert scores and any(((forward[k] > 0).any() and (forward[k] <= 0).any()) for k in scores)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("scenario", ["skip", "penalty"])
+def test_step_compose_ranks_whose_gradients_differ_in_kind_agree(tmp_path, scenario):
+    """A layer that one rank leaves out, a penalty one rank alone has: the ranks agree on which
+    gradients exist before they average (a rank that lacks one adds a zero), so the
+    all-reduce neither fails nor mixes tensors up, and both ranks end where a one-process
+    replay of the two ranks' mean loss ends."""
+    import socket
+
+    from .step_compose_ranks_script import loss_of, model, optimizer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    script = Path(__file__).with_name("step_compose_ranks_script.py")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path), scenario, port],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    net = model()
+    opt = optimizer(net)
+    opt.zero_grad()
+    for rank in range(2):
+        (loss_of(net, rank, scenario) / 2).backward()
+    opt.step()
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(ranks[0][name], ranks[1][name], rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6, msg=name)

@@ -202,8 +202,8 @@ class SharedChannelFreeze:
     @torch.no_grad()
     def _copy_out(self, optimizer, steps: _Steps) -> None:
         mine = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        layers = [layer for layer in self.layers
-                  if layer.stage == "hard" and layer.weight.requires_grad]
+        layers = [layer for layer in self.layers if layer.stage == "hard" and (
+            layer.weight.requires_grad or layer.bias is not None and layer.bias.requires_grad)]
         # the masks of this step's forward (the logits move in this step)
         per_layer, flat = _shared_channels(layers)
         # the decisions rarely change: one comparison for all layers (one device sync on a

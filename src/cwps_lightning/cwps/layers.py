@@ -548,10 +548,25 @@ class CWPSMixin:
         the mask it was taken with: dL/dchild = m dL/dw, dL/ds = slope <dL/dw, child - parent>;
         the leaves go. StepComposeSGD steps such gradients with the rest."""
         leaves = self.__dict__.get("_step_leaves")
-        self.__dict__["_step_leaves"] = None
         if leaves is None or leaves[0].grad is None and (
                 leaves[1] is None or leaves[1].grad is None):
+            self.__dict__["_step_leaves"] = None
             return
+        # the gradient was taken under the child, scores and parent the kept weight was
+        # composed from: only the stage and the threshold may have changed since (they are
+        # kept apart, _step_stage); anything else would fold it against other weights
+        kept, now = self.__dict__.get("_step_key"), self._step_inputs()
+        if kept is not None and kept[2:] != now[2:]:
+            raise RuntimeError(
+                f"{type(self).__name__}: its child, mask scores, parent or composed weight "
+                "changed between a backward and the optimiser step (the composed weight's "
+                "gradient would be taken against other weights); step or zero_grad first")
+        self.__dict__["_step_leaves"] = None
+        # (.grad made here is an ordinary tensor even under inference_mode)
+        with torch.inference_mode(False):
+            self._fold(leaves)
+
+    def _fold(self, leaves) -> None:
         m, slope = self._step_mask()
         parts = [(leaves[0].grad, self.weight, self.parent_weight)]
         if self.bias is not None and leaves[1] is not None:

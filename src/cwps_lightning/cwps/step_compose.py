@@ -33,8 +33,9 @@ optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum
 Limits, each refused with an error where it would apply: SGD without dampening or nesterov;
 the stock CWPSConv2d / CWPSLinear (not the transformed timm layers); not under
 torch.jit.trace. Under torch.distributed it needs ``process_group`` (the DDP model's): the step
-averages the composed weights' gradients over the ranks in one all-reduce, as DDP averages the
-other gradients; the DDP model must leave the children, scores and composed weights alone
+averages the composed weights' gradients (and the children's and scores' own) over the ranks in
+one all-reduce, as DDP averages the other gradients, after a small one in which the ranks
+agree on which gradients exist (one a rank lacks is a zero there); the DDP model must leave the children, scores and composed weights alone
 (``DistributedDataParallel._set_params_and_buffers_to_ignore_for_model``: they get no
 gradient in the backward, which DDP would wait for), and since DDP then does not broadcast them
 at the wrap either, give every rank rank 0's values first (the Lightning module does). Under torch.compile each such layer is a graph break (the leaf its gradient goes to)
@@ -279,6 +280,8 @@ class StepComposeSGD(torch.optim.Optimizer):
                 # (a buffer from before a change of memory format: its rows in p's order)
                 mom = state["momentum_buffer"] = _like(p, state["momentum_buffer"])
             mom = shape(mom)
+        if grads is not None:
+            self._stepped_before.add(id(p))
         lr = self._lr_tensor(0.0 if grads is None else float(group["lr"]), p)
         return mom, extra, lr, float(group["momentum"]), float(group["weight_decay"])
 
@@ -304,10 +307,12 @@ class StepComposeSGD(torch.optim.Optimizer):
                                    "composes in the forward again (use_forward_compose): "
                                    "train it with torch's SGD and SharedChannelFreeze instead")
             if layer.stage == "finetune":  # the child has its own gradient, the inner SGD's
+                layer.fold_step_gradient()  # (and so has a soft / hard one not stepped yet)
                 continue
             leaves = layer.__dict__.get("_step_leaves") or (None, None)
             ran = [leaf is not None and leaf.grad is not None for leaf in leaves]
-            if taken is not None and not self._takes_part(layer, any(ran)):
+            if taken is not None and not any(
+                    self._takes_part(any(ran), q) for q in self._trained(layer)):
                 continue  # not run since the last step, nothing of its own: SGD skips it too
             if layer.composed_weight is None or (
                     layer.__dict__.get("_step_key") != layer._step_inputs()):
@@ -326,11 +331,11 @@ class StepComposeSGD(torch.optim.Optimizer):
                     raise ValueError(f"compose='step': the {kind} tensors of a "
                                      f"{type(layer).__name__} are not laid out alike (move the "
                                      "model with .to(memory_format=), then step)")
-                steps = taken is None or self._takes_part(layer, ran[i], child)
+                steps = taken is None or self._takes_part(ran[i], child)
                 parts.append((*(_rows(t) for t in tensors),
                               self._hyper(child, taken) if steps else None))
             scores = layer.mask_logits
-            steps = taken is None or self._takes_part(layer, any(ran), scores)
+            steps = taken is None or self._takes_part(any(ran), scores)
             items.append((scores.detach(), layer.stage == "hard", layer.threshold,
                           layer.mask_grad,
                           self._hyper(scores, taken, rows=False) if steps else None, parts))
@@ -340,30 +345,67 @@ class StepComposeSGD(torch.optim.Optimizer):
     def _average(self, ranks: int) -> None:
         """Average over the ranks, in one all-reduce, every gradient of these layers that DDP
         does not see: the composed weights', and the children's and scores' own (a finetune
-        stage's, a penalty's). The same model on every rank runs the same layers, so every
-        rank holds the same list."""
-        grads = []
+        stage's, a penalty's). The ranks first agree on which exist (a small all-reduce): one
+        that a rank lacks (a layer it did not run, a penalty only it had) is a zero there,
+        as DDP reduces an unused parameter's gradient."""
+        slots = []  # (layer, index: 0/1 a leaf (weight/bias), 2.. its trained tensors)
         for layer in self.layers:
-            leaves = layer.__dict__.get("_step_leaves") or ()
-            grads += [leaf.grad for leaf in leaves if leaf is not None and leaf.grad is not None]
-            grads += [p.grad for p in self._trained(layer) if p.grad is not None]
-        if not grads:
+            leaves = layer.__dict__.get("_step_leaves") or (None, None)
+            params = (layer.weight, layer.bias, layer.mask_logits)
+            slots += [(layer, i, leaves[i] is not None and leaves[i].grad is not None)
+                      for i in range(2) if params[i] is not None]
+            slots += [(layer, 2 + i, p.grad is not None) for i, p in enumerate(params)
+                      if p is not None]
+        if not slots:
             return
+        device = self.layers[0].weight.device
+        present = torch.tensor([float(has) for _, _, has in slots], device=device)
+        torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX,
+                                     group=self.process_group)
+        grads = []
+        for (layer, i, has), anywhere in zip(slots, present.tolist(), strict=True):
+            if not anywhere:
+                continue
+            grads.append(self._slot_grad(layer, i) if has else self._zero_slot(layer, i))
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat, group=self.process_group)
         flat.div_(ranks)
         for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
             g.copy_(part.view(g.shape))  # (reshape(-1) flattened in logical order)
 
-    def _takes_part(self, layer, ran: bool, p: Tensor | None = None) -> bool:
-        """Whether ``p`` (any of ``layer``'s trained tensors where None) is stepped now, as
-        torch's SGD would step it: ``ran`` (the composed weight has a gradient from it), or it
-        has a gradient of its own (a penalty, a folded gradient), or the last zero_grad kept
-        zeros and the layer has been stepped before (SGD steps a zero gradient: decay and
-        momentum)."""
-        if ran or self._zeros_kept and id(layer) in self._stepped_before:
-            return True
-        return any(q.grad is not None for q in ([p] if p is not None else self._trained(layer)))
+    @staticmethod
+    def _slot_grad(layer, i: int) -> Tensor:
+        if i < 2:
+            return layer.__dict__["_step_leaves"][i].grad
+        return (layer.weight, layer.bias, layer.mask_logits)[i - 2].grad
+
+    @staticmethod
+    def _zero_slot(layer, i: int) -> Tensor:
+        """A zero gradient in slot ``i`` of ``layer`` (its leaf made where it has none)."""
+        if i >= 2:
+            p = (layer.weight, layer.bias, layer.mask_logits)[i - 2]
+            p.grad = torch.zeros_like(p.detach())
+            return p.grad
+        if layer.__dict__.get("_step_key") != layer._step_inputs() or \
+                layer.composed_weight is None:
+            layer.recompose()
+        leaves = layer.__dict__.get("_step_leaves")
+        if leaves is None:
+            w, b = layer.composed_weight, layer.composed_bias
+            leaves = (w.detach().requires_grad_(),
+                      None if b is None else b.detach().requires_grad_())
+            layer.__dict__["_step_leaves"] = leaves
+        leaves[i].grad = torch.zeros_like(leaves[i].detach())
+        return leaves[i].grad
+
+    def _takes_part(self, ran: bool, p: Tensor) -> bool:
+        """Whether ``p`` (a child, bias or scores) is stepped now, as torch's SGD would step
+        it: ``ran`` (the composed weight has a gradient through it), or it has a gradient of
+        its own (a penalty, a folded gradient), or the last zero_grad kept zeros and ``p`` has
+        been stepped before (SGD steps a zero gradient: decay and momentum)."""
+        if not p.requires_grad:
+            return False
+        return ran or p.grad is not None or (self._zeros_kept and id(p) in self._stepped_before)
 
     @torch.no_grad()
     def precompile(self) -> None:
@@ -407,5 +449,4 @@ class StepComposeSGD(torch.optim.Optimizer):
         for layer in stepped:
             layer.__dict__["_step_leaves"] = None
             layer.__dict__["_step_key"] = layer._step_inputs()
-            self._stepped_before.add(id(layer))
         return loss
