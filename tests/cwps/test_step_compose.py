@@ -441,34 +441,35 @@ def test_a_pending_gradient_is_refused_against_other_weights():
             opt.step()
 
 
-def test_a_fold_under_inference_mode_makes_ordinary_gradients():
+def soft_backward_then(between) -> None:
+    """A soft backward, then ``between(net, x, y)`` before the step, in both modes; the same
+    weights after it."""
     a, opt_a, b, opt_b = pair()
     x, y = batch()
     for net, opt in ((a, opt_a), (b, opt_b)):
         opt.zero_grad()
         set_stage(net, "soft")
         F.cross_entropy(net(x), y).backward()
-        set_stage(net, "hard")
-        with torch.inference_mode():
-            net(x)  # (an evaluation: b folds its pending soft gradient here)
-        assert not any(p.grad is not None and p.grad.is_inference() for p in net.parameters())
-        F.cross_entropy(net(x), y).backward()  # adds to the folded gradients
+        between(net, x, y)
         opt.step()
     assert_same_params(a, b)
+
+
+def test_a_fold_under_inference_mode_makes_ordinary_gradients():
+    def evaluate_then_hard_backward(net, x, y):
+        set_stage(net, "hard")
+        with torch.inference_mode():
+            net(x)  # (an evaluation: the step mode folds its pending soft gradient here)
+        assert not any(p.grad is not None and p.grad.is_inference() for p in net.parameters())
+        F.cross_entropy(net(x), y).backward()  # adds to the folded gradients
+
+    soft_backward_then(evaluate_then_hard_backward)
 
 
 def test_a_switch_to_finetune_before_the_step_keeps_the_gradient():
-    """soft backward, then finetune (the plain child) before the step: the soft gradient is
-    the child's and the scores', stepped by the inner SGD, as in the forward mode."""
-    a, opt_a, b, opt_b = pair()
-    x, y = batch()
-    for net, opt in ((a, opt_a), (b, opt_b)):
-        opt.zero_grad()
-        set_stage(net, "soft")
-        F.cross_entropy(net(x), y).backward()
-        set_stage(net, "finetune")
-        opt.step()
-    assert_same_params(a, b)
+    """The soft gradient is the child's and the scores', stepped by the inner SGD, as in the
+    forward mode."""
+    soft_backward_then(lambda net, x, y: set_stage(net, "finetune"))
 
 
 def test_zero_gradients_kept_step_only_what_was_stepped_before():
