@@ -527,7 +527,30 @@ class CWPSMixin:
                    m.view(-1, *([1] * (self.weight.dim() - 1))), out=self.composed_weight)
         if self.bias is not None:
             torch.lerp(self.parent_bias, self.bias, m, out=self.composed_bias)
+        self._composed_current()
+
+    def _composed_current(self) -> None:
+        """Note the kept weight as composed from the tensors as they are now (recompose; the
+        optimiser step, which writes it with the children and scores)."""
         self.__dict__["_step_key"] = self._step_inputs()
+
+    def _recompose_if_stale(self) -> bool:
+        """Recompose where what the kept weight depends on changed since; True if it did."""
+        if self.__dict__.get("_step_key") == self._step_inputs():
+            return False
+        self.recompose()
+        return True
+
+    def _step_leaf_pair(self) -> tuple[Tensor, Tensor | None]:
+        """The leaves over the kept weight and bias that gradients go to until the step (made
+        on first use)."""
+        leaves = self.__dict__.get("_step_leaves")
+        if leaves is None:
+            w, b = self.composed_weight, self.composed_bias
+            leaves = (w.detach().requires_grad_(),
+                      None if b is None else b.detach().requires_grad_())
+            self.__dict__["_step_leaves"] = leaves
+        return leaves
 
     def _step_mask(self) -> tuple[Tensor, Tensor]:
         """The mask (in the parent's dtype) and its slope of the kept weight's stage and the
@@ -600,19 +623,12 @@ class CWPSMixin:
                 f"{type(self).__name__}: compose='step' does not run under torch.jit.trace (its "
                 "gradient goes to a leaf the optimiser step reads); use compose='forward' "
                 "(step_compose.use_forward_compose)")
-        if self.__dict__.get("_step_key") != self._step_inputs():
-            self.recompose()
-        w, b = self.composed_weight, self.composed_bias
+        self._recompose_if_stale()
         if not torch.is_grad_enabled() or not (
                 self.weight.requires_grad or self.mask_logits.requires_grad
                 or (self.bias is not None and self.bias.requires_grad)):
-            return w, b
-        leaves = self.__dict__.get("_step_leaves")
-        if leaves is None:
-            leaves = (w.detach().requires_grad_(),
-                      None if b is None else b.detach().requires_grad_())
-            self.__dict__["_step_leaves"] = leaves
-        return leaves
+            return self.composed_weight, self.composed_bias
+        return self._step_leaf_pair()
 
     def _cwps_forward(self, x: Tensor, op, window: Window | None = None) -> Tensor:
         if self.stage == "finetune":

@@ -229,7 +229,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         self._step = torch.compile(compose_step) if compiled else compose_step
         self.process_group = process_group
         self._lrs: dict = {}
-        self._zeros_kept = False  # the last zero_grad's set_to_none=False (_steps_now)
+        self._zeros_kept = False  # the last zero_grad's set_to_none=False (_takes_part)
         self._stepped_before: set[int] = set()
 
     @staticmethod
@@ -314,10 +314,8 @@ class StepComposeSGD(torch.optim.Optimizer):
             if taken is not None and not any(
                     self._takes_part(any(ran), q) for q in self._trained(layer)):
                 continue  # not run since the last step, nothing of its own: SGD skips it too
-            if layer.composed_weight is None or (
-                    layer.__dict__.get("_step_key") != layer._step_inputs()):
-                layer.recompose()  # (its gradient, if any, is the child's and scores' now)
-                leaves = (None, None)
+            if layer._recompose_if_stale():  # (its gradient, if any, is the child's and
+                leaves = (None, None)            # the scores' now)
             parts = []
             for i, kind in enumerate(("weight", "bias")):
                 child = getattr(layer, kind)
@@ -386,15 +384,8 @@ class StepComposeSGD(torch.optim.Optimizer):
             p = (layer.weight, layer.bias, layer.mask_logits)[i - 2]
             p.grad = torch.zeros_like(p.detach())
             return p.grad
-        if layer.__dict__.get("_step_key") != layer._step_inputs() or \
-                layer.composed_weight is None:
-            layer.recompose()
-        leaves = layer.__dict__.get("_step_leaves")
-        if leaves is None:
-            w, b = layer.composed_weight, layer.composed_bias
-            leaves = (w.detach().requires_grad_(),
-                      None if b is None else b.detach().requires_grad_())
-            layer.__dict__["_step_leaves"] = leaves
+        layer._recompose_if_stale()
+        leaves = layer._step_leaf_pair()
         leaves[i].grad = torch.zeros_like(leaves[i].detach())
         return leaves[i].grad
 
@@ -417,7 +408,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         if items:
             self._step(items)
         for layer in stepped:
-            layer.__dict__["_step_key"] = layer._step_inputs()
+            layer._composed_current()
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
@@ -448,5 +439,5 @@ class StepComposeSGD(torch.optim.Optimizer):
             self._step(items)
         for layer in stepped:
             layer.__dict__["_step_leaves"] = None
-            layer.__dict__["_step_key"] = layer._step_inputs()
+            layer._composed_current()
         return loss

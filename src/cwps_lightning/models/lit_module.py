@@ -203,7 +203,8 @@ class CWPSLitModule(L.LightningModule):
             raise ValueError("nothing to train: every parameter is frozen")
         lr = self.lr if plan.lr is None else plan.lr
         decay = self.weight_decay if plan.weight_decay is None else plan.weight_decay
-        if self.step_composed():
+        step_composed = self.step_composed()
+        if step_composed:
             opt = self._step_compose_sgd(groups, plan.kind, lr, decay)
         elif plan.kind == "sgd":
             # Lightning refuses to clip the gradients of a fused optimiser under mixed
@@ -222,7 +223,7 @@ class CWPSLitModule(L.LightningModule):
             return 0.5 * (1.0 + math.cos(math.pi * pos))
 
         # shared channels must not drift in the hard stage (StepComposeSGD holds them itself)
-        if self.has_cwps_layers() and not self.step_composed():
+        if self.has_cwps_layers() and not step_composed:
             freeze = SharedChannelFreeze(self.model).attach(opt)
             self._freeze = (freeze, opt)
             if self._freeze_state is not None:  # a resumed fit
