@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, merge_cwps, set_stage
 from cwps_lightning.cwps.freeze import SharedChannelFreeze
@@ -284,6 +285,64 @@ def test_compiled_step_trains_as_the_eager_one():
         train(b, opt_b, [stage], x, y)
         train(c, opt_c, [stage], x, y)
         assert_same_params(b, c, atol=1e-5)
+
+
+
+@pytest.mark.slow
+def test_an_lr_schedule_steps_in_one_compiled_graph():
+    """A scheduler moves the lr every step and takes both groups to 0 (the job's schedule
+    ends there): the step keeps one lr tensor per group, written in place (a fresh one per
+    step would wait for the GPU, a shared one at lr 0 recompiled the step), and steps the
+    scheduled lrs as torch's SGD does."""
+    torch.compiler.reset()
+    counters.clear()
+    a, opt_a, b, opt_b = pair(mask_lr=2.0, compiled=True)
+    def fraction(t):  # steps 0-5 at 1, 0.75, 0.5, 0.25, 0, 0: lr 0 in the middle of a stage
+        return max(0.0, 1.0 - t / 4)
+    sched_a = torch.optim.lr_scheduler.LambdaLR(opt_a, fraction)
+    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, fraction)
+    x, y = batch()
+    for stage in ["soft"] * 2 + ["hard"] * 4:
+        train(a, opt_a, [stage], x, y)
+        train(b, opt_b, [stage], x, y)
+        sched_a.step()
+        sched_b.step()
+        assert_same_params(a, b, atol=1e-5)
+    assert [g["lr"] for g in opt_b.param_groups] == [0.0, 0.0]
+    # soft and hard each compile once (the stage is a constant of the graph)
+    assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_a_one_by_one_kernel_with_a_gradient_in_another_layout():
+    """An NCHW model fed channels_last inputs: autograd keeps a 1x1 kernel's gradient with
+    channels_last strides (K, 1, K, K) against the kernel's (K, 1, 1, 1), which differ only
+    where the size is 1. The step takes it (it refused it once) and trains as the forward
+    mode does."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 1), nn.ReLU(),
+                      nn.Conv2d(16, 8, 1), nn.Flatten(), nn.Linear(8 * 8 * 8, 5))
+    inject_cwps(a, exclude=[])
+    with torch.no_grad():
+        for _, layer in cwps_layers(a):
+            layer.set_parent(layer.weight + 0.1, None if layer.bias is None else layer.bias + 0.1)
+            layer.mask_logits.normal_(0.0, 2.0)
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+    opt_a = torch.optim.SGD(groups(a, 2.0), **HYPER)
+    SharedChannelFreeze(a).attach(opt_a)
+    opt_b = StepComposeSGD(groups(b, 2.0), **HYPER, model=b, compiled=False)
+    x, y = batch()
+    x = x.contiguous(memory_format=torch.channels_last)
+    set_stage(b, "soft")
+    F.cross_entropy(b(x), y).backward()
+    kernel = b[2]
+    leaf = kernel.__dict__["_step_leaves"][0]
+    assert leaf.grad.stride() != leaf.stride()  # the case: another layout, the same rows
+    opt_b.zero_grad()
+    for stage in ["soft", "soft", "hard", "hard"]:
+        train(a, opt_a, [stage], x, y)
+        train(b, opt_b, [stage], x, y)
+        assert_same_params(a, b)
 
 
 # -- refusals -----------------------------------------------------------------------------------

@@ -132,9 +132,18 @@ def _rows(t: Tensor) -> Tensor:
     return rows
 
 
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """The same shape and the same strides along every dimension longer than 1: the same
+    elements at the same offsets. A size-1 dimension's stride is free (autograd keeps such a
+    gradient as the backward made it: a 1x1 kernel of an NCHW model fed channels_last inputs
+    gets strides (K, 1, K, K) where the kernel has (K, 1, 1, 1)), so it is not compared."""
+    return a.shape == b.shape and all(
+        sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride(), strict=True) if n > 1)
+
+
 def _like(p: Tensor, t: Tensor) -> Tensor:
     """``t`` laid out as ``p`` (itself where it is): compose_step reads both as [C, K] rows."""
-    if t.stride() == p.stride():
+    if _same_layout(t, p):
         return t
     return torch.empty_like(p.detach()).copy_(t)
 
@@ -228,7 +237,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         self._rest.state = self.state  # one state: momentum buffers by parameter
         self._step = torch.compile(compose_step) if compiled else compose_step
         self.process_group = process_group
-        self._lrs: dict = {}
+        self._lrs: dict = {}  # (id(group), device, dtype) -> [0-dim lr tensor, its value]
         self._zeros_kept = False  # the last zero_grad's set_to_none=False (_takes_part)
         self._stepped_before: set[int] = set()
 
@@ -238,6 +247,7 @@ class StepComposeSGD(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
+        self._lrs = {}  # (the groups are new dicts)
         self._rest.state = self.state
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
 
@@ -282,20 +292,25 @@ class StepComposeSGD(torch.optim.Optimizer):
             mom = shape(mom)
         if grads is not None:
             self._stepped_before.add(id(p))
-        lr = self._lr_tensor(0.0 if grads is None else float(group["lr"]), p)
+        lr = self._lr_tensor(0.0 if grads is None else float(group["lr"]), group, p)
         return mom, extra, lr, float(group["momentum"]), float(group["weight_decay"])
 
-    def _lr_tensor(self, value: float, p: Tensor) -> Tensor:
-        """``value`` as a 0-dim tensor on ``p``'s device and dtype, one per value kept (a
-        scheduler moves the lr every step: a small tensor per group and step, not one per
-        parameter, and no host-to-device copy per parameter on a GPU)."""
-        key = (p.device, p.dtype, value)
+    def _lr_tensor(self, value: float, group: dict, p: Tensor) -> Tensor:
+        """``group``'s lr as a 0-dim tensor on ``p``'s device, in float32 (float64 for float64
+        parameters; torch's SGD keeps its lr a double, and a bf16 lr would be off by up to
+        0.4%): one tensor per group and device, written in place when the lr moves. A
+        scheduler moves it every step: a new tensor per step would be a host-to-device copy
+        on a GPU, which waits for the work queued before it, and two groups whose lrs met
+        (both 0 at the end of a schedule) would share one, which recompiles the step."""
+        dtype = torch.promote_types(p.dtype, torch.float32)
+        key = (id(group), p.device, dtype)
         held = self._lrs.get(key)
         if held is None:
-            if len(self._lrs) >= 16:  # the last step's values (a group each) stay
-                self._lrs.clear()
-            held = self._lrs[key] = torch.tensor(value, device=p.device, dtype=p.dtype)
-        return held
+            held = self._lrs[key] = [torch.tensor(value, device=p.device, dtype=dtype), value]
+        elif held[1] != value:
+            held[0].fill_(value)  # (queued on the device like any kernel: no wait)
+            held[1] = value
+        return held[0]
 
     def _items(self, taken: list | None) -> tuple[list, list]:
         """compose_step's input for the layers with a composed weight's gradient (``taken``
@@ -325,7 +340,7 @@ class StepComposeSGD(torch.optim.Optimizer):
                 g = None if taken is None or leaves[i] is None else leaves[i].grad
                 g = torch.zeros_like(w) if g is None else g
                 tensors = (g, child.detach(), getattr(layer, f"parent_{kind}"), w)
-                if len({t.stride() for t in tensors}) > 1:
+                if not all(_same_layout(t, w) for t in tensors):
                     raise ValueError(f"compose='step': the {kind} tensors of a "
                                      f"{type(layer).__name__} are not laid out alike (move the "
                                      "model with .to(memory_format=), then step)")
