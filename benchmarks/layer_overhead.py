@@ -458,9 +458,16 @@ class StepCompose:
                     setattr(module, f"sc_{kind}_mom", None)
 
     def _run(self, layers, lr: float, momentum: float, weight_decay: float) -> None:
-        device = self.modules[0].sc_scores.device if self.modules else "cpu"
-        self.compose(layers, torch.tensor(lr, device=device), momentum, weight_decay, self.hard,
-                     self.threshold)
+        device = self.modules[0].sc_scores.device if self.modules else torch.device("cpu")
+        # one lr tensor, written in place when the lr moves (a fresh one per step would be a
+        # host-to-device copy on a GPU, which waits for the work queued before it)
+        held = getattr(self, "_lr", None)
+        if held is None or held[0].device != device:
+            held = self._lr = [torch.tensor(lr, device=device), lr]
+        elif held[1] != lr:
+            held[0].fill_(lr)
+            held[1] = lr
+        self.compose(layers, held[0], momentum, weight_decay, self.hard, self.threshold)
 
     def _layers(self, zero_grads: bool = False) -> list:
         layers = []
