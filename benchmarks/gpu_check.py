@@ -16,6 +16,11 @@ layout: a 1x1-output window is then read in place) and with hard masks that shar
 channel or none. Each path's autograd function counts its calls, and a path that no case took
 is a failure (the check would otherwise pass on paths it never ran).
 
+``compose="step"`` (cwps/step_compose.py) is checked against the forward compose: a model with
+each of those paths trains a few soft and hard steps both ways (StepComposeSGD, its step
+compiled on the GPU, against torch's SGD with SharedChannelFreeze), in fp32 and bf16 autocast,
+NCHW and channels_last; the weights, biases, mask scores and decisions must agree.
+
 ``--device cpu`` runs the same on the CPU (fp32 and bf16 autocast) for the tests; there the
 layers take their CPU-only shortcuts, which the GPU never does. Prints one line per case and
 exits non-zero if any fails.
@@ -24,6 +29,7 @@ exits non-zero if any fails.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections import Counter
 
@@ -40,7 +46,9 @@ from cwps_lightning.cwps import (
     layers,
     set_stage,
 )
+from cwps_lightning.cwps.freeze import SharedChannelFreeze
 from cwps_lightning.cwps.layers import CWPS_LAYER_TYPES
+from cwps_lightning.cwps.step_compose import StepComposeSGD, use_step_compose
 
 CONVS = {
     "3x3 s1": dict(in_channels=16, out_channels=32, kernel_size=3, padding=1),
@@ -188,6 +196,75 @@ def check_merged(name, module, shape, device):
     return ok
 
 
+def step_compose_net() -> nn.Sequential:
+    """The forward compose's paths in one model: small kernels (grouped), a large kernel
+    (recomposed in the backward) and a 1x1 output (its window); in the step compose each is
+    a plain layer on its kept weight."""
+    return nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 256, 3, stride=2, padding=1, bias=False), nn.ReLU(),
+        nn.Conv2d(256, 512, 3, stride=2, padding=1), nn.ReLU(),  # 1.18M elements: large
+        nn.Conv2d(512, 32, 3), nn.Flatten(), nn.Linear(32, 10),  # 3x3 map -> 1x1: a window
+    )
+
+
+def check_step_compose(device, channels_last: bool, dtype, compiled: bool) -> bool:
+    """compose="step" trains as the forward compose: 3 soft then 5 hard steps of the same model
+    both ways (StepComposeSGD, its step compiled or eager; torch's SGD with
+    SharedChannelFreeze), a mask lr that moves decisions in the hard stage; every parameter
+    compared (relative to its scale) and the decisions after every step."""
+    torch.manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    a = step_compose_net()
+    inject_cwps(a, exclude=[])
+    for _, layer in cwps_layers(a):
+        randomise(layer)
+    a.to(device, memory_format=fmt)
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+
+    def groups(net):
+        masks = {id(layer.mask_logits) for _, layer in cwps_layers(net)}
+        return [{"params": [p for p in net.parameters() if id(p) not in masks]},
+                {"params": [p for p in net.parameters() if id(p) in masks], "lr": 20.0,
+                 "weight_decay": 0.0}]
+
+    # (a weight lr at which the run stays stable: in a diverging one, a weight the compiled
+    # step rounds by one ulp otherwise grows into any difference)
+    hyper = dict(lr=0.02, momentum=0.9, weight_decay=5e-3)
+    opt_a = torch.optim.SGD(groups(a), **hyper)
+    SharedChannelFreeze(a).attach(opt_a)
+    opt_b = StepComposeSGD(groups(b), **hyper, model=b, compiled=compiled)
+    x = torch.randn(8, 3, 12, 12, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (8,), device=device)
+
+    def decisions(net):
+        return torch.cat([layer.task_specific() for _, layer in cwps_layers(net)])
+
+    ok, seen = True, []
+    for stage in ["soft"] * 3 + ["hard"] * 5:
+        for net, opt in ((a, opt_a), (b, opt_b)):
+            set_stage(net, stage)
+            opt.zero_grad()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss = F.cross_entropy(net(x).float(), y)
+            loss.backward()
+            opt.step()
+        ok &= bool(torch.equal(decisions(a), decisions(b)))
+        seen.append(decisions(a))
+    with torch.no_grad():
+        worst = max(float((pa - pb).abs().max() / pa.abs().max().clamp_min(1.0))
+                    for pa, pb in zip(a.parameters(), b.parameters(), strict=True))
+    ok &= worst < (1e-4 if dtype is None else 1e-3)
+    flips = int(sum((s != t).sum() for s, t in zip(seen[3:-1], seen[4:], strict=True)))
+    label = "fp32" if dtype is None else str(dtype).replace("torch.", "")
+    label += (" cl" if channels_last else "") + (" compiled" if compiled else "")
+    print(f"{'ok ' if ok else 'FAIL'} step compose   {label}: "
+          f"largest difference {worst:.1e} of the scale, {flips} decision change(s) in the "
+          "hard stage", flush=True)
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -234,6 +311,15 @@ def main(argv=None) -> int:
         ok = counter.calls[path] > 0
         print(f"{'ok ' if ok else 'FAIL'} path {path!r} taken {counter.calls[path]} time(s)")
         all_ok &= ok
+    # the step compiled on the GPU in fp32 and the job's layout (channels_last): one graph per
+    # stage. bf16 runs it eagerly: a composed weight that the compiled lerp rounds by an fp32
+    # ulp otherwise than torch's can round to another bf16 value in the forward, and the
+    # mask lr grows that into differences no tolerance tells from an error (on the CPU,
+    # compiled: 7e-2 of the scale after 8 steps, eager: 3e-7). The CPU runs every case eagerly
+    # (the tests compare the compiled step with the eager one there).
+    for cl, dtype in ((False, None), (True, None), (True, torch.bfloat16)):
+        compiled = dev.type == "cuda" and cl and dtype is None
+        all_ok &= check_step_compose(dev, cl, dtype, compiled=compiled)
     print("ALL OK" if all_ok else "SOME CHECKS FAILED")
     return 0 if all_ok else 1
 

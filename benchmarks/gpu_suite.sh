@@ -5,7 +5,9 @@
 # by the end of the budget (rather than by its own limit) is named so, not counted as failed.
 #   1. gpu_check                 CUDA correctness (benchmarks/gpu_check.py): every layer path
 #                                (autograd, large kernel, 1x1 output, grouped), fp32, fp16/bf16
-#                                autocast, merge, channels_last
+#                                autocast, merge, channels_last; cwps.compose=step against
+#                                the forward compose over soft and hard steps (the step
+#                                compiled in fp32 channels_last, eager in bf16)
 #   2. overhead_paper_bf16       the paper's shape (ResNet-50, batch 96, 224 px, bf16 autocast):
 #                                fine-tuning, CWPS soft and hard, eager
 #   3. overhead_digits_compile   the digits shape (resnet18, batch 32, 32 px): the three eager,

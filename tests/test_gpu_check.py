@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwps_lightning.cwps import compose_group, layers
+from cwps_lightning.cwps import compose_group, layers, step_compose
 
 from .helpers import load_benchmark
 
@@ -49,3 +49,13 @@ def test_a_wrong_mask_gradient_fails(check, capsys, monkeypatch):
     monkeypatch.setattr(layers, "mask_slope", lambda *a, **k: 2.0 * slope(*a, **k))
     assert check.main(["--device", "cpu"]) == 1
     assert "FAIL large 3x3      soft fp32" in capsys.readouterr().out
+
+
+def test_a_wrong_step_compose_fails(check, capsys, monkeypatch):
+    """The step compose's own mask gradient doubled: only its checks fail."""
+    slope = step_compose.mask_slope
+    monkeypatch.setattr(step_compose, "mask_slope", lambda *a, **k: 2.0 * slope(*a, **k))
+    assert check.main(["--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert out.count("FAIL step compose") == 3
+    assert "FAIL " not in out.replace("FAIL step compose", "")
