@@ -27,6 +27,8 @@
 # (Steps 1-3 are capped at 450 s together: a 470 s budget runs them whatever happens; the rest
 # run in what they leave.)
 # (Peak memory on the GPU: python benchmarks/layer_overhead.py --device cuda, batch 32, 112 px.)
+# A benchmark step stopped by its limit still writes its JSON: the rounds every variant finished
+# (layer_overhead.py reports them on SIGTERM, with "stopped" in the JSON).
 # What comes back: OUT/summary.txt (GPU, versions, each step's exit and seconds), OUT/steps.log
 # (every step's output) and one JSON per benchmark step (train_amp: its results.json): at most
 # eight files, so that a tool that returns few files gets them all. The training run itself

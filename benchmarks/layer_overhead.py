@@ -88,6 +88,11 @@ job's fraction of task-specific channels per layer (``--decisions-task``: which 
     python benchmarks/layer_overhead.py [--device cpu|cuda] [--batch 32] [--size 112]
         [--steps N] [--warmup N] [--model resnet18] [--decisions random|results.json]
         [--out path.json]
+
+Stopped by SIGTERM (``timeout``, as the GPU suite time-boxes each run) it reports and writes
+what it measured so far: the timed rounds every variant finished (the ratios over those), the
+memory workers that finished, and ``"stopped": {"in": phase, "rounds": n}`` in the JSON; then
+it exits with status 3. A GPU session gets minutes: a run cut short still returns figures.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ import os
 import platform
 import random
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -136,6 +142,14 @@ COMPILE_MODES = {"+compile": None, "+compile-ro": "reduce-overhead"}
 TARGET_TIME = 1.05
 TARGET_MEM = 1.10
 MiB = 2**20
+
+
+class Stopped(BaseException):
+    """SIGTERM arrived (a BaseException: no ``except Exception`` on the way swallows it)."""
+
+
+def _stop(signum, frame):
+    raise Stopped()
 
 
 def split_compile(name: str) -> tuple[str, str | None, bool]:
@@ -819,9 +833,11 @@ def memory_worker(args) -> dict:
     return out
 
 
-def run_memory(args, names, decisions_task: str | None = None) -> dict:
+def run_memory(args, names, decisions_task: str | None = None,
+               results: dict | None = None) -> dict:
     """Each variant's memory in a fresh worker; ``decisions_task``: the task of --decisions
-    (resolved once, in main), None for random."""
+    (resolved once, in main), None for random. ``results``: the dict to fill (a run stopped
+    part way keeps the workers that finished)."""
     env = dict(os.environ)
     src = str(REPO / "src")
     env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -829,7 +845,7 @@ def run_memory(args, names, decisions_task: str | None = None) -> dict:
         # A fixed mmap threshold stops glibc from keeping freed activation buffers in the heap
         # (its dynamic threshold grows to 32 MiB), so RSS follows the live tensors closely.
         env.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
-    results = {}
+    results = {} if results is None else results
     for name in names:
         cmd = [
             sys.executable,
@@ -925,6 +941,7 @@ def run_timing(models, args, device) -> dict:
     x, y = make_batch(args, device, num_classes_of(models[names[0]]))
     times = {n: [] for n in names}
     losses = {}
+    stopped = False
     gc.collect()
     gc.disable()
     try:
@@ -945,9 +962,13 @@ def run_timing(models, args, device) -> dict:
                 print(f"  round {r - args.warmup + 1:>2}/{args.steps} ms: {line}", flush=True)
             else:
                 print(f"  warm-up {r + 1}/{args.warmup}", flush=True)
+    except Stopped:
+        stopped = True
+        done = min(len(t) for t in times.values())  # the rounds every variant finished
+        times = {n: t[:done] for n, t in times.items()}
     finally:
         gc.enable()
-    return {"times_s": times, "final_loss": losses}
+    return {"times_s": times, "final_loss": losses, "stopped": stopped}
 
 
 def same_mode_ratios(times: dict[str, list[float]]) -> dict[str, tuple[str, float, tuple]]:
@@ -1083,54 +1104,76 @@ def main(argv=None):
               f"{statistics.mean(decisions.values()):.2f} of a layer's channels task-specific)",
               flush=True)
 
-    # Memory first, while this process is still small (a child's ru_maxrss starts from the
-    # parent's high-water mark at exec).
-    mem = {}
-    if not args.skip_memory:
-        print(
-            f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
-            flush=True,
-        )
-        mem = run_memory(args, names, decisions_task)
+    # a TERM (the GPU suite's timeout) ends the phase under way; what was measured is reported
+    signal.signal(signal.SIGTERM, _stop)
+    phase = "memory"
+    mem, equiv, n_cwps = {}, {}, 0
+    timing = {"times_s": {n: [] for n in names}, "final_loss": {}, "stopped": False}
+    try:
+        # Memory first, while this process is still small (a child's ru_maxrss starts from
+        # the parent's high-water mark at exec).
+        if not args.skip_memory:
+            print(
+                f"memory: {len(names)} fresh subprocesses, {args.mem_steps} training steps each",
+                flush=True,
+            )
+            run_memory(args, names, decisions_task, results=mem)
 
-    print("building models ...", flush=True)
-    models = build_all(names, args.model, args.seed, device, args.channels_last, decisions)
-    n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
-    equiv = check_equivalence(models, args, device)
-    for n, r in equiv.items():
-        print(
-            f"  check {n} vs cwps-soft: |dloss| {r['loss_abs_diff']:.2e}, "
-            f"max rel grad diff {r['max_rel_grad_diff']:.2e}",
-            flush=True,
-        )
-    print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, round-robin", flush=True)
-    timing = run_timing(models, args, device)
+        phase = "build"
+        print("building models ...", flush=True)
+        models = build_all(names, args.model, args.seed, device, args.channels_last, decisions)
+        n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
+        equiv = check_equivalence(models, args, device)
+        for n, r in equiv.items():
+            print(
+                f"  check {n} vs cwps-soft: |dloss| {r['loss_abs_diff']:.2e}, "
+                f"max rel grad diff {r['max_rel_grad_diff']:.2e}",
+                flush=True,
+            )
+        phase = "timing"
+        print(f"timing: {args.warmup} warm-up + {args.steps} timed rounds, round-robin",
+              flush=True)
+        timing = run_timing(models, args, device)
+        stopped = timing["stopped"]
+    except Stopped:
+        stopped = True
+    rounds = len(timing["times_s"]["finetune"])
+    if stopped:
+        print(f"\nSTOPPED (SIGTERM) in the {phase} phase, after {rounds} of {args.steps} timed "
+              f"rounds and {len(mem)} of {0 if args.skip_memory else len(names)} memory "
+              "workers: the figures below are over those", flush=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM ends it
 
     # ---- report
     times = timing["times_s"]
-    ft = statistics.median(times["finetune"])
+    ft = statistics.median(times["finetune"]) if rounds else float("nan")
     rows = {}
     for n in names:
-        t = times[n]
-        med = statistics.median(t)
-        paired, ci = paired_ratio(t, times["finetune"])
-        row = {
-            "median_ms": med * 1e3,
-            "min_ms": min(t) * 1e3,
-            "max_ms": max(t) * 1e3,
-            "time_ratio": med / ft,
-            "paired_time_ratio": paired,
-            "paired_time_ratio_ci95": list(ci),
-            "times_ms": [v * 1e3 for v in t],
-            "final_loss": timing["final_loss"][n],
-        }
+        row = {}
+        if rounds:
+            t = times[n]
+            med = statistics.median(t)
+            paired, ci = paired_ratio(t, times["finetune"])
+            row.update({
+                "median_ms": med * 1e3,
+                "min_ms": min(t) * 1e3,
+                "max_ms": max(t) * 1e3,
+                "time_ratio": med / ft,
+                "paired_time_ratio": paired,
+                "paired_time_ratio_ci95": list(ci),
+                "times_ms": [v * 1e3 for v in t],
+                "final_loss": timing["final_loss"].get(n, float("nan")),
+            })
         if n in mem:
             row.update(mem[n])
-            row["mem_ratio"] = mem[n]["peak_growth_bytes"] / mem["finetune"]["peak_growth_bytes"]
-            base_act = mem["finetune"]["saved_activation_bytes"]
-            row["saved_activation_ratio"] = mem[n]["saved_activation_bytes"] / base_act
-        rows[n] = row
-    for n, (base, paired, ci) in same_mode_ratios(times).items():
+            if "finetune" in mem:
+                base = mem["finetune"]
+                row["mem_ratio"] = mem[n]["peak_growth_bytes"] / base["peak_growth_bytes"]
+                row["saved_activation_ratio"] = (mem[n]["saved_activation_bytes"]
+                                                 / base["saved_activation_bytes"])
+        if row:
+            rows[n] = row
+    for n, (base, paired, ci) in (same_mode_ratios(times) if rounds else {}).items():
         rows[n].update(same_mode_base=base, paired_time_ratio_same_mode=paired,
                        paired_time_ratio_same_mode_ci95=list(ci))
 
@@ -1143,13 +1186,13 @@ def main(argv=None):
     print()
     print(hdr)
     print("-" * len(hdr))
-    for n in names:
+    for n in rows:
         r = rows[n]
         line = (
             f"{n:<{w}} {r['median_ms']:>10.1f} {r['time_ratio']:>10.3f} "
             f"{r['paired_time_ratio']:>9.3f} {r['paired_time_ratio_ci95'][0]:>6.3f}-"
             f"{r['paired_time_ratio_ci95'][1]:.3f}"
-        )
+        ) if rounds else f"{n:<{w}} {'-':>10} {'-':>10} {'-':>9} {'-':>13}"
         if "mem_ratio" in r:
             line += (
                 f" {r['peak_growth_bytes'] / MiB:>21.1f} {r['mem_ratio']:>10.3f}"
@@ -1158,7 +1201,7 @@ def main(argv=None):
             )
         print(line)
     print()
-    same = [n for n in names if "same_mode_base" in rows[n]]
+    same = [n for n in rows if "same_mode_base" in rows[n]]
     for n in same:  # like for like: compiled CWPS against fine-tuning compiled the same way
         lo, hi = rows[n]["paired_time_ratio_same_mode_ci95"]
         print(f"{n:<{w}} paired x {rows[n]['same_mode_base']}: "
@@ -1168,7 +1211,7 @@ def main(argv=None):
 
     verdict = {}
     for n in ("cwps-soft", "cwps-hard"):
-        if n not in rows:
+        if n not in rows or not rounds:
             continue
         # the verdict uses the paired ratio: it is the drift-free estimate
         v = {"time_ok": rows[n]["paired_time_ratio"] <= TARGET_TIME}
@@ -1187,13 +1230,13 @@ def main(argv=None):
             )
         print(f"{n}: {msg}")
     if device.type == "cpu" and mem:
-        notes = [n for n in names if not mem[n].get("peak_reached_in_steps", True)]
+        notes = [n for n in mem if not mem[n].get("peak_reached_in_steps", True)]
         if notes:
             print(
                 f"WARNING: ru_maxrss not raised by the training steps for {notes}; "
                 "the growth figure there is an upper bound"
             )
-    bad_loss = [n for n in names if not math.isfinite(rows[n]["final_loss"])]
+    bad_loss = [n for n in names if rounds and not math.isfinite(rows[n]["final_loss"])]
     if bad_loss:
         print(f"WARNING: non-finite loss after training for {bad_loss}")
     wall = time.perf_counter() - t_start
@@ -1222,10 +1265,12 @@ def main(argv=None):
             "verdict": verdict,
             "wall_s": wall,
         }
+        if stopped:  # (absent from a run that finished)
+            result["stopped"] = {"in": phase, "rounds": rounds, "memory_workers": len(mem)}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.out}")
-    return 0
+    return 3 if stopped else 0
 
 
 if __name__ == "__main__":

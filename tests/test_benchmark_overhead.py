@@ -243,3 +243,50 @@ def test_step_variants_are_the_core_step_compose_training_as_the_cwps_variant(st
     for (name, a), b in zip(ref.named_parameters(), step.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6, msg=name)
     assert "cwps-step-soft" in bench.EXTRA_VARIANTS and "cwps-step-hard" in bench.EXTRA_VARIANTS
+
+
+def _run_until(tmp_path, extra: list[str], line: str):
+    """The benchmark in a subprocess, sent SIGTERM (as ``timeout`` sends it) once it printed
+    ``line``; its exit status, output and JSON."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "run.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "layer_overhead.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "--size", "16", "--batch", "2", "--threads", "1",
+         "--warmup", "1", "--steps", "100000", "--variants", "finetune,cwps-soft",
+         "--out", str(out), *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for text in proc.stdout:
+        seen.append(text)
+        if line in text:
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=60)
+    return proc.returncode, "".join(seen) + rest, json.loads(out.read_text())
+
+
+def test_a_run_stopped_in_the_timing_reports_the_rounds_it_finished(tmp_path):
+    rc, text, result = _run_until(tmp_path, ["--skip-memory"], "round  3/")
+    assert rc == 3
+    stopped = result["stopped"]
+    assert stopped["in"] == "timing" and stopped["rounds"] >= 3
+    assert f"STOPPED (SIGTERM) in the timing phase, after {stopped['rounds']} of 100000" in text
+    for name in ("finetune", "cwps-soft"):  # every variant over the same finished rounds
+        row = result["variants"][name]
+        assert len(row["times_ms"]) == stopped["rounds"]
+        assert row["paired_time_ratio"] > 0
+    assert "cwps-soft" in result["verdict"]
+
+
+def test_a_run_stopped_in_the_memory_phase_writes_what_it_has(tmp_path):
+    # stopped while the first memory worker runs: no worker finished, no timing
+    rc, text, result = _run_until(tmp_path, [], "memory: 2 fresh subprocesses")
+    assert rc == 3
+    assert result["stopped"] == {"in": "memory", "rounds": 0, "memory_workers": 0}
+    assert result["variants"] == {} and result["verdict"] == {}
+    assert "STOPPED (SIGTERM) in the memory phase" in text
