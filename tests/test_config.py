@@ -70,6 +70,7 @@ def test_library_defaults_of_the_lower_layers_match():
     ("data=nosuchdata", r"^data=nosuchdata: no such config; available: colour_digits, digits, "),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
+    ("cwps.compose=backward", r"^cwps\.compose must be one of \['forward', 'step'\]"),
     ("cwps.baselines=[finetune,nope]", r"cwps\.baselines has unknown entries \['nope'\]"),
     ("optim.lr=-1", r"^optim\.lr must be >= 0"),
     ("logger.kind=tensorboard", r"^logger\.kind must be one of"),

@@ -15,7 +15,6 @@ from cwps_lightning.cwps import cwps_layers, inject_cwps, merge_cwps, set_stage
 from cwps_lightning.cwps.freeze import SharedChannelFreeze
 from cwps_lightning.cwps.step_compose import (
     StepComposeSGD,
-    check_compose,
     release_composed,
     use_forward_compose,
     use_step_compose,
@@ -349,8 +348,6 @@ def test_a_one_by_one_kernel_with_a_gradient_in_another_layout():
 
 # -- refusals -----------------------------------------------------------------------------------
 def test_refusals():
-    with pytest.raises(ValueError, match="compose must be one of"):
-        check_compose("backward")
     a = make_net()
     with pytest.raises(ValueError, match="use_step_compose"):
         StepComposeSGD(a.parameters(), lr=0.1, model=a)

@@ -63,12 +63,6 @@ from .surgery import cwps_layers
 COMPOSE_MODES = ("forward", "step")
 
 
-def check_compose(mode: str) -> str:
-    if mode not in COMPOSE_MODES:
-        raise ValueError(f"compose must be one of {list(COMPOSE_MODES)}, got {mode!r}")
-    return mode
-
-
 def use_step_compose(model: nn.Module) -> int:
     """Put every CWPS layer of ``model`` in ``compose="step"`` (in place; the layers keep
     their parameters, a composed weight and bias are added as non-persistent buffers in the
