@@ -346,6 +346,28 @@ def test_a_one_by_one_kernel_with_a_gradient_in_another_layout():
         opt_b.step()
         assert_same_params(a, b)
 
+
+def test_a_compiler_that_fails_is_named_with_the_ways_around_it():
+    """No working C++ compiler for inductor: the first step says what failed and what to do,
+    and has written nothing (the compile comes before the step)."""
+    import torch._inductor.config as inductor
+
+    torch.compiler.reset()
+    _, _, b, opt_b = pair(compiled=True)
+    x, y = batch()
+    set_stage(b, "soft")
+    before = [p.detach().clone() for p in b.parameters()]
+    F.cross_entropy(b(x), y).backward()
+    # (no cached graph either: one needs no compiler)
+    with inductor.patch({"cpp.cxx": ("/nonexistent/c++",), "fx_graph_cache": False}), \
+            pytest.raises(RuntimeError, match=r"could not compile the optimiser step "
+                          r"\(InvalidCxxCompiler: No working C\+\+ compiler.*\); pass "
+                          r"compiled=False .*cwps\.compose=forward"):
+        opt_b.step()
+    for p, old in zip(b.parameters(), before, strict=True):
+        assert torch.equal(p, old)
+    torch.compiler.reset()
+
 # -- refusals -----------------------------------------------------------------------------------
 def test_refusals():
     a = make_net()

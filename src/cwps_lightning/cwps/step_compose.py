@@ -407,6 +407,26 @@ class StepComposeSGD(torch.optim.Optimizer):
             return False
         return ran or p.grad is not None or (self._zeros_kept and id(p) in self._stepped_before)
 
+    def _run(self, items: list) -> None:
+        """compose_step over ``items``; a compiler that fails (no C++ compiler for inductor on
+        the CPU, say) is named with the ways around it. It fails before the step runs, so
+        nothing has been written."""
+        try:
+            self._step(items)
+        except Exception as err:
+            from torch._dynamo.exc import BackendCompilerFailed  # (loaded with torch.compile)
+
+            if not isinstance(err, BackendCompilerFailed):
+                raise
+            inner = getattr(err, "inner_exception", None) or err  # (the compiler's own error)
+            text = str(inner).strip()
+            reason = f"{type(inner).__name__}: {text.splitlines()[0]}" if text else \
+                type(inner).__name__
+            raise RuntimeError(
+                f"StepComposeSGD: torch.compile could not compile the optimiser step ({reason}); "
+                "pass compiled=False to run it eagerly (slower), or train with "
+                "cwps.compose=forward (use_forward_compose and torch's SGD)") from err
+
     @torch.no_grad()
     def precompile(self) -> None:
         """Compile the step for the layers' present stages before the first step (a compile
@@ -415,7 +435,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         rewrites the composed weights (the same, to the compiled lerp's rounding)."""
         items, stepped = self._items(None)
         if items:
-            self._step(items)
+            self._run(items)
         for layer in stepped:
             layer._composed_current()
 
@@ -437,6 +457,8 @@ class StepComposeSGD(torch.optim.Optimizer):
         taken: list[tuple[Tensor, Tensor]] = []
         try:
             items, stepped = self._items(taken)
+            if items:  # first: a step whose compile fails steps nothing (they share no tensor)
+                self._run(items)
             for group, inner in zip(self.param_groups, self._rest.param_groups, strict=True):
                 for key in ("lr", "momentum", "weight_decay"):
                     inner[key] = group[key]
@@ -444,8 +466,6 @@ class StepComposeSGD(torch.optim.Optimizer):
         finally:
             for p, grad in taken:  # back where they were (zero_grad takes them)
                 p.grad = grad
-        if items:
-            self._step(items)
         for layer in stepped:
             layer.__dict__["_step_leaves"] = None
             layer._composed_current()
