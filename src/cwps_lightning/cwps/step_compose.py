@@ -63,6 +63,12 @@ from .surgery import cwps_layers
 COMPOSE_MODES = ("forward", "step")
 
 
+def trained_tensors(layer) -> list[Tensor]:
+    """What a CWPS layer trains: its child weight, child bias (where it has one) and mask
+    scores (whether or not they require a gradient)."""
+    return [p for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None]
+
+
 def use_step_compose(model: nn.Module) -> int:
     """Put every CWPS layer of ``model`` in ``compose="step"`` (in place; the layers keep
     their parameters, a composed weight and bias are added as non-persistent buffers in the
@@ -213,7 +219,7 @@ class StepComposeSGD(torch.optim.Optimizer):
                                  f"per group); a group sets {extra}")
         self._group_of = {id(p): g for g in self.param_groups for p in g["params"]}
         self.layers = [layer for _, layer in cwps_layers(model)
-                       if any(id(p) in self._group_of for p in self._trained(layer))]
+                       if any(id(p) in self._group_of for p in trained_tensors(layer))]
         if not self.layers:
             raise ValueError("StepComposeSGD: these parameters train none of the model's CWPS "
                              "layers")
@@ -234,10 +240,6 @@ class StepComposeSGD(torch.optim.Optimizer):
         self._lrs: dict = {}  # (id(group), device, dtype) -> [0-dim lr tensor, its value]
         self._zeros_kept = False  # the last zero_grad's set_to_none=False (_takes_part)
         self._stepped_before: set[int] = set()
-
-    @staticmethod
-    def _trained(layer) -> list[Tensor]:
-        return [p for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None]
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
@@ -321,7 +323,7 @@ class StepComposeSGD(torch.optim.Optimizer):
             leaves = layer.__dict__.get("_step_leaves") or (None, None)
             ran = [leaf is not None and leaf.grad is not None for leaf in leaves]
             if taken is not None and not any(
-                    self._takes_part(any(ran), q) for q in self._trained(layer)):
+                    self._takes_part(any(ran), q) for q in trained_tensors(layer)):
                 continue  # not run since the last step, nothing of its own: SGD skips it too
             if layer._recompose_if_stale():  # (its gradient, if any, is the child's and
                 leaves = (None, None)            # the scores' now)

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from .. import distributed
 from ..cwps import cwps_layers
 from ..cwps.freeze import SharedChannelFreeze
-from ..cwps.step_compose import StepComposeSGD
+from ..cwps.step_compose import StepComposeSGD, trained_tensors
 from ..methods.base import OptimizerPlan
 from ..optim import make_sgd
 from ..settings import OptimSettings
@@ -261,10 +261,8 @@ class CWPSLitModule(L.LightningModule):
         """Whether this module trains CWPS layers that compose at the step
         (cwps/step_compose.py): a fit that trains none of them (the frozen mode) steps as
         the forward mode's does."""
-        return any(layer.compose == "step" and any(
-            p is not None and p.requires_grad for p in (layer.weight, layer.bias,
-                                                       layer.mask_logits))
-            for _, layer in cwps_layers(self.model))
+        return any(layer.compose == "step" and any(p.requires_grad for p in trained_tensors(layer))
+                   for _, layer in cwps_layers(self.model))
 
     def setup(self, stage: str) -> None:
         # a fit starts without a freeze (configure_optimizers makes this fit's); a module fitted
@@ -284,7 +282,7 @@ class CWPSLitModule(L.LightningModule):
             # and scores for every rank (equal already after the job's warm-up and CPMS)
             distributed.sync_tensors(
                 p for _, layer in cwps_layers(self.model) if layer.compose == "step"
-                for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None)
+                for p in trained_tensors(layer))
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # the freeze's decisions of the last step: a channel that turns task-specific at the
