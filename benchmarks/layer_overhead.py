@@ -1137,12 +1137,13 @@ def main(argv=None):
         stopped = timing["stopped"]
     except Stopped:
         stopped = True
+    # measuring is over: a TERM from here on (a second one) ends the run at once
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     rounds = len(timing["times_s"]["finetune"])
     if stopped:
         print(f"\nSTOPPED (SIGTERM) in the {phase} phase, after {rounds} of {args.steps} timed "
               f"rounds and {len(mem)} of {0 if args.skip_memory else len(names)} memory "
               "workers: the figures below are over those", flush=True)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second TERM ends it
 
     # ---- report
     times = timing["times_s"]
