@@ -58,6 +58,20 @@ def check_mask_grad(mask_grad: str) -> str:
     return mask_grad
 
 
+def _allocate_meta(module: nn.Module, device: torch.device) -> None:
+    """``module``'s own parameters and buffers still on the meta device, allocated (empty) on
+    ``device``: what to_empty does, for only the tensors not taken or made already (to_empty
+    would allocate weight-sized ones only for them to be replaced, and goes through torch's
+    Python meta path at ~0.1 ms a tensor: injecting timm resnet18, 5.8 -> 4.0 ms)."""
+    for name, p in module._parameters.items():
+        if p is not None and p.is_meta:
+            module._parameters[name] = nn.Parameter(
+                torch.empty(p.shape, dtype=p.dtype, device=device), p.requires_grad)
+    for name, b in module._buffers.items():
+        if b is not None and b.is_meta:
+            module._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
+
+
 def check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
@@ -357,10 +371,10 @@ class CWPSMixin:
         their memory format (a channels_last model stays channels_last: no conversion here and
         none back at the next fit).
 
-        ``from_conv``/``from_linear`` build the layer on the meta device and allocate it empty,
-        so every tensor is filled here: wrapping a model skips the default initialisation's
-        work and draws no random numbers (the data order of the fit that follows is the one it
-        would have been without the surgery).
+        ``from_conv``/``from_linear`` build the layer on the meta device, and every tensor is
+        taken, made or filled here, on ``plain``'s device: wrapping a model skips the default
+        initialisation's work and draws no random numbers (the data order of the fit that
+        follows is the one it would have been without the surgery).
 
         ``take``: the child is ``plain``'s own weight and bias Parameters, not copies of them
         (inject_cwps, which replaces ``plain`` in its model; a weight that is not a registered
@@ -381,12 +395,13 @@ class CWPSMixin:
 
         w = plain.weight
         self.weight = child("weight")
-        self.mask_logits.zero_()
         self.parent_weight = w.detach().clone() if fill_parent else torch.empty_like(w)
         if plain.bias is not None:
             b = plain.bias
             self.bias = child("bias")
             self.parent_bias = b.detach().clone() if fill_parent else torch.empty_like(b)
+        _allocate_meta(self, w.device)  # the scores (and a subclass's own tensors, which it fills)
+        self.mask_logits.zero_()
         self.__dict__["_parent_unset"] = not fill_parent  # a plain attribute: not state
         self.train(plain.training)
         return self
@@ -735,7 +750,7 @@ class CWPSConv2d(CWPSMixin, SmallInputConv2d):
             bias=conv.bias is not None, padding_mode=conv.padding_mode,
             device="meta", dtype=conv.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
-        return layer.to_empty(device=conv.weight.device)._start_from(conv, take, fill_parent)
+        return layer._start_from(conv, take, fill_parent)
 
     def _pad_and_padding(self, x: Tensor) -> tuple[Tensor, tuple[int, int]]:
         """Resolve padding modes and 'same'/'valid' to explicit zero padding ints."""
@@ -800,8 +815,7 @@ class CWPSLinear(CWPSMixin, nn.Linear):
             linear.in_features, linear.out_features, bias=linear.bias is not None,
             device="meta", dtype=linear.weight.dtype, threshold=threshold, mask_grad=mask_grad,
         )
-        return layer.to_empty(device=linear.weight.device)._start_from(linear, take,
-                                                                        fill_parent)
+        return layer._start_from(linear, take, fill_parent)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.stage != "finetune" and self.__dict__.get("_compose") == "step":
