@@ -76,6 +76,67 @@ def test_cosine_distances_equal_torch_cosine_similarity_bit_for_bit(shape):
     assert torch.equal(kernel_distances(child, cands, "cosine"), ref)
 
 
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("shape", [(6, 8, 3, 3), (4, 40000)])
+def test_kernel_ids_skip_kernels_an_earlier_candidate_holds_and_change_nothing(distance, shape):
+    """A candidate kernel with an earlier candidate's id at its channel takes that distance
+    (in a bank, a task's shared channels are its parents' kernels): distances, choices and ties
+    are those of computing every kernel, bit for bit. A channels_last child; candidates with
+    some kernels new, one new, none new (a copy of T0: ties go to T0) and all new; long rows
+    too, on two threads."""
+    g = torch.Generator().manual_seed(3)
+    c = shape[0]
+    child = torch.randn(shape, generator=g)
+    if len(shape) == 4:
+        child = child.contiguous(memory_format=torch.channels_last)
+    t0 = torch.randn(shape, generator=g)
+    cands, ids = [t0], [torch.arange(c)]
+    fresh = iter(range(100, 200))
+    # (start: the candidate whose kernels it keeps where none are new)
+    for start, new_rows in ((0, [1, 3]), (1, [0]), (0, []), (0, list(range(c)))):
+        k, i = cands[start].clone(), ids[start].clone()
+        for r in new_rows:
+            k[r] = torch.randn(shape[1:], generator=g)
+            i[r] = next(fresh)
+        cands.append(k)
+        ids.append(i)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        full = kernel_distances(child, cands, distance)
+        skipped = kernel_distances(child, cands, distance, ids)
+        choice_full, _ = nearest_parents(child, cands, distance)
+        choice, _ = nearest_parents(child, torch.stack(cands), distance, torch.stack(ids))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(skipped, full)
+    assert torch.equal(choice, choice_full)
+    # the copy of T0 (candidate 3) ties with T0 on every channel and never wins
+    assert torch.equal(full[3], full[0]) and not (choice == 3).any()
+
+
+def test_a_kernel_with_an_earlier_candidates_id_takes_its_distance():
+    """The id is what tells: a kernel that claims an earlier candidate's id at its channel gets
+    that candidate's distance without being compared, and the others are computed."""
+    child, cands = constructed_case()
+    ids = torch.tensor([[0, 1, 2], [0, 4, 5], [6, 4, 8]])  # cand 1 ch 0 = cand 0's; cand 2 ch 1 = cand 1's
+    ref = kernel_distances(child, cands, "l2")
+    d = kernel_distances(child, cands, "l2", ids)
+    assert d[1, 0] == ref[0, 0] != ref[1, 0]
+    assert d[2, 1] == ref[1, 1] != ref[2, 1]
+    others = torch.ones_like(d, dtype=torch.bool)
+    others[1, 0] = others[2, 1] = False
+    assert torch.equal(d[others], ref[others])
+
+
+def test_kernel_ids_of_the_wrong_shape_are_refused():
+    child, cands = constructed_case()
+    with pytest.raises(ValueError, match=r"one \[C\] tensor per candidate \(3\).*\(2,\)"):
+        kernel_distances(child, cands, "cosine", [torch.arange(3), torch.arange(2), torch.arange(3)])
+    with pytest.raises(ValueError, match="per candidate"):
+        kernel_distances(child, cands, "cosine", torch.zeros(2, 3, dtype=torch.int64))
+
+
 def test_nearest_parents_l2():
     child, cands = constructed_case()
     choice, dist = nearest_parents(child, cands, "l2")

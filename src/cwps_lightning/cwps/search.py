@@ -66,35 +66,89 @@ def check_distance(distance: str) -> str:
 
 
 def kernel_distances(child: Tensor, candidates: Tensor | list[Tensor],
-                     distance: str = DEFAULT_DISTANCE) -> Tensor:
+                     distance: str = DEFAULT_DISTANCE,
+                     ids: Tensor | list[Tensor] | None = None) -> Tensor:
     """D between child kernel j and every candidate's kernel j.
 
     child: [C, ...]; candidates: [T, C, ...] stacked, or a list of T [C, ...] tensors (no
     stacked copy of them). Returns [T, C]. "l2" is the Euclidean distance, "cosine" is
     1 - cosine similarity (so smaller is nearer for both).
+
+    ``ids`` (optional, [T, C] or T tensors of [C], as a KernelBank gives them): the kernel id
+    of every candidate kernel. A kernel j with the id of an earlier candidate's kernel j holds
+    the same numbers (the bank's contract), so it takes that candidate's distance instead of
+    computing it again: on the CPU the same result, bit for bit, from less work
+    (_row_distances).
     """
     check_distance(distance)
     if isinstance(candidates, Tensor):
         candidates = list(candidates.unbind(0))
-    return _distance_rows(child, candidates, distance)
+    if isinstance(ids, Tensor):
+        ids = list(ids.unbind(0))
+    if ids is not None and (len(ids) != len(candidates) or any(
+            i.shape != (c.shape[0],) for i, c in zip(ids, candidates, strict=True))):
+        raise ValueError(f"ids must be one [C] tensor per candidate ({len(candidates)}), got "
+                         f"shapes {[tuple(i.shape) for i in ids]}")
+    return _distance_rows(child, candidates, distance, ids)
 
 
-def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str) -> Tensor:
+def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str,
+                   ids: list[Tensor] | None = None) -> Tensor:
     """kernel_distances with the candidates as a list of [C, ...] tensors (no [T, C, K] stack
     of them); each kernel flattened to a row (a view of a contiguous kernel, as the bank keeps
-    them)."""
+    them). With ``ids``, each candidate computes only the channels whose kernel no earlier
+    candidate holds (_distinct_channels): a task's shared channels are its parents' kernels,
+    so in a bank most kernels of later tasks are T0's (the default job shares about two
+    thirds of every task's channels)."""
     c = child.flatten(1)
     cn = None
-    rows = []
-    for cand in candidates:
+    rows: list[Tensor] = []
+    for t, cand in enumerate(candidates):
         k = cand.flatten(1)
-        if distance == "l2":
-            rows.append((k - c.to(k.dtype)).norm(dim=1))
-        else:
-            if cn is None or cn.dtype != k.dtype:
-                cn = _normalised(c.to(k.dtype))
-            rows.append(1.0 - _normalised(k).mul_(cn).sum(-1))
+        if distance == "cosine" and (cn is None or cn.dtype != k.dtype):
+            cn = _normalised(c.to(k.dtype))
+        other = c if distance == "l2" else cn
+        reuse = None if ids is None or not t else _distinct_channels(ids, t)
+        if reuse is None:
+            rows.append(_row_distances(k, other, distance))
+            continue
+        compute, earlier = reuse
+        d = torch.empty_like(rows[0])
+        same = (earlier >= 0).nonzero().squeeze(1)
+        if same.numel():
+            done = torch.stack(rows)
+            d[same.to(d.device)] = done[earlier[same].to(d.device), same.to(d.device)]
+        if compute.numel():
+            at = compute.to(k.device)
+            d[at] = _row_distances(k.index_select(0, at),
+                                   other.index_select(0, at.to(other.device)),
+                                   distance).to(d.dtype)
+        rows.append(d)
     return torch.stack(rows)
+
+
+def _distinct_channels(ids: list[Tensor], t: int) -> tuple[Tensor, Tensor] | None:
+    """For candidate ``t``: the channels whose kernel id no earlier candidate has at that
+    channel (to compute), and per channel the first earlier candidate with the same id (-1
+    where none); None when every channel is new (compute them all). On the CPU, where the
+    bank keeps its ids."""
+    mine = ids[t].cpu()
+    seen = torch.stack([i.cpu() for i in ids[:t]]) == mine.unsqueeze(0)  # [t, C]
+    hit = seen.any(0)
+    if not bool(hit.any()):
+        return None
+    earlier = torch.where(hit, seen.to(torch.int8).argmax(0), -1)
+    return (~hit).nonzero().squeeze(1), earlier
+
+
+def _row_distances(k: Tensor, other: Tensor, distance: str) -> Tensor:
+    """Row j of ``k`` against row j of ``other``: the child's rows for l2, its normalised rows
+    for cosine. On the CPU a subset of the rows gives those rows' distances bit for bit (each
+    row is reduced on its own: checked in the tests for 1 to C rows, rows of up to 300k
+    values, 2 threads); a GPU may reduce a few long rows in another order (to rounding)."""
+    if distance == "l2":
+        return (k - other.to(k.dtype)).norm(dim=1)
+    return 1.0 - _normalised(k).mul_(other).sum(-1)
 
 
 def _normalised(k: Tensor, eps: float = 1e-12) -> Tensor:
@@ -106,10 +160,12 @@ def _normalised(k: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def nearest_parents(child: Tensor, candidates: Tensor | list[Tensor],
-                    distance: str = DEFAULT_DISTANCE):
+                    distance: str = DEFAULT_DISTANCE,
+                    ids: Tensor | list[Tensor] | None = None):
     """Index [C] of the nearest candidate for each channel, and that distance [C]
-    (``candidates`` as :func:`kernel_distances` takes them)."""
-    d = kernel_distances(child, candidates, distance)
+    (``candidates`` and ``ids`` as :func:`kernel_distances` takes them; of equal distances the
+    first candidate wins)."""
+    d = kernel_distances(child, candidates, distance, ids)
     dist, choice = d.min(dim=0)
     return choice, dist
 
@@ -242,7 +298,7 @@ def search_parents(
         device = layer.weight.device
         weights = [w.to(device) for w in weights]
         choice, dist = nearest_parents(layer.weight.detach().float(),
-                                       [w.float() for w in weights], distance)
+                                       [w.float() for w in weights], distance, ids)
         # gathered straight into the layer's parent (set_parent without its copy)
         parent_w = gather_channels(weights, choice, out=layer.parent_weight)
         if distance == "cosine":  # (patches the parent's rows it changes)
