@@ -83,20 +83,21 @@ def test_kernel_ids_skip_kernels_an_earlier_candidate_holds_and_change_nothing(d
     (in a bank, a task's shared channels are its parents' kernels): distances, choices and ties
     are those of computing every kernel, bit for bit. A channels_last child; candidates with
     some kernels new, one new, none new (a copy of T0: ties go to T0) and all new; long rows
-    too, on two threads."""
+    too, on two threads (one long row alone is reduced split over the threads, which rounds
+    otherwise). The child is near T0, as after a warm-up: distances near 0 keep every bit."""
     g = torch.Generator().manual_seed(3)
     c = shape[0]
-    child = torch.randn(shape, generator=g)
+    t0 = torch.randn(shape, generator=g)
+    child = t0 + 1e-3 * torch.randn(shape, generator=g)
     if len(shape) == 4:
         child = child.contiguous(memory_format=torch.channels_last)
-    t0 = torch.randn(shape, generator=g)
     cands, ids = [t0], [torch.arange(c)]
     fresh = iter(range(100, 200))
     # (start: the candidate whose kernels it keeps where none are new)
     for start, new_rows in ((0, [1, 3]), (1, [0]), (0, []), (0, list(range(c)))):
         k, i = cands[start].clone(), ids[start].clone()
         for r in new_rows:
-            k[r] = torch.randn(shape[1:], generator=g)
+            k[r] = t0[r] + 1e-3 * torch.randn(shape[1:], generator=g)
             i[r] = next(fresh)
         cands.append(k)
         ids.append(i)
@@ -127,6 +128,17 @@ def test_a_kernel_with_an_earlier_candidates_id_takes_its_distance():
     others = torch.ones_like(d, dtype=torch.bool)
     others[1, 0] = others[2, 1] = False
     assert torch.equal(d[others], ref[others])
+
+
+def test_kernel_ids_are_not_used_across_candidates_of_several_dtypes():
+    """A float64 candidate after a float32 one: each is computed in its own dtype, as without
+    ids, even where the ids say the kernels are the same."""
+    child, cands = constructed_case()
+    mixed = [cands[0], cands[0].double()]
+    ids = [torch.arange(3), torch.arange(3)]
+    d = kernel_distances(child, mixed, "cosine", ids)
+    assert d.dtype == torch.float64
+    assert torch.equal(d, kernel_distances(child, mixed, "cosine"))
 
 
 def test_kernel_ids_of_the_wrong_shape_are_refused():

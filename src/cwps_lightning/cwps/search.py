@@ -77,8 +77,8 @@ def kernel_distances(child: Tensor, candidates: Tensor | list[Tensor],
     ``ids`` (optional, [T, C] or T tensors of [C], as a KernelBank gives them): the kernel id
     of every candidate kernel. A kernel j with the id of an earlier candidate's kernel j holds
     the same numbers (the bank's contract), so it takes that candidate's distance instead of
-    computing it again: on the CPU the same result, bit for bit, from less work
-    (_row_distances).
+    computing it again: the same result, bit for bit, from less work. Used on the CPU, for
+    candidates of one dtype; elsewhere every kernel is computed (_distance_rows).
     """
     check_distance(distance)
     if isinstance(candidates, Tensor):
@@ -96,33 +96,42 @@ def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str,
                    ids: list[Tensor] | None = None) -> Tensor:
     """kernel_distances with the candidates as a list of [C, ...] tensors (no [T, C, K] stack
     of them); each kernel flattened to a row (a view of a contiguous kernel, as the bank keeps
-    them). With ``ids``, each candidate computes only the channels whose kernel no earlier
-    candidate holds (_distinct_channels): a task's shared channels are its parents' kernels,
-    so in a bank most kernels of later tasks are T0's (the default job shares about two
-    thirds of every task's channels)."""
+    them). With ``ids``, on the CPU, each candidate computes only the channels whose kernel no
+    earlier candidate holds (_distinct_channels): a task's shared channels are its parents'
+    kernels, so in a bank most kernels of later tasks are T0's (the default job shares about
+    two thirds of every task's channels). Elsewhere, or with candidates of several dtypes,
+    every kernel is computed, as without ids (a GPU reduces a subset of rows in another order
+    than all of them, which could break a tie between equal kernels the other way)."""
     c = child.flatten(1)
     cn = None
+    reuse_ids = (ids is not None and all(k.device.type == "cpu" for k in candidates)
+                 and len({k.dtype for k in candidates}) == 1)
     rows: list[Tensor] = []
     for t, cand in enumerate(candidates):
         k = cand.flatten(1)
         if distance == "cosine" and (cn is None or cn.dtype != k.dtype):
             cn = _normalised(c.to(k.dtype))
         other = c if distance == "l2" else cn
-        reuse = None if ids is None or not t else _distinct_channels(ids, t)
+        reuse = _distinct_channels(ids, t) if reuse_ids and t else None
         if reuse is None:
             rows.append(_row_distances(k, other, distance))
             continue
         compute, earlier = reuse
         d = torch.empty_like(rows[0])
-        same = (earlier >= 0).nonzero().squeeze(1)
-        if same.numel():
-            done = torch.stack(rows)
-            d[same.to(d.device)] = done[earlier[same].to(d.device), same.to(d.device)]
-        if compute.numel():
-            at = compute.to(k.device)
-            d[at] = _row_distances(k.index_select(0, at),
-                                   other.index_select(0, at.to(other.device)),
-                                   distance).to(d.dtype)
+        for s in earlier.unique().tolist():
+            if s >= 0:
+                at = (earlier == s).nonzero().squeeze(1)
+                d[at] = rows[s][at]
+        n = compute.numel()
+        if n:
+            at = compute
+            if n == 1 and k.shape[0] > 1:
+                # one row alone is one output, which torch reduces split over the threads
+                # once the row is longer than its grain (32768 values): another rounding than
+                # the row reduced whole, as it is among others. Two rows, the second dropped.
+                at = torch.cat([compute, (compute + 1) % k.shape[0]])
+            d[compute] = _row_distances(k.index_select(0, at), other.index_select(0, at),
+                                        distance)[:n]
         rows.append(d)
     return torch.stack(rows)
 
@@ -130,8 +139,7 @@ def _distance_rows(child: Tensor, candidates: list[Tensor], distance: str,
 def _distinct_channels(ids: list[Tensor], t: int) -> tuple[Tensor, Tensor] | None:
     """For candidate ``t``: the channels whose kernel id no earlier candidate has at that
     channel (to compute), and per channel the first earlier candidate with the same id (-1
-    where none); None when every channel is new (compute them all). On the CPU, where the
-    bank keeps its ids."""
+    where none); None when every channel is new (compute them all)."""
     mine = ids[t].cpu()
     seen = torch.stack([i.cpu() for i in ids[:t]]) == mine.unsqueeze(0)  # [t, C]
     hit = seen.any(0)
@@ -143,9 +151,8 @@ def _distinct_channels(ids: list[Tensor], t: int) -> tuple[Tensor, Tensor] | Non
 
 def _row_distances(k: Tensor, other: Tensor, distance: str) -> Tensor:
     """Row j of ``k`` against row j of ``other``: the child's rows for l2, its normalised rows
-    for cosine. On the CPU a subset of the rows gives those rows' distances bit for bit (each
-    row is reduced on its own: checked in the tests for 1 to C rows, rows of up to 300k
-    values, 2 threads); a GPU may reduce a few long rows in another order (to rounding)."""
+    for cosine. On the CPU two or more rows give each row's distance bit for bit as all C rows
+    do (each row is reduced whole; one row alone need not be: _distance_rows)."""
     if distance == "l2":
         return (k - other.to(k.dtype)).norm(dim=1)
     return 1.0 - _normalised(k).mul_(other).sum(-1)
