@@ -357,25 +357,25 @@ class StepComposeSGD(torch.optim.Optimizer):
         stage's, a penalty's). The ranks first agree on which exist (a small all-reduce): one
         that a rank lacks (a layer it did not run, a penalty only it had) is a zero there,
         as DDP reduces an unused parameter's gradient."""
-        slots = []  # (layer, index: 0/1 a leaf (weight/bias), 2.. its trained tensors)
+        # a slot: (layer, 0 / 1) the leaf over its kept weight / bias; (None, p) a tensor it
+        # trains (trained_tensors), with its own gradient. Every rank lists them in one order.
+        slots = []
         for layer in self.layers:
             leaves = layer.__dict__.get("_step_leaves") or (None, None)
-            params = (layer.weight, layer.bias, layer.mask_logits)
-            slots += [(layer, i, leaves[i] is not None and leaves[i].grad is not None)
-                      for i in range(2) if params[i] is not None]
-            slots += [(layer, 2 + i, p.grad is not None) for i, p in enumerate(params)
-                      if p is not None]
+            slots += [((layer, i), leaves[i] is not None and leaves[i].grad is not None)
+                      for i, kept in enumerate((layer.weight, layer.bias)) if kept is not None]
+            slots += [((None, p), p.grad is not None) for p in trained_tensors(layer)]
         if not slots:
             return
         device = self.layers[0].weight.device
-        present = torch.tensor([float(has) for _, _, has in slots], device=device)
+        present = torch.tensor([float(has) for _, has in slots], device=device)
         torch.distributed.all_reduce(present, op=torch.distributed.ReduceOp.MAX,
                                      group=self.process_group)
         grads = []
-        for (layer, i, has), anywhere in zip(slots, present.tolist(), strict=True):
+        for (slot, has), anywhere in zip(slots, present.tolist(), strict=True):
             if not anywhere:
                 continue
-            grads.append(self._slot_grad(layer, i) if has else self._zero_slot(layer, i))
+            grads.append(self._slot_grad(*slot) if has else self._zero_slot(*slot))
         flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat, group=self.process_group)
         flat.div_(ranks)
@@ -383,22 +383,23 @@ class StepComposeSGD(torch.optim.Optimizer):
             g.copy_(part.view(g.shape))  # (reshape(-1) flattened in logical order)
 
     @staticmethod
-    def _slot_grad(layer, i: int) -> Tensor:
-        if i < 2:
-            return layer.__dict__["_step_leaves"][i].grad
-        return (layer.weight, layer.bias, layer.mask_logits)[i - 2].grad
+    def _slot_grad(layer, which) -> Tensor:
+        """The gradient in a slot of _average: a leaf's (``layer``, 0 / 1) or a trained
+        tensor's own (None, the tensor)."""
+        if layer is None:
+            return which.grad
+        return layer.__dict__["_step_leaves"][which].grad
 
     @staticmethod
-    def _zero_slot(layer, i: int) -> Tensor:
-        """A zero gradient in slot ``i`` of ``layer`` (its leaf made where it has none)."""
-        if i >= 2:
-            p = (layer.weight, layer.bias, layer.mask_logits)[i - 2]
-            p.grad = torch.zeros_like(p.detach())
-            return p.grad
+    def _zero_slot(layer, which) -> Tensor:
+        """A zero gradient in a slot of _average (the leaf made where the layer has none)."""
+        if layer is None:
+            which.grad = torch.zeros_like(which.detach())
+            return which.grad
         layer._recompose_if_stale()
-        leaves = layer._step_leaf_pair()
-        leaves[i].grad = torch.zeros_like(leaves[i].detach())
-        return leaves[i].grad
+        leaf = layer._step_leaf_pair()[which]
+        leaf.grad = torch.zeros_like(leaf.detach())
+        return leaf.grad
 
     def _takes_part(self, ran: bool, p: Tensor) -> bool:
         """Whether ``p`` (a child, bias or scores) is stepped now, as torch's SGD would step
