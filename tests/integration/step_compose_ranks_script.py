@@ -1,6 +1,7 @@
 """StepComposeSGD on 2 CPU ranks (gloo) whose gradients do not match in kind: rank 1's forward
 leaves a CWPS layer out ("skip"), or only rank 0 has a penalty on that layer's scores
-("penalty"). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
+("penalty"), or that layer is in the finetune stage ("finetune": its child has a gradient of
+its own on every rank, from different data). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
 checks that the ranks agree and equal a one-process replay that averages the two losses.
 
 usage: python step_compose_ranks_script.py OUT_DIR SCENARIO PORT
@@ -45,7 +46,7 @@ class Net(nn.Module):
         return self.head(h if self.skip else self.fc2(h))
 
 
-def model() -> nn.Module:
+def model(scenario: str = "") -> nn.Module:
     torch.manual_seed(0)
     net = Net()
     inject_cwps(net)  # all but the head
@@ -57,6 +58,8 @@ def model() -> nn.Module:
             layer.mask_logits.copy_(torch.randn(layer.mask_logits.shape, generator=g))
     use_step_compose(net)
     set_stage(net, "soft")
+    if scenario == "finetune":  # a plain layer on its child: the child's own gradient
+        set_stage(net.fc2, "finetune")
     return net
 
 
@@ -85,7 +88,7 @@ def work(rank: int, out: str, scenario: str, port: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     dist.init_process_group("gloo", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
-    net = model()
+    net = model(scenario)
     # DDP for the head; the CWPS layers' children and scores are the step's to average
     ignored = [f"{name}.{kind}" for name, _ in cwps_layers(net)
                for kind in ("weight", "bias", "mask_logits")]

@@ -95,12 +95,13 @@ def test_a_step_compose_fit_under_ddp_trains_as_the_forward_compose_fit(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["skip", "penalty"])
+@pytest.mark.parametrize("scenario", ["skip", "penalty", "finetune"])
 def test_step_compose_ranks_whose_gradients_differ_in_kind_agree(tmp_path, scenario):
     """A layer that one rank leaves out, a penalty one rank alone has: the ranks agree on which
     gradients exist before they average (a rank that lacks one adds a zero), so the
     all-reduce neither fails nor mixes tensors up, and both ranks end where a one-process
-    replay of the two ranks' mean loss ends."""
+    replay of the two ranks' mean loss ends. A layer in the finetune stage: its child's
+    gradient, which DDP leaves alone, is averaged by the step."""
     import socket
 
     from .step_compose_ranks_script import loss_of, model, optimizer
@@ -113,7 +114,7 @@ def test_step_compose_ranks_whose_gradients_differ_in_kind_agree(tmp_path, scena
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    net = model()
+    net = model(scenario)
     opt = optimizer(net)
     opt.zero_grad()
     for rank in range(2):
