@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from cwps_lightning.cwps import cwps_layers, inject_cwps, use_step_compose
+from cwps_lightning.cwps.surgery import mask_flips
 from cwps_lightning.data import base
 from cwps_lightning.fitting import FitSettings, fit
 from cwps_lightning.methods.base import FitPlan
@@ -37,11 +38,13 @@ def flip_a_shared_channel(module) -> None:
 
 
 def visit(checkpoints, kill_at_epoch: int | None = None,
-          flip_at_epoch: int | None = None, compose: str = "forward") -> dict:
+          flip_at_epoch: int | None = None, compose: str = "forward",
+          flips: dict | None = None) -> dict:
     """A warm-up fit, CWPS injection with fixed parents, a mask fit; a fresh datamodule and
     model each time, as in a rerun of the job. ``flip_at_epoch``: a shared channel turns
     task-specific as that epoch of the mask fit starts (flip_a_shared_channel). ``compose``:
-    the layers' compose mode in the mask fit (cwps.compose)."""
+    the layers' compose mode in the mask fit (cwps.compose). ``flips``: filled with the mask
+    fit's mask_flips."""
     torch.manual_seed(0)
     net, dm = Small(), synthetic_tasks(n_train=45, batch_size=8)
     settings = FitSettings(trainer=TRAINER, checkpoint_dir=checkpoints)
@@ -70,6 +73,8 @@ def visit(checkpoints, kill_at_epoch: int | None = None,
         else:
             with pytest.raises(Killed):
                 fit(net, dm, "t", plan, settings, names, "cwps", "t-mask")
+    if flips is not None:
+        flips.update(mask_flips(net))
     return {k: v.clone() for k, v in net.state_dict().items()}
 
 
@@ -106,11 +111,16 @@ def test_a_channel_that_turns_task_specific_as_the_resumed_fit_starts(tmp_path, 
     resume gets its momentum rows zeroed as in the uninterrupted fit, bit for bit; a checkpoint
     without them ends elsewhere."""
     torch.set_num_threads(1)
-    whole = visit(tmp_path / "whole", flip_at_epoch=2)
+    whole_flips, resumed_flips = {}, {}
+    whole = visit(tmp_path / "whole", flip_at_epoch=2, flips=whole_flips)
     visit(tmp_path / "killed", kill_at_epoch=2)
-    resumed = visit(tmp_path / "killed", flip_at_epoch=2)
+    resumed = visit(tmp_path / "killed", flip_at_epoch=2, flips=resumed_flips)
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, f"the resumed visit differs in {differ}"
+    # the decisions at each stage's start are in the checkpoint too: the resumed fit counts
+    # the hard stage's flip (and the soft stage's) as the uninterrupted one does
+    assert whole_flips["hard"] >= 1
+    assert resumed_flips == whole_flips
     # compose=step zeroes a shared channel's momentum rows at every step: nothing to keep
     step_whole = visit(tmp_path / "step-whole", flip_at_epoch=2, compose="step")
     visit(tmp_path / "step-killed", kill_at_epoch=2, compose="step")

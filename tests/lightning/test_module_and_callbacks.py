@@ -240,6 +240,46 @@ def test_soft_to_hard_switch_falls_inside_an_epoch(tmp_path):
     assert MaskStageCallback(1.5).stage_for_epoch(1, 2, 4) == "hard"
 
 
+def test_mask_stage_checkpoint_state_is_checked_and_restored():
+    """The callback's checkpoint entry: the stage and each layer's decisions, put back at the
+    resumed fit's start (after entering the stage, which records decisions of its own); a
+    checkpoint without it warns, a malformed one or one of other layers is refused."""
+    net, names = injected()
+    module = CWPSLitModule(net, num_classes=3)
+    saving = MaskStageCallback(1)
+    saving._stage = "hard"
+    held = {"soft": torch.tensor([True, False] * 4), "hard": torch.tensor([False] * 8)}
+    for _, layer in cwps_layers(module):
+        layer.decisions = {k: v.clone()[:layer.mask_logits.numel()] for k, v in held.items()}
+    checkpoint = {}
+    saving.on_save_checkpoint(None, module, checkpoint)
+    state = checkpoint["cwps_mask_stage"]
+    assert state["stage"] == "hard" and set(state["decisions"]) == {n for n, _ in cwps_layers(module)}
+    for _, layer in cwps_layers(module):
+        layer.decisions = {}
+    loading = MaskStageCallback(1)
+    loading.on_load_checkpoint(None, module, checkpoint)
+    loading.on_fit_start(None, module)
+    for _, layer in cwps_layers(module):
+        assert layer.stage == "hard"
+        c = layer.mask_logits.numel()
+        assert {k: v.tolist() for k, v in layer.decisions.items()} == \
+            {k: v[:c].tolist() for k, v in held.items()}
+    with pytest.warns(UserWarning, match="no mask-stage decisions"):
+        MaskStageCallback(1).on_load_checkpoint(None, module, {})
+    with pytest.raises(ValueError, match="'finetune'"):
+        MaskStageCallback(1).on_load_checkpoint(None, module, {"cwps_mask_stage": {
+            "stage": "finetune", "decisions": {}}})
+    with pytest.raises(ValueError, match="bool tensor per channel"):
+        MaskStageCallback(1).on_load_checkpoint(None, module, {"cwps_mask_stage": {
+            "stage": "soft", "decisions": {"model.0": {"soft": torch.zeros(8)}}}})
+    other = MaskStageCallback(1)
+    other.on_load_checkpoint(None, module, {"cwps_mask_stage": {
+        "stage": "soft", "decisions": {"model.9": {}}}})
+    with pytest.raises(ValueError, match="other CWPS layers"):
+        other.on_fit_start(None, module)
+
+
 def test_fit_keeps_shared_channels_still_in_the_hard_stage():
     """The LitModule's optimiser freezes the children of shared channels (cwps/freeze.py)."""
     net, names = injected()
