@@ -4,6 +4,7 @@ fit; the CLI turns it into ``error: ...`` and exit 2 with nothing written."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cwps_lightning import checks
 from cwps_lightning.config import compose_config
@@ -157,6 +159,44 @@ def test_cli_hub_without_network_fails_within_seconds(tmp_path):
 def test_checks_compose_the_default_run_cleanly(no_fits):
     job = checks.check_config(compose_config([]))
     assert job.cwps.baselines == ["finetune", "frozen"] and job.model.name == "resnet18"
+
+
+def test_lightnings_trainer_defaults_take_a_plain_override(no_fits):
+    """num_nodes, gradient_clip_val, accumulate_grad_batches and sync_batchnorm are in the
+    trainer config with Lightning's defaults: set without "+", passed to the Trainer."""
+    cfg = compose_config(["trainer.num_nodes=2", "trainer.gradient_clip_val=0.5",
+                          "trainer.accumulate_grad_batches=4", "trainer.sync_batchnorm=true"])
+    checks.check_config(cfg)
+    assert (cfg.trainer.num_nodes, cfg.trainer.gradient_clip_val,
+            cfg.trainer.accumulate_grad_batches, cfg.trainer.sync_batchnorm) == (2, 0.5, 4, True)
+    import lightning as L
+
+    defaults = inspect.signature(L.Trainer.__init__).parameters
+    plain = compose_config([]).trainer
+    for key in ("num_nodes", "gradient_clip_val", "accumulate_grad_batches", "sync_batchnorm"):
+        assert plain[key] == defaults[key].default, key
+
+
+@pytest.mark.parametrize("overrides, error", [
+    (["trainer.gradient_clip_val=1.0"], r"trainer.gradient_clip_val=1.0: cwps.compose=step"),
+    (["trainer.accelerator=gpu", "trainer.precision=16-mixed"],
+     r"trainer.precision=16-mixed: cwps.compose=step .* on a GPU"),
+])
+def test_what_compose_step_cannot_train_with_is_refused_before_any_fit(overrides, error,
+                                                                      no_fits, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (a GPU, for the check)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=error):
+        checks.check_config(compose_config(["cwps.compose=step", *overrides]))
+    checks.check_config(compose_config(overrides))  # the forward mode trains with them
+
+
+def test_compose_step_with_16_mixed_on_the_cpu_passes(no_fits, monkeypatch):
+    """On the CPU Lightning runs "16-mixed" as bf16-mixed, which the step handles."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checks.check_config(compose_config(["cwps.compose=step", "trainer.accelerator=cpu",
+                                        "trainer.precision=16-mixed"]))
+    checks.check_config(compose_config(["cwps.compose=step", "trainer.precision=16-mixed"]))
 
 
 @pytest.mark.parametrize("argv", [

@@ -179,6 +179,7 @@ def test_readme_plain_pytorch_example_runs_the_clis_cpms(monkeypatch):
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), {})
     cli = settings_of(compose_config([]).cwps, CWPSSettings, "cwps")
+    assert re.search(r"inject_cwps\(model, threshold=([0-9.]+)", code).group(1) == str(cli.threshold)
     explicit = code.replace('search_parents(model, bank, "task1")',
                             f'search_parents(model, bank, "task1", distance="{cli.distance}", '
                             f'init_scope="{cli.init_scope}")')

@@ -67,7 +67,10 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     check_model_name(job.model.name)
     if job.model.weights and not Path(job.model.weights).is_file():
         raise ConfigError(f"model.weights: no such file {job.model.weights!r}")
-    check_trainer(OmegaConf.to_container(cfg.trainer, resolve=True), gpus_here=here)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    check_trainer(trainer, gpus_here=here)
+    if job.cwps.compose == "step":
+        check_step_compose_trainer(trainer)
     check_logger(job.logger)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
@@ -123,6 +126,27 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
         devices = trainer.get("devices", "auto")
         if isinstance(devices, int) and devices > available:
             raise ConfigError(f"trainer.devices={devices}: only {available} GPU(s) visible")
+
+
+def check_step_compose_trainer(trainer: dict) -> None:
+    """What cwps.compose=step cannot train with, refused before T0 and the first fits (the
+    Lightning module refuses it again when it makes the optimiser, for code that builds it
+    without this check): gradient clipping, and float16 mixed precision on a GPU (on the CPU
+    Lightning runs "16-mixed" as bf16-mixed, which the step handles)."""
+    clip = trainer.get("gradient_clip_val")
+    if clip:
+        raise ConfigError(f"trainer.gradient_clip_val={clip}: cwps.compose=step does not clip "
+                          "gradients (the composed weights' gradients are not the "
+                          "optimiser's); use cwps.compose=forward or gradient_clip_val=null")
+    precision = str(trainer.get("precision", "32-true"))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_gpu = accelerator in GPU_ACCELERATORS or (
+        accelerator == "auto" and torch.cuda.is_available())
+    if precision in ("16-mixed", "16") and on_gpu:
+        raise ConfigError(f"trainer.precision={precision}: cwps.compose=step does not run under "
+                          "float16 mixed precision on a GPU (its gradient scaler does not "
+                          "reach the composed weights' gradients); use bf16-mixed or "
+                          "32-true, or cwps.compose=forward")
 
 
 # -- how the job is launched: DDP, sweeps, SLURM --------------------------------------------------

@@ -63,7 +63,7 @@ def markdown_table(results: dict) -> str:
         "backbone parameters, so fine-tuning reads 1 + K for K tasks. With heads: the same "
         "with T0's and every task's head in the numerator. TAPS: a layer whose gate is open "
         "stores its full residual; Piggyback: 1 bit per masked weight (numel / 32) (README, "
-        "'Parameter accounting').",
+        "'`param_ratio`, precisely').",
         "Time per task: training and testing, wall-clock seconds per task (every pass in joint "
         "mode).",
         *_ranks_note(results.get("ranks")),

@@ -1,0 +1,47 @@
+"""results.md's table and notes (report.markdown_table)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from cwps_lightning.report import markdown_table
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def results(tasks=("a", "b")) -> dict:
+    def method(top1, ratio, mode=None, label=None):
+        out = {"tasks": {t: {"top1": v} for t, v in zip(tasks, top1, strict=True)},
+               "mean_top1": sum(top1) / len(top1), "param_ratio": ratio,
+               "param_ratio_with_heads": ratio + 0.01, "seconds_per_task": 3.4}
+        if mode:
+            out["mode"] = mode
+        if label:
+            out["label"] = label
+        return out
+
+    return {"tasks": list(tasks), "backbone": "resnet18", "backbone_params": 11_176_512,
+            "methods": {"cwps": method([90.0, 80.5], 1.33, "incremental"),
+                        "finetune": method([91.0, 81.0], 3.0, label="Fine-Tuning")}}
+
+
+def test_table_rows_follow_the_row_order_with_each_methods_figures():
+    text = markdown_table(json.loads(json.dumps(results())))
+    rows = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows[0].split(" | ")[-3:] == ["b", "Mean", "Time per task |"]
+    # fine-tuning first (ROW_ORDER), whatever the order in results.json
+    assert rows[1] == "| Fine-Tuning | 3.00x | 3.01x | 91.00 | 81.00 | 86.00 | 3 s |"
+    assert rows[2] == "| CWPS-Incremental | 1.33x | 1.34x | 90.00 | 80.50 | 85.25 | 3 s |"
+
+
+def test_every_readme_section_the_notes_name_exists():
+    """The notes send a reader to README sections by name: each is a heading there."""
+    text = markdown_table(results())
+    named = re.findall(r"README, '([^']+)'", text)
+    assert named, "the notes name no README section"
+    headings = {line.lstrip("#").strip() for line in README.read_text().splitlines()
+                if line.startswith("#")}
+    missing = [n for n in named if n not in headings]
+    assert not missing, f"results.md names README sections that do not exist: {missing}"
