@@ -58,7 +58,8 @@ def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> d
     wall = time.perf_counter() - t0
     if proc.returncode != 0 or not results.is_file():
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        print(f"  {name} seed {seed}: FAILED (exit {proc.returncode})\n    " + "\n    ".join(tail))
+        why = f"exit {proc.returncode}" if proc.returncode else f"no {results}"
+        print(f"  {name} seed {seed}: FAILED ({why})\n    " + "\n    ".join(tail))
         return {"setting": name, "seed": seed, "ok": False, "wall_s": wall}
     data = json.loads(results.read_text())
     methods = {
@@ -149,7 +150,8 @@ def main(argv=None) -> int:
     print(f"{len(jobs)} runs ({len(settings)} settings x {len(args.seeds)} seeds), "
           f"{args.parallel} at a time", flush=True)
     with tempfile.TemporaryDirectory(prefix="cwps-sweep-") as tmp:
-        root = Path(args.keep_dir) if args.keep_dir else Path(tmp)
+        # (absolute: the runs start in the checkout, a relative path means the caller's cwd)
+        root = Path(args.keep_dir).resolve() if args.keep_dir else Path(tmp)
         root.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(args.parallel) as pool:
             runs = list(pool.map(lambda j: run_one(*j, common, root, args.reuse), jobs))
