@@ -250,7 +250,16 @@ def test_torchrun_without_one_run_dir_is_refused(monkeypatch, no_fits):
     preflight(["cwps.threshold=0.3", "hydra.run.dir=/tmp/x"])
 
 
-def test_slurm_launcher_settings_must_match_the_trainer(no_fits):
+def test_slurm_launcher_without_sbatch_is_refused_naming_the_way(no_fits, monkeypatch):
+    monkeypatch.setattr(checks.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match=r"hydra/launcher=slurm: no sbatch .* login node"):
+        preflight(["-m", "hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4",
+                   "hydra.launcher.gpus_per_node=4", "cwps.threshold=0.3,0.7"])
+
+
+def test_slurm_launcher_settings_must_match_the_trainer(no_fits, monkeypatch):
+    # (a machine with SLURM's tools; this one need not have them)
+    monkeypatch.setattr(checks.shutil, "which", lambda name: f"/usr/bin/{name}")
     base = ["-m", "hydra/launcher=slurm", "trainer=ddp", "cwps.threshold=0.3,0.7"]
     with pytest.raises(ConfigError, match=r"trainer\.devices=2 but hydra\.launcher asks SLURM "
                                           r"for 4 \(gpus_per_node\)"):

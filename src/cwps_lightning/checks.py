@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import netrc
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from functools import cache
@@ -201,6 +202,12 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
             f"hydra.run.dir=<dir> (the default is time-stamped, so ranks would differ)"
         )
     if multirun and launcher == SLURM_LAUNCHER:
+        # (submitit submits with sbatch and fails with a traceback about srun without it)
+        if shutil.which("sbatch") is None:
+            raise ConfigError(
+                "hydra/launcher=slurm: no sbatch on this machine's PATH; submit the sweep "
+                "from a SLURM login node, or run it here with the basic launcher (drop "
+                "hydra/launcher=slurm; one device per job)")
         lc = cfg.hydra.launcher
         want = {"trainer.devices": (trainer.get("devices"), lc.get("gpus_per_node")),
                 "trainer.num_nodes": (trainer.get("num_nodes", 1), lc.get("nodes"))}
