@@ -162,18 +162,18 @@ def test_checks_compose_the_default_run_cleanly(no_fits):
 
 
 def test_lightnings_trainer_defaults_take_a_plain_override(no_fits):
-    """num_nodes, gradient_clip_val, accumulate_grad_batches and sync_batchnorm are in the
-    trainer config with Lightning's defaults: set without "+", passed to the Trainer."""
+    """num_nodes, gradient_clip_val and accumulate_grad_batches are in the trainer config with
+    Lightning's defaults: set without "+", passed to the Trainer."""
     cfg = compose_config(["trainer.num_nodes=2", "trainer.gradient_clip_val=0.5",
-                          "trainer.accumulate_grad_batches=4", "trainer.sync_batchnorm=true"])
+                          "trainer.accumulate_grad_batches=4"])
     checks.check_config(cfg)
     assert (cfg.trainer.num_nodes, cfg.trainer.gradient_clip_val,
-            cfg.trainer.accumulate_grad_batches, cfg.trainer.sync_batchnorm) == (2, 0.5, 4, True)
+            cfg.trainer.accumulate_grad_batches) == (2, 0.5, 4)
     import lightning as L
 
     defaults = inspect.signature(L.Trainer.__init__).parameters
     plain = compose_config([]).trainer
-    for key in ("num_nodes", "gradient_clip_val", "accumulate_grad_batches", "sync_batchnorm"):
+    for key in ("num_nodes", "gradient_clip_val", "accumulate_grad_batches"):
         assert plain[key] == defaults[key].default, key
 
 
@@ -197,6 +197,10 @@ def test_compose_step_with_16_mixed_on_the_cpu_passes(no_fits, monkeypatch):
     checks.check_config(compose_config(["cwps.compose=step", "trainer.accelerator=cpu",
                                         "trainer.precision=16-mixed"]))
     checks.check_config(compose_config(["cwps.compose=step", "trainer.precision=16-mixed"]))
+    # submitted elsewhere (SLURM), "auto" may well be a GPU there
+    with pytest.raises(ConfigError, match="trainer.precision=16-mixed"):
+        checks.check_config(compose_config(["cwps.compose=step", "trainer.precision=16-mixed"]),
+                            here=False)
 
 
 @pytest.mark.parametrize("argv", [

@@ -249,9 +249,42 @@ def test_a_key_added_at_its_old_value_leaves_the_run_hash_as_it_was():
     del before["cwps"]["compose"]  # the config as a run before the key wrote it
     for key in ("paths", "hydra", "logger"):
         before.pop(key, None)
-    for key in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps"):
+    for key in ("enable_progress_bar", "enable_model_summary", "log_every_n_steps",
+                "num_nodes", "gradient_clip_val", "accumulate_grad_batches"):  # (the same)
         before["trainer"].pop(key, None)
     assert config_hash(plain) == config_hash(before)
     step = result_config(compose_config(["cwps.compose=step"]))
     assert step["cwps"]["compose"] == "step"
     assert config_hash(step) != config_hash(plain)
+
+
+@pytest.mark.parametrize("preset", [[], ["trainer=ddp"], ["trainer=gpu"], ["trainer=cpu"]])
+def test_the_trainer_keys_listed_with_lightnings_defaults_leave_the_run_hash_as_it_was(preset):
+    """trainer.num_nodes, gradient_clip_val and accumulate_grad_batches joined the trainer
+    config after runs were made (at Lightning's defaults): a run made before, whose config
+    lacks them, keeps its hash under every trainer preset; another value counts. And the T0
+    cache key reads one node as it did when the key was absent."""
+    from omegaconf import OmegaConf
+
+    from cwps_lightning.persist import config_hash, result_config
+    from cwps_lightning.pretrain import cache_key, t0_spec
+
+    cfg = compose_config(preset)
+    added = ("num_nodes", "gradient_clip_val", "accumulate_grad_batches")
+    assert all(key in cfg.trainer for key in added)
+    before = OmegaConf.to_container(cfg, resolve=False)
+    for key in added:
+        del before["trainer"][key]  # the config as a run before the keys wrote it
+    assert config_hash(result_config(cfg)) == config_hash(result_config(OmegaConf.create(before)))
+    for override in ("trainer.num_nodes=2", "trainer.gradient_clip_val=1.0",
+                     "trainer.accumulate_grad_batches=2"):
+        other = result_config(compose_config([*preset, override]))
+        assert config_hash(other) != config_hash(result_config(cfg)), override
+    from cwps_lightning.data.digits import DigitsDataModule
+
+    args = (DigitsDataModule(), "resnet18", {}, 1, 0.1, 0)
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    old = {k: v for k, v in trainer.items() if k != "num_nodes"}
+    assert cache_key(t0_spec(*args, trainer)) == cache_key(t0_spec(*args, old))
+    assert cache_key(t0_spec(*args, {**trainer, "num_nodes": 2})) != cache_key(
+        t0_spec(*args, old))

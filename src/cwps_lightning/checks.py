@@ -71,7 +71,7 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer, gpus_here=here)
     if job.cwps.compose == "step":
-        check_step_compose_trainer(trainer)
+        check_step_compose_trainer(trainer, gpus_here=here)
     check_logger(job.logger)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
@@ -129,11 +129,12 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
             raise ConfigError(f"trainer.devices={devices}: only {available} GPU(s) visible")
 
 
-def check_step_compose_trainer(trainer: dict) -> None:
+def check_step_compose_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """What cwps.compose=step cannot train with, refused before T0 and the first fits (the
     Lightning module refuses it again when it makes the optimiser, for code that builds it
     without this check): gradient clipping, and float16 mixed precision on a GPU (on the CPU
-    Lightning runs "16-mixed" as bf16-mixed, which the step handles)."""
+    Lightning runs "16-mixed" as bf16-mixed, which the step handles). ``gpus_here`` False (a
+    launcher submits the job elsewhere): ``accelerator: auto`` counts as a GPU."""
     clip = trainer.get("gradient_clip_val")
     if clip:
         raise ConfigError(f"trainer.gradient_clip_val={clip}: cwps.compose=step does not clip "
@@ -142,7 +143,7 @@ def check_step_compose_trainer(trainer: dict) -> None:
     precision = str(trainer.get("precision", "32-true"))
     accelerator = str(trainer.get("accelerator", "auto"))
     on_gpu = accelerator in GPU_ACCELERATORS or (
-        accelerator == "auto" and torch.cuda.is_available())
+        accelerator == "auto" and (torch.cuda.is_available() or not gpus_here))
     if precision in ("16-mixed", "16") and on_gpu:
         raise ConfigError(f"trainer.precision={precision}: cwps.compose=step does not run under "
                           "float16 mixed precision on a GPU (its gradient scaler does not "

@@ -32,7 +32,14 @@ NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_e
 #: keys added after runs were made, at the value that computes what those runs computed: left
 #: out of the hash at that value, so such a run's store still resumes (and its fit
 #: checkpoints, whose folder is named by the hash, are still found)
-ADDED_KEYS_AT_OLD_VALUE = {("cwps", "compose"): "forward"}
+ADDED_KEYS_AT_OLD_VALUE = {
+    ("cwps", "compose"): "forward",
+    # Lightning's defaults, which runs before these keys were in conf/trainer/default.yaml had
+    # by leaving them out (None: no clipping, as a missing key)
+    ("trainer", "num_nodes"): 1,
+    ("trainer", "gradient_clip_val"): None,
+    ("trainer", "accumulate_grad_batches"): 1,
+}
 
 
 def result_config(cfg: DictConfig) -> dict:

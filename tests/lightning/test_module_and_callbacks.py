@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -11,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cwps_lightning.callbacks import MaskStageCallback
-from cwps_lightning.cwps import cwps_layers, inject_cwps
+from cwps_lightning.cwps import cwps_layers, inject_cwps, set_stage
 from cwps_lightning.cwps.freeze import SharedChannelFreeze
 from cwps_lightning.models import CWPSLitModule, select_trainable
 from cwps_lightning.optim import FusedSGD
@@ -242,42 +243,63 @@ def test_soft_to_hard_switch_falls_inside_an_epoch(tmp_path):
 
 def test_mask_stage_checkpoint_state_is_checked_and_restored():
     """The callback's checkpoint entry: the stage and each layer's decisions, put back at the
-    resumed fit's start (after entering the stage, which records decisions of its own); a
-    checkpoint without it warns, a malformed one or one of other layers is refused."""
+    resumed fit's start (after entering the stage, which records decisions of its own), or at
+    once where the fit has started (a strategy that restores after setup); a checkpoint
+    without it warns, a malformed one or one of other layers is refused."""
     net, names = injected()
     module = CWPSLitModule(net, num_classes=3)
+    layers = dict(cwps_layers(module))
+    held = {name: {"soft": torch.arange(layer.mask_logits.numel()) % 2 == 0,
+                   "hard": torch.zeros(layer.mask_logits.numel(), dtype=torch.bool)}
+            for name, layer in layers.items()}
     saving = MaskStageCallback(1)
-    saving._stage = "hard"
-    held = {"soft": torch.tensor([True, False] * 4), "hard": torch.tensor([False] * 8)}
-    for _, layer in cwps_layers(module):
-        layer.decisions = {k: v.clone()[:layer.mask_logits.numel()] for k, v in held.items()}
     checkpoint = {}
     saving.on_save_checkpoint(None, module, checkpoint)
+    assert checkpoint == {}  # not inside a fit: nothing of one to keep
+    saving._stage = "hard"
+    for name, layer in layers.items():
+        layer.decisions = {k: v.clone() for k, v in held[name].items()}
+    saving.on_save_checkpoint(None, module, checkpoint)
     state = checkpoint["cwps_mask_stage"]
-    assert state["stage"] == "hard" and set(state["decisions"]) == {n for n, _ in cwps_layers(module)}
-    for _, layer in cwps_layers(module):
+    assert state["stage"] == "hard" and set(state["decisions"]) == set(layers)
+
+    def restored() -> bool:
+        return all(layer.stage == "hard" and {k: v.tolist() for k, v in layer.decisions.items()}
+                   == {k: v.tolist() for k, v in held[name].items()}
+                   for name, layer in layers.items())
+
+    for layer in layers.values():
         layer.decisions = {}
     loading = MaskStageCallback(1)
     loading.on_load_checkpoint(None, module, checkpoint)
+    assert not restored()  # held until the fit starts
     loading.on_fit_start(None, module)
-    for _, layer in cwps_layers(module):
-        assert layer.stage == "hard"
-        c = layer.mask_logits.numel()
-        assert {k: v.tolist() for k, v in layer.decisions.items()} == \
-            {k: v[:c].tolist() for k, v in held.items()}
+    assert restored()
+    set_stage(module, "soft")
+    for layer in layers.values():
+        layer.decisions = {}
+    started = MaskStageCallback(1)
+    started.on_fit_start(SimpleNamespace(current_epoch=0), module)  # soft, from epoch 0
+    started.on_load_checkpoint(None, module, checkpoint)  # after setup: applied at once
+    assert restored()
     with pytest.warns(UserWarning, match="no mask-stage decisions"):
         MaskStageCallback(1).on_load_checkpoint(None, module, {})
-    with pytest.raises(ValueError, match="'finetune'"):
-        MaskStageCallback(1).on_load_checkpoint(None, module, {"cwps_mask_stage": {
-            "stage": "finetune", "decisions": {}}})
-    with pytest.raises(ValueError, match="bool tensor per channel"):
-        MaskStageCallback(1).on_load_checkpoint(None, module, {"cwps_mask_stage": {
-            "stage": "soft", "decisions": {"model.0": {"soft": torch.zeros(8)}}}})
-    other = MaskStageCallback(1)
-    other.on_load_checkpoint(None, module, {"cwps_mask_stage": {
-        "stage": "soft", "decisions": {"model.9": {}}}})
-    with pytest.raises(ValueError, match="other CWPS layers"):
-        other.on_fit_start(None, module)
+
+    def refused(state, match):
+        with pytest.raises(ValueError, match=match):
+            MaskStageCallback(1).on_load_checkpoint(None, module, {"cwps_mask_stage": state})
+
+    refused({"stage": "finetune", "decisions": state["decisions"]}, "'finetune'; expected")
+    refused({"stage": None, "decisions": state["decisions"]}, "None; expected")
+    first = next(iter(layers))
+    c = layers[first].mask_logits.numel()
+    refused({"stage": "soft", "decisions": {**state["decisions"], first: {"soft": torch.zeros(c)}}},
+            rf"of '{first}': expected .* shape \({c},\)")
+    refused({"stage": "soft", "decisions": {**state["decisions"],
+                                            first: {"soft": torch.zeros(c + 1, dtype=torch.bool)}}},
+            rf"shape \({c},\)")
+    refused({"stage": "soft", "decisions": {"model.9": {}}},
+            r"missing \[.*'model.0'.*\], not in the model \['model.9'\]")
 
 
 def test_fit_keeps_shared_channels_still_in_the_hard_stage():

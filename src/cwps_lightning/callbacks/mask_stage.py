@@ -3,12 +3,13 @@
 The parameter set never changes inside one fit (DDP wraps it once): the stage is a flag on the
 CWPS layers, set from the fit's position (epoch + batch / batches per epoch) at the start of every
 batch, so the switch can fall inside an epoch (the paper's quarter of 3 mask epochs is 0.75 of
-one) and a resumed fit lands in the right stage without storing it.
+one).
 
-What the checkpoint does keep (``on_save_checkpoint``) is the stage of the last batch and each
-CWPS layer's decisions on entering each stage (``layer.decisions``, from which
-``surgery.mask_flips`` counts): a resumed fit starts in the stage it stopped in and counts the
-flips from the same decisions as the fit that was not interrupted.
+The checkpoint keeps (``on_save_checkpoint``) the stage of the last batch and each CWPS layer's
+decisions on entering each stage (``layer.decisions``, from which ``surgery.mask_flips``
+counts): a resumed fit starts in the stage it stopped in, the next batch switches if a switch
+is due, and the flips are counted from the same decisions as in the fit that was not
+interrupted.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class MaskStageCallback(L.Callback):
         self._stage: str | None = None
         # a checkpoint's stage and decisions, until the resumed fit starts (on_fit_start)
         self._resumed: dict | None = None
+        self._fitting = False  # between on_fit_start and teardown
 
     def stage_for_epoch(self, epoch: int, batch: int = 0, batches: int = 1) -> str:
         """The stage of batch ``batch`` of ``batches`` in epoch ``epoch``."""
@@ -48,23 +50,23 @@ class MaskStageCallback(L.Callback):
         if next(iter(cwps_layers(pl_module)), None) is None:
             raise ValueError("MaskStageCallback needs a model with CWPS layers")
         self._stage = None
+        self._fitting = True
         resumed, self._resumed = self._resumed, None
         if resumed is None:
             self._set(pl_module, self.stage_for_epoch(trainer.current_epoch))
-            return
-        # (Lightning restores the epoch and batch counters after on_fit_start: the stage of the
-        # checkpoint's last batch, not of epoch 0; the next batch switches if it is due)
-        self._set(pl_module, resumed["stage"])
-        held = resumed["decisions"]
-        layers = dict(cwps_layers(pl_module))
-        if set(held) != set(layers):
-            raise ValueError(
-                f"the checkpoint's mask-stage decisions name other CWPS layers than this "
-                f"model's: {sorted(set(held) ^ set(layers))[:5]}")
-        for name, layer in layers.items():  # (entering the stage just now recorded its own)
-            layer.decisions = {k: v.clone() for k, v in held[name].items()}
+        else:
+            # (Lightning restores the epoch and batch counters after on_fit_start: the stage of
+            # the checkpoint's last batch, not of epoch 0)
+            self._restore(pl_module, resumed)
+
+    def _restore(self, pl_module, state: dict) -> None:
+        self._set(pl_module, state["stage"])
+        for name, layer in cwps_layers(pl_module):  # (entering the stage recorded its own)
+            layer.decisions = {k: v.clone() for k, v in state["decisions"][name].items()}
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
+        if self._stage is None:  # (not inside a fit: nothing of one to keep)
+            return
         checkpoint[CHECKPOINT_KEY] = {
             "stage": self._stage,
             "decisions": {name: {k: v.clone() for k, v in layer.decisions.items()}
@@ -74,19 +76,17 @@ class MaskStageCallback(L.Callback):
         state = checkpoint.get(CHECKPOINT_KEY)
         if state is None:
             rank_zero_warn(
-                "this checkpoint has no mask-stage decisions (a revision before they were "
-                "kept): the resumed fit counts mask_flips from its own start")
+                "this checkpoint has no mask-stage decisions (saved outside a fit, or by a "
+                "revision before they were kept): the resumed fit counts mask_flips from its "
+                "own start")
             return
-        if state["stage"] not in ("soft", "hard"):
-            raise ValueError(f"the checkpoint's mask stage is {state['stage']!r}; expected "
-                             "'soft' or 'hard'")
-        for name, seen in state["decisions"].items():
-            for stage, held in seen.items():
-                if stage not in ("soft", "hard") or not isinstance(held, torch.Tensor) \
-                        or held.dtype != torch.bool or held.dim() != 1:
-                    raise ValueError(f"the checkpoint's mask-stage decisions of {name!r} at "
-                                     f"{stage!r}: expected a bool tensor per channel")
-        self._resumed = state
+        _check_state(state, pl_module)
+        if self._fitting:
+            # a strategy that restores after the fit has started (restore_checkpoint_after_setup:
+            # FSDP, DeepSpeed): on_fit_start has run, so the state goes in now
+            self._restore(pl_module, state)
+        else:
+            self._resumed = state
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         batches = trainer.num_training_batches
@@ -100,6 +100,32 @@ class MaskStageCallback(L.Callback):
         pl_module.log("sharing/specific_params", stats["specific_param_fraction"])
         pl_module.log("sharing/hard", float(self._stage == "hard"))
 
+    def teardown(self, trainer, pl_module, stage):
+        self._fitting = False  # (also after a fit that raised)
+
     def on_fit_end(self, trainer, pl_module):
         # the model leaves the fit in the stage it is merged and tested in
         self._set(pl_module, "hard")
+
+
+def _check_state(state, pl_module) -> None:
+    """ValueError unless ``state`` holds a stage ('soft' / 'hard') and, for exactly this
+    model's CWPS layers, bool decisions per channel at 'soft' / 'hard'."""
+    if not isinstance(state, dict) or state.get("stage") not in ("soft", "hard"):
+        stage = state.get("stage") if isinstance(state, dict) else state
+        raise ValueError(f"the checkpoint's mask stage is {stage!r}; expected 'soft' or 'hard'")
+    held = state.get("decisions")
+    layers = dict(cwps_layers(pl_module))
+    if not isinstance(held, dict) or set(held) != set(layers):
+        names = set(held) if isinstance(held, dict) else set()
+        raise ValueError(
+            "the checkpoint's mask-stage decisions are not this model's CWPS layers: missing "
+            f"{sorted(set(layers) - names)[:5]}, not in the model {sorted(names - set(layers))[:5]}")
+    for name, seen in held.items():
+        channels = layers[name].mask_logits.numel()
+        ok = isinstance(seen, dict) and all(
+            stage in ("soft", "hard") and isinstance(t, torch.Tensor) and t.dtype == torch.bool
+            and tuple(t.shape) == (channels,) for stage, t in seen.items())
+        if not ok:
+            raise ValueError(f"the checkpoint's mask-stage decisions of {name!r}: expected "
+                             f"{{'soft' / 'hard': a bool tensor of shape ({channels},)}}")
