@@ -473,15 +473,9 @@ class StepCompose:
 
     def _run(self, layers, lr: float, momentum: float, weight_decay: float) -> None:
         device = self.modules[0].sc_scores.device if self.modules else torch.device("cpu")
-        # one lr tensor, written in place when the lr moves (a fresh one per step would be a
-        # host-to-device copy on a GPU, which waits for the work queued before it)
-        held = getattr(self, "_lr", None)
-        if held is None or held[0].device != device:
-            held = self._lr = [torch.tensor(lr, device=device), lr]
-        elif held[1] != lr:
-            held[0].fill_(lr)
-            held[1] = lr
-        self.compose(layers, held[0], momentum, weight_decay, self.hard, self.threshold)
+        # one lr tensor per device, written in place when the lr moves (as StepComposeSGD's)
+        lr_t = step_compose.held_scalar(self.__dict__.setdefault("_lrs", {}), device, lr, device)
+        self.compose(layers, lr_t, momentum, weight_decay, self.hard, self.threshold)
 
     def _layers(self, zero_grads: bool = False) -> list:
         layers = []

@@ -26,6 +26,7 @@ from .config import settings_of
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
+from .models.lit_module import step_compose_refusal
 from .settings import (
     CWPSSettings,
     LoggerSettings,
@@ -130,25 +131,18 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
 
 
 def check_step_compose_trainer(trainer: dict, gpus_here: bool = True) -> None:
-    """What cwps.compose=step cannot train with, refused before T0 and the first fits (the
-    Lightning module refuses it again when it makes the optimiser, for code that builds it
-    without this check): gradient clipping, and float16 mixed precision on a GPU (on the CPU
-    Lightning runs "16-mixed" as bf16-mixed, which the step handles). ``gpus_here`` False (a
-    launcher submits the job elsewhere): ``accelerator: auto`` counts as a GPU."""
-    clip = trainer.get("gradient_clip_val")
-    if clip:
-        raise ConfigError(f"trainer.gradient_clip_val={clip}: cwps.compose=step does not clip "
-                          "gradients (the composed weights' gradients are not the "
-                          "optimiser's); use cwps.compose=forward or gradient_clip_val=null")
-    precision = str(trainer.get("precision", "32-true"))
+    """What cwps.compose=step cannot train with (lit_module.step_compose_refusal), refused
+    before T0 and the first fits: float16 mixed precision only where the job runs on a GPU
+    (on the CPU Lightning runs "16-mixed" as bf16-mixed). ``gpus_here`` False (a launcher
+    submits the job elsewhere): ``accelerator: auto`` counts as a GPU."""
     accelerator = str(trainer.get("accelerator", "auto"))
     on_gpu = accelerator in GPU_ACCELERATORS or (
         accelerator == "auto" and (torch.cuda.is_available() or not gpus_here))
-    if precision in ("16-mixed", "16") and on_gpu:
-        raise ConfigError(f"trainer.precision={precision}: cwps.compose=step does not run under "
-                          "float16 mixed precision on a GPU (its gradient scaler does not "
-                          "reach the composed weights' gradients); use bf16-mixed or "
-                          "32-true, or cwps.compose=forward")
+    # (on the CPU: the precision Lightning runs "16-mixed" as)
+    why = step_compose_refusal(trainer.get("gradient_clip_val"),
+                               trainer.get("precision", "32-true") if on_gpu else "bf16-mixed")
+    if why:
+        raise ConfigError(why)
 
 
 # -- how the job is launched: DDP, sweeps, SLURM --------------------------------------------------

@@ -21,25 +21,13 @@ from .cwps.store import MANIFEST
 from .errors import ConfigError
 from .methods.base import Method
 from .runner import T0, MethodResult, Runner
+from .settings import ADDED_KEYS_AT_OLD_VALUE
 
 log = logging.getLogger(__name__)
 
 #: config sections that do not change what a run computes (where it writes, how it logs)
 NON_RESULT_KEYS = ("paths", "hydra", "logger")
 NON_RESULT_TRAINER_KEYS = ("enable_progress_bar", "enable_model_summary", "log_every_n_steps")
-
-
-#: keys added after runs were made, at the value that computes what those runs computed: left
-#: out of the hash at that value, so such a run's store still resumes (and its fit
-#: checkpoints, whose folder is named by the hash, are still found)
-ADDED_KEYS_AT_OLD_VALUE = {
-    ("cwps", "compose"): "forward",
-    # Lightning's defaults, which runs before these keys were in conf/trainer/default.yaml had
-    # by leaving them out (None: no clipping, as a missing key)
-    ("trainer", "num_nodes"): 1,
-    ("trainer", "gradient_clip_val"): None,
-    ("trainer", "accumulate_grad_batches"): 1,
-}
 
 
 def result_config(cfg: DictConfig) -> dict:

@@ -26,6 +26,7 @@ from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
 from .methods.base import FitPlan, OptimizerPlan
 from .models import ModelConfigError, create_backbone, load_backbone_weights
+from .settings import ADDED_KEYS_AT_OLD_VALUE
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,6 @@ def cache_key(spec: Mapping[str, Any]) -> str:
 #: (the launcher's environment is not: Lightning's own launcher sets WORLD_SIZE for rank 0 only
 #: at the first fit, after the key is taken)
 T0_TRAINER_KEYS = ("accelerator", "devices", "num_nodes", "strategy", "precision")
-#: values the key records as absent (None), as configs did before they were listed: one node
-T0_KEY_DEFAULTS = {"num_nodes": 1}
 
 
 def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs: int,
@@ -67,7 +66,8 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
         # SGD steps with torch's fused kernel on the CPU (optim.py), which rounds otherwise:
         # T0s pretrained before are not reused either
         "sgd": "fused on cpu",
-        "trainer": {k: None if k in T0_KEY_DEFAULTS and trainer.get(k) == T0_KEY_DEFAULTS[k]
+        # (a key added at its old value reads as absent: settings.ADDED_KEYS_AT_OLD_VALUE)
+        "trainer": {k: None if trainer.get(k) == ADDED_KEYS_AT_OLD_VALUE.get(("trainer", k))
                     else trainer.get(k) for k in T0_TRAINER_KEYS},
         "device_type": device_type,
     }

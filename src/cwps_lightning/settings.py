@@ -39,6 +39,20 @@ def _one_of(key: str, value, accepted) -> None:
         raise ValueError(f"{key} must be one of {list(accepted)}, got {value!r}")
 
 
+#: config keys added after runs were made, at the value that computes what those runs
+#: computed: left out of a run's resume hash at that value (persist.result_config), so such a
+#: run's store still resumes and its fit checkpoints, whose folder is named by the hash, are
+#: still found; the T0 cache key reads them as absent too (pretrain.t0_spec)
+ADDED_KEYS_AT_OLD_VALUE = {
+    ("cwps", "compose"): "forward",
+    # Lightning's defaults, which runs before these keys were in conf/trainer/default.yaml had
+    # by leaving them out (None: no clipping, as a missing key)
+    ("trainer", "num_nodes"): 1,
+    ("trainer", "gradient_clip_val"): None,
+    ("trainer", "accumulate_grad_batches"): 1,
+}
+
+
 @dataclass
 class StageSettings:
     """Epochs per phase of every task visit (paper 3.2: warm-up fine-tune, soft mask, hard mask).

@@ -69,6 +69,19 @@ def trained_tensors(layer) -> list[Tensor]:
     return [p for p in (layer.weight, layer.bias, layer.mask_logits) if p is not None]
 
 
+def held_scalar(held: dict, key, value: float, device, dtype=torch.float32) -> Tensor:
+    """``value`` as a 0-dim tensor kept in ``held`` under ``key`` (with the value it holds) and
+    written in place when the value moves: a new tensor per step would be a host-to-device copy
+    on a GPU, which waits for the work queued before it (fill_ is queued like any kernel)."""
+    entry = held.get(key)
+    if entry is None:
+        entry = held[key] = [torch.tensor(value, device=device, dtype=dtype), value]
+    elif entry[1] != value:
+        entry[0].fill_(value)
+        entry[1] = value
+    return entry[0]
+
+
 def use_step_compose(model: nn.Module) -> int:
     """Put every CWPS layer of ``model`` in ``compose="step"`` (in place; the layers keep
     their parameters, a composed weight and bias are added as non-persistent buffers in the
@@ -294,19 +307,11 @@ class StepComposeSGD(torch.optim.Optimizer):
     def _lr_tensor(self, value: float, group: dict, p: Tensor) -> Tensor:
         """``group``'s lr as a 0-dim tensor on ``p``'s device, in float32 (float64 for float64
         parameters; torch's SGD keeps its lr a double, and a bf16 lr would be off by up to
-        0.4%): one tensor per group and device, written in place when the lr moves. A
-        scheduler moves it every step: a new tensor per step would be a host-to-device copy
-        on a GPU, which waits for the work queued before it, and two groups whose lrs met
-        (both 0 at the end of a schedule) would share one, which recompiles the step."""
+        0.4%): one tensor per group and device (held_scalar), written in place when a
+        scheduler moves the lr; per group, since two groups whose lrs met (both 0 at the end
+        of a schedule) would otherwise share one, which recompiles the step."""
         dtype = torch.promote_types(p.dtype, torch.float32)
-        key = (id(group), p.device, dtype)
-        held = self._lrs.get(key)
-        if held is None:
-            held = self._lrs[key] = [torch.tensor(value, device=p.device, dtype=dtype), value]
-        elif held[1] != value:
-            held[0].fill_(value)  # (queued on the device like any kernel: no wait)
-            held[1] = value
-        return held[0]
+        return held_scalar(self._lrs, (id(group), p.device, dtype), value, p.device, dtype)
 
     def _items(self, taken: list | None) -> tuple[list, list]:
         """compose_step's input for the layers with a composed weight's gradient (``taken``

@@ -74,6 +74,23 @@ def norm_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _NormBase | nn.GroupNorm | nn.LayerNorm)]
 
 
+def step_compose_refusal(gradient_clip_val, precision) -> str | None:
+    """Why cwps.compose=step cannot train under these Trainer settings (None: it can):
+    gradient clipping, or float16 mixed precision (``precision`` as the Trainer runs it: on the
+    CPU Lightning runs "16-mixed" as bf16-mixed, which the step handles). The module refuses
+    them when it makes the optimiser; checks.check_config before the job starts."""
+    if gradient_clip_val:
+        return (f"trainer.gradient_clip_val={gradient_clip_val}: cwps.compose=step does not "
+                "clip gradients (the composed weights' gradients are not the optimiser's); use "
+                "cwps.compose=forward or gradient_clip_val=null")
+    if str(precision) in ("16-mixed", "16"):
+        return (f"trainer.precision={precision}: cwps.compose=step does not run under "
+                f"trainer.precision={precision} on a GPU (its gradient scaler does not reach "
+                "the composed weights' gradients); use bf16-mixed or 32-true, or "
+                "cwps.compose=forward")
+    return None
+
+
 class CWPSLitModule(L.LightningModule):
     """Cross-entropy classification with top-1 metrics; SGD (or the plan's optimiser) + cosine;
     mask logits in their own parameter group (own learning rate, no weight decay).
@@ -240,16 +257,9 @@ class CWPSLitModule(L.LightningModule):
         if kind != "sgd":
             raise ValueError(f"cwps.compose=step steps with SGD; this fit's optimiser is "
                              f"{kind!r} (use cwps.compose=forward)")
-        if trainer.gradient_clip_val:
-            raise ValueError(f"cwps.compose=step does not clip gradients (trainer."
-                             f"gradient_clip_val={trainer.gradient_clip_val}): the composed "
-                             "weights' gradients are not the optimiser's; use "
-                             "cwps.compose=forward or gradient_clip_val=null")
-        if str(trainer.precision) in ("16-mixed", "16"):
-            raise ValueError(f"cwps.compose=step does not run under trainer.precision="
-                             f"{trainer.precision} (its gradient scaler does not reach the "
-                             "composed weights' gradients): use bf16-mixed or 32-true, or "
-                             "cwps.compose=forward")
+        why = step_compose_refusal(trainer.gradient_clip_val, trainer.precision)
+        if why:
+            raise ValueError(why)
         group = torch.distributed.group.WORLD if trainer.world_size > 1 else None
         return StepComposeSGD(
             groups, lr=lr, momentum=self.momentum, weight_decay=decay, model=self.model,
