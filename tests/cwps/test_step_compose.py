@@ -569,3 +569,72 @@ def test_zero_gradients_kept_step_only_what_was_stepped_before():
             opt.step()
     assert_same_params(a, b)
     assert torch.equal(b[7].weight, make_net()[7].weight)  # the child never stepped
+
+
+def test_two_forwards_with_a_stage_switch_between_and_one_backward():
+    """soft forward, switch, hard forward, one backward of both: the first forward's graph
+    keeps the weight it ran on (the switch composes into new memory) and its gradient goes to
+    the child and the scores under the soft mask, as the forward mode sums the two."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    x2, y2 = batch(seed=3)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(2):
+            opt.zero_grad()
+            set_stage(net, "soft")
+            first = F.cross_entropy(net(x), y)
+            set_stage(net, "hard")
+            (first + F.cross_entropy(net(x2), y2)).backward()
+            opt.step()
+    assert_same_params(a, b)
+    assert all(len(layer.step_leaf_sets()) == 0 for _, layer in cwps_layers(b))
+    train(a, opt_a, ["hard"] * 2, x, y)
+    train(b, opt_b, ["hard"] * 2, x, y)
+    assert_same_params(a, b)
+
+
+def test_a_forward_set_aside_without_backward_or_with_its_gradient_zeroed():
+    """A soft forward whose loss is dropped, or whose gradient zero_grad drops, before a hard
+    forward and backward: nothing of it is stepped, as in the forward mode; release_composed
+    drops leaves still waiting for a backward."""
+    a, opt_a, b, opt_b = pair()
+    x, y = batch()
+    x2, y2 = batch(seed=3)
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        net(x)  # dropped
+        set_stage(net, "hard")
+        F.cross_entropy(net(x2), y2).backward()
+        opt.step()
+        set_stage(net, "soft")
+        first = F.cross_entropy(net(x), y)
+        set_stage(net, "hard")
+        (first + F.cross_entropy(net(x2), y2)).backward()
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    assert_same_params(a, b)
+    set_stage(b, "soft")
+    b(x)
+    set_stage(b, "hard")
+    b(x2)
+    assert all(len(layer.step_leaf_sets()) == 2 for _, layer in cwps_layers(b))
+    assert release_composed(b) == 4
+    assert all(not layer.step_leaf_sets() for _, layer in cwps_layers(b))
+    assert all(layer.weight.grad is None for _, layer in cwps_layers(b))  # (nothing to fold)
+
+
+def test_a_change_of_the_child_before_a_set_aside_forwards_backward_is_refused():
+    a = make_net()
+    use_step_compose(a)
+    opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
+    x, y = batch()
+    set_stage(a, "soft")
+    first = F.cross_entropy(a(x), y)
+    set_stage(a, "hard")
+    with torch.no_grad():
+        a[0].weight.mul_(1.5)
+    (first + F.cross_entropy(a(x), y)).backward()
+    with pytest.raises(RuntimeError, match="changed between a backward and the optimiser"):
+        opt.step()

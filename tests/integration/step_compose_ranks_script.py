@@ -1,7 +1,9 @@
 """StepComposeSGD on 2 CPU ranks (gloo) whose gradients do not match in kind: rank 1's forward
 leaves a CWPS layer out ("skip"), or only rank 0 has a penalty on that layer's scores
 ("penalty"), or that layer is in the finetune stage ("finetune": its child has a gradient of
-its own on every rank, from different data). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
+its own on every rank, from different data), or ("switch") each rank runs a soft forward of
+the CWPS layers, switches to the hard stage and runs the model before one backward (the soft
+forward's gradient, set aside by the switch, is folded at the step and averaged). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
 checks that the ranks agree and equal a one-process replay that averages the two losses.
 
 usage: python step_compose_ranks_script.py OUT_DIR SCENARIO PORT
@@ -77,7 +79,12 @@ def loss_of(net, rank: int, scenario: str) -> torch.Tensor:
     x, y = torch.randn(4, 3, 5, 5, generator=g), torch.randint(0, 3, (4,), generator=g)
     inner = getattr(net, "module", net)
     inner.skip = scenario == "skip" and rank == 1  # fc2 takes no part on this rank
-    loss = F.cross_entropy(net(x), y)
+    first = 0.0
+    if scenario == "switch":  # a soft forward, not through DDP (no head), then the hard one
+        set_stage(inner, "soft")
+        first = inner.fc2(inner.body(x.flip(0))).square().mean()
+        set_stage(inner, "hard")
+    loss = F.cross_entropy(net(x), y) + first
     if scenario == "penalty" and rank == 0:
         loss = loss + inner.fc2.mask_logits.sigmoid().sum()
     return loss

@@ -95,13 +95,14 @@ def test_a_step_compose_fit_under_ddp_trains_as_the_forward_compose_fit(tmp_path
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["skip", "penalty", "finetune"])
+@pytest.mark.parametrize("scenario", ["skip", "penalty", "finetune", "switch"])
 def test_step_compose_ranks_whose_gradients_differ_in_kind_agree(tmp_path, scenario):
     """A layer that one rank leaves out, a penalty one rank alone has: the ranks agree on which
     gradients exist before they average (a rank that lacks one adds a zero), so the
     all-reduce neither fails nor mixes tensors up, and both ranks end where a one-process
     replay of the two ranks' mean loss ends. A layer in the finetune stage: its child's
-    gradient, which DDP leaves alone, is averaged by the step."""
+    gradient, which DDP leaves alone, is averaged by the step; so is the gradient of a soft
+    forward that a switch to the hard stage set aside before the backward."""
     import socket
 
     from .step_compose_ranks_script import loss_of, model, optimizer

@@ -327,6 +327,23 @@ def _add_grad(p: Tensor, g: Tensor) -> None:
     p.grad = g if p.grad is None else p.grad + g
 
 
+def _identities(*tensors: Tensor | None) -> tuple:
+    """Which tensors these are and how often each was written in place (compose='step')."""
+    return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
+
+
+def _without_gradient(leaves: tuple | None) -> bool:
+    """Leaves over a kept composed weight (and bias) that no backward has reached yet."""
+    return leaves is not None and all(leaf is None or leaf.grad is None for leaf in leaves)
+
+
+def _changed_before_step(layer) -> RuntimeError:
+    return RuntimeError(
+        f"{type(layer).__name__}: its child, mask scores, parent or composed weight changed "
+        "between a backward and the optimiser step (the composed weight's gradient would be "
+        "taken against other weights); step or zero_grad first")
+
+
 class CWPSMixin:
     """State and behaviour shared by CWPSConv2d and CWPSLinear.
 
@@ -512,13 +529,13 @@ class CWPSMixin:
         return self.__dict__.get("_compose", "forward")
 
     def _step_inputs(self) -> tuple:
-        """What the kept composed weight depends on (versions count in-place writes; a
-        ``.data`` write counts none and is not seen)."""
-        key = (self.stage, self.threshold)
-        for t in (self.weight, self.bias, self.mask_logits, self.parent_weight,
-                  self.parent_bias, self.composed_weight, self.composed_bias):
-            key += (None,) if t is None else (id(t), t.data_ptr(), t._version)
-        return key
+        """What the kept composed weight depends on: (stage, threshold, the child's, scores'
+        and parent's identities, the composed weight's). Versions count in-place writes; a
+        ``.data`` write counts none and is not seen."""
+        return (self.stage, self.threshold,
+                _identities(self.weight, self.bias, self.mask_logits, self.parent_weight,
+                            self.parent_bias),
+                _identities(self.composed_weight, self.composed_bias))
 
     @torch.no_grad()
     def recompose(self) -> None:
@@ -526,9 +543,17 @@ class CWPSMixin:
         stage's mask as they are: parent + m * (child - parent), the forward compose's values.
         A gradient of the old composed weight that no step has taken yet (a stage switch
         inside an accumulation of gradients) goes to the child and the scores first
-        (fold_step_gradient)."""
+        (fold_step_gradient); leaves over it that a recorded forward's backward has not reached
+        yet are set aside for that backward (_park_leaves), and the new weight gets new memory,
+        so the recorded graph keeps the weight it ran on."""
         self._check_parent_set()
-        self.fold_step_gradient()
+        if _without_gradient(self.__dict__.get("_step_leaves")):
+            # a forward ran on the kept weight and its backward has not (two forwards with a
+            # stage switch between them, one backward): its graph keeps that weight, and its
+            # leaves wait with their stage for the gradient; the new weight gets new memory
+            self._park_leaves()
+        else:
+            self.fold_step_gradient()
         if self.composed_weight is None:  # (in the child's memory format)
             # an ordinary tensor even when the first forward runs under inference_mode (an
             # inference tensor counts no versions, which _step_inputs reads)
@@ -569,10 +594,22 @@ class CWPSMixin:
             self.__dict__["_step_leaves"] = leaves
         return leaves
 
-    def _step_mask(self) -> tuple[Tensor, Tensor]:
-        """The mask (in the parent's dtype) and its slope of the kept weight's stage and the
-        scores as they are."""
-        stage, threshold = self.__dict__["_step_stage"]
+    def _park_leaves(self) -> None:
+        """Set the leaves over the kept weight aside (with the stage and the inputs it was
+        composed under) until their backward gives them a gradient; the layer composes into
+        new memory next (recompose)."""
+        parked = self.__dict__.get("_step_parked") or []
+        parked.append((self.__dict__["_step_leaves"], self.__dict__["_step_stage"],
+                       self.__dict__["_step_key"][2]))
+        self.__dict__["_step_parked"] = parked
+        self.__dict__["_step_leaves"] = None
+        self.composed_weight = None
+        self.composed_bias = None
+
+    def _step_mask(self, stage_key: tuple | None = None) -> tuple[Tensor, Tensor]:
+        """The mask (in the parent's dtype) and its slope of the kept weight's stage (or
+        ``stage_key``'s, a (stage, threshold)) and the scores as they are."""
+        stage, threshold = stage_key or self.__dict__["_step_stage"]
         logits, hard = self.mask_logits.detach(), stage == "hard"
         if stage == "finetune":
             m, slope = torch.ones_like(logits), torch.zeros_like(logits)
@@ -582,32 +619,63 @@ class CWPSMixin:
         return m.to(self.parent_weight.dtype), slope
 
     @torch.no_grad()
-    def fold_step_gradient(self) -> None:
+    def fold_step_gradient(self, final: bool = False) -> None:
         """Move a gradient of the kept composed weight that no step has taken yet to the
         child's and the scores' own ``.grad`` (added), as the forward compose gives them under
         the mask it was taken with: dL/dchild = m dL/dw, dL/ds = slope <dL/dw, child - parent>;
-        the leaves go. StepComposeSGD steps such gradients with the rest."""
+        the leaves go. Leaves set aside by a recompose fold likewise, each under its own
+        stage, once they have a gradient; those still waiting for their backward stay, unless
+        ``final`` (the composed weights are released). StepComposeSGD steps such gradients
+        with the rest."""
+        now = self._step_inputs()
         leaves = self.__dict__.get("_step_leaves")
-        if leaves is None or leaves[0].grad is None and (
-                leaves[1] is None or leaves[1].grad is None):
-            self.__dict__["_step_leaves"] = None
-            return
-        # the gradient was taken under the child, scores and parent the kept weight was
-        # composed from: only the stage and the threshold may have changed since (they are
-        # kept apart, _step_stage); anything else would fold it against other weights
-        kept, now = self.__dict__.get("_step_key"), self._step_inputs()
-        if kept is not None and kept[2:] != now[2:]:
-            raise RuntimeError(
-                f"{type(self).__name__}: its child, mask scores, parent or composed weight "
-                "changed between a backward and the optimiser step (the composed weight's "
-                "gradient would be taken against other weights); step or zero_grad first")
+        sets = []
+        if leaves is not None and not _without_gradient(leaves):
+            # the gradient was taken under the child, scores and parent the kept weight was
+            # composed from: only the stage and the threshold may have changed since (they
+            # are kept apart, _step_stage); anything else would fold it against other weights
+            kept = self.__dict__.get("_step_key")
+            if kept is not None and kept[2:] != now[2:]:
+                raise _changed_before_step(self)
+            sets.append((leaves, self.__dict__["_step_stage"]))
         self.__dict__["_step_leaves"] = None
+        sets += self._parked_with_gradient(now, keep_waiting=not final)
         # (.grad made here is an ordinary tensor even under inference_mode)
         with torch.inference_mode(False):
-            self._fold(leaves)
+            for leaves, stage_key in sets:
+                self._fold(leaves, stage_key)
 
-    def _fold(self, leaves) -> None:
-        m, slope = self._step_mask()
+    @torch.no_grad()
+    def fold_parked_gradient(self) -> None:
+        """Fold the gradients of leaves set aside by a recompose (fold_step_gradient) and
+        drop them all: the optimiser step ends what a backward could still add to them."""
+        if self.__dict__.get("_step_parked"):
+            with torch.inference_mode(False):
+                for leaves, stage_key in self._parked_with_gradient(self._step_inputs(), False):
+                    self._fold(leaves, stage_key)
+
+    def _parked_with_gradient(self, now: tuple, keep_waiting: bool) -> list:
+        """The parked leaves with a gradient, as (leaves, stage); they leave the list, as do
+        the others unless ``keep_waiting``. Refused, before anything moves, where the child,
+        the scores or the parent changed since they were composed."""
+        parked = self.__dict__.get("_step_parked") or []
+        ready = [entry for entry in parked if not _without_gradient(entry[0])]
+        if any(sources != now[2] for _, _, sources in ready):
+            raise _changed_before_step(self)
+        waiting = [entry for entry in parked if _without_gradient(entry[0])] \
+            if keep_waiting else []
+        self.__dict__["_step_parked"] = waiting or None
+        return [(leaves, stage_key) for leaves, stage_key, _ in ready]
+
+    def step_leaf_sets(self) -> list[tuple]:
+        """Every pair of leaves whose gradient the next step takes: the kept weight's and those
+        set aside (StepComposeSGD.zero_grad clears their gradients)."""
+        sets = [entry[0] for entry in self.__dict__.get("_step_parked") or ()]
+        leaves = self.__dict__.get("_step_leaves")
+        return sets if leaves is None else [*sets, leaves]
+
+    def _fold(self, leaves, stage_key: tuple) -> None:
+        m, slope = self._step_mask(stage_key)
         parts = [(leaves[0].grad, self.weight, self.parent_weight)]
         if self.bias is not None and leaves[1] is not None:
             parts.append((leaves[1].grad, self.bias, self.parent_bias))
@@ -717,6 +785,7 @@ class CWPSMixin:
         state.pop("_step_leaves", None)
         state.pop("_step_key", None)
         state.pop("_step_stage", None)
+        state.pop("_step_parked", None)
         # a layer copied on its own leaves its ComposeGroup behind; a copy of the whole model
         # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
         state.pop("_compose_group", None)

@@ -25,7 +25,8 @@ again: the weights are the same; only a return from the hard stage to the soft o
 where the forward mode applies the momentum the shared rows kept). A layer takes part in a
 step as torch's SGD would step its tensors: when it ran, when they have a gradient of their
 own (a penalty; a gradient folded by CWPSMixin.fold_step_gradient when the kept weight had to
-change before the step), or with kept zeros after ``zero_grad(set_to_none=False)``. Parameters of layers in the finetune stage, of layers in the
+change before the step, or a forward's whose leaves a stage switch set aside before its
+backward), or with kept zeros after ``zero_grad(set_to_none=False)``. Parameters of layers in the finetune stage, of layers in the
 forward mode and of everything else (normalisation layers, heads) are stepped by an inner SGD
 over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
 optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
@@ -112,7 +113,7 @@ def release_composed(model: nn.Module) -> int:
     for _, layer in cwps_layers(model):
         if layer.compose != "step" or layer.composed_weight is None:
             continue
-        layer.fold_step_gradient()
+        layer.fold_step_gradient(final=True)
         layer.composed_weight = None
         layer.composed_bias = None
         layer.__dict__["_step_key"] = None
@@ -128,10 +129,10 @@ def use_forward_compose(model: nn.Module) -> int:
         if layer.compose != "step":
             continue
         if layer.composed_weight is not None:  # (a pending gradient: the children's now)
-            layer.fold_step_gradient()
+            layer.fold_step_gradient(final=True)
         for name in ("composed_weight", "composed_bias"):
             del layer._buffers[name]
-        for key in ("_compose", "_step_key", "_step_leaves", "_step_stage"):
+        for key in ("_compose", "_step_key", "_step_leaves", "_step_stage", "_step_parked"):
             layer.__dict__.pop(key, None)
         n += 1
     return n
@@ -266,7 +267,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         # the leaves stay: a forward may have run already (Lightning zeroes between its
         # forward and its backward), and its backward writes into them
         for layer in self.layers:
-            for leaf in layer.__dict__.get("_step_leaves") or ():
+            for leaf in (leaf for leaves in layer.step_leaf_sets() for leaf in leaves):
                 if leaf is not None and leaf.grad is not None:
                     if set_to_none:
                         leaf.grad = None
@@ -460,6 +461,8 @@ class StepComposeSGD(torch.optim.Optimizer):
             raise RuntimeError("StepComposeSGD under torch.distributed: pass process_group (the "
                                "DDP model's) so the composed weights' gradients are averaged "
                                "over the ranks as DDP averages the others")
+        for layer in self.layers:  # (a recorded forward's leaves a recompose set aside)
+            layer.fold_parked_gradient()
         if ranks > 1:
             self._average(ranks)
         taken: list[tuple[Tensor, Tensor]] = []
