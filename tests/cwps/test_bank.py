@@ -263,3 +263,67 @@ def test_load_into_round_trip():
         for k in src_state:
             assert torch.equal(src_state[k], new_state[k]), k
         torch.testing.assert_close(target(x), src(x), atol=0, rtol=0)
+
+
+def bank_state(bank: KernelBank):
+    return (bank.tasks, dict(bank.next_id), bank.revision)
+
+
+@pytest.mark.parametrize("layer, edit", [("conv2", "weight"), ("fc", "bias")])
+def test_a_shared_channel_with_other_numbers_is_refused(layer, edit):
+    """The same id, the same numbers: a store keeps each id once, so a carried id whose kernel
+    differs would be served to one of the two tasks wrongly."""
+    bank = KernelBank(LAYERS)
+    t0 = trained_small()
+    bank.add("T0", t0, num_classes=3)
+    share = {n: torch.arange(CHANNELS[n]) < 3 for n in LAYERS}
+    t1, ids = sharing_copy(t0, bank, "T0", share)
+    with torch.no_grad():
+        getattr(t1.get_submodule(layer), edit)[1] += 1e-3
+    before = bank_state(bank)
+    kid = int(bank.entries["T0"].layers[layer].ids[1])
+    with pytest.raises(ValueError, match=rf"{layer} channel 1 carries kernel id {kid}, which task "
+                                         r"'T0' holds with other numbers"):
+        bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    assert bank_state(bank) == before
+
+
+def test_an_id_no_other_task_holds_is_refused():
+    bank = KernelBank(LAYERS)
+    bank.add("T0", Small(), num_classes=3)
+    ids = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
+    ids["fc"][4] = 999
+    before = bank_state(bank)
+    with pytest.raises(ValueError, match="fc channel 4 carries kernel id 999, which no other"):
+        bank.add("T1", Small(), num_classes=3, kernel_ids=ids)
+    assert bank_state(bank) == before
+
+
+def test_a_carried_kernel_at_another_channel_another_dtype_or_from_the_replaced_entry():
+    """An id is the kernel's wherever it sits; a lower-precision copy compares at its own
+    precision; a replaced task may carry its own earlier ids."""
+    bank = KernelBank(LAYERS)
+    t0 = trained_small()
+    bank.add("T0", t0, num_classes=3)
+    t1 = copy.deepcopy(t0)
+    with torch.no_grad():
+        t1.conv1.weight[0] = t0.conv1.weight[5]
+        t1.conv1.bias[0] = t0.conv1.bias[5]
+    ids = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
+    ids["conv1"][0] = bank.entries["T0"].layers["conv1"].ids[5]
+    bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    assert bank.shared_channels("T0", "T1") == 0  # (the same kernel at other channels)
+    assert bank.distinct_ids("conv1").numel() == 2 * CHANNELS["conv1"] - 1
+    half = copy.deepcopy(t0).to(torch.bfloat16)
+    all_t0 = {n: bank.entries["T0"].layers[n].ids for n in LAYERS}
+    bank.add("T2", half, num_classes=3, kernel_ids=all_t0)
+    with torch.no_grad():
+        half.conv1.weight[0] += 1.0
+    with pytest.raises(ValueError, match="conv1 channel 0"):
+        bank.add("T3", half, num_classes=3, kernel_ids=all_t0)
+    own = {n: bank.entries["T1"].layers[n].ids for n in LAYERS}
+    t1b = copy.deepcopy(t1)
+    with torch.no_grad():
+        t1b.fc.weight.add_(1.0)  # fc: every id T1's alone
+    bank.add("T1", t1b, num_classes=3, kernel_ids=own)
+    assert torch.equal(bank.entries["T1"].layers["fc"].ids, own["fc"])

@@ -117,20 +117,30 @@ class KernelBank:
 
         ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
         or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
+        A carried id must be one another kept task holds, with the same numbers
+        (_check_carried); otherwise ValueError and the bank is unchanged.
         """
         bad = nonfinite_tensors(model)
         if bad:  # a diverged fit must not reach the store
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
                              f"({len(bad)} tensor(s) in all); the bank is unchanged")
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
+        carried = {}
+        for name, (w, _) in weights.items():
+            if kernel_ids is None:
+                continue
+            ids = kernel_ids[name].detach().cpu().to(torch.int64)
+            if ids.shape != (w.shape[0],):
+                raise ValueError(f"{name}: {ids.shape[0]} kernel ids for {w.shape[0]} channels")
+            carried[name] = ids
+        for name, ids in carried.items():  # before any id is issued: a refusal changes nothing
+            self._check_carried(task, name, ids, *weights[name])
         layers = {}
         for name, (w, b) in weights.items():
-            ids = None if kernel_ids is None else kernel_ids[name].detach().cpu().to(torch.int64)
+            ids = carried.get(name)
             if ids is None:
                 ids = self.new_ids(name, w.shape[0])
             else:
-                if ids.shape != (w.shape[0],):
-                    raise ValueError(f"{name}: {ids.shape[0]} kernel ids for {w.shape[0]} channels")
                 ids = ids.clone()
                 fresh = ids < 0
                 ids[fresh] = self.new_ids(name, int(fresh.sum()))
@@ -139,6 +149,55 @@ class KernelBank:
         self.entries[task] = entry
         self.revision += 1
         return entry
+
+    def _check_carried(self, task: str, layer: str, ids: Tensor, weight: Tensor,
+                       bias: Tensor | None) -> None:
+        """Hold the bank's contract, "the same id, the same numbers": every id ``task`` carries
+        (>= 0) must be held by another kept task, with this kernel's numbers (weight row and
+        bias; compared in the lower of the two dtypes), or by the entry ``task`` replaces. A
+        store keeps each id once, so a kernel that differs would be served to the other task,
+        or this one, silently."""
+        rows = (ids >= 0).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        want, found = ids[rows], torch.zeros(rows.numel(), dtype=torch.bool)
+        for other, entry in self.entries.items():
+            if other == task:  # (being replaced: only the other tasks' kernels count)
+                continue
+            held = entry.layers[layer]
+            order = held.ids.argsort()
+            pos = torch.searchsorted(held.ids[order], want).clamp(max=len(order) - 1)
+            src = order[pos]
+            hit = (held.ids[src] == want) & ~found
+            if not hit.any():
+                continue
+            for mine, theirs in ((weight, held.weight), (bias, held.bias)):
+                if mine is None or theirs is None:
+                    continue
+                a, b = mine[rows[hit]], theirs[src[hit]]
+                if a.dtype != b.dtype:
+                    low = a.dtype if torch.finfo(a.dtype).bits <= torch.finfo(b.dtype).bits \
+                        else b.dtype
+                    a, b = a.to(low), b.to(low)
+                differs = (a != b).reshape(a.shape[0], -1).any(1)
+                if differs.any():
+                    i = int(differs.nonzero()[0])
+                    channel, kid = int(rows[hit][i]), int(want[hit][i])
+                    gap = float((a[i].double() - b[i].double()).abs().max())
+                    raise ValueError(
+                        f"bank.add({task!r}): {layer} channel {channel} carries kernel id {kid}, "
+                        f"which task {other!r} holds with other numbers (max |difference| "
+                        f"{gap:.3g}; {int(differs.sum())} such channel(s) there); a shared "
+                        "channel must hold its parent's kernel exactly. The bank is unchanged")
+            found |= hit
+        if task in self.entries and not found.all():  # its own earlier ids, no one else's
+            found |= torch.isin(want, self.entries[task].layers[layer].ids)
+        if not found.all():
+            i = int((~found).nonzero()[0])
+            raise ValueError(
+                f"bank.add({task!r}): {layer} channel {int(rows[i])} carries kernel id "
+                f"{int(want[i])}, which no other kept task holds ({int((~found).sum())} such "
+                f"channel(s)); pass -1 for a task-specific channel. The bank is unchanged")
 
     def remove(self, task: str) -> None:
         del self.entries[task]
