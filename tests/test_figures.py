@@ -37,6 +37,10 @@ def small_store(tmp_path) -> MultiTaskStore:
     ids_b = {n: torch.full((c,), -1) for n, c in (("conv1", 8), ("conv2", 6), ("fc", 10))}
     ids_b["conv1"][:2] = bank.entries["T0"].layers["conv1"].ids[:2]
     ids_b["conv1"][5:7] = bank.entries["a"].layers["conv1"].ids[5:7]
+    with torch.no_grad():  # (a shared channel holds its parent's kernel: the bank checks)
+        for rows, src in ((slice(0, 2), t0), (slice(5, 7), a)):
+            b.conv1.weight[rows] = src.conv1.weight[rows]
+            b.conv1.bias[rows] = src.conv1.bias[rows]
     bank.add("b", b, 3, kernel_ids=ids_b)
     save_store(tmp_path / "store", bank, {})
     return MultiTaskStore.load(tmp_path / "store")

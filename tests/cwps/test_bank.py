@@ -294,14 +294,14 @@ def test_an_id_no_other_task_holds_is_refused():
     ids = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
     ids["fc"][4] = 999
     before = bank_state(bank)
-    with pytest.raises(ValueError, match="fc channel 4 carries kernel id 999, which no other"):
+    with pytest.raises(ValueError, match="fc channel 4 carries kernel id 999, which no kept"):
         bank.add("T1", Small(), num_classes=3, kernel_ids=ids)
     assert bank_state(bank) == before
 
 
-def test_a_carried_kernel_at_another_channel_another_dtype_or_from_the_replaced_entry():
-    """An id is the kernel's wherever it sits; a lower-precision copy compares at its own
-    precision; a replaced task may carry its own earlier ids."""
+def test_a_carried_kernel_at_another_channel_or_from_the_replaced_entry():
+    """An id is the kernel's wherever it sits; a replaced task may carry its own earlier ids,
+    with their numbers (two of its channels with one id and other numbers: refused)."""
     bank = KernelBank(LAYERS)
     t0 = trained_small()
     bank.add("T0", t0, num_classes=3)
@@ -309,21 +309,33 @@ def test_a_carried_kernel_at_another_channel_another_dtype_or_from_the_replaced_
     with torch.no_grad():
         t1.conv1.weight[0] = t0.conv1.weight[5]
         t1.conv1.bias[0] = t0.conv1.bias[5]
+        t1.fc.weight.add_(1.0)
     ids = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
     ids["conv1"][0] = bank.entries["T0"].layers["conv1"].ids[5]
     bank.add("T1", t1, num_classes=3, kernel_ids=ids)
     assert bank.shared_channels("T0", "T1") == 0  # (the same kernel at other channels)
     assert bank.distinct_ids("conv1").numel() == 2 * CHANNELS["conv1"] - 1
-    half = copy.deepcopy(t0).to(torch.bfloat16)
-    all_t0 = {n: bank.entries["T0"].layers[n].ids for n in LAYERS}
-    bank.add("T2", half, num_classes=3, kernel_ids=all_t0)
-    with torch.no_grad():
-        half.conv1.weight[0] += 1.0
-    with pytest.raises(ValueError, match="conv1 channel 0"):
-        bank.add("T3", half, num_classes=3, kernel_ids=all_t0)
-    own = {n: bank.entries["T1"].layers[n].ids for n in LAYERS}
-    t1b = copy.deepcopy(t1)
-    with torch.no_grad():
-        t1b.fc.weight.add_(1.0)  # fc: every id T1's alone
-    bank.add("T1", t1b, num_classes=3, kernel_ids=own)
+    own = {n: bank.entries["T1"].layers[n].ids.clone() for n in LAYERS}
+    bank.add("T1", copy.deepcopy(t1), num_classes=3, kernel_ids=own)  # fc: T1's ids alone
     assert torch.equal(bank.entries["T1"].layers["fc"].ids, own["fc"])
+    own["fc"][1] = own["fc"][0]
+    before = bank_state(bank)
+    with pytest.raises(ValueError, match=r"fc channel 1 carries kernel id \d+, which task 'T1' "
+                                         r"\(the entry it replaces\) holds with other numbers"):
+        bank.add("T1", copy.deepcopy(t1), num_classes=3, kernel_ids=own)
+    assert bank_state(bank) == before
+
+
+def test_weights_of_another_dtype_are_refused():
+    """The store keeps one table per layer: a bfloat16 task next to float32 ones is refused
+    at once (the store would fail to write it later)."""
+    bank = KernelBank(LAYERS)
+    t0 = trained_small()
+    bank.add("T0", t0, num_classes=3)
+    before = bank_state(bank)
+    with pytest.raises(ValueError, match=r"conv1 holds torch.bfloat16 weights, the bank's tasks "
+                                         r"torch.float32"):
+        bank.add("T1", copy.deepcopy(t0).to(torch.bfloat16), num_classes=3)
+    assert bank_state(bank) == before
+    bank.add("T0", copy.deepcopy(t0).to(torch.bfloat16), num_classes=3)  # (its only task)
+    assert bank.entries["T0"].layers["fc"].weight.dtype == torch.bfloat16

@@ -571,70 +571,159 @@ def test_zero_gradients_kept_step_only_what_was_stepped_before():
     assert torch.equal(b[7].weight, make_net()[7].weight)  # the child never stepped
 
 
-def test_two_forwards_with_a_stage_switch_between_and_one_backward():
-    """soft forward, switch, hard forward, one backward of both: the first forward's graph
-    keeps the weight it ran on (the switch composes into new memory) and its gradient goes to
-    the child and the scores under the soft mask, as the forward mode sums the two."""
-    a, opt_a, b, opt_b = pair()
-    x, y = batch()
-    x2, y2 = batch(seed=3)
+def same_training(sequence, a=None, opt_a=None, b=None, opt_b=None) -> None:
+    """``sequence(net, opt)`` in both modes, then the same weights."""
+    if a is None:
+        a, opt_a, b, opt_b = pair()
     for net, opt in ((a, opt_a), (b, opt_b)):
+        sequence(net, opt)
+    assert_same_params(a, b)
+
+
+X, Y = batch()
+X2, Y2 = batch(seed=3)
+
+
+def test_two_forwards_with_a_stage_switch_between_and_one_backward():
+    """soft forward, switch, hard forward, one backward of both: the switch composes into new
+    memory, so the first forward's graph keeps the weight it ran on, and its gradient goes to
+    the child and the scores under the soft mask as it arrives, as the forward mode sums the
+    two."""
+    def sequence(net, opt):
         for _ in range(2):
             opt.zero_grad()
             set_stage(net, "soft")
-            first = F.cross_entropy(net(x), y)
+            first = F.cross_entropy(net(X), Y)
             set_stage(net, "hard")
-            (first + F.cross_entropy(net(x2), y2)).backward()
+            (first + F.cross_entropy(net(X2), Y2)).backward()
             opt.step()
-    assert_same_params(a, b)
-    assert all(len(layer.step_leaf_sets()) == 0 for _, layer in cwps_layers(b))
-    train(a, opt_a, ["hard"] * 2, x, y)
-    train(b, opt_b, ["hard"] * 2, x, y)
-    assert_same_params(a, b)
+        train(net, opt, ["hard"] * 2, X, Y)
+
+    same_training(sequence)
 
 
-def test_a_forward_set_aside_without_backward_or_with_its_gradient_zeroed():
-    """A soft forward whose loss is dropped, or whose gradient zero_grad drops, before a hard
-    forward and backward: nothing of it is stepped, as in the forward mode; release_composed
-    drops leaves still waiting for a backward."""
+def test_a_pending_backward_after_an_accumulated_one_or_kept_zeros():
+    """The leaves already hold a gradient (or kept zeros) when the switch comes and another
+    forward on them still waits for its backward: both parts are taken."""
+    def accumulated(net, opt):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        F.cross_entropy(net(X), Y).backward()
+        pending = F.cross_entropy(net(X2), Y2)
+        set_stage(net, "hard")
+        (pending + F.cross_entropy(net(X), Y)).backward()
+        opt.step()
+
+    def kept_zeros(net, opt):
+        set_stage(net, "soft")
+        F.cross_entropy(net(X), Y).backward()
+        opt.step()
+        F.cross_entropy(net(X), Y).backward()
+        opt.zero_grad(set_to_none=False)
+        pending = F.cross_entropy(net(X), Y)
+        set_stage(net, "hard")
+        (pending + F.cross_entropy(net(X2), Y2)).backward()
+        opt.step()
+
+    same_training(accumulated)
+    same_training(kept_zeros)
+
+
+def test_a_forward_whose_weight_was_let_go_takes_two_backwards():
+    """Two soft forwards, switch, a hard one, backward of the first with the hard one, back
+    to soft, another forward, backward of the second with it: every part arrives."""
+    def sequence(net, opt):
+        opt.zero_grad()
+        set_stage(net, "soft")
+        first, second = F.cross_entropy(net(X), Y), F.cross_entropy(net(X2), Y2)
+        set_stage(net, "hard")
+        (first + F.cross_entropy(net(X), Y)).backward()
+        set_stage(net, "soft")
+        (second + F.cross_entropy(net(X2), Y2)).backward()
+        opt.step()
+
+    same_training(sequence)
+
+
+def test_a_layer_with_nothing_to_train_keeps_the_weight_its_graph_ran_on():
+    """A frozen CWPS layer runs on its composed weight itself (no leaf): the switch must not
+    write it in place under a graph that needs it for the input's gradient."""
     a, opt_a, b, opt_b = pair()
-    x, y = batch()
-    x2, y2 = batch(seed=3)
-    for net, opt in ((a, opt_a), (b, opt_b)):
+    for net in (a, b):
+        for p in (net[3].weight, net[3].mask_logits):
+            p.requires_grad_(False)
+
+    def sequence(net, opt):
         opt.zero_grad()
         set_stage(net, "soft")
-        net(x)  # dropped
+        first = F.cross_entropy(net(X), Y)
         set_stage(net, "hard")
-        F.cross_entropy(net(x2), y2).backward()
+        (first + F.cross_entropy(net(X2), Y2)).backward()
         opt.step()
-        set_stage(net, "soft")
-        first = F.cross_entropy(net(x), y)
-        set_stage(net, "hard")
-        (first + F.cross_entropy(net(x2), y2)).backward()
-        opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
-        opt.step()
-    assert_same_params(a, b)
+
+    same_training(sequence, a, opt_a, b, opt_b)
+
+
+def test_release_or_forward_compose_between_a_forward_and_its_backward():
+    """The gradient of a backward that comes after release_composed / use_forward_compose
+    still reaches the children and the scores, as in the forward mode."""
+    for let_go in (release_composed, use_forward_compose):
+        a, opt_a, b, opt_b = pair()
+        for net in (a, b):
+            set_stage(net, "soft")
+            first = F.cross_entropy(net(X), Y)
+            set_stage(net, "hard")
+            second = F.cross_entropy(net(X2), Y2)
+            if net is b:
+                let_go(b)
+            (first + second).backward()
+        for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+            assert (pa.grad is None) == (pb.grad is None), name
+            if pa.grad is not None:
+                torch.testing.assert_close(pb.grad, pa.grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_dropped_forward_frees_its_composed_weight():
+    """A forward whose loss is dropped keeps nothing alive past a switch: the old composed
+    weights go with the graph (nothing piles up until the step)."""
+    import gc
+    import weakref
+
+    _, _, b, opt_b = pair()
     set_stage(b, "soft")
-    b(x)
-    set_stage(b, "hard")
-    b(x2)
-    assert all(len(layer.step_leaf_sets()) == 2 for _, layer in cwps_layers(b))
-    assert release_composed(b) == 4
-    assert all(not layer.step_leaf_sets() for _, layer in cwps_layers(b))
-    assert all(layer.weight.grad is None for _, layer in cwps_layers(b))  # (nothing to fold)
+    b(X)
+    old = [weakref.ref(layer.composed_weight) for _, layer in cwps_layers(b)]
+    for stage in ["hard", "soft"] * 3:
+        set_stage(b, stage)
+        b(X)
+    gc.collect()
+    assert all(ref() is None for ref in old)
 
 
-def test_a_change_of_the_child_before_a_set_aside_forwards_backward_is_refused():
+def test_zero_grad_to_none_then_kept_zeros_steps_nothing():
+    """After zero_grad(set_to_none=True), zero_grad(set_to_none=False) keeps no zeros (there
+    is no gradient to zero): torch's SGD steps nothing, nor does this one."""
+    def sequence(net, opt):
+        set_stage(net, "soft")
+        opt.zero_grad()
+        F.cross_entropy(net(X), Y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        opt.zero_grad(set_to_none=False)
+        opt.step()
+
+    same_training(sequence)
+
+
+def test_a_change_of_the_child_between_a_forward_and_its_backward_is_refused():
     a = make_net()
     use_step_compose(a)
-    opt = StepComposeSGD(a.parameters(), **HYPER, model=a)
-    x, y = batch()
+    StepComposeSGD(a.parameters(), **HYPER, model=a)
     set_stage(a, "soft")
-    first = F.cross_entropy(a(x), y)
+    first = F.cross_entropy(a(X), Y)
     set_stage(a, "hard")
+    second = F.cross_entropy(a(X), Y)
     with torch.no_grad():
         a[0].weight.mul_(1.5)
-    (first + F.cross_entropy(a(x), y)).backward()
-    with pytest.raises(RuntimeError, match="changed between a backward and the optimiser"):
-        opt.step()
+    with pytest.raises(RuntimeError, match="changed between a forward and its backward"):
+        (first + second).backward()

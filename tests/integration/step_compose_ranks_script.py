@@ -3,7 +3,8 @@ leaves a CWPS layer out ("skip"), or only rank 0 has a penalty on that layer's s
 ("penalty"), or that layer is in the finetune stage ("finetune": its child has a gradient of
 its own on every rank, from different data), or ("switch") each rank runs a soft forward of
 the CWPS layers, switches to the hard stage and runs the model before one backward (the soft
-forward's gradient, set aside by the switch, is folded at the step and averaged). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
+forward's gradient reaches the children and scores as the backward arrives at the weight the
+switch let go, and the step averages it). DDP (the layers' children and scores left out of it) averages the head. Each rank saves its weights after one step; tests/integration/test_ddp_fit.py
 checks that the ranks agree and equal a one-process replay that averages the two losses.
 
 usage: python step_compose_ranks_script.py OUT_DIR SCENARIO PORT

@@ -102,7 +102,7 @@ def test_step_compose_ranks_whose_gradients_differ_in_kind_agree(tmp_path, scena
     all-reduce neither fails nor mixes tensors up, and both ranks end where a one-process
     replay of the two ranks' mean loss ends. A layer in the finetune stage: its child's
     gradient, which DDP leaves alone, is averaged by the step; so is the gradient of a soft
-    forward that a switch to the hard stage set aside before the backward."""
+    forward whose composed weight a switch to the hard stage let go before the backward."""
     import socket
 
     from .step_compose_ranks_script import loss_of, model, optimizer

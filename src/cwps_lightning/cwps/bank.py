@@ -117,14 +117,22 @@ class KernelBank:
 
         ``kernel_ids[layer][j]`` is the id the channel carries: a shared channel's parent id,
         or -1 for a task-specific channel (which gets a fresh id). None: every channel is new.
-        A carried id must be one another kept task holds, with the same numbers
-        (_check_carried); otherwise ValueError and the bank is unchanged.
+        A carried id must be one a kept task holds, with the same numbers (_check_carried),
+        and the weights must have the dtype of the bank's other tasks; otherwise ValueError and
+        the bank is unchanged.
         """
         bad = nonfinite_tensors(model)
         if bad:  # a diverged fit must not reach the store
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
                              f"({len(bad)} tensor(s) in all); the bank is unchanged")
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
+        others = [entry for name, entry in self.entries.items() if name != task]
+        for name, (w, _) in weights.items():  # (a store holds one table per layer)
+            held = None if not others else others[0].layers[name].weight.dtype
+            if held is not None and w.dtype != held:
+                raise ValueError(f"bank.add({task!r}): {name} holds {w.dtype} weights, the "
+                                 f"bank's tasks {held}; convert the model (e.g. "
+                                 f"model.to({held})) first. The bank is unchanged")
         carried = {}
         for name, (w, _) in weights.items():
             if kernel_ids is None:
@@ -153,18 +161,16 @@ class KernelBank:
     def _check_carried(self, task: str, layer: str, ids: Tensor, weight: Tensor,
                        bias: Tensor | None) -> None:
         """Hold the bank's contract, "the same id, the same numbers": every id ``task`` carries
-        (>= 0) must be held by another kept task, with this kernel's numbers (weight row and
-        bias; compared in the lower of the two dtypes), or by the entry ``task`` replaces. A
-        store keeps each id once, so a kernel that differs would be served to the other task,
-        or this one, silently."""
+        (>= 0) must be held by a kept task (another one, or the entry ``task`` replaces) with
+        this kernel's numbers, weight row and bias. A store keeps each id once, so a kernel
+        that differs would be served to the other task, or this one, silently."""
         rows = (ids >= 0).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
         want, found = ids[rows], torch.zeros(rows.numel(), dtype=torch.bool)
-        for other, entry in self.entries.items():
-            if other == task:  # (being replaced: only the other tasks' kernels count)
-                continue
-            held = entry.layers[layer]
+        # the other tasks first: what the store serves them must not change
+        for other in sorted(self.entries, key=lambda name: name == task):
+            held = self.entries[other].layers[layer]
             order = held.ids.argsort()
             pos = torch.searchsorted(held.ids[order], want).clamp(max=len(order) - 1)
             src = order[pos]
@@ -175,28 +181,24 @@ class KernelBank:
                 if mine is None or theirs is None:
                     continue
                 a, b = mine[rows[hit]], theirs[src[hit]]
-                if a.dtype != b.dtype:
-                    low = a.dtype if torch.finfo(a.dtype).bits <= torch.finfo(b.dtype).bits \
-                        else b.dtype
-                    a, b = a.to(low), b.to(low)
                 differs = (a != b).reshape(a.shape[0], -1).any(1)
                 if differs.any():
                     i = int(differs.nonzero()[0])
                     channel, kid = int(rows[hit][i]), int(want[hit][i])
                     gap = float((a[i].double() - b[i].double()).abs().max())
+                    whose = f"task {other!r}" + (" (the entry it replaces)" if other == task
+                                                 else "")
                     raise ValueError(
                         f"bank.add({task!r}): {layer} channel {channel} carries kernel id {kid}, "
-                        f"which task {other!r} holds with other numbers (max |difference| "
-                        f"{gap:.3g}; {int(differs.sum())} such channel(s) there); a shared "
-                        "channel must hold its parent's kernel exactly. The bank is unchanged")
+                        f"which {whose} holds with other numbers (max |difference| {gap:.3g}; "
+                        f"{int(differs.sum())} such channel(s) there); a shared channel must "
+                        "hold its parent's kernel exactly. The bank is unchanged")
             found |= hit
-        if task in self.entries and not found.all():  # its own earlier ids, no one else's
-            found |= torch.isin(want, self.entries[task].layers[layer].ids)
         if not found.all():
             i = int((~found).nonzero()[0])
             raise ValueError(
                 f"bank.add({task!r}): {layer} channel {int(rows[i])} carries kernel id "
-                f"{int(want[i])}, which no other kept task holds ({int((~found).sum())} such "
+                f"{int(want[i])}, which no kept task holds ({int((~found).sum())} such "
                 f"channel(s)); pass -1 for a task-specific channel. The bank is unchanged")
 
     def remove(self, task: str) -> None:

@@ -29,6 +29,7 @@ soft and the hard stage, so the channels a mask fit flips can be counted afterwa
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import weakref
@@ -332,16 +333,31 @@ def _identities(*tensors: Tensor | None) -> tuple:
     return tuple(None if t is None else (id(t), t.data_ptr(), t._version) for t in tensors)
 
 
-def _without_gradient(leaves: tuple | None) -> bool:
-    """Leaves over a kept composed weight (and bias) that no backward has reached yet."""
-    return leaves is not None and all(leaf is None or leaf.grad is None for leaf in leaves)
+def _has_gradient(leaves: tuple | None) -> bool:
+    return leaves is not None and any(
+        leaf is not None and leaf.grad is not None for leaf in leaves)
 
 
-def _changed_before_step(layer) -> RuntimeError:
+@torch.no_grad()
+def _fold_on_arrival(layer_ref, which: int, stage_key: tuple, sources: tuple, leaf) -> None:
+    """A backward reached a leaf its layer let go (fold_step_gradient): its gradient goes to
+    the child and the scores as it arrives, under the stage it was composed in."""
+    layer = layer_ref()
+    if layer is None or leaf.grad is None:
+        return
+    if layer._step_sources() != sources:
+        raise _changed(layer, "between a forward and its backward")
+    grads = [None, None]
+    grads[which] = leaf.grad
+    leaf.grad = None
+    with torch.inference_mode(False):
+        layer._fold(tuple(grads), stage_key)
+
+
+def _changed(layer, between: str, what: str = "child, mask scores or parent") -> RuntimeError:
     return RuntimeError(
-        f"{type(layer).__name__}: its child, mask scores, parent or composed weight changed "
-        "between a backward and the optimiser step (the composed weight's gradient would be "
-        "taken against other weights); step or zero_grad first")
+        f"{type(layer).__name__}: its {what} changed {between} (the composed weight's "
+        "gradient would be taken against other weights); step or zero_grad first")
 
 
 class CWPSMixin:
@@ -532,35 +548,31 @@ class CWPSMixin:
         """What the kept composed weight depends on: (stage, threshold, the child's, scores'
         and parent's identities, the composed weight's). Versions count in-place writes; a
         ``.data`` write counts none and is not seen."""
-        return (self.stage, self.threshold,
-                _identities(self.weight, self.bias, self.mask_logits, self.parent_weight,
-                            self.parent_bias),
+        return (self.stage, self.threshold, self._step_sources(),
                 _identities(self.composed_weight, self.composed_bias))
+
+    def _step_sources(self) -> tuple:
+        """The child's, scores' and parent's identities (_step_inputs)."""
+        return _identities(self.weight, self.bias, self.mask_logits, self.parent_weight,
+                           self.parent_bias)
 
     @torch.no_grad()
     def recompose(self) -> None:
         """Write the kept composed weight (and bias) from the child, the parent and the
         stage's mask as they are: parent + m * (child - parent), the forward compose's values.
         A gradient of the old composed weight that no step has taken yet (a stage switch
-        inside an accumulation of gradients) goes to the child and the scores first
-        (fold_step_gradient); leaves over it that a recorded forward's backward has not reached
-        yet are set aside for that backward (_park_leaves), and the new weight gets new memory,
-        so the recorded graph keeps the weight it ran on."""
+        inside an accumulation of gradients) goes to the child and the scores first, as does
+        one that a forward recorded on it still has to come (fold_step_gradient). The weight is
+        written into new memory: a graph recorded on the old one keeps what it ran on (two
+        forwards with a stage switch between them, one backward)."""
         self._check_parent_set()
-        if _without_gradient(self.__dict__.get("_step_leaves")):
-            # a forward ran on the kept weight and its backward has not (two forwards with a
-            # stage switch between them, one backward): its graph keeps that weight, and its
-            # leaves wait with their stage for the gradient; the new weight gets new memory
-            self._park_leaves()
-        else:
-            self.fold_step_gradient()
-        if self.composed_weight is None:  # (in the child's memory format)
-            # an ordinary tensor even when the first forward runs under inference_mode (an
-            # inference tensor counts no versions, which _step_inputs reads)
-            with torch.inference_mode(False):
-                self.composed_weight = torch.empty_like(self.weight.detach())
-                if self.bias is not None:
-                    self.composed_bias = torch.empty_like(self.bias.detach())
+        self.fold_step_gradient()
+        # (in the child's memory format; an ordinary tensor even when the first forward runs
+        # under inference_mode: an inference tensor counts no versions, which _step_inputs reads)
+        with torch.inference_mode(False):
+            self.composed_weight = torch.empty_like(self.weight.detach())
+            if self.bias is not None:
+                self.composed_bias = torch.empty_like(self.bias.detach())
         # the stage the kept weight is composed in: with the scores it was composed from
         # (the step writes both), what a gradient of it was taken under (fold_step_gradient)
         self.__dict__["_step_stage"] = (self.stage, self.threshold)
@@ -594,18 +606,6 @@ class CWPSMixin:
             self.__dict__["_step_leaves"] = leaves
         return leaves
 
-    def _park_leaves(self) -> None:
-        """Set the leaves over the kept weight aside (with the stage and the inputs it was
-        composed under) until their backward gives them a gradient; the layer composes into
-        new memory next (recompose)."""
-        parked = self.__dict__.get("_step_parked") or []
-        parked.append((self.__dict__["_step_leaves"], self.__dict__["_step_stage"],
-                       self.__dict__["_step_key"][2]))
-        self.__dict__["_step_parked"] = parked
-        self.__dict__["_step_leaves"] = None
-        self.composed_weight = None
-        self.composed_bias = None
-
     def _step_mask(self, stage_key: tuple | None = None) -> tuple[Tensor, Tensor]:
         """The mask (in the parent's dtype) and its slope of the kept weight's stage (or
         ``stage_key``'s, a (stage, threshold)) and the scores as they are."""
@@ -619,66 +619,43 @@ class CWPSMixin:
         return m.to(self.parent_weight.dtype), slope
 
     @torch.no_grad()
-    def fold_step_gradient(self, final: bool = False) -> None:
-        """Move a gradient of the kept composed weight that no step has taken yet to the
+    def fold_step_gradient(self) -> None:
+        """Move the gradient of the kept composed weight that no step has taken yet to the
         child's and the scores' own ``.grad`` (added), as the forward compose gives them under
         the mask it was taken with: dL/dchild = m dL/dw, dL/ds = slope <dL/dw, child - parent>;
-        the leaves go. Leaves set aside by a recompose fold likewise, each under its own
-        stage, once they have a gradient; those still waiting for their backward stay, unless
-        ``final`` (the composed weights are released). StepComposeSGD steps such gradients
-        with the rest."""
-        now = self._step_inputs()
+        the leaves go. A backward still to come through them (a graph recorded on the kept
+        weight) folds its gradient the same way as it arrives (a hook on each leaf).
+        StepComposeSGD steps such gradients with the rest."""
         leaves = self.__dict__.get("_step_leaves")
-        sets = []
-        if leaves is not None and not _without_gradient(leaves):
+        if leaves is None:
+            return
+        stage_key, sources = self.__dict__["_step_stage"], self.__dict__["_step_key"][2]
+        if _has_gradient(leaves):
             # the gradient was taken under the child, scores and parent the kept weight was
             # composed from: only the stage and the threshold may have changed since (they
             # are kept apart, _step_stage); anything else would fold it against other weights
-            kept = self.__dict__.get("_step_key")
-            if kept is not None and kept[2:] != now[2:]:
-                raise _changed_before_step(self)
-            sets.append((leaves, self.__dict__["_step_stage"]))
-        self.__dict__["_step_leaves"] = None
-        sets += self._parked_with_gradient(now, keep_waiting=not final)
-        # (.grad made here is an ordinary tensor even under inference_mode)
-        with torch.inference_mode(False):
-            for leaves, stage_key in sets:
-                self._fold(leaves, stage_key)
-
-    @torch.no_grad()
-    def fold_parked_gradient(self) -> None:
-        """Fold the gradients of leaves set aside by a recompose (fold_step_gradient) and
-        drop them all: the optimiser step ends what a backward could still add to them."""
-        if self.__dict__.get("_step_parked"):
+            if self._step_inputs()[2:] != self.__dict__["_step_key"][2:]:
+                raise _changed(self, "between a backward and the optimiser step",
+                               "child, mask scores, parent or composed weight")
+            # (.grad made here is an ordinary tensor even under inference_mode)
             with torch.inference_mode(False):
-                for leaves, stage_key in self._parked_with_gradient(self._step_inputs(), False):
-                    self._fold(leaves, stage_key)
+                self._fold(tuple(None if leaf is None else leaf.grad for leaf in leaves),
+                           stage_key)
+        self.__dict__["_step_leaves"] = None
+        for i, leaf in enumerate(leaves):
+            if leaf is None:
+                continue
+            leaf.grad = None
+            leaf.register_post_accumulate_grad_hook(
+                functools.partial(_fold_on_arrival, weakref.ref(self), i, stage_key, sources))
 
-    def _parked_with_gradient(self, now: tuple, keep_waiting: bool) -> list:
-        """The parked leaves with a gradient, as (leaves, stage); they leave the list, as do
-        the others unless ``keep_waiting``. Refused, before anything moves, where the child,
-        the scores or the parent changed since they were composed."""
-        parked = self.__dict__.get("_step_parked") or []
-        ready = [entry for entry in parked if not _without_gradient(entry[0])]
-        if any(sources != now[2] for _, _, sources in ready):
-            raise _changed_before_step(self)
-        waiting = [entry for entry in parked if _without_gradient(entry[0])] \
-            if keep_waiting else []
-        self.__dict__["_step_parked"] = waiting or None
-        return [(leaves, stage_key) for leaves, stage_key, _ in ready]
-
-    def step_leaf_sets(self) -> list[tuple]:
-        """Every pair of leaves whose gradient the next step takes: the kept weight's and those
-        set aside (StepComposeSGD.zero_grad clears their gradients)."""
-        sets = [entry[0] for entry in self.__dict__.get("_step_parked") or ()]
-        leaves = self.__dict__.get("_step_leaves")
-        return sets if leaves is None else [*sets, leaves]
-
-    def _fold(self, leaves, stage_key: tuple) -> None:
+    def _fold(self, grads: tuple, stage_key: tuple) -> None:
+        """Add the child's and the scores' gradients from the composed weight's and bias's
+        ``grads`` (either None) under ``stage_key``'s mask."""
         m, slope = self._step_mask(stage_key)
-        parts = [(leaves[0].grad, self.weight, self.parent_weight)]
-        if self.bias is not None and leaves[1] is not None:
-            parts.append((leaves[1].grad, self.bias, self.parent_bias))
+        parts = [(grads[0], self.weight, self.parent_weight)]
+        if self.bias is not None and len(grads) > 1:
+            parts.append((grads[1], self.bias, self.parent_bias))
         dm = None
         for g, child, parent in parts:
             if g is None:
@@ -785,7 +762,6 @@ class CWPSMixin:
         state.pop("_step_leaves", None)
         state.pop("_step_key", None)
         state.pop("_step_stage", None)
-        state.pop("_step_parked", None)
         # a layer copied on its own leaves its ComposeGroup behind; a copy of the whole model
         # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
         state.pop("_compose_group", None)

@@ -21,12 +21,12 @@ These are the numbers of the forward mode followed by SGD, to rounding (the comp
 sums and fuses in its own order). In the hard stage the shared channels' child rows stand
 still and their momentum rows are zeroed, which is what cwps.freeze.SharedChannelFreeze gives
 the forward mode (it holds the rows and zeroes the momentum when a channel turns specific
-again: the weights are the same; only a return from the hard stage to the soft one differs,
-where the forward mode applies the momentum the shared rows kept). A layer takes part in a
+again: the weights are the same; only a return from the hard stage to the soft or finetune
+stage differs, where the forward mode applies the momentum the shared rows kept). A layer takes part in a
 step as torch's SGD would step its tensors: when it ran, when they have a gradient of their
 own (a penalty; a gradient folded by CWPSMixin.fold_step_gradient when the kept weight had to
-change before the step, or a forward's whose leaves a stage switch set aside before its
-backward), or with kept zeros after ``zero_grad(set_to_none=False)``. Parameters of layers in the finetune stage, of layers in the
+change before the step, or that a backward through a weight it had let go brought), or with
+kept zeros after ``zero_grad(set_to_none=False)`` where it had a gradient before. Parameters of layers in the finetune stage, of layers in the
 forward mode and of everything else (normalisation layers, heads) are stepped by an inner SGD
 over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
 optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
@@ -113,7 +113,7 @@ def release_composed(model: nn.Module) -> int:
     for _, layer in cwps_layers(model):
         if layer.compose != "step" or layer.composed_weight is None:
             continue
-        layer.fold_step_gradient(final=True)
+        layer.fold_step_gradient()
         layer.composed_weight = None
         layer.composed_bias = None
         layer.__dict__["_step_key"] = None
@@ -129,10 +129,10 @@ def use_forward_compose(model: nn.Module) -> int:
         if layer.compose != "step":
             continue
         if layer.composed_weight is not None:  # (a pending gradient: the children's now)
-            layer.fold_step_gradient(final=True)
+            layer.fold_step_gradient()
         for name in ("composed_weight", "composed_bias"):
             del layer._buffers[name]
-        for key in ("_compose", "_step_key", "_step_leaves", "_step_stage", "_step_parked"):
+        for key in ("_compose", "_step_key", "_step_leaves", "_step_stage"):
             layer.__dict__.pop(key, None)
         n += 1
     return n
@@ -253,6 +253,8 @@ class StepComposeSGD(torch.optim.Optimizer):
         self.process_group = process_group
         self._lrs: dict = {}  # (id(group), device, dtype) -> [0-dim lr tensor, its value]
         self._zeros_kept = False  # the last zero_grad's set_to_none=False (_takes_part)
+        # what torch's SGD would find a gradient tensor on (zeroed or not): stepped since the
+        # last zero_grad(set_to_none=True)
         self._stepped_before: set[int] = set()
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -264,10 +266,12 @@ class StepComposeSGD(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         self._zeros_kept = not set_to_none
+        if set_to_none:  # (torch's SGD would find no gradient on them, zeroed or not, after it)
+            self._stepped_before.clear()
         # the leaves stay: a forward may have run already (Lightning zeroes between its
         # forward and its backward), and its backward writes into them
         for layer in self.layers:
-            for leaf in (leaf for leaves in layer.step_leaf_sets() for leaf in leaves):
+            for leaf in layer.__dict__.get("_step_leaves") or ():
                 if leaf is not None and leaf.grad is not None:
                     if set_to_none:
                         leaf.grad = None
@@ -410,8 +414,9 @@ class StepComposeSGD(torch.optim.Optimizer):
     def _takes_part(self, ran: bool, p: Tensor) -> bool:
         """Whether ``p`` (a child, bias or scores) is stepped now, as torch's SGD would step
         it: ``ran`` (the composed weight has a gradient through it), or it has a gradient of
-        its own (a penalty, a folded gradient), or the last zero_grad kept zeros and ``p`` has
-        been stepped before (SGD steps a zero gradient: decay and momentum)."""
+        its own (a penalty, a folded gradient), or the last zero_grad kept zeros and ``p`` was
+        stepped since the last zero_grad(set_to_none=True) (SGD steps a zero gradient: decay
+        and momentum)."""
         if not p.requires_grad:
             return False
         return ran or p.grad is not None or (self._zeros_kept and id(p) in self._stepped_before)
@@ -461,8 +466,6 @@ class StepComposeSGD(torch.optim.Optimizer):
             raise RuntimeError("StepComposeSGD under torch.distributed: pass process_group (the "
                                "DDP model's) so the composed weights' gradients are averaged "
                                "over the ranks as DDP averages the others")
-        for layer in self.layers:  # (a recorded forward's leaves a recompose set aside)
-            layer.fold_parked_gradient()
         if ranks > 1:
             self._average(ranks)
         taken: list[tuple[Tensor, Tensor]] = []
