@@ -58,6 +58,37 @@ def test_unknown_trainer_argument(no_fits):
         preflight(["+trainer.max_epochs=3"])
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    ("trainer.precision=16-mix", r"^trainer\.precision='16-mix': accepted: .*16-mixed, "
+                                 r"bf16-true, bf16-mixed, 32-true"),
+    ("trainer.accelerator=cpux", r"^trainer\.accelerator='cpux': accepted: auto, cpu, cuda, gpu"),
+    ("trainer.strategy=ddpx", r"^trainer\.strategy='ddpx': accepted: auto, ddp, "),
+    ("trainer.devices=0", r"^trainer\.devices=0: accepted: a number of devices >= 1, -1"),
+    ("trainer.devices=two", r"^trainer\.devices='two': accepted"),
+    ("trainer.devices=[]", r"^trainer\.devices=\[\]: accepted"),
+    ("trainer.num_nodes=0", r"^trainer\.num_nodes=0: accepted: an integer >= 1"),
+])
+def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, override, expected):
+    with pytest.raises(ConfigError, match=expected):
+        preflight(["trainer=cpu", override])
+
+
+@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.precision=32",
+                                      "trainer.devices='0,1'", "trainer.devices=[0,1]",
+                                      "trainer.devices=-1", "trainer.strategy=ddp_spawn"])
+def test_trainer_values_lightning_takes_pass(override):
+    checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))
+
+
+def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
+    with pytest.raises(ConfigError, match=r"^seed=-1: accepted: an integer from 0 to 4294967295"):
+        preflight(["seed=-1"])
+    with pytest.raises(ConfigError, match=r"^model\.kwargs=\{'drop_rat': 0\.1\}: timm cannot "
+                                          r"build resnet18 with them \(.*'drop_rat'\)"):
+        preflight(["+model.kwargs.drop_rat=0.1"])
+    preflight(["+model.kwargs.drop_rate=0.1", "seed=4294967295"])
+
+
 @pytest.fixture
 def no_wandb_credentials(monkeypatch, tmp_path):
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):

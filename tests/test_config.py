@@ -72,7 +72,13 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
     ("cwps.compose=backward", r"^cwps\.compose must be one of \['forward', 'step'\]"),
     ("cwps.baselines=[finetune,nope]", r"cwps\.baselines has unknown entries \['nope'\]"),
-    ("optim.lr=-1", r"^optim\.lr must be >= 0"),
+    ("optim.lr=-1", r"^optim\.lr must be a finite number > 0, got -1"),
+    ("optim.lr=0", r"^optim\.lr must be a finite number > 0, got 0"),
+    ("optim.lr=inf", r"^optim\.lr must be a finite number > 0, got inf"),
+    ("optim.mask_lr=inf", r"^optim\.mask_lr must be a finite number >= 0, got inf"),
+    ("optim.weight_decay=nan", r"^optim\.weight_decay must be a finite number >= 0, got nan"),
+    ("cwps.stages.hard_epochs=inf", r"^cwps\.stages\.hard_epochs must be a finite number >= 0"),
+    ("t0.lr=inf", r"^t0\.lr must be a finite number > 0, got inf"),
     ("logger.kind=tensorboard", r"^logger\.kind must be one of"),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, expected):

@@ -13,6 +13,7 @@ import netrc
 import os
 import shutil
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -67,6 +68,9 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     )
     check_methods(job.cwps.baselines)
     check_model_name(job.model.name)
+    check_seed(cfg.seed)
+    if job.model.kwargs:
+        check_model_kwargs(job.model.name, dict(job.model.kwargs))
     if job.model.weights and not Path(job.model.weights).is_file():
         raise ConfigError(f"model.weights: no such file {job.model.weights!r}")
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -77,6 +81,28 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
     return job
+
+
+SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)
+
+
+def check_seed(seed) -> None:
+    if not 0 <= seed <= SEED_MAX:
+        raise ConfigError(f"seed={seed}: accepted: an integer from 0 to {SEED_MAX}")
+
+
+def check_model_kwargs(name: str, kwargs: dict) -> None:
+    """``model.kwargs`` the timm model takes: it is built once on the meta device (no memory,
+    no initialisation), so a misspelt or misplaced argument stops the job before the data."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as err:
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.kwargs={kwargs}: timm cannot build {name} with them ({text})"
+                          ) from None
 
 
 def check_methods(baselines: list[str]) -> None:
@@ -116,6 +142,7 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     if "max_epochs" in trainer:
         raise ConfigError("trainer.max_epochs: set per fit from cwps.stages and t0.epochs; "
                           "remove it")
+    check_trainer_values(trainer)
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in GPU_ACCELERATORS and gpus_here:
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -128,6 +155,67 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
         devices = trainer.get("devices", "auto")
         if isinstance(devices, int) and devices > available:
             raise ConfigError(f"trainer.devices={devices}: only {available} GPU(s) visible")
+
+
+def check_trainer_values(trainer: dict) -> None:
+    """The values Lightning checks only when the first Trainer is made (after the data and in
+    T0's pretraining): accelerator, strategy and precision names, devices, num_nodes."""
+    from lightning.pytorch.accelerators import AcceleratorRegistry
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    for key, names in (("accelerator", {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}),
+                       ("strategy", {"auto", *StrategyRegistry.available_strategies()})):
+        value = trainer.get(key, "auto")
+        if isinstance(value, str) and value not in names:
+            raise ConfigError(f"trainer.{key}={value!r}: accepted: {', '.join(sorted(names))}")
+    precision = trainer.get("precision", "32-true")
+    accepted = _precisions()
+    if accepted and precision not in accepted:
+        raise ConfigError(f"trainer.precision={precision!r}: accepted: "
+                          f"{', '.join(dict.fromkeys(str(p) for p in accepted))}")
+    devices = trainer.get("devices", "auto")
+    if not _devices_ok(devices):
+        raise ConfigError(f"trainer.devices={devices!r}: accepted: a number of devices >= 1, -1 "
+                          "(all), 'auto', or device indices ([0, 1] or '0,1')")
+    nodes = trainer.get("num_nodes", 1)
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise ConfigError(f"trainer.num_nodes={nodes!r}: accepted: an integer >= 1")
+
+
+@cache
+def _precisions() -> tuple:
+    """Lightning's accepted precision values (empty where its types moved: no check)."""
+    from typing import get_args
+
+    try:
+        from lightning.fabric.plugins.precision.precision import (
+            _PRECISION_INPUT_INT,
+            _PRECISION_INPUT_STR,
+            _PRECISION_INPUT_STR_ALIAS,
+        )
+    except ImportError:
+        return ()
+    return (get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_INT)
+            + get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
+def _devices_ok(devices) -> bool:
+    if isinstance(devices, bool):
+        return False
+    if isinstance(devices, int):
+        return devices >= 1 or devices == -1
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return bool(devices) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                     for d in devices)
+    if isinstance(devices, str):
+        text = devices.strip()
+        if text in ("auto", "-1"):
+            return True
+        if text.isdigit():
+            return int(text) >= 1
+        parts = [part.strip() for part in text.split(",") if part.strip()]
+        return "," in text and bool(parts) and all(part.isdigit() for part in parts)
+    return False
 
 
 def check_step_compose_trainer(trainer: dict, gpus_here: bool = True) -> None:
@@ -160,7 +248,7 @@ def uses_ddp(trainer: dict) -> bool:
     if any(k in strategy for k in ("ddp", "fsdp", "deepspeed")):
         return True
     devices = trainer.get("devices", 1)
-    if isinstance(devices, list | tuple):
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
         return len(devices) > 1
     if isinstance(devices, str) and "," in devices:
         return len([d for d in devices.split(",") if d.strip()]) > 1

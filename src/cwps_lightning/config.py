@@ -135,9 +135,13 @@ def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -
     return cfg
 
 
+_ABSENT = object()
+
+
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     """``cfg`` (e.g. the config a store was trained with) with ``key=value`` overrides, parsed
-    by Hydra's own override grammar (quoting, lists and dicts as on the train command line)."""
+    by Hydra's own override grammar (quoting, lists and dicts as on the train command line); a
+    plain override names a key ``cfg`` has (``+key=value`` adds one, ``~key`` deletes)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -149,6 +153,10 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
             if o.is_sweep_override() or o.key_or_group.startswith("hydra"):
                 raise ConfigError(f"override {o.input_line!r}: give one value of a config key")
             key = o.key_or_group
+            if not (o.is_add() or o.is_delete()) and OmegaConf.select(
+                    cfg, key, default=_ABSENT) is _ABSENT:
+                raise ConfigError(f"{key}: no such key in this config ({o.input_line!r}; "
+                                  f"+{o.input_line} adds one)")
             if o.is_delete():
                 OmegaConf.update(cfg, key, None, force_add=True)
             else:

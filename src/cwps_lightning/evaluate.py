@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
+import torch
 from omegaconf import OmegaConf
 
 from .config import apply_overrides, instantiate_data
@@ -22,6 +23,10 @@ from .runner import T0
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"
 #: arguments of this command (not config overrides)
 OWN_KEYS = ("store", "device")
+#: what the overrides may change: the data (the models are the store's); paths, which the
+#: data's root may be written in
+OVERRIDE_PREFIXES = ("data.", "paths.")
+DEVICES = ("auto", "cpu", "gpu", "cuda", "cuda:<index>")
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -33,18 +38,38 @@ def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
             raise ConfigError(f"bad argument {item!r}: expected key=value. {USAGE}")
         if key in OWN_KEYS:
             own[key] = value
-        else:
+        elif key.lstrip("+~").startswith(OVERRIDE_PREFIXES):
             overrides.append(item)
-    if "store" not in own:
+        else:
+            raise ConfigError(f"{item}: evaluate takes store=, device= and overrides of "
+                              f"{', '.join(p + '*' for p in OVERRIDE_PREFIXES)} (the models are "
+                              f"the store's). {USAGE}")
+    if not own.get("store"):
         raise ConfigError(f"missing store=<dir>. {USAGE}")
     return own, overrides
 
 
+def device_of(name: str) -> torch.device:
+    """``device=``: auto (this process's GPU, else the CPU), cpu, gpu / cuda (a GPU must be
+    visible) or cuda:<index>."""
+    if name not in ("auto", "cpu", "gpu", "cuda") and not (
+            name.startswith("cuda:") and name[5:].isdigit()):
+        raise ConfigError(f"device={name!r}: accepted: {', '.join(DEVICES)}")
+    if name in ("gpu", "cuda") or name.startswith("cuda:"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(name[5:]) if name.startswith("cuda:") else 0
+        if index >= count:
+            raise ConfigError(f"device={name}: {count} CUDA GPU(s) visible on this machine")
+        if name.startswith("cuda:"):
+            return torch.device("cuda", index)
+    return eval_device(name)
+
+
 def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
                    device: str = "auto") -> list[dict]:
+    dev = device_of(device)
     cfg = apply_overrides(OmegaConf.create(store.manifest["config"]), overrides)
     datamodule = instantiate_data(cfg)
-    dev = eval_device(device)
     recorded = store.manifest.get("metrics", {})
     rows = []
     for task in store.tasks:

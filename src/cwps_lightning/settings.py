@@ -9,6 +9,7 @@ with the same defaults. Plain Python, no Hydra: ``CWPSSettings()`` is what
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -75,8 +76,7 @@ class StageSettings:
 
     def __post_init__(self):
         for key in ("warmup_epochs", "soft_epochs", "hard_epochs"):
-            if not getattr(self, key) >= 0:  # also catches NaN
-                raise ValueError(f"cwps.stages.{key} must be >= 0, got {getattr(self, key)}")
+            _non_negative(f"cwps.stages.{key}", getattr(self, key))
         if int(self.warmup_epochs) != self.warmup_epochs:
             raise ValueError(
                 f"cwps.stages.warmup_epochs must be a whole number, got {self.warmup_epochs}")
@@ -184,13 +184,13 @@ class CWPSSettings:
 
 
 def _positive(key: str, value: float) -> None:
-    if not value > 0.0:  # also catches NaN
-        raise ValueError(f"{key} must be > 0, got {value}")
+    if not 0.0 < value < math.inf:  # also catches NaN
+        raise ValueError(f"{key} must be a finite number > 0, got {value}")
 
 
 def _non_negative(key: str, value: float) -> None:
-    if not value >= 0.0:
-        raise ValueError(f"{key} must be >= 0, got {value}")
+    if not 0.0 <= value < math.inf:  # also catches NaN
+        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
 
 
 @dataclass
@@ -265,12 +265,9 @@ class OptimSettings:
     weight_decay: float = 5.0e-4
 
     def __post_init__(self):
-        for key in ("lr", "mask_lr", "momentum", "weight_decay"):
-            value = getattr(self, key)
-            if not value >= 0.0:  # also catches NaN
-                raise ValueError(f"optim.{key} must be >= 0, got {value}")
-        if self.lr == 0.0:
-            raise ValueError("optim.lr must be > 0")
+        _positive("optim.lr", self.lr)
+        for key in ("mask_lr", "momentum", "weight_decay"):
+            _non_negative(f"optim.{key}", getattr(self, key))
 
 
 @dataclass
@@ -309,8 +306,7 @@ class T0Settings:
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"t0.epochs must be >= 1, got {self.epochs}")
-        if not self.lr > 0.0:
-            raise ValueError(f"t0.lr must be > 0, got {self.lr}")
+        _positive("t0.lr", self.lr)
 
 
 @dataclass

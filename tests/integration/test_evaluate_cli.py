@@ -67,6 +67,10 @@ def test_bad_input_exits_2_with_one_error_line(store_dir, tmp_path, capsys):
         "a directory without a store": [f"store={tmp_path}"],
         "a truncated tensor file": [f"store={broken}"],
         "a corrupt manifest": [f"store={garbled}"],
+        "an empty store=": ["store="],
+        "a device it does not know": [f"store={store_dir}", "device=gpux"],
+        "a key outside data and paths": [f"store={store_dir}", "cwps.threshold=0.5"],
+        "a misspelt data key": [f"store={store_dir}", "data.image_sise=32"],
     }
     for case, argv in cases.items():
         assert main(argv) == 2, case
@@ -83,3 +87,18 @@ def test_cli_subprocess_exit_status(mismatching_store):
         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "optdigits" in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_bad_device_and_overrides_name_what_is_accepted(store_dir, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, needle in (
+            (["device=gpux"], "device='gpux': accepted: auto, cpu, gpu, cuda, cuda:<index>"),
+            (["device=cuda:1"], "device=cuda:1: 0 CUDA GPU(s) visible"),
+            (["cwps.treshold=0.5"], "cwps.treshold=0.5: evaluate takes store=, device= and "
+                                    "overrides of data.*, paths.*"),
+            (["data.image_sise=32"], "data.image_sise: no such key in this config "
+                                     "('data.image_sise=32'; +data.image_sise=32 adds one)")):
+        assert main([f"store={store_dir}", *argv]) == 2
+        assert needle in one_error_line(capsys.readouterr()[1]), argv

@@ -159,7 +159,7 @@ def test_bad_input_on_the_cli_is_one_clear_line(run_dir, t0_cache):
         ("cwps.baselines=[finetune,magic]", "magic"),
         ("cwps.baselines=[finetune,no_such_module:Method]", "cannot import no_such_module"),
         ("cwps.baselines=[taps,taps]", "lists a method twice"),
-        ("methods.taps.lam=-1", "methods.taps.lam must be >= 0, got -1"),
+        ("methods.taps.lam=-1", "methods.taps.lam must be a finite number >= 0, got -1"),
         ("methods.piggyback.optimizer=lion", "methods.piggyback.optimizer must be one of"),
         ("model.weights=/nonexistent/weights.pt", "/nonexistent/weights.pt"),
     ],
