@@ -89,6 +89,51 @@ def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
     preflight(["+model.kwargs.drop_rate=0.1", "seed=4294967295"])
 
 
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["data.image_size=0"], r"^data\.image_size must be an integer >= 8, got 0$"),
+    (["data.tasks=[optdigits,mnist_sketc]"], r"^unknown task\(s\) \['mnist_sketc'\]"),
+    (["data.batch_size=0"], r"^data\.batch_size must be an integer >= 1, got 0$"),
+    (["+experiment=imagenet_sketch", "model.pretrained=false", "data.root=/nonexistent/isk"],
+     r"^data\.root='/nonexistent/isk' does not exist; expected the ImageNet-to-Sketch layout"),
+])
+def test_data_settings_tasks_and_root_before_any_job(no_fits, overrides, expected):
+    """What the data module can tell without reading the data is told before Hydra makes a run
+    directory (and, for a sweep, before its first job)."""
+    with pytest.raises(ConfigError, match=expected):
+        preflight(overrides)
+
+
+def test_a_sweep_with_bad_data_in_its_second_job_stops_before_the_first(no_fits):
+    with pytest.raises(ConfigError, match=r"^job 1 of the sweep .*data\.limit_per_task must be "
+                                          r"null or an integer >= 4"):
+        preflight(["-m", "data.limit_per_task=40,2"])
+
+
+def test_an_optuna_search_space_is_checked_at_its_ends_and_choices(no_fits):
+    """The Optuna sweeper picks values as it goes: each end of every interval and every
+    choice is checked before the study starts (a range past lambda's [0, 1] made every trial
+    fail one by one)."""
+    from cwps_lightning.train import search_space_probes
+
+    with pytest.raises(ConfigError, match=r"^the sweeper's search space, at cwps\.threshold=1\.1: "
+                                          r"cwps\.threshold \(lambda\) must be in \[0, 1\]"):
+        preflight(["-m", "hparams_search=cwps_optuna", "cwps.threshold=interval(0.5,1.1)"])
+    with pytest.raises(ConfigError, match=r"at cwps\.mask_init=nope: cwps\.mask_init must be"):
+        preflight(["-m", "hparams_search=cwps_optuna", "cwps.mask_init=choice(random,nope)"])
+    probes = [probe for probe, _ in search_space_probes(["hparams_search=cwps_optuna"])]
+    assert probes == ["cwps.threshold=0.1", "cwps.threshold=0.9", "optim.mask_lr=0.002",
+                      "optim.mask_lr=0.2"]  # (the preset's own space, conf/hparams_search)
+    preflight(["-m", "hparams_search=cwps_optuna"])
+    assert search_space_probes(["cwps.threshold=0.3,0.5"]) == []  # (the basic sweeper's jobs)
+
+
+def test_a_root_is_not_looked_for_where_the_job_does_not_run():
+    cfg = compose_config(["+experiment=imagenet_sketch", "data.root=/nonexistent/isk"])
+    checks.check_data(cfg, here=False)  # (the cluster's disk)
+    with pytest.raises(ConfigError, match="does not exist"):
+        checks.check_data(cfg, here=True)
+
+
 @pytest.fixture
 def no_wandb_credentials(monkeypatch, tmp_path):
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_BASE_URL"):

@@ -23,7 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
-from .config import settings_of
+from .config import instantiate_data, settings_of
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
@@ -80,7 +80,18 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     check_logger(job.logger)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
+    check_data(cfg, here)
     return job
+
+
+def check_data(cfg: DictConfig, here: bool = True) -> None:
+    """The data settings, task names and root (MultiTaskDataModule.check_settings): the data
+    module is made (it reads nothing yet) and checks itself. ``here`` False: a launcher
+    submits the job elsewhere, whose disk this machine cannot see: the settings only."""
+    datamodule = instantiate_data(cfg)
+    check = getattr(datamodule, "check_settings", None)
+    if check is not None:  # (a DataModule of a user's own, not a MultiTaskDataModule)
+        check(here)
 
 
 SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)

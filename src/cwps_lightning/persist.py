@@ -58,6 +58,32 @@ def _flatten(d, prefix=""):
     return out
 
 
+def check_same_config(store_dir: Path, manifest: dict, config: dict, digest: str) -> None:
+    """Refuse a store that a config other than ``config`` (hashed: ``digest``) wrote."""
+    run = manifest.get("run") or {}
+    if run.get("config_hash") != digest:
+        old, new = _flatten(run.get("config")), _flatten(config)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        raise ConfigError(
+            f"{store_dir / MANIFEST} was written by a different config "
+            f"(differs in {diff[:8]}); rerun with the same overrides, or use a new run dir"
+        )
+
+
+def check_run_dir_reuse(run_dir: str | Path, cfg: DictConfig) -> None:
+    """Refuse, from the manifest alone (nothing else is read), a run dir whose store a
+    different config wrote: the train command's check, before Hydra rewrites the run dir's
+    .hydra/ files (which would then record this config next to the other's results)."""
+    store_dir = Path(run_dir) / "store"
+    try:
+        manifest = json.loads((store_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return  # none, or unreadable: the run's own load says what is wrong with it
+    if isinstance(manifest, dict):
+        config = result_config(cfg)
+        check_same_config(store_dir, manifest, config, config_hash(config))
+
+
 class RunRecorder:
     def __init__(self, run_dir: str | Path, cfg: DictConfig, backbone: dict, cwps_meta: dict):
         self.store_dir = Path(run_dir) / "store"
@@ -78,14 +104,7 @@ class RunRecorder:
                 )
             return None
         store = MultiTaskStore.load(self.store_dir)
-        run = store.manifest.get("run") or {}
-        if run.get("config_hash") != self.hash:
-            old, new = _flatten(run.get("config")), _flatten(self.config)
-            diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            raise ConfigError(
-                f"{self.store_dir / MANIFEST} was written by a different config "
-                f"(differs in {diff[:8]}); rerun with the same overrides, or use a new run dir"
-            )
+        check_same_config(self.store_dir, store.manifest, self.config, self.hash)
         return store
 
     def restore(self, store: MultiTaskStore, runner: Runner,

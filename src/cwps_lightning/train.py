@@ -35,7 +35,7 @@ from .errors import ConfigError
 from .fitting import FitSettings, TrainingDiverged, csv_logger_factory, eval_device
 from .methods.base import Method
 from .methods.registry import method_class
-from .persist import RunRecorder
+from .persist import RunRecorder, check_run_dir_reuse
 from .pretrain import acquire_t0
 from .report import add_figures, assemble_results, write_results
 from .runner import MethodResult, Runner
@@ -243,6 +243,58 @@ def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
     return [list(job) for batch in batches for job in batch]
 
 
+def check_run_dir(cfg: DictConfig) -> None:
+    """A run dir given as a path (``hydra.run.dir=...``, not the default's timestamp) whose
+    store a different config wrote is refused here, before Hydra writes its .hydra/ files
+    there; the run refuses it too (RunRecorder.existing), but by then those files record this
+    config next to the other's results."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
+    except (OmegaConfBaseException, ValueError):
+        return  # (an interpolation that resolves only in the running job)
+    if run_dir:
+        check_run_dir_reuse(run_dir, cfg)
+
+
+def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
+    """For a sweeper that picks its jobs as it goes (Optuna): one job at each end of every
+    interval and range, and one per choice, of the command line's and the config's
+    ``hydra.sweeper.params`` (the other parameters at the fixed part's values), as
+    (the probed override, the job's overrides). Empty for the basic sweeper (sweep_jobs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
+
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(list(overrides))
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    cfg = compose_config(fixed)
+    if cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] == "BasicSweeper":
+        return []
+    given = {o.key_or_group for o in parsed}
+    sweeps = [o for o in parsed if o.is_sweep_override()]
+    sweeps += parser.parse_overrides([f"{k}={v}" for k, v in
+                                      (cfg.hydra.sweeper.get("params") or {}).items()
+                                      if k not in given])
+    probes = []
+    for o in sweeps:
+        sweep = o.value()
+        if isinstance(sweep, IntervalSweep):
+            values = [sweep.start, sweep.end]
+        elif isinstance(sweep, RangeSweep):
+            values = list(dict.fromkeys([sweep.start, sweep.stop - sweep.step]))
+        elif isinstance(sweep, ChoiceSweep):
+            values = list(sweep.list)
+        else:
+            continue
+        prefix = "+" if o.is_add() else ""
+        for value in values:
+            line = f"{prefix}{o.key_or_group}={Override._get_value_element_as_str(value)}"
+            probes.append((line, [*fixed, line]))
+    return probes
+
+
 def preflight(argv: Sequence[str]) -> None:
     """Compose and check the config of every job the command would run, before Hydra runs
     any: a bad key, type, value or environment stops the command with one line."""
@@ -262,6 +314,14 @@ def preflight(argv: Sequence[str]) -> None:
             if len(jobs) == 1:
                 raise
             raise ConfigError(f"job {i} of the sweep ({' '.join(overrides)}): {err}") from None
+    if not args.multirun:
+        check_run_dir(cfg)
+    for probe, overrides in search_space_probes(args.overrides) if args.multirun else ():
+        try:
+            cfg = compose_config(overrides)
+            check_config(cfg, here=launcher_kind(cfg) != SLURM_LAUNCHER)
+        except ConfigError as err:
+            raise ConfigError(f"the sweeper's search space, at {probe}: {err}") from None
     from hydra.core.global_hydra import GlobalHydra
 
     GlobalHydra.instance().clear()

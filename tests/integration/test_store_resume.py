@@ -14,6 +14,7 @@ from cwps_lightning.evaluate import evaluate_store
 
 from .helpers import (
     REPO,
+    TINY,
     cli_env,
     compose_run_config,
     count_store_params,
@@ -107,13 +108,23 @@ def test_sigkill_mid_run_then_resume_finishes_every_task(run_dir, t0_cache):
 def test_resume_refuses_store_of_other_config_and_corrupt_store(run_dir, t0_cache):
     from cwps_lightning.cwps import StoreError
     from cwps_lightning.errors import ConfigError
-    from cwps_lightning.train import run
+    from cwps_lightning.train import preflight, run
 
     args = ("data.tasks=[optdigits]", "cwps.baselines=[]", f"paths.cache_dir={t0_cache}")
     run(compose_run_config(run_dir, *args))
     assert (run_dir / "results.json").exists()
     with pytest.raises(ConfigError, match=r"different config.*cwps\.threshold"):
         run(compose_run_config(run_dir, *args, "cwps.threshold=0.4"))
+    # the command refuses it before Hydra writes its .hydra/ files over the finished run's
+    # (and takes the same config, hashed as the run hashes it, as the same)
+    preflight([*TINY, f"hydra.run.dir={run_dir}", *args])
+    with pytest.raises(ConfigError, match=r"different config.*cwps\.threshold"):
+        preflight([*TINY, f"hydra.run.dir={run_dir}", *args, "cwps.threshold=0.4"])
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("the finished run's\n")
+    proc = run_train(run_dir, *args, "cwps.threshold=0.4", cache=t0_cache, timeout=120)
+    assert proc.returncode == 2 and "different config" in proc.stderr, proc.stderr[-2000:]
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the finished run's\n"
     kernels = next((run_dir / "store").glob("kernels-*.safetensors"))
     kernels.write_bytes(kernels.read_bytes()[:1000])
     with pytest.raises(StoreError, match=kernels.name):

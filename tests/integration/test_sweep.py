@@ -48,18 +48,20 @@ def test_lambda_sweep_writes_table_and_figure5(tmp_path, t0_cache):
 
 
 def test_a_job_that_fails_does_not_stop_the_sweep(tmp_path, t0_cache):
-    """A task that does not exist fails its job while running (its config passed every check):
-    the other job runs, the report lists the failure with its error line, and the multirun
-    exits non-zero at the end."""
+    """A T0 weights file that is not one fails its job while running (the checks before the
+    sweep see only that it exists): the other job runs, the report lists the failure with its
+    error line, and the multirun exits non-zero at the end."""
     sweep = tmp_path / "sweep"
-    proc = multirun(sweep, t0_cache, "data.tasks=[nosuchtask],[optdigits]")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    proc = multirun(sweep, t0_cache, "data.tasks=[optdigits]", f"model.weights={junk},null")
     assert proc.returncode != 0  # at the end, after every job ran
     rows = sweep_rows(sweep)
     assert [r["status"] for r in rows] == ["failed", "completed"]
     # (12 test images at this size: 0% is a possible draw, so only the range is checked)
-    assert "nosuchtask" in rows[0]["error"] and 0.0 <= rows[1]["methods"]["cwps"]["mean_top1"] <= 100
+    assert "model.weights" in rows[0]["error"] and 0.0 <= rows[1]["methods"]["cwps"]["mean_top1"] <= 100
     md = (sweep / "sweep.md").read_text()
-    assert "| failed: DataConfigError: unknown task(s) ['nosuchtask']" in md
+    assert f"| failed: ModelConfigError: model.weights: cannot read '{junk}'" in md
     assert "2 job(s), 1 failed" in md
 
 
@@ -142,8 +144,10 @@ def test_optuna_search_goes_on_after_a_failed_trial_and_exits_non_zero(tmp_path,
     """The preset tolerates failed trials (max_failure_rate: 1.0): every trial runs, each is in
     the report, and the command still ends with status 1 and one line saying so."""
     sweep = tmp_path / "sweep"
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
     proc = multirun(sweep, t0_cache, "hparams_search=cwps_optuna", "hydra.sweeper.n_trials=2",
-                    "data.tasks=[nosuchtask]", timeout=300)
+                    f"model.weights={junk}", timeout=300)
     assert proc.returncode == 1
     assert [r["status"] for r in sweep_rows(sweep)] == ["failed", "failed"]
     assert proc.stderr.strip().splitlines()[-1] == (

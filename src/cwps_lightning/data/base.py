@@ -174,6 +174,14 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self._deferred:
             raise DataConfigError(self._deferred[0])
 
+    def check_settings(self, here: bool = True) -> None:
+        """Everything that can be checked without reading the data, for the train command's
+        check before any job runs: the settings and (``here``: the job runs on this machine,
+        whose disk counts) the task names."""
+        self.raise_deferred()
+        if here:
+            self.validate_tasks()
+
     # -- to implement --------------------------------------------------------------------------
     def build_tasks(self) -> dict[str, TaskSplits]:
         raise NotImplementedError

@@ -169,6 +169,14 @@ class ImageTasksDataModule(MultiTaskDataModule):
             raise DataConfigError(f"data.skip_corrupt must be true or false, "
                                   f"got {self.skip_corrupt!r}")
 
+    def check_settings(self, here: bool = True) -> None:
+        """The settings, and (``here``) the root and the task names (a listing at most; the
+        images are read when the data module is built)."""
+        self.validate_settings()
+        if here:
+            self.check_root()
+            self.validate_tasks()
+
     def check_root(self) -> Path:
         if self.root is None:
             raise DataConfigError(f"data.root is not set: point it at the {self.benchmark} "
