@@ -584,6 +584,16 @@ X, Y = batch()
 X2, Y2 = batch(seed=3)
 
 
+def switch_between_two_forwards(net, opt) -> None:
+    """A soft forward, the switch to hard, a hard forward, one backward of both, a step."""
+    opt.zero_grad()
+    set_stage(net, "soft")
+    first = F.cross_entropy(net(X), Y)
+    set_stage(net, "hard")
+    (first + F.cross_entropy(net(X2), Y2)).backward()
+    opt.step()
+
+
 def test_two_forwards_with_a_stage_switch_between_and_one_backward():
     """soft forward, switch, hard forward, one backward of both: the switch composes into new
     memory, so the first forward's graph keeps the weight it ran on, and its gradient goes to
@@ -591,12 +601,7 @@ def test_two_forwards_with_a_stage_switch_between_and_one_backward():
     two."""
     def sequence(net, opt):
         for _ in range(2):
-            opt.zero_grad()
-            set_stage(net, "soft")
-            first = F.cross_entropy(net(X), Y)
-            set_stage(net, "hard")
-            (first + F.cross_entropy(net(X2), Y2)).backward()
-            opt.step()
+            switch_between_two_forwards(net, opt)
         train(net, opt, ["hard"] * 2, X, Y)
 
     same_training(sequence)
@@ -653,15 +658,7 @@ def test_a_layer_with_nothing_to_train_keeps_the_weight_its_graph_ran_on():
         for p in (net[3].weight, net[3].mask_logits):
             p.requires_grad_(False)
 
-    def sequence(net, opt):
-        opt.zero_grad()
-        set_stage(net, "soft")
-        first = F.cross_entropy(net(X), Y)
-        set_stage(net, "hard")
-        (first + F.cross_entropy(net(X2), Y2)).backward()
-        opt.step()
-
-    same_training(sequence, a, opt_a, b, opt_b)
+    same_training(switch_between_two_forwards, a, opt_a, b, opt_b)
 
 
 def test_release_or_forward_compose_between_a_forward_and_its_backward():
