@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import time
@@ -74,10 +75,27 @@ def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, ove
 
 
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.precision=32",
-                                      "trainer.devices='0,1'", "trainer.devices=[0,1]",
+                                      "trainer.precision=null", "trainer.strategy=DDP",
                                       "trainer.devices=-1", "trainer.strategy=ddp_spawn"])
 def test_trainer_values_lightning_takes_pass(override):
     checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))
+
+
+@pytest.mark.parametrize("devices", ["[0,1]", "'0,1'", "'0,'", "[0]"])
+def test_device_indices_on_the_cpu_are_refused_and_on_a_gpu_taken(devices, monkeypatch):
+    """Lightning's CPU accelerator takes a number of processes only."""
+    trainer = dict(compose_config(["trainer=cpu", f"trainer.devices={devices}"]).trainer)
+    with pytest.raises(ConfigError, match=r"on the CPU devices is a number of processes"):
+        checks.check_trainer_values(trainer)
+    monkeypatch.setattr(checks.torch.cuda, "is_available", lambda: True)
+    checks.check_trainer_values({**trainer, "accelerator": "gpu"})
+
+
+def test_a_bad_devices_value_in_a_multirun_is_named_not_a_traceback(no_fits):
+    for devices, shown in (("abc", "'abc'"), ("null", "None"), ("2.5", "2.5")):
+        with pytest.raises(ConfigError, match=rf"trainer\.devices={re.escape(shown)}: accepted"):
+            preflight(["-m", "trainer=cpu", f"trainer.devices={devices}",
+                       "cwps.threshold=0.3,0.5"])
 
 
 def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
@@ -87,6 +105,12 @@ def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
                                           r"build resnet18 with them \(.*'drop_rat'\)"):
         preflight(["+model.kwargs.drop_rat=0.1"])
     preflight(["+model.kwargs.drop_rate=0.1", "seed=4294967295"])
+    for kwargs, raised in (("act_layer=bogus", "KeyError"), ("num_classes=10", "TypeError")):
+        with pytest.raises(ConfigError, match=rf"^model\.kwargs=.*timm cannot build resnet18 "
+                                              rf"with them \({raised}: "):
+            preflight([f"+model.kwargs.{kwargs}"])
+    with pytest.raises(ConfigError, match=r"^seed: "):
+        preflight(["seed=${oc.env:CWPS_NO_SUCH_VARIABLE}"])
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
@@ -120,6 +144,9 @@ def test_an_optuna_search_space_is_checked_at_its_ends_and_choices(no_fits):
         preflight(["-m", "hparams_search=cwps_optuna", "cwps.threshold=interval(0.5,1.1)"])
     with pytest.raises(ConfigError, match=r"at cwps\.mask_init=nope: cwps\.mask_init must be"):
         preflight(["-m", "hparams_search=cwps_optuna", "cwps.mask_init=choice(random,nope)"])
+    with pytest.raises(ConfigError, match=r"at cwps\.threshold=1\.5: "):  # (Optuna samples stop)
+        preflight(["-m", "hparams_search=cwps_optuna", "cwps.threshold=range(0,1.5,0.5)"])
+    preflight(["-m", "hparams_search=cwps_optuna", "++trainer.limit_train_batches=choice(1,2)"])
     probes = [probe for probe, _ in search_space_probes(["hparams_search=cwps_optuna"])]
     assert probes == ["cwps.threshold=0.1", "cwps.threshold=0.9", "optim.mask_lr=0.002",
                       "optim.mask_lr=0.2"]  # (the preset's own space, conf/hparams_search)
@@ -132,6 +159,24 @@ def test_a_root_is_not_looked_for_where_the_job_does_not_run():
     checks.check_data(cfg, here=False)  # (the cluster's disk)
     with pytest.raises(ConfigError, match="does not exist"):
         checks.check_data(cfg, here=True)
+    # task names the code knows are checked anyway; those data=folders finds on disk are not
+    bad = compose_config(["+experiment=imagenet_sketch", "data.root=/nonexistent/isk",
+                          "data.tasks=[nope]"])
+    with pytest.raises(ConfigError, match=r"unknown task\(s\) \['nope'\]"):
+        checks.check_data(bad, here=False)
+    checks.check_data(compose_config(["data=folders", "data.root=/nonexistent/f",
+                                      "data.tasks=[nope]"]), here=False)
+
+
+def test_a_reused_run_dir_with_a_manifest_of_another_shape_is_left_to_the_run(tmp_path):
+    """Not a manifest this code wrote: the run's own load names it (one line, exit 2)."""
+    from cwps_lightning.persist import check_run_dir_reuse
+
+    (tmp_path / "store").mkdir()
+    cfg = compose_config([])
+    for text in ('{"run": "x"}', '{"run": {"config": "x"}}', "[1, 2]", "{not json"):
+        (tmp_path / "store" / "manifest.json").write_text(text)
+        check_run_dir_reuse(tmp_path, cfg)
 
 
 @pytest.fixture

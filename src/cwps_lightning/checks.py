@@ -21,9 +21,10 @@ from urllib.parse import urlparse
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
-from .config import instantiate_data, settings_of
+from .config import instantiate_data, one_line, settings_of
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
@@ -68,7 +69,11 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     )
     check_methods(job.cwps.baselines)
     check_model_name(job.model.name)
-    check_seed(cfg.seed)
+    try:
+        seed = cfg.seed
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line(err)) from None
+    check_seed(seed)
     if job.model.kwargs:
         check_model_kwargs(job.model.name, dict(job.model.kwargs))
     if job.model.weights and not Path(job.model.weights).is_file():
@@ -107,13 +112,15 @@ def check_model_kwargs(name: str, kwargs: dict) -> None:
     no initialisation), so a misspelt or misplaced argument stops the job before the data."""
     import timm
 
-    try:
+    try:  # (with a num_classes, as create_backbone builds it)
         with torch.device("meta"):
-            timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as err:
+            timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    except Exception as err:  # noqa: BLE001 - whatever timm raises for a bad argument
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model.kwargs={kwargs}: timm cannot build {name} with them ({text})"
-                          ) from None
+        if "meta" in text.lower():
+            return  # a model that cannot be built on the meta device: the job finds out
+        raise ConfigError(f"model.kwargs={kwargs}: timm cannot build {name} with them "
+                          f"({type(err).__name__}: {text})") from None
 
 
 def check_methods(baselines: list[str]) -> None:
@@ -174,20 +181,27 @@ def check_trainer_values(trainer: dict) -> None:
     from lightning.pytorch.accelerators import AcceleratorRegistry
     from lightning.pytorch.strategies import StrategyRegistry
 
-    for key, names in (("accelerator", {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}),
-                       ("strategy", {"auto", *StrategyRegistry.available_strategies()})):
+    for key, names, fold in (
+            ("accelerator", {"auto", "gpu", *AcceleratorRegistry.available_accelerators()}, str),
+            # (Lightning reads a strategy name in lower case)
+            ("strategy", {"auto", *StrategyRegistry.available_strategies()}, str.lower)):
         value = trainer.get(key, "auto")
-        if isinstance(value, str) and value not in names:
+        if isinstance(value, str) and fold(value) not in names:
             raise ConfigError(f"trainer.{key}={value!r}: accepted: {', '.join(sorted(names))}")
     precision = trainer.get("precision", "32-true")
     accepted = _precisions()
-    if accepted and precision not in accepted:
+    if accepted and precision is not None and precision not in accepted:
         raise ConfigError(f"trainer.precision={precision!r}: accepted: "
                           f"{', '.join(dict.fromkeys(str(p) for p in accepted))}")
     devices = trainer.get("devices", "auto")
     if not _devices_ok(devices):
         raise ConfigError(f"trainer.devices={devices!r}: accepted: a number of devices >= 1, -1 "
-                          "(all), 'auto', or device indices ([0, 1] or '0,1')")
+                          "(all), 'auto', or GPU indices ([0, 1] or '0,1')")
+    accelerator = trainer.get("accelerator", "auto")
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if on_cpu and not isinstance(devices, int) and _device_indices(devices):
+        raise ConfigError(f"trainer.devices={devices!r}: on the CPU devices is a number of "
+                          "processes (e.g. 1 or 2), not device indices")
     nodes = trainer.get("num_nodes", 1)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError(f"trainer.num_nodes={nodes!r}: accepted: an integer >= 1")
@@ -208,6 +222,13 @@ def _precisions() -> tuple:
         return ()
     return (get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_INT)
             + get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
+def _device_indices(devices) -> bool:
+    """Whether ``devices`` lists device indices ([0, 1], '0,1', '0,') rather than a count."""
+    if isinstance(devices, Sequence) and not isinstance(devices, str):
+        return True
+    return isinstance(devices, str) and "," in devices
 
 
 def _devices_ok(devices) -> bool:
@@ -265,7 +286,10 @@ def uses_ddp(trainer: dict) -> bool:
         return len([d for d in devices.split(",") if d.strip()]) > 1
     if str(devices) in ("-1", "auto"):
         return str(trainer.get("accelerator", "auto")) in GPU_ACCELERATORS
-    return int(devices) > 1
+    try:
+        return int(devices) > 1
+    except (TypeError, ValueError):
+        return False  # (check_trainer_values names a devices value that is neither)
 
 
 def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:

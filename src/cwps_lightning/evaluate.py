@@ -23,9 +23,9 @@ from .runner import T0
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"
 #: arguments of this command (not config overrides)
 OWN_KEYS = ("store", "device")
-#: what the overrides may change: the data (the models are the store's); paths, which the
-#: data's root may be written in
-OVERRIDE_PREFIXES = ("data.", "paths.")
+#: what the overrides may change: the data (the models are the store's; the store keeps its
+#: config resolved, so ``paths.*`` would change nothing)
+OVERRIDE_PREFIXES = ("data.",)
 DEVICES = ("auto", "cpu", "gpu", "cuda", "cuda:<index>")
 
 

@@ -79,9 +79,11 @@ def check_run_dir_reuse(run_dir: str | Path, cfg: DictConfig) -> None:
         manifest = json.loads((store_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         return  # none, or unreadable: the run's own load says what is wrong with it
-    if isinstance(manifest, dict):
+    run = manifest.get("run") if isinstance(manifest, dict) else None
+    if isinstance(run, dict) and isinstance(run.get("config"), dict | None):
         config = result_config(cfg)
         check_same_config(store_dir, manifest, config, config_hash(config))
+    # (anything else is not a manifest this code wrote: the run's own load names it)
 
 
 class RunRecorder:

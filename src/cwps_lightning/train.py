@@ -260,7 +260,7 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
     """For a sweeper that picks its jobs as it goes (Optuna): one job at each end of every
-    interval and range, and one per choice, of the command line's and the config's
+    interval and range (its stop included, as Optuna samples it), and one per choice, of the command line's and the config's
     ``hydra.sweeper.params`` (the other parameters at the fixed part's values), as
     (the probed override, the job's overrides). Empty for the basic sweeper (sweep_jobs)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -282,15 +282,14 @@ def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]
         sweep = o.value()
         if isinstance(sweep, IntervalSweep):
             values = [sweep.start, sweep.end]
-        elif isinstance(sweep, RangeSweep):
-            values = list(dict.fromkeys([sweep.start, sweep.stop - sweep.step]))
+        elif isinstance(sweep, RangeSweep):  # (Optuna's range includes its stop)
+            values = list(dict.fromkeys([sweep.start, sweep.stop]))
         elif isinstance(sweep, ChoiceSweep):
             values = list(sweep.list)
         else:
             continue
-        prefix = "+" if o.is_add() else ""
-        for value in values:
-            line = f"{prefix}{o.key_or_group}={Override._get_value_element_as_str(value)}"
+        for value in values:  # (the key as given: ++ / + and an @package stay)
+            line = f"{o.get_key_element()}={Override._get_value_element_as_str(value)}"
             probes.append((line, [*fixed, line]))
     return probes
 
@@ -308,8 +307,8 @@ def preflight(argv: Sequence[str]) -> None:
     for i, overrides in enumerate(jobs):
         try:
             cfg = compose_config(overrides)
-            check_launch(cfg, multirun=args.multirun, overrides=overrides)
             check_config(cfg, here=not (args.multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
+            check_launch(cfg, multirun=args.multirun, overrides=overrides)
         except ConfigError as err:
             if len(jobs) == 1:
                 raise

@@ -97,7 +97,7 @@ def test_bad_device_and_overrides_name_what_is_accepted(store_dir, capsys, monke
             (["device=gpux"], "device='gpux': accepted: auto, cpu, gpu, cuda, cuda:<index>"),
             (["device=cuda:1"], "device=cuda:1: 0 CUDA GPU(s) visible"),
             (["cwps.treshold=0.5"], "cwps.treshold=0.5: evaluate takes store=, device= and "
-                                    "overrides of data.*, paths.*"),
+                                    "overrides of data.*"),
             (["data.image_sise=32"], "data.image_sise: no such key in this config "
                                      "('data.image_sise=32'; +data.image_sise=32 adds one)")):
         assert main([f"store={store_dir}", *argv]) == 2

@@ -115,6 +115,8 @@ class MultiTaskDataModule(L.LightningDataModule):
     default_tasks: tuple[str, ...] = ()
     #: a task used to pretrain the T0 backbone when no pretrained weights are given (or None)
     pretrain_task: str | None = None
+    #: whether the task names come from the disk (data.root's folders), not from the code
+    tasks_from_disk: bool = False
 
     def __init__(
         self,
@@ -176,10 +178,10 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     def check_settings(self, here: bool = True) -> None:
         """Everything that can be checked without reading the data, for the train command's
-        check before any job runs: the settings and (``here``: the job runs on this machine,
-        whose disk counts) the task names."""
+        check before any job runs: the settings and the task names (where they come from the
+        disk, only ``here``: the job runs on this machine)."""
         self.raise_deferred()
-        if here:
+        if here or not self.tasks_from_disk:
             self.validate_tasks()
 
     # -- to implement --------------------------------------------------------------------------

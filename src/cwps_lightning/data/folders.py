@@ -29,6 +29,7 @@ class FoldersDataModule(ImageTasksDataModule):
     layout = ("data.folders=[{name, train, test}] of ImageFolder trees <dir>/<class>/<image>, "
               "or <root>/<task>/{train,test}/<class>/<image>")
     default_policy = "crop"
+    tasks_from_disk = True  # (discovered under data.root, or listed with paths it resolves)
 
     def __init__(self, folders: list[Mapping] | None = None, **kwargs):
         super().__init__(**kwargs)

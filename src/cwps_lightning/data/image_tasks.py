@@ -170,11 +170,13 @@ class ImageTasksDataModule(MultiTaskDataModule):
                                   f"got {self.skip_corrupt!r}")
 
     def check_settings(self, here: bool = True) -> None:
-        """The settings, and (``here``) the root and the task names (a listing at most; the
-        images are read when the data module is built)."""
+        """The settings, the task names and (``here``: the job runs on this machine) the
+        root; names that come from the root only ``here`` (a listing at most; the images are
+        read when the data module is built)."""
         self.validate_settings()
         if here:
             self.check_root()
+        if here or not self.tasks_from_disk:
             self.validate_tasks()
 
     def check_root(self) -> Path:
