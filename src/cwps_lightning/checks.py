@@ -56,9 +56,10 @@ class JobSettings:
     logger: LoggerSettings
 
 
-def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
+def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSettings:
     """``here``: the job runs on this machine (False: a launcher submits it elsewhere, so a GPU
-    that this machine lacks is not an error)."""
+    that this machine lacks is not an error). ``data`` False: leave the data to the caller,
+    which builds it next (train.run: build_data checks the same and more)."""
     job = JobSettings(
         cwps=settings_of(cfg.cwps, CWPSSettings, "cwps"),
         methods=settings_of(cfg.methods, MethodsSettings, "methods"),
@@ -85,7 +86,8 @@ def check_config(cfg: DictConfig, here: bool = True) -> JobSettings:
     check_logger(job.logger)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
-    check_data(cfg, here)
+    if data:
+        check_data(cfg, here)
     return job
 
 
@@ -199,7 +201,7 @@ def check_trainer_values(trainer: dict) -> None:
                           "(all), 'auto', or GPU indices ([0, 1] or '0,1')")
     accelerator = trainer.get("accelerator", "auto")
     on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and not isinstance(devices, int) and _device_indices(devices):
+    if on_cpu and distributed.device_ids(devices) is not None:
         raise ConfigError(f"trainer.devices={devices!r}: on the CPU devices is a number of "
                           "processes (e.g. 1 or 2), not device indices")
     nodes = trainer.get("num_nodes", 1)
@@ -222,13 +224,6 @@ def _precisions() -> tuple:
         return ()
     return (get_args(_PRECISION_INPUT_STR) + get_args(_PRECISION_INPUT_INT)
             + get_args(_PRECISION_INPUT_STR_ALIAS))
-
-
-def _device_indices(devices) -> bool:
-    """Whether ``devices`` lists device indices ([0, 1], '0,1', '0,') rather than a count."""
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
-        return True
-    return isinstance(devices, str) and "," in devices
 
 
 def _devices_ok(devices) -> bool:
@@ -280,14 +275,11 @@ def uses_ddp(trainer: dict) -> bool:
     if any(k in strategy for k in ("ddp", "fsdp", "deepspeed")):
         return True
     devices = trainer.get("devices", 1)
-    if isinstance(devices, Sequence) and not isinstance(devices, str):
-        return len(devices) > 1
-    if isinstance(devices, str) and "," in devices:
-        return len([d for d in devices.split(",") if d.strip()]) > 1
     if str(devices) in ("-1", "auto"):
         return str(trainer.get("accelerator", "auto")) in GPU_ACCELERATORS
     try:
-        return int(devices) > 1
+        ids = distributed.device_ids(devices)  # (a list, or "0,1")
+        return len(ids) > 1 if ids is not None else int(devices) > 1
     except (TypeError, ValueError):
         return False  # (check_trainer_values names a devices value that is neither)
 

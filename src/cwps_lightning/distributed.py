@@ -80,7 +80,7 @@ def local_device(accelerator: str = "auto", devices: Any = 1) -> torch.device:
     i takes the i-th), never ``cuda`` = GPU 0 for every rank; the CPU without CUDA."""
     if accelerator not in ("auto", "gpu", "cuda") or not torch.cuda.is_available():
         return torch.device("cpu")
-    ids = _device_ids(devices)
+    ids = device_ids(devices)
     index = local_rank()
     if ids is not None:
         if index >= len(ids):
@@ -90,7 +90,7 @@ def local_device(accelerator: str = "auto", devices: Any = 1) -> torch.device:
     return torch.device("cuda", index % torch.cuda.device_count())
 
 
-def _device_ids(devices: Any) -> list[int] | None:
+def device_ids(devices: Any) -> list[int] | None:
     """Explicit GPU ids of a Lightning ``devices`` value ([2, 3] or "2,3"), else None."""
     if isinstance(devices, str) and "," in devices:
         return [int(d) for d in devices.split(",") if d.strip()]

@@ -135,7 +135,7 @@ def methods_of(job: JobSettings) -> list[Method]:
 def run(cfg: DictConfig) -> dict:
     quiet_lightning()
     quiet_other_ranks()
-    job = check_config(cfg)
+    job = check_config(cfg, data=False)  # (build_data below checks the data)
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     torch.manual_seed(cfg.seed)
     started = time.time()
@@ -223,23 +223,34 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
 
 
 # -- checks before Hydra runs anything ------------------------------------------------------------
-def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
-    """The override list of every job a basic-sweeper multirun of ``overrides`` would launch
-    (command-line sweeps and the config's ``hydra.sweeper.params``)."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+def _sweep_plan(overrides: Sequence[str]) -> tuple[list, list[str], list, bool]:
+    """A multirun's overrides parsed, the fixed ones (no sweep) as given, the sweeps (the
+    command line's, then the config's ``hydra.sweeper.params`` it does not set), and whether
+    the config's sweeper is the basic one."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     parsed = parser.parse_overrides(list(overrides))
     fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
     cfg = compose_config(fixed)
-    if cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] != "BasicSweeper":
-        return [fixed]  # another sweeper chooses its jobs as it goes: check the fixed part
     given = {o.key_or_group for o in parsed}
-    params = [f"{k}={v}" for k, v in (cfg.hydra.sweeper.get("params") or {}).items()
-              if k not in given]
-    parsed += parser.parse_overrides(params)
-    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    params = parser.parse_overrides([f"{k}={v}" for k, v in
+                                     (cfg.hydra.sweeper.get("params") or {}).items()
+                                     if k not in given])
+    sweeps = [o for o in parsed if o.is_sweep_override()] + params
+    basic = cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] == "BasicSweeper"
+    return parsed + params, fixed, sweeps, basic
+
+
+def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:
+    """The override list of every job a basic-sweeper multirun of ``overrides`` would launch
+    (command-line sweeps and the config's ``hydra.sweeper.params``)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+
+    every, fixed, _, basic = _sweep_plan(overrides)
+    if not basic:
+        return [fixed]  # another sweeper chooses its jobs as it goes: check the fixed part
+    batches = BasicSweeper.split_arguments(every, max_batch_size=None)
     return [list(job) for batch in batches for job in batch]
 
 
@@ -260,23 +271,14 @@ def check_run_dir(cfg: DictConfig) -> None:
 
 def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
     """For a sweeper that picks its jobs as it goes (Optuna): one job at each end of every
-    interval and range (its stop included, as Optuna samples it), and one per choice, of the command line's and the config's
-    ``hydra.sweeper.params`` (the other parameters at the fixed part's values), as
+    interval and range (its stop included, as Optuna samples it), and one per choice, of the
+    command line's and the config's ``hydra.sweeper.params`` (the others at the fixed part), as
     (the probed override, the job's overrides). Empty for the basic sweeper (sweep_jobs)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, Override, RangeSweep
 
-    parser = OverridesParser.create()
-    parsed = parser.parse_overrides(list(overrides))
-    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-    cfg = compose_config(fixed)
-    if cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] == "BasicSweeper":
+    _, fixed, sweeps, basic = _sweep_plan(overrides)
+    if basic:
         return []
-    given = {o.key_or_group for o in parsed}
-    sweeps = [o for o in parsed if o.is_sweep_override()]
-    sweeps += parser.parse_overrides([f"{k}={v}" for k, v in
-                                      (cfg.hydra.sweeper.get("params") or {}).items()
-                                      if k not in given])
     probes = []
     for o in sweeps:
         sweep = o.value()
