@@ -724,3 +724,20 @@ def test_a_change_of_the_child_between_a_forward_and_its_backward_is_refused():
         a[0].weight.mul_(1.5)
     with pytest.raises(RuntimeError, match="changed between a forward and its backward"):
         (first + second).backward()
+
+
+def test_a_backward_after_the_step_of_its_forward_is_refused():
+    """A forward recorded before an optimiser step, its backward after it: the forward mode
+    fails (autograd's in-place check); so does the step mode, by name, where autograd saw no
+    weight to check (a linear layer whose input needs no gradient) and the gradient would
+    have been lost."""
+    a, opt_a, b, opt_b = pair()
+    for net, opt, error in ((a, opt_a, "modified by an inplace operation"),
+                            (b, opt_b, "forward recorded before the optimiser step")):
+        set_stage(net, "soft")
+        pending = net[7](X.reshape(6, -1)[:, :16]).sum()  # saves no weight
+        F.cross_entropy(net(X2), Y2).backward()
+        opt.step()
+        opt.zero_grad()
+        with pytest.raises(RuntimeError, match=error):
+            pending.backward()

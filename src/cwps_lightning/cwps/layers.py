@@ -354,6 +354,19 @@ def _fold_on_arrival(layer_ref, which: int, stage_key: tuple, sources: tuple, le
         layer._fold(tuple(grads), stage_key)
 
 
+def _refuse_on_arrival(layer_ref, leaf) -> None:
+    """A backward reached a leaf its layer let go at an optimiser step (let_go_at_step): the
+    forward it belongs to ran on weights the step has changed since."""
+    layer = layer_ref()
+    if layer is None:
+        return
+    raise RuntimeError(
+        f"{type(layer).__name__}: a backward reached the composed weight of a forward recorded "
+        "before the optimiser step, which has stepped the weights it ran on since (its "
+        "gradient would be taken against other weights; the forward compose fails here with "
+        "autograd's in-place error); run a forward's backward before the step")
+
+
 def _changed(layer, between: str, what: str = "child, mask scores or parent") -> RuntimeError:
     return RuntimeError(
         f"{type(layer).__name__}: its {what} changed {between} (the composed weight's "
@@ -641,13 +654,25 @@ class CWPSMixin:
             with torch.inference_mode(False):
                 self._fold(tuple(None if leaf is None else leaf.grad for leaf in leaves),
                            stage_key)
+        self._let_go(lambda i: functools.partial(_fold_on_arrival, weakref.ref(self), i,
+                                                 stage_key, sources))
+
+    def let_go_at_step(self) -> None:
+        """The optimiser step has taken the kept weight's gradient and stepped the child and
+        the scores: the leaves go, and a backward still to come through one (a forward recorded
+        before the step) is refused as it arrives, where its gradient would otherwise be lost
+        (a layer whose input needs no gradient saves no weight for autograd to check)."""
+        self._let_go(lambda i: functools.partial(_refuse_on_arrival, weakref.ref(self)))
+
+    def _let_go(self, hook_for) -> None:
+        """Drop the leaves over the kept weight and bias (and their gradients); ``hook_for(i)``
+        is what a gradient that a later backward brings to leaf ``i`` meets."""
+        leaves = self.__dict__.get("_step_leaves")
         self.__dict__["_step_leaves"] = None
-        for i, leaf in enumerate(leaves):
-            if leaf is None:
-                continue
-            leaf.grad = None
-            leaf.register_post_accumulate_grad_hook(
-                functools.partial(_fold_on_arrival, weakref.ref(self), i, stage_key, sources))
+        for i, leaf in enumerate(leaves or ()):
+            if leaf is not None:
+                leaf.grad = None
+                leaf.register_post_accumulate_grad_hook(hook_for(i))
 
     def _fold(self, grads: tuple, stage_key: tuple) -> None:
         """Add the child's and the scores' gradients from the composed weight's and bias's

@@ -42,7 +42,8 @@ gradient in the backward, which DDP would wait for), and since DDP then does not
 at the wrap either, give every rank rank 0's values first (the Lightning module does). Under torch.compile each such layer is a graph break (the leaf its gradient goes to)
 and runs eagerly: the numbers are the same, the compiler's gain is lost there. Zero the
 gradients with the optimiser's ``zero_grad`` (``model.zero_grad()`` does not reach the
-composed weights' gradients); a step drops them too.
+composed weights' gradients); a step drops them too, and refuses a backward that comes after it
+through a forward recorded before it (CWPSMixin.let_go_at_step).
 
 What it buys is measured by ``benchmarks/layer_overhead.py`` (variants ``cwps-step-soft`` and
 ``cwps-step-hard``): the step's passes over the weights cost about the same at every input
@@ -481,6 +482,6 @@ class StepComposeSGD(torch.optim.Optimizer):
             for p, grad in taken:  # back where they were (zero_grad takes them)
                 p.grad = grad
         for layer in stepped:
-            layer.__dict__["_step_leaves"] = None
+            layer.let_go_at_step()
             layer._composed_current()
         return loss
