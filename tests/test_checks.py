@@ -114,9 +114,13 @@ def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
 
 
 @pytest.mark.parametrize(("overrides", "expected"), [
-    (["data.image_size=0"], r"^data\.image_size must be an integer >= 8, got 0$"),
+    (["data.image_size=0"], r"^data\.image_size must be an integer from 8 to 2048, got 0$"),
     (["data.tasks=[optdigits,mnist_sketc]"], r"^unknown task\(s\) \['mnist_sketc'\]"),
     (["data.batch_size=0"], r"^data\.batch_size must be an integer >= 1, got 0$"),
+    (["data.image_size=2049"], r"^data\.image_size must be an integer from 8 to 2048, got 2049$"),
+    (["+data.image_sise=64"], r"^data\.image_sise: DigitsDataModule takes no such argument; did "
+                              r"you mean data\.image_size\? accepted: image_size, limit_per_task, "
+                              r"tasks, batch_size, "),
     (["+experiment=imagenet_sketch", "model.pretrained=false", "data.root=/nonexistent/isk"],
      r"^data\.root='/nonexistent/isk' does not exist; expected the ImageNet-to-Sketch layout"),
 ])
@@ -194,6 +198,12 @@ def test_wandb_without_credentials(no_wandb_credentials, no_fits, monkeypatch):
     preflight(["logger=wandb", "logger.mode=offline"])
     monkeypatch.setenv("WANDB_MODE", "offline")
     preflight(["logger=wandb"])
+    # a WANDB_MODE wandb.init refuses (even beside logger.mode) is named, not taken for online
+    for mode in ("ofline", ""):
+        monkeypatch.setenv("WANDB_MODE", mode)
+        with pytest.raises(ConfigError, match=rf"^WANDB_MODE={mode}: not a W&B mode; accepted: "
+                                              r"online, offline, "):
+            preflight(["logger=wandb", "logger.mode=offline"])
     monkeypatch.delenv("WANDB_MODE")
     # `wandb login` writes a netrc entry for the W&B host
     no_wandb_credentials.write_text("machine api.wandb.ai\n  login user\n  password " + "k" * 40)

@@ -80,6 +80,20 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.stages.hard_epochs=inf", r"^cwps\.stages\.hard_epochs must be a finite number >= 0"),
     ("t0.lr=inf", r"^t0\.lr must be a finite number > 0, got inf"),
     ("logger.kind=tensorboard", r"^logger\.kind must be one of"),
+    # nodes the YAML files fill (the schema leaves them open): their keys, the nearest one
+    ("data.image_sise=64", r"^data\.image_sise: no such key; did you mean data\.image_size\? "
+                           r"\(data has: tasks, image_size, "),
+    ("paths.nope=1", r"^paths\.nope: no such key; paths has: root_dir, .*; add a key it lacks "
+                     r"with \+paths\.nope=\.\.\.$"),
+    ("trainer.gradient_clip=1", r"did you mean trainer\.gradient_clip_val\?"),
+    ("trainer.fast_dev_run=1", r"^trainer\.fast_dev_run: not set in the trainer config "
+                               r"\(trainer has: .*\); add it with \+trainer\.fast_dev_run="),
+    ("trainer.max_epochs=1", r"^trainer\.max_epochs: set per fit from cwps\.stages"),
+    # one value where a list goes, a list where a group goes
+    ("cwps.baselines=finetune", r"^cwps\.baselines: a list is accepted, e\.g\. "
+                                r"cwps\.baselines=\[finetune\]; got 'finetune'$"),
+    ("cwps.baselines={a:1}", r"^cwps\.baselines: a list is accepted.*; got a dict$"),
+    ("cwps.stages=[1]", r"^cwps\.stages: a group of keys is accepted \(warmup_epochs, "),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:

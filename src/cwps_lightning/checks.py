@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
-from .config import instantiate_data, one_line, settings_of
+from .config import TRAINER_SET_BY_JOB, instantiate_data, one_line, settings_of
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
@@ -42,6 +42,8 @@ from .settings import (
 HUB_TIMEOUT = 3.0
 GPU_ACCELERATORS = ("gpu", "cuda")
 OFFLINE_WANDB_MODES = ("offline", "disabled", "dryrun")
+#: what wandb itself takes in WANDB_MODE (logger.mode takes settings.WANDB_MODES)
+WANDB_ENV_MODES = ("online", "offline", "disabled", "dryrun", "run", "shared")
 
 
 @dataclass
@@ -155,13 +157,13 @@ def _trainer_arguments() -> frozenset[str]:
 
 def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """Trainer arguments Lightning would reject, and a GPU accelerator without a GPU."""
-    bad = sorted(set(trainer) - _trainer_arguments() - {"max_epochs"})
+    bad = sorted(set(trainer) - _trainer_arguments() - set(TRAINER_SET_BY_JOB))
     if bad:
         raise ConfigError(f"trainer.{bad[0]}: not an argument of lightning.Trainer "
                           f"(see its documentation for the accepted ones)")
-    if "max_epochs" in trainer:
-        raise ConfigError("trainer.max_epochs: set per fit from cwps.stages and t0.epochs; "
-                          "remove it")
+    for key, why in TRAINER_SET_BY_JOB.items():
+        if key in trainer:
+            raise ConfigError(f"trainer.{key}: {why}")
     check_trainer_values(trainer)
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in GPU_ACCELERATORS and gpus_here:
@@ -354,7 +356,12 @@ def check_logger(logger: LoggerSettings) -> None:
         import wandb  # noqa: F401
     except ImportError as err:
         raise ConfigError(f"logger=wandb: cannot import wandb ({err})") from None
-    mode = logger.mode or os.environ.get("WANDB_MODE", "online")
+    env = os.environ.get("WANDB_MODE")
+    # (wandb.init fails on another value at T0, even with logger.mode set)
+    if env is not None and env not in WANDB_ENV_MODES:
+        raise ConfigError(f"WANDB_MODE={env}: not a W&B mode; accepted: "
+                          f"{', '.join(WANDB_ENV_MODES)} (or unset it and set logger.mode)")
+    mode = logger.mode or env or "online"
     if mode not in OFFLINE_WANDB_MODES and not wandb_credentials():
         raise ConfigError(
             "logger=wandb: no W&B credentials (WANDB_API_KEY or `wandb login`); to log without "

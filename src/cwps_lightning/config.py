@@ -81,6 +81,17 @@ def one_line(err: BaseException) -> str:
         accepted = schema_keys(full_key.rsplit(".", 1)[0]) if "not in" in msg else None
         if accepted:
             msg = f"no such key; accepted: {', '.join(accepted)}"
+        elif "is not a ListConfig" in msg:  # (one value where a list goes: brackets)
+            value = getattr(cause, "value", None)
+            example = f"[{value}]" if isinstance(value, str | int | float) else "[a,b]"
+            msg = f"a list is accepted, e.g. {full_key}={example}; got {value!r}"
+        elif msg.startswith("Cannot merge DictConfig with ListConfig"):  # (either way round)
+            if getattr(cause, "object_type", None) is list:
+                msg = f"a list is accepted, e.g. {full_key}=[a,b]; got a dict"
+            else:
+                keys = schema_keys(full_key)
+                msg = (f"a group of keys is accepted ({', '.join(keys)}), set one by one as "
+                       f"{full_key}.<key>=...; got a list") if keys else msg
         return f"{full_key}: {msg}"
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     lines = lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search path")),
@@ -128,11 +139,65 @@ def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
                                    job_name=job_name):
-            cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            try:
+                cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as err:
+                # (inside the context: the explanation composes the config once more)
+                raise ConfigError(_open_node_keys(err, overrides) or one_line(err)) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from None
     HydraConfig.instance().set_config(cfg)
     return cfg
+
+
+#: trainer arguments the job sets itself for every fit (a config that sets one is refused)
+TRAINER_SET_BY_JOB = {"max_epochs": "set per fit from cwps.stages and t0.epochs; remove it"}
+
+
+def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
+    """For an unknown key of a node the schema leaves open (``data.image_sise=64``: data,
+    trainer, paths come from their YAML files), the line naming the keys the node has (the
+    config composed without the override), the nearest one, and how to add a key; None for
+    other errors."""
+    import difflib
+
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cause = err.__cause__ if err.__cause__ is not None else err
+    full_key = getattr(cause, "full_key", None)
+    if not full_key or "." not in full_key or "not in struct" not in str(
+            getattr(cause, "msg", "")):
+        return None
+    parent, key = full_key.rsplit(".", 1)
+    if schema_keys(parent) is not None:
+        return None  # (a typed node: one_line lists the schema's keys)
+    try:
+        rest = [o.input_line for o in OverridesParser.create().parse_overrides(list(overrides))
+                if o.key_or_group != full_key]
+        node = OmegaConf.select(compose("config", overrides=rest), parent)
+    except Exception:  # noqa: BLE001 - the plain message then
+        return None
+    if not isinstance(node, DictConfig):
+        return None
+    keys = [k for k in node.keys() if k != "_target_"]
+    candidates = list(keys)
+    if parent == "trainer":  # (a Trainer argument the YAML does not set is added with +)
+        import inspect
+
+        from lightning import Trainer
+
+        candidates += [p for p in inspect.signature(Trainer.__init__).parameters
+                       if p != "self" and p not in keys]
+    if parent == "trainer" and key in TRAINER_SET_BY_JOB:
+        return f"{full_key}: {TRAINER_SET_BY_JOB[key]}"
+    has = f"{parent} has: {', '.join(keys)}"
+    if key in candidates:
+        return f"{full_key}: not set in the {parent} config ({has}); add it with +{full_key}=..."
+    near = difflib.get_close_matches(key, candidates, n=1)
+    if near:
+        return f"{full_key}: no such key; did you mean {parent}.{near[0]}? ({has})"
+    return f"{full_key}: no such key; {has}; add a key it lacks with +{full_key}=..."
 
 
 _ABSENT = object()
@@ -178,10 +243,53 @@ def instantiate_data(cfg: DictConfig):
         cause = err.__cause__
         if isinstance(cause, ConfigError):
             raise ConfigError(str(cause)) from err
+        unknown = _unknown_argument(cause, cfg.data.get("_target_"))
+        if unknown:
+            raise ConfigError(unknown) from err
         raise ConfigError(f"cannot build data={cfg.data.get('_target_')}: "
                           f"{' '.join(str(err).split())}") from err
     except OmegaConfBaseException as err:
         raise ConfigError(f"data: {one_line(err)}") from err
+
+
+def _init_arguments(cls: type) -> list[str]:
+    """The keyword arguments ``cls(...)`` takes: its __init__'s, and where that passes
+    ``**kwargs`` on, its bases' (in MRO order)."""
+    import inspect
+
+    names: list[str] = []
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is None:
+            continue
+        params = inspect.signature(init).parameters.values()
+        names += [p.name for p in params if p.name != "self" and p.name not in names
+                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return names
+
+
+def _unknown_argument(cause: BaseException | None, target: str | None) -> str | None:
+    """``data.<key>: no such argument`` with the DataModule's arguments, for the TypeError
+    of an argument it does not take (``+data.image_sise=64``); None otherwise."""
+    import difflib
+    import re
+
+    from hydra.utils import get_class
+
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
+    if not isinstance(cause, TypeError) or not found or not target:
+        return None
+    try:
+        accepted = _init_arguments(get_class(target))
+    except Exception:  # noqa: BLE001 - the plain message then
+        return None
+    key = found.group(1)
+    near = difflib.get_close_matches(key, accepted, n=1)
+    hint = f"did you mean data.{near[0]}? " if near else ""
+    return (f"data.{key}: {target.rsplit('.', 1)[-1]} takes no such argument; {hint}"
+            f"accepted: {', '.join(accepted)}")
 
 
 def settings_of(node: DictConfig, cls: type, key: str):

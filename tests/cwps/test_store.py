@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import timm
@@ -193,6 +194,20 @@ def test_truncated_tensor_file_gives_clear_error(tmp_path):
     kernels.write_bytes(data[: len(data) // 2])
     with pytest.raises(StoreError, match=kernels.name):
         MultiTaskStore.load(tmp_path)
+
+
+def test_a_file_given_for_the_store_names_the_folder(tmp_path):
+    save_store(tmp_path / "store", _t0_bank(), META)
+    manifest = tmp_path / "store" / "manifest.json"
+    with pytest.raises(StoreError, match=rf"manifest\.json: a file, not a store directory; the "
+                                         rf"store is its folder, {re.escape(str(manifest.parent))}$"):
+        MultiTaskStore.load(manifest)
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(StoreError, match=r"a file, not a store directory; give the store's "
+                                         r"folder \(the one with manifest\.json\)$"):
+        MultiTaskStore.load(tmp_path / "results.json")
+    with pytest.raises(StoreError, match=r"nope: no such store directory$"):
+        MultiTaskStore.load(tmp_path / "nope")
 
 
 def test_corrupt_bytes_and_manifest_give_clear_errors(tmp_path):

@@ -63,8 +63,8 @@ def test_full_batches_are_decided_on_a_ranks_share(n, world, drop):
 
 
 @pytest.mark.parametrize(("kwargs", "needle"), [
-    (dict(image_size=4), "data.image_size must be an integer >= 8, got 4"),
-    (dict(image_size="big"), "data.image_size must be an integer >= 8, got 'big'"),
+    (dict(image_size=4), "data.image_size must be an integer from 8 to 2048, got 4"),
+    (dict(image_size="big"), "data.image_size must be an integer from 8 to 2048, got 'big'"),
     (dict(limit_per_task=-5), "data.limit_per_task must be null or an integer >= 4"),
     (dict(limit_per_task=2), ">= 4 (images per task; fewer leave a split empty), got 2"),
     (dict(seed="zero"), "seed must be an integer, got 'zero'"),

@@ -256,6 +256,11 @@ class MultiTaskStore:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> MultiTaskStore:
         path = Path(path)
+        if path.is_file():
+            hint = (f"the store is its folder, {path.parent}"
+                    if (path.parent / MANIFEST).is_file() else
+                    f"give the store's folder (the one with {MANIFEST})")
+            raise StoreError(f"{path}: a file, not a store directory; {hint}")
         if not path.is_dir():
             raise StoreError(f"{path}: no such store directory")
         for attempt in range(3):

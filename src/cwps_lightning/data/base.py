@@ -27,6 +27,19 @@ class TaskSplits:
     test: Dataset
 
 
+#: the largest data.image_size taken: a larger one runs out of memory building the first batch
+#: rather than failing with a message (the paper's inputs are 224 px)
+MAX_IMAGE_SIZE = 2048
+
+
+def int_range(minimum: int | None, maximum: int | None = None) -> str:
+    """"an integer >= 8", "an integer from 8 to 2048": what an integer setting accepts."""
+    if minimum is not None and maximum is not None:
+        return f"an integer from {minimum} to {maximum}"
+    if minimum is not None:
+        return f"an integer >= {minimum}"
+    return "an integer" + (f" <= {maximum}" if maximum is not None else "")
+
 class DataConfigError(ConfigError):
     """Bad data configuration or dataset on disk; the message says what and where."""
 
@@ -152,14 +165,15 @@ class MultiTaskDataModule(L.LightningDataModule):
 
     # -- settings ------------------------------------------------------------------------------
     def checked_int(self, value, key: str, minimum: int | None, fallback, none_ok: bool = False,
-                    why: str = ""):
-        """``value`` if it is an integer >= ``minimum`` (or None where ``none_ok``); else
-        ``fallback``, and the error is kept for validate_tasks."""
+                    why: str = "", maximum: int | None = None):
+        """``value`` if it is an integer >= ``minimum`` (and <= ``maximum``; or None where
+        ``none_ok``); else ``fallback``, and the error is kept for validate_tasks."""
         if value is None and none_ok:
             return None
         if (isinstance(value, bool) or not isinstance(value, int)
-                or (minimum is not None and value < minimum)):
-            accepted = "an integer" + (f" >= {minimum}" if minimum is not None else "")
+                or (minimum is not None and value < minimum)
+                or (maximum is not None and value > maximum)):
+            accepted = int_range(minimum, maximum)
             self._deferred.append(f"{key} must be {'null or ' if none_ok else ''}{accepted}"
                                   f"{why}, got {value!r}")
             return fallback

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from torchvision import transforms as T
 
-from .base import DataConfigError
+from .base import MAX_IMAGE_SIZE, DataConfigError, int_range
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,8 +38,10 @@ def check_transform_settings(
     image_size, resize_size, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     """Validate and normalise the transform settings of a data config."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 8:
-        raise DataConfigError(f"data.image_size must be an integer >= 8, got {image_size!r}")
+    if (isinstance(image_size, bool) or not isinstance(image_size, int)
+            or not 8 <= image_size <= MAX_IMAGE_SIZE):
+        raise DataConfigError(f"data.image_size must be {int_range(8, MAX_IMAGE_SIZE)}, "
+                              f"got {image_size!r}")
     if resize_size is None:
         resize_size = default_resize_size(image_size)
     if isinstance(resize_size, bool) or not isinstance(resize_size, int) or resize_size < image_size:
