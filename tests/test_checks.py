@@ -172,6 +172,37 @@ def test_a_root_is_not_looked_for_where_the_job_does_not_run():
                                       "data.tasks=[nope]"]), here=False)
 
 
+USER_DATAMODULE = """
+from pathlib import Path
+import lightning as L
+
+class UserData(L.LightningDataModule):
+    def __init__(self, tasks, image_size, limit_per_task, batch_size, eval_batch_size,
+                 num_workers, pin_memory, persistent_workers, seed, marker=None):
+        super().__init__()
+        if marker:
+            Path(marker).write_text("made")
+"""
+
+
+def test_a_users_own_datamodule_is_not_made_before_the_job(tmp_path, monkeypatch):
+    """A DataModule that is not a MultiTaskDataModule (no check_settings) is not constructed
+    by the checks (its __init__ may do work); that it takes the configured arguments is."""
+    (tmp_path / "user_data_cwps_test.py").write_text(USER_DATAMODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "made"
+    target = "data._target_=user_data_cwps_test.UserData"
+    checks.check_data(compose_config([target, f"+data.marker={marker}"]))
+    assert not marker.exists()
+    with pytest.raises(ConfigError, match=r"^data=user_data_cwps_test\.UserData: got an "
+                                          r"unexpected keyword argument 'markr'; accepted: tasks, "
+                                          r"image_size, .*, seed, marker$"):
+        checks.check_data(compose_config([target, f"+data.markr={marker}"]))
+    with pytest.raises(ConfigError, match=r"missing a required argument: 'image_size'"):
+        checks.check_data(compose_config([target, "~data.image_size"]))
+    assert not marker.exists()
+
+
 def test_a_reused_run_dir_with_a_manifest_of_another_shape_is_left_to_the_run(tmp_path):
     """Not a manifest this code wrote: the run's own load names it (one line, exit 2)."""
     from cwps_lightning.persist import check_run_dir_reuse

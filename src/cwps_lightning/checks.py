@@ -24,7 +24,13 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
-from .config import TRAINER_SET_BY_JOB, instantiate_data, one_line, settings_of
+from .config import (
+    TRAINER_SET_BY_JOB,
+    init_arguments,
+    instantiate_data,
+    one_line,
+    settings_of,
+)
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
@@ -97,10 +103,35 @@ def check_data(cfg: DictConfig, here: bool = True) -> None:
     """The data settings, task names and root (MultiTaskDataModule.check_settings): the data
     module is made (it reads nothing yet) and checks itself. ``here`` False: a launcher
     submits the job elsewhere, whose disk this machine cannot see: the settings only."""
-    datamodule = instantiate_data(cfg)
-    check = getattr(datamodule, "check_settings", None)
-    if check is not None:  # (a DataModule of a user's own, not a MultiTaskDataModule)
-        check(here)
+    target = cfg.data.get("_target_") if isinstance(cfg.data, DictConfig) else None
+    cls = _data_class(target)
+    if cls is not None and not hasattr(cls, "check_settings"):
+        # a DataModule of a user's own: its __init__ may do work (the job makes it once, in
+        # build_data); only that it imports and takes the configured arguments is checked
+        _check_arguments(cls, target, cfg)
+        return
+    instantiate_data(cfg).check_settings(here)
+
+
+def _data_class(target) -> type | None:
+    """The class ``data._target_`` names; None where it names no class (a factory
+    function, say) or does not import (instantiate_data reports that)."""
+    from hydra.utils import get_class
+
+    try:
+        return get_class(target) if isinstance(target, str) else None
+    except Exception:  # noqa: BLE001 - instantiate_data names the import error
+        return None
+
+
+def _check_arguments(cls: type, target: str, cfg: DictConfig) -> None:
+    """``cls(**data)`` binds (names and count of arguments), without calling it."""
+    kwargs = {k: v for k, v in cfg.data.items() if not str(k).startswith("_")}
+    try:
+        inspect.signature(cls).bind(*cfg.data.get("_args_", ()), **kwargs)
+    except TypeError as err:
+        accepted = ", ".join(init_arguments(cls))
+        raise ConfigError(f"data={target}: {err}; accepted: {accepted}") from None
 
 
 SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)

@@ -252,7 +252,7 @@ def instantiate_data(cfg: DictConfig):
         raise ConfigError(f"data: {one_line(err)}") from err
 
 
-def _init_arguments(cls: type) -> list[str]:
+def init_arguments(cls: type) -> list[str]:
     """The keyword arguments ``cls(...)`` takes: its __init__'s, and where that passes
     ``**kwargs`` on, its bases' (in MRO order)."""
     import inspect
@@ -282,7 +282,7 @@ def _unknown_argument(cause: BaseException | None, target: str | None) -> str | 
     if not isinstance(cause, TypeError) or not found or not target:
         return None
     try:
-        accepted = _init_arguments(get_class(target))
+        accepted = init_arguments(get_class(target))
     except Exception:  # noqa: BLE001 - the plain message then
         return None
     key = found.group(1)
