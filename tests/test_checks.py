@@ -169,7 +169,8 @@ def test_a_root_is_not_looked_for_where_the_job_does_not_run():
     with pytest.raises(ConfigError, match=r"unknown task\(s\) \['nope'\]"):
         checks.check_data(bad, here=False)
     checks.check_data(compose_config(["data=folders", "data.root=/nonexistent/f",
-                                      "data.tasks=[nope]"]), here=False)
+                                      "data.tasks=[nope]", "model.pretrained=true"]),
+                      here=False)
 
 
 USER_DATAMODULE = """
@@ -183,6 +184,21 @@ class UserData(L.LightningDataModule):
         if marker:
             Path(marker).write_text("made")
 """
+
+
+def test_a_benchmark_without_a_pretraining_task_needs_t0_weights(tmp_path):
+    """data=folders (and the real benchmarks) have no task to pretrain T0 on: without
+    model.pretrained or model.weights the job is refused before it starts."""
+    (tmp_path / "t1" / "train" / "c1").mkdir(parents=True)
+    (tmp_path / "t1" / "test" / "c1").mkdir(parents=True)
+    base = ["data=folders", f"data.root={tmp_path}"]
+    with pytest.raises(ConfigError, match=r"^FoldersDataModule has no pretraining task for T0: "
+                                          r"set model\.pretrained=true .* or model\.weights="):
+        checks.check_data(compose_config(base))
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    checks.check_data(compose_config([*base, f"model.weights={weights}"]))
+    checks.check_data(compose_config([*base, "model.pretrained=true"]))
 
 
 def test_a_users_own_datamodule_is_not_made_before_the_job(tmp_path, monkeypatch):
@@ -303,6 +319,32 @@ def test_cli_bad_config_one_line_exit_2_nothing_written(tmp_path, override, key)
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
     assert not run_dir.exists()
+
+
+def test_cli_data_found_wrong_on_reading_leaves_no_run_dir(tmp_path):
+    """Data found wrong only when read (one training image: no validation split) stops the
+    job after Hydra made the run directory: Hydra's files alone are removed, a directory
+    holding anything else stays."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        (tmp_path / "root" / "t1" / split / "c1").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "root" / "t1" / split / "c1" / "x.png")
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"")  # (the job stops before it reads them)
+    args = ("data=folders", f"data.root={tmp_path / 'root'}", f"model.weights={weights}")
+    run_dir = tmp_path / "run"
+    proc = _cli(*args, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == ("error: task 't1' has 1 training image(s): too few to carve "
+                                   "a validation split from"), proc.stderr
+    assert not run_dir.exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("mine")
+    proc = _cli(*args, f"hydra.run.dir={kept}")
+    assert proc.returncode == 2, proc.stderr
+    assert (kept / "notes.txt").read_text() == "mine" and (kept / ".hydra").is_dir()
 
 
 def test_cli_hub_without_network_fails_within_seconds(tmp_path):

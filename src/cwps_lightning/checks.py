@@ -35,6 +35,7 @@ from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
 from .models.lit_module import step_compose_refusal
+from .pretrain import t0_source_missing
 from .settings import (
     CWPSSettings,
     LoggerSettings,
@@ -110,7 +111,11 @@ def check_data(cfg: DictConfig, here: bool = True) -> None:
         # build_data); only that it imports and takes the configured arguments is checked
         _check_arguments(cls, target, cfg)
         return
-    instantiate_data(cfg).check_settings(here)
+    datamodule = instantiate_data(cfg)
+    datamodule.check_settings(here)
+    model = cfg.model
+    if datamodule.pretrain_task is None and not (model.get("pretrained") or model.get("weights")):
+        raise ConfigError(t0_source_missing(datamodule))
 
 
 def _data_class(target) -> type | None:

@@ -73,6 +73,13 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
     }
 
 
+def t0_source_missing(datamodule) -> str:
+    """What to say where T0 has no source: no pretrained or given weights, and a benchmark
+    without a pretraining task (the real benchmarks start from an ImageNet backbone)."""
+    return (f"{type(datamodule).__name__} has no pretraining task for T0: set "
+            f"model.pretrained=true (timm hub weights) or model.weights=<checkpoint file>")
+
+
 def pretrain_t0(
     datamodule,
     model_name: str,
@@ -157,10 +164,7 @@ def acquire_t0(cfg, datamodule, settings: FitSettings, device) -> tuple[nn.Modul
         log.info("T0: timm pretrained weights %s", tag)
         return model, {"pretrained": str(tag)}
     if getattr(datamodule, "pretrain_task", None) is None:
-        raise ModelConfigError(
-            f"{type(datamodule).__name__} has no pretraining task for T0: set "
-            f"model.pretrained=true (timm hub weights) or model.weights=<checkpoint file>"
-        )
+        raise ModelConfigError(t0_source_missing(datamodule))
     return pretrain_t0(
         datamodule, cfg.model.name, model_kwargs, int(cfg.t0.epochs), float(cfg.t0.lr),
         settings, cfg.paths.cache_dir if cfg.t0.cache else None, cfg.seed, device,

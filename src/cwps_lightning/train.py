@@ -198,6 +198,21 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
+#: what Hydra puts in a run directory before the job starts
+HYDRA_STUB = {".hydra", "train.log"}
+
+
+def remove_if_stub(run_dir: Path) -> None:
+    """A run that stopped on bad input before writing anything of its own (data that had to
+    be read to be found wrong) leaves no run directory: Hydra's files alone are no output.
+    One with anything more (a store, logs, a resumed run's outputs) stays."""
+    try:
+        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+            shutil.rmtree(run_dir)
+    except OSError:
+        pass  # (the error line matters more than the cleanup)
+
+
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
@@ -210,6 +225,7 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # preset with max_failure_rate: 1.0); sweep.py reports it
             raise
         if is_rank_zero():
+            remove_if_stub(Path(HydraConfig.get().runtime.output_dir))
             print(f"error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, TrainingDiverged) else 2)
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
