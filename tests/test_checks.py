@@ -347,6 +347,19 @@ def test_cli_data_found_wrong_on_reading_leaves_no_run_dir(tmp_path):
     assert (kept / "notes.txt").read_text() == "mine" and (kept / ".hydra").is_dir()
 
 
+def test_a_stub_is_hydras_files_and_the_ranks_logs_only(tmp_path):
+    from cwps_lightning.train import remove_if_stub
+
+    for extra, removed in (("train_rank_1.log", True), ("train_ddp_process_2.log", True),
+                           ("train.log.bak", False), ("store", False)):
+        run_dir = tmp_path / extra
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / "train.log").write_text("")
+        (run_dir / extra).write_text("")
+        remove_if_stub(run_dir)
+        assert run_dir.exists() != removed, extra
+
+
 def test_cli_hub_without_network_fails_within_seconds(tmp_path):
     run_dir = tmp_path / "run"
     started = time.monotonic()

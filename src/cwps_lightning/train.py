@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import shutil
 import sys
 import time
@@ -198,8 +199,9 @@ def run(cfg: DictConfig) -> dict:
     return results
 
 
-#: what Hydra puts in a run directory before the job starts
-HYDRA_STUB = {".hydra", "train.log"}
+#: what Hydra puts in a run directory before the job starts: its config and the job's log
+#: (torchrun's other ranks and Lightning's DDP processes log beside rank 0: train_rank_<i>.log)
+HYDRA_STUB = re.compile(r"\.hydra|train(_rank_\d+|_ddp_process_\d+)?\.log")
 
 
 def remove_if_stub(run_dir: Path) -> None:
@@ -207,7 +209,7 @@ def remove_if_stub(run_dir: Path) -> None:
     be read to be found wrong) leaves no run directory: Hydra's files alone are no output.
     One with anything more (a store, logs, a resumed run's outputs) stays."""
     try:
-        if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= HYDRA_STUB:
+        if run_dir.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in run_dir.iterdir()):
             shutil.rmtree(run_dir)
     except OSError:
         pass  # (the error line matters more than the cleanup)
