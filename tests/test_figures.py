@@ -4,6 +4,7 @@ them from disk (report.py)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,10 +158,14 @@ def test_report_rebuilds_the_figures_and_results_md(tmp_path, capsys):
     (lambda d: None, "no results.json in it or below it"),
     (lambda d: (d / "results.json").write_text("{not json"), "cannot read"),
     (lambda d: (d / "results.json").write_text("[]"), "not a results.json of this project"),
+    (lambda d: (d / "results.json").write_text("{}") and d / "results.json",
+     "results.json: a file, not a run or multirun directory; the run directory is "),
+    (lambda d: d / "nope", "nope: no such directory"),
 ])
 def test_report_refuses_what_is_not_a_run_with_one_line(tmp_path, capsys, setup, needle):
-    setup(tmp_path)
-    assert report_main([str(tmp_path)]) == 2
+    given = setup(tmp_path)  # (the path to give, where the setup names one)
+    given = given if isinstance(given, Path) else tmp_path
+    assert report_main([str(given)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and needle in err[0]
 

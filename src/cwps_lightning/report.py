@@ -143,6 +143,12 @@ def report_run(run_dir: Path) -> dict:
 
 def run_dirs(path: Path) -> list[Path]:
     """``path`` if it is a run directory, else the run directories below it (a multirun)."""
+    if path.is_file():  # (results.json, results.md: the run directory is their folder)
+        hint = f"; the run directory is {path.parent}" if (
+            path.parent / "results.json").is_file() else ""
+        raise StoreError(f"{path}: a file, not a run or multirun directory{hint}")
+    if not path.exists():
+        raise StoreError(f"{path}: no such directory")
     if (path / "results.json").is_file():
         return [path]
     found = sorted({p.parent for p in path.glob("**/results.json")})
