@@ -1055,7 +1055,19 @@ def parse_args(argv=None):
                    help="with --decisions PATH: the task whose decisions to take (default: the "
                    "file's last task)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, least in (("batch", 1), ("size", 8), ("steps", 1), ("warmup", 0),
+                        ("mem_steps", 1), ("threads", 1)):
+        if getattr(args, name) < least:  # (a bad one failed deep in a worker, or timed nothing)
+            p.error(f"--{name.replace('_', '-')} must be an integer >= {least}, got "
+                    f"{getattr(args, name)}")
+    from cwps_lightning.models import ModelConfigError, check_model_name
+
+    try:
+        check_model_name(args.model)
+    except ModelConfigError as err:
+        p.error(f"--model: {err}")
+    return args
 
 
 def decisions_of(args) -> tuple[str | None, dict[str, float] | None]:

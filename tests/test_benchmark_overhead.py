@@ -290,3 +290,20 @@ def test_a_run_stopped_in_the_memory_phase_writes_what_it_has(tmp_path):
     assert result["stopped"] == {"in": "memory", "rounds": 0, "memory_workers": 0}
     assert result["variants"] == {} and result["verdict"] == {}
     assert "STOPPED (SIGTERM) in the memory phase" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--batch", "0"], "--batch must be an integer >= 1, got 0"),
+    (["--size", "4"], "--size must be an integer >= 8, got 4"),
+    (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be an integer >= 0, got -1"),
+    (["--threads", "0"], "--threads must be an integer >= 1, got 0"),
+    (["--model", "resnet_nosuch"], "--model: unknown model 'resnet_nosuch': model.name takes any "
+                                   "timm model name"),
+])
+def test_bad_arguments_stop_before_any_work_with_one_line(capsys, args, message):
+    """(each of these ran for a minute, or failed with a worker's traceback)"""
+    with pytest.raises(SystemExit) as stop:
+        load_benchmark("layer_overhead").parse_args(args)
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err

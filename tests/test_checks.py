@@ -499,3 +499,13 @@ def test_uses_ddp_reads_every_way_of_asking_for_ranks():
     assert checks.uses_ddp({"devices": 1, "strategy": "ddp_spawn"})
     assert checks.uses_ddp({"devices": -1, "accelerator": "gpu"})
     assert not checks.uses_ddp({"devices": "auto", "accelerator": "cpu"})
+
+
+@pytest.mark.parametrize(("name", "first"), [
+    ("resnt18", "'resnet18'"),  # misspelt: the nearest spelling first
+    ("vit_base", "'vit_base_"),  # the start of names: those names
+    ("densenet12", "'densenet121'"),
+])
+def test_an_unknown_model_name_lists_the_names_it_was_likely_meant_as(no_fits, name, first):
+    with pytest.raises(ConfigError, match=rf"^unknown model '{name}': .*; similar: \[{first}"):
+        preflight([f"model.name={name}"])

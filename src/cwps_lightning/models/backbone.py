@@ -24,7 +24,13 @@ PAPER_BACKBONES = ("resnet18", "resnet50", "densenet121", "vit_base_patch16_224"
 
 def check_model_name(name: str) -> str:
     if not timm.is_model(name):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []
+        import difflib
+
+        # (names it begins, else the nearest by spelling, else those sharing its first word)
+        known = timm.list_models()
+        close = ([m for m in known if name and m.startswith(name)][:8]
+                 or difflib.get_close_matches(name, known, n=8, cutoff=0.7)
+                 or (timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []))
         hint = f"; similar: {close}" if close else ""
         raise ModelConfigError(
             f"unknown model {name!r}: model.name takes any timm model name "
