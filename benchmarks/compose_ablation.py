@@ -116,6 +116,7 @@ def main(argv=None) -> dict[str, float]:
     ap.add_argument("--channels-last", action="store_true",
                     help="models and batch in channels_last (the training job's format)")
     args = ap.parse_args(argv)
+    lo.check_args(ap, args, {"size": 8, "batch": 1, "rounds": 1, "warmup": 0})
     torch.manual_seed(0)
     bench = lo.parse_args(["--size", str(args.size), "--batch", str(args.batch)]
                           + (["--channels-last"] if args.channels_last else []))

@@ -1056,10 +1056,18 @@ def parse_args(argv=None):
                    "file's last task)")
     p.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name, least in (("batch", 1), ("size", 8), ("steps", 1), ("warmup", 0),
-                        ("mem_steps", 1), ("threads", 1)):
-        if getattr(args, name) < least:  # (a bad one failed deep in a worker, or timed nothing)
-            p.error(f"--{name.replace('_', '-')} must be an integer >= {least}, got "
+    check_args(p, args, {"batch": 1, "size": 8, "steps": 1, "warmup": 0, "mem_steps": 1,
+                         "threads": 1})
+    return args
+
+
+def check_args(p: argparse.ArgumentParser, args, least: dict[str, int]) -> None:
+    """Each integer argument named in ``least`` at least its value, and ``--model`` a timm
+    model: else ``p.error`` (one line, exit 2), before any work (a bad one failed deep in a
+    worker with a traceback, or ran and timed nothing)."""
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            p.error(f"--{name.replace('_', '-')} must be an integer >= {low}, got "
                     f"{getattr(args, name)}")
     from cwps_lightning.models import ModelConfigError, check_model_name
 
@@ -1067,7 +1075,6 @@ def parse_args(argv=None):
         check_model_name(args.model)
     except ModelConfigError as err:
         p.error(f"--model: {err}")
-    return args
 
 
 def decisions_of(args) -> tuple[str | None, dict[str, float] | None]:

@@ -27,6 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cwps_lightning.data.check import compose_config, instantiate_data  # noqa: E402
+from cwps_lightning.errors import ConfigError  # noqa: E402
 
 
 def write_tree(root: Path, n_images: int, n_classes: int, size: int = 224) -> None:
@@ -35,7 +36,8 @@ def write_tree(root: Path, n_images: int, n_classes: int, size: int = 224) -> No
     for task in ("flowers", "cubs_cropped"):
         for i in range(n_images):
             cls = f"class_{i % n_classes:03d}"
-            split = "test" if i % 5 == 4 else "train"
+            # (every fifth image of each class: each class is in train, as the loader needs)
+            split = "test" if (i // n_classes) % 5 == 4 else "train"
             path = root / task / split / cls / f"{i:05d}.jpg"
             path.parent.mkdir(parents=True, exist_ok=True)
             noise = Image.effect_noise((size, size), 40 + rng.randrange(40))
@@ -71,6 +73,12 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=None, help="where to write the tree (temp dir)")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.num_workers=4")
     args = p.parse_args()
+    # (0 classes or epochs measure nothing; under 5 images a class, the test split is empty)
+    for name, least in (("classes", 1), ("epochs", 1), ("images", 5 * max(args.classes, 1))):
+        if getattr(args, name) < least:
+            p.error(f"--{name} must be an integer >= {least}"
+                    + (" (5 per class)" if name == "images" else "")
+                    + f", got {getattr(args, name)}")
 
     tmp = None
     root = args.root
@@ -82,9 +90,14 @@ def main() -> None:
         write_tree(root, args.images, args.classes)
         print(f"wrote {2 * args.images} 224x224 JPEGs to {root} in "
               f"{time.perf_counter() - started:.1f} s")
-    cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={root}",
-                          "data.tasks=[flowers,cubs_cropped]", *args.overrides])
-    dm = instantiate_data(cfg)
+    try:
+        cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={root}",
+                              "data.tasks=[flowers,cubs_cropped]", *args.overrides])
+        dm = instantiate_data(cfg)
+    except ConfigError as err:
+        if tmp is not None:
+            tmp.cleanup()
+        p.error(str(err))
     started = time.perf_counter()
     dm.task_names  # noqa: B018 - scan + header check of every image
     print(f"machine: {os.cpu_count()} CPUs ({cpu_name()}), torch threads "

@@ -57,3 +57,39 @@ def test_the_script_runs_and_reports_every_variant(ablation, capsys):
     assert set(ratios) == {"finetune", *ablation.VARIANTS}
     assert ratios["finetune"] == 1.0
     assert "paired x fine-tuning" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--rounds", "0"], "--rounds must be an integer >= 1, got 0"),
+    (["--model", "nosuch"], "--model: unknown model 'nosuch'"),
+])
+def test_bad_arguments_stop_before_any_work(ablation, capsys, args, message):
+    with pytest.raises(SystemExit) as stop:
+        ablation.main(args)
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--epochs", "0"], "--epochs must be an integer >= 1, got 0"),
+    (["--images", "79"], "--images must be an integer >= 80 (5 per class), got 79"),
+    (["--images", "10", "--classes", "2", "data.nope=1"], "data.nope: no such key; data has: "
+                                                          "root, tasks, "),
+])
+def test_loader_throughput_refuses_bad_arguments_with_one_line(monkeypatch, capsys, tmp_path,
+                                                               args, message):
+    loader = load_benchmark("loader_throughput")
+    monkeypatch.setattr("sys.argv", ["loader_throughput.py", "--root", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as stop:
+        loader.main()
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_loader_throughputs_tree_puts_every_class_in_train(tmp_path):
+    """(a class whose images all fell in test stopped the loader: every fifth image of each
+    class is a test image)"""
+    load_benchmark("loader_throughput").write_tree(tmp_path, 25, 5, size=8)
+    for task in ("flowers", "cubs_cropped"):
+        train = {p.name for p in (tmp_path / task / "train").iterdir()}
+        test = {p.name for p in (tmp_path / task / "test").iterdir()}
+        assert train == {f"class_{c:03d}" for c in range(5)} and test == train
+        assert len(list((tmp_path / task / "test").glob("*/*.jpg"))) == 5

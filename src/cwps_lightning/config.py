@@ -180,7 +180,7 @@ def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
         return None
     if not isinstance(node, DictConfig):
         return None
-    keys = [k for k in node.keys() if k != "_target_"]
+    keys = [k for k in node.keys() if not str(k).startswith("_")]  # (_target_, _convert_)
     candidates = list(keys)
     if parent == "trainer":  # (a Trainer argument the YAML does not set is added with +)
         import inspect
