@@ -183,6 +183,12 @@ class UserData(L.LightningDataModule):
         super().__init__()
         if marker:
             Path(marker).write_text("made")
+
+
+def make_data(tasks, image_size, limit_per_task, batch_size, eval_batch_size, num_workers,
+              pin_memory, persistent_workers, seed, marker=None):
+    return UserData(tasks, image_size, limit_per_task, batch_size, eval_batch_size,
+                    num_workers, pin_memory, persistent_workers, seed, marker)
 """
 
 
@@ -216,7 +222,21 @@ def test_a_users_own_datamodule_is_not_made_before_the_job(tmp_path, monkeypatch
         checks.check_data(compose_config([target, f"+data.markr={marker}"]))
     with pytest.raises(ConfigError, match=r"missing a required argument: 'image_size'"):
         checks.check_data(compose_config([target, "~data.image_size"]))
+    with pytest.raises(ConfigError, match=r"^data: .*CWPS_NO_SUCH_VARIABLE"):
+        checks.check_data(compose_config([target, "+data.marker=${oc.env:CWPS_NO_SUCH_VARIABLE}"]))
+    # a factory function likewise: not called, its arguments matched
+    factory = "data._target_=user_data_cwps_test.make_data"
+    checks.check_data(compose_config([factory, f"+data.marker={marker}"]))
+    with pytest.raises(ConfigError, match=r"^data=user_data_cwps_test\.make_data: got an "
+                                          r"unexpected keyword argument 'markr'; accepted: "):
+        checks.check_data(compose_config([factory, f"+data.markr={marker}"]))
     assert not marker.exists()
+
+
+def test_a_data_target_that_does_not_import_is_one_line_and_logs_nothing(caplog):
+    with caplog.at_level("INFO"), pytest.raises(ConfigError, match=r"^cannot build data=nope\."):
+        checks.check_data(compose_config(["data._target_=nope.Nope"]))
+    assert not [r for r in caplog.records if r.name.startswith("hydra")]  # (get_class logged)
 
 
 def test_a_reused_run_dir_with_a_manifest_of_another_shape_is_left_to_the_run(tmp_path):
@@ -341,23 +361,56 @@ def test_cli_data_found_wrong_on_reading_leaves_no_run_dir(tmp_path):
     assert not run_dir.exists()
     kept = tmp_path / "kept"
     kept.mkdir()
-    (kept / "notes.txt").write_text("mine")
-    proc = _cli(*args, f"hydra.run.dir={kept}")
+    (kept / "train.log").write_text("an earlier attempt's log\n")
+    proc = _cli(*args, f"hydra.run.dir={kept}")  # (it existed before: it stays)
     assert proc.returncode == 2, proc.stderr
-    assert (kept / "notes.txt").read_text() == "mine" and (kept / ".hydra").is_dir()
+    assert (kept / "train.log").read_text().startswith("an earlier attempt's log")
 
 
-def test_a_stub_is_hydras_files_and_the_ranks_logs_only(tmp_path):
-    from cwps_lightning.train import remove_if_stub
+def test_cli_a_diverged_run_keeps_its_run_dir(tmp_path):
+    """(exit 3: the log of what ran before the loss went to nan is the run's story)"""
+    run_dir = tmp_path / "run"
+    proc = _cli("logger.kind=none", "t0.lr=1e12", "t0.epochs=1", "t0.cache=false",
+                "data.limit_per_task=100", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "the training loss is nan" in proc.stderr
+    assert (run_dir / "train.log").is_file()
 
+
+def stub(run_dir, *extra):
+    (run_dir / ".hydra").mkdir(parents=True)
+    for name in ("train.log", *extra):
+        (run_dir / name).write_text("")
+    return run_dir
+
+
+def test_a_stub_is_hydras_files_and_the_ranks_logs_only(tmp_path, monkeypatch):
+    from cwps_lightning import train
+
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", False)
     for extra, removed in (("train_rank_1.log", True), ("train_ddp_process_2.log", True),
                            ("train.log.bak", False), ("store", False)):
-        run_dir = tmp_path / extra
-        (run_dir / ".hydra").mkdir(parents=True)
-        (run_dir / "train.log").write_text("")
-        (run_dir / extra).write_text("")
-        remove_if_stub(run_dir)
+        run_dir = stub(tmp_path / extra, extra)
+        assert train.remove_if_stub(run_dir) == removed
         assert run_dir.exists() != removed, extra
+
+
+def test_a_stub_this_run_did_not_make_stays(tmp_path, monkeypatch):
+    """A run dir that existed before the run (hydra.run.dir=. , a requeued run's), or the
+    working directory or one above it, is never removed, stub or not."""
+    from cwps_lightning import train
+
+    run_dir = stub(tmp_path / "run")
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", True)
+    assert not train.remove_if_stub(run_dir) and run_dir.is_dir()
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", False)
+    for cwd in (run_dir, run_dir / "sub"):
+        assert not train.remove_if_stub(run_dir, cwds=[cwd]) and run_dir.is_dir()
+    assert train.remove_if_stub(run_dir, cwds=[tmp_path / "elsewhere"])
+    # what preflight records: a timestamped run dir is new; a given one, as it is on disk
+    assert not train.run_dir_existed(compose_config([]))
+    assert train.run_dir_existed(compose_config(["hydra.run.dir=."]))
+    assert not train.run_dir_existed(compose_config([f"hydra.run.dir={tmp_path / 'new'}"]))
 
 
 def test_cli_hub_without_network_fails_within_seconds(tmp_path):

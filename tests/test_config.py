@@ -89,6 +89,9 @@ def test_library_defaults_of_the_lower_layers_match():
     ("trainer.fast_dev_run=1", r"^trainer\.fast_dev_run: not set in the trainer config "
                                r"\(trainer has: .*\); add it with \+trainer\.fast_dev_run="),
     ("trainer.max_epochs=1", r"^trainer\.max_epochs: set per fit from cwps\.stages"),
+    ("trainer.logger=false", r"^trainer\.logger: set per fit from the logger config"),
+    ("trainer.max_epoch=1", r"^trainer\.max_epoch: no such key; the nearest, "
+                            r"trainer\.max_epochs, is set per fit from cwps\.stages"),
     # one value where a list goes, a list where a group goes
     ("cwps.baselines=finetune", r"^cwps\.baselines: a list is accepted, e\.g\. "
                                 r"cwps\.baselines=\[finetune\]; got 'finetune'$"),

@@ -28,6 +28,7 @@ from .config import (
     TRAINER_SET_BY_JOB,
     init_arguments,
     instantiate_data,
+    locate,
     one_line,
     settings_of,
 )
@@ -102,41 +103,42 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
 
 def check_data(cfg: DictConfig, here: bool = True) -> None:
     """The data settings, task names and root (MultiTaskDataModule.check_settings): the data
-    module is made (it reads nothing yet) and checks itself. ``here`` False: a launcher
-    submits the job elsewhere, whose disk this machine cannot see: the settings only."""
+    module is made (it reads nothing yet) and checks itself, and T0 has a source (the
+    benchmark's pretraining task, or given weights). ``here`` False: a launcher submits the
+    job elsewhere, whose disk this machine cannot see: the settings only. A DataModule of a
+    user's own (a class without check_settings, or a factory function) is not made: its
+    __init__ may do work (the job makes it once, in build_data); only that it takes the
+    configured arguments is checked."""
     target = cfg.data.get("_target_") if isinstance(cfg.data, DictConfig) else None
-    cls = _data_class(target)
-    if cls is not None and not hasattr(cls, "check_settings"):
-        # a DataModule of a user's own: its __init__ may do work (the job makes it once, in
-        # build_data); only that it imports and takes the configured arguments is checked
-        _check_arguments(cls, target, cfg)
+    made_by = locate(target)
+    if made_by is not None and not hasattr(made_by, "check_settings"):
+        _check_arguments(made_by, target, cfg)
         return
     datamodule = instantiate_data(cfg)
-    datamodule.check_settings(here)
+    check = getattr(datamodule, "check_settings", None)
+    if check is None:  # (a class whose instances alone lack it)
+        return
+    check(here)
     model = cfg.model
-    if datamodule.pretrain_task is None and not (model.get("pretrained") or model.get("weights")):
+    if getattr(datamodule, "pretrain_task", None) is None and not (
+            model.get("pretrained") or model.get("weights")):
         raise ConfigError(t0_source_missing(datamodule))
 
 
-def _data_class(target) -> type | None:
-    """The class ``data._target_`` names; None where it names no class (a factory
-    function, say) or does not import (instantiate_data reports that)."""
-    from hydra.utils import get_class
-
+def _check_arguments(made_by, target: str, cfg: DictConfig) -> None:
+    """``made_by(**data)`` binds (names and count of arguments), without calling it."""
     try:
-        return get_class(target) if isinstance(target, str) else None
-    except Exception:  # noqa: BLE001 - instantiate_data names the import error
-        return None
-
-
-def _check_arguments(cls: type, target: str, cfg: DictConfig) -> None:
-    """``cls(**data)`` binds (names and count of arguments), without calling it."""
-    kwargs = {k: v for k, v in cfg.data.items() if not str(k).startswith("_")}
+        kwargs = {k: v for k, v in cfg.data.items() if not str(k).startswith("_")}
+        args = list(cfg.data.get("_args_", ()))
+    except OmegaConfBaseException as err:  # (an interpolation that does not resolve, ???)
+        raise ConfigError(f"data: {one_line(err)}") from None
     try:
-        inspect.signature(cls).bind(*cfg.data.get("_args_", ()), **kwargs)
+        inspect.signature(made_by).bind(*args, **kwargs)
     except TypeError as err:
-        accepted = ", ".join(init_arguments(cls))
+        accepted = ", ".join(init_arguments(made_by))
         raise ConfigError(f"data={target}: {err}; accepted: {accepted}") from None
+    except ValueError:  # (no signature to read: a builtin)
+        pass
 
 
 SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)
@@ -199,7 +201,7 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
                           f"(see its documentation for the accepted ones)")
     for key, why in TRAINER_SET_BY_JOB.items():
         if key in trainer:
-            raise ConfigError(f"trainer.{key}: {why}")
+            raise ConfigError(f"trainer.{key}: {why}; remove it")
     check_trainer_values(trainer)
     accelerator = str(trainer.get("accelerator", "auto"))
     if accelerator in GPU_ACCELERATORS and gpus_here:

@@ -151,7 +151,11 @@ def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -
 
 
 #: trainer arguments the job sets itself for every fit (a config that sets one is refused)
-TRAINER_SET_BY_JOB = {"max_epochs": "set per fit from cwps.stages and t0.epochs; remove it"}
+TRAINER_SET_BY_JOB = {
+    "max_epochs": "set per fit from cwps.stages and t0.epochs",
+    "logger": "set per fit from the logger config (logger=csv / wandb, logger.kind=none)",
+    "callbacks": "set per fit by the job (the mask stage switch, checkpoints)",
+}
 
 
 def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
@@ -190,11 +194,14 @@ def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
         candidates += [p for p in inspect.signature(Trainer.__init__).parameters
                        if p != "self" and p not in keys]
     if parent == "trainer" and key in TRAINER_SET_BY_JOB:
-        return f"{full_key}: {TRAINER_SET_BY_JOB[key]}"
+        return f"{full_key}: {TRAINER_SET_BY_JOB[key]}; remove it"
     has = f"{parent} has: {', '.join(keys)}"
     if key in candidates:
         return f"{full_key}: not set in the {parent} config ({has}); add it with +{full_key}=..."
     near = difflib.get_close_matches(key, candidates, n=1)
+    if near and parent == "trainer" and near[0] in TRAINER_SET_BY_JOB:
+        return (f"{full_key}: no such key; the nearest, {parent}.{near[0]}, is "
+                f"{TRAINER_SET_BY_JOB[near[0]]} ({has})")
     if near:
         return f"{full_key}: no such key; did you mean {parent}.{near[0]}? ({has})"
     return f"{full_key}: no such key; {has}; add a key it lacks with +{full_key}=..."
@@ -243,7 +250,7 @@ def instantiate_data(cfg: DictConfig):
         cause = err.__cause__
         if isinstance(cause, ConfigError):
             raise ConfigError(str(cause)) from err
-        unknown = _unknown_argument(cause, cfg.data.get("_target_"))
+        unknown = _unknown_argument(cause, cfg.data.get("_target_"), cfg.data.keys())
         if unknown:
             raise ConfigError(unknown) from err
         raise ConfigError(f"cannot build data={cfg.data.get('_target_')}: "
@@ -252,11 +259,28 @@ def instantiate_data(cfg: DictConfig):
         raise ConfigError(f"data: {one_line(err)}") from err
 
 
-def init_arguments(cls: type) -> list[str]:
+def locate(target) -> Any:
+    """What a ``_target_`` names (a class or a function), or None where it does not import;
+    as Hydra's instantiate finds it, without the lines hydra.utils.get_class logs."""
+    from hydra._internal.utils import _locate
+
+    try:
+        return _locate(target) if isinstance(target, str) else None
+    except Exception:  # noqa: BLE001 - instantiate_data names the import error
+        return None
+
+
+def init_arguments(cls) -> list[str]:
     """The keyword arguments ``cls(...)`` takes: its __init__'s, and where that passes
-    ``**kwargs`` on, its bases' (in MRO order)."""
+    ``**kwargs`` on, its bases' (in MRO order); a function's own."""
     import inspect
 
+    if not isinstance(cls, type):
+        try:
+            return [p.name for p in inspect.signature(cls).parameters.values()
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        except (TypeError, ValueError):
+            return []
     names: list[str] = []
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
@@ -270,21 +294,22 @@ def init_arguments(cls: type) -> list[str]:
     return names
 
 
-def _unknown_argument(cause: BaseException | None, target: str | None) -> str | None:
+def _unknown_argument(cause: BaseException | None, target: str | None,
+                      given) -> str | None:
     """``data.<key>: no such argument`` with the DataModule's arguments, for the TypeError
     of an argument it does not take (``+data.image_sise=64``); None otherwise."""
     import difflib
     import re
 
-    from hydra.utils import get_class
-
     found = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
     if not isinstance(cause, TypeError) or not found or not target:
         return None
-    try:
-        accepted = init_arguments(get_class(target))
-    except Exception:  # noqa: BLE001 - the plain message then
+    if found.group(1) not in given:  # (raised inside __init__, about something else)
         return None
+    made_by = locate(target)
+    if made_by is None:
+        return None
+    accepted = init_arguments(made_by)
     key = found.group(1)
     near = difflib.get_close_matches(key, accepted, n=1)
     hint = f"did you mean data.{near[0]}? " if near else ""

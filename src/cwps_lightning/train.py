@@ -204,15 +204,44 @@ def run(cfg: DictConfig) -> dict:
 HYDRA_STUB = re.compile(r"\.hydra|train(_rank_\d+|_ddp_process_\d+)?\.log")
 
 
-def remove_if_stub(run_dir: Path) -> None:
+#: whether the run directory of this command's (single) run existed before Hydra ran: set by
+#: preflight; a directory that did is never removed (remove_if_stub)
+RUN_DIR_EXISTED = True
+
+
+def run_dir_existed(cfg: DictConfig) -> bool:
+    """Whether ``hydra.run.dir`` exists before the run; a timestamped one (``${now:...}``,
+    the default) is taken as new (it is resolved again, a moment later, when Hydra makes it);
+    one that does not resolve here counts as existing."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
+    if isinstance(raw, str) and "${now:" in raw:
+        return False
+    try:
+        return Path(OmegaConf.select(cfg, "hydra.run.dir",
+                                     throw_on_resolution_failure=True)).exists()
+    except (OmegaConfBaseException, ValueError, TypeError):
+        return True
+
+
+def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
     """A run that stopped on bad input before writing anything of its own (data that had to
     be read to be found wrong) leaves no run directory: Hydra's files alone are no output.
-    One with anything more (a store, logs, a resumed run's outputs) stays."""
+    Only a directory this run made goes (not one that existed before, RUN_DIR_EXISTED, nor
+    a working directory ``cwds`` or one above it), and only with nothing more in it than
+    Hydra's files (a store, logs, a resumed run's outputs stay). True if it went."""
     try:
-        if run_dir.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in run_dir.iterdir()):
-            shutil.rmtree(run_dir)
+        here = run_dir.resolve()
+        if RUN_DIR_EXISTED or any(c.resolve() == here or here in c.resolve().parents
+                                  for c in cwds):
+            return False
+        if here.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in here.iterdir()):
+            shutil.rmtree(here)
+            return True
     except OSError:
         pass  # (the error line matters more than the cleanup)
+    return False
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
@@ -227,7 +256,9 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # preset with max_failure_rate: 1.0); sweep.py reports it
             raise
         if is_rank_zero():
-            remove_if_stub(Path(HydraConfig.get().runtime.output_dir))
+            if not isinstance(err, TrainingDiverged):  # (a diverged run's log is its story)
+                runtime = HydraConfig.get().runtime
+                remove_if_stub(Path(runtime.output_dir), cwds=(Path.cwd(), Path(runtime.cwd)))
             print(f"error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, TrainingDiverged) else 2)
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
@@ -335,6 +366,8 @@ def preflight(argv: Sequence[str]) -> None:
             raise ConfigError(f"job {i} of the sweep ({' '.join(overrides)}): {err}") from None
     if not args.multirun:
         check_run_dir(cfg)
+        global RUN_DIR_EXISTED
+        RUN_DIR_EXISTED = run_dir_existed(cfg)
     for probe, overrides in search_space_probes(args.overrides) if args.multirun else ():
         try:
             cfg = compose_config(overrides)

@@ -62,6 +62,9 @@ def test_test_transforms_are_deterministic_and_train_ones_flip():
         (dict(image_size=4), "data.image_size"),
         (dict(image_size="224"), "data.image_size"),
         (dict(resize_size=16), "data.resize_size"),
+        (dict(image_size=2049), r"data\.image_size must be an integer from 8 to 2048, got 2049"),
+        (dict(resize_size=4097), r"data\.resize_size must be null or an integer from "
+                                 r"data\.image_size \(224\) to 4096, got 4097"),
         (dict(mean=[0.5, 0.5]), "data.mean"),
         (dict(std=[0.2, 0.0, 0.2]), "data.std"),
     ],

@@ -44,9 +44,11 @@ def check_transform_settings(
                               f"got {image_size!r}")
     if resize_size is None:
         resize_size = default_resize_size(image_size)
-    if isinstance(resize_size, bool) or not isinstance(resize_size, int) or resize_size < image_size:
+    if (isinstance(resize_size, bool) or not isinstance(resize_size, int)
+            or not image_size <= resize_size <= 2 * MAX_IMAGE_SIZE):
         raise DataConfigError(
-            f"data.resize_size must be null or an integer >= data.image_size ({image_size}), "
+            f"data.resize_size must be null or an integer from data.image_size ({image_size}) "
+            f"to {2 * MAX_IMAGE_SIZE}, "
             f"got {resize_size!r}"
         )
     for key, value in (("mean", mean), ("std", std)):
