@@ -562,3 +562,46 @@ def test_uses_ddp_reads_every_way_of_asking_for_ranks():
 def test_an_unknown_model_name_lists_the_names_it_was_likely_meant_as(no_fits, name, first):
     with pytest.raises(ConfigError, match=rf"^unknown model '{name}': .*; similar: \[{first}"):
         preflight([f"model.name={name}"])
+
+
+def test_a_sweep_into_a_finished_sweeps_dir_with_other_values_is_refused(no_fits, tmp_path):
+    """Job i's directory (hydra.sweep.dir/i) holding a store of another config: refused
+    before Hydra writes the sweep's and the jobs' records over the finished sweep's; the same
+    sweep again (a resume) passes."""
+    import json
+
+    from cwps_lightning.persist import config_hash, result_config
+
+    sweep = tmp_path / "sweep"
+    for i, threshold in enumerate((0.3, 0.5)):
+        config = result_config(compose_config([f"cwps.threshold={threshold}"]))
+        (sweep / str(i) / "store").mkdir(parents=True)
+        (sweep / str(i) / "store" / "manifest.json").write_text(json.dumps(
+            {"run": {"config": config, "config_hash": config_hash(config)}}))
+    preflight(["-m", "cwps.threshold=0.3,0.5", f"hydra.sweep.dir={sweep}"])
+    with pytest.raises(ConfigError, match=r"^job 0 of the sweep \(cwps\.threshold=0\.6 .*\): .*0/"
+                                          r"store/manifest\.json was written by a different "
+                                          r"config \(differs in \['cwps\.threshold'\]\)"):
+        preflight(["-m", "cwps.threshold=0.6,0.7", f"hydra.sweep.dir={sweep}"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["-m", "cwps.threshold=0.3,"], r"^the sweep's overrides: cwps\.threshold=0\.3,: mismatched"),
+    (["-m", "seed=choice()"], r"^the sweep's overrides: .*empty choice is not legal"),
+    (["-m", "cwps.threshold=range(0,0)"], r"^the sweep has no jobs \(an empty range or choice"),
+])
+def test_sweep_overrides_hydra_cannot_expand_are_one_line(no_fits, argv, message):
+    with pytest.raises(ConfigError, match=message):
+        preflight(argv)
+
+
+def test_a_run_dir_or_cache_dir_under_a_file_is_refused(no_fits, tmp_path):
+    (tmp_path / "file").write_text("")
+    for argv, key in ((["hydra.run.dir=" + str(tmp_path / "file" / "run")], "hydra.run.dir"),
+                      (["paths.cache_dir=" + str(tmp_path / "file")], "paths.cache_dir"),
+                      (["-m", "seed=0,1", f"hydra.sweep.dir={tmp_path / 'file'}"],
+                       "hydra.sweep.dir")):
+        with pytest.raises(ConfigError, match=rf"{key}=.*: {tmp_path / 'file'} is a file, not a "
+                                              "directory"):
+            preflight(argv)
+    preflight([f"paths.cache_dir={tmp_path / 'file'}", "t0.cache=false"])  # (not used then)

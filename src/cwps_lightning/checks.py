@@ -94,6 +94,8 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     if job.cwps.compose == "step":
         check_step_compose_trainer(trainer, gpus_here=here)
     check_logger(job.logger)
+    if job.t0.cache:
+        check_directory("paths.cache_dir", cfg.paths.cache_dir)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
     if data:
@@ -139,6 +141,18 @@ def _check_arguments(made_by, target: str, cfg: DictConfig) -> None:
         raise ConfigError(f"data={target}: {err}; accepted: {accepted}") from None
     except ValueError:  # (no signature to read: a builtin)
         pass
+
+
+def check_directory(key: str, path) -> None:
+    """``path`` is, or can be made, a directory: neither it nor a folder above it is a file
+    (found otherwise only where the job first writes there, after its work: T0's cache)."""
+    if path is None:
+        return
+    for p in (Path(path), *Path(path).parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ConfigError(f"{key}={path}: {p} is a file, not a directory")
+            return
 
 
 SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)

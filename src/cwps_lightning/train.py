@@ -29,7 +29,14 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from . import distributed
-from .checks import SLURM_LAUNCHER, JobSettings, check_config, check_launch, launcher_kind
+from .checks import (
+    SLURM_LAUNCHER,
+    JobSettings,
+    check_config,
+    check_directory,
+    check_launch,
+    launcher_kind,
+)
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
@@ -315,7 +322,28 @@ def check_run_dir(cfg: DictConfig) -> None:
     except (OmegaConfBaseException, ValueError):
         return  # (an interpolation that resolves only in the running job)
     if run_dir:
+        check_directory("hydra.run.dir", run_dir)
         check_run_dir_reuse(run_dir, cfg)
+
+
+def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
+    """A basic sweep's job ``num``: its directory (``hydra.sweep.dir/subdir``) may not hold
+    a store another config wrote (rerunning a sweep with other values into a finished one's
+    dir): refused before Hydra writes the sweep's and the jobs' records there."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    try:
+        sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)
+    except (OmegaConfBaseException, ValueError):
+        return  # (an interpolation that resolves only in the running job)
+    if not sweep_dir:
+        return
+    check_directory("hydra.sweep.dir", sweep_dir)
+    subdir = str(sweep.get("subdir"))
+    if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
+        return
+    check_run_dir_reuse(Path(sweep_dir) / str(num), cfg)
 
 
 def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]:
@@ -345,6 +373,32 @@ def search_space_probes(overrides: Sequence[str]) -> list[tuple[str, list[str]]]
     return probes
 
 
+def _parsed(plan, overrides: Sequence[str]):
+    """``plan(overrides)`` (sweep_jobs, search_space_probes), an override Hydra cannot parse
+    or expand (``cwps.threshold=0.3,``, ``seed=choice()``) as one ConfigError line."""
+    from hydra.errors import HydraException
+
+    try:
+        return plan(overrides)
+    except (HydraException, ValueError) as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()
+                 and not ln.strip().startswith("See https://")]
+        text = "; ".join(lines) or type(err).__name__
+        given = getattr(err, "override", None)  # (Hydra's parse error names the override)
+        if given and given not in text:
+            text = f"{given}: {text}"
+        raise ConfigError(f"the sweep's overrides: {text}") from None
+
+
+def sweep_jobs_checked(overrides: Sequence[str]) -> list[list[str]]:
+    """sweep_jobs, with parse errors and a sweep without a job (``range(0,0)``) refused."""
+    jobs = _parsed(sweep_jobs, overrides)
+    if not jobs:
+        raise ConfigError("the sweep has no jobs (an empty range or choice in "
+                          f"{' '.join(overrides)})")
+    return jobs
+
+
 def preflight(argv: Sequence[str]) -> None:
     """Compose and check the config of every job the command would run, before Hydra runs
     any: a bad key, type, value or environment stops the command with one line."""
@@ -354,12 +408,14 @@ def preflight(argv: Sequence[str]) -> None:
     if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion
             or args.config_path or args.config_dir or args.config_name or args.experimental_rerun):
         return  # Hydra's own commands, or another config tree: Hydra checks those
-    jobs = sweep_jobs(args.overrides) if args.multirun else [list(args.overrides)]
+    jobs = sweep_jobs_checked(args.overrides) if args.multirun else [list(args.overrides)]
     for i, overrides in enumerate(jobs):
         try:
             cfg = compose_config(overrides)
             check_config(cfg, here=not (args.multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
             check_launch(cfg, multirun=args.multirun, overrides=overrides)
+            if args.multirun and str(cfg.hydra.sweeper.get("_target_")).endswith("BasicSweeper"):
+                check_sweep_job_dir(cfg, i)  # (its job numbers are these; Optuna's come later)
         except ConfigError as err:
             if len(jobs) == 1:
                 raise
@@ -368,7 +424,8 @@ def preflight(argv: Sequence[str]) -> None:
         check_run_dir(cfg)
         global RUN_DIR_EXISTED
         RUN_DIR_EXISTED = run_dir_existed(cfg)
-    for probe, overrides in search_space_probes(args.overrides) if args.multirun else ():
+    for probe, overrides in _parsed(search_space_probes, args.overrides) if args.multirun \
+            else ():
         try:
             cfg = compose_config(overrides)
             check_config(cfg, here=launcher_kind(cfg) != SLURM_LAUNCHER)
