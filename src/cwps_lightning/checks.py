@@ -35,6 +35,7 @@ from .config import (
 from .errors import ConfigError
 from .methods.registry import method_class
 from .models import check_model_name
+from .models.backbone import check_weights_file
 from .models.lit_module import step_compose_refusal
 from .pretrain import t0_source_missing
 from .settings import (
@@ -87,8 +88,8 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     check_seed(seed)
     if job.model.kwargs:
         check_model_kwargs(job.model.name, dict(job.model.kwargs))
-    if job.model.weights and not Path(job.model.weights).is_file():
-        raise ConfigError(f"model.weights: no such file {job.model.weights!r}")
+    if job.model.weights:
+        check_weights_file(job.model.weights)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     check_trainer(trainer, gpus_here=here)
     if job.cwps.compose == "step":

@@ -1,5 +1,22 @@
 """Errors that mean "the input is wrong", reported to the user as one line (no traceback)."""
 
+import re
+
+#: what torch's DataLoader makes of an error raised in a worker process: the same class, built
+#: from "Caught <class> in DataLoader worker process <n>.\nOriginal Traceback ... <class>: msg"
+_WORKER = re.compile(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback")
+
 
 class ConfigError(ValueError):
-    """A bad configuration value or input file; the message names it and what is accepted."""
+    """A bad configuration value or input file; the message names it and what is accepted.
+
+    Raised in a DataLoader worker (an image found unreadable while a fit reads it), it comes
+    back with the worker's traceback in its message: that is cut to the original line."""
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str) and _WORKER.match(args[0]):
+            where = _WORKER.match(args[0]).group(1)
+            last = args[0].rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if re.match(r"[\w.]+: ", last) else last
+            args = (f"{message} ({where})",)
+        super().__init__(*args)

@@ -69,6 +69,23 @@ def task_model(base: nn.Module, num_classes: int, seed: int | None = None) -> nn
     return model
 
 
+WEIGHTS_ACCEPTED = ("a state dict of tensors saved with torch.save (model.state_dict(), "
+                    "also under a 'state_dict' / 'model' key) or a .safetensors file")
+
+
+def check_weights_file(path: str | Path) -> None:
+    """``model.weights`` names a file, not nothing, a directory or an empty file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ModelConfigError(f"model.weights={str(path)!r}: a directory; accepted: "
+                               f"{WEIGHTS_ACCEPTED}")
+    if not path.is_file():
+        raise ModelConfigError(f"model.weights: no such file {str(path)!r}")
+    if path.stat().st_size == 0:
+        raise ModelConfigError(f"model.weights={str(path)!r}: an empty file; accepted: "
+                               f"{WEIGHTS_ACCEPTED}")
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         if path.suffix == ".safetensors":
@@ -78,7 +95,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad file to the user
-        raise ModelConfigError(f"model.weights: cannot read {str(path)!r}: {err}") from err
+        text = " ".join(str(err).split())
+        if "Weights only load failed" in text:  # (torch's advice to unpickle it is not ours)
+            reason = "not a file of tensors that torch.load(weights_only=True) reads"
+        else:
+            reason = f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+        raise ModelConfigError(f"model.weights: cannot read {str(path)!r} ({reason}); "
+                               f"accepted: {WEIGHTS_ACCEPTED}") from err
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -96,8 +119,7 @@ def load_backbone_weights(
     """
     check_model_name(name)
     path = Path(path)
-    if not path.is_file():
-        raise ModelConfigError(f"model.weights: no such file {str(path)!r}")
+    check_weights_file(path)
     state = _read_state_dict(path)
     probe = timm.create_model(name, pretrained=False, **dict(kwargs or {}))
     classifier = probe.pretrained_cfg.get("classifier") or ""
