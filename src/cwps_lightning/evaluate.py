@@ -68,15 +68,32 @@ def device_of(name: str) -> torch.device:
 def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
                    device: str = "auto") -> list[dict]:
     dev = device_of(device)
-    cfg = apply_overrides(OmegaConf.create(store.manifest["config"]), overrides)
+    config = store.manifest.get("config")
+    if not isinstance(config, dict):  # (a store save_store wrote without one)
+        raise StoreError(f"{store.path}: its manifest keeps no 'config', the data config "
+                         "evaluate rebuilds the test splits from (a store the train command "
+                         "writes has one)")
+    cfg = apply_overrides(OmegaConf.create(config), overrides)
     datamodule = instantiate_data(cfg)
     recorded = store.manifest.get("metrics", {})
+    # (data.tasks=[...] narrows the test to those; a task the store lacks is refused)
+    given = list(datamodule.task_names)
+    unknown = [t for t in given if t not in store.tasks]
+    if unknown:
+        raise ConfigError(f"data.tasks: {unknown} not in the store; its tasks: "
+                          f"{[t for t in store.tasks if t != T0]}")
     rows = []
     for task in store.tasks:
-        if task == T0:
+        if task == T0 or task not in given:
             continue
         model = store.model(task)
         datamodule.use(task)
+        head = model.get_classifier() if hasattr(model, "get_classifier") else None
+        classes = getattr(head, "out_features", None)
+        if classes is not None and classes != datamodule.num_classes(task):
+            raise ConfigError(
+                f"task {task!r}: the data has {datamodule.num_classes(task)} classes, the "
+                f"store's model {classes} (do the data.* overrides point at other data?)")
         top1 = evaluate_top1(model, datamodule.test_dataloader(), dev)
         rows.append({"task": task, "top1": top1, "recorded": recorded.get(task, {}).get("top1")})
     return rows

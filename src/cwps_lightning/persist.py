@@ -60,7 +60,10 @@ def _flatten(d, prefix=""):
 
 def check_same_config(store_dir: Path, manifest: dict, config: dict, digest: str) -> None:
     """Refuse a store that a config other than ``config`` (hashed: ``digest``) wrote."""
-    run = manifest.get("run") or {}
+    run = manifest.get("run")
+    if not isinstance(run, dict):  # (save_store's own stores keep no run record)
+        raise ConfigError(f"{store_dir / MANIFEST} has no record of a training run (a store "
+                          "written outside the train command?); use a new run dir")
     if run.get("config_hash") != digest:
         old, new = _flatten(run.get("config")), _flatten(config)
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))

@@ -227,6 +227,22 @@ def test_corrupt_bytes_and_manifest_give_clear_errors(tmp_path):
         MultiTaskStore.load(tmp_path)
 
 
+def test_a_manifest_cut_short_or_edited_is_named_not_a_traceback(tmp_path):
+    save_store(tmp_path, _t0_bank(), META)
+    good = json.loads((tmp_path / "manifest.json").read_text())
+    edits = {
+        "a list": ([], r"corrupt manifest \(a JSON list, not an object\)"),
+        "no files": ({k: v for k, v in good.items() if k != "files"}, r"'files' missing"),
+        "files cut": ({**good, "files": {"kernels": good["files"]["kernels"]}}, r"'files'"),
+        "no layers": ({**good, "layers": None}, r"'layers' missing or of another type"),
+    }
+    for name, (manifest, message) in edits.items():
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(StoreError, match=rf"manifest\.json: {message}" if name == "a list"
+                           else message):
+            MultiTaskStore.load(tmp_path)
+
+
 def test_resave_without_change_rewrites_only_manifest(tmp_path):
     bank = _t0_bank()
     save_store(tmp_path, bank, META)

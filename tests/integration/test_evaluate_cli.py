@@ -102,3 +102,24 @@ def test_bad_device_and_overrides_name_what_is_accepted(store_dir, capsys, monke
                                      "('data.image_sise=32'; +data.image_sise=32 adds one)")):
         assert main([f"store={store_dir}", *argv]) == 2
         assert needle in one_error_line(capsys.readouterr()[1]), argv
+
+
+def test_data_that_does_not_fit_the_store_is_refused(store_dir, tmp_path, capsys, monkeypatch):
+    """A manifest without the data config, a task the store lacks, and data whose class count
+    is not the store's head's (data.* pointing at other data): one line each, exit 2."""
+    from cwps_lightning.data.digits import DigitsDataModule
+
+    bare = shutil.copytree(store_dir, tmp_path / "bare")
+    manifest = json.loads((bare / "manifest.json").read_text())
+    del manifest["config"]
+    (bare / "manifest.json").write_text(json.dumps(manifest))
+    assert main([f"store={bare}", "device=cpu"]) == 2
+    assert "its manifest keeps no 'config'" in one_error_line(capsys.readouterr().err)
+    assert main([f"store={store_dir}", "device=cpu", "data.tasks=[optdigits,mnist_m]"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: data.tasks: ['mnist_m'] not in the store; its tasks: ['optdigits']")
+    monkeypatch.setattr(DigitsDataModule, "num_classes", lambda self, task: 3)
+    assert main([f"store={store_dir}", "device=cpu"]) == 2
+    assert one_error_line(capsys.readouterr().err) == (
+        "error: task 'optdigits': the data has 3 classes, the store's model 10 (do the data.* "
+        "overrides point at other data?)")

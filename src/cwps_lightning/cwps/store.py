@@ -209,6 +209,9 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise StoreError(f"{file}: corrupt manifest ({err})") from err
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{file}: corrupt manifest (a JSON {type(manifest).__name__}, not an "
+                         "object)")
     if manifest.get("format") != FORMAT:
         raise StoreError(f"{file}: not a CWPS store manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -216,6 +219,17 @@ def _read_manifest(path: Path) -> dict:
             f"{file}: store format version {manifest.get('format_version')}, "
             f"this code reads {FORMAT_VERSION}"
         )
+    # (what every reader takes from it: a manifest cut short or edited fails here, by name)
+    shapes = {"version": int, "files": dict, "layers": list, "tasks": dict, "task_order": list}
+    wrong = [k for k, kind in shapes.items() if not isinstance(manifest.get(k), kind)]
+    files = manifest.get("files")
+    if not wrong and not all(
+            isinstance(files.get(k), dict) and isinstance(files[k].get("file"), str)
+            and isinstance(files[k].get("bytes"), int) and isinstance(files[k].get("sha256"), str)
+            for k in ("kernels", "tasks")):
+        wrong = ["files"]
+    if wrong:
+        raise StoreError(f"{file}: corrupt manifest ({wrong[0]!r} missing or of another type)")
     return manifest
 
 
