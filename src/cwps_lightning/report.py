@@ -125,6 +125,27 @@ def add_figures(run_dir: Path, results: dict, store: MultiTaskStore | None) -> N
                   "%s", type(err).__name__, err, run_dir)
 
 
+#: what the table reads of results.json, and of each method in it
+RESULTS_KEYS = {"methods": dict, "tasks": list, "backbone": str, "backbone_params": int}
+METHOD_KEYS = {"tasks": dict, "mean_top1": float | int, "param_ratio": float | int,
+               "param_ratio_with_heads": float | int}
+
+
+def results_layout_gap(results: dict) -> str | None:
+    """The first key the report needs that ``results`` lacks (or holds of another type), as
+    a path ("methods.cwps.mean_top1"); None when the layout is whole."""
+    for key, kind in RESULTS_KEYS.items():
+        if not isinstance(results.get(key), kind):
+            return repr(key)
+    for name, method in results["methods"].items():
+        if not isinstance(method, dict):
+            return repr(f"methods.{name}")
+        for key, kind in METHOD_KEYS.items():
+            if not isinstance(method.get(key), kind):
+                return repr(f"methods.{name}.{key}")
+    return None
+
+
 def report_run(run_dir: Path) -> dict:
     """Rebuild a finished run's figures and results.md from its results.json and store."""
     path = run_dir / "results.json"
@@ -134,6 +155,9 @@ def report_run(run_dir: Path) -> dict:
         raise StoreError(f"{path}: cannot read ({err})") from None
     if not isinstance(results, dict) or "methods" not in results:
         raise StoreError(f"{path}: not a results.json of this project (no 'methods')")
+    missing = results_layout_gap(results)
+    if missing:
+        raise StoreError(f"{path}: cut short or edited: {missing} missing or of another type")
     store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
         else None
     add_figures(run_dir, results, store)

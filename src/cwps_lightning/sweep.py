@@ -27,7 +27,7 @@ from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .cwps.store import atomic_write
 
@@ -96,6 +96,14 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
             row["methods"] = {m: {"mean_top1": r["mean_top1"], "param_ratio": r["param_ratio"]}
                               for m, r in results["methods"].items()}
         rows.append(row)
+    # a job Hydra started that recorded no status (killed, or still running): listed as such
+    for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        job_dir = overrides_file.parent.parent
+        if job_dir.name.isdigit() and not (job_dir / STATUS_FILE).exists():
+            overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+            rows.append({"job": int(job_dir.name), "overrides": overrides,
+                         "status": "incomplete", "error": None, "dir": job_dir.name,
+                         "methods": {}, "seconds": None, "values": parse_overrides(overrides)})
     return sorted(rows, key=lambda r: r["job"])
 
 
@@ -138,7 +146,7 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     body = []
     for r in rows:
         cells = [str(r["job"]), *[override_value(r, k) or "-" for k in keys],
-                 r["status"] if r["status"] == "completed" else f"failed: {r['error']}"]
+                 f"failed: {r['error']}" if r["status"] == "failed" else r["status"]]
         for m in methods:
             got = r["methods"].get(m)
             cells += ([f"{got['mean_top1']:.2f}", f"{got['param_ratio']:.3f}"] if got
@@ -149,7 +157,11 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body]
     failed = sum(r["status"] == "failed" for r in rows)
-    md += ["", f"{len(rows)} job(s), {failed} failed. Mean top-1 (%) over each job's tasks; "
+    incomplete = sum(r["status"] == "incomplete" for r in rows)
+    unfinished = (f", {incomplete} incomplete (no {STATUS_FILE}: killed, or still running)"
+                  if incomplete else "")
+    md += ["", f"{len(rows)} job(s), {failed} failed{unfinished}. Mean top-1 (%) over each "
+           "job's tasks; "
            "param_ratio as in the job's results.md. Pareto-optimal (CWPS mean top-1 up, "
            f"param_ratio down): job(s) {pareto}."]
     buf = io.StringIO()

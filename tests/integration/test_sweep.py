@@ -140,6 +140,23 @@ def test_a_backbone_sweep_plots_accuracy_vs_params_per_job(tmp_path):
     assert "| 0 | resnet18 | completed | 90.00 | 1.300 | 5 |  |" in md
 
 
+def test_a_job_that_recorded_no_status_is_listed_as_incomplete(tmp_path):
+    """(a killed job, or one still running, has Hydra's overrides.yaml but no job status)"""
+    from cwps_lightning.sweep import STATUS_FILE, write_sweep_report
+
+    (tmp_path / "0").mkdir()
+    (tmp_path / "0" / STATUS_FILE).write_text(json.dumps({
+        "job": 0, "overrides": ["cwps.threshold=0.3"], "status": "completed", "error": None}))
+    (tmp_path / "0" / "results.json").write_text(json.dumps({"seconds": 5.0, "methods": {
+        "cwps": {"mean_top1": 90.0, "param_ratio": 1.3}}}))
+    (tmp_path / "1" / ".hydra").mkdir(parents=True)
+    (tmp_path / "1" / ".hydra" / "overrides.yaml").write_text("- cwps.threshold=0.5\n")
+    write_sweep_report(tmp_path)
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| 1 | 0.5 | incomplete | - | - | - |  |" in md
+    assert "2 job(s), 0 failed, 1 incomplete (no job_status.json: killed, or still running)." in md
+
+
 def test_optuna_search_goes_on_after_a_failed_trial_and_exits_non_zero(tmp_path, t0_cache):
     """The preset tolerates failed trials (max_failure_rate: 1.0): every trial runs, each is in
     the report, and the command still ends with status 1 and one line saying so."""
