@@ -129,6 +129,61 @@ def test_folders_check(capsys, tmp_path):
     assert lines(out, "WARN", "ignored-files")
 
 
+def test_folders_check_refuses_a_task_of_one_class(capsys, tmp_path):
+    """What training refuses (the accuracy metrics need 2 classes), the check reports."""
+    make_folder_task(tmp_path / "t1", classes=("a",))
+    make_folder_task(tmp_path / "t2", classes=("a", "b"))
+    code, out, _ = check(capsys, "data=folders", f"data.root={tmp_path}")
+    assert code == 1
+    assert lines(out, "ERROR", "classes") == [
+        f"ERROR [classes] t1: {tmp_path / 't1' / 'train'} has a single class folder, 'a'; a "
+        f"task needs 2 or more classes"]
+
+
+def folders_override(tmp_path, **extra) -> str:
+    entry = {"name": "t", "train": f"{tmp_path}/t/train", "test": f"{tmp_path}/t/test", **extra}
+    return "data.folders=[{" + ", ".join(f"{k}: '{v}'" if isinstance(v, str) else f"{k}: {v}"
+                                         for k, v in entry.items()) + "}]"
+
+
+def test_folders_check_applies_the_entry_checks_of_training(capsys, tmp_path):
+    """data check refuses each data.folders entry the train command refuses: a bad setting
+    with one line (exit 2), a class count or val folder that the trees contradict with an
+    ERROR line (exit 1). It used to pass them all ("OK")."""
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    settings = [({"transform": "zoom"}, "data.folders[0].transform must be one of"),
+                ({"val_fraction": 2}, "data.folders[0].val_fraction must be a number in (0, 1)"),
+                ({"train": "null"}, "data.folders[0].train must be a path"),
+                ({"test": f"{tmp_path}/t/train"},
+                 "data.folders[0]: train and test are the same folder")]
+    for extra, needle in settings:
+        override = folders_override(tmp_path, **extra).replace("'null'", "null")
+        code, out, err = check(capsys, "data=folders", override)
+        assert code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+        assert not out  # refused before any folder is read
+    trees = [({"num_classes": 5}, "classes",
+              f"t: num_classes=5 disagrees with the 2 class folders of {tmp_path}/t/train"),
+             ({"val": f"{tmp_path}/nope"}, "layout", f"t: {tmp_path}/nope does not exist")]
+    for extra, kind, needle in trees:
+        code, out, _ = check(capsys, "data=folders", folders_override(tmp_path, **extra))
+        found = lines(out, "ERROR", kind)
+        assert code == 1 and len(found) == 1 and needle in found[0], out
+
+
+def test_folders_check_reads_the_val_folder(capsys, tmp_path):
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    write_image(tmp_path / "t" / "val" / "a" / "v.jpg")
+    write_image(tmp_path / "t" / "val" / "zebra" / "z.jpg")  # a class train does not have
+    write_corrupt(tmp_path / "t" / "val" / "a" / "bad.jpg")
+    code, out, _ = check(capsys, "data=folders",
+                         folders_override(tmp_path, val=f"{tmp_path}/t/val"))
+    assert code == 1
+    cls = lines(out, "ERROR", "missing-class")
+    assert len(cls) == 1 and "'zebra'" in cls[0] and f"{tmp_path}/t/val" in cls[0]
+    assert "bad.jpg" in lines(out, "ERROR", "corrupt-image")[0]
+    assert "t: 2 classes, train 8 images, test 4 images, val 3 images" in out
+
+
 def test_report_limits_lines_per_kind(capsys, tmp_path):
     root = make_domainnet(tmp_path / "dn", domains=("clipart",), n_train=30)
     for i in range(25):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -237,7 +236,7 @@ def test_folders_absolute_paths_do_not_need_the_root(tmp_path):
                 "test": str(tmp_path / t / "test")} for t in ("a", "b")]
     dm = FoldersDataModule(root=str(nowhere), folders=folders, **SMALL)
     assert dm.task_names == ["a", "b"] and dm.num_classes("b") == 3
-    assert dm.check_root() == Path(".")  # the root is not read
+    assert dm.check_root() is None  # the root is not read
     # a relative path does need it, and the message says which path
     folders[1] = {"name": "b", "train": "b/train", "test": str(tmp_path / "b" / "test")}
     with pytest.raises(DataConfigError) as err:
@@ -258,6 +257,9 @@ def test_folders_check_with_absolute_paths(tmp_path):
                       f"data.folders={folders}"], stream=out)
     assert code == 0, out.getvalue()
     assert "a: 3 classes, train 12 images, test 6 images" in out.getvalue()
+    # the first line does not claim a root that was not read (it said "at .")
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith("checking folders listed in data.folders: tasks ['a']"), first
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -292,6 +294,93 @@ def test_tasks_that_are_not_a_list_of_names(tasks, needle):
     with pytest.raises(DataConfigError) as err:
         _ = DigitsDataModule(tasks=tasks).num_classes("optdigits")
     assert needle in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["", " ", "a/b", "a\\b", "..", None])
+def test_task_names_that_cannot_be_a_folder_or_a_store_key(tmp_path, name):
+    """A task name becomes a folder and a store key (<task>/index/<layer>): an empty one, or
+    one with a path separator, is refused whether it comes from data.tasks or data.folders."""
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    entry = {"train": "t/train", "test": "t/test"}
+    made = {"data.tasks[0]": dict(tasks=[name, "t"]),
+            "data.folders[0].name": dict(folders=[{"name": name, **entry}])}
+    for key, kwargs in made.items():
+        dm = FoldersDataModule(root=str(tmp_path), **SMALL, **kwargs)
+        with pytest.raises(DataConfigError) as err:
+            dm.check_settings()  # the train command's check, before its job
+        msg = str(err.value)
+        assert msg.startswith(f"{key} must be a task name, got {name!r}"), msg
+        assert "non-empty string without '/'" in msg and "\n" not in msg
+
+
+def test_a_task_of_one_class_is_refused(tmp_path):
+    """One class makes a head of one output, which the accuracy metrics refuse at the first
+    fit (a traceback after the data was loaded): the task is refused when its classes are
+    read, naming the task and the class."""
+    make_folder_task(tmp_path / "wikiart", classes=("apple",))
+    make_folder_task(tmp_path / "flowers", classes=("apple", "bee"))
+    for cls in (FoldersDataModule, ImageNetSketchDataModule):
+        with pytest.raises(DataConfigError) as err:
+            _ = cls(root=str(tmp_path), tasks=["flowers", "wikiart"], **SMALL).task_names
+        assert str(err.value) == (f"task 'wikiart': {tmp_path / 'wikiart' / 'train'} has a "
+                                  f"single class folder, 'apple'; a task needs 2 or more classes")
+    assert FoldersDataModule(root=str(tmp_path), tasks=["flowers"],
+                             **SMALL).num_classes("flowers") == 2
+
+
+def test_domainnet_head_of_one_class_is_refused(tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",), classes=("apple",))
+    with pytest.raises(DataConfigError, match=r"data.num_classes must be an integer >= 2 .* "
+                                              r"got 1"):
+        _ = DomainNetDataModule(root=str(root), tasks=["clipart"], num_classes=1,
+                                **SMALL).task_names
+    with pytest.raises(DataConfigError, match=r"the single label 0 \('apple'\); a task needs 2"):
+        _ = DomainNetDataModule(root=str(root), tasks=["clipart"], num_classes=None,
+                                **SMALL).task_names
+
+
+def bad_folder_entries(tmp_path) -> list[tuple[dict, str]]:
+    """data.folders entries with one bad value each, and what the message must say."""
+    train, test = str(tmp_path / "t" / "train"), str(tmp_path / "t" / "test")
+    return [
+        ({"train": None}, "data.folders[0].train must be a path to a folder "
+                          "<dir>/<class>/<image>, got None"),
+        ({"test": ""}, "data.folders[0].test must be a path"),
+        ({"val": 3}, "data.folders[0].val must be a path to a folder <dir>/<class>/<image> "
+                     "or null"),
+        ({"test": train}, f"data.folders[0]: train and test are the same folder {train}"),
+        ({"test": train + "/"}, "train and test are the same folder"),
+        ({"val": test}, f"data.folders[0]: val and test are the same folder {test}"),
+        ({"transform": "zoom"}, "data.folders[0].transform must be one of ['resize', 'crop', "
+                                "'rrc'] or null (data.transform), got 'zoom'"),
+        ({"val_fraction": 2}, "data.folders[0].val_fraction must be a number in (0, 1)"),
+        ({"num_classes": "3"}, "data.folders[0].num_classes must be an integer >= 2"),
+        ({"num_classes": 1}, "data.folders[0].num_classes must be an integer >= 2 (a task "
+                             "needs 2 or more classes) or null, got 1"),
+    ]
+
+
+def test_folders_entry_values_are_checked_before_any_folder_is_read(tmp_path):
+    """Each bad value of a data.folders entry is one line from the checks the train command
+    runs before its job (check_settings), not a TypeError, or a run that tests on its
+    training images, or an error only once the folders are scanned."""
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    for change, needle in bad_folder_entries(tmp_path):
+        entry = {"name": "t", "train": str(tmp_path / "t" / "train"),
+                 "test": str(tmp_path / "t" / "test"), **change}
+        dm = FoldersDataModule(root=str(tmp_path), folders=[entry], **SMALL)
+        with pytest.raises(DataConfigError) as err:
+            dm.check_settings()
+        assert needle in str(err.value) and "\n" not in str(err.value), (change, err.value)
+
+
+def test_folders_splits_that_are_one_folder_through_a_link(tmp_path):
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    os.symlink(tmp_path / "t" / "train", tmp_path / "same")
+    dm = FoldersDataModule(root=str(tmp_path), folders=[
+        {"name": "t", "train": "t/train", "test": "same"}], **SMALL)
+    with pytest.raises(DataConfigError, match="train and test are the same folder"):
+        _ = dm.task_names
 
 
 @pytest.mark.parametrize("cls", [ImageNetSketchDataModule, DomainNetDataModule, FoldersDataModule])

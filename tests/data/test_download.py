@@ -245,6 +245,48 @@ def test_download_cli_subprocess(server, tmp_path):
     assert same_tree(root / "clipart", staged / "clipart")
 
 
+def test_refused_download_leaves_nothing_behind(capsys, tmp_path):
+    """Every check comes before the root is made and before any network access (nothing
+    listens on port 9 of 127.0.0.1: a download that got that far fails there)."""
+    offline = ["data.download.base_url=http://127.0.0.1:9", "data.download.retries=0"]
+    root = tmp_path / "dn"
+    digest = "0" * 64
+    refused = [
+        (["data.tasks=[bogus]"], "unknown task(s) ['bogus']"),
+        ([f"data.download.checksums={{clipart.zipp: 'sha256:{digest}'}}"],
+         "data.download.checksums has key(s) ['clipart.zipp'] that name no file the download "
+         "fetches; accepted: <domain>.zip, <domain>_train.txt and <domain>_test.txt, for a "
+         "domain in clipart, infograph"),
+        (["data.download.checksums={sketch.zip: 'sha256:12'}"],
+         "data.download.checksums['sketch.zip'] = 'sha256:12': expected"),
+    ]
+    for extra, needle in refused:
+        code = main(["download", "+experiment=domainnet", f"data.root={root}",
+                     "data.tasks=[clipart]", *offline, *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: {needle}") and err.count("\n") == 1, err
+        assert not root.exists()
+
+
+def test_download_root_that_is_a_file(capsys, tmp_path):
+    offline = ["data.download.base_url=http://127.0.0.1:9", "data.download.retries=0"]
+    (tmp_path / "f").write_text("")
+    for root, needle in ((tmp_path / "f", "is a file"),
+                         (tmp_path / "f" / "dn", f"is under {tmp_path / 'f'}, a file")):
+        code = main(["download", "+experiment=domainnet", f"data.root={root}", *offline])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith(f"error: data.root='{root}' {needle}"), err
+        assert err.count("\n") == 1
+
+
+def test_checksums_for_domains_not_downloaded_are_kept(tmp_path):
+    """A config may pin every domain's files and download a few of them."""
+    from cwps_lightning.data.download import download_spec
+
+    pins = {"sketch.zip": "md5:" + "a" * 32, "real_test.txt": "sha256:" + "b" * 64}
+    assert download_spec({"checksums": pins})["checksums"] == pins
+
+
 @pytest.mark.parametrize(("download", "needle"), [
     ({"retry": 3}, "data.download has unknown key(s) ['retry']; accepted: "),
     ({"retries": "many"}, "data.download.retries must be an integer >= 0, got 'many'"),

@@ -56,6 +56,17 @@ def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def task_name_error(name, key: str) -> str | None:
+    """Why ``name`` (the value of ``key``) cannot name a task; None if it can. A task name
+    becomes a folder (checkpoints) and a store key (``<task>/index/<layer>``): a '/' in it, or
+    an empty one, would land in another task's place."""
+    if (isinstance(name, str) and name.strip() and name not in (".", "..")
+            and not any(sep in name for sep in "/\\")):
+        return None
+    return (f"{key} must be a task name, got {name!r}; a task name is a non-empty string "
+            f"without '/' or '\\' (it becomes a folder and a store key)")
+
+
 def task_list_error(tasks) -> str | None:
     """Why ``data.tasks`` is not null or a list of task names; None if it is."""
     if tasks is None:
@@ -68,8 +79,9 @@ def task_list_error(tasks) -> str | None:
                         f"is a task description {entry!r}; tasks given by their image folders "
                         f"go in data.folders (with data=folders): "
                         f"'data.folders=[{{name: a, train: <dir>, test: <dir>}}, ...]'")
-            if not isinstance(entry, str):
-                return f"data.tasks[{i}] must be a task name, got {entry!r}"
+            error = task_name_error(entry, f"data.tasks[{i}]")
+            if error:
+                return error
         return None
     if isinstance(tasks, str):  # data.tasks=a: Hydra reads a string, not a list
         return f"data.tasks must be a list of task names, e.g. data.tasks=[{tasks}], got {tasks!r}"

@@ -100,7 +100,9 @@ def run_check(overrides: Sequence[str], strict: bool = False, stream: TextIO | N
     root = dm.check_root()
     dm.validate_tasks()
     stream = stream or sys.stdout
-    print(f"checking {dm.benchmark} at {root}: tasks {dm.tasks_requested}", file=stream)
+    # (no root: data.folders lists every folder by its absolute path)
+    where = f"at {root}" if root is not None else "listed in data.folders"
+    print(f"checking {dm.benchmark} {where}: tasks {dm.tasks_requested}", file=stream)
     report = Report(stream=stream, workers=dm.num_workers * 4 or None)
     dm.check_dataset(report)
     return report.finish(strict)

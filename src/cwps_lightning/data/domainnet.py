@@ -137,10 +137,15 @@ class DomainNetDataModule(ImageTasksDataModule):
     def resolved_num_classes(self, table: Mapping[int, str]) -> int:
         value = self.num_classes_setting
         if value is None:
-            return max(table) + 1 if table else 0
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DataConfigError(f"data.num_classes must be a positive integer or null, "
-                                  f"got {value!r}")
+            found = max(table) + 1 if table else 0
+            if found == 1:  # (a head of one class: see scan.single_class_error)
+                raise DataConfigError(f"data.num_classes=null: the split files under {self.root} "
+                                      f"have the single label 0 ({table[0]!r}); a task needs 2 "
+                                      f"or more classes")
+            return found
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise DataConfigError(f"data.num_classes must be an integer >= 2 (a task needs 2 or "
+                                  f"more classes) or null, got {value!r}")
         return value
 
     # -- loading -------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
 from .base import DataConfigError
+from .domainnet import DOMAINS
 
 #: the official DomainNet release (http://ai.bu.edu/M3SDA/), cleaned version
 DEFAULT_SPEC = {
@@ -242,7 +243,22 @@ def download_spec(overrides: Mapping | None) -> dict:
     spec["archives"] = {**DEFAULT_SPEC["archives"], **dict(spec["archives"] or {})}
     spec["checksums"] = dict(spec["checksums"] or {})
     check_download_settings(spec)
+    check_checksums(spec["checksums"])
     return spec
+
+
+def check_checksums(checksums: Mapping) -> None:
+    """Every key names a file a download fetches (a misspelt one would verify nothing) and
+    every value is a digest, before the first byte is fetched."""
+    accepted = {f"{d}{end}" for d in DOMAINS for end in (".zip", "_train.txt", "_test.txt")}
+    unknown = sorted(str(k) for k in checksums if k not in accepted)
+    if unknown:
+        raise DownloadError(f"data.download.checksums has key(s) {unknown} that name no file "
+                            f"the download fetches; accepted: <domain>.zip, <domain>_train.txt "
+                            f"and <domain>_test.txt, for a domain in {', '.join(DOMAINS)}")
+    for name, value in checksums.items():
+        if value is not None:
+            parse_checksum(name, value)
 
 
 def check_download_settings(spec: Mapping) -> None:
@@ -277,8 +293,18 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
     root = dm.root
     if root is None:
         raise DataConfigError("data.root is not set: say where DomainNet should go")
-    root.mkdir(parents=True, exist_ok=True)
     dm.validate_tasks()
+    # made only once everything is checked: a refused command leaves no empty root behind
+    there = next((p for p in (root, *root.parents) if p.exists()), None)
+    if there is not None and not there.is_dir():  # it, or a folder above it, is a file
+        what = "is a file" if there == root else f"is under {there}, a file"
+        raise DownloadError(f"data.root={str(root)!r} {what}; point it at the folder DomainNet "
+                            f"should go to (made if missing)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # (no permission)
+        raise DownloadError(f"data.root={str(root)!r} cannot be made: {err.strerror} "
+                            f"({err.filename})") from None
     kw = dict(retries=int(spec["retries"]), timeout=float(spec["timeout"]),
               retry_wait=float(spec["retry_wait"]), say=say)
     for domain in dm.tasks_requested:

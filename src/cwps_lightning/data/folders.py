@@ -9,10 +9,11 @@ names, sorted; a class only in the test split is an error.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .base import DataConfigError
+from .base import DataConfigError, task_name_error
 from .image_tasks import ImageTasksDataModule, TaskSource, check_val_fraction
 from .scan import check_folder_task, folder_task_source
 from .transforms import POLICIES
@@ -71,13 +72,21 @@ class FoldersDataModule(ImageTasksDataModule):
             if unknown:
                 raise DataConfigError(f"data.folders[{i}] has unknown key(s) {unknown}; "
                                       f"accepted: {sorted(ENTRY_KEYS)}")
-            name = str(entry["name"])
+            # a number names a task too (Hydra reads name: 2019 as an integer)
+            name = entry["name"]
+            if isinstance(name, int) and not isinstance(name, bool):
+                name = str(name)
+            error = task_name_error(name, f"data.folders[{i}].name")
+            if error:
+                raise DataConfigError(error)
             if name in specs:
                 raise DataConfigError(f"data.folders names task {name!r} twice")
             spec = {k: v for k, v in entry.items() if k != "name"}
+            check_entry_settings(spec, f"data.folders[{i}]")
             for key in ("train", "test", "val"):
                 if spec.get(key) is not None:
                     spec[key] = self.resolve_path(spec[key])
+            check_distinct_folders(spec, f"data.folders[{i}]")
             specs[name] = spec
         return specs
 
@@ -97,13 +106,13 @@ class FoldersDataModule(ImageTasksDataModule):
         self._root_used = True
         return self.root / path
 
-    def check_root(self) -> Path:
+    def check_root(self) -> Path | None:
         """The root, checked only where it is read: to discover the tasks, or to resolve a
-        relative data.folders path ('.' when every listed path is absolute)."""
+        relative data.folders path (None when every listed path is absolute)."""
         if self.folders is None:
             return super().check_root()
         self.folder_specs()
-        return self.root if self._root_used else Path(".")
+        return self.root if self._root_used else None
 
     def known_tasks(self) -> list[str]:
         return list(self.folder_specs())
@@ -119,28 +128,53 @@ class FoldersDataModule(ImageTasksDataModule):
         return self.folder_specs()[task].get("transform") or super().policy_for(task)
 
     def load_source(self, task: str) -> TaskSource:
-        spec = self.folder_specs()[task]
-        policy = self.policy_for(task)
-        if policy not in POLICIES:
-            raise DataConfigError(f"task {task!r}: transform must be one of {list(POLICIES)}, "
-                                  f"got {policy!r}")
-        fraction = spec.get("val_fraction")
-        if fraction is not None:
-            check_val_fraction(fraction, f"val_fraction of task {task!r}")
-        num_classes = spec.get("num_classes")
-        if num_classes is not None and (isinstance(num_classes, bool)
-                                        or not isinstance(num_classes, int)):
-            raise DataConfigError(f"num_classes of task {task!r} must be an integer, "
-                                  f"got {num_classes!r}")
-        src = folder_task_source(task, Path(spec["train"]), Path(spec["test"]), policy, TREE,
-                                 val_dir=spec.get("val"), num_classes=num_classes)
-        src.val_fraction = fraction
+        spec = self.folder_specs()[task]  # (its settings checked by listed_specs)
+        src = folder_task_source(task, spec["train"], spec["test"], self.policy_for(task), TREE,
+                                 val_dir=spec.get("val"), num_classes=spec.get("num_classes"))
+        src.val_fraction = spec.get("val_fraction")
         return src
 
     def check_dataset(self, report) -> None:
         paths: list[str] = []
         for task in self.tasks_requested:
             spec = self.folder_specs()[task]
-            paths += check_folder_task(report, task, Path(spec["train"]), Path(spec["test"]),
-                                       TREE, test_may_lack_classes=True)
+            paths += check_folder_task(report, task, spec["train"], spec["test"], TREE,
+                                       test_may_lack_classes=True, val_dir=spec.get("val"),
+                                       num_classes=spec.get("num_classes"))
         report.decode_all(paths)
+
+
+def check_entry_settings(spec: Mapping, where: str) -> None:
+    """The values of one data.folders entry (less its name), before any folder is read: the
+    train command and data check both refuse a bad one here."""
+    for key in ("train", "test", "val"):
+        value = spec.get(key)
+        if value is None and key == "val":
+            continue
+        if not isinstance(value, str | os.PathLike) or not str(value).strip():
+            optional = " or null (a share of train is held out)" if key == "val" else ""
+            raise DataConfigError(f"{where}.{key} must be a path to a folder {TREE}{optional}, "
+                                  f"got {value!r}")
+    policy = spec.get("transform")
+    if policy is not None and policy not in POLICIES:
+        raise DataConfigError(f"{where}.transform must be one of {list(POLICIES)} or null "
+                              f"(data.transform), got {policy!r}")
+    if spec.get("val_fraction") is not None:
+        check_val_fraction(spec["val_fraction"], f"{where}.val_fraction")
+    num_classes = spec.get("num_classes")
+    if num_classes is not None and (isinstance(num_classes, bool)
+                                    or not isinstance(num_classes, int) or num_classes < 2):
+        raise DataConfigError(f"{where}.num_classes must be an integer >= 2 (a task needs 2 or "
+                              f"more classes) or null, got {num_classes!r}")
+
+
+def check_distinct_folders(spec: Mapping, where: str) -> None:
+    """No two splits of an entry are one folder: test = train would report accuracy on the
+    training images, val = train or test would select the model on them."""
+    given = [(k, Path(os.path.realpath(spec[k]))) for k in ("train", "val", "test")
+             if spec.get(k) is not None]
+    for n, (key, path) in enumerate(given):
+        for other, other_path in given[n + 1:]:
+            if path == other_path:
+                raise DataConfigError(f"{where}: {key} and {other} are the same folder "
+                                      f"{spec[key]}; each split needs a folder of its own")

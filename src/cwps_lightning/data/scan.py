@@ -66,6 +66,13 @@ def folder_layout_error(split_dir: Path, expected: str, scan: ClassFolders | Non
     return f"{split_dir} has no class folders with images; expected layout: {expected}"
 
 
+def single_class_error(train_dir: Path, classes: list[str]) -> str:
+    # one class: the head has one output, every prediction is right and the accuracy metrics
+    # refuse it at the first fit
+    return (f"{train_dir} has a single class folder, {classes[0]!r}; a task needs 2 or more "
+            f"classes")
+
+
 def folder_task_source(
     name: str, train_dir: Path, test_dir: Path, policy: str, expected: str,
     val_dir: Path | None = None, num_classes: int | None = None,
@@ -81,6 +88,8 @@ def folder_task_source(
             raise DataConfigError(f"task {name!r}: " + folder_layout_error(d, expected, scan))
         scans[split] = scan
     classes = sorted(scans["train"].classes)
+    if len(classes) < 2:
+        raise DataConfigError(f"task {name!r}: " + single_class_error(train_dir, classes))
     index = {c: i for i, c in enumerate(classes)}
     for split in ("test", "val"):
         extra = sorted(set(scans[split].classes) - set(classes)) if split in scans else []
@@ -108,11 +117,15 @@ def folder_task_source(
 def check_folder_task(
     report, name: str, train_dir: Path, test_dir: Path, expected: str,
     test_may_lack_classes: bool = False, reference: tuple[int, int, int] | None = None,
+    val_dir: Path | None = None, num_classes: int | None = None,
 ) -> list[str]:
-    """Report layout, class and file problems of an ImageFolder task; returns its image paths
-    (for the decode check)."""
+    """Report layout, class and file problems of an ImageFolder task (what folder_task_source
+    refuses, and more); returns its image paths (for the decode check)."""
+    dirs = {"train": train_dir, "test": test_dir, "val": val_dir}
     scans: dict[str, ClassFolders] = {}
-    for split, d in (("train", train_dir), ("test", test_dir)):
+    for split, d in dirs.items():
+        if d is None:
+            continue
         scan = scan_class_folders(d) if d.is_dir() else None
         if scan is None or not any(scan.classes.values()):
             report.error("layout", folder_layout_error(d, expected, scan), task=name)
@@ -130,20 +143,29 @@ def check_folder_task(
         if scan.ignored:
             report.warn("ignored-files", f"{len(scan.ignored)} file(s) under {d} are not images "
                         f"by their extension (e.g. {scan.ignored[0]})", task=name)
-    if "train" in scans and "test" in scans:
+    for split in ("test", "val"):
+        if "train" not in scans or split not in scans:
+            continue
         train_cls = {c for c, p in scans["train"].classes.items() if p}
-        test_cls = {c for c, p in scans["test"].classes.items() if p}
-        for cls in sorted(test_cls - train_cls):
-            report.error("missing-class", f"class {cls!r} is in {test_dir} but missing from "
+        split_cls = {c for c, p in scans[split].classes.items() if p}
+        for cls in sorted(split_cls - train_cls):
+            report.error("missing-class", f"class {cls!r} is in {dirs[split]} but missing from "
                          f"{train_dir}", task=name)
-        for cls in sorted(train_cls - test_cls):
+        for cls in sorted(train_cls - split_cls):
             kind = report.warn if test_may_lack_classes else report.error
-            kind("missing-class", f"class {cls!r} is in {train_dir} but missing from {test_dir}",
-                 task=name)
+            kind("missing-class", f"class {cls!r} is in {train_dir} but missing from "
+                 f"{dirs[split]}", task=name)
     counts = {s: sum(len(p) for p in scan.classes.values()) for s, scan in scans.items()}
     n_cls = len(scans["train"].classes) if "train" in scans else 0
+    if "train" in scans and n_cls < 2:
+        report.error("classes", single_class_error(train_dir, sorted(scans["train"].classes)),
+                     task=name)
+    if "train" in scans and num_classes is not None and num_classes != n_cls:
+        report.error("classes", f"num_classes={num_classes} disagrees with the {n_cls} class "
+                     f"folders of {train_dir}", task=name)
+    val = f", val {counts.get('val', 0)} images" if val_dir is not None else ""
     report.info(f"{name}: {n_cls} classes, train {counts.get('train', 0)} images, test "
-                f"{counts.get('test', 0)} images", task=name)
+                f"{counts.get('test', 0)} images{val}", task=name)
     if reference is not None and scans:
         got = (n_cls, counts.get("train", 0), counts.get("test", 0))
         for label, want, have in zip(("classes", "train images", "test images"), reference, got,
