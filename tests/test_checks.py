@@ -307,8 +307,22 @@ def test_sweep_jobs_expand_command_line_and_preset_sweeps():
     assert sweep_jobs(["cwps.threshold=0.3,0.7", "seed=1"]) == [
         ["cwps.threshold=0.3", "seed=1"], ["cwps.threshold=0.7", "seed=1"]]
     jobs = sweep_jobs(["+experiment=lambda_sweep", "data.root=/x"])
-    assert [j[-1] for j in jobs] == [f"cwps.threshold={v}" for v in
-                                     ("0", "0.3", "0.4", "0.5", "0.6", "0.7", "1")]
+    assert [j[0] for j in jobs] == [f"cwps.threshold={v}" for v in
+                                    ("0", "0.3", "0.4", "0.5", "0.6", "0.7", "1")]
+
+
+def test_sweep_jobs_are_numbered_as_hydras_basic_sweeper_numbers_them():
+    """The config's hydra.sweeper.params come first, then the command line; a key both give
+    keeps the config's place and takes the command line's values (BasicSweeper's order, which
+    numbers the job directories that check_sweep_job_dir reads)."""
+    def values(job):
+        return [o.split("=")[1] for o in job if o.split("=")[0] in ("cwps.threshold", "seed")]
+
+    jobs = sweep_jobs(["+experiment=lambda_sweep", "seed=0,1", "data.root=/x"])
+    assert [values(j) for j in jobs[:3]] == [["0", "0"], ["0", "1"], ["0.3", "0"]]
+    jobs = sweep_jobs(["+experiment=lambda_sweep", "seed=0,1", "cwps.threshold=0.2,0.8",
+                       "data.root=/x"])
+    assert [values(j) for j in jobs] == [["0.2", "0"], ["0.2", "1"], ["0.8", "0"], ["0.8", "1"]]
 
 
 def test_a_bad_sweep_value_stops_the_sweep_before_any_job(no_fits):

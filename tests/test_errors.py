@@ -13,8 +13,10 @@ class Unreadable(Dataset):
     def __len__(self):
         return 2
 
+    message = "image x.jpg is truncated; data.skip_corrupt=true skips it"
+
     def __getitem__(self, i):
-        raise DataConfigError("image x.jpg is truncated; data.skip_corrupt=true skips it")
+        raise DataConfigError(self.message)
 
 
 def test_an_error_from_a_dataloader_worker_is_its_own_line():
@@ -23,6 +25,14 @@ def test_an_error_from_a_dataloader_worker_is_its_own_line():
         next(iter(DataLoader(Unreadable(), num_workers=1)))
     assert str(err.value) == ("image x.jpg is truncated; data.skip_corrupt=true skips it "
                               "(in DataLoader worker process 0)")
+
+
+def test_a_message_over_lines_from_a_worker_is_kept_whole(monkeypatch):
+    monkeypatch.setattr(Unreadable, "message", "cannot read x.jpg (bad header\nat offset 3)")
+    with pytest.raises(DataConfigError) as err:
+        next(iter(DataLoader(Unreadable(), num_workers=1)))
+    assert str(err.value) == ("cannot read x.jpg (bad header\nat offset 3) (in DataLoader "
+                              "worker process 0)")
 
 
 def test_other_messages_are_kept_as_given():

@@ -4,7 +4,7 @@ import re
 
 #: what torch's DataLoader makes of an error raised in a worker process: the same class, built
 #: from "Caught <class> in DataLoader worker process <n>.\nOriginal Traceback ... <class>: msg"
-_WORKER = re.compile(r"Caught \w+ (in DataLoader worker process \d+)\.\nOriginal Traceback")
+_WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback")
 
 
 class ConfigError(ValueError):
@@ -14,9 +14,11 @@ class ConfigError(ValueError):
     back with the worker's traceback in its message: that is cut to the original line."""
 
     def __init__(self, *args):
-        if len(args) == 1 and isinstance(args[0], str) and _WORKER.match(args[0]):
-            where = _WORKER.match(args[0]).group(1)
-            last = args[0].rstrip().splitlines()[-1]
-            message = last.split(": ", 1)[1] if re.match(r"[\w.]+: ", last) else last
-            args = (f"{message} ({where})",)
+        caught = _WORKER.match(args[0]) if len(args) == 1 and isinstance(args[0], str) else None
+        if caught:
+            kind, where = caught.groups()
+            # the traceback ends "<module.>Kind: message" (the message may span lines)
+            starts = list(re.finditer(rf"^(?:[\w.]+\.)?{kind}: ", args[0], re.MULTILINE))
+            if starts:
+                args = (f"{args[0][starts[-1].end():].rstrip()} ({where})",)
         super().__init__(*args)

@@ -291,11 +291,14 @@ def _sweep_plan(overrides: Sequence[str]) -> tuple[list, list[str], list, bool]:
     cfg = compose_config(fixed)
     given = {o.key_or_group for o in parsed}
     params = parser.parse_overrides([f"{k}={v}" for k, v in
-                                     (cfg.hydra.sweeper.get("params") or {}).items()
-                                     if k not in given])
-    sweeps = [o for o in parsed if o.is_sweep_override()] + params
+                                     (cfg.hydra.sweeper.get("params") or {}).items()])
+    sweeps = [o for o in parsed if o.is_sweep_override()] + [
+        p for p in params if p.key_or_group not in given]
     basic = cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] == "BasicSweeper"
-    return parsed + params, fixed, sweeps, basic
+    # (the config's params first, then the command line, as BasicSweeper lists them: its
+    # split_arguments keeps a key where it first came and takes its last value, and so numbers
+    # the jobs; check_sweep_job_dir reads job i's directory by that number)
+    return params + parsed, fixed, sweeps, basic
 
 
 def sweep_jobs(overrides: Sequence[str]) -> list[list[str]]:

@@ -118,6 +118,13 @@ def test_data_that_does_not_fit_the_store_is_refused(store_dir, tmp_path, capsys
     assert main([f"store={store_dir}", "device=cpu", "data.tasks=[optdigits,mnist_m]"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
         "error: data.tasks: ['mnist_m'] not in the store; its tasks: ['optdigits']")
+    # a killed run's store: its config lists a task it never finished; the others are tested
+    partial = shutil.copytree(store_dir, tmp_path / "partial")
+    manifest = json.loads((partial / "manifest.json").read_text())
+    manifest["config"]["data"]["tasks"] = ["optdigits", "mnist_m"]
+    (partial / "manifest.json").write_text(json.dumps(manifest))
+    assert main([f"store={partial}", "device=cpu"]) == 0
+    assert "| optdigits |" in capsys.readouterr().out
     monkeypatch.setattr(DigitsDataModule, "num_classes", lambda self, task: 3)
     assert main([f"store={store_dir}", "device=cpu"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
