@@ -60,7 +60,11 @@ class Report:
         """Decode every image in full; each one that fails is a ``corrupt-image`` error."""
         paths = sorted(set(paths))
         started = time.time()
-        for path, why in find_unreadable(paths, full=True, workers=self.workers):
+        def say(done: int, total: int, seconds: float) -> None:
+            print(f"  decoding: {done}/{total} images, {done / max(seconds, 1e-9):.0f} images/s",
+                  file=self.stream, flush=True)
+
+        for path, why in find_unreadable(paths, full=True, workers=self.workers, progress=say):
             self.error("corrupt-image", f"{path}: {why}")
         self.decoded += len(paths)
         self.info(f"decoded {len(paths)} image(s) in {time.time() - started:.1f} s")

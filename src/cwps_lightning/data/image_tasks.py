@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .base import DataConfigError, MultiTaskDataModule, TaskSplits, short_list, split_indices
-from .images import ImageListDataset, available_cpus, find_unreadable
+from .images import ImageListDataset, available_cpus, find_unreadable, log_progress
 from .transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -219,7 +219,9 @@ class ImageTasksDataModule(MultiTaskDataModule):
             return
         paths = sorted({p for s in sources.values()
                         for part in (s.train, s.test, s.val or []) for p, _ in part})
-        bad = dict(find_unreadable(paths, full=self.verify_images == "full"))
+        bad = dict(find_unreadable(paths, full=self.verify_images == "full",
+                                   progress=log_progress(f"verifying images "
+                                                         f"({self.verify_images})")))
         if not bad:
             return
         if not self.skip_corrupt:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -55,16 +56,33 @@ def probe_image(path: str, full: bool) -> str | None:
 
 
 def find_unreadable(
-    paths: Iterable[str], full: bool, workers: int | None = None
+    paths: Iterable[str], full: bool, workers: int | None = None,
+    progress: Callable[[int, int, float], None] | None = None, every: float = 10.0,
 ) -> list[tuple[str, str]]:
-    """``[(path, reason)]`` for every path that is not a readable image, in input order."""
+    """``[(path, reason)]`` for every path that is not a readable image, in input order.
+    ``progress(done, total, seconds)`` is called every ``every`` seconds while it reads (a
+    full decode of DomainNet takes minutes)."""
     paths = list(paths)
     if not paths:
         return []
     workers = workers or min(32, 4 * available_cpus())
+    started = last = time.monotonic()
+    reasons = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        reasons = list(pool.map(lambda p: probe_image(p, full), paths, chunksize=64))
+        for reason in pool.map(lambda p: probe_image(p, full), paths, chunksize=64):
+            reasons.append(reason)
+            now = time.monotonic()
+            if progress is not None and now - last >= every:
+                progress(len(reasons), len(paths), now - started)
+                last = now
     return [(p, r) for p, r in zip(paths, reasons, strict=True) if r is not None]
+
+
+def log_progress(what: str) -> Callable[[int, int, float], None]:
+    """A find_unreadable progress callback that logs ``what: done/total images (rate)``."""
+    def say(done: int, total: int, seconds: float) -> None:
+        log.info("%s: %d/%d images, %.0f images/s", what, done, total, done / max(seconds, 1e-9))
+    return say
 
 
 class ImageListDataset(Dataset):
