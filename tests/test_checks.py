@@ -593,6 +593,9 @@ def test_a_sweep_into_a_finished_sweeps_dir_with_other_values_is_refused(no_fits
         (sweep / str(i) / "store" / "manifest.json").write_text(json.dumps(
             {"run": {"config": config, "config_hash": config_hash(config)}}))
     preflight(["-m", "cwps.threshold=0.3,0.5", f"hydra.sweep.dir={sweep}"])
+    (tmp_path / "run" / "store").mkdir(parents=True)  # a single run's directory
+    with pytest.raises(ConfigError, match=r"hydra\.sweep\.dir=.*run: a single run's directory"):
+        preflight(["-m", "cwps.threshold=0.3,0.5", f"hydra.sweep.dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"^job 0 of the sweep \(cwps\.threshold=0\.6 .*\): .*0/"
                                           r"store/manifest\.json was written by a different "
                                           r"config \(differs in \['cwps\.threshold'\]\)"):

@@ -159,7 +159,7 @@ def test_report_rebuilds_the_figures_and_results_md(tmp_path, capsys):
     (lambda d: (d / "results.json").write_text("{not json"), "cannot read"),
     (lambda d: (d / "results.json").write_text("[]"), "not a results.json of this project"),
     (lambda d: (d / "results.json").write_text('{"methods": {}}'),
-     "cut short or edited: 'tasks' missing or of another type"),
+     "'tasks' missing or of another type (cut short, edited, or written by an older"),
     (lambda d: (d / "results.json").write_text("{}") and d / "results.json",
      "results.json: a file, not a run or multirun directory; the run directory is "),
     (lambda d: d / "nope", "nope: no such directory"),

@@ -157,7 +157,8 @@ def report_run(run_dir: Path) -> dict:
         raise StoreError(f"{path}: not a results.json of this project (no 'methods')")
     missing = results_layout_gap(results)
     if missing:
-        raise StoreError(f"{path}: cut short or edited: {missing} missing or of another type")
+        raise StoreError(f"{path}: {missing} missing or of another type (cut short, edited, or "
+                         "written by an older revision)")
     store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
         else None
     add_figures(run_dir, results, store)

@@ -343,6 +343,9 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     if not sweep_dir:
         return
     check_directory("hydra.sweep.dir", sweep_dir)
+    if (Path(sweep_dir) / "results.json").is_file() or (Path(sweep_dir) / "store").is_dir():
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir}: a single run's directory (it holds "
+                          "its results.json or store); give the sweep a directory of its own")
     subdir = str(sweep.get("subdir"))
     if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
         return
