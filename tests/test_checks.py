@@ -421,6 +421,12 @@ def test_a_stub_this_run_did_not_make_stays(tmp_path, monkeypatch):
     for cwd in (run_dir, run_dir / "sub"):
         assert not train.remove_if_stub(run_dir, cwds=[cwd]) and run_dir.is_dir()
     assert train.remove_if_stub(run_dir, cwds=[tmp_path / "elsewhere"])
+    # the empty folders above it go too, up to the working directory (not beyond)
+    (tmp_path / "outputs" / "kept").mkdir(parents=True)
+    deep = stub(tmp_path / "outputs" / "runs" / "day" / "run")
+    assert train.remove_if_stub(deep, cwds=[tmp_path])
+    assert not (tmp_path / "outputs" / "runs").exists()
+    assert (tmp_path / "outputs" / "kept").is_dir() and tmp_path.is_dir()
     # what preflight records: a timestamped run dir is new; a given one, as it is on disk
     assert not train.run_dir_existed(compose_config([]))
     assert train.run_dir_existed(compose_config(["hydra.run.dir=."]))

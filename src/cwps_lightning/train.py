@@ -245,6 +245,13 @@ def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
             return False
         if here.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in here.iterdir()):
             shutil.rmtree(here)
+            # and the folders Hydra made above it (outputs/runs of a first run), while empty,
+            # up to the working directory
+            inside = [c.resolve() for c in cwds]
+            for parent in here.parents:
+                if not any(c in parent.parents for c in inside) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
             return True
     except OSError:
         pass  # (the error line matters more than the cleanup)
