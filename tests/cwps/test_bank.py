@@ -63,21 +63,28 @@ def test_needs_layers():
         KernelBank([])
 
 
+def with_head(classes: int) -> Small:
+    m = Small()
+    m.head = nn.Linear(10, classes)
+    return m
+
+
 def test_add_remove_membership():
     bank = KernelBank(LAYERS)
     assert bank.tasks == []
     bank.add("T0", Small(), num_classes=3, meta={"acc": 0.9})
-    bank.add("T1", Small(), num_classes=5)
+    bank.add("T1", with_head(5), num_classes=5)
     assert bank.tasks == ["T0", "T1"]
     assert "T0" in bank and "T9" not in bank
     assert bank.entries["T1"].num_classes == 5
     assert bank.entries["T0"].meta == {"acc": 0.9}
     bank.remove("T0")
     assert bank.tasks == ["T1"] and "T0" not in bank
-    with pytest.raises(KeyError):
+    with pytest.raises(KeyError, match=r"bank\.remove\('T0'\): no such task; the bank holds "
+                                       r"\['T1'\]"):
         bank.remove("T0")
     # adding under an existing name replaces the entry
-    bank.add("T1", Small(), num_classes=7)
+    bank.add("T1", with_head(7), num_classes=7)
     assert bank.tasks == ["T1"] and bank.entries["T1"].num_classes == 7
 
 
@@ -339,3 +346,35 @@ def test_weights_of_another_dtype_are_refused():
     assert bank_state(bank) == before
     bank.add("T0", copy.deepcopy(t0).to(torch.bfloat16), num_classes=3)  # (its only task)
     assert bank.entries["T0"].layers["fc"].weight.dtype == torch.bfloat16
+
+
+def test_what_add_takes_is_checked_before_the_bank_changes():
+    """A model whose CWPS layers are not merged, of another architecture (a missing layer,
+    another kernel shape), a head of another class count, kernel ids not per layer: refused,
+    naming it, with the bank as it was."""
+    from cwps_lightning.cwps import inject_cwps
+
+    bank = KernelBank(LAYERS)
+    bank.add("T0", Small(), num_classes=3)
+    unmerged = Small()
+    inject_cwps(unmerged)
+    other = Small()
+    other.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)  # (not grouped: another shape)
+    headless = Small()
+    del headless.fc
+    cases = [
+        (unmerged, {}, ValueError, r"still has CWPS layers \(conv1, .*merge_cwps"),
+        (other, {}, ValueError, r"conv2 has a \(6, 8, 3, 3\) kernel, the bank's tasks "
+                                r"\(6, 4, 3, 3\)"),
+        (headless, {}, ValueError, r"the model has no layer 'fc'"),
+        (Small(), {"num_classes": 5}, ValueError, r"num_classes=5, but its head head\.weight "
+                                                  r"has 3 outputs"),
+        (Small(), {"kernel_ids": [1, 2]}, TypeError, r"kernel_ids must be a dict"),
+        (Small(), {"kernel_ids": {"conv1": torch.full((8,), -1)}}, ValueError,
+         r"kernel_ids has no entry for layer 'conv2'"),
+    ]
+    for model, kwargs, error, message in cases:
+        kwargs = {"num_classes": 3, **kwargs}
+        with pytest.raises(error, match=message):
+            bank.add("T1", model, **kwargs)
+        assert bank.tasks == ["T0"] and bank.revision == 1

@@ -290,3 +290,42 @@ def test_atomic_write_with_concurrent_writers(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_a_save_touches_only_the_stores_own_files(tmp_path):
+    """Other files in the folder stay (a save tidied every *.safetensors away), and meta may
+    not set the keys the store writes itself."""
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(1)}, str(tmp_path / "backbone.safetensors"))
+    (tmp_path / "notes.tmp").write_text("mine")
+    bank = _t0_bank()
+    save_store(tmp_path, bank, META)
+    bank.add("x", _t0(), 10)
+    save_store(tmp_path, bank, META)
+    assert (tmp_path / "backbone.safetensors").is_file() and (tmp_path / "notes.tmp").is_file()
+    assert len(list(tmp_path.glob("kernels-*.safetensors"))) == 1  # (its stale version went)
+    before = (tmp_path / "manifest.json").read_text()
+    with pytest.raises(ValueError, match=r"meta sets \['tasks'\], which the store writes"):
+        save_store(tmp_path, bank, {**META, "tasks": ["T0"]})
+    with pytest.raises(ValueError, match=r"the bank holds no task"):
+        save_store(tmp_path / "empty", KernelBank(bank.layer_names), META)
+    with pytest.raises(StoreError, match=r"a file, not a folder"):
+        save_store(tmp_path / "notes.tmp", bank, META)
+    assert (tmp_path / "manifest.json").read_text() == before
+
+
+def test_two_banks_taken_from_one_store_save_their_own_tensors(tmp_path):
+    """(each took the store's uid and revision: the second's save kept the first's tensors)"""
+    import shutil
+
+    save_store(tmp_path / "a", _t0_bank(), META)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    first, second = (MultiTaskStore.load(tmp_path / "a").to_bank() for _ in range(2))
+    first.add("one", _t0(), 10)
+    second.add("two", _t0(), 10)
+    save_store(tmp_path / "b", first, META)
+    save_store(tmp_path / "b", second, META)
+    store = MultiTaskStore.load(tmp_path / "b")
+    assert store.tasks == ["T0", "two"]
+    store.model("two", lambda n: timm.create_model("resnet18", num_classes=n))

@@ -374,3 +374,20 @@ def test_merge_refuses_nan_weights_and_leaves_the_model_as_it_was():
     with pytest.raises(ValueError, match=r"merge_cwps: conv2\.weight has nan/inf"):
         merge_cwps(model)
     assert isinstance(model.conv1, CWPSConv2d) and isinstance(model.conv2, CWPSConv2d)
+
+
+def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty():
+    """(after merge_cwps, or before inject_cwps: sharing_stats said 0 % task-specific,
+    set_threshold did nothing, a freeze froze nothing)"""
+    from cwps_lightning.cwps import merged_kernel_ids, set_threshold, sharing_stats
+    from cwps_lightning.cwps.freeze import SharedChannelFreeze
+    from cwps_lightning.cwps.surgery import specific_by_layer
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    for call, name in ((lambda: sharing_stats(plain), "sharing_stats"),
+                       (lambda: specific_by_layer(plain), "specific_by_layer"),
+                       (lambda: set_threshold(plain, 0.3), "set_threshold"),
+                       (lambda: merged_kernel_ids(plain, None), "merged_kernel_ids"),
+                       (lambda: SharedChannelFreeze(plain), "SharedChannelFreeze")):
+        with pytest.raises(ValueError, match=rf"^{name}: the model has no CWPS layers"):
+            call()

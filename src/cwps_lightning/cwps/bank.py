@@ -125,14 +125,28 @@ class KernelBank:
         if bad:  # a diverged fit must not reach the store
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
                              f"({len(bad)} tensor(s) in all); the bank is unchanged")
+        self._check_model(task, model, kernel_ids)
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
         others = [entry for name, entry in self.entries.items() if name != task]
-        for name, (w, _) in weights.items():  # (a store holds one table per layer)
-            held = None if not others else others[0].layers[name].weight.dtype
-            if held is not None and w.dtype != held:
+        for name, (w, b) in weights.items():  # (a store holds one table per layer)
+            if not others:
+                continue
+            held = others[0].layers[name]
+            if w.dtype != held.weight.dtype:
                 raise ValueError(f"bank.add({task!r}): {name} holds {w.dtype} weights, the "
-                                 f"bank's tasks {held}; convert the model (e.g. "
-                                 f"model.to({held})) first. The bank is unchanged")
+                                 f"bank's tasks {held.weight.dtype}; convert the model (e.g. "
+                                 f"model.to({held.weight.dtype})) first. The bank is unchanged")
+            if w.shape != held.weight.shape or (b is None) != (held.bias is None):
+                raise ValueError(f"bank.add({task!r}): {name} has a {tuple(w.shape)} kernel"
+                                 f"{'' if b is None else ' and a bias'}, the bank's tasks "
+                                 f"{tuple(held.weight.shape)}"
+                                 f"{'' if held.bias is None else ' and a bias'} (another "
+                                 "architecture?). The bank is unchanged")
+        heads = [n for n in head_names if n.endswith("weight") and n in rest]
+        if heads and rest[heads[-1]].shape[0] != num_classes:  # (the store would record it)
+            raise ValueError(f"bank.add({task!r}): num_classes={num_classes}, but its head "
+                             f"{heads[-1]} has {rest[heads[-1]].shape[0]} outputs. The bank is "
+                             "unchanged")
         carried = {}
         for name, (w, _) in weights.items():
             if kernel_ids is None:
@@ -202,8 +216,35 @@ class KernelBank:
                 f"channel(s)); pass -1 for a task-specific channel. The bank is unchanged")
 
     def remove(self, task: str) -> None:
+        if task not in self.entries:
+            raise KeyError(f"bank.remove({task!r}): no such task; the bank holds {self.tasks}")
         del self.entries[task]
         self.revision += 1
+
+    def _check_model(self, task: str, model: nn.Module, kernel_ids) -> None:
+        """What ``add`` takes: a plain model (CWPS layers merged) with the bank's shareable
+        layers, and kernel ids (if any) for each of them."""
+        mixed = [n for n, m in model.named_modules() if hasattr(m, "mask_logits")
+                 and hasattr(m, "parent_weight")]
+        if mixed:  # (its state would hold children, parents and scores, not the task's weights)
+            raise ValueError(f"bank.add({task!r}): the model still has CWPS layers ({mixed[0]}, "
+                             f"{len(mixed)} in all); take the merged model (merge_cwps) first")
+        modules = dict(model.named_modules())
+        missing = [n for n in self.layer_names if n not in modules
+                   or not isinstance(getattr(modules[n], "weight", None), torch.Tensor)]
+        if missing:
+            raise ValueError(f"bank.add({task!r}): the model has no layer {missing[0]!r} "
+                             f"({len(missing)} of the bank's {len(self.layer_names)} layers "
+                             "missing: another architecture?)")
+        if kernel_ids is not None:
+            if not hasattr(kernel_ids, "keys"):
+                raise TypeError(f"bank.add({task!r}): kernel_ids must be a dict of layer name "
+                                f"-> ids, got {type(kernel_ids).__name__}")
+            absent = [n for n in self.layer_names if n not in kernel_ids]
+            if absent:
+                raise ValueError(f"bank.add({task!r}): kernel_ids has no entry for layer "
+                                 f"{absent[0]!r} ({len(absent)} of {len(self.layer_names)} "
+                                 "missing; merged_kernel_ids gives one per layer)")
 
     # -- search space --------------------------------------------------------------------------
     def candidates(self, layer: str, exclude: str | None = None):

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .layers import hard_mask
-from .surgery import cwps_layers
+from .surgery import require_cwps_layers
 
 
 @dataclass
@@ -85,7 +85,8 @@ class SharedChannelFreeze:
     def __init__(self, model: nn.Module, sit_out: bool | None = None):
         if sit_out not in (None, False):
             raise ValueError(f"sit_out must be None (under SGD) or False, got {sit_out!r}")
-        named = list(cwps_layers(model))
+        # (built before inject_cwps, it would freeze nothing)
+        named = require_cwps_layers(model, "SharedChannelFreeze")
         self.layers = [layer for _, layer in named]
         self._layer_names = [name for name, _ in named]
         self.sit_out = sit_out

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .bank import KernelBank
-from .surgery import cwps_layers
+from .surgery import cwps_layers, require_cwps_layers
 
 DISTANCES = ("l2", "cosine")
 INIT_SCOPES = ("layer", "global")
@@ -404,7 +404,7 @@ def equal_kernels_first(dist: Tensor, choice: Tensor, child: Tensor, candidates:
 def merged_kernel_ids(model: nn.Module, result: SearchResult) -> dict[str, Tensor]:
     """Kernel ids after the merge: the parent id for shared channels, -1 (fresh) otherwise."""
     out = {}
-    for name, layer in cwps_layers(model):
+    for name, layer in require_cwps_layers(model, "merged_kernel_ids"):
         ids = result.parent_ids[name].clone()
         ids[layer.task_specific().cpu()] = -1
         out[name] = ids

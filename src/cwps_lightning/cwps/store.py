@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -125,9 +126,27 @@ def _write_tensors(path: Path, name: str, tensors: dict[str, Tensor]) -> dict:
     return {"file": name, "sha256": _sha256(path / name), "bytes": (path / name).stat().st_size}
 
 
+#: the files a store writes (its versions' tensors, atomic_write's aside files of them and of
+#: the manifest): what a save tidies away, and nothing else in the folder
+STORE_FILE = re.compile(r"(kernels|tasks)-\d{6}\.safetensors|\.(manifest\.json|(kernels|tasks)"
+                        r"-\d{6}\.safetensors)\..*\.tmp")
+#: manifest keys save_store writes itself (``meta`` may not set them)
+MANIFEST_KEYS = ("format", "format_version", "version", "bank_uid", "bank_revision", "files",
+                 "layers", "kernel_counts", "tasks", "task_order", "libraries")
+
+
 def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
-    """Write ``bank`` (plus ``meta``: backbone, metrics, progress ...) as a store at ``path``."""
+    """Write ``bank`` (plus ``meta``: backbone, metrics, progress ...) as a store at ``path``.
+    Only the store's own files are written and tidied there."""
     path = Path(path)
+    reserved = sorted(set(meta) & set(MANIFEST_KEYS))
+    if reserved:
+        raise ValueError(f"save_store: meta sets {reserved}, which the store writes itself "
+                         f"(reserved: {list(MANIFEST_KEYS)})")
+    if not bank.entries:
+        raise ValueError("save_store: the bank holds no task (add T0 first)")
+    if path.exists() and not path.is_dir():
+        raise StoreError(f"{path}: a file, not a folder to write a store in")
     path.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(path) if (path / MANIFEST).exists() else None
     version = (old["version"] + 1) if old else 0
@@ -192,8 +211,8 @@ def _save_version(path: Path, bank: KernelBank, meta: dict, old: dict | None,
     }
     atomic_write(path / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     keep = {f["file"] for f in files.values()} | {MANIFEST}
-    for stale in path.iterdir():
-        if stale.name not in keep and (stale.suffix in (".safetensors", ".tmp")):
+    for stale in path.iterdir():  # (only files a store writes: the folder may hold others)
+        if stale.name not in keep and STORE_FILE.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
     return path
 
@@ -383,5 +402,7 @@ class MultiTaskStore:
         for layer in self.layers:
             bank.next_id[layer] = int(self.manifest["kernel_counts"][layer])
         bank.revision = int(self.manifest.get("bank_revision", 0))
-        bank.uid = self.manifest.get("bank_uid", bank.uid)
+        # (a uid of its own: two banks taken from one store and grown apart would otherwise
+        # both name their content (uid, revision + 1), and a save of the second into the
+        # first's store would keep the first's tensors; the first save after a load writes them)
         return bank

@@ -234,18 +234,25 @@ def merge_cwps(model: nn.Module) -> nn.Module:
     return model
 
 
-def set_stage(model: nn.Module, stage: str) -> None:
-    """Set the stage of every CWPS layer."""
+def require_cwps_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
+    """The model's CWPS layers; a ValueError naming ``caller`` where it has none (a model
+    not injected yet, or merged already), whose answer would be silently empty."""
     layers = list(cwps_layers(model))
     if not layers:
-        raise ValueError("set_stage: the model has no CWPS layers")
-    for _, layer in layers:
+        raise ValueError(f"{caller}: the model has no CWPS layers (inject_cwps first; after "
+                         "merge_cwps it has plain layers again)")
+    return layers
+
+
+def set_stage(model: nn.Module, stage: str) -> None:
+    """Set the stage of every CWPS layer."""
+    for _, layer in require_cwps_layers(model, "set_stage"):
         layer.stage = stage
 
 
 def set_threshold(model: nn.Module, threshold: float) -> None:
     threshold = check_threshold(threshold)
-    for _, layer in cwps_layers(model):
+    for _, layer in require_cwps_layers(model, "set_threshold"):
         layer.threshold = threshold
 
 
@@ -253,14 +260,15 @@ def set_threshold(model: nn.Module, threshold: float) -> None:
 def specific_by_layer(model: nn.Module) -> dict[str, float]:
     """Per CWPS layer (in module order), the fraction of its output channels that are
     task-specific (hard mask)."""
-    return {name: float(layer.task_specific().float().mean()) for name, layer in cwps_layers(model)}
+    return {name: float(layer.task_specific().float().mean())
+            for name, layer in require_cwps_layers(model, "specific_by_layer")}
 
 
 def sharing_stats(model: nn.Module) -> dict[str, float]:
     """Channel and parameter fractions of the CWPS layers that are task-specific (hard mask)."""
     channels = specific_channels = 0
     params = specific_params = 0
-    for _, layer in cwps_layers(model):
+    for _, layer in require_cwps_layers(model, "sharing_stats"):
         spec = layer.task_specific()
         per_channel = layer.weight[0].numel() + (1 if layer.bias is not None else 0)
         channels += spec.numel()
