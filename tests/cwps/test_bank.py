@@ -378,3 +378,12 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
         with pytest.raises(error, match=message):
             bank.add("T1", model, **kwargs)
         assert bank.tasks == ["T0"] and bank.revision == 1
+
+
+def test_a_task_name_that_is_no_string_is_refused():
+    """(an int name was stored, then model(0) said 'task 0 is not in the store; tasks: [0]')"""
+    bank = KernelBank(LAYERS)
+    for name in (0, "", None):
+        with pytest.raises(TypeError, match=r"the task name must be a non-empty string"):
+            bank.add(name, Small(), num_classes=3)
+    assert bank.tasks == []

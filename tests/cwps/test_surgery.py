@@ -391,3 +391,13 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
                        (lambda: SharedChannelFreeze(plain), "SharedChannelFreeze")):
         with pytest.raises(ValueError, match=rf"^{name}: the model has no CWPS layers"):
             call()
+
+
+def test_one_excluded_name_as_a_string_and_a_threshold_out_of_range():
+    from cwps_lightning.cwps import hard_mask, shareable_layers
+
+    model = Small()
+    assert shareable_layers(model, exclude="head") == shareable_layers(model, exclude=["head"])
+    assert "fc" not in shareable_layers(model, exclude="fc")
+    with pytest.raises(ValueError, match=r"threshold \(lambda\) must be in \[0, 1\], got 2\.0"):
+        hard_mask(torch.zeros(3), 2.0)

@@ -222,8 +222,10 @@ class KernelBank:
         self.revision += 1
 
     def _check_model(self, task: str, model: nn.Module, kernel_ids) -> None:
-        """What ``add`` takes: a plain model (CWPS layers merged) with the bank's shareable
-        layers, and kernel ids (if any) for each of them."""
+        """What ``add`` takes: a task name, a plain model (CWPS layers merged) with the bank's
+        shareable layers, and kernel ids (if any) for each of them."""
+        if not isinstance(task, str) or not task:  # (a store key: '<task>/index/<layer>')
+            raise TypeError(f"bank.add: the task name must be a non-empty string, got {task!r}")
         mixed = [n for n, m in model.named_modules() if hasattr(m, "mask_logits")
                  and hasattr(m, "parent_weight")]
         if mixed:  # (its state would hold children, parents and scores, not the task's weights)

@@ -84,7 +84,7 @@ def check_threshold(threshold: float) -> float:
 
 def hard_mask(mask_logits: Tensor, threshold: float) -> Tensor:
     """1 where a channel is task-specific (sigmoid(s) >= lambda), 0 where it is shared."""
-    return _binarise(torch.sigmoid(mask_logits), threshold)
+    return _binarise(torch.sigmoid(mask_logits), check_threshold(threshold))
 
 
 def _binarise(sig: Tensor, threshold: float) -> Tensor:

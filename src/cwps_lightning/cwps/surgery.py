@@ -89,6 +89,8 @@ def shareable_layers(
     only reproduce the stock forward). Other Conv2d/Linear subclasses with a custom forward are
     left out with a warning, since wrapping them would change what they compute.
     """
+    if isinstance(exclude, str):  # (one name; list("fc") would be ['f', 'c'])
+        exclude = [exclude]
     excluded = list(classifier_names(model) if exclude is None else exclude)
     modules = dict(model.named_modules())
     unknown = [e for e in excluded if e not in modules]
