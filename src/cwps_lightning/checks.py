@@ -31,6 +31,7 @@ from .config import (
     locate,
     one_line,
     settings_of,
+    trainer_arguments,
 )
 from .errors import ConfigError
 from .methods.registry import method_class
@@ -119,7 +120,7 @@ def check_data(cfg: DictConfig, here: bool = True) -> None:
         return
     datamodule = instantiate_data(cfg)
     check = getattr(datamodule, "check_settings", None)
-    if check is None:  # (a class whose instances alone lack it)
+    if check is None:  # (what a _target_ that is not a name made: the job names it)
         return
     check(here)
     model = cfg.model
@@ -201,16 +202,9 @@ def check_methods(baselines: list[str]) -> None:
         seen[cls.name] = entry
 
 
-@cache
-def _trainer_arguments() -> frozenset[str]:
-    import lightning as L
-
-    return frozenset(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
-
-
 def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """Trainer arguments Lightning would reject, and a GPU accelerator without a GPU."""
-    bad = sorted(set(trainer) - _trainer_arguments() - set(TRAINER_SET_BY_JOB))
+    bad = sorted(set(trainer) - set(trainer_arguments()) - set(TRAINER_SET_BY_JOB))
     if bad:
         raise ConfigError(f"trainer.{bad[0]}: not an argument of lightning.Trainer "
                           f"(see its documentation for the accepted ones)")

@@ -10,6 +10,7 @@ and every override merges into typed nodes: Hydra itself rejects an unknown key
 from __future__ import annotations
 
 import dataclasses
+import functools
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -158,6 +159,16 @@ TRAINER_SET_BY_JOB = {
 }
 
 
+@functools.cache
+def trainer_arguments() -> tuple[str, ...]:
+    """The arguments lightning.Trainer takes, in its signature's order (read once)."""
+    import inspect
+
+    from lightning import Trainer
+
+    return tuple(p for p in inspect.signature(Trainer.__init__).parameters if p != "self")
+
+
 def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
     """For an unknown key of a node the schema leaves open (``data.image_sise=64``: data,
     trainer, paths come from their YAML files), the line naming the keys the node has (the
@@ -187,12 +198,7 @@ def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
     keys = [k for k in node.keys() if not str(k).startswith("_")]  # (_target_, _convert_)
     candidates = list(keys)
     if parent == "trainer":  # (a Trainer argument the YAML does not set is added with +)
-        import inspect
-
-        from lightning import Trainer
-
-        candidates += [p for p in inspect.signature(Trainer.__init__).parameters
-                       if p != "self" and p not in keys]
+        candidates += [p for p in trainer_arguments() if p not in keys]
     if parent == "trainer" and key in TRAINER_SET_BY_JOB:
         return f"{full_key}: {TRAINER_SET_BY_JOB[key]}; remove it"
     has = f"{parent} has: {', '.join(keys)}"

@@ -220,16 +220,11 @@ def run_dir_existed(cfg: DictConfig) -> bool:
     """Whether ``hydra.run.dir`` exists before the run; a timestamped one (``${now:...}``,
     the default) is taken as new (it is resolved again, a moment later, when Hydra makes it);
     one that does not resolve here counts as existing."""
-    from omegaconf.errors import OmegaConfBaseException
-
     raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
     if isinstance(raw, str) and "${now:" in raw:
         return False
-    try:
-        return Path(OmegaConf.select(cfg, "hydra.run.dir",
-                                     throw_on_resolution_failure=True)).exists()
-    except (OmegaConfBaseException, ValueError, TypeError):
-        return True
+    run_dir = _resolved(cfg, "hydra.run.dir")
+    return not isinstance(run_dir, str) or Path(run_dir).exists()
 
 
 def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
@@ -239,15 +234,13 @@ def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
     a working directory ``cwds`` or one above it), and only with nothing more in it than
     Hydra's files (a store, logs, a resumed run's outputs stay). True if it went."""
     try:
-        here = run_dir.resolve()
-        if RUN_DIR_EXISTED or any(c.resolve() == here or here in c.resolve().parents
-                                  for c in cwds):
+        here, inside = run_dir.resolve(), [c.resolve() for c in cwds]
+        if RUN_DIR_EXISTED or any(c == here or here in c.parents for c in inside):
             return False
         if here.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in here.iterdir()):
             shutil.rmtree(here)
             # and the folders Hydra made above it (outputs/runs of a first run), while empty,
             # up to the working directory
-            inside = [c.resolve() for c in cwds]
             for parent in here.parents:
                 if not any(c in parent.parents for c in inside) or any(parent.iterdir()):
                     break
@@ -286,6 +279,22 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
 
 
 # -- checks before Hydra runs anything ------------------------------------------------------------
+def basic_sweeper(cfg: DictConfig) -> bool:
+    """Whether ``cfg``'s sweeper is Hydra's basic one (its jobs known before they run)."""
+    return str(cfg.hydra.sweeper.get("_target_", "")).rsplit(".", 1)[-1] == "BasicSweeper"
+
+
+def _resolved(cfg: DictConfig, key: str):
+    """``cfg``'s ``key`` resolved, or None where it resolves only in the running job (an
+    interpolation of Hydra's runtime)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.select(cfg, key, throw_on_resolution_failure=True)
+    except (OmegaConfBaseException, ValueError):
+        return None
+
+
 def _sweep_plan(overrides: Sequence[str]) -> tuple[list, list[str], list, bool]:
     """A multirun's overrides parsed, the fixed ones (no sweep) as given, the sweeps (the
     command line's, then the config's ``hydra.sweeper.params`` it does not set), and whether
@@ -301,7 +310,7 @@ def _sweep_plan(overrides: Sequence[str]) -> tuple[list, list[str], list, bool]:
                                      (cfg.hydra.sweeper.get("params") or {}).items()])
     sweeps = [o for o in parsed if o.is_sweep_override()] + [
         p for p in params if p.key_or_group not in given]
-    basic = cfg.hydra.sweeper.get("_target_", "").rsplit(".", 1)[-1] == "BasicSweeper"
+    basic = basic_sweeper(cfg)
     # (the config's params first, then the command line, as BasicSweeper lists them: its
     # split_arguments keeps a key where it first came and takes its last value, and so numbers
     # the jobs; check_sweep_job_dir reads job i's directory by that number)
@@ -325,12 +334,7 @@ def check_run_dir(cfg: DictConfig) -> None:
     store a different config wrote is refused here, before Hydra writes its .hydra/ files
     there; the run refuses it too (RunRecorder.existing), but by then those files record this
     config next to the other's results."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        run_dir = OmegaConf.select(cfg, "hydra.run.dir", throw_on_resolution_failure=True)
-    except (OmegaConfBaseException, ValueError):
-        return  # (an interpolation that resolves only in the running job)
+    run_dir = _resolved(cfg, "hydra.run.dir")
     if run_dir:
         check_directory("hydra.run.dir", run_dir)
         check_run_dir_reuse(run_dir, cfg)
@@ -340,20 +344,14 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     """A basic sweep's job ``num``: its directory (``hydra.sweep.dir/subdir``) may not hold
     a store another config wrote (rerunning a sweep with other values into a finished one's
     dir): refused before Hydra writes the sweep's and the jobs' records there."""
-    from omegaconf.errors import OmegaConfBaseException
-
-    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
-    try:
-        sweep_dir = OmegaConf.select(cfg, "hydra.sweep.dir", throw_on_resolution_failure=True)
-    except (OmegaConfBaseException, ValueError):
-        return  # (an interpolation that resolves only in the running job)
+    sweep_dir = _resolved(cfg, "hydra.sweep.dir")
     if not sweep_dir:
         return
     check_directory("hydra.sweep.dir", sweep_dir)
     if (Path(sweep_dir) / "results.json").is_file() or (Path(sweep_dir) / "store").is_dir():
         raise ConfigError(f"hydra.sweep.dir={sweep_dir}: a single run's directory (it holds "
                           "its results.json or store); give the sweep a directory of its own")
-    subdir = str(sweep.get("subdir"))
+    subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
         return
     check_run_dir_reuse(Path(sweep_dir) / str(num), cfg)
@@ -427,7 +425,7 @@ def preflight(argv: Sequence[str]) -> None:
             cfg = compose_config(overrides)
             check_config(cfg, here=not (args.multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
             check_launch(cfg, multirun=args.multirun, overrides=overrides)
-            if args.multirun and str(cfg.hydra.sweeper.get("_target_")).endswith("BasicSweeper"):
+            if args.multirun and basic_sweeper(cfg):
                 check_sweep_job_dir(cfg, i)  # (its job numbers are these; Optuna's come later)
         except ConfigError as err:
             if len(jobs) == 1:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .surgery import classifier_names, nonfinite_tensors, shareable_layers
+from .surgery import classifier_names, cwps_layers, nonfinite_tensors, shareable_layers
 
 
 @dataclass
@@ -226,8 +226,7 @@ class KernelBank:
         shareable layers, and kernel ids (if any) for each of them."""
         if not isinstance(task, str) or not task:  # (a store key: '<task>/index/<layer>')
             raise TypeError(f"bank.add: the task name must be a non-empty string, got {task!r}")
-        mixed = [n for n, m in model.named_modules() if hasattr(m, "mask_logits")
-                 and hasattr(m, "parent_weight")]
+        mixed = [n for n, _ in cwps_layers(model)]
         if mixed:  # (its state would hold children, parents and scores, not the task's weights)
             raise ValueError(f"bank.add({task!r}): the model still has CWPS layers ({mixed[0]}, "
                              f"{len(mixed)} in all); take the merged model (merge_cwps) first")
