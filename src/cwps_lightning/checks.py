@@ -34,6 +34,7 @@ from .config import (
     trainer_arguments,
 )
 from .errors import ConfigError
+from .fs import file_in_the_way
 from .methods.registry import method_class
 from .models import check_model_name
 from .models.backbone import check_weights_file
@@ -148,13 +149,8 @@ def _check_arguments(made_by, target: str, cfg: DictConfig) -> None:
 def check_directory(key: str, path) -> None:
     """``path`` is, or can be made, a directory: neither it nor a folder above it is a file
     (found otherwise only where the job first writes there, after its work: T0's cache)."""
-    if path is None:
-        return
-    for p in (Path(path), *Path(path).parents):
-        if p.exists():
-            if not p.is_dir():
-                raise ConfigError(f"{key}={path}: {p} is a file, not a directory")
-            return
+    if path is not None and (there := file_in_the_way(path)) is not None:
+        raise ConfigError(f"{key}={path}: {there} is a file, not a directory")
 
 
 SEED_MAX = 2**32 - 1  # (numpy's seeds, which seed_everything sets as well)

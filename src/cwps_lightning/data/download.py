@@ -33,6 +33,7 @@ from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
 from urllib.request import Request, urlopen
 
+from ..fs import file_in_the_way
 from .base import DataConfigError
 from .domainnet import DOMAINS
 
@@ -295,8 +296,8 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
         raise DataConfigError("data.root is not set: say where DomainNet should go")
     dm.validate_tasks()
     # made only once everything is checked: a refused command leaves no empty root behind
-    there = next((p for p in (root, *root.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():  # it, or a folder above it, is a file
+    there = file_in_the_way(root)
+    if there is not None:  # it, or a folder above it, is a file
         what = "is a file" if there == root else f"is under {there}, a file"
         raise DownloadError(f"data.root={str(root)!r} {what}; point it at the folder DomainNet "
                             f"should go to (made if missing)")
