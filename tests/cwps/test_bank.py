@@ -387,3 +387,19 @@ def test_a_task_name_that_is_no_string_is_refused():
         with pytest.raises(TypeError, match=r"the task name must be a non-empty string"):
             bank.add(name, Small(), num_classes=3)
     assert bank.tasks == []
+
+
+def test_a_carried_kernel_id_0_with_other_numbers_is_refused():
+    """Id 0 (T0's first kernel of every layer) is a kernel id like the others."""
+    bank = KernelBank(LAYERS)
+    t0 = trained_small()
+    bank.add("T0", t0, num_classes=3)
+    share = {n: torch.arange(CHANNELS[n]) < 3 for n in LAYERS}
+    t1, ids = sharing_copy(t0, bank, "T0", share)
+    assert int(ids["conv1"][0]) == 0
+    with torch.no_grad():
+        t1.conv1.weight[0] += 1e-3
+    before = bank_state(bank)
+    with pytest.raises(ValueError, match="conv1 channel 0 carries kernel id 0, which task 'T0'"):
+        bank.add("T1", t1, num_classes=3, kernel_ids=ids)
+    assert bank_state(bank) == before

@@ -517,3 +517,39 @@ def test_jit_trace_takes_the_per_layer_path(batch):
     traced = torch.jit.trace(model, (x,), check_trace=False)
     with torch.no_grad():
         assert torch.equal(traced(x), _ungrouped(model)(x))
+
+
+@pytest.mark.parametrize("change", ["weight", "parent_weight"])
+def test_one_in_place_write_inside_a_forward_composes_again(batch, change):
+    """Only conv2's child (or only its parent) is written between two layers of one forward."""
+    x, _ = batch
+    model = _model("soft")
+    z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), _InForward(model):
+        model.conv1(x)  # the composition holds conv2's weight too
+        getattr(model.conv2, change).mul_(0.5)
+        y = model.conv2(z)
+    with torch.no_grad():
+        assert torch.equal(y, _ungrouped(model).conv2(z))
+
+
+def test_a_layer_run_with_autograd_after_one_run_without_gets_its_gradients(batch):
+    x, _ = batch
+    model = _model("soft")
+    z = torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(3))
+    with _InForward(model):
+        with torch.no_grad():
+            model.conv1(x)  # the shared composition is made without autograd
+        model.conv2(z).sum().backward()
+    assert model.conv2.weight.grad is not None and model.conv2.mask_logits.grad is not None
+
+
+def test_a_merged_model_keeps_no_group_and_copies_and_pickles(batch):
+    x, _ = batch
+    model = surgery.merge_cwps(_model("hard"))
+    assert "_compose_groups" not in model.__dict__
+    assert not model._forward_pre_hooks and not model._forward_hooks
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(copy.deepcopy(model)(x), y)
+        assert torch.equal(pickle.loads(pickle.dumps(model))(x), y)

@@ -565,3 +565,29 @@ def test_shared_bias_rows_stand_still_when_only_the_bias_trains():
         rows, old = shared[id(layer)], before[id(layer)]
         assert rows.any() and torch.equal(layer.bias.detach()[rows], old[rows])
         assert not torch.equal(layer.bias.detach()[~rows], old[~rows])
+
+
+def test_each_layer_is_frozen_at_its_own_threshold():
+    net, opt = setup("hard", train_masks=False)
+    net[3].threshold = 0.8  # layers of two thresholds: decided layer by layer
+    SharedChannelFreeze(net).attach(opt)
+    shared = ~net[3].task_specific()
+    assert shared.tolist() == [True, True, True, True, False]  # sigmoid .12 .27 .5 .73 .88
+    w0 = net[3].weight.detach().clone()
+    steps(net, opt)
+    moved = (net[3].weight.detach() != w0).any(1)
+    assert not moved[shared].any() and moved[~shared].all()
+
+
+def test_optimiser_state_not_shaped_like_the_weight_is_left_alone():
+    """Adafactor keeps a Linear's second moments factored (a [C, 1] row and a [1, K] column
+    factor): no per-channel rows to zero, and a channel turning task-specific again must not
+    index them as if they had."""
+    net, _ = setup("hard")
+    opt = torch.optim.Adafactor(net.parameters(), lr=0.01)
+    SharedChannelFreeze(net).attach(opt)
+    steps(net, opt, 1)
+    with torch.no_grad():
+        net[3].mask_logits[0] = 3.0  # shared at the last step, task-specific now
+    steps(net, opt, 1)
+    assert net[3].task_specific()[0]

@@ -832,3 +832,31 @@ def test_whole_reads_a_mask_on_the_cpu_only():
     assert whole(torch.ones(4), torch.ones(1)) == "child"
     assert whole(torch.tensor([0.0, 1.0]), torch.ones(1)) is None
     assert whole(torch.zeros(4), torch.ones(1, device="meta")) is None
+
+
+def test_wrapping_starts_every_mask_score_at_zero():
+    """from_conv / from_linear allocate the scores empty and must write them: under
+    deterministic algorithms torch fills memory it hands out unwritten with NaN."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        layers = [wrap(make_plain(name)[0]) for name in ("basic", "linear_2d")]
+    finally:
+        torch.use_deterministic_algorithms(was)
+    for layer in layers:
+        assert torch.equal(layer.mask_logits.detach(), torch.zeros(6))
+
+
+def test_decisions_are_taken_at_the_layers_threshold():
+    layer = CWPSLinear(3, 4, threshold=0.7)
+    with torch.no_grad():
+        layer.mask_logits.copy_(torch.tensor([-1.0, 0.0, 0.5, 2.0]))  # sigmoid .27 .5 .62 .88
+    assert layer.decision().tolist() == [False, False, False, True]
+    layer.stage = "soft"
+    assert layer.decisions["soft"].tolist() == [False, False, False, True]
+
+
+def test_the_merged_layer_keeps_the_train_or_eval_mode():
+    layer = wrap(make_plain("basic")[0])
+    assert not layer.eval().to_plain().training
+    assert layer.train().to_plain().training

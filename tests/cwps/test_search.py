@@ -690,3 +690,16 @@ def test_equal_kernels_first_keeps_an_equal_choice_and_patches_the_parent_rows()
     assert torch.equal(parent, gather_channels(candidates, ch))
     assert choice.tolist() == [0, 0, 1, 2, 0, 0]  # the inputs are left alone
     assert dist[0] == pytest.approx(-1e-7)
+
+
+def test_global_init_is_z_scores_of_l2_over_the_child_norm_in_every_layers_own_slice(bank_setup):
+    """init_scope="global" with l2: the z-scores of d_j / ||child_j|| over all channels of all
+    layers, and each layer takes its own channels' slice (three layers of 8, 6 and 10)."""
+    bank, model, _ = bank_setup
+    child = {n: layer.weight.detach().clone() for n, layer in cwps_layers(model)}
+    result = search_parents(model, bank, "T2", "l2", init_scope="global",
+                            mask_init="standardized")
+    rel = torch.cat([result.distances[n] / child[n].flatten(1).norm(dim=1) for n in LAYERS])
+    want = ((rel - rel.mean()) / rel.std(unbiased=False)).clamp(-6, 6)
+    got = torch.cat([layer.mask_logits.detach() for _, layer in cwps_layers(model)])
+    torch.testing.assert_close(got, want)

@@ -329,3 +329,60 @@ def test_two_banks_taken_from_one_store_save_their_own_tensors(tmp_path):
     store = MultiTaskStore.load(tmp_path / "b")
     assert store.tasks == ["T0", "two"]
     store.model("two", lambda n: timm.create_model("resnet18", num_classes=n))
+
+
+def _small_bank(*tasks: str) -> tuple[KernelBank, dict]:
+    """A bank of helpers.Small models (fresh kernels each), quick to store."""
+    from ..helpers import Small
+
+    torch.manual_seed(0)
+    models = {t: Small().eval() for t in tasks}
+    bank = KernelBank(KernelBank.shareable_of(models[tasks[0]]))
+    for t, m in models.items():
+        bank.add(t, m, 3)
+    return bank, models
+
+
+def _small_factory(num_classes):
+    from ..helpers import Small
+
+    return Small()
+
+
+def test_a_task_added_to_a_loaded_bank_gets_ids_no_stored_kernel_has(tmp_path):
+    bank, models = _small_bank("T0")
+    save_store(tmp_path, bank, META)
+    loaded = MultiTaskStore.load(tmp_path).to_bank()
+    models["a"] = _small_bank("a")[1]["a"]
+    with torch.no_grad():
+        for p in models["a"].parameters():
+            p.add_(1.0)
+    loaded.add("a", models["a"], 3)
+    for layer in loaded.layer_names:
+        old = set(loaded.entries["T0"].layers[layer].ids.tolist())
+        assert not old & set(loaded.entries["a"].layers[layer].ids.tolist()), layer
+    save_store(tmp_path, loaded, META)
+    store = MultiTaskStore.load(tmp_path)
+    x = torch.randn(2, 3, 6, 6)
+    for task in ("T0", "a"):
+        assert torch.equal(store.model(task, _small_factory)(x), models[task](x)), task
+
+
+def test_a_save_after_a_remove_stores_what_the_bank_holds(tmp_path):
+    bank, _ = _small_bank("T0", "a")
+    save_store(tmp_path, bank, META)
+    bank.remove("a")
+    save_store(tmp_path, bank, META)
+    store = MultiTaskStore.load(tmp_path)
+    assert store.tasks == ["T0"]
+    assert store.param_count() == bank.param_count()
+
+
+def test_a_truncated_file_is_named_truncated_without_the_checksum(tmp_path):
+    bank, _ = _small_bank("T0")
+    save_store(tmp_path, bank, META)
+    kernels = next(tmp_path.glob("kernels-*.safetensors"))
+    kernels.write_bytes(kernels.read_bytes()[:-8])
+    with pytest.raises(StoreError, match=rf"{kernels.name}: \d+ bytes, the manifest says \d+ "
+                                         r"\(truncated\?\)"):
+        MultiTaskStore.load(tmp_path, verify=False)
