@@ -72,6 +72,7 @@ def _helpers(rank: int, world: int) -> None:
     assert evaluate_top1(model, loader, "cpu") == pytest.approx(100 * 9 / 13)
 
     # weights: a rank that differs is named; buffers synced from rank 0 make them agree
+    checked = distributed.ranks_report()["fits_checked_equal"]
     same = _model(0)
     distributed.check_same_weights(same, "a fit")
     with torch.no_grad():
@@ -83,6 +84,8 @@ def _helpers(rank: int, world: int) -> None:
     distributed.check_same_weights(same, "a fit")
     with pytest.raises(distributed.RanksDisagree):  # parameters are not synced: caught
         distributed.check_same_weights(_model(rank), "a fit")
+    # results.json's count: the two checks that found the ranks equal
+    assert distributed.ranks_report() == {"world_size": 2, "fits_checked_equal": checked + 2}
 
 
 def test_helpers_in_a_two_rank_gloo_group():

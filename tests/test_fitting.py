@@ -54,3 +54,77 @@ def test_finite_losses_but_nan_statistics_stop_the_fit(monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"fit g/t: the fit ended with nan/inf in "
                                                r"bn\.running_var \(1 tensor"):
         _fit(Small())
+
+
+def test_a_cwps_fit_steps_the_mask_logits_at_mask_lr_without_weight_decay(monkeypatch):
+    """CWPS's plans name no optimiser groups: fit gives the mask logits their own group at
+    optim.mask_lr (paper: 0.02), no weight decay; the rest trains at optim.lr with decay."""
+    from cwps_lightning.cwps import cwps_layers, inject_cwps
+
+    torch.manual_seed(0)
+    net = Small()
+    names = inject_cwps(net)
+    made = []
+    configure = lit_module.CWPSLitModule.configure_optimizers
+
+    def recording(self):
+        out = configure(self)
+        made.append(out["optimizer"])
+        return out
+
+    monkeypatch.setattr(lit_module.CWPSLitModule, "configure_optimizers", recording)
+    fit(net, synthetic_tasks(n_train=24, batch_size=8), "t",
+        FitPlan(1, seed=0, train="cwps", soft_epochs=0.5),
+        FitSettings(trainer=TRAINER, lr=0.1, mask_lr=0.02, weight_decay=5e-4), names, "g", "t")
+    (opt,) = made
+    logits = {id(layer.mask_logits) for _, layer in cwps_layers(net)}
+    (group,) = [g for g in opt.param_groups if {id(p) for p in g["params"]} & logits]
+    assert {id(p) for p in group["params"]} == logits
+    assert (group["initial_lr"], group["weight_decay"]) == (0.02, 0.0)
+    main = opt.param_groups[0]
+    assert (main["initial_lr"], main["weight_decay"]) == (0.1, 5e-4)
+
+
+def test_a_plan_of_no_epochs_leaves_the_model_and_the_data_alone():
+    """(A warm-up of 0 epochs): no seeding, no reshuffle, no change of what trains."""
+    from unittest import mock
+
+    net = Small()
+    net.head.weight.requires_grad_(False)
+    datamodule = mock.MagicMock()
+    settings = FitSettings(trainer=TRAINER)
+    assert fit(net, datamodule, "t", FitPlan(0, seed=0, train="finetune"), settings, [], "g",
+               "t") is net
+    assert datamodule.mock_calls == []
+    assert not net.head.weight.requires_grad
+
+
+def test_drop_checkpoints_deletes_the_named_fits_on_rank_0_only(tmp_path, monkeypatch):
+    from cwps_lightning import distributed
+
+    settings = FitSettings(trainer=TRAINER, checkpoint_dir=tmp_path)
+    for name in ("a", "b"):
+        (tmp_path / "g" / name).mkdir(parents=True)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)  # another rank: rank 0 wrote them
+    settings.drop_checkpoints("g", lambda n: True)
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["a", "b"]
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    settings.drop_checkpoints("g", lambda n: n == "a")
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["b"]
+
+
+def test_evaluate_top1_is_the_percentage_of_samples_right_and_keeps_the_mode():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from cwps_lightning.fitting import evaluate_top1
+
+    class Pick(nn.Module):  # predicts the class in the first feature
+        def forward(self, x):
+            return nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+    x = torch.tensor([[0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [0.0], [1.0], [2.0], [0.0]])
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 0, 1])  # 7 of 10 right, batches of 4, 4, 2
+    model = Pick().train()
+    assert evaluate_top1(model, DataLoader(TensorDataset(x, y), batch_size=4), "cpu") == 70.0
+    assert model.training

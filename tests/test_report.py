@@ -49,3 +49,21 @@ def test_every_readme_section_the_notes_name_exists():
             headings.add(line.lstrip("#").strip())
     missing = [n for n in named if n not in headings]
     assert not missing, f"results.md names README sections that do not exist: {missing}"
+
+
+def test_the_ddp_note_appears_for_several_ranks_only():
+    one = {**results(), "ranks": {"world_size": 1, "fits_checked_equal": 0}}
+    two = {**results(), "ranks": {"world_size": 2, "fits_checked_equal": 6}}
+    assert "DDP" not in markdown_table(one)
+    assert "DDP: 2 ranks; after each of 6 fits" in markdown_table(two)
+
+
+def test_results_layout_gap_names_the_first_missing_key():
+    from cwps_lightning.report import results_layout_gap
+
+    whole = results()
+    assert results_layout_gap(whole) is None
+    assert results_layout_gap({**whole, "backbone_params": "11M"}) == "'backbone_params'"
+    no_mean = json.loads(json.dumps(whole))
+    del no_mean["methods"]["cwps"]["mean_top1"]
+    assert results_layout_gap(no_mean) == "'methods.cwps.mean_top1'"

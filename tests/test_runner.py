@@ -133,11 +133,12 @@ def _same_tensors(a: dict, b: dict) -> bool:
     return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("second_val", [60.0, 95.0], ids=["loses", "wins"])
+@pytest.mark.parametrize("second_val", [60.0, 80.0, 95.0], ids=["loses", "ties", "wins"])
 def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_path, second_val):
     """Iteration 0's candidate scores val 80 / test 70, iteration 1's ``second_val`` / test 90
     (the runner's evaluation is scripted). A loser leaves the kept model, the bank and the
-    store as they were, though its test top-1 is higher; a winner replaces all three."""
+    store as they were, though its test top-1 is higher; a winner replaces all three. A tie
+    is not better (Algorithm 1: c > c_i): the earlier model stays."""
     import cwps_lightning.runner as runner_module
     from cwps_lightning.cwps import MultiTaskStore, save_store
 
@@ -170,3 +171,60 @@ def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_pa
     assert stored.tasks == ["T0", "optdigits"]
     kept_now = {k: v for k, v in second.items() if not k.endswith(".ids")}
     assert _same_tensors(_entry_tensors(stored, "optdigits", ids=False), kept_now)
+
+
+def test_summary_arithmetic_mean_top1_time_per_task_and_ratios():
+    """mean_top1 over the kept tasks; seconds_per_task: every visit's seconds (joint mode: all
+    passes) per task, not per visit; the ratios are the bank's counts over the backbone's."""
+
+    class Bank:
+        def param_count(self, tasks=None):
+            return {"backbone": 30, "total": 36}
+
+    result = MethodResult("m", Bank(), tasks={"a": {"top1": 80.0}, "b": {"top1": 70.0}},
+                          history=[{"seconds": s} for s in (1.0, 2.0, 3.0, 4.0)])
+    summary = result.summary(backbone_params=10)
+    assert summary["mean_top1"] == 75.0
+    assert summary["seconds_per_task"] == 5.0  # 10 s over two passes of two tasks
+    assert (summary["param_ratio"], summary["param_ratio_with_heads"]) == (3.0, 3.6)
+
+
+def test_seeds_differ_by_visit_phase_task_and_run_seed_and_are_stable():
+    """Joint mode's second pass must not replay the first pass's head and data order."""
+    from types import SimpleNamespace
+
+    def seed(base, task, phase, iteration):
+        return Runner.seed(SimpleNamespace(seed_base=base), task, phase, iteration)
+
+    first = seed(3, "optdigits", "fit", 0)
+    assert first == seed(3, "optdigits", "fit", 0)  # stable: no state, no global RNG
+    others = [seed(3, "optdigits", "fit", 1), seed(3, "optdigits", "head", 0),
+              seed(3, "mnist_m", "fit", 0), seed(4, "optdigits", "fit", 0)]
+    assert len({first, *others}) == 5
+    # the key's characters count by position: visits 12 and 21 are two draws
+    assert seed(3, "optdigits", "fit", 12) != seed(3, "optdigits", "fit", 21)
+    assert all(0 <= s < 2**31 for s in (first, *others))
+
+
+def test_a_stored_visit_drops_its_own_fit_checkpoints_only(monkeypatch, tmp_path):
+    """A baseline names its fit by the task, CWPS by <task>-it<i>-<phase>: once the visit is
+    stored, both kinds of checkpoint of that task and visit go, the others stay."""
+    import cwps_lightning.runner as runner_module
+    from cwps_lightning.methods.base import Method, Trained
+
+    class Stub(Method):
+        name = "stub"
+
+        def train(self, task, iteration, bank, harness):
+            return Trained(harness.new_model(task, iteration),
+                           params={"kernels": 0, "task_own": 0})
+
+    monkeypatch.setattr(runner_module, "evaluate_top1", lambda model, loader, device: 50.0)
+    runner = _runner(cwps_settings(warmup_epochs=1, soft_epochs=0, hard_epochs=1), limit=48)
+    runner.settings.checkpoint_dir = tmp_path
+    names = ["optdigits", "optdigits-it0-mask", "optdigits-it1-mask", "mnist_m"]
+    for name in names:
+        (tmp_path / "stub" / name).mkdir(parents=True)
+    run_one(runner, Stub())
+    assert sorted(p.name for p in (tmp_path / "stub").iterdir()) == [
+        "mnist_m", "optdigits-it1-mask"]

@@ -130,3 +130,23 @@ def test_data_that_does_not_fit_the_store_is_refused(store_dir, tmp_path, capsys
     assert one_error_line(capsys.readouterr().err) == (
         "error: task 'optdigits': the data has 3 classes, the store's model 10 (do the data.* "
         "overrides point at other data?)")
+
+
+def test_the_table_marks_any_difference_and_means_the_stores_column():
+    """(No store needed.) A match is exact to 1e-9, a hundredth of a point is a mismatch."""
+    from cwps_lightning.evaluate import format_rows
+
+    lines = format_rows([{"task": "a", "top1": 50.0, "recorded": 50.0},
+                         {"task": "b", "top1": 70.0, "recorded": 70.01},
+                         {"task": "c", "top1": 90.0, "recorded": None}]).splitlines()
+    assert lines[2:] == ["| a | 50.00 | 50.00 | yes |", "| b | 70.00 | 70.01 | NO |",
+                         "| c | 90.00 | - | - |", "| Mean | 70.00 | | |"]
+
+
+def test_a_hundredth_of_a_point_off_exits_1(store_dir, tmp_path, capsys):
+    copy = shutil.copytree(store_dir, tmp_path / "store")
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["metrics"]["optdigits"]["top1"] += 0.01
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main([f"store={copy}", "device=cpu"]) == 1
+    assert "| NO |" in capsys.readouterr().out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import lightning as L
@@ -392,3 +393,100 @@ def test_a_checkpoint_without_freeze_decisions_is_named_on_resume():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         plain.on_load_checkpoint({"state_dict": {}})
+
+
+def test_a_fit_that_ends_inside_the_soft_stage_leaves_the_model_hard():
+    """on_fit_end: the model leaves the fit in the stage it is merged and tested in, also when
+    the whole fit was soft."""
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    recorder = BatchStageRecorder()
+    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=5), recorder],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CWPSLitModule(net, num_classes=3), train_dataloaders=loader(32))
+    assert recorder.stages == [{"soft"}] * 4
+    assert {layer.stage for _, layer in cwps_layers(net)} == {"hard"}
+
+
+def test_sharing_logs_are_the_channel_and_the_parameter_fractions():
+    from cwps_lightning.cwps import sharing_stats
+
+    torch.manual_seed(0)
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    with torch.no_grad():  # conv: 2 of 8 channels specific, linear: all 16 (lambda 0.5)
+        net[0].mask_logits.copy_(torch.tensor([4.0] * 2 + [-4.0] * 6))
+        net[5].mask_logits.fill_(4.0)
+    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(CWPSLitModule(net, num_classes=3, lr=0.0, mask_lr=0.0),
+                train_dataloaders=loader(32))
+    stats = sharing_stats(net)
+    logged = trainer.logged_metrics
+    assert stats["specific_channel_fraction"] != pytest.approx(stats["specific_param_fraction"])
+    assert float(logged["sharing/specific_channels"]) == pytest.approx(
+        stats["specific_channel_fraction"])
+    assert float(logged["sharing/specific_params"]) == pytest.approx(
+        stats["specific_param_fraction"])
+
+
+@pytest.mark.parametrize("soft_epochs", [1, 0.75])
+def test_a_loader_without_a_length_switches_stages_at_whole_epochs(soft_epochs):
+    """An iterable without a length (trainer.num_training_batches is inf): the callback cannot
+    place a batch inside its epoch, so the soft stage takes whole epochs (it took one batch per
+    epoch of soft_epochs: [soft, hard x 7]); a fraction is rounded up, with a warning."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            for _ in range(32):
+                yield torch.randn(3, 8, 8, generator=g), int(torch.randint(0, 3, (), generator=g))
+
+    net, names = injected()
+    select_trainable(net, "cwps", names)
+    recorder = BatchStageRecorder()
+    trainer = L.Trainer(max_epochs=2, callbacks=[MaskStageCallback(soft_epochs), recorder],
+                        accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(CWPSLitModule(net, num_classes=3),
+                    train_dataloaders=DataLoader(Stream(), batch_size=8))
+    assert recorder.stages == [{"soft"}] * 4 + [{"hard"}] * 4
+    rounded = [str(w.message) for w in caught if "has no length" in str(w.message)]
+    assert rounded == ([] if soft_epochs == 1 else [
+        "the training loader has no length: the soft stage ends at a whole epoch, so "
+        "soft_epochs=0.75 counts as 1"])
+
+
+def test_a_module_with_every_parameter_frozen_is_refused():
+    net = small_net()
+    for p in net.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="nothing to train: every parameter is frozen"):
+        fit_small(CWPSLitModule(net, num_classes=3))
+
+
+def test_own_groups_take_parameters_by_name_suffix_only():
+    """groups={"gate": lr}: a parameter named ...gate joins the own group; one whose name only
+    contains the word (gate_proj.weight) stays in the main group with weight decay."""
+    from cwps_lightning.methods.base import OptimizerPlan
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = small_net()
+            self.gate = nn.Parameter(torch.zeros(()))
+            self.gate_proj = nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.gate_proj(self.body(x)) + self.gate
+
+    net = Net()
+    plan = OptimizerPlan(weight_decay=0.1, groups={"gate": 0.5})
+    trainer = fit_small(CWPSLitModule(net, num_classes=3, lr=0.2, optimizer=plan))
+    main, own = trainer.optimizers[0].param_groups
+    assert [id(p) for p in own["params"]] == [id(net.gate)]
+    assert {id(net.gate_proj.weight), id(net.gate_proj.bias)} <= {id(p) for p in main["params"]}

@@ -177,3 +177,15 @@ def test_resume_restores_every_methods_record_and_count(runner, tmp_path):
     assert (again.tasks, again.done, again.history) == (before.tasks, before.done, before.history)
     assert again.summary(runner.backbone_params) == before.summary(runner.backbone_params)
     assert restored["cwps"].shares_tasks and restored["cwps"].bank.tasks == [T0]
+
+
+def test_frozen_keeps_t0s_shareable_weights_and_trains_its_norms_and_head(runner):
+    """The feature extractor: T0's convolutions and linear layers untouched, the task's own
+    normalisation layers and head trained."""
+    trained = Frozen().train(TASK, 0, runner.new_bank(), runner)
+    kept = shareable_weights(trained.model, runner.shareable)
+    t0 = shareable_weights(runner.t0, runner.shareable)
+    assert all(torch.equal(kept[n], t0[n]) for n in t0)
+    assert not same_state(norm_state(trained.model), norm_state(runner.t0))
+    new_head = runner.new_model(TASK).get_classifier().weight
+    assert not torch.equal(trained.model.get_classifier().weight, new_head)

@@ -251,3 +251,62 @@ def test_helpers_refuse_a_model_without_piggyback_layers():
         kept_fraction(small_model())
     with pytest.raises(ValueError, match="no Piggyback layers"):
         masked_numel(small_model())
+
+
+def test_binary_mask_and_kept_fraction_drop_a_tie_at_the_threshold_as_the_layer_does():
+    model = small_model()
+    inject_piggyback(model)
+    layers = dict(piggyback_layers(model))
+    first = next(iter(layers.values()))
+    with torch.no_grad():
+        first.mask_real.view(-1)[:5] = THRESHOLD  # a tie: the weight is dropped
+    assert torch.equal(first.binary_mask(), binarise(first.mask_real.detach()))
+    assert float(first.binary_mask().sum()) == first.weight.numel() - 5
+    total = masked_numel(model)
+    assert kept_fraction(model) == pytest.approx((total - 5) / total)
+
+
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_a_piggyback_fit_trains_masks_and_head_and_the_norms_only_if_asked(train_norms):
+    """What PiggybackMethod asks the harness for: masks at mask_lr in their own group, the head
+    at lr, no weight decay (the authors' default), the norms trained (parameters and
+    statistics) only with train_norms."""
+    from cwps_lightning.methods.piggyback import PiggybackMethod, trainable_setter
+    from cwps_lightning.settings import PiggybackSettings
+
+    plans = []
+
+    class Harness:
+        epochs = 1
+        t0, shareable = None, []
+
+        def new_model(self, task, iteration=0):
+            return small_model()
+
+        def seed(self, task, phase, iteration=0):
+            return 0
+
+        def step(self, message):
+            pass
+
+        def fit(self, model, task, plan, name):
+            plans.append(plan)
+            return model
+
+    settings = PiggybackSettings(lr=0.02, mask_lr=0.03, train_norms=train_norms)
+    PiggybackMethod(settings).train("t", 0, None, Harness())
+    (plan,) = plans
+    assert (plan.optimizer.kind, plan.optimizer.lr) == ("adam", 0.02)
+    assert plan.optimizer.weight_decay == 0.0
+    assert plan.optimizer.groups == {"mask_real": 0.03}
+    assert plan.frozen_norms is not train_norms
+    model = small_model()
+    inject_piggyback(model)
+    trainable_setter(train_norms)(model)
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    names = [n for n, _ in model.named_parameters()]
+    masks = {n for n in names if n.endswith("mask_real")}
+    head = {n for n in names if n.startswith("head.")}
+    norms = {n for n in names if n.startswith("bn.")}
+    assert masks and head and norms
+    assert trains == masks | head | (norms if train_norms else set())

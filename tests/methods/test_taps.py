@@ -267,3 +267,31 @@ def test_helpers_refuse_a_model_without_taps_layers():
         gate_penalty(small_model())
     with pytest.raises(ValueError, match="no TAPS layers"):
         open_gates(small_model())
+
+
+def test_a_gate_at_the_threshold_is_open_and_its_residual_is_counted():
+    """The layer computes with the residual at s == THRESHOLD (gate_ste), so is_open,
+    open_gates and the parameter count must say so too."""
+    from cwps_lightning.methods.taps import task_param_count
+
+    model = small_model()
+    inject_taps(model)
+    layers = dict(taps_layers(model))
+    first, layer = next(iter(layers.items()))
+    with torch.no_grad():
+        for other in layers.values():
+            other.gate.fill_(0.0)  # closed
+        layer.gate.fill_(THRESHOLD)
+    assert float(gate_ste(layer.gate.detach())) == 1.0
+    assert layer.is_open()
+    assert open_gates(model) == {name: name == first for name in layers}
+    assert task_param_count(model)["kernels"] == layer.residual.numel() + sum(
+        other.bias.numel() for other in layers.values()
+        if other.bias is not None and other.bias.requires_grad)
+
+
+def test_merge_keeps_the_models_eval_mode():
+    model = small_model().eval()
+    inject_taps(model)
+    merge_taps(model)
+    assert not any(m.training for m in model.modules())

@@ -14,6 +14,8 @@ interrupted.
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -26,7 +28,8 @@ CHECKPOINT_KEY = "cwps_mask_stage"
 
 class MaskStageCallback(L.Callback):
     """Soft mask for the first ``soft_epochs`` epochs of the fit (a fraction of an epoch counts
-    in batches), hard mask afterwards."""
+    in batches; with a training loader that has no length, in whole epochs), hard mask
+    afterwards."""
 
     def __init__(self, soft_epochs: float):
         if not soft_epochs >= 0:
@@ -90,8 +93,14 @@ class MaskStageCallback(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         batches = trainer.num_training_batches
-        if not isinstance(batches, int):  # inf: an iterable without a length
-            batches = 1
+        if not isinstance(batches, int):
+            # inf, an iterable without a length: a batch cannot be placed inside its epoch, so
+            # the stage changes at whole epochs (soft for ceil(soft_epochs) epochs)
+            if batch_idx == 0 and trainer.current_epoch == 0 and not self.soft_epochs.is_integer():
+                rank_zero_warn(f"the training loader has no length: the soft stage ends at a "
+                               f"whole epoch, so soft_epochs={self.soft_epochs:g} counts as "
+                               f"{math.ceil(self.soft_epochs)}")
+            batch_idx, batches = 0, 1
         self._set(pl_module, self.stage_for_epoch(trainer.current_epoch, batch_idx, batches))
 
     def on_train_epoch_end(self, trainer, pl_module):
