@@ -171,3 +171,27 @@ def test_fused_sgd_refuses_sparse_gradients():
     p.grad = torch.zeros(3).to_sparse()
     with pytest.raises(RuntimeError, match="sparse"):
         opt.step()
+
+
+@pytest.mark.parametrize("weight_layout, other", [
+    ("channels_last", "gradient"), ("channels_last", "buffer"), ("contiguous", "gradient")])
+def test_a_gradient_or_buffer_laid_out_otherwise_steps_as_in_the_loop(weight_layout, other):
+    """Torch's fused CPU kernel mis-steps a weight whose gradient or momentum buffer has other
+    strides (a gradient set by hand, a buffer loaded from a checkpoint of another layout): a
+    difference of about 1 after two steps with torch 2.14.1. FusedSGD lays them out first."""
+    cl, cont = torch.channels_last, torch.contiguous_format
+    mine, theirs = (cl, cont) if weight_layout == "channels_last" else (cont, cl)
+    torch.manual_seed(0)
+    start, grad, buf = (torch.randn(4, 3, 2, 2) for _ in range(3))
+    results = []
+    for fused in (False, True):
+        p = start.clone().contiguous(memory_format=mine).requires_grad_()
+        opt = make_sgd([{"params": [p]}], lr=0.1, momentum=0.9, weight_decay=5e-4, fused=fused)
+        if other == "buffer":
+            opt.state[p]["momentum_buffer"] = buf.clone(memory_format=theirs)
+        for _ in range(2):
+            p.grad = grad.contiguous(memory_format=theirs if other == "gradient" else mine)
+            opt.step()
+        results.append(p.detach().clone())
+    assert isinstance(opt, FusedSGD)
+    torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)

@@ -45,7 +45,9 @@ class FusedSGD(torch.optim.SGD):
     strides), so here such a weight goes into the same kernel as a flat view of its memory.
     Torch's copies keep the channels_last layout, so its kernel runs over the elements in
     memory order too: the flat view gets bit for bit the numbers torch's fused step gives
-    (checked in the tests, a weight with a scalar tail included, and on the default job).
+    (checked in the tests, a weight with a scalar tail included, and on the default job). A
+    gradient or buffer laid out otherwise than its weight (set by hand, loaded) is copied into
+    the weight's layout first: torch's fused kernel steps such a weight wrongly.
 
     A parameter whose momentum buffer starts late (its first gradient after others had
     theirs) starts it with its gradient, as torch's loop does (torch's fused step raises). A
@@ -90,6 +92,13 @@ class FusedSGD(torch.optim.SGD):
             if fresh:  # zeros, not empty: a first step a scaler skips must not leave garbage
                 b = self.state[p]["momentum_buffer"] = torch.zeros_like(
                     p, memory_format=torch.preserve_format)
+            # torch's fused kernel mis-steps a weight whose gradient or buffer is laid out
+            # otherwise (torch 2.14.1, CPU: a gradient set by hand, a buffer from a checkpoint
+            # of another layout); autograd's gradients and the buffers made here never are
+            if g.stride() != p.stride():
+                g = p.grad = _like(p, g)
+            if b is not None and b.stride() != p.stride():
+                b = self.state[p]["momentum_buffer"] = _like(p, b)
             flat = _flat_ok(p, g, b)
             for out, t in zip(calls.setdefault(fresh, ([], [], [])), (p, g, b), strict=True):
                 if t is not None:
@@ -110,6 +119,11 @@ def _flat_ok(p: Tensor, g: Tensor, b: Tensor | None) -> bool:
     return (p.dim() == 4 and not p.is_contiguous()
             and p.is_contiguous(memory_format=torch.channels_last)
             and g.stride() == p.stride() and (b is None or b.stride() == p.stride()))
+
+
+def _like(p: Tensor, t: Tensor) -> Tensor:
+    """``t``'s values laid out as ``p`` is."""
+    return torch.empty_strided(p.size(), p.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 def _flat(t: Tensor) -> Tensor:
