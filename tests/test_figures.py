@@ -194,3 +194,42 @@ def test_a_machine_without_matplotlib_gets_its_results_without_figures(tmp_path,
     write_results(run_dir, results)
     assert json.loads((run_dir / "results.json").read_text())["methods"]["cwps"]["mode"] == "joint"
     assert not (run_dir / "figures").exists()
+
+
+def test_heatmap_colours_span_the_off_diagonal_counts_and_a_pair_sharing_nothing_has_no_edge():
+    shared = np.array([[24, 5, 2, 0], [5, 24, 4, 3], [2, 4, 24, 6], [0, 3, 6, 24]])
+    tasks = ["T0", "a", "b", "c"]
+    norm = figures.plot_relation_heatmap(tasks, shared, 24).axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (pytest.approx(0 - 0.15 * 6), 6)  # counts 0 to 6
+    near = np.array([[24, 3], [3, 24]])  # one pair: a span of at least 2 around its count
+    norm = figures.plot_relation_heatmap(["T0", "a"], near, 24).axes[0].images[0].norm
+    assert (norm.vmin, norm.vmax) == (2, 4)
+    ax = figures.plot_relation_graph(tasks, shared).axes[0]
+    assert len(ax.lines) == 5  # six pairs, T0-c shares nothing
+    assert sorted(t.get_text() for t in ax.texts if t.get_text() not in tasks) == [
+        "2", "3", "4", "5", "6"]
+
+
+def test_accuracy_vs_params_writes_each_points_top1():
+    fig = figures.plot_accuracy_vs_params(figures.method_points(results_of()), "t")
+    assert sorted(t.get_text() for t in fig.axes[0].texts) == ["64.00", "66.00"]
+
+
+def test_kernel_tiles_keep_rgb_and_scale_each_kernel_on_its_own():
+    w = torch.zeros(2, 3, 2, 2)
+    w[0, 0] = 1.0  # a red kernel
+    w[1, 2, 0, 0] = 0.01  # a faint blue dot
+    tiles = figures.kernel_tiles(w)
+    assert tiles.shape == (2, 2, 2, 3)
+    assert np.allclose(tiles[0], [1.0, 0.0, 0.0])
+    assert np.allclose(tiles[1, 0, 0], [0.0, 0.0, 1.0]) and np.allclose(tiles[1, 1, 1], 0.0)
+    grey = figures.kernel_tiles(torch.arange(8.0).view(1, 2, 2, 2))  # 2 inputs: their mean
+    assert np.allclose(grey[0, ..., 0], grey[0, ..., 2])
+    assert np.allclose(grey[0, ..., 0], [[0.0, 1 / 3], [2 / 3, 1.0]])
+
+
+def test_joint_iterations_dashed_lines_are_the_val_top1():
+    history = results_of()["methods"]["cwps"]["history"]
+    ax = figures.plot_joint_iterations(history, TASKS).axes[0]
+    dashed = [list(line.get_ydata()) for line in ax.lines if line.get_linestyle() == "--"]
+    assert dashed == [[80.0, 75.0], [60.0, 65.0]]

@@ -31,3 +31,18 @@ def test_a_part_timed_inside_another_pauses_it_and_the_split_adds_up():
 def test_an_unknown_part_is_refused_by_name():
     with pytest.raises(KeyError, match="unknown time part 'fitting'"), Stopwatch().timed("fitting"):
         pass
+
+
+def test_added_seconds_accumulate_and_other_is_never_negative():
+    sw = Stopwatch()
+    sw.add("training", 1.0)
+    sw.add("training", 0.5)
+    sw.add("cpms", 0.1234)
+    split = sw.split(3.0)
+    assert split["total"] == 3.0
+    assert split["seconds"]["training"] == 1.5 and split["seconds"]["cpms"] == 0.12
+    assert split["seconds"]["other"] == pytest.approx(1.38)
+    assert split["percent"]["training"] == 50.0 and split["percent"]["cpms"] == 4.11
+    short = sw.split(1.0)  # the parts took more than the total given: nothing is left over
+    assert short["seconds"]["other"] == 0.0 and short["percent"]["other"] == 0.0
+    assert sw.split(0.0)["percent"] == dict.fromkeys([*PARTS, "other"], 0.0)

@@ -227,3 +227,35 @@ def test_decode_uses_full_decoding(capsys, tmp_path):
     code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
                          "data.tasks=[clipart]")
     assert code == 1 and len(lines(out, "ERROR", "corrupt-image")) == n
+
+
+def test_imagenet_sketch_class_missing_from_test_or_empty_in_train(capsys, i2s_root):
+    for p in (i2s_root / "flowers" / "test" / "cat").iterdir():
+        p.unlink()
+    (i2s_root / "flowers" / "test" / "cat").rmdir()
+    for p in (i2s_root / "wikiart" / "train" / "bee").iterdir():  # the folder stays, empty
+        p.unlink()
+    code, out, _ = check(capsys, "+experiment=imagenet_sketch", f"data.root={i2s_root}")
+    assert code == 1
+    cls = lines(out, "ERROR", "missing-class")
+    assert len(cls) == 2, out
+    assert any("flowers" in ln and "'cat'" in ln for ln in cls)
+    assert any("wikiart" in ln and "'bee'" in ln for ln in cls)
+
+
+def test_domainnet_lines_listed_twice_in_another_domain_or_outside_the_head(capsys, tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "sketch"))
+    with open(root / "clipart_train.txt", "a") as f:
+        f.write("clipart/apple/clipart_apple_train0.jpg 0\n")  # line 13
+        f.write("sketch/apple/sketch_apple_train0.jpg 0\n")  # line 14
+    with open(root / "sketch_test.txt", "a") as f:
+        f.write("sketch/cat/sketch_cat_test0.jpg 3\n")  # line 7
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart,sketch]", "data.num_classes=3")
+    assert code == 1
+    assert any("clipart_train.txt:13:" in ln and "listed twice" in ln
+               for ln in lines(out, "WARN", "duplicate")), out
+    assert any("clipart_train.txt:14:" in ln and "is not under clipart/" in ln
+               for ln in lines(out, "WARN", "layout")), out
+    assert any("sketch_test.txt:7: label 3 is outside [0, 3)" in ln
+               for ln in lines(out, "ERROR", "label")), out

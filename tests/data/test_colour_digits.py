@@ -220,3 +220,12 @@ def test_t0_cache_key_holds_the_ranks_device_and_arithmetic_of_the_run():
               (one, "cuda")]
     keys = {cache_key(t0_spec(DigitsDataModule(), *args, t, d)) for t, d in others}
     assert key not in keys and len(keys) == len(others)
+
+
+def test_the_texture_field_is_patchier_than_the_smooth_one(full):
+    """(the 8 x 8 lattice against the 4 x 4: more change from one pixel to the next)"""
+    def roughness(t):
+        x = images(full, t)
+        return float((x[..., 1:] - x[..., :-1]).abs().mean())
+
+    assert roughness("mnist_m_texture") > 1.3 * roughness("mnist_m_smooth")

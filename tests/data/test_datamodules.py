@@ -492,3 +492,106 @@ def test_hydra_config_builds_each_datamodule(i2s_root, dn_root, tmp_path):
     dm = instantiate_data(compose_config(["data=folders", f"data.root={tmp_path / 'mine'}",
                                           "data.image_size=32"]))
     assert type(dm) is FoldersDataModule and dm.task_names == ["t"]
+
+
+# -- validation split, scanning and split files in detail --------------------------------------
+def test_carving_leaves_an_image_on_each_side():
+    from cwps_lightning.data.image_tasks import carve_validation
+
+    samples = [(f"{i}.jpg", i % 2) for i in range(10)]
+    train, val = carve_validation(samples, 0.01, 0, "t")  # round(0.1) = 0 images
+    assert (len(train), len(val)) == (9, 1)
+    train, val = carve_validation(samples[:2], 0.9, 0, "t")  # round(1.8) = 2 images
+    assert (len(train), len(val)) == (1, 1) and sorted(train + val) == samples[:2]
+    with pytest.raises(DataConfigError, match="data.val_fraction"):
+        _ = ImageNetSketchDataModule(root="x", val_fraction=1, **SMALL).task_names
+
+
+def test_each_task_carves_validation_images_of_its_own(i2s_root):
+    """The five trees hold the same file names: a seed per task (not per tree size) picks
+    different ones."""
+    dm = ImageNetSketchDataModule(root=str(i2s_root), **SMALL)
+    picked = {tuple(os.path.relpath(p, i2s_root / t) for p in paths(dm.splits[t].val))
+              for t in I2S_TASKS}
+    assert len(picked) > 1
+
+
+def test_validation_images_get_the_test_transform(i2s_root):
+    dm = ImageNetSketchDataModule(root=str(i2s_root), tasks=["flowers", "cubs_cropped"], **SMALL)
+    for task in ("flowers", "cubs_cropped"):
+        s = dm.splits[task]
+        val = [type(t).__name__ for t in s.val.transform.transforms]
+        assert val == [type(t).__name__ for t in s.test.transform.transforms]
+        assert not any(name.startswith("Random") for name in val), task
+
+
+def test_a_corrupt_image_in_a_val_folder_is_listed_or_left_out(tmp_path):
+    make_folder_task(tmp_path / "t", classes=("a", "b"))
+    for cls in ("a", "b"):
+        write_image(tmp_path / "t" / "val" / cls / "v.jpg")
+    write_corrupt(tmp_path / "t" / "val" / "a" / "broken.jpg")
+    entry = [{"name": "t", "train": "t/train", "test": "t/test", "val": "t/val"}]
+    with pytest.raises(DataConfigError, match=r"1 unreadable image\(s\): .*broken.jpg"):
+        _ = FoldersDataModule(root=str(tmp_path), folders=entry, **SMALL).task_names
+    dm = FoldersDataModule(root=str(tmp_path), folders=entry, skip_corrupt=True, **SMALL)
+    assert [os.path.basename(p) for p in paths(dm.splits["t"].val)] == ["v.jpg", "v.jpg"]
+    assert dm.skipped == {"t": 1}
+
+
+def test_scan_skips_hidden_entries_and_non_images_and_follows_nested_links(tmp_path):
+    from cwps_lightning.data.scan import scan_class_folders
+
+    d = tmp_path / "train"
+    for i in reversed(range(8)):  # written in reverse: the scan sorts
+        write_image(d / "a" / f"{i}.jpg")
+    for rel in ("a/sub/x.jpg", "b/y.jpg", ".ipynb_checkpoints/z.jpg", "a/.cache/h.jpg",
+                "a/._0.jpg"):
+        write_image(d / rel)
+    (d / "a" / "notes.txt").write_text("not an image")
+    write_image(tmp_path / "elsewhere" / "w.jpg")
+    os.symlink(tmp_path / "elsewhere", d / "b" / "linked")
+    scan = scan_class_folders(d)
+    assert {c: [os.path.relpath(p, d) for p in ps] for c, ps in scan.classes.items()} == {
+        "a": [f"a/{i}.jpg" for i in range(8)] + ["a/sub/x.jpg"],
+        "b": ["b/y.jpg", "b/linked/w.jpg"]}
+    assert scan.ignored == [str(d / "a" / "notes.txt")] and scan.loose_images == []
+
+
+def test_a_split_of_empty_class_folders_is_a_layout_error(tmp_path):
+    from cwps_lightning.data.scan import folder_task_source
+
+    t = make_folder_task(tmp_path / "t", classes=("a", "b"))
+    for cls in ("a", "b"):
+        (t / "val" / cls).mkdir(parents=True)
+    with pytest.raises(DataConfigError, match=r"task 't': .*val has no class folders with "
+                                              r"images"):
+        folder_task_source("t", t / "train", t / "test", "crop", "<dir>/<class>/<image>",
+                           val_dir=t / "val")
+
+
+def test_domainnet_split_file_lines(tmp_path):
+    from cwps_lightning.data.domainnet import parse_split_file
+
+    f = tmp_path / "clipart_train.txt"
+    f.write_text("clipart/ice cream/clipart_1.jpg 3\n\nclipart/loose.jpg 0\n"
+                 "clipart/apple/x.jpg -1\n")
+    entries, bad = parse_split_file(f)
+    assert [(e.rel, e.label, e.line, e.class_name) for e in entries] == [
+        ("clipart/ice cream/clipart_1.jpg", 3, 1, "ice cream"),
+        ("clipart/loose.jpg", 0, 3, None)]
+    assert len(bad) == 1 and bad[0].startswith("clipart_train.txt:4: expected")
+
+
+def test_domainnet_head_reaches_the_largest_label_though_one_is_in_no_file(tmp_path):
+    drop = {("clipart", "train"): {"bee"}, ("clipart", "test"): {"bee"}}
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",), drop=drop)
+    dm = DomainNetDataModule(root=str(root), tasks=["clipart"], num_classes=None, **SMALL)
+    assert dm.num_classes("clipart") == 3
+
+
+def test_domainnet_class_with_two_labels(dn_root):
+    with open(dn_root / "real_train.txt", "a") as f:
+        f.write("real/apple/real_apple_train0.jpg 5\n")
+    with pytest.raises(DataConfigError, match=r"real_train.txt:13: class 'apple' has label 0 "
+                                              r"elsewhere but 5 here"):
+        _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL).task_names

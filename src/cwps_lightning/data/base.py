@@ -105,7 +105,8 @@ class EpochOrderSampler(RandomSampler):
     epoch's index.
 
     Epoch ``k`` of the sampler is the ``start + k``-th permutation drawn from a generator seeded
-    with ``seed``: the orders a RandomSampler with that generator gives over consecutive epochs.
+    with ``seed`` (randperm's; not the orders of a RandomSampler given that generator, which
+    draws a second number per epoch for its own seed).
     Lightning calls ``set_epoch`` at every epoch's start, with the epoch restored from a
     checkpoint on resume, so a fit resumed at epoch ``k`` sees the batches the uninterrupted fit
     saw. Iterated without ``set_epoch`` (plain PyTorch), it moves on one epoch per pass.
