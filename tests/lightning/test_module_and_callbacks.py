@@ -74,9 +74,7 @@ def test_soft_then_hard_in_one_fit_with_mask_lr_group(tmp_path):
     logits_before = {n: layer.mask_logits.detach().clone() for n, layer in cwps_layers(net)}
     module = CWPSLitModule(net, num_classes=3, lr=0.1, mask_lr=0.05)
     recorder = StageRecorder()
-    trainer = L.Trainer(max_epochs=3, callbacks=[MaskStageCallback(soft_epochs=1), recorder],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(3, [MaskStageCallback(soft_epochs=1), recorder])
     trainer.fit(module, train_dataloaders=loader(), val_dataloaders=loader(16))
     assert recorder.stages == [{"soft"}, {"hard"}, {"hard"}]
     groups = trainer.optimizers[0].param_groups
@@ -153,6 +151,13 @@ def test_cwps_settings_lr_windows():
 
 
 # -- a method's optimiser plan, loss penalty and frozen normalisation statistics ---------------
+def quiet_trainer(epochs: int, callbacks: list) -> L.Trainer:
+    """A CPU Trainer without logger, checkpoints, progress bar or summary."""
+    return L.Trainer(max_epochs=epochs, callbacks=callbacks, accelerator="cpu", logger=False,
+                     enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False)
+
+
 def fit_small(module, epochs=1, **trainer_args):
     trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
@@ -233,9 +238,7 @@ def test_soft_to_hard_switch_falls_inside_an_epoch(tmp_path):
     net, names = injected()
     select_trainable(net, "cwps", names)
     recorder = BatchStageRecorder()
-    trainer = L.Trainer(max_epochs=2, callbacks=[MaskStageCallback(soft_epochs=0.75), recorder],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(2, [MaskStageCallback(soft_epochs=0.75), recorder])
     trainer.fit(CWPSLitModule(net, num_classes=3), train_dataloaders=loader(32))
     assert recorder.stages == [{"soft"}] * 3 + [{"hard"}] * 5
     assert MaskStageCallback(1.5).stage_for_epoch(1, 1, 4) == "soft"
@@ -311,9 +314,7 @@ def test_fit_keeps_shared_channels_still_in_the_hard_stage():
     with torch.no_grad():
         layer.mask_logits.copy_(torch.tensor([-4.0] * 4 + [4.0] * 4))  # far from lambda = 0.5
     w0 = layer.weight.detach().clone()
-    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(1, [MaskStageCallback(soft_epochs=0)])
     trainer.fit(CWPSLitModule(net, num_classes=3, lr=0.1, weight_decay=0.1),
                 train_dataloaders=loader(32))
     shared = ~(torch.sigmoid(layer.mask_logits.detach()) >= 0.5)
@@ -340,9 +341,7 @@ def test_the_freezes_copy_is_not_alive_in_the_training_step():
             seen.append(0 if steps is None else len(steps.pending))
             return super().training_step(batch, batch_idx)
 
-    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(1, [MaskStageCallback(soft_epochs=0)])
     trainer.fit(Watching(net, num_classes=3, lr=0.1), train_dataloaders=loader(32))
     assert len(seen) > 1 and seen == [0] * len(seen)
 
@@ -401,9 +400,7 @@ def test_a_fit_that_ends_inside_the_soft_stage_leaves_the_model_hard():
     net, names = injected()
     select_trainable(net, "cwps", names)
     recorder = BatchStageRecorder()
-    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=5), recorder],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(1, [MaskStageCallback(soft_epochs=5), recorder])
     trainer.fit(CWPSLitModule(net, num_classes=3), train_dataloaders=loader(32))
     assert recorder.stages == [{"soft"}] * 4
     assert {layer.stage for _, layer in cwps_layers(net)} == {"hard"}
@@ -418,9 +415,7 @@ def test_sharing_logs_are_the_channel_and_the_parameter_fractions():
     with torch.no_grad():  # conv: 2 of 8 channels specific, linear: all 16 (lambda 0.5)
         net[0].mask_logits.copy_(torch.tensor([4.0] * 2 + [-4.0] * 6))
         net[5].mask_logits.fill_(4.0)
-    trainer = L.Trainer(max_epochs=1, callbacks=[MaskStageCallback(soft_epochs=0)],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(1, [MaskStageCallback(soft_epochs=0)])
     trainer.fit(CWPSLitModule(net, num_classes=3, lr=0.0, mask_lr=0.0),
                 train_dataloaders=loader(32))
     stats = sharing_stats(net)
@@ -447,9 +442,7 @@ def test_a_loader_without_a_length_switches_stages_at_whole_epochs(soft_epochs):
     net, names = injected()
     select_trainable(net, "cwps", names)
     recorder = BatchStageRecorder()
-    trainer = L.Trainer(max_epochs=2, callbacks=[MaskStageCallback(soft_epochs), recorder],
-                        accelerator="cpu", logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer(2, [MaskStageCallback(soft_epochs), recorder])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.fit(CWPSLitModule(net, num_classes=3),
