@@ -18,6 +18,7 @@ import torch
 from cwps_lightning import checks
 from cwps_lightning.config import compose_config
 from cwps_lightning.errors import ConfigError
+from cwps_lightning.settings import LoggerSettings
 from cwps_lightning.train import preflight, sweep_jobs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -645,3 +646,53 @@ def test_a_weights_file_that_is_no_file_of_tensors_says_what_is_accepted(no_fits
     assert "\n" not in str(err.value) and "weights_only=False" not in str(err.value)
     assert "(not a file of tensors that torch.load(weights_only=True) reads); accepted:" in str(
         err.value)
+
+
+def test_a_baseline_named_as_cwps_is_refused():
+    with pytest.raises(ConfigError, match=r"tests\.methods\.plugins:NamedCwps and cwps are both "
+                                          r"named 'cwps'"):
+        checks.check_methods(["tests.methods.plugins:NamedCwps"])
+
+
+@pytest.mark.parametrize("nodes", [True, 0, 1.0, "2"])
+def test_num_nodes_is_an_integer_from_one(nodes):
+    checks.check_trainer_values({"accelerator": "cpu", "num_nodes": 1})
+    with pytest.raises(ConfigError, match=r"^trainer\.num_nodes=.*: accepted: an integer >= 1"):
+        checks.check_trainer_values({"accelerator": "cpu", "num_nodes": nodes})
+
+
+def test_devices_as_text_read_as_lightning_reads_them():
+    for devices in ("-1", " -1 ", "auto", "2", "0,1"):
+        assert checks._devices_ok(devices), devices
+    for devices in ("0", "", "1 2", "-2", ","):
+        assert not checks._devices_ok(devices), devices
+    with pytest.raises(ConfigError, match=r"^trainer\.devices='0': accepted"):
+        checks.check_trainer_values({"accelerator": "cpu", "devices": "0"})
+
+
+def test_wandb_dryrun_needs_no_credentials(no_wandb_credentials, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    checks.check_logger(LoggerSettings(kind="wandb"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with pytest.raises(ConfigError, match=r"^logger=wandb: no W&B credentials"):
+        checks.check_logger(LoggerSettings(kind="wandb"))
+
+
+def test_hf_hub_offline_0_is_not_offline(monkeypatch):
+    monkeypatch.setattr(checks, "hub_cached", lambda name: False)
+    monkeypatch.setattr(checks, "reachable", lambda host, **kw: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    checks.check_hub_weights("resnet18")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match=r"HF_HUB_OFFLINE is set"):
+        checks.check_hub_weights("resnet18")
+
+
+def test_slurm_settings_compare_as_text_and_tasks_follow_gpus(no_fits, monkeypatch):
+    monkeypatch.setattr(checks.shutil, "which", lambda name: f"/usr/bin/{name}")
+    base = ["-m", "hydra/launcher=slurm", "trainer=ddp", "cwps.threshold=0.3,0.7"]
+    preflight([*base, "trainer.devices='4'", "hydra.launcher.gpus_per_node=4"])
+    with pytest.raises(ConfigError, match=r"hydra\.launcher\.tasks_per_node=2 must equal "
+                                          r"gpus_per_node=4"):
+        preflight([*base, "trainer.devices=4", "hydra.launcher.gpus_per_node=4",
+                   "hydra.launcher.tasks_per_node=2"])

@@ -311,3 +311,64 @@ def test_the_trainer_keys_listed_with_lightnings_defaults_leave_the_run_hash_as_
     assert cache_key(t0_spec(*args, trainer)) == cache_key(t0_spec(*args, old))
     assert cache_key(t0_spec(*args, {**trainer, "num_nodes": 2})) != cache_key(
         t0_spec(*args, old))
+
+
+def test_apply_overrides_names_a_key_the_config_lacks_and_refuses_hydra_keys():
+    saved = OmegaConf.create({"data": {"root": "/old"}, "seed": 0})
+    with pytest.raises(ConfigError, match=r"^data\.rot: no such key in this config "
+                                          r"\('data\.rot=/new'; \+data\.rot=/new adds one\)$"):
+        apply_overrides(saved, ["data.rot=/new"])
+    with pytest.raises(ConfigError, match=r"^override 'hydra\.run\.dir=x': give one value"):
+        apply_overrides(saved, ["hydra.run.dir=x"])
+    assert apply_overrides(saved, ["~data.root"]).data.root is None
+
+
+def test_settings_of_names_the_first_unknown_key():
+    node = OmegaConf.create({"lr": 0.1, "nope": 1, "other": 2})
+    with pytest.raises(ConfigError, match=r"^optim\.nope: no such key; accepted under optim: "
+                                          r"lr, mask_lr, momentum, weight_decay$"):
+        settings_of(node, OptimSettings, "optim")
+
+
+def _takes_nothing():
+    pass
+
+
+class _InnerTypeError:
+    """A DataModule whose __init__ passes a wrong argument to something else."""
+
+    def __init__(self, size: int = 1):
+        _takes_nothing(colour=size)
+
+
+def test_a_type_error_from_inside_a_datamodule_is_not_taken_for_its_argument():
+    from cwps_lightning.config import instantiate_data
+
+    target = f"{__name__}._InnerTypeError"
+    cfg = OmegaConf.create({"data": {"_target_": target, "size": 2}})
+    with pytest.raises(ConfigError) as err:
+        instantiate_data(cfg)
+    assert str(err.value).startswith(f"cannot build data={target}: "), str(err.value)
+    cfg = OmegaConf.create({"data": {"_target_": target, "colour": 2}})
+    with pytest.raises(ConfigError, match=r"^data\.colour: _InnerTypeError takes no such "
+                                          r"argument; accepted: size$"):
+        instantiate_data(cfg)
+
+
+def test_init_arguments_follow_kwargs_to_the_bases_only_where_passed_on():
+    from cwps_lightning.config import init_arguments
+
+    class Base:
+        def __init__(self, root: str = ".", batch_size: int = 1):
+            pass
+
+    class PassesOn(Base):
+        def __init__(self, tasks=(), **kwargs):
+            super().__init__(**kwargs)
+
+    class Closed(Base):
+        def __init__(self, tasks=()):
+            super().__init__()
+
+    assert init_arguments(PassesOn) == ["tasks", "root", "batch_size"]
+    assert init_arguments(Closed) == ["tasks"]

@@ -15,3 +15,7 @@ class AlsoFineTune(FineTune):  # inherits name = "finetune"
 class Sharing(FineTune):
     name = "sharing"
     shares_tasks = True
+
+
+class NamedCwps(FineTune):
+    name = "cwps"
