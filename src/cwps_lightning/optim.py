@@ -99,7 +99,7 @@ class FusedSGD(torch.optim.SGD):
                 g = p.grad = _like(p, g)
             if b is not None and b.stride() != p.stride():
                 b = self.state[p]["momentum_buffer"] = _like(p, b)
-            flat = _flat_ok(p, g, b)
+            flat = _flat_ok(p)
             for out, t in zip(calls.setdefault(fresh, ([], [], [])), (p, g, b), strict=True):
                 if t is not None:
                     out.append(_flat(t) if flat else t)
@@ -113,12 +113,11 @@ class FusedSGD(torch.optim.SGD):
             )
 
 
-def _flat_ok(p: Tensor, g: Tensor, b: Tensor | None) -> bool:
-    """A channels_last weight with its gradient and buffer laid out alike: one dense run of
-    memory each, the same element at the same offset."""
+def _flat_ok(p: Tensor) -> bool:
+    """A channels_last weight: one dense run of memory, as its gradient and buffer are (laid
+    out as it is, _step_group), the same element at the same offset in each."""
     return (p.dim() == 4 and not p.is_contiguous()
-            and p.is_contiguous(memory_format=torch.channels_last)
-            and g.stride() == p.stride() and (b is None or b.stride() == p.stride()))
+            and p.is_contiguous(memory_format=torch.channels_last))
 
 
 def _like(p: Tensor, t: Tensor) -> Tensor:
