@@ -261,6 +261,16 @@ def test_unknown_exclude_raises():
     assert not list(cwps_layers(model))
 
 
+def test_a_model_without_a_head_found_warns_that_every_layer_is_shared():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 10, 1))
+    with pytest.warns(UserWarning, match="found no classifier head in Sequential"):
+        assert inject_cwps(model) == ["0", "2"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # naming the head (or anything) is the way out
+        assert shareable_layers(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 10, 1)),
+                                exclude=["1"]) == ["0"]
+
+
 def test_default_exclude_is_last_linear_without_timm_cfg():
     model = Small()
     assert classifier_names(model) == ["head"]

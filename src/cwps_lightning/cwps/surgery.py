@@ -83,7 +83,7 @@ def shareable_layers(
     """Names of the nn.Conv2d / nn.Linear layers CWPS shares (in module order).
 
     ``exclude`` names modules (or module prefixes) to leave alone; by default the classifier
-    head (see :func:`classifier_names`). Normalisation layers are never shared: they stay per
+    head (see :func:`classifier_names`; a warning when it finds none). Normalisation layers are never shared: they stay per
     task (paper section 3.1). timm's weight-standardised and TF-"SAME" convolutions are shared
     through cwps/transformed.py; ``transformed=False`` leaves them out too (for wrappers that
     only reproduce the stock forward). Other Conv2d/Linear subclasses with a custom forward are
@@ -117,6 +117,15 @@ def shareable_layers(
         raise ValueError(
             f"found no nn.Conv2d/nn.Linear to share in {type(model).__name__} "
             f"(excluded: {excluded})"
+        )
+    if exclude is None and not excluded:
+        # No timm metadata and no nn.Linear: a convolutional head (a 1x1 Conv2d classifier)
+        # would be shared across tasks with different class counts, so say so.
+        warnings.warn(
+            f"found no classifier head in {type(model).__name__} (no timm "
+            "pretrained_cfg['classifier'], no nn.Linear): every Conv2d is shared; pass "
+            "exclude=[<head name>] to keep a convolutional head per task",
+            stacklevel=3,
         )
     return targets
 
