@@ -39,3 +39,17 @@ def test_other_messages_are_kept_as_given():
     message = "Caught nothing here.\nOriginal text"
     assert str(ConfigError(message)) == message
     assert str(ConfigError("a", "b")) == "('a', 'b')"
+
+
+class Rewrapped(Unreadable):
+    def __getitem__(self, i):
+        try:
+            raise DataConfigError("a first try failed")
+        except DataConfigError as err:
+            raise DataConfigError("x.jpg is unreadable after a retry") from err
+
+
+def test_a_chained_error_from_a_worker_keeps_the_last_message():
+    with pytest.raises(DataConfigError) as err:
+        next(iter(DataLoader(Rewrapped(), num_workers=1)))
+    assert str(err.value) == "x.jpg is unreadable after a retry (in DataLoader worker process 0)"

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import os
 
 from cwps_lightning.data.__main__ import main
+from cwps_lightning.data.check import Report
 
 from .helpers import (
     REPO,
@@ -259,3 +261,47 @@ def test_domainnet_lines_listed_twice_in_another_domain_or_outside_the_head(caps
                for ln in lines(out, "WARN", "layout")), out
     assert any("sketch_test.txt:7: label 3 is outside [0, 3)" in ln
                for ln in lines(out, "ERROR", "label")), out
+
+
+def test_report_limits_lines_for_each_task_separately():
+    out = io.StringIO()
+    report = Report(stream=out, limit=2)
+    for task in ("clipart", "sketch"):
+        for i in range(3):
+            report.error("missing-file", f"{task}/{i}.jpg does not exist", task=task)
+    assert report.finish() == 1
+    text = out.getvalue()
+    for task in ("clipart", "sketch"):
+        assert len(lines(text, f"ERROR [missing-file] {task}:", "missing-file")) == 2
+        assert f"ERROR [missing-file] ({task}) ... and 1 more like the above" in text
+    assert "missing-file: 6" in text.strip().splitlines()[-1]
+
+
+def test_an_image_listed_twice_is_decoded_and_reported_once(tmp_path):
+    """(two data.folders tasks may share a test folder)"""
+    bad, good = write_corrupt(tmp_path / "bad.jpg"), write_image(tmp_path / "good.jpg")
+    out = io.StringIO()
+    report = Report(stream=out)
+    report.decode_all([str(bad), str(good), str(bad), str(good)])
+    assert len(lines(out.getvalue(), "ERROR", "corrupt-image")) == 1
+    assert "decoded 2 image(s)" in out.getvalue()
+
+
+def test_check_refuses_the_settings_training_refuses(capsys, tmp_path):
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",), n_train=1, n_test=1)
+    for setting, needle in (("data.transform=zoom", "data.transform must be auto or one of"),
+                            ("data.val_fraction=2", "data.val_fraction must be"),
+                            ("data.verify_images=some", "data.verify_images must be one of")):
+        code, out, err = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                               "data.tasks=[clipart]", setting)
+        assert code == 2 and err.startswith(f"error: {needle}") and not out, (setting, out, err)
+
+
+def test_folders_check_says_which_root_it_reads(capsys, tmp_path):
+    for task in ("t1", "t2"):
+        make_folder_task(tmp_path / task, classes=("a", "b"), n_train=2, n_test=1)
+    _, out, _ = check(capsys, "data=folders", f"data.root={tmp_path}")
+    assert out.splitlines()[0] == f"checking folders at {tmp_path}: tasks ['t1', 't2']"
+    _, out, _ = check(capsys, "data=folders", f"data.root={tmp_path}",
+                      "data.folders=[{name: t, train: t1/train, test: t1/test}]")
+    assert out.splitlines()[0] == f"checking folders at {tmp_path}: tasks ['t']"

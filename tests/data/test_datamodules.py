@@ -228,6 +228,83 @@ def test_folders_bad_entries(tmp_path):
             {"name": "t", "train": "t/train", "test": "t/test", "colour": 1}], **SMALL).task_names
 
 
+def test_folders_discovery_sorts_the_task_folders_and_skips_the_others(tmp_path):
+    names = ["m", "c", "x", "a", "q", "f", "b", "k"]
+    for name in names:
+        make_folder_task(tmp_path / name, classes=("a", "b"), n_train=2, n_test=1)
+    make_folder_task(tmp_path / ".trash" / "old", classes=("a", "b"), n_train=2, n_test=1)
+    make_folder_task(tmp_path / ".hidden", classes=("a", "b"), n_train=2, n_test=1)
+    write_image(tmp_path / "no_train" / "test" / "a" / "x.jpg")  # not a task: no train folder
+    (tmp_path / "README.txt").write_text("my tasks")
+    assert FoldersDataModule(root=str(tmp_path), **SMALL).task_names == sorted(names)
+
+
+def test_folders_discovery_without_any_task_folder(tmp_path):
+    make_folder_task(tmp_path / ".hidden", classes=("a", "b"), n_train=2, n_test=1)
+    write_image(tmp_path / "t" / "test" / "a" / "x.jpg")
+    with pytest.raises(DataConfigError) as err:
+        _ = FoldersDataModule(root=str(tmp_path), **SMALL).task_names
+    msg = str(err.value)
+    assert "does not look like the folders layout" in msg and "no <task>/train folder" in msg
+    assert "found there: t/" in msg
+
+
+@pytest.mark.parametrize(("folders", "needle"), [
+    ("t/train", "data.folders must be a non-empty list of {name, train, test} entries (or "
+                "null), got 't/train'"),
+    ([], "data.folders must be a non-empty list of {name, train, test} entries (or null), "
+         "got []"),
+    ([{"name": "t", "train": "t/train"}], "data.folders[0] must have keys name, train and test, "
+                                          "got {'name': 't', 'train': 't/train'}"),
+    ([{"name": "t", "train": "t/train", "test": "t/test"},
+      {"name": "t", "train": "u/train", "test": "u/test"}], "data.folders names task 't' twice"),
+])
+def test_folders_that_are_not_a_list_of_distinct_entries(tmp_path, folders, needle):
+    make_folder_task(tmp_path / "t", classes=("a", "b"), n_train=2, n_test=1)
+    make_folder_task(tmp_path / "u", classes=("a", "b"), n_train=2, n_test=1)
+    dm = FoldersDataModule(root=str(tmp_path), folders=folders, **SMALL)
+    with pytest.raises(DataConfigError) as err:
+        dm.check_settings()
+    assert str(err.value) == needle
+
+
+def test_a_folders_task_named_by_a_number(tmp_path):
+    """Hydra reads ``name: 2019`` as an integer; it names the task "2019"."""
+    make_folder_task(tmp_path / "t", classes=("a", "b"), n_train=2, n_test=1)
+    dm = FoldersDataModule(root=str(tmp_path), folders=[
+        {"name": 2019, "train": "t/train", "test": "t/test"}], **SMALL)
+    assert dm.task_names == ["2019"] and dm.num_classes("2019") == 2
+
+
+def test_folders_paths_under_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    make_folder_task(tmp_path / "t", classes=("a", "b"), n_train=2, n_test=1)
+    dm = FoldersDataModule(root=str(tmp_path / "nowhere"), folders=[
+        {"name": "t", "train": "~/t/train", "test": "~/t/test"}], **SMALL)
+    assert dm.num_classes("t") == 2 and dm.check_root() is None  # (not under data.root)
+
+
+def test_folders_transform_of_one_entry(tmp_path):
+    for task in ("a", "b"):
+        make_folder_task(tmp_path / task, classes=("x", "y"), n_train=2, n_test=1)
+    dm = FoldersDataModule(root=str(tmp_path), folders=[
+        {"name": "a", "train": "a/train", "test": "a/test", "transform": "resize"},
+        {"name": "b", "train": "b/train", "test": "b/test"}], **SMALL)
+    assert dm.policy_for("a") == "resize" and dm.policy_for("b") == "crop"  # (the default)
+    resized = [type(t).__name__ for t in dm.splits["a"].train.transform.transforms]
+    cropped = [type(t).__name__ for t in dm.splits["b"].train.transform.transforms]
+    assert "RandomResizedCrop" not in resized and "RandomResizedCrop" in cropped
+
+
+def test_folders_relative_path_under_a_root_that_is_a_file(tmp_path):
+    (tmp_path / "root").write_text("not a folder")
+    with pytest.raises(DataConfigError) as err:
+        _ = FoldersDataModule(root=str(tmp_path / "root"), folders=[
+            {"name": "t", "train": "t/train", "test": "t/test"}], **SMALL).task_names
+    assert "'t/train' is relative to data.root=" in str(err.value)
+    assert "which is not a directory" in str(err.value)
+
+
 def test_folders_absolute_paths_do_not_need_the_root(tmp_path):
     make_folder_task(tmp_path / "a", classes=("x", "y"))
     make_folder_task(tmp_path / "b", classes=("x", "y", "z"))
@@ -346,6 +423,7 @@ def bad_folder_entries(tmp_path) -> list[tuple[dict, str]]:
         ({"train": None}, "data.folders[0].train must be a path to a folder "
                           "<dir>/<class>/<image>, got None"),
         ({"test": ""}, "data.folders[0].test must be a path"),
+        ({"test": "   "}, "data.folders[0].test must be a path"),
         ({"val": 3}, "data.folders[0].val must be a path to a folder <dir>/<class>/<image> "
                      "or null"),
         ({"test": train}, f"data.folders[0]: train and test are the same folder {train}"),

@@ -5,14 +5,22 @@ from __future__ import annotations
 import hashlib
 import io
 import threading
+import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
+from cwps_lightning.data import download as download_module
 from cwps_lightning.data.__main__ import main
-from cwps_lightning.data.download import DownloadError, fetch, parse_checksum
+from cwps_lightning.data.download import (
+    DownloadError,
+    extract_domain,
+    fetch,
+    parse_checksum,
+    url_join,
+)
 
 from .helpers import REPO, make_domainnet, run_cli
 
@@ -24,6 +32,17 @@ class Handler(BaseHTTPRequestHandler):
         srv = self.server
         rng = self.headers.get("Range")
         srv.requests.append((self.path, rng))
+        if srv.fail_next:  # an overloaded server: an error status, once per code listed
+            self.send_error(srv.fail_next.pop(0), "Unavailable")
+            return
+        if self.path in srv.hangup_once:  # hang up before any response
+            srv.hangup_once.discard(self.path)
+            self.close_connection = True
+            return
+        if srv.delay:  # a stalled server: silent, then it hangs up
+            time.sleep(srv.delay)
+            self.close_connection = True
+            return
         data = srv.files.get(self.path)
         if data is None:
             self.send_error(404, "Not Found")
@@ -37,11 +56,21 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if srv.resume_at_zero:  # a partial response, but of the wrong bytes
+                start = 0
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
             self.send_response(200)
         body = data[start:]
+        if self.path in srv.chunked_drop_once:  # chunked, hang up inside the one chunk
+            srv.chunked_drop_once.discard(self.path)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(f"{len(body):x}\r\n".encode() + body[: len(body) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            return
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         if self.path in srv.drop_once:  # send half, then hang up
@@ -60,7 +89,10 @@ class Handler(BaseHTTPRequestHandler):
 def server():
     srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     srv.files, srv.requests, srv.drop_once, srv.ignore_range = {}, [], set(), False
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    srv.fail_next, srv.hangup_once, srv.chunked_drop_once = [], set(), set()
+    srv.resume_at_zero, srv.delay = False, 0.0
+    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},
+                              daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv
@@ -294,11 +326,26 @@ def test_checksums_for_domains_not_downloaded_are_kept(tmp_path):
     ({"split_files": "txt/{domian}_{split}.txt"}, "only the fields {domain} and {split}"),
     ({"archives": ["real.zip"]}, "data.download.archives must be a mapping by domain"),
     ({"keep_archives": "yes"}, "data.download.keep_archives must be true or false"),
+    ({"checksums": ["clipart.zip"]}, "data.download.checksums must be a mapping by file name"),
+    ({"base_url": ""}, "data.download.base_url must be a non-empty string, got ''"),
+    ({"split_files": "txt/{}_{}.txt"}, "only the fields {domain} and {split}"),
+    ({"retries": -1}, "data.download.retries must be an integer >= 0, got -1"),
+    ({"retry_wait": -1}, "data.download.retry_wait must be a number of seconds >= 0, got -1"),
+    ({"timeout": True}, "data.download.timeout must be a number of seconds > 0, got True"),
+    ({"timeout": float("nan")}, "data.download.timeout must be a number of seconds > 0, got nan"),
+    ({"retry_wait": float("inf")}, "data.download.retry_wait must be a number of seconds >= 0"),
+    ({"archives": {"clipart": 3}}, "data.download.archives.clipart must be a path under "
+                                   "base_url (a non-empty string), got 3"),
+    ({"archives": {"sketch": ""}}, "data.download.archives.sketch must be a path"),
+    ({"archives": {"clipArt": "c.zip"}}, "data.download.archives has key(s) ['clipArt'] that "
+                                         "are no DomainNet domain; accepted: clipart, "),
 ])
 def test_bad_download_settings_are_named(tmp_path, download, needle):
     from cwps_lightning.data import DomainNetDataModule
     from cwps_lightning.data.download import download_domainnet
 
+    # (a setting let through fails fast at a closed local port, not at the real server)
+    download = {"base_url": "http://127.0.0.1:9", "retries": 0, "retry_wait": 0, **download}
     dm = DomainNetDataModule(root=str(tmp_path / "dn"), download=download, tasks=["clipart"])
     with pytest.raises(DownloadError) as err:
         download_domainnet(dm, say=lambda m: None)
@@ -311,3 +358,219 @@ def test_download_setting_that_is_not_a_mapping(tmp_path):
     dm = DomainNetDataModule(root=str(tmp_path), download="yes")
     with pytest.raises(DataConfigError, match="data.download must be a mapping .* got 'yes'"):
         _ = dm.task_names
+
+
+def test_parse_checksum_takes_every_listed_algorithm_and_refuses_bad_digests():
+    assert parse_checksum("a", "ab" * 64) == ("sha512", "ab" * 64)  # a bare digest, by length
+    assert parse_checksum("a", "ab" * 20) == ("sha1", "ab" * 20)
+    for bad in ("sha256:" + "a" * 65, "md5:" + "a" * 31 + "g", "sha1:" + "z" * 40):
+        with pytest.raises(DownloadError, match=r"checksums\['clipart.zip'\] = .*expected"):
+            parse_checksum("clipart.zip", bad)
+
+
+def zip_requests(srv, path="/groundtruth/clipart.zip") -> list:
+    return [r for p, r in srv.requests if p == path]
+
+
+def test_a_complete_part_file_is_not_fetched_again(capsys, server, tmp_path):
+    """An earlier run stopped after the last byte, before the rename: the server answers the
+    range past the end with 416, and the part file is taken as it is."""
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    root = tmp_path / "dn"
+    part = root / ".downloads" / "clipart.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data)
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
+                            "data.download.keep_archives=true")
+    assert code == 0, err
+    assert zip_requests(server) == [f"bytes={len(data)}-"]
+    assert (root / ".downloads" / "clipart.zip").read_bytes() == data
+    assert (root / "clipart").is_dir()
+
+
+def test_a_part_file_longer_than_the_file_starts_again(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    root = tmp_path / "dn"
+    part = root / ".downloads" / "clipart.zip.part"
+    part.parent.mkdir(parents=True)
+    longer = data + b"left over from another file"
+    part.write_bytes(longer)
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
+                            "data.download.keep_archives=true")
+    assert code == 0, err
+    assert zip_requests(server) == [f"bytes={len(longer)}-", None]
+    assert (root / ".downloads" / "clipart.zip").read_bytes() == data
+
+
+def test_a_server_resuming_at_the_wrong_byte_starts_again(server, tmp_path):
+    data = bytes(range(256)) * 20
+    server.files["/x.zip"] = data
+    server.resume_at_zero = True
+    dest = tmp_path / "x.zip"
+    dest.with_name("x.zip.part").write_bytes(data[:1000])
+    said = []
+    fetch(f"{server.url}/x.zip", dest, retries=1, retry_wait=0, say=said.append)
+    assert dest.read_bytes() == data  # not the whole file appended to its first 1000 bytes
+    assert zip_requests(server, "/x.zip") == ["bytes=1000-", None]
+    assert any("not 1000; starting again" in line for line in said), said
+
+
+def test_server_errors_are_retried_after_growing_waits(server, tmp_path, monkeypatch):
+    waits = []
+    monkeypatch.setattr(download_module.time, "sleep", waits.append)
+    data = b"payload" * 100
+    server.files["/x.zip"] = data
+    server.fail_next = [500, 503, 429]
+    dest = fetch(f"{server.url}/x.zip", tmp_path / "x.zip", retries=3, retry_wait=1.5,
+                 say=lambda m: None)
+    assert dest.read_bytes() == data and len(server.requests) == 4
+    assert waits == [1.5, 3.0, 6.0]  # doubling
+    waits.clear()
+    server.fail_next = [503, 503]
+    fetch(f"{server.url}/x.zip", tmp_path / "y.zip", retries=2, retry_wait=40, say=lambda m: None)
+    assert waits == [40, 60]  # at most a minute
+
+
+def test_a_missing_file_is_not_asked_for_again(server, tmp_path):
+    dest = tmp_path / "x.zip"
+    with pytest.raises(DownloadError) as err:
+        fetch(f"{server.url}/x.zip", dest, retries=3, retry_wait=0, say=lambda m: None)
+    assert str(err.value) == f"{server.url}/x.zip: HTTP 404 Not Found"
+    assert len(server.requests) == 1
+    assert not dest.exists() and not dest.with_name("x.zip.part").exists()
+
+
+@pytest.mark.parametrize("cut", ["hangup_once", "chunked_drop_once"])
+def test_a_connection_lost_in_any_way_is_retried(server, tmp_path, cut):
+    """Hung up before the response, or inside a chunked body: both are tried again."""
+    data = bytes(range(256)) * 20
+    server.files["/x.zip"] = data
+    getattr(server, cut).add("/x.zip")
+    said = []
+    dest = fetch(f"{server.url}/x.zip", tmp_path / "x.zip", retries=1, retry_wait=0,
+                 say=said.append)
+    assert dest.read_bytes() == data
+    assert len(server.requests) == 2 and any("retrying (1/1)" in line for line in said), said
+
+
+def test_a_slow_server_times_out_as_configured(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    server.delay = 1.5
+    code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[clipart]",
+                            "data.download.timeout=0.2", "data.download.retries=0")
+    assert code == 2 and "failed after 1 attempt(s)" in err and "timed out" in err, err
+
+
+def test_an_existing_file_is_verified_against_its_checksum(tmp_path):
+    """(nothing listens on port 9 of 127.0.0.1: a file fetched again would fail there)"""
+    dest = tmp_path / "clipart_train.txt"
+    dest.write_bytes(b"edited by hand")
+    pinned = "sha256:" + hashlib.sha256(b"as published").hexdigest()
+    with pytest.raises(DownloadError, match="checksum mismatch for the existing .*clipart_train"):
+        fetch("http://127.0.0.1:9/x.txt", dest, pinned, retries=0, say=lambda m: None)
+    assert dest.read_bytes() == b"edited by hand"  # left for the user to look at
+    matching = "md5:" + hashlib.md5(b"edited by hand").hexdigest()
+    assert fetch("http://127.0.0.1:9/x.txt", dest, matching, retries=0, say=lambda m: None) == dest
+
+
+def test_split_file_checksums_are_verified(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    root = tmp_path / "dn"
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
+                            f"data.download.checksums={{clipart_test.txt: 'sha256:{'0' * 64}'}}")
+    assert code == 2 and "checksum mismatch for clipart_test.txt" in err, err
+    assert not (root / "clipart_test.txt").exists() and not (root / "clipart").exists()
+
+
+def zip_of(path: Path, names: list[str]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name in names:
+            zf.writestr(name, b"...")
+    return path
+
+
+@pytest.mark.parametrize("unsafe", ["/clipart/evil.jpg", "clipart\\apple\\..\\..\\..\\evil.jpg"])
+def test_archives_with_absolute_or_backslash_paths_are_refused(tmp_path, unsafe):
+    archive = zip_of(tmp_path / "clipart.zip", ["clipart/apple/a.jpg", unsafe])
+    root = tmp_path / "dn"
+    root.mkdir()
+    with pytest.raises(DownloadError, match="unsafe member path"):
+        extract_domain(archive, root, "clipart", say=lambda m: None)
+    assert list(root.iterdir()) == []
+
+
+def test_extraction_leaves_out_what_an_interrupted_one_left(tmp_path):
+    archive = zip_of(tmp_path / "clipart.zip", ["clipart/apple/a.jpg"])
+    root = tmp_path / "dn"
+    (root / ".clipart.extracting" / "clipart" / "bee").mkdir(parents=True)
+    (root / ".clipart.extracting" / "clipart" / "bee" / "stale.jpg").write_bytes(b"...")
+    extract_domain(archive, root, "clipart", say=lambda m: None)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) == [
+        "clipart/apple/a.jpg"]
+
+
+@pytest.mark.parametrize("base", ["http://mirror.example/dn", "http://mirror.example/dn/"])
+@pytest.mark.parametrize("rel", ["groundtruth/clipart.zip", "/groundtruth/clipart.zip"])
+def test_archive_urls_join_the_base_url_with_one_slash(base, rel):
+    assert url_join(base, rel) == "http://mirror.example/dn/groundtruth/clipart.zip"
+
+
+def test_an_archive_given_for_one_domain_leaves_the_others_at_their_defaults(server, tmp_path):
+    from cwps_lightning.data import DomainNetDataModule
+    from cwps_lightning.data.download import download_domainnet
+
+    staged = publish(server, tmp_path, ("clipart", "sketch"))["staged"]
+    server.files["/mirror/clipart.zip"] = server.files.pop("/groundtruth/clipart.zip")
+    root = tmp_path / "dn"
+    dm = DomainNetDataModule(root=str(root), tasks=["clipart", "sketch"], download={
+        "base_url": server.url, "retry_wait": 0, "archives": {"clipart": "mirror/clipart.zip"}})
+    assert download_domainnet(dm, say=lambda m: None) == ["clipart", "sketch"]
+    assert same_tree(root / "clipart", staged / "clipart")
+    assert same_tree(root / "sketch", staged / "sketch")
+
+
+def test_a_domain_without_an_archive_is_named(capsys, server, tmp_path):
+    publish(server, tmp_path, ("real",))
+    code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[real]",
+                            "data.download.archives={real: null}")
+    assert code == 2 and "data.download.archives has no entry for 'real'" in err, err
+
+
+def test_a_bad_archive_entry_is_named_before_anything_is_fetched(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[clipart]",
+                            "data.download.archives={clipart: 3}")
+    assert code == 2 and "data.download.archives.clipart must be a path" in err, err
+    assert server.requests == []
+
+
+def test_a_file_where_a_domain_folder_goes_is_refused_before_fetching(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    root = tmp_path / "dn"
+    root.mkdir()
+    (root / "clipart").write_text("not a folder")
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]")
+    assert code == 2 and f"{root / 'clipart'}: a file where a domain's folder goes" in err, err
+    assert server.requests == []
+    assert (root / "clipart").read_text() == "not a folder"
+
+
+def test_an_interrupted_download_keeps_its_part_and_exits_130(capsys, server, tmp_path,
+                                                             monkeypatch):
+    publish(server, tmp_path)
+    data = server.files["/groundtruth/clipart.zip"]
+    root = tmp_path / "dn"
+    part = root / ".downloads" / "clipart.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(data[:1000])
+
+    def ctrl_c(request, timeout):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(download_module, "urlopen", ctrl_c)
+    code, _, err = download(capsys, server, root, "data.tasks=[clipart]")
+    assert code == 130
+    assert err == "error: interrupted (a partial download resumes when you rerun the command)\n"
+    assert part.read_bytes() == data[:1000]

@@ -21,6 +21,7 @@ command prints the sha256 of every file it fetched, to pin them in the config.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import shutil
@@ -242,10 +243,26 @@ def download_spec(overrides: Mapping | None) -> dict:
                                 f"{'domain' if key == 'archives' else 'file name'} (or null), "
                                 f"got {spec[key]!r}")
     spec["archives"] = {**DEFAULT_SPEC["archives"], **dict(spec["archives"] or {})}
+    check_archives(spec["archives"])
     spec["checksums"] = dict(spec["checksums"] or {})
     check_download_settings(spec)
     check_checksums(spec["checksums"])
     return spec
+
+
+def check_archives(archives: Mapping) -> None:
+    """Every key a DomainNet domain, every value a path under base_url (all domains: checked
+    before the first byte is fetched, not when a domain's turn comes)."""
+    unknown = sorted(str(d) for d in archives if d not in DOMAINS)
+    if unknown:
+        raise DownloadError(f"data.download.archives has key(s) {unknown} that are no DomainNet "
+                            f"domain; accepted: {', '.join(DOMAINS)}")
+    for domain, rel in archives.items():
+        if rel is None:
+            raise DownloadError(f"data.download.archives has no entry for {domain!r} (null)")
+        if not isinstance(rel, str) or not rel.strip("/ "):
+            raise DownloadError(f"data.download.archives.{domain} must be a path under base_url "
+                                f"(a non-empty string), got {rel!r}")
 
 
 def check_checksums(checksums: Mapping) -> None:
@@ -267,8 +284,9 @@ def check_download_settings(spec: Mapping) -> None:
     def bad(key: str, accepted: str) -> DownloadError:
         return DownloadError(f"data.download.{key} must be {accepted}, got {spec[key]!r}")
 
-    def is_number(value) -> bool:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+    def is_number(value) -> bool:  # (finite: a NaN timeout would reach the socket)
+        return isinstance(value, int | float) and not isinstance(value, bool) \
+            and math.isfinite(value)
 
     for key in ("base_url", "split_files"):
         if not isinstance(spec[key], str) or not spec[key]:
@@ -306,6 +324,12 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
     except OSError as err:  # (no permission)
         raise DownloadError(f"data.root={str(root)!r} cannot be made: {err.strerror} "
                             f"({err.filename})") from None
+    # a file where a domain's folder goes would fail the extraction after the whole download
+    in_the_way = [str(root / d) for d in dm.tasks_requested
+                  if (root / d).exists() and not (root / d).is_dir()]
+    if in_the_way:
+        raise DownloadError(f"{', '.join(in_the_way)}: a file where a domain's folder goes; "
+                            f"move it away and rerun")
     kw = dict(retries=int(spec["retries"]), timeout=float(spec["timeout"]),
               retry_wait=float(spec["retry_wait"]), say=say)
     for domain in dm.tasks_requested:
@@ -317,10 +341,7 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
             say(f"have {root / domain}/ (delete it to extract again)")
             continue
         archive = root / ".downloads" / f"{domain}.zip"
-        rel = spec["archives"].get(domain)
-        if not rel:
-            raise DownloadError(f"data.download.archives has no entry for {domain!r}")
-        fetch(url_join(spec["base_url"], rel), archive,
+        fetch(url_join(spec["base_url"], spec["archives"][domain]), archive,
               spec["checksums"].get(f"{domain}.zip"), **kw)
         extract_domain(archive, root, domain, say)
         if not spec["keep_archives"]:
