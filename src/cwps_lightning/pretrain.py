@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import pickle
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -112,7 +113,8 @@ def pretrain_t0(
                 model.load_state_dict(saved["state_dict"])
                 log.info("T0: loaded cached backbone %s (val top-1 %.2f)", path, saved["val_top1"])
                 return model, {"cached": str(path), "val_top1": saved["val_top1"]}
-            except (RuntimeError, KeyError, OSError) as err:
+            except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+                # (an empty or truncated file: EOFError; bytes of something else: Unpickling)
                 log.warning("T0: cache %s unreadable (%s); pretraining again", path, err)
     log.info("T0: pretraining %s on %r for %d epoch(s)", model_name, task, epochs)
     torch.manual_seed(seed)

@@ -147,3 +147,21 @@ def test_model_configs_share_keys():
         assert model.name == name and model.pretrained is False and model.weights is None
         assert set(cfg.model) == {"name", "kwargs", "weights", "pretrained", "channels_last",
                                   "compile", "compile_mode"}
+
+
+def test_a_checkpoint_is_read_as_timms_loader_reads_it(tmp_path):
+    """What the checks accept is what the load takes: a top-level 'state_dict' or 'model' entry,
+    keys with DDP's or torch.compile's prefix; any other wrapping is refused by its keys (not
+    "does not fit" with nothing missing)."""
+    state = write_checkpoint(tmp_path / "plain.pt", "resnet18", num_classes=4)
+    for name, saved in (("ddp", {"model": {f"module.{k}": v for k, v in state.items()}}),
+                        ("compiled", {f"_orig_mod.module.{k}": v for k, v in state.items()})):
+        torch.save(saved, tmp_path / f"{name}.pt")
+        assert_equal_state(load_backbone_weights("resnet18", tmp_path / f"{name}.pt"), state)
+    for name, saved in (("module", {"module": state}),
+                        ("nested", {"state_dict": {"model": state}, "epoch": 3})):
+        torch.save(saved, tmp_path / f"{name}.pt")
+        with pytest.raises(ModelConfigError) as err:
+            load_backbone_weights("resnet18", tmp_path / f"{name}.pt")
+        assert f"{name}.pt' holds no state dict of tensors (found ['" in str(err.value)
+        assert "accepted: a state dict of tensors" in str(err.value)

@@ -70,7 +70,7 @@ def task_model(base: nn.Module, num_classes: int, seed: int | None = None) -> nn
 
 
 WEIGHTS_ACCEPTED = ("a state dict of tensors saved with torch.save (model.state_dict(), "
-                    "also under a 'state_dict' / 'model' key) or a .safetensors file")
+                    "also under a top-level 'state_dict' / 'model' key) or a .safetensors file")
 
 
 def check_weights_file(path: str | Path) -> None:
@@ -102,12 +102,27 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             reason = f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
         raise ModelConfigError(f"model.weights: cannot read {str(path)!r} ({reason}); "
                                f"accepted: {WEIGHTS_ACCEPTED}") from err
-    for key in ("state_dict", "model", "module"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelConfigError(f"model.weights: {str(path)!r} holds no state dict of tensors")
-    return state
+    # what timm's loader (which does the load) takes: the top level, or its 'state_dict' or
+    # else its 'model' entry, with DDP's / torch.compile's key prefixes dropped; a check of
+    # anything else would pass a file the load then refuses
+    if isinstance(state, dict):
+        key = next((k for k in ("state_dict", "model") if k in state), None)
+        state = state[key] if key else state
+    if not isinstance(state, dict) or not state or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
+        raise ModelConfigError(f"model.weights: {str(path)!r} holds no state dict of tensors "
+                               f"(found {found}); accepted: {WEIGHTS_ACCEPTED}")
+    return {_clean_key(k): v for k, v in state.items()}
+
+
+def _clean_key(key: str) -> str:
+    """A state-dict key without the prefixes DDP ('module.') and torch.compile ('_orig_mod.')
+    add, in either order, as timm drops them."""
+    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
 
 
 def load_backbone_weights(
