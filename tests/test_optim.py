@@ -195,3 +195,82 @@ def test_a_gradient_or_buffer_laid_out_otherwise_steps_as_in_the_loop(weight_lay
         results.append(p.detach().clone())
     assert isinstance(opt, FusedSGD)
     torch.testing.assert_close(results[1], results[0], rtol=1e-6, atol=1e-7)
+
+
+def test_each_param_group_steps_with_its_own_settings():
+    """Per-group lr, momentum, dampening, weight decay and nesterov (the job's mask scores have
+    a group of their own, without weight decay): the same weights and buffers as torch's
+    fused step, bit for bit."""
+    weights = _weights()
+
+    def groups(params):
+        return [{"params": params[:2], "lr": 0.05, "momentum": 0.9, "dampening": 0.3,
+                 "weight_decay": 5e-4},
+                {"params": params[2:3], "lr": 0.2, "momentum": 0.5, "weight_decay": 0.0,
+                 "nesterov": True},
+                {"params": params[3:], "lr": 0.1}]
+
+    results = []
+    for make in (lambda g: FusedSGD(g, lr=0.3, momentum=0.0, weight_decay=1e-2),
+                 lambda g: torch.optim.SGD(g, lr=0.3, momentum=0.0, weight_decay=1e-2,
+                                           fused=True)):
+        params = [w.clone().requires_grad_() for w in weights]
+        opt = make(groups(params))
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g).contiguous(
+                    memory_format=torch.channels_last if p.dim() == 4 else torch.contiguous_format)
+            opt.step()
+        results.append((params, opt))
+    (ours, opt), (theirs, ref) = results
+    for a, b, w in zip(ours, theirs, weights, strict=True):
+        assert not torch.equal(a, w)
+        assert torch.equal(a, b)
+    for a, b in zip(ours[:3], theirs[:3], strict=True):
+        assert torch.equal(opt.state[a]["momentum_buffer"], ref.state[b]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: FusedSGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4),
+    lambda p: make_sgd([{"params": p}], lr=0.1, momentum=0.9, weight_decay=5e-4),
+], ids=["FusedSGD", "make_sgd"])
+def test_a_closure_step_runs_the_backward_and_returns_the_loss(make):
+    """Lightning steps with a closure that runs the forward and the backward: the step (itself
+    without gradients) runs it with gradients on, steps on the gradient it made and returns
+    its loss, as torch's SGD does."""
+    torch.manual_seed(0)
+    x, target = torch.randn(8, 4), torch.randn(8, 3)
+    results = []
+    for opt_of in (make, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9,
+                                                   weight_decay=5e-4, fused=True)):
+        torch.manual_seed(1)
+        layer = torch.nn.Linear(4, 3)
+        opt = opt_of(list(layer.parameters()))
+        losses = []
+        for _ in range(3):
+            def closure(opt=opt, layer=layer):
+                opt.zero_grad()
+                loss = (layer(x) - target).square().mean()
+                loss.backward()
+                return loss
+
+            losses.append(opt.step(closure))
+        results.append((losses, [p.detach().clone() for p in layer.parameters()]))
+    (losses, params), (ref_losses, ref_params) = results
+    assert all(isinstance(loss, torch.Tensor) for loss in losses)
+    assert [v.item() for v in losses] == [v.item() for v in ref_losses]
+    assert losses[-1] < losses[0]
+    for p, q in zip(params, ref_params, strict=True):
+        assert torch.equal(p, q)
+
+
+def test_make_sgd_leaves_half_precision_weights_to_torch():
+    """The fused CPU step is for float32/float64 weights; bf16 ones (or a mix) get torch's own
+    SGD, which picks its kernel."""
+    for params in ([torch.zeros(2, dtype=torch.bfloat16, requires_grad=True)],
+                   [torch.zeros(2, requires_grad=True),
+                    torch.zeros(2, dtype=torch.float16, requires_grad=True)]):
+        opt = make_sgd([{"params": params}], lr=0.1, momentum=0.9, weight_decay=0.0)
+        assert not isinstance(opt, FusedSGD)
+        assert opt.defaults["fused"] is None

@@ -57,6 +57,19 @@ CONV_VARIANTS = {
         dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="reflect"),
         (2, 4, 7, 7),
     ),
+    "circular": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=1, padding_mode="circular"),
+        (2, 4, 7, 7),
+    ),
+    "replicate_rect_padding": (
+        dict(in_channels=4, out_channels=6, kernel_size=3, padding=(1, 2),
+             padding_mode="replicate"),
+        (2, 4, 7, 7),
+    ),
+    "same_rect_even_kernel": (  # padded asymmetrically along the first dim only
+        dict(in_channels=4, out_channels=6, kernel_size=(4, 3), padding="same"),
+        (2, 4, 7, 6),
+    ),
     # a 1x1 input: computed as a 1x1 conv of the kernel's centre tap (cwps/small_input.py)
     "input_1x1": (dict(in_channels=4, out_channels=6, kernel_size=3, padding=1), (3, 4, 1, 1)),
     "input_1x1_stride2_dilated": (
@@ -860,3 +873,110 @@ def test_the_merged_layer_keeps_the_train_or_eval_mode():
     layer = wrap(make_plain("basic")[0])
     assert not layer.eval().to_plain().training
     assert layer.train().to_plain().training
+
+
+@pytest.mark.parametrize("name", ["basic", "input_1x1", "linear_2d"])
+def test_soft_scores_all_far_below_zero_still_blend_child_and_parent(name):
+    """Scores far below zero give a soft mask of small values (together less than one): the
+    soft stage still computes with parent + sigmoid(s) * (child - parent) (Eq. 6, 9), not the
+    parent alone, in the output and every gradient."""
+    layer, x = wrap64(name)
+    randomise(layer)
+    with torch.no_grad():
+        layer.mask_logits.fill_(-4.0)  # sigmoid 0.018 on each of the 6 channels
+    layer.stage = "soft"
+    x1 = x.clone().requires_grad_(True)
+    y = layer(x1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = [None if p is None else p.detach().clone().requires_grad_(True)
+              for p in (layer.weight, layer.bias, layer.mask_logits)]
+    x2 = x.clone().requires_grad_(True)
+    y_ref = reference(layer, x2, "soft", params)
+    y_ref.backward(g)
+    opts = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(y, y_ref, **opts)
+    torch.testing.assert_close(x1.grad, x2.grad, **opts)
+    for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
+        torch.testing.assert_close(p.grad, ref.grad, **opts)
+
+
+def test_a_taken_over_weight_leaves_its_old_gradient_behind():
+    """take=True makes the plain layer's Parameters the child: a gradient they still hold
+    from the plain layer's last backward must not reach the CWPS fit's first step."""
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    plain(torch.randn(2, 4, 5, 5)).sum().backward()
+    assert plain.weight.grad is not None
+    layer = CWPSConv2d.from_conv(plain, take=True)
+    assert layer.weight is plain.weight
+    assert layer.weight.grad is None and layer.bias.grad is None
+
+
+def test_a_checkpoint_without_parents_leaves_them_unwritten():
+    """A layer made with its parent unwritten (fill_parent=False) stays unwritten after loading
+    a checkpoint that has no parent (the plain backbone's): the soft stage refuses it; a
+    checkpoint with the parent installs it."""
+    plain = nn.Conv2d(4, 6, 3, padding=1)
+    layer = CWPSConv2d.from_conv(plain, fill_parent=False)
+    result = layer.load_state_dict(plain.state_dict(), strict=False)
+    assert "parent_weight" in result.missing_keys
+    assert layer.parent_unset
+    layer.stage = "soft"
+    with pytest.raises(RuntimeError, match="parent was never installed"):
+        layer(torch.randn(2, 4, 5, 5))
+    layer.load_state_dict(CWPSConv2d.from_conv(plain).state_dict())
+    assert not layer.parent_unset
+    layer(torch.randn(2, 4, 5, 5))
+
+
+@pytest.mark.parametrize("name", ["basic", "linear_3d"])
+def test_wrapping_with_the_identity_mask_gradient(name):
+    """from_conv / from_linear(mask_grad="identity") give the hard stage's scores dL/dm, the
+    default's gradient divided by the sigmoid slope."""
+    plain, x = make_plain(name)
+    grads = {}
+    for mask_grad in ("sigmoid", "identity"):
+        layer = (CWPSConv2d.from_conv(plain, mask_grad=mask_grad) if isinstance(plain, nn.Conv2d)
+                 else CWPSLinear.from_linear(plain, mask_grad=mask_grad)).double()
+        torch.manual_seed(1)
+        randomise(layer)
+        layer.stage = "hard"
+        layer(x.double()).square().sum().backward()
+        grads[mask_grad] = layer.mask_logits.grad
+    sig = torch.sigmoid(layer.mask_logits.detach())
+    torch.testing.assert_close(grads["sigmoid"], grads["identity"] * sig * (1 - sig))
+    assert not torch.allclose(grads["sigmoid"], grads["identity"])
+
+
+def _bf16_hard_with_one_shared_channel(layer):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+        layer.mask_logits.fill_(3.0)
+        layer.mask_logits[7] = -3.0  # the one shared channel
+    layer = layer.to(torch.bfloat16)
+    layer.stage = "hard"
+    assert int((~layer.task_specific()).sum()) == 1
+    return layer
+
+
+@pytest.mark.parametrize("kind", ["conv_on_a_1x1_map", "large_linear"])
+def test_one_shared_channel_among_many_in_bf16_computes_with_its_parent(kind):
+    """A bf16 sum of 511 ones reads 512: the count of kept channels must not round, or the
+    one shared channel runs on the child's kernel."""
+    torch.set_num_threads(1)
+    if kind == "conv_on_a_1x1_map":  # the window path
+        layer = _bf16_hard_with_one_shared_channel(
+            CWPSConv2d.from_conv(nn.Conv2d(8, 512, 3, padding=1)))
+        x = torch.randn(2, 8, 1, 1, dtype=torch.bfloat16)
+        op = lambda x, w, b: F.conv2d(x, w, b, padding=1)  # noqa: E731
+    else:  # a kernel over KEEP_COMPOSED_NUMEL: composed again in the backward
+        layer = _bf16_hard_with_one_shared_channel(CWPSLinear.from_linear(nn.Linear(1100, 1000)))
+        x = torch.randn(3, 1100, dtype=torch.bfloat16)
+        op = F.linear
+    with torch.no_grad():
+        y = layer(x).float()
+        w, b = layer.merged_weights()
+        expected = op(x.float(), w.float(), b.float())
+    torch.testing.assert_close(y[:, 7], expected[:, 7], atol=0.5, rtol=0.05)
+    torch.testing.assert_close(y, expected, atol=0.5, rtol=0.05)

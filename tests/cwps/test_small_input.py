@@ -206,3 +206,25 @@ def test_cwps_layer_takes_the_shortcut(stage, channels_last):
     for a, b in zip(before, after, strict=True):
         assert torch.equal(a, b)
     assert torch.all(layer.weight.grad[:, :, 0, :] == 0)
+
+
+def test_small_input_conv_takes_an_unbatched_input():
+    """A (C, 1, 1) input without a batch dim, as nn.Conv2d accepts it."""
+    plain = nn.Conv2d(8, 5, 3, padding=1)
+    fast = copy.deepcopy(plain)
+    use_small_input_convs(fast)
+    x = torch.randn(8, 1, 1)
+    y = fast(x)
+    assert y.shape == (5, 1, 1)
+    torch.testing.assert_close(y, plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding_mode", ["circular", "replicate"])
+def test_small_input_conv_with_a_padding_mode_on_a_1x1_map(padding_mode):
+    """Circular or replicate padding repeats the pixel into every tap (zero padding would leave
+    only the centre one): the result is nn.Conv2d's."""
+    plain = nn.Conv2d(8, 5, 3, padding=1, padding_mode=padding_mode)
+    fast = copy.deepcopy(plain)
+    use_small_input_convs(fast)
+    x = torch.randn(4, 8, 1, 1)
+    torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)

@@ -741,3 +741,174 @@ def test_a_backward_after_the_step_of_its_forward_is_refused():
         opt.zero_grad()
         with pytest.raises(RuntimeError, match=error):
             pending.backward()
+
+
+def test_scores_train_with_the_children_frozen():
+    """Children frozen, scores trained (a fit of the masks alone): the composed weight's
+    gradient still reaches the scores, which train as in the forward mode."""
+    a, opt_a, b, opt_b = pair()
+    for net in (a, b):
+        for _, layer in cwps_layers(net):
+            for p in (layer.weight, layer.bias):
+                if p is not None:
+                    p.requires_grad_(False)
+    start = [layer.mask_logits.detach().clone() for _, layer in cwps_layers(b)]
+    same_training(lambda net, opt: train(net, opt, ["soft", "soft", "hard"], X, Y),
+                  a, opt_a, b, opt_b)
+    for (_, layer), s0 in zip(cwps_layers(b), start, strict=True):
+        assert not torch.equal(layer.mask_logits.detach(), s0)
+
+
+def test_a_copy_made_between_a_backward_and_the_step():
+    """deepcopy of the model with a gradient pending on its composed weights: the copy
+    computes as the original and carries none of that gradient; the original steps as if no
+    copy had been made."""
+    a, opt_a, b, opt_b = pair()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        set_stage(net, "soft")
+        opt.zero_grad()
+        F.cross_entropy(net(X), Y).backward()
+    c = copy.deepcopy(b)
+    with torch.no_grad():
+        torch.testing.assert_close(c(X), b(X))
+    assert all(layer.weight.grad is None and layer.mask_logits.grad is None
+               for _, layer in cwps_layers(c))
+    opt_a.step()
+    opt_b.step()
+    assert_same_params(a, b)
+
+
+@pytest.mark.parametrize("bad", [dict(dampening=0.1), dict(maximize=True)])
+def test_refuses_group_settings_it_does_not_step(bad):
+    a = make_net()
+    use_step_compose(a)
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        StepComposeSGD([{"params": list(a.parameters()), **bad}], lr=0.1, model=a)
+
+
+@pytest.mark.parametrize("name", ["lr", "momentum", "weight_decay"])
+@pytest.mark.parametrize("value", [-0.1, float("nan")])
+def test_refuses_a_negative_or_nan_hyperparameter(name, value):
+    a = make_net()
+    use_step_compose(a)
+    with pytest.raises(ValueError, match=f"{name} must be >= 0"):
+        StepComposeSGD(a.parameters(), **{**HYPER, name: value}, model=a)
+
+
+def test_hyperparameters_moved_on_the_groups_reach_every_parameter():
+    """A schedule that moves momentum or weight decay on the param groups (OneCycleLR cycles
+    the momentum) steps the normalisation layers and the head with the new values as well, as
+    torch's SGD does."""
+    def sequence(net, opt):
+        train(net, opt, ["soft"], X, Y)
+        for group in opt.param_groups:
+            group["momentum"], group["weight_decay"] = 0.5, 0.05
+        train(net, opt, ["soft", "hard"], X, Y)
+
+    same_training(sequence)
+
+
+def test_a_loaded_state_steps_at_its_own_learning_rates():
+    """A state dict saved after a schedule moved the learning rates: the optimiser it is loaded
+    into steps every parameter at the loaded rates, as the uninterrupted one does."""
+    _, _, b, opt_b = pair()
+    train(b, opt_b, ["soft"], X, Y)
+    for group in opt_b.param_groups:
+        group["lr"] *= 0.1
+    model_state = copy.deepcopy(b.state_dict())
+    opt_state = copy.deepcopy(opt_b.state_dict())
+    train(b, opt_b, ["soft", "hard"], X, Y)
+
+    c = make_net()
+    use_step_compose(c)
+    c.load_state_dict(model_state)
+    opt_c = StepComposeSGD(groups(c, 200.0), **HYPER, model=c)
+    opt_c.load_state_dict(opt_state)
+    train(c, opt_c, ["soft", "hard"], X, Y)
+    assert_same_params(b, c, atol=0)
+
+
+def test_a_gradient_of_its_own_stays_after_the_step():
+    """As torch's SGD leaves it, a tensor's own gradient (a penalty on the scores of a layer
+    that did not run) is still on it after the step, for whatever reads it before zero_grad."""
+    a, opt_a, b, opt_b = pair()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        set_stage(net, "soft")
+        opt.zero_grad()
+        h = net[:7](X)
+        with torch.no_grad():
+            h = net[7](h)
+        (net[8](h).square().mean() + net[7].mask_logits.sigmoid().sum()).backward()
+        opt.step()
+    assert a[7].mask_logits.grad is not None
+    torch.testing.assert_close(b[7].mask_logits.grad, a[7].mask_logits.grad)
+
+
+def test_identity_mask_gradient_trains_as_the_forward_compose():
+    """mask_grad="identity" (the hard stage's dL/ds = dL/dm): the step takes it as the forward
+    compose's backward does."""
+    a, opt_a, b, opt_b = pair(mask_lr=2.0)
+    for net in (a, b):
+        for _, layer in cwps_layers(net):
+            layer.mask_grad = "identity"
+    same_training(lambda net, opt: train(net, opt, ["soft", "hard", "hard", "hard"], X, Y),
+                  a, opt_a, b, opt_b)
+
+
+def test_each_group_steps_with_its_own_momentum():
+    """A group's own momentum (the optimiser's default none) steps the children it holds with
+    momentum, as torch's SGD does."""
+    a = make_net()
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+    hyper = {**HYPER, "momentum": 0.0}
+
+    def grouped(net):
+        g = groups(net, 20.0)
+        g[0]["momentum"] = 0.9
+        return g
+
+    opt_a = torch.optim.SGD(grouped(a), **hyper)
+    SharedChannelFreeze(a).attach(opt_a)
+    opt_b = StepComposeSGD(grouped(b), **hyper, model=b, compiled=False)
+    same_training(lambda net, opt: train(net, opt, ["soft", "soft", "hard", "hard"], X, Y),
+                  a, opt_a, b, opt_b)
+
+
+def test_a_closure_step_trains_as_a_plain_step_and_returns_its_loss():
+    """Lightning steps with a closure that runs the forward and the backward (the step itself
+    runs without gradients): it trains as a plain step and returns the closure's loss, as
+    torch's SGD does."""
+    a, opt_a, b, opt_b = pair()
+    losses = []
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        for stage in ("soft", "hard"):
+            set_stage(net, stage)
+
+            def closure(net=net, opt=opt):
+                opt.zero_grad()
+                loss = F.cross_entropy(net(X), Y)
+                loss.backward()
+                return loss
+
+            losses.append(opt.step(closure))
+    assert all(isinstance(loss, torch.Tensor) for loss in losses)
+    assert [loss.item() for loss in losses[2:]] == pytest.approx(
+        [loss.item() for loss in losses[:2]], rel=1e-5)
+    assert_same_params(a, b)
+
+
+def test_finetune_stage_gradients_are_on_the_parameters_after_the_backward():
+    """In the finetune stage a step-compose layer is the plain layer: the backward leaves
+    every gradient on the parameters themselves (where a clip or a log reads it before the
+    step), as in the forward mode, and the scores get none."""
+    a = make_net()
+    b = copy.deepcopy(a)
+    use_step_compose(b)
+    for net in (a, b):
+        set_stage(net, "finetune")
+        F.cross_entropy(net(X), Y).backward()
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters(), strict=True):
+        assert (pa.grad is None) == (pb.grad is None), name
+        if pa.grad is not None:
+            torch.testing.assert_close(pb.grad, pa.grad, msg=name)

@@ -172,6 +172,8 @@ LAYERS = {
     "same_depthwise_5x5": (
         lambda: Conv2dSame(6, 6, 5, stride=2, groups=6, bias=False), (2, 6, 9, 9)
     ),
+    "std_dilated": (lambda: StdConv2d(4, 6, 3, padding=2, dilation=2), (2, 4, 9, 9)),
+    "same_dilated": (lambda: Conv2dSame(4, 6, 3, stride=2, dilation=2), (2, 4, 9, 9)),
 }
 
 
@@ -305,3 +307,70 @@ def test_stock_only_selection_leaves_transformed_convs_out():
     assert shareable_layers(model) == ["0", "1", "2"]
     with pytest.warns(UserWarning, match="Conv2dSame, StdConv2d"):
         assert shareable_layers(model, transformed=False) == ["0"]
+
+
+def test_a_frozen_gain_stays_frozen():
+    """A ScaledStdConv2d whose gain is frozen: the CWPS layer and its merge keep it frozen."""
+    plain = ScaledStdConv2d(4, 6, 3)
+    plain.gain.requires_grad_(False)
+    layer = TRANSFORMED_CONVS["timm.layers.std_conv.ScaledStdConv2d"].from_conv(plain)
+    assert not layer.gain.requires_grad
+    with torch.no_grad():
+        layer.set_parent(torch.randn_like(layer.weight), torch.randn_like(layer.bias))
+    layer.stage = "hard"
+    layer(torch.randn(2, 4, 7, 7)).sum().backward()
+    assert layer.gain.grad is None and layer.weight.grad is not None
+    assert not layer.to_plain().gain.requires_grad
+
+
+def test_from_conv_refuses_a_layer_of_another_class():
+    """Wrapping a plain conv in the standardising CWPS class would change what it computes."""
+    cls = TRANSFORMED_CONVS["timm.layers.std_conv.StdConv2d"]
+    with pytest.raises(TypeError, match="CWPSStdConv2d wraps timm.layers.std_conv.StdConv2d, "
+                                        "got Conv2d"):
+        cls.from_conv(nn.Conv2d(4, 6, 3))
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_unwritten_parent_is_refused(stage):
+    plain, _, x = make_layer("std")
+    layer = type(_).from_conv(plain, fill_parent=False)
+    assert layer.parent_unset
+    layer(x)  # finetune: the parent is not read
+    layer.stage = stage
+    with pytest.raises(RuntimeError, match="parent was never installed"):
+        layer(x)
+
+
+def test_hard_stage_decides_at_the_layers_threshold():
+    """At lambda = 0.8 a channel with sigmoid(s) = 0.5 is shared: the hard stage computes what
+    the merged timm layer computes."""
+    plain, layer, x = make_layer("std")
+    layer.threshold = 0.8
+    layer.stage = "hard"
+    spec = layer.task_specific()
+    assert spec[0] and not spec[2]  # sigmoid(2) = 0.88 specific, sigmoid(0) = 0.5 shared
+    with torch.no_grad():
+        assert torch.equal(layer(x), layer.to_plain()(x))
+
+
+def test_a_float64_layer_merges_into_a_float64_timm_layer():
+    plain, layer, x = make_layer("scaled", torch.float64)
+    layer.stage = "hard"
+    merged = layer.to_plain()
+    assert merged.weight.dtype == torch.float64 and type(merged) is type(plain)
+    with torch.no_grad():
+        assert torch.equal(merged(x), layer(x))
+
+
+def test_built_directly_the_scaled_layer_computes_as_timms():
+    """CWPSScaledStdConv2d(...) with timm's defaults (gamma 1: the scale fan_in ** -0.5) in
+    the finetune stage is ScaledStdConv2d with the same weights."""
+    cls = TRANSFORMED_CONVS["timm.layers.std_conv.ScaledStdConv2d"]
+    ours = cls(4, 6, 3, padding=1)
+    theirs = ScaledStdConv2d(4, 6, 3, padding=1)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items()
+                            if k in theirs.state_dict()})
+    x = torch.randn(2, 4, 7, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
