@@ -615,8 +615,9 @@ def test_a_sweep_into_a_finished_sweeps_dir_with_other_values_is_refused(no_fits
     (["-m", "cwps.threshold=range(0,0)"], r"^the sweep has no jobs \(an empty range or choice"),
 ])
 def test_sweep_overrides_hydra_cannot_expand_are_one_line(no_fits, argv, message):
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         preflight(argv)
+    assert "See https://" not in str(err.value)  # (Hydra's pointer to its grammar page)
 
 
 def test_a_run_dir_or_cache_dir_under_a_file_is_refused(no_fits, tmp_path):
@@ -696,3 +697,60 @@ def test_slurm_settings_compare_as_text_and_tasks_follow_gpus(no_fits, monkeypat
                                           r"gpus_per_node=4"):
         preflight([*base, "trainer.devices=4", "hydra.launcher.gpus_per_node=4",
                    "hydra.launcher.tasks_per_node=2"])
+
+
+def test_a_single_runs_directory_holding_results_only_is_no_sweep_dir(no_fits, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match=r"hydra\.sweep\.dir=.*run: a single run's directory"):
+        preflight(["-m", "cwps.threshold=0.3,0.5", f"hydra.sweep.dir={tmp_path / 'run'}"])
+
+
+def test_an_optuna_study_may_run_again_in_its_own_sweep_dir(no_fits, tmp_path):
+    """Optuna numbers its trials as it samples them: job 0's store holds the values it drew,
+    not the fixed part of the command, and is no reason to refuse the command."""
+    import json
+
+    from cwps_lightning.persist import config_hash, result_config
+
+    sweep = tmp_path / "sweep"
+    config = result_config(compose_config(["hparams_search=cwps_optuna", "cwps.threshold=0.37"]))
+    (sweep / "0" / "store").mkdir(parents=True)
+    (sweep / "0" / "store" / "manifest.json").write_text(json.dumps(
+        {"run": {"config": config, "config_hash": config_hash(config)}}))
+    preflight(["-m", "hparams_search=cwps_optuna", f"hydra.sweep.dir={sweep}"])
+
+
+def test_a_search_space_value_this_machine_cannot_run_is_refused(no_fits, monkeypatch):
+    monkeypatch.setattr(checks.torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^the sweeper's search space, at "
+                                          r"trainer\.accelerator=gpu: .*no CUDA GPU"):
+        preflight(["-m", "hparams_search=cwps_optuna", "trainer.accelerator=choice(cpu,gpu)"])
+
+
+def test_the_command_lines_search_space_replaces_the_presets():
+    from cwps_lightning.train import search_space_probes
+
+    def probes(*overrides):
+        return [probe for probe, _ in search_space_probes(["hparams_search=cwps_optuna",
+                                                           *overrides])]
+
+    assert probes("cwps.threshold=interval(0.2,0.4)") == [
+        "cwps.threshold=0.2", "cwps.threshold=0.4", "optim.mask_lr=0.002", "optim.mask_lr=0.2"]
+    assert probes("cwps.threshold=0.5") == ["optim.mask_lr=0.002", "optim.mask_lr=0.2"]
+
+
+def test_a_bad_config_is_printed_once_under_torchrun(monkeypatch, capsys, no_fits):
+    """Every rank checks the command; rank 0 alone prints the error line."""
+    from cwps_lightning import train
+
+    monkeypatch.setattr(train.distributed, "rank", lambda: 1)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["cwps.threshold=abc"])
+    assert stopped.value.code == 2 and capsys.readouterr().err == ""
+    monkeypatch.setattr(train.distributed, "rank", lambda: 0)
+    with pytest.raises(SystemExit) as stopped:
+        train.main(["cwps.threshold=abc"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2
+    assert err.startswith("error: cwps.threshold: ") and len(err.splitlines()) == 1

@@ -56,6 +56,7 @@ def test_mismatching_file_names_the_keys(tmp_path):
     msg = str(err.value)
     assert "missing keys ['layer2.0.conv1.weight']" in msg
     assert "layer1.0.conv2.weight: file (64, 64, 1, 1) vs model (64, 64, 3, 3)" in msg
+    assert "fc." not in msg  # (the head takes the file's class count: no mismatch)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelConfigError, match="cannot read .*junk.pt"):
         load_backbone_weights("resnet18", tmp_path / "junk.pt")
@@ -100,7 +101,8 @@ def i2s_pretrained_config(i2s_root):
 
 def test_pretrained_failure_is_a_clear_error(monkeypatch, i2s_root):
     def offline(location):
-        raise OSError("We couldn't connect to 'https://huggingface.co'")
+        raise OSError("We couldn't connect to 'https://huggingface.co' to load the files,\n"
+                      "and couldn't find them in the cached files.")
 
     asked = fake_hub(monkeypatch, offline)
     dm = ImageNetSketchDataModule(root=str(i2s_root))
@@ -127,6 +129,25 @@ def test_pretrained_hub_weights_are_used(monkeypatch, i2s_root):
     assert info == {"pretrained": hub_id}
     assert_equal_state(model, hub)  # every weight the hub's, the head included
     assert model.get_classifier().out_features == 1000  # the ImageNet head stays T0's
+
+
+def test_hub_and_file_weights_are_built_with_the_model_kwargs(monkeypatch, i2s_root, tmp_path):
+    """model.kwargs reach timm for T0 from the hub and from a file alike."""
+    import timm
+
+    hub = timm.create_model("resnet18", pretrained=False).state_dict()
+    fake_hub(monkeypatch, lambda location: {k: v.clone() for k, v in hub.items()})
+    dm = ImageNetSketchDataModule(root=str(i2s_root))
+    cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={i2s_root}",
+                          "model.name=resnet18", "+model.kwargs.drop_rate=0.25"])
+    model, _ = acquire_t0(cfg, dm, None, "cpu")
+    assert model.drop_rate == 0.25
+    write_checkpoint(tmp_path / "t0.pt", "resnet18", num_classes=6)
+    cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={i2s_root}",
+                          "model.name=resnet18", "+model.kwargs.drop_rate=0.25",
+                          f"model.weights={tmp_path / 't0.pt'}"])
+    model, _ = acquire_t0(cfg, dm, None, "cpu")
+    assert model.drop_rate == 0.25
 
 
 def test_no_t0_source_for_a_benchmark_without_pretraining(i2s_root):

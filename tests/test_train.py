@@ -1,0 +1,253 @@
+"""The train command's job (train.py): its loggers, fit settings and methods, the wrapper that
+reports a job's outputs, rank-0 logging, the cleanup of a stopped run's directory, and what a
+tiny whole run leaves. (Its checks before Hydra runs are in test_checks.py; the command in a
+subprocess is in tests/integration.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import types
+import warnings
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cwps_lightning import checks, train
+from cwps_lightning.config import compose_config
+from cwps_lightning.errors import ConfigError
+from cwps_lightning.fitting import TrainingDiverged
+
+
+def job_of(*overrides: str):
+    cfg = compose_config(list(overrides))
+    return cfg, checks.check_config(cfg, data=False)
+
+
+# -- loggers and fit settings --------------------------------------------------------------------
+def test_logger_none_gives_lightning_no_logger_and_csv_logs_under_the_run_dir(tmp_path):
+    """logger.kind=none: no logger at all (Lightning would add its default one, writing
+    lightning_logs/, for a missing logger); csv: <run dir>/logs/<method>/<fit>/."""
+    cfg, job = job_of("logger.kind=none")
+    make = train.logger_factory(cfg, job, tmp_path)
+    trainer = L.Trainer(accelerator="cpu", logger=make("cwps", "optdigits-it0-mask"),
+                        enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path / "default"))
+    assert trainer.loggers == []
+    cfg, job = job_of("logger=csv")
+    logger = train.logger_factory(cfg, job, tmp_path)("cwps", "optdigits-it0-mask")
+    assert Path(logger.log_dir) == tmp_path / "logs" / "cwps" / "optdigits-it0-mask"
+
+
+def test_fit_settings_take_the_optimiser_model_and_checkpoint_settings(tmp_path):
+    cfg, job = job_of("optim.lr=0.3", "optim.mask_lr=0.07", "optim.momentum=0.5",
+                      "optim.weight_decay=0.001", "model.channels_last=false",
+                      "model.compile_mode=max-autotune")
+    s = train.fit_settings_of(cfg, job, tmp_path, config_hash="a" * 64)
+    assert (s.lr, s.mask_lr, s.momentum, s.weight_decay) == (0.3, 0.07, 0.5, 0.001)
+    assert s.channels_last is False
+    assert s.compile_mode is None  # a compile mode without model.compile: eager
+    assert s.checkpoint_dir is None  # trainer.enable_checkpointing=false (the default)
+    cfg, job = job_of("model.compile=true", "model.compile_mode=max-autotune",
+                      "trainer.enable_checkpointing=true")
+    s = train.fit_settings_of(cfg, job, tmp_path, config_hash="a" * 64)
+    assert s.channels_last is True and s.compile_mode == "max-autotune"
+    # under <run dir>/checkpoints, one folder per config: a run dir reused by another config
+    # does not continue from this one's checkpoints
+    other = train.fit_settings_of(cfg, job, tmp_path, config_hash="b" * 64)
+    assert s.checkpoint_dir.parent == tmp_path / "checkpoints"
+    assert other.checkpoint_dir.parent == tmp_path / "checkpoints"
+    assert s.checkpoint_dir != other.checkpoint_dir
+
+
+def test_cwps_runs_first_then_the_baselines_in_the_configs_order():
+    _, job = job_of("cwps.baselines=[frozen,finetune]")
+    assert [m.name for m in train.methods_of(job)] == ["cwps", "frozen", "finetune"]
+
+
+# -- the job wrapper -----------------------------------------------------------------------------
+class OpenRun:
+    """Stands in for the ``wandb`` module with a run open: records that it was finished."""
+
+    def __init__(self):
+        self.module = types.ModuleType("wandb")
+        self.module.run = object()
+        self.finished = 0
+
+        def finish():
+            self.finished += 1
+            self.module.run = None
+
+        self.module.finish = finish
+
+
+@pytest.fixture
+def job_dir(monkeypatch, tmp_path):
+    """The run directory Hydra reports to the job, and an open W&B run."""
+    hydra = types.SimpleNamespace(runtime=types.SimpleNamespace(output_dir=str(tmp_path)))
+    monkeypatch.setattr(train.HydraConfig, "get", staticmethod(lambda: hydra))
+    wandb = OpenRun()
+    monkeypatch.setitem(sys.modules, "wandb", wandb.module)
+    return tmp_path, wandb
+
+
+@pytest.mark.parametrize("error", [ConfigError("cwps.threshold: bad"),
+                                   TrainingDiverged("the training loss is nan")])
+def test_an_error_with_its_own_line_is_not_logged_again(job_dir, caplog, error):
+    """Bad input and a diverged fit end with the CLI's one ``error:`` line; the wrapper adds
+    no log line of its own, and the W&B run left open is finished."""
+    _, wandb = job_dir
+
+    def task(cfg):
+        raise error
+
+    with caplog.at_level(logging.INFO, logger="cwps_lightning"), pytest.raises(type(error)):
+        train.task_wrapper(task)(None)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert wandb.finished == 1
+
+
+def test_any_other_failure_logs_where_the_outputs_are(job_dir, caplog):
+    run_dir, wandb = job_dir
+
+    def task(cfg):
+        raise RuntimeError("disk full")
+
+    with caplog.at_level(logging.INFO, logger="cwps_lightning"):
+        with pytest.raises(RuntimeError):
+            train.task_wrapper(task)(None)
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "RuntimeError: disk full" in errors[0]
+        assert str(run_dir) in errors[0]
+        assert wandb.finished == 1
+        assert train.task_wrapper(lambda cfg: {"done": True})(None) == {"done": True}
+    assert f"outputs: {run_dir}" in caplog.text
+
+
+# -- logging -------------------------------------------------------------------------------------
+@pytest.fixture
+def logger_levels():
+    """Put back the levels of the loggers the tests change."""
+    names = ["", "cwps_lightning", "lightning.pytorch.utilities.rank_zero",
+             "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"]
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():  # (quiet_lightning adds filters)
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def test_ranks_above_zero_log_warnings_only(monkeypatch, logger_levels):
+    logging.getLogger().setLevel(logging.INFO)
+    train.log.setLevel(logging.INFO)
+    monkeypatch.setattr(train.distributed, "rank", lambda: 0)
+    train.quiet_other_ranks()
+    assert train.log.isEnabledFor(logging.INFO)  # rank 0 logs the run
+    monkeypatch.setattr(train.distributed, "rank", lambda: 1)
+    train.quiet_other_ranks()
+    assert not train.log.isEnabledFor(logging.INFO)
+    assert not logging.getLogger("cwps_lightning.runner").isEnabledFor(logging.INFO)
+    assert train.log.isEnabledFor(logging.WARNING)
+
+
+def test_a_trainer_prints_no_device_banner(caplog, logger_levels):
+    train.quiet_lightning()
+    with caplog.at_level(logging.INFO):
+        L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False)
+    assert not [r for r in caplog.records if r.name.startswith("lightning")
+                and r.levelno < logging.WARNING], caplog.text
+
+
+# -- a stopped run's directory -------------------------------------------------------------------
+def stub(run_dir: Path) -> Path:
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / "train.log").write_text("")
+    return run_dir
+
+
+def test_removing_a_stub_keeps_the_working_directory_and_folders_outside_it(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", False)
+    cwd = tmp_path / "work"
+    run_dir = stub(cwd / "outputs" / "run")
+    assert train.remove_if_stub(run_dir, cwds=[cwd])
+    assert not (cwd / "outputs").exists()
+    assert cwd.is_dir()  # emptied, but the working directory stays
+    elsewhere = stub(tmp_path / "elsewhere" / "runs" / "run")
+    assert train.remove_if_stub(elsewhere, cwds=[cwd])
+    assert not elsewhere.exists()
+    assert (tmp_path / "elsewhere" / "runs").is_dir()  # not below the working directory
+
+
+def test_a_run_dir_known_only_later_is_taken_as_new_or_as_existing(tmp_path):
+    """A timestamped run dir is new even where the folder its timestamp names exists now (it
+    is resolved again when Hydra makes it); one that does not resolve before the run counts as
+    existing (never removed)."""
+    import time
+
+    year = time.localtime().tm_year
+    for y in (year, year + 1):  # (a run on New Year's Eve)
+        (tmp_path / str(y)).mkdir()
+    assert not train.run_dir_existed(compose_config([f"hydra.run.dir={tmp_path}/${{now:%Y}}"]))
+    assert train.run_dir_existed(compose_config(
+        [f"hydra.run.dir={tmp_path}/${{oc.env:CWPS_NO_SUCH_VARIABLE}}"]))
+
+
+# -- a whole run, in-process (one task, timm's tiny ResNet on 8x8 images, one epoch a fit) --------
+def tiny_run(run_dir: Path, *overrides: str) -> dict:
+    from .integration.helpers import compose_run_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train.run(compose_run_config(
+            run_dir, "data.tasks=[optdigits]", "cwps.baselines=[]", "model.name=test_resnet",
+            "data.image_size=8", "logger.kind=none", f"paths.cache_dir={run_dir.parent / 'cache'}",
+            *overrides))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_finished_run_is_complete_keeps_no_checkpoints_and_resumes_from_its_store(
+        tmp_path, monkeypatch):
+    """Its manifest says complete and its epoch checkpoints go; run again, it takes T0 from
+    its store (the T0 its tasks were trained from, even where the cache is gone), not from the
+    cache or a new pretraining, and leaves another config's checkpoints in the run dir be."""
+    summaries = []
+    monkeypatch.setattr(train, "log_job_summary", lambda *args: summaries.append(args))
+    run_dir = tmp_path / "run"
+    first = tiny_run(run_dir, "trainer.enable_checkpointing=true")
+    manifest = json.loads((run_dir / "store" / "manifest.json").read_text())
+    assert manifest["run"]["complete"] is True
+    assert not (run_dir / "checkpoints").exists()
+    assert summaries == []  # (logger.kind=none: no W&B summary run)
+
+    other = run_dir / "checkpoints" / "0123456789ab" / "cwps" / "optdigits-it0-mask"
+    other.mkdir(parents=True)
+    (other / "last.ckpt").write_bytes(b"another config's")
+    shutil.rmtree(tmp_path / "cache")
+    monkeypatch.setattr(train, "acquire_t0", lambda *args: pytest.fail("T0 acquired again"))
+    again = tiny_run(run_dir, "trainer.enable_checkpointing=true")
+    assert again["t0"] == {"restored_from": str(run_dir / "store")}
+    assert again["methods"]["cwps"]["tasks"] == first["methods"]["cwps"]["tasks"]
+    assert (other / "last.ckpt").read_bytes() == b"another config's"
+
+
+def test_a_failing_wandb_summary_run_leaves_the_results(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(train, "wandb_logger_factory",
+                        lambda cfg, settings, run_dir: lambda group, name: False)
+
+    def down(*args):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(train, "log_job_summary", down)
+    with caplog.at_level(logging.ERROR, logger="cwps_lightning"):
+        results = tiny_run(tmp_path / "run", "logger.kind=wandb", "logger.mode=offline")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["methods"] == json.loads(
+        json.dumps(results["methods"]))
+    assert "W&B summary run failed (RuntimeError: W&B is down)" in caplog.text
