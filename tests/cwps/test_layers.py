@@ -235,6 +235,27 @@ def test_hard_equals_merged(name):
     assert not torch.allclose(y_hard, y_parent, atol=1e-4)
 
 
+def assert_matches_reference(layer, x, stage: str, net=lambda f, x: f(x)):
+    """``net(layer, x)`` and ``net`` over the naive reference (on clones of the layer's
+    parameters) give the same output and the same gradients of the input, child, bias and mask
+    scores, float64-close."""
+    x1 = x.clone().requires_grad_(True)
+    y = net(layer, x1)
+    g = torch.randn_like(y)
+    y.backward(g)
+    params = [None if p is None else p.detach().clone().requires_grad_(True)
+              for p in (layer.weight, layer.bias, layer.mask_logits)]
+    x2 = x.clone().requires_grad_(True)
+    y_ref = net(lambda x: reference(layer, x, stage, params), x2)
+    y_ref.backward(g)
+    opts = dict(atol=1e-10, rtol=1e-9)
+    torch.testing.assert_close(y, y_ref, **opts)
+    torch.testing.assert_close(x1.grad, x2.grad, **opts)
+    for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
+        if p is not None:
+            torch.testing.assert_close(p.grad, ref.grad, **opts)
+
+
 @pytest.mark.parametrize("stage", ["soft", "hard"])
 @pytest.mark.parametrize("name", list(ALL_VARIANTS))
 def test_autograd_matches_naive_reference(name, stage):
@@ -242,27 +263,7 @@ def test_autograd_matches_naive_reference(name, stage):
     randomise(layer)
     assert layer.weight.dtype == layer.mask_logits.dtype == torch.float64
     layer.stage = stage
-
-    x1 = x.clone().requires_grad_(True)
-    y = layer(x1)
-    g = torch.randn_like(y)
-    y.backward(g)
-
-    params = [
-        p.detach().clone().requires_grad_(True) if p is not None else None
-        for p in (layer.weight, layer.bias, layer.mask_logits)
-    ]
-    x2 = x.clone().requires_grad_(True)
-    y_ref = reference(layer, x2, stage, params)
-    y_ref.backward(g)
-
-    opts = dict(atol=1e-10, rtol=1e-9)
-    torch.testing.assert_close(y, y_ref, **opts)
-    torch.testing.assert_close(x1.grad, x2.grad, **opts)
-    torch.testing.assert_close(layer.weight.grad, params[0].grad, **opts)
-    if layer.bias is not None:
-        torch.testing.assert_close(layer.bias.grad, params[1].grad, **opts)
-    torch.testing.assert_close(layer.mask_logits.grad, params[2].grad, **opts)
+    assert_matches_reference(layer, x, stage)
     assert layer.mask_logits.grad.abs().min() > 0
     # buffers never get gradients
     assert not layer.parent_weight.requires_grad
@@ -758,20 +759,7 @@ def test_layer_called_twice_in_one_forward_matches_reference(stage):
     x = torch.randn(2, 5, 6, 6, dtype=torch.float64)
     randomise(layer)
     layer.stage = stage
-    x1 = x.clone().requires_grad_(True)
-    y = layer(torch.tanh(layer(x1)))
-    g = torch.randn_like(y)
-    y.backward(g)
-    params = [p.detach().clone().requires_grad_(True)
-              for p in (layer.weight, layer.bias, layer.mask_logits)]
-    x2 = x.clone().requires_grad_(True)
-    y_ref = reference(layer, torch.tanh(reference(layer, x2, stage, params)), stage, params)
-    y_ref.backward(g)
-    opts = dict(atol=1e-10, rtol=1e-9)
-    torch.testing.assert_close(y, y_ref, **opts)
-    torch.testing.assert_close(x1.grad, x2.grad, **opts)
-    for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
-        torch.testing.assert_close(p.grad, ref.grad, **opts)
+    assert_matches_reference(layer, x, stage, net=lambda f, x: f(torch.tanh(f(x))))
 
 
 @pytest.mark.parametrize("mask_grad", ["sigmoid", "identity"])
@@ -885,20 +873,7 @@ def test_soft_scores_all_far_below_zero_still_blend_child_and_parent(name):
     with torch.no_grad():
         layer.mask_logits.fill_(-4.0)  # sigmoid 0.018 on each of the 6 channels
     layer.stage = "soft"
-    x1 = x.clone().requires_grad_(True)
-    y = layer(x1)
-    g = torch.randn_like(y)
-    y.backward(g)
-    params = [None if p is None else p.detach().clone().requires_grad_(True)
-              for p in (layer.weight, layer.bias, layer.mask_logits)]
-    x2 = x.clone().requires_grad_(True)
-    y_ref = reference(layer, x2, "soft", params)
-    y_ref.backward(g)
-    opts = dict(atol=1e-10, rtol=1e-9)
-    torch.testing.assert_close(y, y_ref, **opts)
-    torch.testing.assert_close(x1.grad, x2.grad, **opts)
-    for p, ref in zip((layer.weight, layer.bias, layer.mask_logits), params, strict=True):
-        torch.testing.assert_close(p.grad, ref.grad, **opts)
+    assert_matches_reference(layer, x, "soft")
 
 
 def test_a_taken_over_weight_leaves_its_old_gradient_behind():
