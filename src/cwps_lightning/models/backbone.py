@@ -103,8 +103,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelConfigError(f"model.weights: cannot read {str(path)!r} ({reason}); "
                                f"accepted: {WEIGHTS_ACCEPTED}") from err
     # what timm's loader (which does the load) takes: the top level, or its 'state_dict' or
-    # else its 'model' entry, with DDP's / torch.compile's key prefixes dropped; a check of
-    # anything else would pass a file the load then refuses
+    # else its 'model' entry, with DDP's / torch.compile's key prefixes dropped (timm's own
+    # clean_state_dict); a check of anything else would pass a file the load then refuses
     if isinstance(state, dict):
         key = next((k for k in ("state_dict", "model") if k in state), None)
         state = state[key] if key else state
@@ -113,16 +113,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         found = sorted(map(str, state))[:5] if isinstance(state, dict) else type(state).__name__
         raise ModelConfigError(f"model.weights: {str(path)!r} holds no state dict of tensors "
                                f"(found {found}); accepted: {WEIGHTS_ACCEPTED}")
-    return {_clean_key(k): v for k, v in state.items()}
-
-
-def _clean_key(key: str) -> str:
-    """A state-dict key without the prefixes DDP ('module.') and torch.compile ('_orig_mod.')
-    add, in either order, as timm drops them."""
-    for prefix in ("_orig_mod.", "module.", "_orig_mod."):
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
+    return timm.models.clean_state_dict(state)
 
 
 def load_backbone_weights(
