@@ -19,6 +19,7 @@ import torch
 
 from cwps_lightning import checks, train
 from cwps_lightning.config import compose_config
+from cwps_lightning.data.base import DataConfigError, MultiTaskDataModule
 from cwps_lightning.errors import ConfigError
 from cwps_lightning.fitting import TrainingDiverged
 
@@ -251,3 +252,23 @@ def test_a_failing_wandb_summary_run_leaves_the_results(tmp_path, monkeypatch, c
     assert json.loads((tmp_path / "run" / "results.json").read_text())["methods"] == json.loads(
         json.dumps(results["methods"]))
     assert "W&B summary run failed (RuntimeError: W&B is down)" in caplog.text
+
+
+class UnreadableTask(MultiTaskDataModule):
+    """A benchmark whose one task turns out bad only when its images are read."""
+
+    default_tasks = ("t",)
+
+    def __init__(self, image_size=None, limit_per_task=None, **kwargs):
+        super().__init__(**kwargs)
+
+    def build_tasks(self):
+        raise DataConfigError("task 't': its images do not decode")
+
+
+def test_data_found_bad_on_reading_stops_the_run_before_t0_is_acquired(tmp_path, monkeypatch):
+    """(T0 may be a download or a pretraining: the data's error comes first, nothing written)"""
+    monkeypatch.setattr(train, "acquire_t0", lambda *args: pytest.fail("T0 before the data"))
+    with pytest.raises(ConfigError, match="its images do not decode"):
+        tiny_run(tmp_path / "run", f"data._target_={__name__}.UnreadableTask", "data.tasks=[t]")
+    assert not (tmp_path / "run").exists()
