@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,8 +35,8 @@ from .cwps.store import atomic_write
 log = logging.getLogger(__name__)
 
 STATUS_FILE = "job_status.json"
-#: failed jobs of this process's multirun, as (sweep dir, job number): train.main exits non-zero
-#: when a sweeper (Optuna with max_failure_rate) finished the sweep despite them
+#: failed jobs of this process's multirun, as (sweep dir, job number): train.main names them
+#: and exits non-zero at the sweep's end
 FAILED_JOBS: list[tuple[str, int]] = []
 LAMBDA_KEY = "cwps.threshold"
 
@@ -47,7 +48,23 @@ def _rank_zero() -> bool:
     return getattr(rank_zero_only, "rank", 0) == 0
 
 
+class SweepJobFailed(CompactHydraException):
+    """One of the project's own errors (config, data, store, a diverged fit) ended a job of a
+    multirun. Hydra records the job as failed and runs the others; a compact exception, so that
+    at the end of a sweep Hydra prints its line and not a traceback through the project's code.
+    ``line``: the error's line (``error_line``), as the report shows it."""
+
+    def __init__(self, line: str, job: int):
+        super().__init__(line, job)  # (the args a pickled copy is rebuilt from)
+        self.line, self.job = line, job
+
+    def __str__(self) -> str:
+        return f"job {self.job} failed: {self.line}"
+
+
 def error_line(err: BaseException) -> str:
+    if isinstance(err, SweepJobFailed):
+        return err.line
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 

@@ -47,6 +47,7 @@ from .persist import RunRecorder, check_run_dir_reuse
 from .pretrain import acquire_t0
 from .report import add_figures, assemble_results, write_results
 from .runner import MethodResult, Runner
+from .sweep import FAILED_JOBS, SweepJobFailed, error_line
 from .timing import Stopwatch
 from .wandb_log import close_run, log_job_summary, wandb_logger_factory
 
@@ -258,10 +259,11 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     except (ConfigError, StoreError, TrainingDiverged) as err:
         from hydra.types import RunMode
 
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN:
             # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
             # preset with max_failure_rate: 1.0); sweep.py reports it
-            raise
+            raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         if is_rank_zero():
             if not isinstance(err, TrainingDiverged):  # (a diverged run's log is its story)
                 runtime = HydraConfig.get().runtime
@@ -461,10 +463,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         # .hydra/ files or its log there a second time (Lightning's launcher does the same)
         sys.argv += ["hydra.output_subdir=null",
                      f"hydra.job.name=train_rank_{distributed.rank()}"]
-    hydra_main()
-    from .sweep import FAILED_JOBS
+    try:
+        hydra_main()
+    except SystemExit:  # (the basic sweeper's end: Hydra printed the first failed job's line)
+        exit_if_jobs_failed()
+        raise
+    exit_if_jobs_failed()  # (a sweeper that tolerates failures: the Optuna preset)
 
-    if FAILED_JOBS:  # a sweeper that tolerates failures (the Optuna preset) ended the sweep
+
+def exit_if_jobs_failed() -> None:
+    """At a multirun's end, with every job run: the failed ones named, and exit status 1."""
+    if FAILED_JOBS:
         sweep_dir = FAILED_JOBS[0][0]
         print(f"error: {len(FAILED_JOBS)} job(s) of the sweep failed "
               f"({[job for _, job in FAILED_JOBS]}); see {sweep_dir}/sweep.md", file=sys.stderr)

@@ -63,6 +63,11 @@ def test_a_job_that_fails_does_not_stop_the_sweep(tmp_path, t0_cache):
     md = (sweep / "sweep.md").read_text()
     assert f"| failed: ModelConfigError: model.weights: cannot read '{junk}'" in md
     assert "2 job(s), 1 failed" in md
+    # the project's error as one line at the end (no traceback), then which jobs failed
+    assert "Traceback" not in proc.stderr
+    assert f"job 0 failed: ModelConfigError: model.weights: cannot read '{junk}'" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: 1 job(s) of the sweep failed ([0]); see {sweep}/sweep.md")
 
 
 def test_a_bad_lambda_stops_the_sweep_before_any_job(tmp_path, t0_cache):
@@ -254,6 +259,18 @@ def test_error_line_is_the_type_and_the_first_line():
 
     assert error_line(ValueError("first\nsecond")) == "ValueError: first"
     assert error_line(RuntimeError()) == "RuntimeError"
+
+
+def test_a_failed_jobs_error_keeps_its_line_and_job_when_pickled():
+    """(a launcher that runs jobs in other processes sends the exception back pickled)"""
+    import pickle
+
+    from cwps_lightning.sweep import SweepJobFailed, error_line
+
+    err = pickle.loads(pickle.dumps(SweepJobFailed("DataConfigError: no split files", 3)))
+    assert (err.line, err.job) == ("DataConfigError: no split files", 3)
+    assert str(err) == "job 3 failed: DataConfigError: no split files"
+    assert error_line(err) == "DataConfigError: no split files"  # the report's line, as it was
 
 
 def test_a_sweep_over_lambda_and_another_key_is_no_figure5(tmp_path):
