@@ -316,7 +316,7 @@ class LoggerSettings:
     kind: str = "csv"
     project: str = "cwps-lightning"
     entity: Optional[str] = None  # noqa: UP045
-    #: null = the run directory's name
+    #: null = <the run directory's parent>/<the run directory> (a multirun's jobs: one group)
     group: Optional[str] = None  # noqa: UP045
     #: null = WANDB_MODE or online; offline | online | disabled
     mode: Optional[str] = None  # noqa: UP045
