@@ -1135,7 +1135,8 @@ def main(argv=None):
         phase = "build"
         print("building models ...", flush=True)
         models = build_all(names, args.model, args.seed, device, args.channels_last, decisions)
-        n_cwps = len(list(cwps_layers(models[names[-1]]))) if len(names) > 1 else 0
+        # (the CWPS variants' count, whichever variant --variants names last)
+        n_cwps = max(len(list(cwps_layers(m))) for m in models.values())
         equiv = check_equivalence(models, args, device)
         for n, r in equiv.items():
             print(

@@ -56,3 +56,90 @@ def test_a_run_that_leaves_no_results_is_named_failed(tmp_path, monkeypatch, cap
     assert sweep.main(["--seeds", "0", "--keep-dir", str(tmp_path / "runs")]) == 1
     out = capsys.readouterr().out
     assert "default seed 0: FAILED (no " in out and "results.json" in out
+
+
+def test_one_failed_run_of_several_fails_the_sweep_and_the_rest_are_summarised(
+        tmp_path, monkeypatch, capsys):
+    calls = []
+    job = fake_job(calls)
+
+    def run(cmd, cwd=None, **kwargs):
+        if "seed=1" in cmd:  # this one crashes
+            calls.append((cmd, cwd))
+            return subprocess.CompletedProcess(cmd, 1, "", "Traceback")
+        return job(cmd, cwd=cwd, **kwargs)
+
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--seeds", "0", "1", "2", "--keep-dir", str(tmp_path / "runs"),
+                       "--out", str(out)]) == 1
+    assert "default seed 1: FAILED (exit 1)" in capsys.readouterr().out
+    summary = json.loads(out.read_text())["summary"]["default"]
+    assert summary["seeds"] == [0, 2]
+    assert summary["cwps"]["mean_top1"] == [90.0, 92.0]
+
+
+def test_the_summary_takes_the_papers_param_ratio_and_the_sample_sd(tmp_path, monkeypatch):
+    """param_ratio (without the heads, the paper's), not param_ratio_with_heads; spread as the
+    sample standard deviation (n - 1): 1, 2, 3 give 2.00 +- 1.00."""
+    def run(cmd, cwd=None, **kwargs):
+        out = Path(next(a.split("=", 1)[1] for a in cmd if a.startswith("hydra.run.dir=")))
+        out.mkdir(parents=True, exist_ok=True)
+        methods = {"cwps": {"mean_top1": 1.0, "param_ratio": 1.3, "param_ratio_with_heads": 1.9,
+                            "tasks": {"a": {"top1": 1.0}}}}
+        (out / "results.json").write_text(json.dumps({"methods": methods}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(sweep.subprocess, "run", run)
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(tmp_path / "r"), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["summary"]["default"]["cwps"]["param_ratio"] == [1.3]
+    assert sweep.mean_sd([1.0, 2.0, 3.0]) == "2.00 +- 1.00"
+    assert sweep.mean_sd([5.0]) == "5.00 +- 0.00" and sweep.mean_sd([]) == "-"
+
+
+def test_a_finished_run_is_reused_only_when_asked(tmp_path, monkeypatch, capsys):
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", fake_job(calls))
+    keep = str(tmp_path / "runs")
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep]) == 0
+    assert len(calls) == 1
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep]) == 0  # run again
+    assert len(calls) == 2
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep, "--reuse"]) == 0
+    assert len(calls) == 2 and "reused" in capsys.readouterr().out
+
+
+def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path, monkeypatch):
+    import argparse
+
+    import pytest
+
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", fake_job(calls))
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(tmp_path / "r"), "--common",
+                       "trainer=gpu data.x=1", "--setting", "a=cwps.threshold=0.3",
+                       "--setting", "b="]) == 0
+    assert len(calls) == 2
+    for cmd, _ in calls:
+        assert "trainer=gpu" in cmd and "data.x=1" in cmd
+    assert "cwps.threshold=0.3" in calls[0][0] and "cwps.threshold=0.3" not in calls[1][0]
+    with pytest.raises(argparse.ArgumentTypeError, match="NAME=OVERRIDES"):
+        sweep.parse_setting("no_equals_sign")
+    with pytest.raises(SystemExit, match="--reuse needs --keep-dir"):
+        sweep.main(["--reuse"])
+    with pytest.raises(SystemExit, match="must be unique"):
+        sweep.main(["--setting", "a=", "--setting", "a=x=1"])
+    assert len(calls) == 2
+
+
+def test_a_settings_override_wins_over_a_common_one(tmp_path, monkeypatch):
+    """Hydra takes the last of two values for one key: a setting (what the sweep varies) comes
+    after --common (the base every run shares), so it is the one that counts."""
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", fake_job(calls))
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(tmp_path / "r"), "--common",
+                       "cwps.threshold=0.5", "--setting", "low=cwps.threshold=0.3"]) == 0
+    (cmd, _), = calls
+    values = [a for a in cmd if a.startswith("cwps.threshold=")]
+    assert values[-1] == "cwps.threshold=0.3"

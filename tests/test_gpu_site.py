@@ -40,3 +40,25 @@ def test_a_package_that_cannot_travel_is_named_and_dest_is_untouched(tmp_path, p
     with pytest.raises(SystemExit, match=message):
         site.copy_site(dest, {"omegaconf": ["omegaconf"], **packages})
     assert [p.name for p in dest.iterdir()] == ["kept.txt"]
+
+
+def test_an_existing_dest_is_replaced_whole(tmp_path):
+    """DEST is written whole: what an earlier copy left there goes."""
+    site = load_benchmark("gpu_site")
+    dest = tmp_path / "site"
+    dest.mkdir()
+    (dest / "stale.txt").write_text("from an earlier copy")
+    site.copy_site(dest, {"omegaconf": ["omegaconf"]})
+    assert sorted(p.name for p in dest.iterdir())[0] == "omegaconf"
+    assert not (dest / "stale.txt").exists() and (dest / "omegaconf" / "__init__.py").is_file()
+
+
+def test_each_package_travels_with_its_dist_info(tmp_path):
+    """The copy's own metadata (not the installed one a test interpreter would also find)."""
+    import importlib.metadata as md
+
+    site = load_benchmark("gpu_site")
+    dest = tmp_path / "site"
+    site.copy_site(dest, {"omegaconf": ["omegaconf"]})
+    found = {d.metadata["Name"].lower(): d.version for d in md.distributions(path=[str(dest)])}
+    assert found == {"omegaconf": md.version("omegaconf")}

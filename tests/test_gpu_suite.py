@@ -125,3 +125,48 @@ def test_every_variant_the_suite_asks_for_is_one_the_benchmark_knows(tmp_path):
     # the prototype at the digits shape, in a step the recipe's budget always reaches (step 3)
     assert {"step-compose-soft", "step-compose-hard", "cwps-step-soft",
             "cwps-step-hard"} <= set(asked[1]), asked[1]
+
+
+def test_a_step_left_under_20_seconds_is_skipped_not_run(tmp_path):
+    """A 20 s budget: gpu_check (1.5 s) leaves 18-19 s, under the 20 s a step needs: every later
+    step is skipped and named with the time left."""
+    proc, out, calls = run_suite(tmp_path, 20, NAP_ON="gpu_check.py", NAP="1.5")
+    summary = (out / "summary.txt").read_text()
+    assert proc.returncode == 0, summary
+    assert len(calls) == 1 and "gpu_check.py" in calls[0]
+    assert "== gpu_check: exit 0" in summary
+    assert re.search(r"== overhead_paper_bf16: skipped, 1[89] s of the budget left", summary)
+
+
+def test_the_steps_run_the_checkouts_sources_on_the_gpu_without_memory_workers(tmp_path):
+    """PYTHONPATH starts with this checkout's src (a GPU image has no editable install); the
+    benchmark steps run on CUDA, timing only (peak memory is a separate run)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "$PYTHONPATH | $*" >> "$CALLS"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    calls = tmp_path / "calls.txt"
+    subprocess.run(["bash", str(SUITE), str(tmp_path / "out"), "600"], cwd=REPO,
+                   capture_output=True, text=True, timeout=120,
+                   env={**os.environ, "PYTHON": str(fake), "CALLS": str(calls),
+                        "WORK": str(tmp_path / "work"), "PYTHONPATH": "/elsewhere"})
+    lines = calls.read_text().splitlines()
+    assert lines and all(line.startswith(f"{REPO}/src:/elsewhere | ") for line in lines)
+    bench = [line for line in lines if "layer_overhead.py" in line]
+    assert len(bench) == 4  # (no results.json from the stand-in training: one skipped)
+    assert all("--device cuda" in line and "--skip-memory" in line for line in bench)
+
+
+def test_a_step_stopped_by_its_own_limit_fails_the_suite(tmp_path):
+    """(a stand-in `timeout` says gpu_check ran out of time: 124 at its own 90 s limit, the
+    budget far from spent) a time limit is a failure, not the end of the budget."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "timeout"
+    fake.write_text('#!/usr/bin/env bash\nshift 3\n'
+                    'case "$*" in *gpu_check.py*) exit 124 ;; esac\nexec "$@"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    proc, out, calls = run_suite(tmp_path, 600, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    summary = (out / "summary.txt").read_text()
+    assert "== gpu_check (limit 90 s)" in summary
+    assert "== gpu_check: exit 124 (time limit)" in summary
+    assert proc.returncode == 1 and summary.count(": exit 0") == 6
