@@ -13,8 +13,9 @@ CWPS - fine-tune, and of the parameter ratio.
         [--common "trainer=gpu"] [--parallel 2] [--out sweep.json] [--keep-dir runs/]
 
 A setting is NAME=OVERRIDES (space-separated Hydra overrides, may be empty). ``--common`` is
-added to every run, before the setting's overrides (a key in both: the setting's wins). Runs go to a temporary directory unless ``--keep-dir`` is given; with
-``--reuse`` a run already finished there is read instead of run again. Every run starts in the
+added to every run, before the setting's overrides (a key in both: the setting's wins). Runs
+go to a temporary directory unless ``--keep-dir`` is given; with ``--reuse`` a run already
+finished there is read instead of run again. Every run starts in the
 checkout this script is in, so it uses that checkout's T0 cache (``<checkout>/.cache``): a
 worktree of another revision, with its copy of this script, compares against its own T0s.
 """

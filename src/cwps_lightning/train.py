@@ -266,7 +266,7 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         if is_rank_zero():
             if not isinstance(err, TrainingDiverged):  # (a diverged run's log is its story)
-                runtime = HydraConfig.get().runtime
+                runtime = hydra_cfg.runtime
                 remove_if_stub(Path(runtime.output_dir), cwds=(Path.cwd(), Path(runtime.cwd)))
             print(f"error: {err}", file=sys.stderr)
         sys.exit(3 if isinstance(err, TrainingDiverged) else 2)
