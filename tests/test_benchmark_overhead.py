@@ -672,17 +672,9 @@ def test_mask_scores_step_without_weight_decay():
         assert not torch.equal(layer.weight.detach()[specific], w[specific])  # (decayed)
 
 
-def _small_variants(names):
-    from .helpers import Small
-
+def _small_variants(names, batchnorm=False):
     bench = load_benchmark("layer_overhead")
-    torch.manual_seed(0)
-    base = Small()
-    base.num_classes = 3
-    # (no BatchNorm after conv1: its bias would get a gradient of rounding noise only, whose
-    # relative difference between two exact implementations means nothing)
-    base.bn = torch.nn.Identity()
-    cwps = bench.make_cwps(base, 0)
+    base, cwps = _base_and_cwps(bench, batchnorm)
     return bench, {n: bench.make_variant(n, base, cwps, 0) for n in names}
 
 
@@ -736,16 +728,26 @@ def test_the_equivalence_check_reports_the_largest_gradient_and_the_loss_differe
     assert report["naive-autograd"]["loss_abs_diff"] > 1e-3
 
 
-def _base_and_cwps(bench):
+def _base_and_cwps(bench, batchnorm=False):
     from .helpers import Small
 
     torch.manual_seed(0)
     base = Small()
     base.num_classes = 3
-    # (no BatchNorm after conv1: its bias would get a gradient of rounding noise only, whose
-    # relative difference between two exact implementations means nothing)
-    base.bn = torch.nn.Identity()
+    if not batchnorm:  # (the tests that need every gradient to carry signal)
+        base.bn = torch.nn.Identity()
     return base, bench.make_cwps(base, 0)
+
+
+def test_the_equivalence_check_takes_a_gradient_of_rounding_noise_for_no_scale():
+    """conv1's bias before a BatchNorm: its exact gradient is 0, each implementation's is
+    rounding noise; the check still reads the two exact compositions as equal."""
+    torch.set_num_threads(1)
+    bench, models = _small_variants(["cwps-soft", "two-pass", "naive-autograd"], batchnorm=True)
+    args = argparse.Namespace(batch=4, size=6, seed=0, channels_last=False)
+    report = bench.check_equivalence(models, args, torch.device("cpu"))
+    for name, r in report.items():
+        assert r["max_rel_grad_diff"] < 1e-4, (name, r)
 
 
 def test_the_batch_is_drawn_from_the_seed():
