@@ -128,14 +128,14 @@ def test_every_variant_the_suite_asks_for_is_one_the_benchmark_knows(tmp_path):
 
 
 def test_a_step_left_under_20_seconds_is_skipped_not_run(tmp_path):
-    """A 20 s budget: gpu_check (1.5 s) leaves 18-19 s, under the 20 s a step needs: every later
-    step is skipped and named with the time left."""
+    """A 20 s budget: gpu_check (1.5 s) leaves 18-19 s (less on a loaded machine), under the
+    20 s a step needs: every later step is skipped and named with the time left."""
     proc, out, calls = run_suite(tmp_path, 20, NAP_ON="gpu_check.py", NAP="1.5")
     summary = (out / "summary.txt").read_text()
     assert proc.returncode == 0, summary
     assert len(calls) == 1 and "gpu_check.py" in calls[0]
     assert "== gpu_check: exit 0" in summary
-    assert re.search(r"== overhead_paper_bf16: skipped, 1[89] s of the budget left", summary)
+    assert re.search(r"== overhead_paper_bf16: skipped, 1\d s of the budget left", summary)
 
 
 def test_the_steps_run_the_checkouts_sources_on_the_gpu_without_memory_workers(tmp_path):
