@@ -915,11 +915,11 @@ def check_equivalence(models, args, device) -> dict:
                 torch.backends.cuda.matmul.allow_tf32 = tf32
         grads = {k: p.grad.detach().clone() for k, p in m.named_parameters() if p.grad is not None}
         if ref is None:
+            # each tensor's difference over its own scale, floored at 1e-3 of the largest
+            # gradient: a gradient that is rounding noise (a bias before a BatchNorm) is no scale
+            floor = 1e-3 * max(g.abs().max().item() for g in grads.values()) + 1e-12
             ref = (loss.detach(), grads)
             continue
-        # each tensor's difference over its own scale, floored at 1e-3 of the largest
-        # gradient: a gradient that is rounding noise (a bias before a BatchNorm) is no scale
-        floor = 1e-3 * max(g.abs().max().item() for g in ref[1].values()) + 1e-12
         gerr = max(
             (grads[k] - g).abs().max().item() / max(g.abs().max().item(), floor)
             for k, g in ref[1].items()

@@ -319,17 +319,16 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
         what = "is a file" if there == root else f"is under {there}, a file"
         raise DownloadError(f"data.root={str(root)!r} {what}; point it at the folder DomainNet "
                             f"should go to (made if missing)")
+    # a file where a domain's folder goes would fail the extraction after the whole download
+    in_the_way = [str(root / d) for d in dm.tasks_requested if file_in_the_way(root / d)]
+    if in_the_way:
+        raise DownloadError(f"{', '.join(in_the_way)}: a file where a domain's folder goes; "
+                            f"move it away and rerun")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # (no permission)
         raise DownloadError(f"data.root={str(root)!r} cannot be made: {err.strerror} "
                             f"({err.filename})") from None
-    # a file where a domain's folder goes would fail the extraction after the whole download
-    in_the_way = [str(root / d) for d in dm.tasks_requested
-                  if (root / d).exists() and not (root / d).is_dir()]
-    if in_the_way:
-        raise DownloadError(f"{', '.join(in_the_way)}: a file where a domain's folder goes; "
-                            f"move it away and rerun")
     kw = dict(retries=int(spec["retries"]), timeout=float(spec["timeout"]),
               retry_wait=float(spec["retry_wait"]), say=say)
     for domain in dm.tasks_requested:
