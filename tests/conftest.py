@@ -19,6 +19,17 @@ if _SRC.is_dir() and str(_SRC) not in sys.path:
 
 
 @pytest.fixture(autouse=True)
+def _threads_restored():
+    """A test may set torch's thread count for itself; the next one gets the worker's back.
+    Left as a test set it, two threads in one xdist worker beside the other worker's run
+    three on two cores for the rest of the suite, and one thread slows a serial run."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def seed() -> int:
     """Seed torch's RNG before every test, so random weights/inputs are reproducible."""
     value = 0

@@ -58,7 +58,6 @@ def test_traffic_floor_steps_as_fine_tuning_with_a_compose_and_a_fused_pass_per_
     for bit; every CWPS layer composes once per forward and takes one fused pass per backward,
     on a 1x1 output over the taps its input meets only (resnet18 at 32 px: layer4's 3x3
     convolutions, one tap of nine, the stride-2 one four of nine)."""
-    torch.set_num_threads(2)
     bench = load_benchmark("layer_overhead")
     names = ["finetune", "traffic-floor"]
     models = bench.build_all(names, "resnet18", 0, torch.device("cpu"), channels_last)
@@ -157,7 +156,6 @@ def test_memory_counts_the_scratch_buffer_the_training_steps_use(monkeypatch):
     """The warm-up forward before the memory baseline may compose into the CWPS layers' scratch
     buffer (a large kernel in the soft stage does): the worker drops it, so the steps allocate
     it again and the peak growth counts it."""
-    torch.set_num_threads(2)
     bench = load_benchmark("layer_overhead")
     seen = []
     original = bench.train_step
@@ -223,7 +221,6 @@ def test_step_variants_are_the_core_step_compose_training_as_the_cwps_variant(st
     StepComposeSGD (compiled before the steps, its composed weights released so that the
     steps allocate them), training as cwps-<stage> does to rounding, the job's fused SGD for
     the other parameters."""
-    torch.set_num_threads(2)
     bench = load_benchmark("layer_overhead")
     names = [f"cwps-{stage}", f"cwps-step-{stage}"]
     models = bench.build_all(names, "resnet18", 0, torch.device("cpu"), channels_last=True)

@@ -20,7 +20,6 @@ def _composed(layer) -> torch.Tensor:
 
 @pytest.mark.parametrize("stage,channels_last", [("soft", True), ("hard", False)])
 def test_step_compose_trains_what_the_cwps_layers_train(stage, channels_last):
-    torch.set_num_threads(2)
     bench = load_benchmark("layer_overhead")
     names = ["finetune", f"cwps-{stage}", f"step-compose-{stage}"]
     models = bench.build_all(names, "resnet18", 0, torch.device("cpu"), channels_last)
