@@ -141,10 +141,14 @@ def override_value(row: dict, key: str) -> str | None:
 
 
 def pareto_jobs(rows: list[dict]) -> list[int]:
-    """Jobs no other job beats on both CWPS mean top-1 (higher) and param_ratio (lower)."""
+    """Jobs no other job beats on both CWPS mean top-1 (higher) and param_ratio (lower).
+
+    Compared at 9 decimals: two means of the same per-task accuracies summed in another order
+    differ in the last bit (70.22222222222223 and ...21), and that must not decide."""
     pts = {r["job"]: (r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
            for r in rows if "cwps" in r["methods"]}
-    pts = {j: p for j, p in pts.items() if all(math.isfinite(v) for v in p)}
+    pts = {j: (round(t, 9), round(p, 9)) for j, (t, p) in pts.items()
+           if math.isfinite(t) and math.isfinite(p)}
     return sorted(j for j, (top1, ratio) in pts.items()
                   if not any(t >= top1 and p <= ratio and (t, p) != (top1, ratio)
                              for k, (t, p) in pts.items() if k != j))

@@ -98,6 +98,9 @@ def test_pareto_jobs_are_those_no_other_job_beats_on_both_objectives():
     rows = [row(0, 90.0, 1.5), row(1, 91.0, 1.4), row(2, 89.0, 1.1), row(3, 91.0, 1.4),
             row(4, 88.0, 1.2), {"job": 5, "methods": {}}]
     assert pareto_jobs(rows) == [1, 2, 3]  # 0 is beaten by 1, 4 by 2; ties both stay
+    # equal means whose float sums rounded apart (a lambda sweep's jobs 0 and 1): the higher
+    # ratio is beaten all the same
+    assert pareto_jobs([row(0, 70.22222222222223, 4.0), row(1, 70.22222222222221, 2.3)]) == [1]
 
 
 def test_optuna_search_of_three_trials_runs_and_reports_its_pareto_jobs(tmp_path, t0_cache):
