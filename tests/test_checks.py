@@ -53,11 +53,40 @@ def test_more_gpus_than_visible(monkeypatch):
         checks.check_trainer({"accelerator": "gpu", "devices": 4})
 
 
+def test_an_added_top_level_key_is_refused(no_fits):
+    """Hydra adds ``+cwp.threshold=0.3`` at the top level, where nothing reads it: the run
+    would go on at the default lambda."""
+    with pytest.raises(ConfigError, match=r"^cwp: no such key; did you mean cwps\? accepted: "
+                                          r"data, model, cwps, .*, seed$"):
+        preflight(["+cwp.threshold=0.3"])
+    with pytest.raises(ConfigError, match=r"^lambda: no such key; did you mean cwps\.threshold "
+                                          r"\(the paper's lambda\)\? accepted: data, "):
+        preflight(["+lambda=0.3"])
+    with pytest.raises(ConfigError, match=r"^zzqq: no such key; accepted: data, "):
+        preflight(["+zzqq=1"])
+
+
 def test_unknown_trainer_argument(no_fits):
     with pytest.raises(ConfigError, match=r"^trainer\.max_epoch: not an argument"):
         preflight(["+trainer.max_epoch=3"])
     with pytest.raises(ConfigError, match=r"^trainer\.max_epochs: set per fit"):
         preflight(["+trainer.max_epochs=3"])
+    # a cap would cut a fit short of its planned epochs (the mask fit before its hard stage)
+    for key in ("max_steps", "max_time"):
+        with pytest.raises(ConfigError, match=rf"^trainer\.{key}: left to the epochs cwps\.stages "
+                                              r".*\+trainer\.limit_train_batches; remove it$"):
+            preflight([f"+trainer.{key}=5"])
+    # a near miss names the nearest argument, and says so where the job sets it
+    with pytest.raises(ConfigError, match=r"^trainer\.limit_train_batche: not an argument of "
+                                          r"lightning\.Trainer; did you mean "
+                                          r"trainer\.limit_train_batches\?$"):
+        preflight(["+trainer.limit_train_batche=3"])
+    with pytest.raises(ConfigError, match=r"^trainer\.max_step: .*; the nearest, "
+                                          r"trainer\.max_steps, is left to the epochs"):
+        preflight(["+trainer.max_step=3"])
+    with pytest.raises(ConfigError, match=r"^trainer\.zzqq: not an argument of "
+                                          r"lightning\.Trainer \(see its documentation"):
+        preflight(["+trainer.zzqq=3"])
 
 
 @pytest.mark.parametrize(("override", "expected"), [
@@ -445,6 +474,20 @@ def test_cli_hub_without_network_fails_within_seconds(tmp_path):
     assert not run_dir.exists()
     # the check itself takes no time; the rest is importing torch and Lightning
     assert time.monotonic() - started < 60
+
+
+def test_a_wrong_data_root_is_named_before_the_hub_is_asked(no_fits, monkeypatch, tmp_path):
+    """Offline, the paper presets' model.pretrained=true fails the hub check; the data.root
+    that does not exist is still the line the user sees first."""
+    def offline(name):
+        raise ConfigError("model.pretrained=true: the hub cannot be reached")
+
+    monkeypatch.setattr(checks, "check_hub_weights", offline)
+    cfg = compose_config(["+experiment=domainnet", f"data.root={tmp_path / 'nope'}"])
+    with pytest.raises(ConfigError, match=r"^data\.root=.*nope' does not exist"):
+        checks.check_config(cfg)
+    with pytest.raises(ConfigError, match=r"^model\.pretrained=true: the hub"):
+        checks.check_config(compose_config(["+experiment=domainnet", f"data.root={tmp_path}"]))
 
 
 def test_checks_compose_the_default_run_cleanly(no_fits):

@@ -63,6 +63,13 @@ def test_library_defaults_of_the_lower_layers_match():
 
 @pytest.mark.parametrize(("override", "expected"), [
     ("cwps.no_such_key=1", r"^cwps\.no_such_key: no such key; accepted: mode, iterations"),
+    # a near name, the paper's name, a top-level key
+    ("cwps.treshold=0.3", r"^cwps\.treshold: no such key; did you mean cwps\.threshold\? "
+                          r"accepted: mode, iterations"),
+    ("cwps.lambda=0.3", r"^cwps\.lambda: no such key; did you mean cwps\.threshold \(the "
+                        r"paper's lambda\)\? accepted: mode"),
+    ("cwp.threshold=0.3", r"^cwp: no such key; did you mean cwps\? accepted: data, model, cwps, "
+                          r"methods, optim, t0, trainer, logger, paths, seed$"),
     ("+cwps.no_such_key=1", r"^cwps\.no_such_key: no such key"),
     ("cwps.threshold=abc", r"^cwps\.threshold: Value 'abc' .*could not be converted to Float$"),
     ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Float"),
@@ -90,6 +97,8 @@ def test_library_defaults_of_the_lower_layers_match():
                                r"\(trainer has: .*\); add it with \+trainer\.fast_dev_run="),
     ("trainer.max_epochs=1", r"^trainer\.max_epochs: set per fit from cwps\.stages"),
     ("trainer.logger=false", r"^trainer\.logger: set per fit from the logger config"),
+    ("trainer.max_steps=5", r"^trainer\.max_steps: left to the epochs cwps\.stages and "
+                            r"t0\.epochs plan .*; remove it$"),
     ("trainer.max_epoch=1", r"^trainer\.max_epoch: no such key; the nearest, "
                             r"trainer\.max_epochs, is set per fit from cwps\.stages"),
     # one value where a list goes, a list where a group goes

@@ -8,6 +8,7 @@ ConfigError line naming the key and what is accepted; the CLI prints it and exit
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import netrc
 import os
@@ -29,7 +30,9 @@ from .config import (
     init_arguments,
     instantiate_data,
     locate,
+    nearest_key,
     one_line,
+    schema_keys,
     settings_of,
     trainer_arguments,
 )
@@ -73,6 +76,7 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     """``here``: the job runs on this machine (False: a launcher submits it elsewhere, so a GPU
     that this machine lacks is not an error). ``data`` False: leave the data to the caller,
     which builds it next (train.run: build_data checks the same and more)."""
+    check_top_level_keys(cfg)
     job = JobSettings(
         cwps=settings_of(cfg.cwps, CWPSSettings, "cwps"),
         methods=settings_of(cfg.methods, MethodsSettings, "methods"),
@@ -99,11 +103,21 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     check_logger(job.logger)
     if job.t0.cache:
         check_directory("paths.cache_dir", cfg.paths.cache_dir)
+    if data:  # (before the hub: a wrong data.root is the first thing to fix, and offline the
+        check_data(cfg, here)  # hub's line would hide it)
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
-    if data:
-        check_data(cfg, here)
     return job
+
+
+def check_top_level_keys(cfg: DictConfig) -> None:
+    """A top-level key the run config has no use for (``+cwp.threshold=0.3``: Hydra adds it,
+    and the run would go on without the setting meant)."""
+    accepted = schema_keys("")
+    extra = [str(k) for k in cfg.keys() if k not in accepted and k != "hydra"]
+    if extra:
+        raise ConfigError(f"{extra[0]}: no such key; {nearest_key('', extra[0], accepted)}"
+                          f"accepted: {', '.join(accepted)}")
 
 
 def check_data(cfg: DictConfig, here: bool = True) -> None:
@@ -202,8 +216,14 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """Trainer arguments Lightning would reject, and a GPU accelerator without a GPU."""
     bad = sorted(set(trainer) - set(trainer_arguments()) - set(TRAINER_SET_BY_JOB))
     if bad:
-        raise ConfigError(f"trainer.{bad[0]}: not an argument of lightning.Trainer "
-                          f"(see its documentation for the accepted ones)")
+        near = difflib.get_close_matches(bad[0], [*trainer_arguments(), *TRAINER_SET_BY_JOB], n=1)
+        if near and near[0] in TRAINER_SET_BY_JOB:
+            hint = f"; the nearest, trainer.{near[0]}, is {TRAINER_SET_BY_JOB[near[0]]}"
+        elif near:
+            hint = f"; did you mean trainer.{near[0]}?"
+        else:
+            hint = " (see its documentation for the accepted ones)"
+        raise ConfigError(f"trainer.{bad[0]}: not an argument of lightning.Trainer{hint}")
     for key, why in TRAINER_SET_BY_JOB.items():
         if key in trainer:
             raise ConfigError(f"trainer.{key}: {why}; remove it")

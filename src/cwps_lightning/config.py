@@ -79,9 +79,10 @@ def one_line(err: BaseException) -> str:
     msg = getattr(cause, "msg", None)
     if full_key and msg:
         msg = msg.strip().splitlines()[0].strip()
-        accepted = schema_keys(full_key.rsplit(".", 1)[0]) if "not in" in msg else None
+        parent, _, key = full_key.rpartition(".")  # (a top-level key: parent "", the root)
+        accepted = schema_keys(parent) if "not in" in msg else None
         if accepted:
-            msg = f"no such key; accepted: {', '.join(accepted)}"
+            msg = f"no such key; {nearest_key(parent, key, accepted)}accepted: {', '.join(accepted)}"
         elif "is not a ListConfig" in msg:  # (one value where a list goes: brackets)
             value = getattr(cause, "value", None)
             example = f"[{value}]" if isinstance(value, str | int | float) else "[a,b]"
@@ -98,6 +99,23 @@ def one_line(err: BaseException) -> str:
     lines = lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search path")),
                          len(lines))]
     return "; ".join(lines) or type(err).__name__
+
+
+#: keys by the paper's names (a typed node's key that is not there: the line names ours)
+PAPER_NAMES = {key: ("cwps.threshold", "the paper's lambda")
+               for key in ("cwps.lambda", "cwps.lam", "lambda", "lam")}
+
+
+def nearest_key(parent: str, key: str, accepted: Sequence[str]) -> str:
+    """"did you mean <key>? " for a near or paper's name of an accepted key, else ""."""
+    import difflib
+
+    full_key = f"{parent}.{key}" if parent else key
+    if full_key in PAPER_NAMES:
+        ours, why = PAPER_NAMES[full_key]
+        return f"did you mean {ours} ({why})? "
+    near = difflib.get_close_matches(key, accepted, n=1)
+    return f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
 
 
 def schema_keys(path: str) -> list[str] | None:
@@ -151,11 +169,19 @@ def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -
     return cfg
 
 
+_CAPPED = ("left to the epochs cwps.stages and t0.epochs plan (a cap would cut a fit short of "
+           "them); for a shorter run lower those, or use data.limit_per_task (digits) or "
+           "+trainer.limit_train_batches")
+
 #: trainer arguments the job sets itself for every fit (a config that sets one is refused)
 TRAINER_SET_BY_JOB = {
     "max_epochs": "set per fit from cwps.stages and t0.epochs",
     "logger": "set per fit from the logger config (logger=csv / wandb, logger.kind=none)",
     "callbacks": "set per fit by the job (the mask stage switch, checkpoints)",
+    # a cap would end a fit inside the epochs it was planned for (the mask fit before its hard
+    # stage, the cosine schedule half run) and the run would still report it as trained
+    "max_steps": _CAPPED,
+    "max_time": _CAPPED,
 }
 
 
