@@ -251,15 +251,35 @@ def test_bad_archives_leave_nothing_behind(capsys, server, tmp_path):
 def test_http_errors(capsys, server, tmp_path):
     code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[clipart]")
     assert code == 2 and "HTTP 404" in err and "clipart_train.txt" in err
-    with pytest.raises(DownloadError, match="failed after 2 attempt"):
-        # nothing listens on port 9 of 127.0.0.1: every attempt is refused
+    # nothing listens on port 9 of 127.0.0.1: every attempt is refused. Nothing received:
+    # the rerun fetches the file (no .part to resume from); part of it from an earlier run:
+    # the rerun resumes there
+    with pytest.raises(DownloadError, match=r"failed after 2 attempt.*; rerun the same command "
+                                            r"to fetch it \(nothing of it was received\)$"):
         fetch("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=1, retry_wait=0,
+              timeout=5, say=lambda m: None)
+    assert not (tmp_path / "x.zip.part").exists()
+    (tmp_path / "y.zip.part").write_bytes(b"x" * 1234)
+    with pytest.raises(DownloadError, match=r"rerun the same command to resume from "
+                                            r".*y\.zip\.part \(1,234 bytes\)$"):
+        fetch("http://127.0.0.1:9/y.zip", tmp_path / "y.zip", retries=0, retry_wait=0,
               timeout=5, say=lambda m: None)
 
 
 def test_download_is_for_domainnet_only(capsys, tmp_path):
     assert main(["download", "+experiment=imagenet_sketch", f"data.root={tmp_path}"]) == 2
     assert "DomainNet only" in capsys.readouterr().err
+    # the default benchmark (digits) has no data.root key, and its data module no such
+    # argument: that it is not DomainNet is said first, not how to add the key
+    for root in (f"data.root={tmp_path}", f"+data.root={tmp_path}"):
+        assert main(["download", root]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: download fetches DomainNet only (data=domainnet or "
+                              "+experiment=domainnet), not DigitsDataModule;"), err
+    # DomainNet's own key errors stay its own
+    assert main(["download", "+experiment=domainnet", f"data.rooot={tmp_path}"]) == 2
+    assert "did you mean data.root?" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.slow
