@@ -36,8 +36,9 @@
 # A GPU image without Hydra/OmegaConf/mlxtend: python benchmarks/gpu_site.py .gpusite here,
 # then PYTHONPATH=$PWD/.gpusite there.
 # Usage: bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS, default 600]
-#        (PYTHON=... picks the interpreter; exit 1 if any step that ran failed; the training
-#        run starts afresh each time, WORK/train is cleared first)
+#        (PYTHON=... picks the interpreter; exit 1 if any step that ran failed, 2 before any
+#        step without a visible GPU; the training run starts afresh each time, WORK/train is
+#        cleared first)
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR [BUDGET_SECONDS]}
 BUDGET=${2:-600}
@@ -76,6 +77,11 @@ bench() { step "$1" "$2" $PY benchmarks/layer_overhead.py --device cuda --out "$
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee -a "$OUT/summary.txt"
+# no GPU: one line and exit 2, rather than every step failing in turn
+if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
+  echo "error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); the suite runs nothing without one" | tee -a "$OUT/summary.txt" >&2
+  exit 2
+fi
 EAGER=finetune,cwps-soft,cwps-hard
 PAPER="--model resnet50 --batch 96 --size 224 --amp bf16 --skip-memory"
 DIGITS="--size 32 --skip-memory"

@@ -123,11 +123,11 @@ def main() -> None:
     by_setting = collect(args.root)
     if not by_setting:
         parser.error(f"no <setting>_s<seed>/results.json under {args.root}")
+    found = curves(by_setting) if args.reference else {}
+    if args.reference and args.reference not in found:  # (before anything is printed)
+        parser.error(f"--reference {args.reference!r}: no such curve; found {sorted(found)}")
     print(table(by_setting))
     if args.reference:
-        found = curves(by_setting)
-        if args.reference not in found:
-            parser.error(f"--reference {args.reference!r}: no such curve; found {sorted(found)}")
         print()
         print(matched_ratio(found, args.reference))
 

@@ -84,4 +84,6 @@ def test_main_prints_the_table_and_refuses_an_unknown_reference(sweep_dir, monke
     monkeypatch.setattr("sys.argv", ["tabulate_runs.py", str(sweep_dir), "--reference", "nope"])
     with pytest.raises(SystemExit) as stop:
         tab.main()
-    assert stop.value.code == 2 and "no such curve" in capsys.readouterr().err
+    said = capsys.readouterr()
+    assert stop.value.code == 2 and "no such curve" in said.err
+    assert said.out == ""  # refused before the table: no half-written output

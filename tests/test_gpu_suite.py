@@ -63,6 +63,15 @@ def test_every_step_runs_in_order_and_at_most_eight_files_come_back(tmp_path):
     assert summary.count(": exit 0") == 7 and "skipped" not in summary
 
 
+def test_without_a_gpu_it_says_so_once_and_runs_no_step(tmp_path):
+    proc, out, calls = run_suite(tmp_path, 600, FAIL="cuda.is_available")
+    assert proc.returncode == 2 and calls == []
+    assert proc.stderr.strip().endswith("error: no CUDA GPU visible to "
+                                        f"{tmp_path / 'python'} (torch.cuda.is_available() is "
+                                        "False); the suite runs nothing without one")
+    assert "==" not in (out / "summary.txt").read_text()
+
+
 def test_a_step_stopped_by_the_budget_is_named_not_failed_and_the_rest_are_skipped(tmp_path):
     # gpu_check would take 60 s: it gets the whole budget (25 s, not its own 90), is stopped
     # there, and nothing is left for the steps after it
