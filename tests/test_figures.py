@@ -163,6 +163,10 @@ def test_report_rebuilds_the_figures_and_results_md(tmp_path, capsys):
     (lambda d: (d / "results.json").write_text("{}") and d / "results.json",
      "results.json: a file, not a run or multirun directory; the run directory is "),
     (lambda d: d / "nope", "nope: no such directory"),
+    # a run's own folder (its store): the run directory is the one above
+    (lambda d: (d / "results.json").write_text("{}") and (d / "store").mkdir() or d / "store",
+     "store: no results.json in it or below it (a run or multirun directory of python -m "
+     "cwps_lightning.train); the run directory is "),
 ])
 def test_report_refuses_what_is_not_a_run_with_one_line(tmp_path, capsys, setup, needle):
     given = setup(tmp_path)  # (the path to give, where the setup names one)

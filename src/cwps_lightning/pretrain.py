@@ -52,7 +52,7 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
     run by its Trainer arguments (``T0_TRAINER_KEYS``) and the type of device it evaluates on
     (``accelerator: auto`` is a GPU on one machine and the CPU on another)."""
     trainer = trainer or {}
-    return {
+    spec = {
         "model": model_name,
         "model_kwargs": dict(model_kwargs),
         "data": type(datamodule).__name__,
@@ -72,6 +72,21 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
                     else trainer.get(k) for k in T0_TRAINER_KEYS},
         "device_type": device_type,
     }
+    threads = cpu_threads(trainer, device_type)
+    if threads is not None:  # (absent elsewhere: the keys of GPU and multi-rank T0s stand)
+        spec["cpu_threads"] = threads
+    return spec
+
+
+def cpu_threads(trainer: Mapping[str, Any], device_type: str) -> int | None:
+    """torch's intra-op thread count where one process pretrains T0 on the CPU, else None.
+    The count orders the float sums, so it decides the weights (the digits T0 reads val top-1
+    92.89 with two threads, 93.33 with one): T0s of two counts must not share a cache file.
+    Under several processes each rank's launcher sets its count after the key is taken, and
+    the ranks must agree on the key, so it stays out there (README, *Several processes*)."""
+    single = (str(trainer.get("devices", "auto")) in ("1", "auto", "None")
+              and str(trainer.get("num_nodes", 1)) in ("1", "None"))
+    return torch.get_num_threads() if device_type == "cpu" and single else None
 
 
 def t0_source_missing(datamodule) -> str:

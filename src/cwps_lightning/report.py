@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
@@ -97,6 +98,9 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         "methods": {name: result.summary(backbone_params) for name, result in methods.items()},
         "seconds": round(seconds, 1),
         "device": str(device),
+        # torch's intra-op threads (rank 0's): on the CPU they order the float sums, so two
+        # counts give two sets of results (README, *Which machine and which version*)
+        "cpu_threads": torch.get_num_threads(),
         "ranks": distributed.ranks_report(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
@@ -178,8 +182,11 @@ def run_dirs(path: Path) -> list[Path]:
         return [path]
     found = sorted({p.parent for p in path.glob("**/results.json")})
     if not found:
+        # (a folder of a run, its store or figures: the run directory is the one above)
+        hint = f"; the run directory is {path.parent}" if (
+            path.parent / "results.json").is_file() else ""
         raise StoreError(f"{path}: no results.json in it or below it (a run or multirun "
-                         "directory of python -m cwps_lightning.train)")
+                         f"directory of python -m cwps_lightning.train){hint}")
     return found
 
 

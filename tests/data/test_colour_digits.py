@@ -222,6 +222,26 @@ def test_t0_cache_key_holds_the_ranks_device_and_arithmetic_of_the_run():
     assert key not in keys and len(keys) == len(others)
 
 
+def test_t0_cache_key_holds_the_cpu_thread_count_of_a_one_process_run():
+    """One process on the CPU: torch's thread count orders the float sums (another T0), so it
+    is in the key. On a GPU, or on several ranks (whose launchers set their counts after the
+    key is taken), it is not: those keys stand as before."""
+    args = ("resnet18", {}, 3, 0.05, 0)
+    one = {"accelerator": "cpu", "devices": 1, "strategy": "auto", "precision": "32-true"}
+    ddp = {**one, "devices": 2, "strategy": "ddp"}
+
+    def spec(trainer, device_type, threads):
+        torch.set_num_threads(threads)  # (conftest puts the worker's count back)
+        return t0_spec(DigitsDataModule(), *args, trainer, device_type)
+
+    assert spec(one, "cpu", 1)["cpu_threads"] == 1 and spec(one, "cpu", 2)["cpu_threads"] == 2
+    assert cache_key(spec(one, "cpu", 1)) != cache_key(spec(one, "cpu", 2))
+    assert spec({**one, "devices": "auto"}, "cpu", 2)["cpu_threads"] == 2  # (auto: one CPU)
+    for trainer, device_type in [(ddp, "cpu"), ({**one, "num_nodes": 2}, "cpu"), (one, "cuda")]:
+        assert "cpu_threads" not in spec(trainer, device_type, 1)
+        assert cache_key(spec(trainer, device_type, 1)) == cache_key(spec(trainer, device_type, 2))
+
+
 def test_the_texture_field_is_patchier_than_the_smooth_one(full):
     """(the 8 x 8 lattice against the 4 x 4: more change from one pixel to the next)"""
     def roughness(t):

@@ -49,6 +49,7 @@ def test_run_with_every_method_writes_results_for_each(run_dir, t0_cache):
     assert len(cpms) == k and all(c > 0 for c in cpms)
     assert split["seconds"]["cpms"] == pytest.approx(sum(cpms), abs=0.01)
     assert res["ranks"] == {"world_size": 1, "fits_checked_equal": 0}
+    assert res["cpu_threads"] == 1  # (cli_env: OMP_NUM_THREADS=1)
 
     # CWPS's top-1 counted again, image by image, with the models rebuilt from the store
     store_dir = run_dir / "store"
