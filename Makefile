@@ -38,4 +38,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/layer_overhead.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache outputs .pytest_cache
+	rm -rf $(VENV) .cache outputs .pytest_cache .ruff_cache .gpusite
