@@ -160,6 +160,7 @@ def acquire_t0(cfg, datamodule, settings: FitSettings, device) -> tuple[nn.Modul
     model_kwargs = OmegaConf.to_container(cfg.model.kwargs, resolve=True) or {}
     if cfg.model.weights:
         model = load_backbone_weights(cfg.model.name, cfg.model.weights, model_kwargs)
+        log.info("T0: %s from %s (model.weights)", cfg.model.name, cfg.model.weights)
         return model, {"weights": str(cfg.model.weights)}
     if cfg.model.get("pretrained", False):
         import timm

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -40,10 +42,14 @@ def test_safetensors_and_wrapped_checkpoints(tmp_path):
     assert_equal_state(load_backbone_weights("resnet18", tmp_path / "wrapped.pt"), state)
 
 
-def test_mismatching_file_names_the_keys(tmp_path):
+def test_mismatching_file_names_the_keys(tmp_path, caplog):
     write_checkpoint(tmp_path / "r34.pt", "resnet34", num_classes=5)
+    caplog.set_level(logging.INFO)
     with pytest.raises(ModelConfigError) as err:
         load_backbone_weights("resnet18", tmp_path / "r34.pt")
+    # the error is the one line: timm's own INFO lines of the load stay out
+    assert not [r for r in caplog.records if r.name.startswith("timm")], caplog.text
+    assert logging.getLogger("timm").level == logging.NOTSET  # (put back)
     msg = str(err.value)
     assert "r34.pt" in msg and "does not fit resnet18" in msg
     assert "unexpected keys ['layer1.2." in msg
@@ -64,7 +70,8 @@ def test_mismatching_file_names_the_keys(tmp_path):
         load_backbone_weights("resnet18", tmp_path / "absent.pt")
 
 
-def test_acquire_t0_prefers_the_weights_file(tmp_path, i2s_root):
+def test_acquire_t0_prefers_the_weights_file(tmp_path, i2s_root, caplog):
+    caplog.set_level(logging.INFO)
     state = write_checkpoint(tmp_path / "t0.pt", "resnet18", num_classes=6)
     cfg = compose_config(["+experiment=imagenet_sketch", f"data.root={i2s_root}",
                           "model.name=resnet18", f"model.weights={tmp_path / 't0.pt'}"])
@@ -73,6 +80,8 @@ def test_acquire_t0_prefers_the_weights_file(tmp_path, i2s_root):
     model, info = acquire_t0(cfg, dm, settings=None, device="cpu")
     assert info == {"weights": str(tmp_path / "t0.pt")}
     assert_equal_state(model, state)
+    # the job's own line names the file (timm's are quiet)
+    assert f"T0: resnet18 from {tmp_path / 't0.pt'} (model.weights)" in caplog.messages
 
 
 def fake_hub(monkeypatch, answer):

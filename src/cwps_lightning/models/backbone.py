@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Mapping
+import logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +118,20 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return timm.models.clean_state_dict(state)
 
 
+@contextlib.contextmanager
+def _timm_quiet() -> Iterator[None]:
+    """timm's INFO lines of a load from a file ("Loading pretrained weights from file", "Loaded
+    state_dict ..."): before a file that does not fit, they were two lines ahead of the one
+    error line; the job logs the file it loads itself."""
+    logger = logging.getLogger("timm")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def load_backbone_weights(
     name: str, path: str | Path, kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
@@ -132,11 +148,12 @@ def load_backbone_weights(
     head_key = f"{classifier}.weight" if isinstance(classifier, str) else ""
     num_classes = int(state[head_key].shape[0]) if head_key in state else probe.num_classes
     try:
-        model = timm.create_model(
-            name, pretrained=True, num_classes=num_classes,
-            pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
-            **dict(kwargs or {}),
-        )
+        with _timm_quiet():
+            model = timm.create_model(
+                name, pretrained=True, num_classes=num_classes,
+                pretrained_cfg_overlay=dict(file=str(path), num_classes=num_classes),
+                **dict(kwargs or {}),
+            )
     except RuntimeError as err:
         expected = probe.state_dict()
         missing = sorted(set(expected) - set(state))[:10]
