@@ -228,3 +228,18 @@ def test_a_stored_visit_drops_its_own_fit_checkpoints_only(monkeypatch, tmp_path
     run_one(runner, Stub())
     assert sorted(p.name for p in (tmp_path / "stub").iterdir()) == [
         "mnist_m", "optdigits-it1-mask"]
+
+
+def test_progress_counts_each_step_and_names_resumed_ones_by_their_range(caplog):
+    from cwps_lightning.runner import Progress
+
+    caplog.set_level("INFO", logger="cwps_lightning.runner")
+    progress = Progress(6)
+    progress.skip(2, "cwps optdigits-it0")  # (a CWPS visit: two fits)
+    progress.step("finetune optdigits")
+    progress.skip(1, "frozen optdigits")
+    progress.step("cwps mnist_m-it0")
+    assert caplog.messages == ["[1-2/6] cwps optdigits-it0 (done before, resumed)",
+                               "[3/6] finetune optdigits",
+                               "[4/6] frozen optdigits (done before, resumed)",
+                               "[5/6] cwps mnist_m-it0"]

@@ -85,8 +85,10 @@ class Progress:
         log.info("[%d/%d] %s", self.done, self.total, msg)
 
     def skip(self, n: int, msg: str) -> None:
-        self.done += n
-        log.info("[%d/%d] %s (done before, resumed)", self.done, self.total, msg)
+        """``n`` steps done before (a CWPS visit is two fits), as one line: [1-2/12]."""
+        first, self.done = self.done + 1, self.done + n
+        steps = f"{first}-{self.done}" if n > 1 else f"{self.done}"
+        log.info("[%s/%d] %s (done before, resumed)", steps, self.total, msg)
 
 
 class Runner:
