@@ -74,14 +74,17 @@ step() {  # step NAME MAX_SECONDS CMD...: run time-boxed, log to OUT/steps.log
 }
 bench() { step "$1" "$2" $PY benchmarks/layer_overhead.py --device cuda --out "$OUT/$1.json" "${@:3}"; }
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  if command -v nvidia-smi >/dev/null; then nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  else echo "(no nvidia-smi on this machine)"; fi
   $PY -c "import sys, torch, lightning, timm; print(sys.version.split()[0], 'torch', torch.__version__, 'lightning', lightning.__version__, 'timm', timm.__version__)"
 } 2>&1 | tee -a "$OUT/summary.txt"
-# no GPU: one line and exit 2, rather than every step failing in turn
-if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-  echo "error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); the suite runs nothing without one" | tee -a "$OUT/summary.txt" >&2
-  exit 2
-fi
+# no torch or no GPU: one line and exit 2, rather than every step failing in turn
+$PY -c "import sys, importlib.util as u; u.find_spec('torch') or sys.exit(3); import torch; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1
+case $? in
+  0) ;;
+  3) echo "error: $PY cannot import torch (PYTHON=... picks the interpreter); the suite runs nothing" | tee -a "$OUT/summary.txt" >&2; exit 2 ;;
+  *) echo "error: no CUDA GPU visible to $PY (torch.cuda.is_available() is False); the suite runs nothing without one" | tee -a "$OUT/summary.txt" >&2; exit 2 ;;
+esac
 EAGER=finetune,cwps-soft,cwps-hard
 PAPER="--model resnet50 --batch 96 --size 224 --amp bf16 --skip-memory"
 DIGITS="--size 32 --skip-memory"

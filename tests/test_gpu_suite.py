@@ -72,6 +72,23 @@ def test_without_a_gpu_it_says_so_once_and_runs_no_step(tmp_path):
     assert "==" not in (out / "summary.txt").read_text()
 
 
+def test_an_interpreter_without_torch_is_named_once(tmp_path):
+    """(the interpreter's torch probe exits 3 when torch cannot be found)"""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\ncase "$*" in *find_spec*) exit 3 ;; esac\n'
+                    'echo "$*" >> "$CALLS"\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    proc = subprocess.run(["bash", str(SUITE), str(tmp_path / "out"), "600"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": str(fake), "CALLS": str(tmp_path / "c"),
+                               "WORK": str(tmp_path / "work")})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().endswith(f"error: {fake} cannot import torch (PYTHON=... picks "
+                                        "the interpreter); the suite runs nothing")
+    calls = (tmp_path / "c").read_text().splitlines()
+    assert all("import sys, torch, lightning" in c for c in calls)  # the versions line only
+
+
 def test_a_step_stopped_by_the_budget_is_named_not_failed_and_the_rest_are_skipped(tmp_path):
     # gpu_check would take 60 s: it gets the whole budget (25 s, not its own 90), is stopped
     # there, and nothing is left for the steps after it
