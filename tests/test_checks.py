@@ -64,6 +64,14 @@ def test_an_added_top_level_key_is_refused(no_fits):
         preflight(["+lambda=0.3"])
     with pytest.raises(ConfigError, match=r"^zzqq: no such key; accepted: data, "):
         preflight(["+zzqq=1"])
+    # added under a typed node: the nearest name, or ours for the paper's
+    with pytest.raises(ConfigError, match=r"^cwps\.lambda: no such key; did you mean "
+                                          r"cwps\.threshold \(the paper's lambda\)\? accepted "
+                                          r"under cwps: mode, "):
+        preflight(["+cwps.lambda=0.3"])
+    with pytest.raises(ConfigError, match=r"^optim\.lrr: no such key; did you mean optim\.lr\? "
+                                          r"accepted under optim: lr, "):
+        preflight(["+optim.lrr=0.1"])
 
 
 def test_unknown_trainer_argument(no_fits):

@@ -356,8 +356,11 @@ def settings_of(node: DictConfig, cls: type, key: str):
 
     bad = unknown_keys(node, cls, key)
     if bad:
-        accepted = ", ".join(f.name for f in dataclasses.fields(cls))
-        raise ConfigError(f"{bad[0]}: no such key; accepted under {key}: {accepted}")
+        fields = [f.name for f in dataclasses.fields(cls)]
+        parent, _, name = bad[0].rpartition(".")
+        hint = nearest_key(parent, name, schema_keys(parent) or fields)
+        raise ConfigError(f"{bad[0]}: no such key; {hint}accepted under {key}: "
+                          f"{', '.join(fields)}")
     try:
         obj = OmegaConf.to_object(node)
     except (ValueError, OmegaConfBaseException) as err:
