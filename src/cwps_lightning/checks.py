@@ -8,7 +8,6 @@ ConfigError line naming the key and what is accepted; the CLI prints it and exit
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import netrc
 import os
@@ -31,6 +30,7 @@ from .config import (
     instantiate_data,
     locate,
     nearest_key,
+    no_such_key,
     one_line,
     schema_keys,
     settings_of,
@@ -116,8 +116,7 @@ def check_top_level_keys(cfg: DictConfig) -> None:
     accepted = schema_keys("")
     extra = [str(k) for k in cfg.keys() if k not in accepted and k != "hydra"]
     if extra:
-        raise ConfigError(f"{extra[0]}: no such key; {nearest_key('', extra[0], accepted)}"
-                          f"accepted: {', '.join(accepted)}")
+        raise ConfigError(no_such_key(extra[0], nearest_key("", extra[0], accepted), accepted))
 
 
 def check_data(cfg: DictConfig, here: bool = True) -> None:
@@ -216,13 +215,8 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
     """Trainer arguments Lightning would reject, and a GPU accelerator without a GPU."""
     bad = sorted(set(trainer) - set(trainer_arguments()) - set(TRAINER_SET_BY_JOB))
     if bad:
-        near = difflib.get_close_matches(bad[0], [*trainer_arguments(), *TRAINER_SET_BY_JOB], n=1)
-        if near and near[0] in TRAINER_SET_BY_JOB:
-            hint = f"; the nearest, trainer.{near[0]}, is {TRAINER_SET_BY_JOB[near[0]]}"
-        elif near:
-            hint = f"; did you mean trainer.{near[0]}?"
-        else:
-            hint = " (see its documentation for the accepted ones)"
+        near = nearest_key("trainer", bad[0], trainer_arguments())
+        hint = f"; {near}" if near else " (see its documentation for the accepted ones)"
         raise ConfigError(f"trainer.{bad[0]}: not an argument of lightning.Trainer{hint}")
     for key, why in TRAINER_SET_BY_JOB.items():
         if key in trainer:

@@ -82,7 +82,7 @@ def one_line(err: BaseException) -> str:
         parent, _, key = full_key.rpartition(".")  # (a top-level key: parent "", the root)
         accepted = schema_keys(parent) if "not in" in msg else None
         if accepted:
-            msg = f"no such key; {nearest_key(parent, key, accepted)}accepted: {', '.join(accepted)}"
+            return no_such_key(full_key, nearest_key(parent, key, accepted), accepted)
         elif "is not a ListConfig" in msg:  # (one value where a list goes: brackets)
             value = getattr(cause, "value", None)
             example = f"[{value}]" if isinstance(value, str | int | float) else "[a,b]"
@@ -106,16 +106,33 @@ PAPER_NAMES = {key: ("cwps.threshold", "the paper's lambda")
                for key in ("cwps.lambda", "cwps.lam", "lambda", "lam")}
 
 
-def nearest_key(parent: str, key: str, accepted: Sequence[str]) -> str:
-    """"did you mean <key>? " for a near or paper's name of an accepted key, else ""."""
+def nearest_key(parent: str, key: str, candidates: Sequence[str]) -> str | None:
+    """What to say of the name nearest to the unknown ``key`` under ``parent``: ours for the
+    paper's ("did you mean cwps.threshold (the paper's lambda)?"), what the job does with a
+    Trainer argument it sets ("the nearest, trainer.max_epochs, is set per fit ..."), else
+    "did you mean <parent>.<name>?"; None where no candidate is near."""
     import difflib
 
     full_key = f"{parent}.{key}" if parent else key
     if full_key in PAPER_NAMES:
         ours, why = PAPER_NAMES[full_key]
-        return f"did you mean {ours} ({why})? "
-    near = difflib.get_close_matches(key, accepted, n=1)
-    return f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
+        return f"did you mean {ours} ({why})?"
+    near = difflib.get_close_matches(key, candidates, n=1)
+    if not near:
+        return None
+    name = f"{parent}.{near[0]}" if parent else near[0]
+    if parent == "trainer" and near[0] in TRAINER_SET_BY_JOB:
+        return f"the nearest, {name}, is {TRAINER_SET_BY_JOB[near[0]]}"
+    return f"did you mean {name}?"
+
+
+def no_such_key(full_key: str, near: str | None, accepted: Sequence[str],
+                under: str = "") -> str:
+    """The line for a key a typed node (or the top level) does not have: the nearest name,
+    then every accepted one."""
+    hint = f"{near} " if near else ""
+    where = f" under {under}" if under else ""
+    return f"{full_key}: no such key; {hint}accepted{where}: {', '.join(accepted)}"
 
 
 def schema_keys(path: str) -> list[str] | None:
@@ -200,8 +217,6 @@ def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
     trainer, paths come from their YAML files), the line naming the keys the node has (the
     config composed without the override), the nearest one, and how to add a key; None for
     other errors."""
-    import difflib
-
     from hydra import compose
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -230,12 +245,9 @@ def _open_node_keys(err: BaseException, overrides: Sequence[str]) -> str | None:
     has = f"{parent} has: {', '.join(keys)}"
     if key in candidates:
         return f"{full_key}: not set in the {parent} config ({has}); add it with +{full_key}=..."
-    near = difflib.get_close_matches(key, candidates, n=1)
-    if near and parent == "trainer" and near[0] in TRAINER_SET_BY_JOB:
-        return (f"{full_key}: no such key; the nearest, {parent}.{near[0]}, is "
-                f"{TRAINER_SET_BY_JOB[near[0]]} ({has})")
+    near = nearest_key(parent, key, candidates)
     if near:
-        return f"{full_key}: no such key; did you mean {parent}.{near[0]}? ({has})"
+        return f"{full_key}: no such key; {near} ({has})"
     return f"{full_key}: no such key; {has}; add a key it lacks with +{full_key}=..."
 
 
@@ -330,7 +342,6 @@ def _unknown_argument(cause: BaseException | None, target: str | None,
                       given) -> str | None:
     """``data.<key>: no such argument`` with the DataModule's arguments, for the TypeError
     of an argument it does not take (``+data.image_sise=64``); None otherwise."""
-    import difflib
     import re
 
     found = re.search(r"unexpected keyword argument '(\w+)'", str(cause))
@@ -343,8 +354,8 @@ def _unknown_argument(cause: BaseException | None, target: str | None,
         return None
     accepted = init_arguments(made_by)
     key = found.group(1)
-    near = difflib.get_close_matches(key, accepted, n=1)
-    hint = f"did you mean data.{near[0]}? " if near else ""
+    near = nearest_key("data", key, accepted)
+    hint = f"{near} " if near else ""
     return (f"data.{key}: {target.rsplit('.', 1)[-1]} takes no such argument; {hint}"
             f"accepted: {', '.join(accepted)}")
 
@@ -358,9 +369,8 @@ def settings_of(node: DictConfig, cls: type, key: str):
     if bad:
         fields = [f.name for f in dataclasses.fields(cls)]
         parent, _, name = bad[0].rpartition(".")
-        hint = nearest_key(parent, name, schema_keys(parent) or fields)
-        raise ConfigError(f"{bad[0]}: no such key; {hint}accepted under {key}: "
-                          f"{', '.join(fields)}")
+        near = nearest_key(parent, name, schema_keys(parent) or fields)
+        raise ConfigError(no_such_key(bad[0], near, fields, under=key))
     try:
         obj = OmegaConf.to_object(node)
     except (ValueError, OmegaConfBaseException) as err:

@@ -14,6 +14,7 @@ import pytest
 
 from cwps_lightning.data import download as download_module
 from cwps_lightning.data.__main__ import main
+from cwps_lightning.data.domainnet import DomainNetDataModule
 from cwps_lightning.data.download import (
     DownloadError,
     extract_domain,
@@ -264,6 +265,18 @@ def test_http_errors(capsys, server, tmp_path):
                                             r".*y\.zip\.part \(1,234 bytes\)$"):
         fetch("http://127.0.0.1:9/y.zip", tmp_path / "y.zip", retries=0, retry_wait=0,
               timeout=5, say=lambda m: None)
+
+
+class MyDomainNet(DomainNetDataModule):
+    """A user's DomainNet module under a name of its own."""
+
+
+def test_a_domainnet_subclass_downloads(capsys, server, tmp_path):
+    publish(server, tmp_path)
+    code, _, err = download(capsys, server, tmp_path / "dn", "data.tasks=[clipart]",
+                            f"data._target_={__name__}.MyDomainNet")
+    assert code == 0, err
+    assert (tmp_path / "dn" / "clipart").is_dir()
 
 
 def test_download_is_for_domainnet_only(capsys, tmp_path):
