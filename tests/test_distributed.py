@@ -174,3 +174,57 @@ def _parents(rank: int, world: int) -> None:
 
 def test_ddp_leaves_the_frozen_parents_out_of_its_buffer_broadcasts():
     _on_two_ranks(_parents)
+
+
+# -- torchrun: the ranks stop together on an error (a store like the one torchrun's agent serves)
+@pytest.fixture
+def agent_store(monkeypatch):
+    """A TCPStore served here, and the environment torchrun gives its ranks to reach it."""
+    from datetime import timedelta
+
+    port = _free_port()
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5))
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    return server
+
+
+def test_without_torchruns_store_nobody_waits(monkeypatch):
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert distributed.launcher_store(1.0) is None
+    assert distributed.await_rank_zero_stop(30.0) is None  # (at once)
+    distributed.rank_zero_stopped(distributed.RankZeroStop("x", True))  # (no-op, no wait)
+    distributed.tidied_up()
+
+
+def test_a_rank_above_0_reads_how_rank_0_stopped(agent_store, monkeypatch):
+    import time
+
+    monkeypatch.setenv("RANK", "1")
+    distributed.tidied_up()  # (rank 1 said it tidied up: rank 0 does not wait)
+    monkeypatch.setenv("RANK", "0")
+    start = time.monotonic()
+    distributed.rank_zero_stopped(distributed.RankZeroStop("bad data", removed=True))
+    assert time.monotonic() - start < distributed.TIDY_WAIT_S / 2
+    monkeypatch.setenv("RANK", "1")
+    assert distributed.await_rank_zero_stop(5.0) == distributed.RankZeroStop("bad data", True)
+    # a group torchrun restarted has its own keys: rank 0 of this attempt has not stopped
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    start = time.monotonic()
+    assert distributed.await_rank_zero_stop(0.5) is False
+    assert 0.4 < time.monotonic() - start < 5.0
+
+
+def test_rank_0_waits_for_the_others_to_tidy_up_then_gives_up(agent_store, monkeypatch):
+    import time
+
+    monkeypatch.setattr(distributed, "TIDY_WAIT_S", 0.5)
+    monkeypatch.setenv("RANK", "0")
+    start = time.monotonic()
+    distributed.rank_zero_stopped(distributed.RankZeroStop("bad data", removed=False))
+    assert 0.4 < time.monotonic() - start < 5.0  # (rank 1 never said it tidied up)
+    assert agent_store.get("cwps_lightning/stop/0/rank0")  # (but rank 0's word is there)

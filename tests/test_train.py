@@ -185,6 +185,82 @@ def test_removing_a_stub_keeps_the_working_directory_and_folders_outside_it(tmp_
     assert (tmp_path / "elsewhere" / "runs").is_dir()  # not below the working directory
 
 
+def test_under_torchrun_a_run_dir_holding_only_other_ranks_logs_is_new(tmp_path, monkeypatch):
+    """torchrun's rank 1 may make the run dir (for its log) before rank 0's preflight looks:
+    that dir is this run's. Anything else in it, or an empty dir, existed before."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    cfg = compose_config([f"hydra.run.dir={run_dir}"])
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.run_dir_existed(cfg)  # empty: the user's
+    (run_dir / "train_rank_1.log").write_text("")
+    assert not train.run_dir_existed(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert train.run_dir_existed(cfg)  # (one process: no other rank made it)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (run_dir / "store").mkdir()
+    assert train.run_dir_existed(cfg)
+
+
+def _stop(err, monkeypatch, *, rank: int, stop, **where):
+    """train.stop_on_error on ``rank``, rank 0's word ``stop`` (await_rank_zero_stop's value);
+    (exit status, what rank 0 was told, whether the rank said it tidied up)."""
+    told, tidied = [], []
+    monkeypatch.setenv("RANK", str(rank))
+    monkeypatch.setattr(train.distributed, "rank_zero_stopped", told.append)
+    monkeypatch.setattr(train.distributed, "await_rank_zero_stop", lambda: stop)
+    monkeypatch.setattr(train.distributed, "tidied_up", lambda: tidied.append(True))
+    with pytest.raises(SystemExit) as exit_:
+        train.stop_on_error(err, 2, **where)
+    return exit_.value.code, told, bool(tidied)
+
+
+def test_rank_0_says_the_error_then_removes_the_stub_then_tells_the_others(tmp_path,
+                                                                          monkeypatch, capsys):
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", False)
+    run_dir = stub(tmp_path / "run")
+    code, told, _ = _stop(ConfigError("bad data"), monkeypatch, rank=0, stop=None,
+                          run_dir=run_dir, cwds=[tmp_path])
+    assert code == 2 and capsys.readouterr().err == "error: bad data\n"
+    assert not run_dir.exists()
+    assert told == [train.distributed.RankZeroStop("bad data", removed=True)]
+    run_dir = stub(tmp_path / "kept")
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", True)
+    _, told, _ = _stop(ConfigError("bad data"), monkeypatch, rank=0, stop=None,
+                       run_dir=run_dir, cwds=[tmp_path])
+    assert run_dir.is_dir() and told == [train.distributed.RankZeroStop("bad data", False)]
+
+
+def test_a_rank_above_0_stops_after_rank_0_and_removes_its_own_log(tmp_path, monkeypatch,
+                                                                  capsys):
+    stop = train.distributed.RankZeroStop
+    # rank 0 removed the stub; this rank's Hydra made its log after: the log and dir go
+    run_dir = tmp_path / "outputs" / "run"
+    run_dir.mkdir(parents=True)
+    log = run_dir / "train_rank_1.log"
+    log.write_text("")
+    code, told, tidied = _stop(ConfigError("bad data"), monkeypatch, rank=1,
+                               stop=stop("bad data", True), run_dir=run_dir, cwds=[tmp_path],
+                               own_log=log)
+    assert code == 2 and told == [] and tidied
+    assert capsys.readouterr().err == ""  # (rank 0 said it)
+    assert not (tmp_path / "outputs").exists() and tmp_path.is_dir()
+    # rank 0 kept the directory: so does this rank, and its log
+    run_dir.mkdir(parents=True)
+    log.write_text("")
+    _stop(ConfigError("bad data"), monkeypatch, rank=1, stop=stop("bad data", False),
+          run_dir=run_dir, own_log=log)
+    assert log.is_file()
+    # rank 0 stopped on another error, or did not stop: this rank says its own
+    _stop(ConfigError("bad data"), monkeypatch, rank=1, stop=stop("other", False))
+    assert capsys.readouterr().err == "error (rank 1): bad data\n"
+    _stop(ConfigError("bad data"), monkeypatch, rank=1, stop=False)
+    assert capsys.readouterr().err == "error (rank 1): bad data\n"
+    # without torchrun's store (Lightning's launcher): silent, as before
+    _stop(ConfigError("bad data"), monkeypatch, rank=1, stop=None)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_run_dir_known_only_later_is_taken_as_new_or_as_existing(tmp_path):
     """A timestamped run dir is new even where the folder its timestamp names exists now (it
     is resolved again when Hydra makes it); one that does not resolve before the run counts as

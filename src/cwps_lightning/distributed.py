@@ -19,9 +19,13 @@ With one process (no group) every helper is the identity, so single-device runs 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import os
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -185,3 +189,82 @@ def ranks_report() -> dict:
     weights (every fit of a DDP run; 0 on one process)."""
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     return {"world_size": world, "fits_checked_equal": _FITS_CHECKED[0]}
+
+
+# -- torchrun: stopping together on an error -----------------------------------------------------
+# torchrun stops every rank as soon as one exits with an error. Every rank meets a bad input (or
+# a diverged loss) at about the same moment, and a rank above 0 that exits first cut rank 0 off
+# before it had printed the error line or removed the run's stub directory (measured: 3 runs of
+# 3 left a stub, one lost the line). So a rank above 0 waits for rank 0 to say it has stopped
+# (through the key-value store torchrun's agent serves for the whole job, before any process
+# group exists), and rank 0 waits, briefly, for the others to have tidied up.
+
+#: how long a rank above 0 waits for rank 0 to stop on the same error; past it the error is
+#: taken as this rank's own (rank 0 went on), said, and the rank exits (torchrun stops the job)
+STOP_WAIT_S = 60.0
+#: how long rank 0, having stopped, waits for the other ranks to have tidied up
+TIDY_WAIT_S = 10.0
+
+
+@dataclass(frozen=True)
+class RankZeroStop:
+    """What rank 0 stopped on: its error line, and whether it removed the run's stub
+    directory (then a rank above 0 removes what it wrote there after, its log)."""
+
+    line: str
+    removed: bool
+
+
+def launcher_store(timeout_s: float):
+    """The key-value store torchrun's agent serves at MASTER_ADDR:MASTER_PORT for the life of
+    the job (``TORCHELASTIC_USE_AGENT_STORE``), as a client; None without one (one process,
+    Lightning's own launcher, SLURM) or where it cannot be reached."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not dist.is_available():
+        return None
+    try:
+        return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                             is_master=False, timeout=timedelta(seconds=timeout_s))
+    except (KeyError, ValueError, RuntimeError, OSError):
+        return None
+
+
+def _stop_key(name: str) -> str:
+    # (a group torchrun restarts, --max-restarts, starts with fresh keys)
+    return f"cwps_lightning/stop/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def rank_zero_stopped(stop: RankZeroStop) -> None:
+    """Rank 0, stopping on an error with its line printed: tells the other ranks, then waits
+    (TIDY_WAIT_S at most) until each has said it tidied up. Nothing without torchrun."""
+    ranks = world_size_from_env()
+    store = launcher_store(TIDY_WAIT_S) if ranks > 1 else None
+    if store is None:
+        return
+    try:
+        store.set(_stop_key("rank0"), json.dumps(asdict(stop)))
+        store.wait([_stop_key(f"tidied/{r}") for r in range(1, ranks)],
+                   timedelta(seconds=TIDY_WAIT_S))
+    except (RuntimeError, OSError):  # (DistStoreError on timeout: a rank that went on)
+        pass
+
+
+def await_rank_zero_stop(timeout_s: float = STOP_WAIT_S) -> RankZeroStop | None | bool:
+    """A rank above 0, stopping on an error: rank 0's RankZeroStop once it has stopped too;
+    False where rank 0 did not stop within ``timeout_s`` (the error is this rank's own); None
+    without torchrun's store (nothing to wait for)."""
+    store = launcher_store(timeout_s)
+    if store is None:
+        return None
+    try:
+        store.wait([_stop_key("rank0")], timedelta(seconds=timeout_s))
+        return RankZeroStop(**json.loads(store.get(_stop_key("rank0"))))
+    except (RuntimeError, OSError, ValueError, TypeError):
+        return False
+
+
+def tidied_up() -> None:
+    """A rank above 0, after its cleanup: tells rank 0 it may exit."""
+    store = launcher_store(TIDY_WAIT_S)
+    if store is not None:
+        with contextlib.suppress(RuntimeError, OSError):
+            store.set(_stop_key(f"tidied/{rank()}"), "1")

@@ -22,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 import torch
@@ -210,6 +211,8 @@ def run(cfg: DictConfig) -> dict:
 #: what Hydra puts in a run directory before the job starts: its config and the job's log
 #: (torchrun's other ranks and Lightning's DDP processes log beside rank 0: train_rank_<i>.log)
 HYDRA_STUB = re.compile(r"\.hydra|train(_rank_\d+|_ddp_process_\d+)?\.log")
+#: the log of a torchrun rank above 0 (its Hydra writes nothing else)
+OTHER_RANKS_LOG = re.compile(r"train_rank_\d+\.log")
 
 
 #: whether the run directory of this command's (single) run existed before Hydra ran: set by
@@ -220,12 +223,20 @@ RUN_DIR_EXISTED = True
 def run_dir_existed(cfg: DictConfig) -> bool:
     """Whether ``hydra.run.dir`` exists before the run; a timestamped one (``${now:...}``,
     the default) is taken as new (it is resolved again, a moment later, when Hydra makes it);
-    one that does not resolve here counts as existing."""
+    one that does not resolve here counts as existing. Under torchrun one that holds only
+    the other ranks' logs is new (their Hydra may run ahead of this rank's preflight)."""
     raw = OmegaConf.to_container(cfg.hydra.run, resolve=False).get("dir")
     if isinstance(raw, str) and "${now:" in raw:
         return False
     run_dir = _resolved(cfg, "hydra.run.dir")
-    return not isinstance(run_dir, str) or Path(run_dir).exists()
+    if not isinstance(run_dir, str):
+        return True
+    path = Path(run_dir)
+    if distributed.world_size_from_env() > 1 and path.is_dir():
+        # torchrun's other ranks may have made it a moment ago, for their logs
+        entries = list(path.iterdir())
+        return not entries or not all(OTHER_RANKS_LOG.fullmatch(p.name) for p in entries)
+    return path.exists()
 
 
 def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
@@ -240,16 +251,55 @@ def remove_if_stub(run_dir: Path, cwds: Sequence[Path] = ()) -> bool:
             return False
         if here.is_dir() and all(HYDRA_STUB.fullmatch(p.name) for p in here.iterdir()):
             shutil.rmtree(here)
-            # and the folders Hydra made above it (outputs/runs of a first run), while empty,
-            # up to the working directory
-            for parent in here.parents:
-                if not any(c in parent.parents for c in inside) or any(parent.iterdir()):
-                    break
-                parent.rmdir()
+            _remove_empty_parents(here, inside)
             return True
     except OSError:
         pass  # (the error line matters more than the cleanup)
     return False
+
+
+def _remove_empty_parents(here: Path, inside: Sequence[Path]) -> None:
+    """The folders Hydra made above a removed run directory (outputs/runs of a first run),
+    while empty, up to the working directory ``inside``."""
+    for parent in here.parents:
+        if not any(c in parent.parents for c in inside) or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def remove_own_log(log_file: Path, cwds: Sequence[Path] = ()) -> None:
+    """A rank above 0, after rank 0 removed the run's stub directory: its own log goes, and
+    the directory if that leaves it empty (the rank's Hydra made both after the removal)."""
+    try:
+        log_file.unlink(missing_ok=True)
+        here = log_file.parent.resolve()
+        if here.is_dir() and not any(here.iterdir()):
+            here.rmdir()
+            _remove_empty_parents(here, [c.resolve() for c in cwds])
+    except OSError:
+        pass
+
+
+def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
+                  cwds: Sequence[Path] = (), own_log: Path | None = None) -> NoReturn:
+    """The end of a run stopped by ``err`` (bad input, a diverged loss): rank 0 prints its
+    ``error:`` line, then removes the run directory if it is a stub (``run_dir``; None: kept);
+    every rank exits with ``status``. Under torchrun the ranks stop together
+    (distributed.rank_zero_stopped): a rank above 0 exits after rank 0, says its own error
+    only where rank 0 did not meet it, and removes its ``own_log`` where rank 0 removed the
+    directory."""
+    if is_rank_zero():
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        removed = run_dir is not None and remove_if_stub(run_dir, cwds)
+        distributed.rank_zero_stopped(distributed.RankZeroStop(str(err), removed))
+    else:
+        stop = distributed.await_rank_zero_stop()
+        if stop is False or (stop and stop.line != str(err)):
+            print(f"error (rank {distributed.rank()}): {err}", file=sys.stderr, flush=True)
+        if stop and stop.removed and own_log is not None:
+            remove_own_log(own_log, cwds)
+        distributed.tidied_up()
+    sys.exit(status)
 
 
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
@@ -264,12 +314,13 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
             # preset with max_failure_rate: 1.0); sweep.py reports it
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
-        if is_rank_zero():
-            if not isinstance(err, TrainingDiverged):  # (a diverged run's log is its story)
-                runtime = hydra_cfg.runtime
-                remove_if_stub(Path(runtime.output_dir), cwds=(Path.cwd(), Path(runtime.cwd)))
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(3 if isinstance(err, TrainingDiverged) else 2)
+        runtime = hydra_cfg.runtime
+        diverged = isinstance(err, TrainingDiverged)
+        stop_on_error(err, 3 if diverged else 2,
+                      # (a diverged run's log is its story)
+                      run_dir=None if diverged else Path(runtime.output_dir),
+                      cwds=(Path.cwd(), Path(runtime.cwd)),
+                      own_log=Path(runtime.output_dir) / f"{hydra_cfg.job.name}.log")
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
     # (hparams_search=cwps_optuna) also its param_ratio
     cwps = results["methods"]["cwps"]
@@ -454,9 +505,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         preflight(argv)
     except ConfigError as err:
-        if is_rank_zero():
-            print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        stop_on_error(err, 2)
     if (distributed.world_size_from_env() > 1 and not is_rank_zero()
             and "hydra.output_subdir=null" not in sys.argv):
         # torchrun's other ranks share rank 0's run directory: Hydra must not write its

@@ -76,3 +76,36 @@ def test_torchrun_runs_one_job_on_two_ranks(tmp_path, one_process):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *job[1:]]  # job[1:] is "-m cwps_lightning.train <overrides>"
     _check_one_run(tmp_path, _run(cmd), "train_rank_1.log", one_process)
+
+
+def _folder_task_with_one_training_image(root):
+    """A data=folders tree whose task has one training image: found wrong only when the data
+    is read (too few to carve a validation split), after Hydra made the run dir."""
+    from PIL import Image
+
+    for split, classes in (("train", ["c0"]), ("test", ["c0", "c1"])):
+        for c in classes:
+            (root / "a" / split / c).mkdir(parents=True)
+            Image.new("RGB", (16, 16)).save(root / "a" / split / c / "0.png")
+    (root / "a" / "train" / "c1").mkdir()  # (a class folder without images)
+
+
+def test_torchrun_stops_on_bad_data_with_one_line_and_no_run_dir(tmp_path):
+    """Every rank meets the bad data; rank 1 used to exit first, and torchrun then stopped
+    rank 0 before it said the error or removed the stub dir (3 runs of 3 left one)."""
+    import timm
+    import torch
+
+    _folder_task_with_one_training_image(tmp_path / "data")
+    torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), tmp_path / "w.pt")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "cwps_lightning.train", "data=folders", f"data.root={tmp_path / 'data'}",
+           f"model.weights={tmp_path / 'w.pt'}", f"hydra.run.dir={tmp_path / 'run'}",
+           f"paths.cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu",
+           "trainer.enable_progress_bar=false", *DDP]
+    proc = _run(cmd)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert errors == ["error: task 'a' has 1 training image(s): too few to carve a validation "
+                      "split from"], proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists(), list((tmp_path / "run").iterdir())
