@@ -71,9 +71,12 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwp.threshold=0.3", r"^cwp: no such key; did you mean cwps\? accepted: data, model, cwps, "
                           r"methods, optim, t0, trainer, logger, paths, seed$"),
     ("+cwps.no_such_key=1", r"^cwps\.no_such_key: no such key"),
-    ("cwps.threshold=abc", r"^cwps\.threshold: Value 'abc' .*could not be converted to Float$"),
-    ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs: .*Float"),
-    ("model.pretrained=maybe", r"^model\.pretrained: Value 'maybe' is not a valid bool"),
+    # a value its type cannot take: what the key accepts (a bounded one: its range)
+    ("cwps.threshold=abc", r"^cwps\.threshold must be a number in \[0, 1\] \(the paper's "
+                           r"lambda\), got 'abc'$"),
+    ("cwps.stages.soft_epochs=two", r"^cwps\.stages\.soft_epochs must be a number, got 'two'$"),
+    ("cwps.iterations=1.5", r"^cwps\.iterations must be a whole number, got 1\.5$"),
+    ("model.pretrained=maybe", r"^model\.pretrained must be true or false, got 'maybe'$"),
     ("data=nosuchdata", r"^data=nosuchdata: no such config; available: colour_digits, digits, "),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),

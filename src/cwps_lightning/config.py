@@ -20,6 +20,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from .cwps.layers import THRESHOLD_RANGE
 from .errors import ConfigError
 from .settings import (
     CWPSSettings,
@@ -83,6 +84,9 @@ def one_line(err: BaseException) -> str:
         accepted = schema_keys(parent) if "not in" in msg else None
         if accepted:
             return no_such_key(full_key, nearest_key(parent, key, accepted), accepted)
+        elif (kind := _conversion_failed(msg)) is not None:
+            value = getattr(cause, "value", None)
+            return f"{full_key} must be {ACCEPTED_NUMBERS.get(full_key, kind)}, got {value!r}"
         elif "is not a ListConfig" in msg:  # (one value where a list goes: brackets)
             value = getattr(cause, "value", None)
             example = f"[{value}]" if isinstance(value, str | int | float) else "[a,b]"
@@ -99,6 +103,20 @@ def one_line(err: BaseException) -> str:
     lines = lines[: next((i for i, x in enumerate(lines) if x.startswith("Config search path")),
                          len(lines))]
     return "; ".join(lines) or type(err).__name__
+
+
+#: OmegaConf's words for a value its typed node could not take, and what the node accepts
+_CONVERSIONS = (("could not be converted to Float", "a number"),
+                ("could not be converted to Integer", "a whole number"),
+                ("is not a valid bool", "true or false"))
+#: what a typed number takes where its check bounds it more than its type (the same words as
+#: the check's own line)
+ACCEPTED_NUMBERS = {"cwps.threshold": f"a number in {THRESHOLD_RANGE} (the paper's lambda)"}
+
+
+def _conversion_failed(msg: str) -> str | None:
+    """What the typed node accepts, if OmegaConf's ``msg`` says it could not take a value."""
+    return next((kind for words, kind in _CONVERSIONS if words in msg), None)
 
 
 #: keys by the paper's names (a typed node's key that is not there: the line names ours)

@@ -75,10 +75,14 @@ def _allocate_meta(module: nn.Module, device: torch.device) -> None:
                 m._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device=device)
 
 
+#: the values lambda may take (a channel is task-specific where sigmoid(s) >= lambda)
+THRESHOLD_RANGE = "[0, 1]"
+
+
 def check_threshold(threshold: float) -> float:
     threshold = float(threshold)
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
-        raise ValueError(f"threshold (lambda) must be in [0, 1], got {threshold}")
+        raise ValueError(f"threshold (lambda) must be in {THRESHOLD_RANGE}, got {threshold}")
     return threshold
 
 
