@@ -87,11 +87,12 @@ class SweepReport(Callback):
         }
         job_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(job_dir / STATUS_FILE, (json.dumps(status, indent=2) + "\n").encode())
+        if hydra.mode != RunMode.MULTIRUN:  # (one run: its error follows, as Hydra prints it)
+            return
         if failed:
             log.error("job %s failed: %s (the sweep goes on)", status["job"], status["error"])
             FAILED_JOBS.append((str(config.hydra.sweep.dir), status["job"]))
-        if hydra.mode == RunMode.MULTIRUN:
-            write_sweep_report(Path(config.hydra.sweep.dir))
+        write_sweep_report(Path(config.hydra.sweep.dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _rank_zero():

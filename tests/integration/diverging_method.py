@@ -1,6 +1,7 @@
-"""A baseline that diverges on purpose (learning rate 1e6), to test what a run does when a fit
-meets a non-finite loss after CWPS has stored its tasks. Named in a run as
-``cwps.baselines=[tests.integration.diverging_method:Diverging]``."""
+"""Baselines that fail on purpose, named in a run as
+``cwps.baselines=[tests.integration.diverging_method:<class>]``: one diverges (learning rate
+1e6), to test what a run does when a fit meets a non-finite loss after CWPS has stored its
+tasks; one raises an error of its own."""
 
 from __future__ import annotations
 
@@ -18,3 +19,13 @@ class Diverging(FineTune):
                        train="finetune", optimizer=OptimizerPlan(lr=1e6))
         harness.fit(model, task, plan, name=task)
         return Trained(model, params=split_param_count(model, harness.shareable))
+
+
+class Crashing(FineTune):
+    """A baseline whose training raises an error of no kind the project knows (a bug)."""
+
+    name = "crashing"
+    label = "Crashes"
+
+    def train(self, task, iteration, bank, harness) -> Trained:
+        raise RuntimeError("a bug in a method")

@@ -57,3 +57,14 @@ def test_submitit_local_launcher_runs_a_two_job_sweep(tmp_path, t0_cache):
                   ["config"]["cwps"]["threshold"] for r in rows]
     assert thresholds == [0.3, 0.7]
     assert (sweep / ".submitit").is_dir()  # the jobs went through submitit
+
+
+def test_a_single_run_that_crashes_says_so_and_mentions_no_sweep(run_dir, t0_cache):
+    """An error of no kind the project knows ends a single run with its traceback and exit 1;
+    the run is no sweep, so no 'job(s) of the sweep failed' line names a sweep.md."""
+    proc = run_train(run_dir, "data.tasks=[optdigits]",
+                     "cwps.baselines=[tests.integration.diverging_method:Crashing]",
+                     cache=t0_cache)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "RuntimeError: a bug in a method" in proc.stderr
+    assert "sweep" not in proc.stderr + proc.stdout, (proc.stderr + proc.stdout)[-3000:]
