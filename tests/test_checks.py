@@ -389,7 +389,7 @@ def test_cli_bad_config_one_line_exit_2_nothing_written(tmp_path, override, key)
     proc = _cli(override, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {key}:"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}"), proc.stderr
     assert not run_dir.exists()
 
 
@@ -594,6 +594,25 @@ def test_torchrun_without_one_run_dir_is_refused(monkeypatch, no_fits):
     with pytest.raises(ConfigError, match=r"2 ranks .* give hydra\.run\.dir=<dir>"):
         preflight(["cwps.threshold=0.3"])
     preflight(["cwps.threshold=0.3", "hydra.run.dir=/tmp/x"])
+
+
+def test_torchrun_ranks_must_be_one_ddp_job_over_as_many_devices(monkeypatch, no_fits):
+    """torchrun --nproc_per_node=2 without a DDP Trainer ran the whole job on each rank."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")
+    run_dir = "hydra.run.dir=/tmp/x"
+    with pytest.raises(ConfigError, match=r"torchrun started 2 ranks, but trainer\.strategy="
+                                          r"auto with trainer\.devices=1 runs one process"):
+        preflight([run_dir])
+    with pytest.raises(ConfigError, match=r"trainer\.devices=4 x trainer\.num_nodes=1 = 4; "
+                                          r"give trainer\.devices=<ranks per node>"):
+        preflight([run_dir, "trainer.accelerator=cpu", "trainer.devices=4",
+                   "trainer.strategy=ddp"])
+    ddp = ["trainer.accelerator=cpu", "trainer.strategy=ddp"]
+    preflight([run_dir, *ddp, "trainer.devices=2"])
+    preflight([run_dir, *ddp, "trainer.devices=1", "trainer.num_nodes=2"])
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # (SLURM's or a user's WORLD_SIZE: not torchrun)
+    preflight([run_dir])
 
 
 def test_slurm_launcher_without_sbatch_is_refused_naming_the_way(no_fits, monkeypatch):
@@ -804,4 +823,4 @@ def test_a_bad_config_is_printed_once_under_torchrun(monkeypatch, capsys, no_fit
         train.main(["cwps.threshold=abc"])
     err = capsys.readouterr().err
     assert stopped.value.code == 2
-    assert err.startswith("error: cwps.threshold: ") and len(err.splitlines()) == 1
+    assert err.startswith("error: cwps.threshold must be") and len(err.splitlines()) == 1

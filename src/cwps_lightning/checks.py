@@ -352,6 +352,7 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
       launcher submits one job per point and SLURM starts its ranks.
     * torchrun starts every rank at once; each would pick its own time-stamped run directory.
     * Under the SLURM launcher the Trainer must use the devices and nodes SLURM gives the job.
+    * Under torchrun the Trainer must run DDP over as many devices as torchrun started ranks.
     """
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     launcher = launcher_kind(cfg)
@@ -370,6 +371,9 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
             f"hydra.run.dir: every rank must write to one run directory, give "
             f"hydra.run.dir=<dir> (the default is time-stamped, so ranks would differ)"
         )
+    ranks = distributed.torchrun_world_size()
+    if not multirun and ranks is not None and ranks > 1:
+        check_torchrun_trainer(trainer, ranks)
     if multirun and launcher == SLURM_LAUNCHER:
         # (submitit submits with sbatch and fails with a traceback about srun without it)
         if shutil.which("sbatch") is None:
@@ -391,6 +395,29 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
             raise ConfigError(
                 f"hydra.launcher.tasks_per_node={lc.get('tasks_per_node')} must equal "
                 f"gpus_per_node={lc.get('gpus_per_node')} (Lightning runs one rank per task)")
+
+
+def check_torchrun_trainer(trainer: dict, ranks: int) -> None:
+    """torchrun started ``ranks`` processes: the Trainer must make them one DDP job. Without
+    a DDP strategy each rank would run the whole job alone (the work done ``ranks`` times,
+    rank 0's kept); with another count of devices Lightning would wait for ranks that never
+    come, or leave some out."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    fix = (f"give trainer.devices=<ranks per node> trainer.num_nodes=<nodes> "
+           f"trainer.strategy=ddp, or trainer=ddp (devices x num_nodes = {ranks})")
+    if not uses_ddp(trainer):
+        raise ConfigError(f"torchrun started {ranks} ranks, but trainer.strategy="
+                          f"{trainer.get('strategy')} with trainer.devices={devices} runs one "
+                          f"process: each rank would run the whole job alone; {fix}")
+    try:
+        ids = distributed.device_ids(devices)
+        per_node = len(ids) if ids is not None else int(devices)
+        count = per_node * int(nodes)
+    except (TypeError, ValueError):
+        return  # ("auto", -1: Lightning counts them; check_trainer_values names a bad value)
+    if per_node > 0 and count != ranks:
+        raise ConfigError(f"torchrun started {ranks} ranks, but trainer.devices={devices} x "
+                          f"trainer.num_nodes={nodes} = {count}; {fix}")
 
 
 def wandb_credentials() -> bool:

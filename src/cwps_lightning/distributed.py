@@ -79,6 +79,13 @@ def world_size_from_env() -> int:
     return 1
 
 
+def torchrun_world_size() -> int | None:
+    """The number of ranks torchrun started (None where torchrun did not start this process)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
 def local_device(accelerator: str = "auto", devices: Any = 1) -> torch.device:
     """The device this rank evaluates on: its own GPU (``trainer.devices`` may list ids: rank
     i takes the i-th), never ``cuda`` = GPU 0 for every rank; the CPU without CUDA."""
