@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cwps_lightning.fitting import FitSettings, TrainingDiverged, fit
+from cwps_lightning.fitting import FitSettings, RunInterrupted, TrainingDiverged, fit
 from cwps_lightning.methods.base import FitPlan
 from cwps_lightning.models import lit_module
 
@@ -54,6 +54,40 @@ def test_finite_losses_but_nan_statistics_stop_the_fit(monkeypatch):
     with pytest.raises(TrainingDiverged, match=r"fit g/t: the fit ended with nan/inf in "
                                                r"bn\.running_var \(1 tensor"):
         _fit(Small())
+
+
+def test_sigterm_in_a_fit_stops_it_with_run_interrupted_and_no_collective(monkeypatch):
+    """The signal arrives in the middle of a step (here: the forward of step 1); the fit stops
+    at the epoch's end (one process) with RunInterrupted, and the handler that ran is the
+    callback's: Lightning's own calls dist.broadcast inside the handler (a hang under DDP)."""
+    import os
+    import signal
+
+    from lightning.pytorch.trainer.connectors.signal_connector import _SignalConnector
+
+    torch.manual_seed(0)
+    step = lit_module.CWPSLitModule._step
+    lightnings, steps = [], []
+
+    def signal_at_step_one(self, batch, metric, prefix):
+        if prefix == "train":
+            steps.append((self.current_epoch, self.global_step))
+            if self.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, metric, prefix)
+
+    monkeypatch.setattr(lit_module.CWPSLitModule, "_step", signal_at_step_one)
+    monkeypatch.setattr(_SignalConnector, "_sigterm_notifier_fn",
+                        lambda self, signum, frame: lightnings.append(signum))
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted, match=r"task 't', fit g/t: stopped by SIGTERM at epoch "
+                                             r"0 .* the same command resumes the run"):
+        fit(Small(), synthetic_tasks(n_train=24, batch_size=8), "t",
+            FitPlan(2, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")
+    assert lightnings == []  # Lightning's notifier (with its broadcast) did not run
+    # the rest of epoch 0 ran, then the stop: none of the 2-epoch plan's epoch 1
+    assert {epoch for epoch, _ in steps} == {0} and [s for _, s in steps][-1] >= 1
+    assert signal.getsignal(signal.SIGTERM) == before  # (the fit put the handler back)
 
 
 def test_a_cwps_fit_steps_the_mask_logits_at_mask_lr_without_weight_decay(monkeypatch):

@@ -198,17 +198,20 @@ def ranks_report() -> dict:
     return {"world_size": world, "fits_checked_equal": _FITS_CHECKED[0]}
 
 
-# -- torchrun: stopping together on an error -----------------------------------------------------
+# -- stopping together on an error --------------------------------------------------------------
 # torchrun stops every rank as soon as one exits with an error. Every rank meets a bad input (or
 # a diverged loss) at about the same moment, and a rank above 0 that exits first cut rank 0 off
 # before it had printed the error line or removed the run's stub directory (measured: 3 runs of
 # 3 left a stub, one lost the line). So a rank above 0 waits for rank 0 to say it has stopped
 # (through the key-value store torchrun's agent serves for the whole job, before any process
-# group exists), and rank 0 waits, briefly, for the others to have tidied up.
+# group exists, or the group's own), and rank 0 waits, briefly, for the others to have tidied
+# up. An error only one rank meets (a bad image in its shard) is said by that rank, after the
+# wait: rank 0 never stops on it.
 
 #: how long a rank above 0 waits for rank 0 to stop on the same error; past it the error is
-#: taken as this rank's own (rank 0 went on), said, and the rank exits (torchrun stops the job)
-STOP_WAIT_S = 60.0
+#: taken as this rank's own (rank 0 went on: a bad image in this rank's shard), said, and the
+#: rank exits (torchrun stops the job; elsewhere rank 0's next collective fails)
+STOP_WAIT_S = 20.0
 #: how long rank 0, having stopped, waits for the other ranks to have tidied up
 TIDY_WAIT_S = 10.0
 
@@ -223,10 +226,13 @@ class RankZeroStop:
 
 
 def launcher_store(timeout_s: float):
-    """The key-value store torchrun's agent serves at MASTER_ADDR:MASTER_PORT for the life of
-    the job (``TORCHELASTIC_USE_AGENT_STORE``), as a client; None without one (one process,
-    Lightning's own launcher, SLURM) or where it cannot be reached."""
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not dist.is_available():
+    """A key-value store every rank reaches, as a client: the one torchrun's agent serves at
+    MASTER_ADDR:MASTER_PORT for the life of the job (``TORCHELASTIC_USE_AGENT_STORE``), or,
+    once the process group exists, the one its rendezvous made there (rank 0 serves it:
+    Lightning's launcher, SLURM). None before the group without torchrun (one process, or
+    ranks that cannot reach each other yet) or where it cannot be reached."""
+    if not dist.is_available() or not (
+            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or dist.is_initialized()):
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),

@@ -14,11 +14,12 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from . import distributed
-from .callbacks import MaskStageCallback
+from .callbacks import MaskStageCallback, SigtermAtNextBatch
 from .cwps.surgery import nonfinite_tensors
 from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
@@ -30,6 +31,11 @@ log = logging.getLogger(__name__)
 
 class TrainingDiverged(RuntimeError):
     """A fit met a non-finite loss: the run stops; the store keeps the tasks finished before."""
+
+
+class RunInterrupted(RuntimeError):
+    """SIGTERM stopped a fit (every rank at the same batch): the run stops; the store keeps the
+    tasks finished before, and the same command resumes it."""
 
 
 class FitSettings:
@@ -125,7 +131,9 @@ def fit(
         frozen_norms=plan.frozen_norms,
         compile_mode=settings.compile_mode,
     )
-    callbacks = [] if plan.soft_epochs is None else [MaskStageCallback(plan.soft_epochs)]
+    callbacks: list[L.Callback] = [SigtermAtNextBatch()]
+    if plan.soft_epochs is not None:
+        callbacks.append(MaskStageCallback(plan.soft_epochs))
     trainer_args = dict(settings.trainer)
     # model selection looks at the merged model only: by default validate once, at the end
     if trainer_args.get("check_val_every_n_epoch") is None:
@@ -161,6 +169,10 @@ def fit(
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
+    except SIGTERMException:
+        raise RunInterrupted(f"{what}: stopped by SIGTERM at epoch {trainer.current_epoch} "
+                             f"(counted from 0); the store keeps the tasks finished before: "
+                             f"the same command resumes the run") from None
     datamodule.epochs_trained(plan.epochs)
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)

@@ -3,7 +3,8 @@
 check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (+ baselines)
 -> results.json / results.md. Exit status: 0 done, 2 bad configuration or input (one
 ``error:`` line, nothing written), 3 training diverged (one ``error:`` line naming the task,
-fit, epoch and step; the store keeps the tasks finished before), 1 anything else (a traceback).
+fit, epoch and step; the store keeps the tasks finished before), 143 SIGTERM stopped a fit
+(one ``error:`` line; the same command resumes), 1 anything else (a traceback).
 
 Under DDP every rank runs this whole job (distributed.py says how they stay in step); only
 rank 0 writes the store, results, figures and the T0 cache, and only rank 0 logs below
@@ -41,7 +42,13 @@ from .checks import (
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
-from .fitting import FitSettings, TrainingDiverged, csv_logger_factory, eval_device
+from .fitting import (
+    FitSettings,
+    RunInterrupted,
+    TrainingDiverged,
+    csv_logger_factory,
+    eval_device,
+)
 from .methods.base import Method
 from .methods.registry import method_class
 from .persist import RunRecorder, check_run_dir_reuse
@@ -53,6 +60,9 @@ from .timing import Stopwatch
 from .wandb_log import close_run, log_job_summary, wandb_logger_factory
 
 log = logging.getLogger("cwps_lightning")
+#: the exit status of a run SIGTERM stopped in a fit (128 + 15, as a shell reports a process
+#: the signal ended)
+EXIT_INTERRUPTED = 143
 
 
 def quiet_lightning() -> None:
@@ -95,7 +105,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             results = task(cfg)
-        except (ConfigError, StoreError, TrainingDiverged):
+        except (ConfigError, StoreError, TrainingDiverged, RunInterrupted):
             raise  # the CLI prints the one line
         except Exception as err:
             log.error("the job failed (%s: %s); its outputs so far: %s",
@@ -306,7 +316,7 @@ def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         results = run(cfg)
-    except (ConfigError, StoreError, TrainingDiverged) as err:
+    except (ConfigError, StoreError, TrainingDiverged, RunInterrupted) as err:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
@@ -315,10 +325,11 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # preset with max_failure_rate: 1.0); sweep.py reports it
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         runtime = hydra_cfg.runtime
-        diverged = isinstance(err, TrainingDiverged)
-        stop_on_error(err, 3 if diverged else 2,
-                      # (a diverged run's log is its story)
-                      run_dir=None if diverged else Path(runtime.output_dir),
+        stopped = isinstance(err, TrainingDiverged | RunInterrupted)
+        stop_on_error(err, EXIT_INTERRUPTED if isinstance(err, RunInterrupted) else
+                      3 if stopped else 2,
+                      # (a run stopped in a fit: its log is its story)
+                      run_dir=None if stopped else Path(runtime.output_dir),
                       cwds=(Path.cwd(), Path(runtime.cwd)),
                       own_log=Path(runtime.output_dir) / f"{hydra_cfg.job.name}.log")
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared

@@ -109,3 +109,39 @@ def test_torchrun_stops_on_bad_data_with_one_line_and_no_run_dir(tmp_path):
     assert errors == ["error: task 'a' has 1 training image(s): too few to carve a validation "
                       "split from"], proc.stderr[-3000:]
     assert not (tmp_path / "run").exists(), list((tmp_path / "run").iterdir())
+
+
+def test_sigterm_to_rank_0_stops_both_ranks_at_the_next_batch(tmp_path):
+    """Lightning's own SIGTERM handler calls a collective inside the handler; mid-backward it
+    paired with rank 1's gradient all-reduce and both waited for gloo's timeout (measured: no
+    progress in 120 s). The project's handler records the signal; the ranks stop together at
+    the next batch, exit 143 with one line."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = train_cmd(run, "data.tasks=[optdigits,mnist_m]", "cwps.baselines=[]",
+                    "data.limit_per_task=600", "cwps.stages.warmup_epochs=1",
+                    "cwps.stages.hard_epochs=3", *DDP, cache=tmp_path / "cache")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while "[2/4]" not in _text(run / "train.log") and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            time.sleep(0.2)
+        time.sleep(1.5)  # (inside the mask fit, whose 4 epochs take several seconds)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert time.monotonic() - sent < 60
+    errors = [line for line in err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "cwps/optdigits-it0-mask: stopped by SIGTERM" in errors[0], \
+        err[-3000:]
+
+
+def _text(path) -> str:
+    return path.read_text() if path.exists() else ""

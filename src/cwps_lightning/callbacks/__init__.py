@@ -1,3 +1,4 @@
 from .mask_stage import MaskStageCallback
+from .sigterm import SigtermAtNextBatch
 
-__all__ = ["MaskStageCallback"]
+__all__ = ["MaskStageCallback", "SigtermAtNextBatch"]
