@@ -34,3 +34,49 @@ def test_a_resumed_run_takes_t0_from_the_store_in_train_mode():
             return nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)).eval()
 
     assert all(m.training for m in RunRecorder.t0_from(Store()).modules())
+
+
+def test_the_record_keeps_t0_and_the_ranks_over_attempts(monkeypatch, tmp_path):
+    """A rerun of a finished DDP run fits nothing and makes no process group: it reported
+    world size 1 and 0 fits checked, and T0 without its val top-1. The manifest keeps the
+    first attempt's T0 and every attempt's ranks record."""
+    from cwps_lightning import persist
+
+    saved = []
+    monkeypatch.setattr(persist, "save_store", lambda store_dir, bank, meta: saved.append(meta))
+    cfg = OmegaConf.create({"cwps": {"threshold": 0.5}})
+    first = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
+    first.t0_info = {"cached": None, "val_top1": 91.0}
+    monkeypatch.setattr(persist.distributed, "ranks_report",
+                        lambda: {"world_size": 2, "fits_checked_equal": 3})
+    first.save({"cwps": _cwps()})
+    manifest = saved[-1]
+    assert manifest["run"]["t0"] == {"cached": None, "val_top1": 91.0}
+    assert manifest["run"]["ranks"] == {"world_size": 2, "fits_checked_equal": 3}
+
+    class Store:  # (what existing() reads back)
+        def __init__(self):
+            self.manifest = manifest
+
+    monkeypatch.setattr(persist.MultiTaskStore, "load", staticmethod(lambda path: Store()))
+    monkeypatch.setattr(persist, "check_same_config", lambda *a: None)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / persist.MANIFEST).write_text("{}")
+    again = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
+    again.existing()
+    assert again.t0_info == {"cached": None, "val_top1": 91.0}
+    # a rerun that fits nothing (no group: world size 1): the earlier attempts' record
+    monkeypatch.setattr(persist.distributed, "ranks_report",
+                        lambda: {"world_size": 1, "fits_checked_equal": 0})
+    assert again.ranks_over_attempts() == {"world_size": 2, "fits_checked_equal": 3}
+    # a resumed attempt that fitted 2 more
+    monkeypatch.setattr(persist.distributed, "ranks_report",
+                        lambda: {"world_size": 2, "fits_checked_equal": 2})
+    assert again.ranks_over_attempts() == {"world_size": 2, "fits_checked_equal": 5}
+
+
+def _cwps():
+    from cwps_lightning.runner import MethodResult
+
+    return MethodResult("cwps", bank=None, tasks={"a": {"top1": 70.0, "val_top1": 80.0}},
+                        done=[[0, "a"]])

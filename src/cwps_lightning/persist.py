@@ -16,6 +16,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .cwps import MultiTaskStore, StoreError, save_store
 from .cwps.store import MANIFEST
 from .errors import ConfigError
@@ -97,6 +98,11 @@ class RunRecorder:
         self.full_config = OmegaConf.to_container(cfg, resolve=True)
         self.backbone = backbone
         self.cwps_meta = cwps_meta
+        #: what the run's first attempt said of T0 (pretrained or cached, its val top-1): kept
+        #: in the manifest, so a resumed run reports it too
+        self.t0_info: dict = {}
+        #: the ranks record of the attempts before this one (ranks_over_attempts)
+        self.earlier_ranks: dict | None = None
 
     # -- restore -------------------------------------------------------------------------------
     def existing(self) -> MultiTaskStore | None:
@@ -110,7 +116,24 @@ class RunRecorder:
             return None
         store = MultiTaskStore.load(self.store_dir)
         check_same_config(self.store_dir, store.manifest, self.config, self.hash)
+        run = store.manifest["run"]
+        self.t0_info = dict(run.get("t0") or {})
+        self.earlier_ranks = run.get("ranks")
         return store
+
+    def ranks_over_attempts(self) -> dict:
+        """results.json's ``ranks`` over every attempt at this run: the fits whose weights
+        were compared across ranks, summed, and the world size of this attempt, or of the
+        attempts before where this one fitted nothing (a rerun of a finished run makes no
+        process group)."""
+        now = distributed.ranks_report()
+        before = self.earlier_ranks
+        if not before:
+            return now
+        return {"world_size": now["world_size"] if now["fits_checked_equal"]
+                else before.get("world_size", 1),
+                "fits_checked_equal": before.get("fits_checked_equal", 0)
+                + now["fits_checked_equal"]}
 
     def restore(self, store: MultiTaskStore, runner: Runner,
                 methods: list[Method]) -> dict[str, MethodResult]:
@@ -149,6 +172,8 @@ class RunRecorder:
                 "config": self.config,
                 "complete": complete,
                 "methods": {name: m.record() for name, m in methods.items()},
+                "t0": self.t0_info,
+                "ranks": self.ranks_over_attempts(),
             },
             "config": self.full_config,
         }

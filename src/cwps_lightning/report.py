@@ -84,10 +84,12 @@ def write_results(run_dir: str | Path, results: dict) -> None:
 def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods: dict,
                      method_objects: list, cwps,
                      backbone_params: int, t0_info: dict, store_dir: Path, seconds: float,
-                     device, saved: MultiTaskStore | None = None) -> dict:
+                     device, saved: MultiTaskStore | None = None,
+                     ranks: dict | None = None) -> dict:
     """results.json's content: the run, and per method its per-task metrics, mean top-1 and
     parameter count. ``saved``: the store as read back after the run (rank 0 only: the rank
-    that wrote it, so no rank reads a store being written); CWPS's count is then its count."""
+    that wrote it, so no rank reads a store being written); CWPS's count is then its count.
+    ``ranks``: the ranks record over every attempt at the run (None: this process's)."""
     results = {
         "benchmark": benchmark,
         "tasks": list(tasks),
@@ -101,7 +103,7 @@ def assemble_results(cfg: DictConfig, benchmark: str, tasks: list[str], methods:
         # torch's intra-op threads (rank 0's): on the CPU they order the float sums, so two
         # counts give two sets of results (README, *Which machine and which version*)
         "cpu_threads": torch.get_num_threads(),
-        "ranks": distributed.ranks_report(),
+        "ranks": ranks if ranks is not None else distributed.ranks_report(),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     for method in method_objects:

@@ -174,9 +174,10 @@ def run(cfg: DictConfig) -> dict:
     with stopwatch.timed("t0"):
         if store is not None:
             t0_model = recorder.t0_from(store)
-            t0_info = {"restored_from": str(recorder.store_dir)}
+            t0_info = {**recorder.t0_info, "restored_from": str(recorder.store_dir)}
         else:
             t0_model, t0_info = acquire_t0(cfg, datamodule, fit_settings, device)
+            recorder.t0_info = t0_info
 
     methods: dict[str, MethodResult] = {}
 
@@ -200,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
     results = assemble_results(
         cfg, type(datamodule).__name__, datamodule.task_names, methods, to_run, c,
         runner.backbone_params, t0_info, recorder.store_dir, seconds=time.time() - started,
-        device=device, saved=saved,
+        device=device, saved=saved, ranks=recorder.ranks_over_attempts(),
     )
     if is_rank_zero():
         with stopwatch.timed("figures"):

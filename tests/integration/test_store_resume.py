@@ -96,10 +96,14 @@ def test_sigkill_mid_run_then_resume_finishes_every_task(run_dir, t0_cache):
     assert len(store.tasks) == 1 + done_at_kill
     assert not (run_dir / "results.json").exists()
 
+    t0_first = json.loads((run_dir / "store" / "manifest.json").read_text())["run"]["t0"]
+    assert "val_top1" in t0_first
     resumed = run_train(run_dir, *overrides, cache=t0_cache)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed" in resumed.stderr + resumed.stdout
     res = read_results(run_dir)
+    # T0 as the first attempt had it (its val top-1), restored from the store
+    assert res["t0"] == {**t0_first, "restored_from": str(run_dir / "store")}
     for method in ("cwps", "frozen"):
         assert set(res["methods"][method]["tasks"]) == {"optdigits", "mnist_sketch", "mnist_m"}
     assert len(MultiTaskStore.load(run_dir / "store").tasks) == 4
