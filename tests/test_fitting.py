@@ -81,13 +81,49 @@ def test_sigterm_in_a_fit_stops_it_with_run_interrupted_and_no_collective(monkey
                         lambda self, signum, frame: lightnings.append(signum))
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(RunInterrupted, match=r"task 't', fit g/t: stopped by SIGTERM at epoch "
-                                             r"0 .* the same command resumes the run"):
+                                             r"0 .* the same command resumes the run") as stop:
         fit(Small(), synthetic_tasks(n_train=24, batch_size=8), "t",
             FitPlan(2, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")
     assert lightnings == []  # Lightning's notifier (with its broadcast) did not run
+    assert stop.value.status == 143
     # the rest of epoch 0 ran, then the stop: none of the 2-epoch plan's epoch 1
     assert {epoch for epoch, _ in steps} == {0} and [s for _, s in steps][-1] >= 1
     assert signal.getsignal(signal.SIGTERM) == before  # (the fit put the handler back)
+
+
+def test_ctrl_c_in_a_fit_stops_it_with_run_interrupted_status_130(monkeypatch):
+    """Lightning ends a fit Ctrl-C interrupts with sys.exit(1), its line at INFO (which the
+    job keeps quiet): the run ended with status 1 and no word."""
+    torch.manual_seed(0)
+    step = lit_module.CWPSLitModule._step
+
+    def interrupt_at_step_one(self, batch, metric, prefix):
+        if prefix == "train" and self.global_step == 1:
+            raise KeyboardInterrupt
+        return step(self, batch, metric, prefix)
+
+    monkeypatch.setattr(lit_module.CWPSLitModule, "_step", interrupt_at_step_one)
+    with pytest.raises(RunInterrupted, match=r"fit g/t: stopped by Ctrl-C \(SIGINT\) at "
+                                             r"epoch 0") as stopped:
+        _fit(Small())
+    assert stopped.value.status == 130
+    # (Lightning ignores SIGINT after the first: put Python's handler back for what follows)
+    import signal
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def test_sys_exit_in_a_fit_that_was_not_interrupted_goes_through(monkeypatch):
+    step = lit_module.CWPSLitModule._step
+
+    def exit_at_step_one(self, batch, metric, prefix):
+        if prefix == "train" and self.global_step == 1:
+            raise SystemExit(4)
+        return step(self, batch, metric, prefix)
+
+    monkeypatch.setattr(lit_module.CWPSLitModule, "_step", exit_at_step_one)
+    with pytest.raises(SystemExit) as stopped:
+        _fit(Small())
+    assert stopped.value.code == 4 and not isinstance(stopped.value, RunInterrupted)
 
 
 def test_a_cwps_fit_steps_the_mask_logits_at_mask_lr_without_weight_decay(monkeypatch):

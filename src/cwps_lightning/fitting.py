@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -34,8 +35,13 @@ class TrainingDiverged(RuntimeError):
 
 
 class RunInterrupted(RuntimeError):
-    """SIGTERM stopped a fit (every rank at the same batch): the run stops; the store keeps the
-    tasks finished before, and the same command resumes it."""
+    """A signal stopped a fit: SIGTERM (every rank at the same batch) or SIGINT (Ctrl-C). The
+    run stops; the store keeps the tasks finished before, and the same command resumes it.
+    ``status``: the exit status a shell gives a process the signal ended (128 + its number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.status = 128 + signum
 
 
 class FitSettings:
@@ -170,9 +176,14 @@ def fit(
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
     except SIGTERMException:
-        raise RunInterrupted(f"{what}: stopped by SIGTERM at epoch {trainer.current_epoch} "
-                             f"(counted from 0); the store keeps the tasks finished before: "
-                             f"the same command resumes the run") from None
+        raise RunInterrupted(_stopped_by(what, "SIGTERM", trainer), signal.SIGTERM) from None
+    except SystemExit as stop:
+        # Lightning ends a fit that Ctrl-C interrupted with sys.exit(1) while it handles the
+        # KeyboardInterrupt (its context), and says so at INFO only
+        if not isinstance(stop.__context__, KeyboardInterrupt):
+            raise
+        raise RunInterrupted(_stopped_by(what, "Ctrl-C (SIGINT)", trainer),
+                             signal.SIGINT) from None
     datamodule.epochs_trained(plan.epochs)
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)
@@ -185,6 +196,11 @@ def fit(
                                f"tensor(s) in all; lower optim.lr, or check the data); the "
                                f"store keeps the tasks finished before")
     return model
+
+
+def _stopped_by(what: str, signal_name: str, trainer: L.Trainer) -> str:
+    return (f"{what}: stopped by {signal_name} at epoch {trainer.current_epoch} (counted from "
+            f"0); the store keeps the tasks finished before: the same command resumes the run")
 
 
 def eval_device(accelerator: str = "auto", devices=1) -> torch.device:

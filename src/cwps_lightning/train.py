@@ -3,8 +3,8 @@
 check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (+ baselines)
 -> results.json / results.md. Exit status: 0 done, 2 bad configuration or input (one
 ``error:`` line, nothing written), 3 training diverged (one ``error:`` line naming the task,
-fit, epoch and step; the store keeps the tasks finished before), 143 SIGTERM stopped a fit
-(one ``error:`` line; the same command resumes), 1 anything else (a traceback).
+fit, epoch and step; the store keeps the tasks finished before), 143 / 130 SIGTERM / Ctrl-C
+stopped a fit (one ``error:`` line; the same command resumes), 1 anything else (a traceback).
 
 Under DDP every rank runs this whole job (distributed.py says how they stay in step); only
 rank 0 writes the store, results, figures and the T0 cache, and only rank 0 logs below
@@ -60,9 +60,6 @@ from .timing import Stopwatch
 from .wandb_log import close_run, log_job_summary, wandb_logger_factory
 
 log = logging.getLogger("cwps_lightning")
-#: the exit status of a run SIGTERM stopped in a fit (128 + 15, as a shell reports a process
-#: the signal ended)
-EXIT_INTERRUPTED = 143
 
 
 def quiet_lightning() -> None:
@@ -327,7 +324,7 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         runtime = hydra_cfg.runtime
         stopped = isinstance(err, TrainingDiverged | RunInterrupted)
-        stop_on_error(err, EXIT_INTERRUPTED if isinstance(err, RunInterrupted) else
+        stop_on_error(err, err.status if isinstance(err, RunInterrupted) else
                       3 if stopped else 2,
                       # (a run stopped in a fit: its log is its story)
                       run_dir=None if stopped else Path(runtime.output_dir),
