@@ -310,7 +310,8 @@ def test_a_finished_run_is_complete_keeps_no_checkpoints_and_resumes_from_its_st
     shutil.rmtree(tmp_path / "cache")
     monkeypatch.setattr(train, "acquire_t0", lambda *args: pytest.fail("T0 acquired again"))
     again = tiny_run(run_dir, "trainer.enable_checkpointing=true")
-    assert again["t0"] == {"restored_from": str(run_dir / "store")}
+    assert again["t0"] == {**first["t0"], "restored_from": str(run_dir / "store")}
+    assert "val_top1" in first["t0"]
     assert again["methods"]["cwps"]["tasks"] == first["methods"]["cwps"]["tasks"]
     assert (other / "last.ckpt").read_bytes() == b"another config's"
 
