@@ -318,9 +318,10 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN:
+        if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(err, RunInterrupted):
             # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
-            # preset with max_failure_rate: 1.0); sweep.py reports it
+            # preset with max_failure_rate: 1.0); sweep.py reports it. A signal stops the
+            # whole sweep (the process exits below; the job is listed as incomplete)
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         runtime = hydra_cfg.runtime
         stopped = isinstance(err, TrainingDiverged | RunInterrupted)

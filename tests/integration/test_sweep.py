@@ -290,3 +290,33 @@ def test_a_key_that_some_job_lacks_varies():
 
     rows = [{"values": {"seed": "0", "model.name": "a"}}, {"values": {"model.name": "a"}}]
     assert varying_keys(rows) == ["seed"]
+
+
+def test_sigterm_stops_the_whole_sweep_not_only_its_job(tmp_path, t0_cache):
+    """A signal in a job's fit ends the process with the job's line and 143; the sweep's
+    other jobs do not start (a job's own error would let them run)."""
+    import signal
+    import time
+
+    sweep_dir = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "cwps_lightning.train", "-m", *ONE_TASK,
+           "data.limit_per_task=600", "cwps.stages.hard_epochs=3",
+           f"hydra.sweep.dir={sweep_dir}", f"paths.cache_dir={t0_cache}",
+           "cwps.threshold=0.5,0.7"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    log = sweep_dir / "0" / "train.log"
+    try:
+        deadline = time.monotonic() + 240
+        while "[2/2]" not in (log.read_text() if log.exists() else ""):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.2)
+        time.sleep(1.0)  # (inside the mask fit)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-3000:]
+    assert [line for line in err.splitlines() if line.startswith("error")] == [
+        line for line in err.splitlines() if "stopped by SIGTERM" in line][:1]
+    assert not (sweep_dir / "1").exists()
