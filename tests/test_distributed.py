@@ -227,4 +227,20 @@ def test_rank_0_waits_for_the_others_to_tidy_up_then_gives_up(agent_store, monke
     start = time.monotonic()
     distributed.rank_zero_stopped(distributed.RankZeroStop("bad data", removed=False))
     assert 0.4 < time.monotonic() - start < 5.0  # (rank 1 never said it tidied up)
-    assert agent_store.get("cwps_lightning/stop/0/rank0")  # (but rank 0's word is there)
+    assert agent_store.get("cwps_lightning/0/stop/rank0")  # (but rank 0's word is there)
+
+
+def test_every_rank_is_the_and_of_the_ranks_flags(agent_store, monkeypatch):
+    """Before any group: each rank says its flag through torchrun's store and reads all
+    (rank 1's word is set here by hand, as rank 1's process would)."""
+    monkeypatch.setenv("RANK", "0")
+    agent_store.set("cwps_lightning/0/t0-cached/1", "0")  # rank 1 has no cache
+    assert distributed.every_rank(True, "t0-cached", timeout_s=5) is False
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # (a fresh attempt: fresh keys)
+    agent_store.set("cwps_lightning/1/t0-cached/1", "1")
+    assert distributed.every_rank(True, "t0-cached", timeout_s=5) is True
+    assert agent_store.get("cwps_lightning/1/t0-cached/0") == b"1"  # (rank 0's word)
+    # without torchrun's store: this rank's own flag, at once
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE")
+    assert distributed.every_rank(False, "t0-cached") is False
+    assert distributed.every_rank(True, "t0-cached") is True

@@ -61,6 +61,21 @@ def test_a_cached_t0_is_loaded_not_pretrained_again(tmp_path, monkeypatch):
     assert same_weights(model, again)
 
 
+def test_a_cache_another_rank_lacks_is_not_used(tmp_path, monkeypatch, caplog):
+    """Ranks that took T0 from two sources (one its node's cache, one pretraining) paired
+    their fits' collectives and stopped on RanksDisagree: every rank pretrains unless every
+    rank has the cache (distributed.every_rank)."""
+    model, _ = t0(tmp_path)
+    said = []
+    monkeypatch.setattr(pretrain.distributed, "every_rank",
+                        lambda flag, what: said.append((flag, what)) or False)
+    with caplog.at_level("WARNING"):
+        again, info = t0(tmp_path)
+    assert said == [(True, "t0-cached")]  # this rank has it
+    assert info["cached"] is None and "another rank has no cache" in caplog.text
+    assert same_weights(model, again)  # (pretrained again: the same seed, the same weights)
+
+
 def test_an_unreadable_cache_entry_is_pretrained_again(tmp_path, caplog):
     model, info = t0(tmp_path)
     cached, = (tmp_path / "t0").glob("*.pt")

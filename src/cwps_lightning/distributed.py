@@ -241,9 +241,24 @@ def launcher_store(timeout_s: float):
         return None
 
 
-def _stop_key(name: str) -> str:
+def _key(name: str) -> str:
     # (a group torchrun restarts, --max-restarts, starts with fresh keys)
-    return f"cwps_lightning/stop/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+    return f"cwps_lightning/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{name}"
+
+
+def every_rank(flag: bool, what: str, timeout_s: float = 600.0) -> bool:
+    """Whether ``flag`` holds on every rank, decided before any process group exists (through
+    torchrun's store; ``what`` names the decision, one per run). Without torchrun's store, or
+    once the group exists, this rank's ``flag`` (Lightning's launcher starts the other ranks
+    only at the first fit, from the same disk)."""
+    ranks = world_size_from_env()
+    store = launcher_store(timeout_s) if ranks > 1 and not active() else None
+    if store is None:
+        return flag
+    store.set(_key(f"{what}/{rank()}"), "1" if flag else "0")
+    keys = [_key(f"{what}/{r}") for r in range(ranks)]
+    store.wait(keys, timedelta(seconds=timeout_s))
+    return all(store.get(key) == b"1" for key in keys)
 
 
 def rank_zero_stopped(stop: RankZeroStop) -> None:
@@ -254,8 +269,8 @@ def rank_zero_stopped(stop: RankZeroStop) -> None:
     if store is None:
         return
     try:
-        store.set(_stop_key("rank0"), json.dumps(asdict(stop)))
-        store.wait([_stop_key(f"tidied/{r}") for r in range(1, ranks)],
+        store.set(_key("stop/rank0"), json.dumps(asdict(stop)))
+        store.wait([_key(f"stop/tidied/{r}") for r in range(1, ranks)],
                    timedelta(seconds=TIDY_WAIT_S))
     except (RuntimeError, OSError):  # (DistStoreError on timeout: a rank that went on)
         pass
@@ -269,8 +284,8 @@ def await_rank_zero_stop(timeout_s: float = STOP_WAIT_S) -> RankZeroStop | None 
     if store is None:
         return None
     try:
-        store.wait([_stop_key("rank0")], timedelta(seconds=timeout_s))
-        return RankZeroStop(**json.loads(store.get(_stop_key("rank0"))))
+        store.wait([_key("stop/rank0")], timedelta(seconds=timeout_s))
+        return RankZeroStop(**json.loads(store.get(_key("stop/rank0"))))
     except (RuntimeError, OSError, ValueError, TypeError):
         return False
 
@@ -280,4 +295,4 @@ def tidied_up() -> None:
     store = launcher_store(TIDY_WAIT_S)
     if store is not None:
         with contextlib.suppress(RuntimeError, OSError):
-            store.set(_stop_key(f"tidied/{rank()}"), "1")
+            store.set(_key(f"stop/tidied/{rank()}"), "1")

@@ -121,16 +121,15 @@ def pretrain_t0(
     path = None
     if cache_dir is not None:
         path = Path(cache_dir) / "t0" / f"{cache_key(spec)}.pt"
-        if path.exists():
-            try:
-                saved = torch.load(path, map_location="cpu", weights_only=True)
-                model = create_backbone(model_name, num_classes, model_kwargs)
-                model.load_state_dict(saved["state_dict"])
-                log.info("T0: loaded cached backbone %s (val top-1 %.2f)", path, saved["val_top1"])
-                return model, {"cached": str(path), "val_top1": saved["val_top1"]}
-            except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
-                # (an empty or truncated file: EOFError; bytes of something else: Unpickling)
-                log.warning("T0: cache %s unreadable (%s); pretraining again", path, err)
+        cached = _load_cached(path, model_name, num_classes, model_kwargs)
+        # the ranks take T0 from one source: a rank that pretrained while another loaded its
+        # (node-local) cache would pair its T0 fit's collectives with the other's CWPS fit
+        if distributed.every_rank(cached is not None, "t0-cached") and cached is not None:
+            model, val = cached
+            log.info("T0: loaded cached backbone %s (val top-1 %.2f)", path, val)
+            return model, {"cached": str(path), "val_top1": val}
+        if cached is not None:
+            log.warning("T0: another rank has no cache %s: every rank pretrains T0", path)
     log.info("T0: pretraining %s on %r for %d epoch(s)", model_name, task, epochs)
     torch.manual_seed(seed)
     model = create_backbone(model_name, num_classes, model_kwargs)
@@ -149,6 +148,23 @@ def pretrain_t0(
         torch.save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, buf)
         atomic_write(path, buf.getvalue())
     return model, {"cached": None, "val_top1": val}
+
+
+def _load_cached(path: Path, model_name: str, num_classes: int,
+                 model_kwargs: Mapping[str, Any]) -> tuple[nn.Module, float] | None:
+    """T0 and its val top-1 from the cache file ``path``; None where there is none, or it is
+    unreadable (said)."""
+    if not path.exists():
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = create_backbone(model_name, num_classes, model_kwargs)
+        model.load_state_dict(saved["state_dict"])
+        return model, saved["val_top1"]
+    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+        # (an empty or truncated file: EOFError; bytes of something else: Unpickling)
+        log.warning("T0: cache %s unreadable (%s); pretraining again", path, err)
+        return None
 
 
 def acquire_t0(cfg, datamodule, settings: FitSettings, device) -> tuple[nn.Module, dict]:
