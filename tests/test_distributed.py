@@ -86,6 +86,9 @@ def _helpers(rank: int, world: int) -> None:
         distributed.check_same_weights(_model(rank), "a fit")
     # results.json's count: the two checks that found the ranks equal
     assert distributed.ranks_report() == {"world_size": 2, "fits_checked_equal": checked + 2}
+    # the group's size, where the launcher's environment has none (Lightning's launcher)
+    os.environ.pop("WORLD_SIZE", None)
+    assert distributed.world_size() == 2
 
 
 def test_helpers_in_a_two_rank_gloo_group():

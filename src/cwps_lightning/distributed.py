@@ -79,6 +79,12 @@ def world_size_from_env() -> int:
     return 1
 
 
+def world_size() -> int:
+    """The number of ranks: the process group's once it exists (Lightning's launcher gives
+    its ranks no WORLD_SIZE), else the launcher's environment's."""
+    return dist.get_world_size() if active() else world_size_from_env()
+
+
 def torchrun_world_size() -> int | None:
     """The number of ranks torchrun started (None where torchrun did not start this process)."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
@@ -251,7 +257,7 @@ def every_rank(flag: bool, what: str, timeout_s: float = 600.0) -> bool:
     torchrun's store; ``what`` names the decision, one per run). Without torchrun's store, or
     once the group exists, this rank's ``flag`` (Lightning's launcher starts the other ranks
     only at the first fit, from the same disk)."""
-    ranks = world_size_from_env()
+    ranks = world_size()
     store = launcher_store(timeout_s) if ranks > 1 and not active() else None
     if store is None:
         return flag
@@ -264,7 +270,7 @@ def every_rank(flag: bool, what: str, timeout_s: float = 600.0) -> bool:
 def rank_zero_stopped(stop: RankZeroStop) -> None:
     """Rank 0, stopping on an error with its line printed: tells the other ranks, then waits
     (TIDY_WAIT_S at most) until each has said it tidied up. Nothing without torchrun."""
-    ranks = world_size_from_env()
+    ranks = world_size()
     store = launcher_store(TIDY_WAIT_S) if ranks > 1 else None
     if store is None:
         return

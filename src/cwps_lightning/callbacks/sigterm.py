@@ -1,14 +1,18 @@
-"""SIGTERM during a fit: the ranks stop together at the next batch, without a collective in
-the signal handler.
+"""SIGTERM during a fit: the ranks stop together, without a collective in the signal handler.
 
 Lightning (2.6) answers SIGTERM with a handler that forwards the signal to the ranks its own
 launcher started and then calls ``dist.broadcast``. A handler runs wherever the main thread
 is; in the middle of a backward that broadcast pairs with another rank's gradient all-reduce,
 and both wait for the backend's timeout (gloo: 30 min; measured on this project's CPU DDP
-runs: no progress for more than 10 min after ``kill -TERM``). Lightning also broadcasts rank
-0's flag at the start of every training batch, which is all the ranks need to stop together.
-This callback gives the trainer a handler that records the signal and forwards it, as
-Lightning's does, and leaves the broadcast to the batch loop.
+runs: no progress for more than 10 min after ``kill -TERM``). And Lightning stops a rank at
+an epoch's end on that rank's own flag: one rank that has the signal there while another does
+not yet leaves the other waiting in its next collective (measured: a gloo "Connection closed
+by peer" traceback from rank 1).
+
+Here the handler only records the signal (and forwards it, as Lightning's does). At the end of
+every training batch the ranks take the flag together (one all-reduce of a 1-element tensor,
+any rank's signal counts) and, if it is set, all set Lightning's flag at once: every rank then
+stops at the same point (the next batch, or the epoch's end).
 """
 
 from __future__ import annotations
@@ -16,17 +20,23 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+import torch
+import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
 
 class SigtermAtNextBatch(L.Callback):
     """Replaces the trainer's SIGTERM notifier before Lightning registers it (at every fit,
-    after ``on_fit_start``); the fit then raises Lightning's SIGTERMException at the next
-    batch (one process: at the epoch's end) on every rank. Where Lightning's connector has no
-    such notifier (another version), its own handler stays."""
+    after ``on_fit_start``); the fit then raises Lightning's SIGTERMException on every rank at
+    the same batch (one process: at the epoch's end, as Lightning does). Where Lightning's
+    connector has no such notifier (another version), its own handler stays."""
+
+    def __init__(self):
+        self.signalled = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.signalled = False
         connector = getattr(trainer, "_signal_connector", None)
         if connector is None or not hasattr(connector, "_sigterm_notifier_fn"):
             return
@@ -34,10 +44,19 @@ class SigtermAtNextBatch(L.Callback):
         def record(signum, frame) -> None:
             log.warning("rank %d: SIGTERM: the fit stops at the next batch",
                         trainer.global_rank)
-            if not connector.received_sigterm:
+            if not self.signalled:
                 launcher = trainer.strategy.launcher
                 if launcher is not None:  # (the ranks Lightning's launcher started)
                     launcher.kill(signum)
-            connector.received_sigterm = True
+            self.signalled = True
 
         connector._sigterm_notifier_fn = record
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.signalled
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+            flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            trainer._signal_connector.received_sigterm = True
