@@ -611,6 +611,7 @@ def test_torchrun_ranks_must_be_one_ddp_job_over_as_many_devices(monkeypatch, no
     ddp = ["trainer.accelerator=cpu", "trainer.strategy=ddp"]
     preflight([run_dir, *ddp, "trainer.devices=2"])
     preflight([run_dir, *ddp, "trainer.devices=1", "trainer.num_nodes=2"])
+    preflight([run_dir, "trainer.accelerator=cpu", "trainer.num_nodes=2"])  # (auto: DDP)
     monkeypatch.delenv("TORCHELASTIC_RUN_ID")  # (SLURM's or a user's WORLD_SIZE: not torchrun)
     preflight([run_dir])
 

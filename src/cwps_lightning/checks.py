@@ -405,7 +405,7 @@ def check_torchrun_trainer(trainer: dict, ranks: int) -> None:
     devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
     fix = (f"give trainer.devices=<ranks per node> trainer.num_nodes=<nodes> "
            f"trainer.strategy=ddp, or trainer=ddp (devices x num_nodes = {ranks})")
-    if not uses_ddp(trainer):
+    if not uses_ddp(trainer) and str(nodes) in ("1", "None"):  # (Lightning: nodes > 1 is DDP)
         raise ConfigError(f"torchrun started {ranks} ranks, but trainer.strategy="
                           f"{trainer.get('strategy')} with trainer.devices={devices} runs one "
                           f"process: each rank would run the whole job alone; {fix}")

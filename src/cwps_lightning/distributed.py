@@ -269,7 +269,8 @@ def every_rank(flag: bool, what: str, timeout_s: float = 600.0) -> bool:
 
 def rank_zero_stopped(stop: RankZeroStop) -> None:
     """Rank 0, stopping on an error with its line printed: tells the other ranks, then waits
-    (TIDY_WAIT_S at most) until each has said it tidied up. Nothing without torchrun."""
+    (TIDY_WAIT_S at most) until each has said it tidied up. Nothing without a store
+    (launcher_store: no torchrun, and no process group yet)."""
     ranks = world_size()
     store = launcher_store(TIDY_WAIT_S) if ranks > 1 else None
     if store is None:
@@ -285,7 +286,7 @@ def rank_zero_stopped(stop: RankZeroStop) -> None:
 def await_rank_zero_stop(timeout_s: float = STOP_WAIT_S) -> RankZeroStop | None | bool:
     """A rank above 0, stopping on an error: rank 0's RankZeroStop once it has stopped too;
     False where rank 0 did not stop within ``timeout_s`` (the error is this rank's own); None
-    without torchrun's store (nothing to wait for)."""
+    without a store (launcher_store: nothing to wait for)."""
     store = launcher_store(timeout_s)
     if store is None:
         return None
