@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 
 class TrainingDiverged(RuntimeError):
-    """A fit met a non-finite loss: the run stops; the store keeps the tasks finished before."""
+    """A fit met a non-finite loss: the run stops; the store keeps the tasks finished before.
+    ``status``: the run's exit status."""
+
+    status = 3
 
 
 class RunInterrupted(RuntimeError):

@@ -324,9 +324,8 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # whole sweep (the process exits below; the job is listed as incomplete)
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         runtime = hydra_cfg.runtime
-        stopped = isinstance(err, TrainingDiverged | RunInterrupted)
-        stop_on_error(err, err.status if isinstance(err, RunInterrupted) else
-                      3 if stopped else 2,
+        stopped = isinstance(err, TrainingDiverged | RunInterrupted)  # (in a fit)
+        stop_on_error(err, err.status if stopped else 2,
                       # (a run stopped in a fit: its log is its story)
                       run_dir=None if stopped else Path(runtime.output_dir),
                       cwds=(Path.cwd(), Path(runtime.cwd)),
