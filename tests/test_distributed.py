@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import traceback
+from datetime import timedelta
 
 import pytest
 import torch
@@ -35,9 +36,12 @@ def _ranked(rank: int, world: int, port: int, errors, body) -> None:
     try:
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        # (a collective that never completes fails the test in a minute, not in gloo's 30)
+        dist.init_process_group("gloo", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=60))
         body(rank, world)
-        dist.destroy_process_group()
+        if dist.is_initialized():  # (a body may have closed it: announce_error)
+            dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent process
         errors.put(f"rank {rank}:\n{traceback.format_exc()}")
         raise
@@ -179,12 +183,55 @@ def test_ddp_leaves_the_frozen_parents_out_of_its_buffer_broadcasts():
     _on_two_ranks(_parents)
 
 
+# -- an error one rank meets alone: the others' collective fails at once, naming it ---------------
+def _one_rank_stops(rank: int, world: int, stopper: int) -> None:
+    import time
+
+    store = distributed.launcher_store(30.0)  # (the group's: rank 0 serves it)
+    if rank == stopper:
+        time.sleep(0.5)  # (the other rank is in its all-reduce by now)
+        distributed.announce_error("cannot read image x.jpg", 2)
+        assert not dist.is_initialized()
+        # the closed group's rank and size still hold, and its store still serves: the ranks
+        # stop together through it
+        assert (distributed.rank(), distributed.world_size()) == (rank, world)
+        assert distributed.launcher_store(5.0) is not None
+        assert distributed.peer_error() is None  # (no group: nothing to look for)
+    else:
+        _frees_the_collective(stopper)
+    # (each process stays until both have looked: rank 0's serves the store)
+    store.set(f"done/{rank}", "1")
+    store.wait(["done/0", "done/1"], timedelta(seconds=30))
+
+
+def _frees_the_collective(stopper: int) -> None:
+    import time
+
+    assert distributed.peer_error() is None  # (nobody stopped yet)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError):
+        dist.all_reduce(torch.ones(3))  # the stopper never joins it
+    # the failure comes when the stopper closes its side, not when it exits (it waits)
+    assert time.monotonic() - start < 20
+    stopped = distributed.peer_error()
+    assert isinstance(stopped, distributed.PeerStopped)
+    assert (stopped.peer, str(stopped), stopped.status) == (stopper, "cannot read image x.jpg", 2)
+
+
+@pytest.mark.parametrize("stopper", [1, 0])
+def test_a_rank_that_stops_alone_frees_the_others_collective_with_its_error(stopper):
+    """Rank 1 (a bad image in its shard): rank 0, in DDP's gradient all-reduce, used to wait
+    until rank 1 exited and then record gloo's "Connection closed by peer" as the run's error.
+    Rank 0 stopping: its process serves the group's store, which must outlive the group."""
+    import functools
+
+    _on_two_ranks(functools.partial(_one_rank_stops, stopper=stopper))
+
+
 # -- torchrun: the ranks stop together on an error (a store like the one torchrun's agent serves)
 @pytest.fixture
 def agent_store(monkeypatch):
     """A TCPStore served here, and the environment torchrun gives its ranks to reach it."""
-    from datetime import timedelta
-
     port = _free_port()
     server = dist.TCPStore("127.0.0.1", port, is_master=True, timeout=timedelta(seconds=5))
     monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")

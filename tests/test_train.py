@@ -21,7 +21,7 @@ from cwps_lightning import checks, train
 from cwps_lightning.config import compose_config
 from cwps_lightning.data.base import DataConfigError, MultiTaskDataModule
 from cwps_lightning.errors import ConfigError
-from cwps_lightning.fitting import TrainingDiverged
+from cwps_lightning.fitting import RunInterrupted, TrainingDiverged
 
 
 def job_of(*overrides: str):
@@ -127,6 +127,76 @@ def test_any_other_failure_logs_where_the_outputs_are(job_dir, caplog):
         assert wandb.finished == 1
         assert train.task_wrapper(lambda cfg: {"done": True})(None) == {"done": True}
     assert f"outputs: {run_dir}" in caplog.text
+
+
+@pytest.fixture
+def ranks(monkeypatch):
+    """distributed's side of the error paths, recorded: the errors this rank announced, what
+    rank 0 was told, and the peer error peer_error finds (``peer[0]``, None: none)."""
+    said = types.SimpleNamespace(announced=[], told=[], waited=[], peer=[None])
+    d = train.distributed
+    monkeypatch.setattr(d, "announce_error", lambda line, status: said.announced.append(
+        (line, status)))
+    monkeypatch.setattr(d, "peer_error", lambda: said.peer[0])
+    monkeypatch.setattr(d, "rank_zero_stopped", said.told.append)
+    monkeypatch.setattr(d, "await_rank_zero_stop", lambda: said.waited.append(True))
+    monkeypatch.setattr(d, "tidied_up", lambda: None)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    return said
+
+
+def test_an_error_this_rank_meets_is_announced_to_the_others(job_dir, ranks, monkeypatch,
+                                                             caplog):
+    """Its own stop (bad data) with its line and status, a crash with its type (and the ranks
+    then stop together: rank 0 tells, a rank above 0 waits); a signal is no one rank's."""
+    def failing(error):
+        def task(cfg):
+            raise error
+        return train.task_wrapper(task)
+
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(ConfigError):
+        failing(ConfigError("cannot read image x.jpg"))(None)
+    with pytest.raises(RunInterrupted):
+        failing(RunInterrupted("stopped by SIGTERM", 15))(None)
+    assert ranks.announced == [("cannot read image x.jpg", 2)] and not ranks.waited
+    with caplog.at_level(logging.INFO, logger="cwps_lightning"), pytest.raises(KeyError):
+        failing(KeyError("w"))(None)
+    assert ranks.announced[1:] == [("KeyError: 'w'", 1)] and ranks.waited == [True]
+    assert "the job failed (KeyError" in caplog.text
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(KeyError):
+        failing(KeyError("w"))(None)
+    assert ranks.told == [train.distributed.RankZeroStop("KeyError: 'w'", removed=False)]
+
+
+def test_a_collective_that_failed_because_another_rank_stopped_takes_its_error(
+        job_dir, ranks, caplog):
+    """gloo's "Connection closed by peer" after rank 1 announced a bad image: the job ends
+    on rank 1's error and status, with no log line of its own and nothing announced."""
+    ranks.peer[0] = train.distributed.PeerStopped(1, "cannot read image x.jpg", 2)
+
+    def task(cfg):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer")
+
+    with caplog.at_level(logging.INFO, logger="cwps_lightning"), \
+            pytest.raises(train.distributed.PeerStopped) as stopped:
+        train.task_wrapper(task)(None)
+    assert stopped.value is ranks.peer[0] and train.exit_status(stopped.value) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert ranks.announced == []
+    # this rank's own stop is its own, whatever a peer said
+    with pytest.raises(ConfigError):
+        train.task_wrapper(lambda cfg: (_ for _ in ()).throw(ConfigError("bad")))(None)
+    assert ranks.announced == [("bad", 2)]
+
+
+def test_exit_status_of_each_stop():
+    peer = train.distributed.PeerStopped
+    assert [train.exit_status(e) for e in (
+        ConfigError("x"), train.StoreError("x"), TrainingDiverged("x"),
+        RunInterrupted("x", 15), RunInterrupted("x", 2), peer(1, "x", 3), RuntimeError("x"))] \
+        == [2, 2, 3, 143, 130, 3, 1]
 
 
 # -- logging -------------------------------------------------------------------------------------
@@ -259,6 +329,35 @@ def test_a_rank_above_0_stops_after_rank_0_and_removes_its_own_log(tmp_path, mon
     # without torchrun's store (Lightning's launcher): silent, as before
     _stop(ConfigError("bad data"), monkeypatch, rank=1, stop=None)
     assert capsys.readouterr().err == ""
+
+
+def test_rank_0_says_another_ranks_error_as_that_ranks_and_logs_it(tmp_path, monkeypatch,
+                                                                   capsys):
+    """A bad image in rank 1's shard: rank 0 says it once, naming rank 1, with rank 1's status;
+    the run dir (a fit had begun: not a stub) stays and its log ends with the line."""
+    monkeypatch.setattr(train, "RUN_DIR_EXISTED", False)
+    run_dir = tmp_path / "run"
+    (run_dir / "store").mkdir(parents=True)
+    handler = logging.FileHandler(run_dir / "train.log")
+    logging.getLogger().addHandler(handler)
+    try:
+        err = train.distributed.PeerStopped(1, "cannot read image x.jpg", 2)
+        code, told, _ = _stop(err, monkeypatch, rank=0, stop=None, run_dir=run_dir,
+                              cwds=[tmp_path])
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == "error (rank 1): cannot read image x.jpg\n"
+    assert code == 2 and told == [train.distributed.RankZeroStop("cannot read image x.jpg",
+                                                                 removed=False)]
+    assert (run_dir / "train.log").read_text() == "error (rank 1): cannot read image x.jpg\n"
+    # rank 1, told rank 0's line: silent; a rank above 0 whose rank 0 never said it names the
+    # rank that met the error, not itself
+    stop = train.distributed.RankZeroStop
+    _stop(err, monkeypatch, rank=1, stop=stop("cannot read image x.jpg", False))
+    assert capsys.readouterr().err == ""
+    _stop(train.distributed.PeerStopped(1, "bad", 2), monkeypatch, rank=2, stop=False)
+    assert capsys.readouterr().err == "error (rank 1): bad\n"
 
 
 def test_a_run_dir_known_only_later_is_taken_as_new_or_as_existing(tmp_path):

@@ -38,6 +38,9 @@ _LOCAL_RANK_VARS = ("LOCAL_RANK", "SLURM_LOCALID", "JSM_NAMESPACE_LOCAL_RANK")
 
 #: fits whose weights were compared across ranks in this process (for results.json)
 _FITS_CHECKED = [0]
+#: this rank's process group once announce_error closed it: its rank, size and store (kept
+#: open: under Lightning's launcher rank 0's process serves it, and the ranks stop through it)
+_CLOSED: dict[str, Any] = {}
 
 
 class RanksDisagree(RuntimeError):
@@ -57,6 +60,8 @@ def rank() -> int:
     rank 0 from the others until the group exists)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
+    if _CLOSED:
+        return _CLOSED["rank"]
     for var in ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
         if var in os.environ:
             return int(os.environ[var])
@@ -81,8 +86,11 @@ def world_size_from_env() -> int:
 
 def world_size() -> int:
     """The number of ranks: the process group's once it exists (Lightning's launcher gives
-    its ranks no WORLD_SIZE), else the launcher's environment's."""
-    return dist.get_world_size() if active() else world_size_from_env()
+    its ranks no WORLD_SIZE; after announce_error, the closed group's), else the launcher's
+    environment's."""
+    if active():
+        return dist.get_world_size()
+    return _CLOSED["world"] if _CLOSED else world_size_from_env()
 
 
 def torchrun_world_size() -> int | None:
@@ -237,8 +245,8 @@ def launcher_store(timeout_s: float):
     once the process group exists, the one its rendezvous made there (rank 0 serves it:
     Lightning's launcher, SLURM). None before the group without torchrun (one process, or
     ranks that cannot reach each other yet) or where it cannot be reached."""
-    if not dist.is_available() or not (
-            os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" or dist.is_initialized()):
+    if not dist.is_available() or not (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+                                       or dist.is_initialized() or _CLOSED):
         return None
     try:
         return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
@@ -303,3 +311,63 @@ def tidied_up() -> None:
     if store is not None:
         with contextlib.suppress(RuntimeError, OSError):
             store.set(_key(f"stop/tidied/{rank()}"), "1")
+
+
+# -- an error one rank meets alone ---------------------------------------------------------------
+# A bad image in one rank's shard (or a loss that turns non-finite on one rank's batch) stops
+# that rank in the middle of a fit while the others wait in DDP's gradient all-reduce for it.
+# They used to wait until it exited (20 s, STOP_WAIT_S), and then failed with the backend's
+# "Connection closed by peer", which rank 0 recorded as the run's error. Now the rank says its
+# error through the store first, then closes its side of the process group: the others' pending
+# collective fails at once, they find the error there (peer_error), and rank 0 says it.
+
+
+class PeerStopped(RuntimeError):
+    """This rank's collective failed because rank ``peer`` stopped on its own error
+    (announce_error): that error's ``line`` (its str) and exit ``status``, which the whole
+    run takes."""
+
+    def __init__(self, peer: int, line: str, status: int):
+        super().__init__(peer, line, status)  # (the args a pickled copy is rebuilt from)
+        self.peer, self.line, self.status = peer, line, status
+
+    def __str__(self) -> str:
+        return self.line
+
+
+def announce_error(line: str, status: int) -> None:
+    """This rank stops on an error of its own (``line``, exit ``status``) while the process
+    group is up: it says so through the store, then aborts its side of the group, so that a
+    rank waiting in a collective for it fails now, not at the backend's timeout (gloo: "Connection
+    closed by peer", at once), and finds this error with peer_error. Nothing without a group."""
+    if not active():
+        return
+    store = launcher_store(STOP_WAIT_S)
+    if store is not None:
+        key = _key(f"error/{rank()}")
+        with contextlib.suppress(RuntimeError, OSError):
+            store.set(key, json.dumps({"line": line, "status": status}))
+            store.get(key)  # (a round trip: the word is in before any peer can look)
+    c10d = dist.distributed_c10d
+    _CLOSED.update(rank=dist.get_rank(), world=dist.get_world_size(),
+                   store=c10d._get_default_store())
+    # abort, not destroy: it waits for no pending work (NCCL's destroy may). The abort is
+    # torch's private call: tests/test_distributed.py checks that it frees the others
+    getattr(c10d, "_abort_process_group", dist.destroy_process_group)()
+
+
+def peer_error() -> PeerStopped | None:
+    """The error another rank announced (announce_error), if one did: why this rank's
+    collective failed. Looked up once: the word is in before that rank closed its side."""
+    if not active():
+        return None
+    store = launcher_store(STOP_WAIT_S)
+    if store is None:
+        return None
+    for peer in range(world_size()):
+        key = _key(f"error/{peer}")
+        with contextlib.suppress(RuntimeError, OSError, ValueError, KeyError):
+            if peer != rank() and store.check([key]):
+                said = json.loads(store.get(key))
+                return PeerStopped(peer, said["line"], int(said["status"]))
+    return None

@@ -31,6 +31,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from .cwps.store import atomic_write
+from .distributed import PeerStopped
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,8 @@ class SweepJobFailed(CompactHydraException):
 def error_line(err: BaseException) -> str:
     if isinstance(err, SweepJobFailed):
         return err.line
+    if isinstance(err, PeerStopped):  # (another rank's error: its own line, and which rank)
+        return f"rank {err.peer}: {err.line}"
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 

@@ -5,6 +5,8 @@ check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (
 ``error:`` line, nothing written), 3 training diverged (one ``error:`` line naming the task,
 fit, epoch and step; the store keeps the tasks finished before), 143 / 130 SIGTERM / Ctrl-C
 stopped a fit (one ``error:`` line; the same command resumes), 1 anything else (a traceback).
+Under DDP an error one rank meets alone stops every rank with that rank's status, and rank 0
+says it (``error (rank <i>): ...``).
 
 Under DDP every rank runs this whole job (distributed.py says how they stay in step); only
 rank 0 writes the store, results, figures and the T0 cache, and only rank 0 logs below
@@ -73,6 +75,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*isinstance.treespec, LeafSpec.*")
 
 
+#: the project's own stops: said as one line, no traceback
+STOPS = (ConfigError, StoreError, TrainingDiverged, RunInterrupted, distributed.PeerStopped)
+
+
+def exit_status(err: BaseException) -> int:
+    """The run's exit status for ``err``: 2 bad input; a stopped fit's own (3 diverged, 143 /
+    130 a signal); another rank's error: that rank's; 1 anything else."""
+    return getattr(err, "status", 2 if isinstance(err, ConfigError | StoreError) else 1)
+
+
 def is_rank_zero() -> bool:
     return distributed.rank() == 0
 
@@ -102,11 +114,21 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             results = task(cfg)
-        except (ConfigError, StoreError, TrainingDiverged, RunInterrupted):
-            raise  # the CLI prints the one line
         except Exception as err:
+            own = isinstance(err, STOPS)
+            # under DDP: an unexpected error may be this rank's collective failing because
+            # another rank stopped (its word is in the store); that rank's error is the run's
+            peer = None if own else distributed.peer_error()
+            if peer is not None:
+                raise peer from None  # (the CLI prints its line)
+            if not isinstance(err, RunInterrupted):  # (a signal stops every rank together)
+                distributed.announce_error(str(err) if own else error_line(err),
+                                           exit_status(err))
+            if own:
+                raise  # the CLI prints the one line
             log.error("the job failed (%s: %s); its outputs so far: %s",
                       type(err).__name__, err, run_dir)
+            _stop_together_on_a_crash(error_line(err))
             raise
         finally:
             close_run()
@@ -114,6 +136,19 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         return results
 
     return wrapped
+
+
+def _stop_together_on_a_crash(line: str) -> None:
+    """After announce_error of an unexpected error (a traceback follows): the ranks stop
+    together as on one of the project's own (stop_on_error), so that torchrun does not cut
+    rank 0 off before it said the error. Nothing on one process."""
+    if distributed.world_size() <= 1:
+        return
+    if is_rank_zero():
+        distributed.rank_zero_stopped(distributed.RankZeroStop(line, removed=False))
+    else:
+        distributed.await_rank_zero_stop()
+        distributed.tidied_up()
 
 
 # -- the steps of a run -------------------------------------------------------------------------
@@ -288,6 +323,15 @@ def remove_own_log(log_file: Path, cwds: Sequence[Path] = ()) -> None:
         pass
 
 
+def _to_log_file(line: str) -> None:
+    """``line`` in the job's log file (Hydra's file handler; none before Hydra runs), not on
+    the console, which has it on stderr: a run directory that stays says why the run ended."""
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
                   cwds: Sequence[Path] = (), own_log: Path | None = None) -> NoReturn:
     """The end of a run stopped by ``err`` (bad input, a diverged loss): rank 0 prints its
@@ -296,14 +340,19 @@ def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
     (distributed.rank_zero_stopped): a rank above 0 exits after rank 0, says its own error
     only where rank 0 did not meet it, and removes its ``own_log`` where rank 0 removed the
     directory."""
+    # whose error it is: another rank's (distributed.PeerStopped), or this one's
+    who = err.peer if isinstance(err, distributed.PeerStopped) else distributed.rank()
     if is_rank_zero():
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        line = f"error{f' (rank {who})' if who else ''}: {err}"
+        print(line, file=sys.stderr, flush=True)
         removed = run_dir is not None and remove_if_stub(run_dir, cwds)
+        if not removed:
+            _to_log_file(line)
         distributed.rank_zero_stopped(distributed.RankZeroStop(str(err), removed))
     else:
         stop = distributed.await_rank_zero_stop()
         if stop is False or (stop and stop.line != str(err)):
-            print(f"error (rank {distributed.rank()}): {err}", file=sys.stderr, flush=True)
+            print(f"error (rank {who}): {err}", file=sys.stderr, flush=True)
         if stop and stop.removed and own_log is not None:
             remove_own_log(own_log, cwds)
         distributed.tidied_up()
@@ -314,7 +363,7 @@ def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         results = run(cfg)
-    except (ConfigError, StoreError, TrainingDiverged, RunInterrupted) as err:
+    except STOPS as err:
         from hydra.types import RunMode
 
         hydra_cfg = HydraConfig.get()
@@ -324,10 +373,11 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
             # whole sweep (the process exits below; the job is listed as incomplete)
             raise SweepJobFailed(error_line(err), hydra_cfg.job.get("num", 0)) from err
         runtime = hydra_cfg.runtime
-        stopped = isinstance(err, TrainingDiverged | RunInterrupted)  # (in a fit)
-        stop_on_error(err, err.status if stopped else 2,
-                      # (a run stopped in a fit: its log is its story)
-                      run_dir=None if stopped else Path(runtime.output_dir),
+        status = exit_status(err)
+        stop_on_error(err, status,
+                      # (bad input may leave a stub run dir; a run stopped in a fit (3, 143,
+                      # 130) keeps it: its log is its story)
+                      run_dir=Path(runtime.output_dir) if status == 2 else None,
                       cwds=(Path.cwd(), Path(runtime.cwd)),
                       own_log=Path(runtime.output_dir) / f"{hydra_cfg.job.name}.log")
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared

@@ -29,3 +29,18 @@ class Crashing(FineTune):
 
     def train(self, task, iteration, bank, harness) -> Trained:
         raise RuntimeError("a bug in a method")
+
+
+class CrashingOnRank1(FineTune):
+    """Under DDP: a bug that only rank 1 meets, while rank 0 goes on into the fit (and waits
+    there for rank 1 in the fit's first collective)."""
+
+    name = "crashing_on_rank_1"
+    label = "Crashes on rank 1"
+
+    def train(self, task, iteration, bank, harness) -> Trained:
+        from cwps_lightning import distributed
+
+        if distributed.rank() == 1:
+            raise KeyError("a bug on rank 1")
+        return super().train(task, iteration, bank, harness)

@@ -111,6 +111,77 @@ def test_torchrun_stops_on_bad_data_with_one_line_and_no_run_dir(tmp_path):
     assert not (tmp_path / "run").exists(), list((tmp_path / "run").iterdir())
 
 
+def _folder_task_with_a_truncated_training_image(root) -> str:
+    """A data=folders task whose training split holds one JPEG cut to a third: its header
+    passes the check before the run, and decoding it fails in the fit, on the one rank whose
+    shard holds it. Returns the file's name."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 3)):
+        for c in ("c0", "c1"):
+            (root / "a" / split / c).mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / "a" / split / c / f"{i:03d}.jpg")
+    bad = root / "a" / "train" / "c0" / "005.jpg"
+    bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 3])
+    return bad.name
+
+
+#: seeds whose shuffle gives the truncated image to rank 1, then to rank 0 (measured)
+READER_SEEDS = {1: 0, 0: 2}
+
+
+@pytest.mark.parametrize("reader", [1, 0])
+def test_an_image_only_one_rank_reads_stops_both_with_its_line(tmp_path, reader):
+    """Rank 1 meeting it: rank 0, in the gradient all-reduce, failed with gloo's "Connection
+    closed by peer" once rank 1 exited, and exited 1 with that traceback, as its run's error
+    (the image named nowhere under Lightning's launcher). Rank 0 meeting it: rank 1 printed
+    that traceback. Now the one that met it says it and closes its side of the group: exit 2,
+    one line naming the image (and the rank), no backend error, the line in train.log."""
+    import timm
+    import torch
+
+    bad = _folder_task_with_a_truncated_training_image(tmp_path / "data")
+    torch.save(timm.create_model("resnet18", num_classes=2).state_dict(), tmp_path / "w.pt")
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "cwps_lightning.train", "data=folders",
+           f"data.root={tmp_path / 'data'}", f"model.weights={tmp_path / 'w.pt'}",
+           "data.image_size=24", "data.verify_images=none",  # (the fit finds it)
+           "cwps.baselines=[]", "cwps.stages.warmup_epochs=1",
+           f"seed={READER_SEEDS[reader]}", f"hydra.run.dir={run}",
+           f"paths.cache_dir={tmp_path / 'cache'}", "trainer.accelerator=cpu",
+           "trainer.enable_progress_bar=false", *DDP]
+    proc = _run(cmd)
+    said = proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 2 and len(errors) == 1, said[-3000:]
+    where = f" (rank {reader})" if reader else ""
+    assert errors[0].startswith(f"error{where}: cannot read image "), errors
+    assert bad in errors[0] and "truncated" in errors[0].lower()
+    assert "Connection closed" not in said and "Traceback" not in said, said[-3000:]
+    assert (run / "train.log").read_text().splitlines()[-1].endswith(errors[0])
+
+
+def test_torchrun_a_crash_on_one_rank_is_said_by_rank_0_not_as_a_backend_error(tmp_path):
+    """A bug only rank 1 meets while rank 0 waits in a collective: rank 1 prints its
+    traceback, rank 0 names rank 1's error (it said gloo's "Connection closed by peer")."""
+    job = train_cmd(tmp_path / "run", "data.tasks=[optdigits]", "data.limit_per_task=48",
+                    "cwps.baselines=[tests.integration.diverging_method:CrashingOnRank1]",
+                    *DDP, cache=tmp_path / "cache")
+    proc = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node=2", *job[1:]])
+    said = proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert proc.returncode == 1 and errors == ["error (rank 1): KeyError: 'a bug on rank 1'"], \
+        said[-3000:]
+    assert "\nKeyError: 'a bug on rank 1'" in proc.stderr  # (rank 1's traceback)
+    assert "Connection closed" not in said
+    assert (tmp_path / "run" / "train.log").read_text().rstrip().endswith(errors[0])
+
+
 def test_sigterm_to_rank_0_stops_both_ranks_at_the_next_batch(tmp_path):
     """Lightning's own SIGTERM handler calls a collective inside the handler; mid-backward it
     paired with rank 1's gradient all-reduce and both waited for gloo's timeout (measured: no

@@ -276,6 +276,17 @@ def test_a_failed_jobs_error_keeps_its_line_and_job_when_pickled():
     assert error_line(err) == "DataConfigError: no split files"  # the report's line, as it was
 
 
+def test_another_ranks_error_keeps_its_line_rank_and_status_when_pickled():
+    import pickle
+
+    from cwps_lightning.distributed import PeerStopped
+    from cwps_lightning.sweep import error_line
+
+    err = pickle.loads(pickle.dumps(PeerStopped(1, "cannot read image x.jpg", 2)))
+    assert (err.peer, str(err), err.status) == (1, "cannot read image x.jpg", 2)
+    assert error_line(err) == "rank 1: cannot read image x.jpg"
+
+
 def test_a_sweep_over_lambda_and_another_key_is_no_figure5(tmp_path):
     from cwps_lightning.sweep import sweep_figure
 
