@@ -166,6 +166,41 @@ def fit_small(module, epochs=1, **trainer_args):
     return trainer
 
 
+class LossRecorder(L.Callback):
+    def __init__(self):
+        self.losses: list[list[float]] = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.losses.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses[-1].append(float(outputs["loss"]))
+
+
+def test_the_logged_epoch_loss_is_the_mean_of_that_epochs_step_losses(tmp_path):
+    """train/loss_epoch is summed by the module (not by Lightning's on_epoch bookkeeping):
+    the mean of the epoch's steps, from zero at every epoch, next to train/loss_step."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    module = CWPSLitModule(small_net(), num_classes=3, lr=0.1)
+    recorder = LossRecorder()
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", callbacks=[recorder],
+                        logger=CSVLogger(tmp_path, name="fit", version="0"),
+                        log_every_n_steps=1, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader())
+    with open(tmp_path / "fit" / "0" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    epochs = [float(r["train/loss_epoch"]) for r in rows if r["train/loss_epoch"]]
+    steps = [float(r["train/loss_step"]) for r in rows if r["train/loss_step"]]
+    assert [len(e) for e in recorder.losses] == [4, 4]  # (32 images, batches of 8)
+    assert epochs == pytest.approx([sum(e) / len(e) for e in recorder.losses], rel=1e-6)
+    assert steps == pytest.approx([x for e in recorder.losses for x in e], rel=1e-6)
+
+
 @pytest.mark.parametrize("kind, cls", [("sgd", FusedSGD), ("adam", torch.optim.Adam),
                                        ("adamw", torch.optim.AdamW)])
 def test_optimizer_plan_kind_lr_and_own_groups(kind, cls):

@@ -105,9 +105,11 @@ class MaskStageCallback(L.Callback):
 
     def on_train_epoch_end(self, trainer, pl_module):
         stats = sharing_stats(pl_module)
-        pl_module.log("sharing/specific_channels", stats["specific_channel_fraction"])
-        pl_module.log("sharing/specific_params", stats["specific_param_fraction"])
-        pl_module.log("sharing/hard", float(self._stage == "hard"))
+        # (the same on every rank: the sync only keeps Lightning from warning under DDP)
+        for name, value in (("specific_channels", stats["specific_channel_fraction"]),
+                            ("specific_params", stats["specific_param_fraction"]),
+                            ("hard", float(self._stage == "hard"))):
+            pl_module.log(f"sharing/{name}", value, sync_dist=True)
 
     def teardown(self, trainer, pl_module, stage):
         self._fitting = False  # (also after a fit that raised)
