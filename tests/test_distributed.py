@@ -228,6 +228,35 @@ def test_a_rank_that_stops_alone_frees_the_others_collective_with_its_error(stop
     _on_two_ranks(functools.partial(_one_rank_stops, stopper=stopper))
 
 
+@pytest.mark.parametrize("stand_down", [True, False])
+def test_lightnings_child_observer_stands_down_when_rank_0_stops(stand_down):
+    """Lightning's launcher watches its children every 5 s and SIGKILLs every process, its
+    own included, once one exited non-zero: a rank that exits with the run's status after
+    rank 0 said it would kill rank 0 before it exits with that status. Here the observer's
+    "main process" is a stand-in, so the kill is seen, not suffered."""
+    import subprocess
+    import sys
+    import time
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(2)"])
+    try:
+        observer = _ChildProcessObserver(stand_in.pid, [child], sleep_period=0.2)
+        observer.start()
+        if stand_down:
+            distributed.stand_down_child_observer()
+        observer.join(timeout=30)
+        time.sleep(0.2)
+        assert not observer.is_alive()
+        assert (stand_in.poll() is None) == stand_down  # (killed unless it stood down)
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+        child.wait()
+
+
 # -- torchrun: the ranks stop together on an error (a store like the one torchrun's agent serves)
 @pytest.fixture
 def agent_store(monkeypatch):

@@ -23,6 +23,7 @@ import contextlib
 import hashlib
 import json
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
@@ -283,12 +284,25 @@ def rank_zero_stopped(stop: RankZeroStop) -> None:
     store = launcher_store(TIDY_WAIT_S) if ranks > 1 else None
     if store is None:
         return
+    stand_down_child_observer()
     try:
         store.set(_key("stop/rank0"), json.dumps(asdict(stop)))
         store.wait([_key(f"stop/tidied/{r}") for r in range(1, ranks)],
                    timedelta(seconds=TIDY_WAIT_S))
     except (RuntimeError, OSError):  # (DistStoreError on timeout: a rank that went on)
         pass
+
+
+def stand_down_child_observer() -> None:
+    """Rank 0 under Lightning's own launcher, stopping with the others: Lightning's observer
+    thread (every 5 s) SIGKILLs every process, rank 0 too, once a rank above 0 has exited
+    with a non-zero status; the others exit with the run's status once rank 0 has said it,
+    and could so kill rank 0 before it exits with that status (measured: 3 ranks, exit 137
+    where 2 was due). The observer stands down (nothing where there is none: torchrun,
+    SLURM, one process)."""
+    for thread in threading.enumerate():
+        if thread.name == "child-process-observer" and hasattr(thread, "_run"):
+            thread._run = lambda: True  # (its loop ends at its next look)
 
 
 def await_rank_zero_stop(timeout_s: float = STOP_WAIT_S) -> RankZeroStop | None | bool:
@@ -348,6 +362,16 @@ def announce_error(line: str, status: int) -> None:
         with contextlib.suppress(RuntimeError, OSError):
             store.set(key, json.dumps({"line": line, "status": status}))
             store.get(key)  # (a round trip: the word is in before any peer can look)
+    close_group()
+
+
+def close_group() -> None:
+    """Abort this rank's side of the process group, keeping its rank, size and store for the
+    stop (announce_error; a rank that found a peer's error does it too: a third rank may be
+    waiting for it). gloo closes its connections only once nothing else holds the group
+    (measured: a second reference kept them open until the process exited)."""
+    if not active():
+        return
     c10d = dist.distributed_c10d
     _CLOSED.update(rank=dist.get_rank(), world=dist.get_world_size(),
                    store=c10d._get_default_store())

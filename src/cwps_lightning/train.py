@@ -120,6 +120,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
             # another rank stopped (its word is in the store); that rank's error is the run's
             peer = None if own else distributed.peer_error()
             if peer is not None:
+                distributed.close_group()  # (a third rank may be waiting for this one)
                 raise peer from None  # (the CLI prints its line)
             if not isinstance(err, RunInterrupted):  # (a signal stops every rank together)
                 distributed.announce_error(str(err) if own else error_line(err),
