@@ -184,11 +184,18 @@ def test_ddp_leaves_the_frozen_parents_out_of_its_buffer_broadcasts():
 
 
 # -- an error one rank meets alone: the others' collective fails at once, naming it ---------------
-def _one_rank_stops(rank: int, world: int, stopper: int) -> None:
+def _one_rank_stops(rank: int, world: int, stopper: int, workers: bool = False) -> None:
     import time
 
     store = distributed.launcher_store(30.0)  # (the group's: rank 0 serves it)
+    dist.all_reduce(torch.ones(1))  # (the connections are up)
     if rank == stopper:
+        if workers:  # a loader's worker, forked now, holds copies of the group's sockets
+            # (fork, as in a run: this test's ranks are spawned, and their loaders would not)
+            data = DataLoader(TensorDataset(torch.zeros(4, 1)), num_workers=1,
+                              persistent_workers=True, multiprocessing_context="fork")
+            batches = iter(data)
+            next(batches)
         time.sleep(0.5)  # (the other rank is in its all-reduce by now)
         distributed.announce_error("cannot read image x.jpg", 2)
         assert not dist.is_initialized()
@@ -218,14 +225,16 @@ def _frees_the_collective(stopper: int) -> None:
     assert (stopped.peer, str(stopped), stopped.status) == (stopper, "cannot read image x.jpg", 2)
 
 
-@pytest.mark.parametrize("stopper", [1, 0])
-def test_a_rank_that_stops_alone_frees_the_others_collective_with_its_error(stopper):
+@pytest.mark.parametrize("stopper, workers", [(1, True), (0, False)])
+def test_a_rank_that_stops_alone_frees_the_others_collective_with_its_error(stopper, workers):
     """Rank 1 (a bad image in its shard): rank 0, in DDP's gradient all-reduce, used to wait
     until rank 1 exited and then record gloo's "Connection closed by peer" as the run's error.
-    Rank 0 stopping: its process serves the group's store, which must outlive the group."""
+    Rank 0 stopping: its process serves the group's store, which must outlive the group. A
+    persistent DataLoader worker of the stopper's (forked after the group connected) kept the
+    connections open until the process exited."""
     import functools
 
-    _on_two_ranks(functools.partial(_one_rank_stops, stopper=stopper))
+    _on_two_ranks(functools.partial(_one_rank_stops, stopper=stopper, workers=workers))
 
 
 @pytest.mark.parametrize("stand_down", [True, False])
@@ -278,6 +287,22 @@ def test_without_torchruns_store_nobody_waits(monkeypatch):
     assert distributed.await_rank_zero_stop(30.0) is None  # (at once)
     distributed.rank_zero_stopped(distributed.RankZeroStop("x", True))  # (no-op, no wait)
     distributed.tidied_up()
+
+
+def test_a_store_that_cannot_be_reached_is_not_tried_again(monkeypatch):
+    """Rank 0's process served it and is gone: every stop step used to retry its connection
+    (a rank lived 140 s on after rank 0 was killed, printing c10d's timeouts)."""
+    import time
+
+    monkeypatch.setattr(distributed, "_STORE_GONE", [False])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))  # (nobody serves it)
+    assert distributed.launcher_store(0.5) is None
+    start = time.monotonic()
+    assert distributed.launcher_store(30.0) is None
+    assert distributed.await_rank_zero_stop(30.0) is None
+    assert time.monotonic() - start < 0.5
 
 
 def test_a_rank_above_0_reads_how_rank_0_stopped(agent_store, monkeypatch):

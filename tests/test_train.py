@@ -185,10 +185,28 @@ def test_a_collective_that_failed_because_another_rank_stopped_takes_its_error(
     assert stopped.value is ranks.peer[0] and train.exit_status(stopped.value) == 2
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert ranks.announced == []
-    # this rank's own stop is its own, whatever a peer said
+    # this rank's own stop is its own, whatever a peer said; so is a bug (not the backend's
+    # error), and a collective failure whose line is the peer's own: both met it
     with pytest.raises(ConfigError):
         train.task_wrapper(lambda cfg: (_ for _ in ()).throw(ConfigError("bad")))(None)
-    assert ranks.announced == [("bad", 2)]
+    with pytest.raises(RuntimeError, match="a bug"):
+        train.task_wrapper(lambda cfg: (_ for _ in ()).throw(RuntimeError("a bug")))(None)
+    ranks.peer[0] = train.distributed.PeerStopped(1, "RuntimeError: gloo timed out", 1)
+    with pytest.raises(RuntimeError, match="gloo timed out"):
+        train.task_wrapper(lambda cfg: (_ for _ in ()).throw(RuntimeError("gloo timed out")))(
+            None)
+    assert ranks.announced == [("bad", 2), ("RuntimeError: a bug", 1),
+                               ("RuntimeError: gloo timed out", 1)]
+
+
+def test_a_crash_in_a_sweeps_job_waits_for_no_other_rank(job_dir, ranks, monkeypatch):
+    """(in a multirun rank 0 fails the job and goes on: it never says it stopped)"""
+    hydra = train.HydraConfig.get()
+    monkeypatch.setattr(hydra, "mode", types.SimpleNamespace(name="MULTIRUN"), raising=False)
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(KeyError):
+        train.task_wrapper(lambda cfg: {}["w"])(None)
+    assert ranks.announced == [("KeyError: 'w'", 1)] and ranks.told == []
 
 
 def test_exit_status_of_each_stop():
@@ -197,6 +215,9 @@ def test_exit_status_of_each_stop():
         ConfigError("x"), train.StoreError("x"), TrainingDiverged("x"),
         RunInterrupted("x", 15), RunInterrupted("x", 2), peer(1, "x", 3), RuntimeError("x"))] \
         == [2, 2, 3, 143, 130, 3, 1]
+    unexpected = OSError("HTTP Error 503")
+    unexpected.status = 503  # (as urllib's HTTPError has): no exit status
+    assert train.exit_status(unexpected) == 1
 
 
 # -- logging -------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import NoReturn
 
 import hydra
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -81,8 +82,18 @@ STOPS = (ConfigError, StoreError, TrainingDiverged, RunInterrupted, distributed.
 
 def exit_status(err: BaseException) -> int:
     """The run's exit status for ``err``: 2 bad input; a stopped fit's own (3 diverged, 143 /
-    130 a signal); another rank's error: that rank's; 1 anything else."""
-    return getattr(err, "status", 2 if isinstance(err, ConfigError | StoreError) else 1)
+    130 a signal); another rank's error: that rank's; 1 anything else (whatever attribute
+    ``status`` it has: an HTTP error's is no exit status)."""
+    if isinstance(err, ConfigError | StoreError):
+        return 2
+    return err.status if isinstance(err, STOPS) else 1
+
+
+def _failed_collective(err: BaseException) -> bool:
+    """Whether ``err`` is the backend's: a collective this rank was in failed (gloo raises a
+    plain RuntimeError naming itself, NCCL a DistBackendError)."""
+    return isinstance(err, dist.DistError) or (
+        isinstance(err, RuntimeError) and "gloo" in str(err))
 
 
 def is_rank_zero() -> bool:
@@ -116,10 +127,11 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
             results = task(cfg)
         except Exception as err:
             own = isinstance(err, STOPS)
-            # under DDP: an unexpected error may be this rank's collective failing because
-            # another rank stopped (its word is in the store); that rank's error is the run's
-            peer = None if own else distributed.peer_error()
-            if peer is not None:
+            # under DDP: a failed collective may be another rank's stop (its word is in the
+            # store), whose error is the run's; an error every rank meets (a bug) stays each
+            # rank's own
+            peer = distributed.peer_error() if _failed_collective(err) else None
+            if peer is not None and peer.line != error_line(err):
                 distributed.close_group()  # (a third rank may be waiting for this one)
                 raise peer from None  # (the CLI prints its line)
             if not isinstance(err, RunInterrupted):  # (a signal stops every rank together)
@@ -129,7 +141,8 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                 raise  # the CLI prints the one line
             log.error("the job failed (%s: %s); its outputs so far: %s",
                       type(err).__name__, err, run_dir)
-            _stop_together_on_a_crash(error_line(err))
+            if _mode() != "MULTIRUN":  # (a sweep's job fails alone: no rank waits there)
+                _stop_together_on_a_crash(error_line(err))
             raise
         finally:
             close_run()
@@ -137,6 +150,12 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         return results
 
     return wrapped
+
+
+def _mode() -> str:
+    """Hydra's run mode's name (RUN, MULTIRUN)."""
+    mode = getattr(HydraConfig.get(), "mode", None)
+    return getattr(mode, "name", str(mode))
 
 
 def _stop_together_on_a_crash(line: str) -> None:

@@ -177,9 +177,11 @@ class LossRecorder(L.Callback):
         self.losses[-1].append(float(outputs["loss"]))
 
 
-def test_the_logged_epoch_loss_is_the_mean_of_that_epochs_step_losses(tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_the_logged_epoch_loss_is_the_mean_of_that_epochs_step_losses(tmp_path, precision):
     """train/loss_epoch is summed by the module (not by Lightning's on_epoch bookkeeping):
-    the mean of the epoch's steps, from zero at every epoch, next to train/loss_step."""
+    the mean of the epoch's steps, from zero at every epoch, next to train/loss_step; in
+    float32 whatever the loss's dtype (a bf16 sum of 1000 losses of 2.3 is 1024)."""
     import csv
 
     from lightning.pytorch.loggers import CSVLogger
@@ -189,7 +191,7 @@ def test_the_logged_epoch_loss_is_the_mean_of_that_epochs_step_losses(tmp_path):
     recorder = LossRecorder()
     trainer = L.Trainer(max_epochs=2, accelerator="cpu", callbacks=[recorder],
                         logger=CSVLogger(tmp_path, name="fit", version="0"),
-                        log_every_n_steps=1, enable_checkpointing=False,
+                        precision=precision, log_every_n_steps=1, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader())
     with open(tmp_path / "fit" / "0" / "metrics.csv") as f:

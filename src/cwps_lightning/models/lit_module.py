@@ -171,7 +171,7 @@ class CWPSLitModule(L.LightningModule):
             # 3 runs each: one on_step + on_epoch call 1.25 ms, an on_step call and this sum
             # 1.19 ms, an on_step call and an on_epoch call 1.57 ms)
             self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
-            detached = loss.detach()
+            detached = loss.detach().float()  # (float32, as Lightning sums: bf16-true)
             self._loss_sum = detached if self._loss_sum is None else self._loss_sum + detached
             self._loss_steps += 1
         else:
@@ -210,7 +210,8 @@ class CWPSLitModule(L.LightningModule):
         # every training batch is full, so the mean of the ranks' means is the whole mean).
         # The name is the one a log call with on_step and on_epoch gives.
         if self._loss_steps:
-            self.log("train/loss_epoch", self._loss_sum / self._loss_steps, sync_dist=True)
+            self.log("train/loss_epoch", self._loss_sum / self._loss_steps, prog_bar=True,
+                     sync_dist=True)
 
     def on_train_batch_start(self, batch, batch_idx):
         # Lightning puts the whole module in train mode at every epoch (and after validation)
