@@ -202,7 +202,9 @@ def test_a_collective_that_failed_because_another_rank_stopped_takes_its_error(
 def test_a_crash_in_a_sweeps_job_waits_for_no_other_rank(job_dir, ranks, monkeypatch):
     """(in a multirun rank 0 fails the job and goes on: it never says it stopped)"""
     hydra = train.HydraConfig.get()
-    monkeypatch.setattr(hydra, "mode", types.SimpleNamespace(name="MULTIRUN"), raising=False)
+    from hydra.types import RunMode
+
+    monkeypatch.setattr(hydra, "mode", RunMode.MULTIRUN, raising=False)
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(KeyError):
         train.task_wrapper(lambda cfg: {}["w"])(None)

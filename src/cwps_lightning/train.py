@@ -141,7 +141,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                 raise  # the CLI prints the one line
             log.error("the job failed (%s: %s); its outputs so far: %s",
                       type(err).__name__, err, run_dir)
-            if _mode() != "MULTIRUN":  # (a sweep's job fails alone: no rank waits there)
+            if not _in_multirun():  # (a sweep's job fails alone: no rank waits there)
                 _stop_together_on_a_crash(error_line(err))
             raise
         finally:
@@ -152,10 +152,10 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
     return wrapped
 
 
-def _mode() -> str:
-    """Hydra's run mode's name (RUN, MULTIRUN)."""
-    mode = getattr(HydraConfig.get(), "mode", None)
-    return getattr(mode, "name", str(mode))
+def _in_multirun() -> bool:
+    from hydra.types import RunMode
+
+    return getattr(HydraConfig.get(), "mode", None) == RunMode.MULTIRUN
 
 
 def _stop_together_on_a_crash(line: str) -> None:

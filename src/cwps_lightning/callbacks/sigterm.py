@@ -23,6 +23,8 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from .. import distributed
+
 log = logging.getLogger(__name__)
 
 
@@ -54,7 +56,7 @@ class SigtermAtNextBatch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.signalled
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
+        if distributed.active():
             flag = torch.tensor([int(stop)], device=trainer.strategy.root_device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
