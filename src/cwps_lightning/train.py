@@ -384,10 +384,8 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
         results = run(cfg)
     except STOPS as err:
-        from hydra.types import RunMode
-
         hydra_cfg = HydraConfig.get()
-        if hydra_cfg.mode == RunMode.MULTIRUN and not isinstance(err, RunInterrupted):
+        if _in_multirun() and not isinstance(err, RunInterrupted):
             # Hydra records the job as failed and runs the others (the basic sweeper; the Optuna
             # preset with max_failure_rate: 1.0); sweep.py reports it. A signal stops the
             # whole sweep (the process exits below; the job is listed as incomplete)
