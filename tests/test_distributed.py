@@ -197,7 +197,7 @@ def _one_rank_stops(rank: int, world: int, stopper: int, workers: bool = False) 
             batches = iter(data)
             next(batches)
         time.sleep(0.5)  # (the other rank is in its all-reduce by now)
-        distributed.announce_error("cannot read image x.jpg", 2)
+        distributed.announce_error("cannot read image x.jpg", 2, "DataConfigError")
         assert not dist.is_initialized()
         # the closed group's rank and size still hold, and its store still serves: the ranks
         # stop together through it
@@ -222,7 +222,8 @@ def _frees_the_collective(stopper: int) -> None:
     assert time.monotonic() - start < 20
     stopped = distributed.peer_error()
     assert isinstance(stopped, distributed.PeerStopped)
-    assert (stopped.peer, str(stopped), stopped.status) == (stopper, "cannot read image x.jpg", 2)
+    assert (stopped.peer, str(stopped), stopped.status, stopped.kind) == (
+        stopper, "cannot read image x.jpg", 2, "DataConfigError")
 
 
 @pytest.mark.parametrize("stopper, workers", [(1, True), (0, False)])

@@ -135,8 +135,8 @@ def ranks(monkeypatch):
     rank 0 was told, and the peer error peer_error finds (``peer[0]``, None: none)."""
     said = types.SimpleNamespace(announced=[], told=[], waited=[], peer=[None])
     d = train.distributed
-    monkeypatch.setattr(d, "announce_error", lambda line, status: said.announced.append(
-        (line, status)))
+    monkeypatch.setattr(d, "announce_error", lambda line, status, kind="": said.announced.append(
+        (line, status, kind)))
     monkeypatch.setattr(d, "peer_error", lambda: said.peer[0])
     monkeypatch.setattr(d, "rank_zero_stopped", said.told.append)
     monkeypatch.setattr(d, "await_rank_zero_stop", lambda: said.waited.append(True))
@@ -159,10 +159,10 @@ def test_an_error_this_rank_meets_is_announced_to_the_others(job_dir, ranks, mon
         failing(ConfigError("cannot read image x.jpg"))(None)
     with pytest.raises(RunInterrupted):
         failing(RunInterrupted("stopped by SIGTERM", 15))(None)
-    assert ranks.announced == [("cannot read image x.jpg", 2)] and not ranks.waited
+    assert ranks.announced == [("cannot read image x.jpg", 2, "ConfigError")] and not ranks.waited
     with caplog.at_level(logging.INFO, logger="cwps_lightning"), pytest.raises(KeyError):
         failing(KeyError("w"))(None)
-    assert ranks.announced[1:] == [("KeyError: 'w'", 1)] and ranks.waited == [True]
+    assert ranks.announced[1:] == [("KeyError: 'w'", 1, "")] and ranks.waited == [True]
     assert "the job failed (KeyError" in caplog.text
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(KeyError):
@@ -195,8 +195,8 @@ def test_a_collective_that_failed_because_another_rank_stopped_takes_its_error(
     with pytest.raises(RuntimeError, match="gloo timed out"):
         train.task_wrapper(lambda cfg: (_ for _ in ()).throw(RuntimeError("gloo timed out")))(
             None)
-    assert ranks.announced == [("bad", 2), ("RuntimeError: a bug", 1),
-                               ("RuntimeError: gloo timed out", 1)]
+    assert ranks.announced == [("bad", 2, "ConfigError"), ("RuntimeError: a bug", 1, ""),
+                               ("RuntimeError: gloo timed out", 1, "")]
 
 
 def test_a_crash_in_a_sweeps_job_waits_for_no_other_rank(job_dir, ranks, monkeypatch):
@@ -208,7 +208,7 @@ def test_a_crash_in_a_sweeps_job_waits_for_no_other_rank(job_dir, ranks, monkeyp
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(KeyError):
         train.task_wrapper(lambda cfg: {}["w"])(None)
-    assert ranks.announced == [("KeyError: 'w'", 1)] and ranks.told == []
+    assert ranks.announced == [("KeyError: 'w'", 1, "")] and ranks.told == []
 
 
 def test_exit_status_of_each_stop():

@@ -351,29 +351,31 @@ def tidied_up() -> None:
 
 class PeerStopped(RuntimeError):
     """This rank's collective failed because rank ``peer`` stopped on its own error
-    (announce_error): that error's ``line`` (its str) and exit ``status``, which the whole
-    run takes."""
+    (announce_error): that error's ``line`` (its str), exit ``status``, which the whole run
+    takes, and ``kind``, its class's name where ``line`` does not start with it ("": it does,
+    or none was said)."""
 
-    def __init__(self, peer: int, line: str, status: int):
-        super().__init__(peer, line, status)  # (the args a pickled copy is rebuilt from)
-        self.peer, self.line, self.status = peer, line, status
+    def __init__(self, peer: int, line: str, status: int, kind: str = ""):
+        super().__init__(peer, line, status, kind)  # (the args a pickled copy is rebuilt from)
+        self.peer, self.line, self.status, self.kind = peer, line, status, kind
 
     def __str__(self) -> str:
         return self.line
 
 
-def announce_error(line: str, status: int) -> None:
-    """This rank stops on an error of its own (``line``, exit ``status``) while the process
-    group is up: it says so through the store, then aborts its side of the group, so that a
-    rank waiting in a collective for it fails now, not at the backend's timeout (gloo: "Connection
-    closed by peer", at once), and finds this error with peer_error. Nothing without a group."""
+def announce_error(line: str, status: int, kind: str = "") -> None:
+    """This rank stops on an error of its own (``line``, exit ``status``; ``kind``: the
+    error's class where ``line`` lacks it) while the process group is up: it says so through
+    the store, then aborts its side of the group, so that a rank waiting in a collective for it
+    fails now, not at the backend's timeout (gloo: "Connection closed by peer", at once), and
+    finds this error with peer_error. Nothing without a group."""
     if not active():
         return
     store = launcher_store(LOOKUP_WAIT_S)
     if store is not None:
         key = _key(f"error/{rank()}")
         with contextlib.suppress(RuntimeError, OSError):
-            store.set(key, json.dumps({"line": line, "status": status}))
+            store.set(key, json.dumps({"line": line, "status": status, "kind": kind}))
             store.get(key)  # (a round trip: the word is in before any peer can look)
     close_group()
 
@@ -422,5 +424,6 @@ def peer_error() -> PeerStopped | None:
         with contextlib.suppress(RuntimeError, OSError, ValueError, KeyError):
             if peer != rank() and store.check([key]):
                 said = json.loads(store.get(key))
-                return PeerStopped(peer, said["line"], int(said["status"]))
+                return PeerStopped(peer, said["line"], int(said["status"]),
+                                   said.get("kind", ""))
     return None

@@ -66,8 +66,9 @@ class SweepJobFailed(CompactHydraException):
 def error_line(err: BaseException) -> str:
     if isinstance(err, SweepJobFailed):
         return err.line
-    if isinstance(err, PeerStopped):  # (another rank's error: its own line, and which rank)
-        return f"rank {err.peer}: {err.line}"
+    if isinstance(err, PeerStopped):  # (another rank's error: the line rank 0 would have
+        # written for it, and which rank met it)
+        return f"{err.kind + ': ' if err.kind else ''}{err.line} (rank {err.peer})"
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
 

@@ -136,7 +136,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                 raise peer from None  # (the CLI prints its line)
             if not isinstance(err, RunInterrupted):  # (a signal stops every rank together)
                 distributed.announce_error(str(err) if own else error_line(err),
-                                           exit_status(err))
+                                           exit_status(err), type(err).__name__ if own else "")
             if own:
                 raise  # the CLI prints the one line
             log.error("the job failed (%s: %s); its outputs so far: %s",

@@ -277,14 +277,22 @@ def test_a_failed_jobs_error_keeps_its_line_and_job_when_pickled():
 
 
 def test_another_ranks_error_keeps_its_line_rank_and_status_when_pickled():
+    """The report's line for a bad image reads the same whichever rank read it (rank 0's
+    own: "DataConfigError: ..."), with the rank that did after it."""
     import pickle
 
+    from cwps_lightning.data.base import DataConfigError
     from cwps_lightning.distributed import PeerStopped
     from cwps_lightning.sweep import error_line
 
-    err = pickle.loads(pickle.dumps(PeerStopped(1, "cannot read image x.jpg", 2)))
-    assert (err.peer, str(err), err.status) == (1, "cannot read image x.jpg", 2)
-    assert error_line(err) == "rank 1: cannot read image x.jpg"
+    err = pickle.loads(pickle.dumps(PeerStopped(1, "cannot read image x.jpg", 2,
+                                                "DataConfigError")))
+    assert (err.peer, str(err), err.status, err.kind) == (
+        1, "cannot read image x.jpg", 2, "DataConfigError")
+    own = error_line(DataConfigError("cannot read image x.jpg"))
+    assert error_line(err) == f"{own} (rank 1)" == "DataConfigError: cannot read image x.jpg (rank 1)"
+    # a crash's line names its class already
+    assert error_line(PeerStopped(2, "KeyError: 'w'", 1)) == "KeyError: 'w' (rank 2)"
 
 
 def test_a_sweep_over_lambda_and_another_key_is_no_figure5(tmp_path):
