@@ -80,8 +80,9 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
 
 def cpu_threads(trainer: Mapping[str, Any], device_type: str) -> int | None:
     """torch's intra-op thread count where one process pretrains T0 on the CPU, else None.
-    The count orders the float sums, so it decides the weights (the digits T0 reads val top-1
-    92.89 with two threads, 93.33 with one): T0s of two counts must not share a cache file.
+    The count orders the float sums, so it decides the weights (on one machine, the digits T0
+    read val top-1 92.89 with two threads, 93.33 with one): T0s of two counts must not share a
+    cache file.
     Under several processes each rank's launcher sets its count after the key is taken, and
     the ranks must agree on the key, so it stays out there (README, *Several processes*)."""
     single = (str(trainer.get("devices", "auto")) in ("1", "auto", "None")
