@@ -198,3 +198,58 @@ def test_evaluate_top1_is_the_percentage_of_samples_right_and_keeps_the_mode():
     model = Pick().train()
     assert evaluate_top1(model, DataLoader(TensorDataset(x, y), batch_size=4), "cpu") == 70.0
     assert model.training
+
+
+def _metrics(path):
+    import csv
+
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_fit_resumed_from_its_checkpoint_keeps_the_metrics_of_the_epochs_before(tmp_path):
+    """Lightning's CSVLogger deletes a fit's metrics.csv when the fit starts again, so a run
+    resumed with checkpoints lost the rows of every epoch it did not rerun (a finished warm-up
+    kept an empty directory). Now the rows up to the checkpoint's epoch stay, the rows of the
+    epoch that was cut short go (it reruns), and the new epochs follow under one header."""
+    from cwps_lightning.fitting import csv_logger_factory
+
+    trainer = {**TRAINER, "enable_checkpointing": True, "log_every_n_steps": 1}
+    settings = FitSettings(trainer=trainer, logger_factory=csv_logger_factory(tmp_path / "logs"),
+                           checkpoint_dir=tmp_path / "ckpt")
+
+    def run(epochs):
+        torch.manual_seed(0)
+        fit(Small(), synthetic_tasks(n_train=24, batch_size=8), "t",
+            FitPlan(epochs, seed=0, train="finetune"), settings, [], "g", "t")
+
+    run(2)  # stopped after its second epoch (epochs 0 and 1 in its checkpoint)
+    path = tmp_path / "logs" / "g" / "t" / "metrics.csv"
+    before = _metrics(path)
+    assert {row["epoch"] for row in before} == {"0", "1"}
+    with open(path, "a") as file:  # a row of the epoch the stop cut short
+        file.write("2," + ",".join("" for _ in before[0])[:-1] + "\n")
+    run(3)
+    after = _metrics(path)
+    kept = [row for row in after if row["epoch"] in ("0", "1")]
+    assert [{k: row.get(k, "") for k in before[0]} for row in kept] == before
+    new = [row for row in after if row["epoch"] == "2"]
+    assert any(row["train/loss_step"] for row in new) and any(row["train/loss_epoch"]
+                                                              for row in new)
+    assert len(after) == len(before) + len(new)
+
+
+def test_a_fit_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
+    """(no checkpoint: the fit starts over, and so does its file, as Lightning does)"""
+    from cwps_lightning.fitting import csv_logger_factory
+
+    settings = FitSettings(trainer={**TRAINER, "log_every_n_steps": 1},
+                           logger_factory=csv_logger_factory(tmp_path / "logs"))
+    counts = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        fit(Small(), synthetic_tasks(n_train=24, batch_size=8), "t",
+            FitPlan(1, seed=0, train="finetune"), settings, [], "g", "t")
+        rows = _metrics(tmp_path / "logs" / "g" / "t" / "metrics.csv")
+        counts.append(len(rows))
+    assert {row["epoch"] for row in rows} == {"0"} and counts[1] == counts[0] > 0

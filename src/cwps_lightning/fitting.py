@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import shutil
@@ -15,6 +16,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -89,13 +92,66 @@ class FitSettings:
                 shutil.rmtree(fit_dir, ignore_errors=True)
 
 
+class _ResumedMetricsWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it keeps the rows of the epochs a resumed fit's
+    checkpoint holds (epoch <= ``through_epoch``) where Lightning's deletes the whole file."""
+
+    def __init__(self, log_dir: str, through_epoch: int):
+        self.through_epoch = through_epoch
+        super().__init__(log_dir=log_dir)
+
+    def _check_log_dir_exists(self) -> None:
+        if not self._fs.isfile(self.metrics_file_path):
+            return
+        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+            reader = csv.DictReader(file)
+            header = list(reader.fieldnames or [])
+            # (a row of the epoch the fit was stopped in is logged again when it reruns it)
+            rows = [row for row in reader if (row.get("epoch") or "").strip() and
+                    int(float(row["epoch"])) <= self.through_epoch]
+        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=header)
+            writer.writeheader()
+            writer.writerows(rows)
+        self.metrics_keys = sorted(header)  # (so that save() appends under the same header)
+
+
+class FitCSVLogger(CSVLogger):
+    """Lightning's CSVLogger; a fit that continues from its checkpoint keeps the metrics of
+    the epochs before it (resume_through), where Lightning's would delete them."""
+
+    through_epoch: int | None = None
+
+    def resume_through(self, epoch: int) -> None:
+        """The fit continues after ``epoch`` (its checkpoint's): rows up to it stay."""
+        self.through_epoch = epoch
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None and self.through_epoch is not None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ResumedMetricsWriter(self.log_dir, self.through_epoch)
+        return super().experiment
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        # the rows logged so far reach the file with each epoch checkpoint, so a fit killed
+        # later (SIGKILL: no teardown) resumes with them (Lightning writes every 100 steps)
+        self.save()
+
+
 def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
     """A CSV logger per fit: <save_dir>/<group>/<name>/metrics.csv."""
 
     def make(group: str, name: str) -> Logger:
-        return CSVLogger(save_dir=str(save_dir), name=group, version=name)
+        return FitCSVLogger(save_dir=str(save_dir), name=group, version=name)
 
     return make
+
+
+def _checkpoint_epoch(path: str) -> int:
+    """The epoch a Lightning checkpoint was saved at the end of (read without its tensors)."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
 
 
 def fit(
@@ -166,10 +222,13 @@ def fit(
             resume_from = str(fit_dir / "last.ckpt")
             log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
     with settings.stopwatch.timed("trainer_construction"):
+        logger = settings.logger_factory(log_group, log_name)
+        if resume_from is not None and isinstance(logger, FitCSVLogger):
+            logger.resume_through(_checkpoint_epoch(resume_from))
         trainer = L.Trainer(
             max_epochs=plan.epochs,
             callbacks=callbacks,
-            logger=settings.logger_factory(log_group, log_name),
+            logger=logger,
             **trainer_args,
         )
     what = f"task {task!r}, fit {log_group}/{log_name}"

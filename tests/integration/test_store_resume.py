@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import subprocess
@@ -153,3 +154,10 @@ def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cac
     assert "cwps/optdigits-it0-mask: continuing from" in log
     assert set(read_results(run_dir)["methods"]["cwps"]["tasks"]) == {"optdigits"}
     assert not (run_dir / "checkpoints").exists()
+    # the metrics of the epochs before the kill stay: the finished warm-up's (Lightning's
+    # logger deleted them on the rerun), and the mask fit's first epoch, written with its
+    # checkpoint (the kill left no teardown to write it)
+    epochs = {fit: {row["epoch"] for row in csv.DictReader(
+        (run_dir / "logs" / "cwps" / f"optdigits-it0-{fit}" / "metrics.csv").open())}
+        for fit in ("warmup", "mask")}
+    assert epochs["warmup"] == {"0"} and "0" in epochs["mask"], epochs
