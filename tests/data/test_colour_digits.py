@@ -120,6 +120,8 @@ def test_image_size_and_limit_per_task():
                               "'optdigits']"),
     (dict(tasks="mnist_m_smooth"), "e.g. data.tasks=[mnist_m_smooth], got 'mnist_m_smooth'"),
     (dict(tasks=["mnist_m_smooth", "mnist_m_smooth"]), "data.tasks lists a task twice"),
+    # (an empty list ran the default tasks: null is the default order, [] no task)
+    (dict(tasks=[]), "data.tasks is empty: name at least one task"),
     (dict(image_size=4), "data.image_size must be an integer from 8 to 2048, got 4"),
     (dict(limit_per_task=3), ">= 4 (images per task; fewer leave a split empty), got 3"),
     (dict(seed=0.5), "seed must be an integer, got 0.5"),

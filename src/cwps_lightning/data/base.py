@@ -73,6 +73,9 @@ def task_list_error(tasks) -> str | None:
         return None
     entries = [tasks] if isinstance(tasks, Mapping) else tasks
     if isinstance(entries, Sequence) and not isinstance(entries, str):
+        if not entries:  # (null is the default order; an empty list is no task at all)
+            return ("data.tasks is empty: name at least one task (data.tasks=[a, b]), or "
+                    "leave it null for the benchmark's default order")
         for i, entry in enumerate(entries):
             if isinstance(entry, Mapping):  # {name, train, test}: meant for data.folders
                 return (f"data.tasks takes task names (data.tasks=[a, b]), but data.tasks[{i}] "
