@@ -67,3 +67,14 @@ def test_results_layout_gap_names_the_first_missing_key():
     no_mean = json.loads(json.dumps(whole))
     del no_mean["methods"]["cwps"]["mean_top1"]
     assert results_layout_gap(no_mean) == "'methods.cwps.mean_top1'"
+
+
+def test_report_help_exits_0_and_bad_arguments_2(capsys):
+    """(--help printed the usage as an error and exited 2)"""
+    from cwps_lightning.report import main
+
+    assert main(["--help"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m cwps_lightning.report <run dir") and err == ""
+    assert main([]) == 2 and main(["a", "b"]) == 2
+    assert capsys.readouterr().err.count("usage:") == 2

@@ -27,6 +27,12 @@ OWN_KEYS = ("store", "device")
 #: config resolved, so ``paths.*`` would change nothing)
 OVERRIDE_PREFIXES = ("data.",)
 DEVICES = ("auto", "cpu", "gpu", "cuda", "cuda:<index>")
+HELP = f"""{USAGE}
+
+Rebuild every task's model from the store alone, test it, and print the table next to the
+top-1 the run recorded. data.<key>=... points at data that moved (the store's data.* keys;
++data.<key>= adds one); device= is one of {', '.join(DEVICES)} (default auto).
+Exit 0: every task matches; 1: a task differs; 2: bad input (one error: line)."""
 
 
 def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
@@ -113,8 +119,12 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(HELP)
+        return 0
     try:
-        own, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+        own, overrides = parse_args(argv)
         store = MultiTaskStore.load(own["store"])
         rows = evaluate_store(store, overrides, own.get("device", "auto"))
     except (ConfigError, StoreError) as err:

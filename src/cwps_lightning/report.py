@@ -192,10 +192,21 @@ def run_dirs(path: Path) -> list[Path]:
     return found
 
 
+USAGE = "usage: python -m cwps_lightning.report <run dir | multirun dir>"
+HELP = f"""{USAGE}
+
+Rebuild a run's results.md and figures from its results.json and store (a multirun
+directory: every run below it, then the sweep's table and figure).
+Exit 0: done; 2: bad input (one error: line)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(HELP)
+        return 0
     if len(argv) != 1 or argv[0].startswith("-"):
-        print("usage: python -m cwps_lightning.report <run dir | multirun dir>", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -150,3 +150,12 @@ def test_a_hundredth_of_a_point_off_exits_1(store_dir, tmp_path, capsys):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main([f"store={copy}", "device=cpu"]) == 1
     assert "| NO |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_help_prints_the_usage_and_exits_0(flag, capsys):
+    """(it said "error: bad argument '--help'" and exited 2)"""
+    assert main([flag]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("usage: python -m cwps_lightning.evaluate store=") and err == ""
+    assert "device=" in out and "Exit 0" in out
