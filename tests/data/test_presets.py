@@ -160,7 +160,19 @@ def assert_clean_failure(proc, run_dir: Path, *fragments: str):
 def test_cli_missing_root(tmp_path):
     proc, run_dir = tiny_run(tmp_path, "domainnet", tmp_path / "nowhere")
     assert_clean_failure(proc, run_dir, "data.root=", "nowhere", "does not exist",
-                         "DomainNet layout")
+                         "DomainNet layout",
+                         "data download +experiment=domainnet data.root=<dir>")  # (how to get it)
+
+
+@pytest.mark.parametrize("root", [None, "nowhere"])
+def test_a_missing_imagenet_sketch_root_says_where_the_data_comes_from(tmp_path, root):
+    from cwps_lightning.data.base import DataConfigError
+    from cwps_lightning.data.imagenet_sketch import ImageNetSketchDataModule
+
+    dm = ImageNetSketchDataModule(root=None if root is None else tmp_path / root)
+    with pytest.raises(DataConfigError, match="Piggyback, PackNet and TAPS distribute") as err:
+        dm.check_root()
+    assert "docs/datasets.md" in str(err.value) and "data check" in str(err.value)
 
 
 @pytest.mark.slow

@@ -81,6 +81,8 @@ class DomainNetDataModule(ImageTasksDataModule):
     benchmark = "DomainNet"
     layout = ("<root>/<domain>/<class>/<file> with split files <root>/<domain>_train.txt and "
               f"<root>/<domain>_test.txt of lines {LINE_FORMAT}")
+    obtain = ("download it with python -m cwps_lightning.data download +experiment=domainnet "
+              "data.root=<dir> (docs/datasets.md, 'data download')")
     default_policy = "rrc"
 
     def __init__(self, num_classes: int | None = NUM_CLASSES,

@@ -100,6 +100,8 @@ class ImageTasksDataModule(MultiTaskDataModule):
     #: the benchmark's name and expected layout, for messages
     benchmark = "image folders"
     layout = "<root>/<task>/{train,test}/<class>/<image>"
+    #: how to get the dataset, said where data.root is not set or does not exist ("": nothing)
+    obtain = ""
     #: default transform policy when data.transform=auto
     default_policy = "crop"
 
@@ -180,12 +182,13 @@ class ImageTasksDataModule(MultiTaskDataModule):
             self.validate_tasks()
 
     def check_root(self) -> Path:
+        obtain = f"; {self.obtain}" if self.obtain else ""
         if self.root is None:
             raise DataConfigError(f"data.root is not set: point it at the {self.benchmark} "
-                                  f"dataset ({self.layout})")
+                                  f"dataset ({self.layout}){obtain}")
         if not self.root.exists():
             raise DataConfigError(f"data.root={str(self.root)!r} does not exist; expected the "
-                                  f"{self.benchmark} layout {self.layout}")
+                                  f"{self.benchmark} layout {self.layout}{obtain}")
         if not self.root.is_dir():
             raise DataConfigError(f"data.root={str(self.root)!r} is not a directory; expected "
                                   f"the {self.benchmark} layout {self.layout}")

@@ -40,6 +40,9 @@ class ImageNetSketchDataModule(ImageTasksDataModule):
     pretrain_task = None  # T0 is an ImageNet-pretrained backbone (model.pretrained / weights)
     benchmark = "ImageNet-to-Sketch"
     layout = "<root>/{" + ",".join(default_tasks) + "}/{train,test}/<class>/<image>"
+    obtain = ("it is the layout Piggyback, PackNet and TAPS distribute (docs/datasets.md, "
+              "'ImageNet-to-Sketch'); python -m cwps_lightning.data check "
+              "+experiment=imagenet_sketch data.root=<dir> checks a copy")
     element = "<class>/<image>"
 
     def policy_for(self, task: str) -> str:
