@@ -151,6 +151,19 @@ def test_a_seed_numpy_refuses_and_model_kwargs_timm_refuses(no_fits):
         preflight(["seed=${oc.env:CWPS_NO_SUCH_VARIABLE}"])
 
 
+def test_a_model_that_cannot_take_the_benchmarks_image_size_is_named_before_any_work(no_fits):
+    """A ViT made for 224 px given the digits' 32 px: it pretrained T0 up to its first
+    forward and failed with timm's assertion, a traceback and a run directory. The meta
+    device builds it and runs one batch of shapes (no arithmetic); a model that takes the size
+    (img_size=32, or a CNN at any size) passes."""
+    with pytest.raises(ConfigError, match=r"^model\.name=vit_tiny_patch16_224 cannot take "
+                                          r"data\.image_size=32 images \(AssertionError: .*224"
+                                          r".*\+model\.kwargs\.img_size=32$"):
+        preflight(["model.name=vit_tiny_patch16_224"])
+    preflight(["model.name=vit_tiny_patch16_224", "+model.kwargs.img_size=32"])
+    preflight(["data.image_size=8"])  # (resnet18 takes 8 px: its last stage is 1x1)
+
+
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["data.image_size=0"], r"^data\.image_size must be an integer from 8 to 2048, got 0$"),
     (["data.tasks=[optdigits,mnist_sketc]"], r"^unknown task\(s\) \['mnist_sketc'\]"),

@@ -92,8 +92,7 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     except OmegaConfBaseException as err:
         raise ConfigError(one_line(err)) from None
     check_seed(seed)
-    if job.model.kwargs:
-        check_model_kwargs(job.model.name, dict(job.model.kwargs))
+    check_model_build(job.model.name, dict(job.model.kwargs or {}), _image_size(cfg))
     if job.model.weights:
         check_weights_file(job.model.weights)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -174,20 +173,55 @@ def check_seed(seed) -> None:
         raise ConfigError(f"seed={seed}: accepted: an integer from 0 to {SEED_MAX}")
 
 
-def check_model_kwargs(name: str, kwargs: dict) -> None:
-    """``model.kwargs`` the timm model takes: it is built once on the meta device (no memory,
-    no initialisation), so a misspelt or misplaced argument stops the job before the data."""
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def _image_size(cfg: DictConfig) -> int | None:
+    """The benchmark's network input size (data.image_size), where it has one the data
+    module accepts (another is the data check's to name)."""
+    from .data.base import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE
+
+    try:
+        size = cfg.data.get("image_size")
+    except OmegaConfBaseException:
+        return None
+    accepted = isinstance(size, int) and not isinstance(size, bool)
+    return size if accepted and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE else None
+
+
+def check_model_build(name: str, kwargs: dict, image_size: int | None = None) -> None:
+    """The timm model is built once on the meta device (no memory, no initialisation) and
+    takes one batch of ``image_size`` images there (shapes only, no arithmetic): a misspelt or
+    misplaced ``model.kwargs`` argument, or a model that cannot take the benchmark's image
+    size (a ViT made for 224 px given 32 px images), stops the job before any work."""
     import timm
 
     try:  # (with a num_classes, as create_backbone builds it)
         with torch.device("meta"):
-            timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+            model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
     except Exception as err:  # noqa: BLE001 - whatever timm raises for a bad argument
-        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if "meta" in text.lower():
+        text = _first_line(err)
+        if "meta" in text.lower() or not kwargs:
             return  # a model that cannot be built on the meta device: the job finds out
         raise ConfigError(f"model.kwargs={kwargs}: timm cannot build {name} with them "
                           f"({type(err).__name__}: {text})") from None
+    if image_size is None:
+        return
+    try:
+        with torch.no_grad():
+            model.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+    except (AssertionError, RuntimeError, ValueError) as err:
+        text = _first_line(err)
+        if "meta" in text.lower():
+            return  # (an op without a meta kernel, or one that reads values: not the input's)
+        raise ConfigError(
+            f"model.name={name} cannot take data.image_size={image_size} images "
+            f"({type(err).__name__}: {text}); set data.image_size to a size the model takes, "
+            f"or, for a model built for one size (ViT), +model.kwargs.img_size={image_size}"
+        ) from None
+    except Exception:  # noqa: BLE001 - anything else the meta forward cannot do
+        return
 
 
 def check_methods(baselines: list[str]) -> None:

@@ -30,6 +30,8 @@ class TaskSplits:
 #: the largest data.image_size taken: a larger one runs out of memory building the first batch
 #: rather than failing with a message (the paper's inputs are 224 px)
 MAX_IMAGE_SIZE = 2048
+#: the smallest data.image_size taken
+MIN_IMAGE_SIZE = 8
 
 
 def int_range(minimum: int | None, maximum: int | None = None) -> str:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-from .base import MAX_IMAGE_SIZE, MultiTaskDataModule, TaskSplits, split_indices
+from .base import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, MultiTaskDataModule, TaskSplits, split_indices
 
 # How the 5000 MNIST images are divided between T0 and the derived domains (disjoint).
 MNIST_PARTS = {"mnist": 0.3, "mnist_sketch": 0.4}  # the rest (0.3) goes to mnist_m
@@ -150,8 +150,8 @@ class BundledDataModule(MultiTaskDataModule):
 
     def __init__(self, image_size: int = 32, limit_per_task: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        self.image_size = self.checked_int(image_size, "data.image_size", 8, fallback=32,
-                                           maximum=MAX_IMAGE_SIZE)
+        self.image_size = self.checked_int(image_size, "data.image_size", MIN_IMAGE_SIZE,
+                                           fallback=32, maximum=MAX_IMAGE_SIZE)
         self.limit_per_task = self.checked_int(
             limit_per_task, "data.limit_per_task", MIN_LIMIT, fallback=None, none_ok=True,
             why=" (images per task; fewer leave a split empty)")

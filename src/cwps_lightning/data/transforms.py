@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from torchvision import transforms as T
 
-from .base import MAX_IMAGE_SIZE, DataConfigError, int_range
+from .base import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, DataConfigError, int_range
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -39,8 +39,9 @@ def check_transform_settings(
 ) -> tuple[int, int, tuple[float, ...], tuple[float, ...]]:
     """Validate and normalise the transform settings of a data config."""
     if (isinstance(image_size, bool) or not isinstance(image_size, int)
-            or not 8 <= image_size <= MAX_IMAGE_SIZE):
-        raise DataConfigError(f"data.image_size must be {int_range(8, MAX_IMAGE_SIZE)}, "
+            or not MIN_IMAGE_SIZE <= image_size <= MAX_IMAGE_SIZE):
+        raise DataConfigError(f"data.image_size must be "
+                              f"{int_range(MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)}, "
                               f"got {image_size!r}")
     if resize_size is None:
         resize_size = default_resize_size(image_size)
