@@ -52,6 +52,21 @@ def test_training_batches_are_full(n, batches, seen):
     assert sum(len(b[1]) for b in dm.test_dataloader()) == n
 
 
+def test_a_task_smaller_than_one_batch_is_said_once(caplog):
+    """(it trained on one partial batch an epoch without a word)"""
+    dm = _one_task(20)
+    with caplog.at_level("WARNING", logger="cwps_lightning.data.base"):
+        dm.train_dataloader(), dm.train_dataloader()
+        _one_task(64).train_dataloader()
+    said = [r.getMessage() for r in caplog.records]
+    assert said == ["task 't': 20 training images, fewer than data.batch_size=32: each epoch is "
+                    "one partial batch of them"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cwps_lightning.data.base"):
+        _one_task(40, world_size=2).train_dataloader()
+    assert "20 training images per rank (40 on 2 ranks)" in caplog.text
+
+
 @pytest.mark.parametrize("n, world, drop", [(900, 2, True), (63, 2, True), (62, 2, False),
                                             (40, 2, False), (40, 1, True)])
 def test_full_batches_are_decided_on_a_ranks_share(n, world, drop):

@@ -7,6 +7,7 @@ is the only split model selection looks at; the test split is only ever reported
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -179,6 +182,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.seed = self.checked_int(seed, "seed", None, fallback=0)
         self._splits: dict[str, TaskSplits] | None = None
         self.current: str | None = None
+        self._partial_warned: set[str | None] = set()  # (tasks said to train on a partial batch)
         self._order_seed, self._order_start = self.seed, 0
 
     # -- settings ------------------------------------------------------------------------------
@@ -295,7 +299,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         # by that alone (README, "Several processes"). A rank's share smaller than one batch is
         # kept as one batch.
         world = 1 if self.trainer is None else self.trainer.world_size
-        full_batches = train and math.ceil(len(ds) / world) >= self.batch_size
+        share = math.ceil(len(ds) / world)
+        full_batches = train and share >= self.batch_size
+        if train and not full_batches and self.current not in self._partial_warned:
+            self._partial_warned.add(self.current)
+            if getattr(self.trainer, "is_global_zero", True):  # (rank 0 says it)
+                log.warning("task %r: %d training images%s, fewer than data.batch_size=%d: each "
+                            "epoch is one partial batch of them", self.current, share,
+                            f" per rank ({len(ds)} on {world} ranks)" if world > 1 else "",
+                            self.batch_size)
         # The order comes from the sampler alone (see reseed_shuffle); the DataLoader gets no
         # generator, which would also make it draw worker seeds from it, and the order would
         # then depend on how the epochs are split into fits. On one device only: under DDP,
