@@ -105,15 +105,16 @@ class _ResumedMetricsWriter(ExperimentWriter):
             return
         with self._fs.open(self.metrics_file_path, "r", newline="") as file:
             reader = csv.DictReader(file)
-            header = list(reader.fieldnames or [])
+            # save() appends its rows in the order of metrics_keys: the file's header is written
+            # in that same order (Lightning's is sorted already)
+            self.metrics_keys = sorted(reader.fieldnames or [])
             # (a row of the epoch the fit was stopped in is logged again when it reruns it)
             rows = [row for row in reader if (row.get("epoch") or "").strip() and
                     int(float(row["epoch"])) <= self.through_epoch]
         with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=header)
+            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
             writer.writeheader()
             writer.writerows(rows)
-        self.metrics_keys = sorted(header)  # (so that save() appends under the same header)
 
 
 class FitCSVLogger(CSVLogger):
