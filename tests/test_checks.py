@@ -838,3 +838,24 @@ def test_a_bad_config_is_printed_once_under_torchrun(monkeypatch, capsys, no_fit
     err = capsys.readouterr().err
     assert stopped.value.code == 2
     assert err.startswith("error: cwps.threshold must be") and len(err.splitlines()) == 1
+
+
+def test_a_model_build_that_passed_is_not_built_again(monkeypatch):
+    """(the launch's check and the job's own ask for the same model: one meta build)"""
+    import timm
+
+    from cwps_lightning import checks
+
+    builds = []
+    create = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: builds.append(a) or create(*a, **k))
+    monkeypatch.setattr(checks, "_BUILDS_PASSED", set())
+    for _ in range(2):
+        checks.check_model_build("resnet18", {"drop_rate": 0.1}, 32)
+    assert len(builds) == 1
+    checks.check_model_build("resnet18", {"drop_rate": 0.1}, 64)  # (another size: built)
+    assert len(builds) == 2
+    for _ in range(2):  # a refusal is refused each time
+        with pytest.raises(ConfigError, match="cannot take data.image_size=32"):
+            checks.check_model_build("vit_tiny_patch16_224", {}, 32)
+    assert len(builds) == 4

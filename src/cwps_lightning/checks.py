@@ -190,11 +190,24 @@ def _image_size(cfg: DictConfig) -> int | None:
     return size if accepted and MIN_IMAGE_SIZE <= size <= MAX_IMAGE_SIZE else None
 
 
+#: the (model, kwargs, image size) check_model_build passed in this process: the launch's
+#: check and the job's own (and a sweep's jobs) ask again, at 30-180 ms a build
+_BUILDS_PASSED: set[tuple[str, str, int | None]] = set()
+
+
 def check_model_build(name: str, kwargs: dict, image_size: int | None = None) -> None:
     """The timm model is built once on the meta device (no memory, no initialisation) and
     takes one batch of ``image_size`` images there (shapes only, no arithmetic): a misspelt or
     misplaced ``model.kwargs`` argument, or a model that cannot take the benchmark's image
     size (a ViT made for 224 px given 32 px images), stops the job before any work."""
+    key = (name, repr(sorted(kwargs.items())), image_size)
+    if key in _BUILDS_PASSED:
+        return
+    _check_model_build(name, kwargs, image_size)
+    _BUILDS_PASSED.add(key)
+
+
+def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
     import timm
 
     try:  # (with a num_classes, as create_backbone builds it)
