@@ -135,11 +135,6 @@ class FitCSVLogger(CSVLogger):
             self._experiment = _ResumedMetricsWriter(self.log_dir, self.through_epoch)
         return super().experiment
 
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        # the rows logged so far reach the file with each epoch checkpoint, so a fit killed
-        # later (SIGKILL: no teardown) resumes with them (Lightning writes every 100 steps)
-        self.save()
-
 
 def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
     """A CSV logger per fit: <save_dir>/<group>/<name>/metrics.csv."""

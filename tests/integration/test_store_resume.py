@@ -143,8 +143,21 @@ def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cac
     overrides = ("trainer.enable_checkpointing=true", "data.tasks=[optdigits]",
                  "cwps.baselines=[]", "cwps.stages.hard_epochs=4")
     mask_ckpt = "checkpoints/*/cwps/optdigits-it0-mask/last.ckpt"
-    _kill_when(run_dir, overrides, t0_cache, lambda: any(run_dir.glob(mask_ckpt)),
-               "the mask fit wrote a checkpoint", poll=0.1)
+    mask_csv = run_dir / "logs" / "cwps" / "optdigits-it0-mask" / "metrics.csv"
+
+    def first_epoch_done() -> bool:
+        # its checkpoint, and its epoch row: Lightning logs that row just after the checkpoint,
+        # so a kill between the two would resume after an epoch whose row was never written
+        if not any(run_dir.glob(mask_ckpt)) or not mask_csv.is_file():
+            return False
+        try:
+            rows = list(csv.DictReader(mask_csv.open(newline="")))
+        except (csv.Error, OSError):  # caught while Lightning rewrites it
+            return False
+        return any(row.get("epoch") == "0" and row.get("train/loss_epoch") for row in rows)
+
+    _kill_when(run_dir, overrides, t0_cache, first_epoch_done,
+               "the mask fit wrote a checkpoint and its first epoch's row", poll=0.1)
     assert not (run_dir / "store" / "manifest.json").exists()  # the task was not finished
 
     resumed = run_train(run_dir, *overrides, cache=t0_cache)
@@ -154,9 +167,8 @@ def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cac
     assert "cwps/optdigits-it0-mask: continuing from" in log
     assert set(read_results(run_dir)["methods"]["cwps"]["tasks"]) == {"optdigits"}
     assert not (run_dir / "checkpoints").exists()
-    # the metrics of the epochs before the kill stay: the finished warm-up's (Lightning's
-    # logger deleted them on the rerun), and the mask fit's first epoch, written with its
-    # checkpoint (the kill left no teardown to write it)
+    # the metrics of the epochs before the kill stay: the finished warm-up's and the mask
+    # fit's first epoch's (Lightning's logger deleted both files on the rerun)
     epochs = {fit: {row["epoch"] for row in csv.DictReader(
         (run_dir / "logs" / "cwps" / f"optdigits-it0-{fit}" / "metrics.csv").open())}
         for fit in ("warmup", "mask")}
