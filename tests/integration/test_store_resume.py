@@ -151,7 +151,8 @@ def test_killed_inside_a_fit_continues_from_its_epoch_checkpoint(run_dir, t0_cac
         if not any(run_dir.glob(mask_ckpt)) or not mask_csv.is_file():
             return False
         try:
-            rows = list(csv.DictReader(mask_csv.open(newline="")))
+            with mask_csv.open(newline="") as file:
+                rows = list(csv.DictReader(file))
         except (csv.Error, OSError):  # caught while Lightning rewrites it
             return False
         return any(row.get("epoch") == "0" and row.get("train/loss_epoch") for row in rows)
