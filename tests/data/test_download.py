@@ -208,7 +208,8 @@ def test_checksums(capsys, server, tmp_path):
     assert code == 2
     assert "checksum mismatch for clipart.zip" in err and good in err and "0" * 64 in err
     assert not (root / "clipart").exists()  # nothing extracted
-    assert not list((root / ".downloads").iterdir())  # the bad file is gone
+    assert not list((root / ".downloads").glob("*"))  # the bad file is gone
+    assert (root / "clipart_train.txt").is_file()  # (what was fetched stays)
     root = tmp_path / "good"
     md5 = hashlib.md5(data).hexdigest()
     code, _, err = download(capsys, server, root, "data.tasks=[clipart]",
@@ -607,3 +608,48 @@ def test_an_interrupted_download_keeps_its_part_and_exits_130(capsys, server, tm
     assert code == 130
     assert err == "error: interrupted (a partial download resumes when you rerun the command)\n"
     assert part.read_bytes() == data[:1000]
+
+
+@pytest.mark.parametrize("code", ["EAI_NONAME", "EAI_AGAIN"])
+def test_a_host_that_does_not_resolve_stops_at_once(tmp_path, monkeypatch, code):
+    """Offline, every retry failed alike: five of them waited a minute before the error."""
+    import socket
+    from urllib.error import URLError
+
+    def no_dns(request, timeout):
+        raise URLError(socket.gaierror(getattr(socket, code), "name resolution failed"))
+
+    monkeypatch.setattr(download_module, "urlopen", no_dns)
+    monkeypatch.setattr(download_module.time, "sleep", lambda s: pytest.fail("waited to retry"))
+    dest = tmp_path / "x.zip"
+    dest.with_name("x.zip.part").write_bytes(b"12345")  # what an earlier run fetched stays
+    with pytest.raises(DownloadError) as err:
+        fetch("http://example.invalid/d/x.zip", dest, retries=5, say=lambda m: None)
+    assert "cannot resolve the host 'example.invalid' (name resolution failed)" in str(err.value)
+    assert "resumes from" in str(err.value) and "(5 bytes)" in str(err.value)
+    assert dest.with_name("x.zip.part").read_bytes() == b"12345" and not dest.exists()
+
+
+def test_a_download_that_fetched_nothing_leaves_no_root_behind(capsys, tmp_path, monkeypatch):
+    """(a root it did not make, and one holding what it fetched, stay)"""
+    import socket
+    from urllib.error import URLError
+
+    def no_dns(request, timeout):
+        raise URLError(socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+
+    monkeypatch.setattr(download_module, "urlopen", no_dns)
+    args = ["download", "+experiment=domainnet", "data.tasks=[clipart]"]
+    root = tmp_path / "a" / "dn"
+    code = main([*args, f"data.root={root}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot resolve the host 'csr.bu.edu'" in err and "tries again" in err
+    assert list(tmp_path.iterdir()) == []  # neither dn nor the a/ made for it
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    assert main([*args, f"data.root={kept}"]) == 2 and kept.is_dir()
+    partial = tmp_path / "partial"
+    (partial / ".downloads").mkdir(parents=True)
+    (partial / ".downloads" / "clipart.zip.part").write_bytes(b"PK")
+    assert main([*args, f"data.root={partial}"]) == 2
+    assert (partial / ".downloads" / "clipart.zip.part").read_bytes() == b"PK"

@@ -25,6 +25,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import zipfile
@@ -32,6 +33,7 @@ from collections.abc import Callable, Mapping
 from http.client import HTTPException
 from pathlib import Path, PurePosixPath
 from urllib.error import HTTPError, URLError
+from urllib.parse import urlsplit
 from urllib.request import Request, urlopen
 
 from ..errors import ConfigError
@@ -121,7 +123,16 @@ def _fetch_once(url: str, part: Path, timeout: float, say: Callable[[str], None]
             raise _Retry(f"HTTP {err.code} {err.reason}") from err
         raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
     except (URLError, OSError, HTTPException) as err:
-        raise _Retry(f"{type(err).__name__}: {getattr(err, 'reason', err)}") from err
+        reason = getattr(err, "reason", err)
+        if isinstance(reason, socket.gaierror):
+            # the host name does not resolve: on a machine without network every retry fails
+            # alike (five of them waited a minute); a flaky resolver is one rerun away
+            again = f"resumes from {part} ({have:,} bytes)" if have else "tries again"
+            raise DownloadError(
+                f"{url}: cannot resolve the host {urlsplit(url).hostname!r} ({reason.strerror}): "
+                f"no network on this machine, or a wrong data.download.base_url; the same "
+                f"command {again}") from err
+        raise _Retry(f"{type(err).__name__}: {reason}") from err
     with resp:
         total = None
         if have and resp.status == 206:
@@ -326,11 +337,30 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
     if in_the_way:
         raise DownloadError(f"{', '.join(in_the_way)}: a file where a domain's folder goes; "
                             f"move it away and rerun")
+    made = [d for d in (root, *root.parents) if not d.exists()]  # (deepest first)
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # (no permission)
         raise DownloadError(f"data.root={str(root)!r} cannot be made: {err.strerror} "
                             f"({err.filename})") from None
+    try:
+        _fetch_and_extract(dm, spec, root, say)
+    except BaseException:
+        # a download that fetched nothing (no network) leaves no empty folders behind; a
+        # part file, a split file or a domain stays, and the rerun goes on from it
+        for folder in [root / ".downloads", *made]:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or not there)
+                if folder != root / ".downloads":
+                    break
+        raise
+    say(f"done: {root} has {list(dm.tasks_requested)}; verify with `python -m cwps_lightning.data "
+        f"check +experiment=domainnet data.root={root}`")
+    return list(dm.tasks_requested)
+
+
+def _fetch_and_extract(dm, spec: dict, root: Path, say: Callable[[str], None]) -> None:
     kw = dict(retries=int(spec["retries"]), timeout=float(spec["timeout"]),
               retry_wait=float(spec["retry_wait"]), say=say)
     for domain in dm.tasks_requested:
@@ -347,9 +377,6 @@ def download_domainnet(dm, say: Callable[[str], None] = print) -> list[str]:
         extract_domain(archive, root, domain, say)
         if not spec["keep_archives"]:
             archive.unlink()
-    say(f"done: {root} has {list(dm.tasks_requested)}; verify with `python -m cwps_lightning.data "
-        f"check +experiment=domainnet data.root={root}`")
-    return list(dm.tasks_requested)
 
 
 def run_download(overrides, stream=None) -> int:
