@@ -42,10 +42,20 @@ def wandb_logger_factory(cfg: DictConfig, settings: LoggerSettings, run_dir: Pat
 
     def make(group: str, name: str):
         close_run()
-        return WandbLogger(name=f"{group}/{name}", job_type=group, save_dir=str(run_dir),
-                           **_init_args(cfg, settings, run_dir))
+        return _without_anonymous(WandbLogger(name=f"{group}/{name}", job_type=group,
+                                              save_dir=str(run_dir),
+                                              **_init_args(cfg, settings, run_dir)))
 
     return make
+
+
+def _without_anonymous(logger):
+    """Lightning hands wandb.init ``anonymous=None`` when it is not asked for, and wandb warns
+    on every run that the setting has no effect ("will be removed"): left out, as unset."""
+    init = getattr(logger, "_wandb_init", None)  # (Lightning's private init arguments)
+    if isinstance(init, dict) and "anonymous" in init and init["anonymous"] is None:
+        del init["anonymous"]
+    return logger
 
 
 def log_job_summary(cfg: DictConfig, settings: LoggerSettings, run_dir: Path, results: dict,

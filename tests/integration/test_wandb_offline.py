@@ -63,6 +63,7 @@ def test_one_run_per_fit_one_group_and_a_summary_run(tmp_path, t0_cache):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "already in progress" not in proc.stdout + proc.stderr
+    assert "anonymous setting" not in proc.stdout + proc.stderr  # wandb's warning, each run
     runs = [read_run(p) for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
     names = sorted(r["name"] for r in runs)
     # T0 may come from the shared cache (no fit) or be pretrained here (one fit)
