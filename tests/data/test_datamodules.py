@@ -671,5 +671,27 @@ def test_domainnet_class_with_two_labels(dn_root):
     with open(dn_root / "real_train.txt", "a") as f:
         f.write("real/apple/real_apple_train0.jpg 5\n")
     with pytest.raises(DataConfigError, match=r"real_train.txt:13: class 'apple' has label 0 "
-                                              r"elsewhere but 5 here"):
+                                              r"on \d+ line\(s\) \(\w+_train.txt:1, .*\) but 5 "
+                                              r"here$"):
         _ = DomainNetDataModule(root=str(dn_root), tasks=["real"], **SMALL).task_names
+
+
+def test_domainnet_one_wrong_line_is_the_line_named_wherever_it_is(dn_root):
+    """A label's class was the one its first line gave: a wrong first line made every right
+    line the conflict (and the class table wrong). The class most lines give is taken now."""
+    path = dn_root / "clipart_train.txt"
+    lines = path.read_text().splitlines()
+    first_rel, first_label = lines[0].rsplit(maxsplit=1)
+    other = next(rel.split("/")[1] for rel, label in (ln.rsplit(maxsplit=1) for ln in lines)
+                 if label != first_label)
+    wrong = first_rel.replace(f"/{first_rel.split('/')[1]}/", f"/{other}/")
+    path.write_text("\n".join([f"{wrong} {first_label}", *lines[1:]]) + "\n")
+    dm = DomainNetDataModule(root=str(dn_root), tasks=["clipart"], **SMALL)
+    table, conflicts = dm.class_table()
+    assert len(conflicts) == 1 and conflicts[0].startswith(
+        f"clipart_train.txt:1: label {first_label} is class {first_rel.split('/')[1]!r} on "), \
+        conflicts
+    assert conflicts[0].endswith(f"but {other!r} here")
+    assert table[int(first_label)] == first_rel.split("/")[1]
+    with pytest.raises(DataConfigError, match=r"disagree on labels: clipart_train.txt:1: "):
+        _ = dm.task_names

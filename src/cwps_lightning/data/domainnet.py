@@ -51,6 +51,10 @@ class SplitEntry:
         return parts[1] if len(parts) >= 3 else None
 
 
+def _lines(where: list[str]) -> str:
+    return f"{len(where)} line(s) ({', '.join(where[:2])}{', ...' if len(where) > 2 else ''})"
+
+
 def parse_split_file(path: Path) -> tuple[list[SplitEntry], list[str]]:
     """Entries of a split file, and one message per malformed line."""
     entries: list[SplitEntry] = []
@@ -120,21 +124,39 @@ class DomainNetDataModule(ImageTasksDataModule):
         return self._table
 
     def _build_class_table(self) -> tuple[dict[int, str], list[str]]:
-        names: dict[int, str] = {}
-        labels: dict[str, int] = {}
-        conflicts: list[str] = []
+        # A label's class is the one most of its lines give (ties: the first seen), and a
+        # class's label likewise: one wrong line is then the line named, where taking the
+        # first line's word made a wrong first line blame every right one.
+        lines: dict[tuple[int, str], list[str]] = {}
+        order: dict[str, int] = {}  # file:line -> its place in reading order
         for path in self.present_split_files():
             for e in self.parsed(path)[0]:
-                name = e.class_name
-                if name is None:
-                    continue
-                if names.setdefault(e.label, name) != name:
-                    conflicts.append(f"{path.name}:{e.line}: label {e.label} is class "
-                                     f"{names[e.label]!r} elsewhere but {name!r} here")
-                elif labels.setdefault(name, e.label) != e.label:
-                    conflicts.append(f"{path.name}:{e.line}: class {name!r} has label "
-                                     f"{labels[name]} elsewhere but {e.label} here")
-        return names, conflicts
+                if e.class_name is not None:
+                    at = f"{path.name}:{e.line}"
+                    order[at] = len(order)
+                    lines.setdefault((e.label, e.class_name), []).append(at)
+        names: dict[int, str] = {}
+        for (label, name), where in lines.items():
+            if label not in names or len(where) > len(lines[label, names[label]]):
+                names[label] = name
+        labels: dict[str, int] = {}
+        for label, name in names.items():
+            if name not in labels or len(lines[label, name]) > len(lines[labels[name], name]):
+                labels[name] = label
+        conflicts: list[tuple[str, str]] = []
+        for (label, name), where in lines.items():
+            if names[label] != name:
+                said = (f"label {label} is class {names[label]!r} on "
+                        f"{_lines(lines[label, names[label]])} but {name!r} here")
+            elif labels[name] != label:
+                said = (f"class {name!r} has label {labels[name]} on "
+                        f"{_lines(lines[labels[name], name])} but {label} here")
+            else:
+                continue
+            conflicts += [(at, f"{at}: {said}") for at in where]
+        # a label whose class is another label's has no class of its own
+        names = {label: name for label, name in names.items() if labels[name] == label}
+        return names, [msg for _, msg in sorted(conflicts, key=lambda c: order[c[0]])]
 
     def resolved_num_classes(self, table: Mapping[int, str]) -> int:
         value = self.num_classes_setting
