@@ -134,7 +134,8 @@ def _same_tensors(a: dict, b: dict) -> bool:
 
 
 @pytest.mark.parametrize("second_val", [60.0, 80.0, 95.0], ids=["loses", "ties", "wins"])
-def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_path, second_val):
+def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_path, second_val,
+                                                            caplog):
     """Iteration 0's candidate scores val 80 / test 70, iteration 1's ``second_val`` / test 90
     (the runner's evaluation is scripted). A loser leaves the kept model, the bank and the
     store as they were, though its test top-1 is higher; a winner replaces all three. A tie
@@ -154,9 +155,15 @@ def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_pa
         save_store(tmp_path / "store", result.bank, {})
 
     runner.on_task_done = on_task_done
-    result = run_one(runner, CWPSMethod(cwps))
+    with caplog.at_level("INFO", logger="cwps_lightning.runner"):
+        result = run_one(runner, CWPSMethod(cwps))
 
     wins = second_val > 80.0
+    said = [r.getMessage() for r in caplog.records if "optdigits it1: val" in r.getMessage()]
+    assert len(said) == 1, said
+    why = {60.0: "(kept the earlier model, of it0: its val top-1 80.00 is higher; ",
+           80.0: "(kept the earlier model, of it0: its val top-1 80.00 is equal; "}
+    assert (why[second_val] in said[0]) if not wins else ("kept" not in said[0]), said[0]
     assert [h["accepted"] for h in result.history] == [True, wins]
     assert [(h["val_top1"], h["top1"]) for h in result.history] == [(80.0, 70.0),
                                                                    (second_val, 90.0)]

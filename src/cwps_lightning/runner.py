@@ -216,7 +216,10 @@ class Runner:
         result.done.append([iteration, task])
         log.info("%s %s it%d: val %.2f test %.2f%s%s", method.name, task, iteration, val, test,
                  method.describe(trained.info),
-                 "" if accepted else " (kept the earlier model: higher val top-1)")
+                 "" if accepted else
+                 f" (kept the earlier model, of it{kept['iteration']}: its val top-1 "
+                 f"{kept['val_top1']:.2f} is {'equal' if val == kept['val_top1'] else 'higher'}; "
+                 f"a new model must beat it)")
         with self.settings.stopwatch.timed("store_writes"):
             self.on_task_done(result)
         # stored: a rerun no longer needs this visit's fit checkpoints
