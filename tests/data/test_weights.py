@@ -52,7 +52,9 @@ def test_mismatching_file_names_the_keys(tmp_path, caplog):
     assert logging.getLogger("timm").level == logging.NOTSET  # (put back)
     msg = str(err.value)
     assert "r34.pt" in msg and "does not fit resnet18" in msg
-    assert "unexpected keys ['layer1.2." in msg
+    # (resnet34 has 96 keys resnet18 lacks: the count, the first five, how many more)
+    assert "96 unexpected key(s) (layer1.2." in msg and ", ... and 91 more)" in msg
+    assert "missing" not in msg and "Error(s) in loading" not in msg
     state = write_checkpoint(tmp_path / "r18.pt", "resnet18", num_classes=5)
     del state["layer2.0.conv1.weight"]
     state["layer1.0.conv2.weight"] = torch.zeros(64, 64, 1, 1)
@@ -60,9 +62,17 @@ def test_mismatching_file_names_the_keys(tmp_path, caplog):
     with pytest.raises(ModelConfigError) as err:
         load_backbone_weights("resnet18", tmp_path / "r18_bad.pt")
     msg = str(err.value)
-    assert "missing keys ['layer2.0.conv1.weight']" in msg
-    assert "layer1.0.conv2.weight: file (64, 64, 1, 1) vs model (64, 64, 3, 3)" in msg
+    assert "1 missing key(s) (layer2.0.conv1.weight)" in msg
+    assert "1 shape mismatch(es) (layer1.0.conv2.weight: file (64, 64, 1, 1) vs model (64, 64, " \
+           "3, 3))" in msg
     assert "fc." not in msg  # (the head takes the file's class count: no mismatch)
+    state = write_checkpoint(tmp_path / "r18_head.pt", "resnet18", num_classes=7)
+    state["fc.bias"] = torch.zeros(5)  # a head whose bias has another class count
+    torch.save(state, tmp_path / "r18_head.pt")
+    with pytest.raises(ModelConfigError) as err:
+        load_backbone_weights("resnet18", tmp_path / "r18_head.pt")
+    assert str(err.value).endswith("does not fit resnet18: 1 shape mismatch(es) (fc.bias: file "
+                                   "(5,) vs model (7,))"), err.value
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ModelConfigError, match="cannot read .*junk.pt"):
         load_backbone_weights("resnet18", tmp_path / "junk.pt")
@@ -195,3 +205,20 @@ def test_a_checkpoint_is_read_as_timms_loader_reads_it(tmp_path):
             load_backbone_weights("resnet18", tmp_path / f"{name}.pt")
         assert f"{name}.pt' holds no state dict of tensors (found ['" in str(err.value)
         assert "accepted: a state dict of tensors" in str(err.value)
+
+
+def test_a_backbone_saved_without_its_head_is_refused_saying_so(tmp_path):
+    """T0 keeps its head (the store holds T0 whole): a file without the classifier's keys is
+    refused, and the line says that the head is all it lacks."""
+    state = write_checkpoint(tmp_path / "r18.pt", "resnet18", num_classes=5)
+    torch.save({k: v for k, v in state.items() if not k.startswith("fc.")}, tmp_path / "body.pt")
+    with pytest.raises(ModelConfigError) as err:
+        load_backbone_weights("resnet18", tmp_path / "body.pt")
+    assert str(err.value).endswith("does not fit resnet18: 2 missing key(s) (fc.bias, fc.weight) "
+                                   "(the classifier only: save the backbone with its head, of "
+                                   "any class count)"), err.value
+    del state["layer4.1.bn2.bias"], state["fc.bias"]  # more than the head: no such advice
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(ModelConfigError, match=r"does not fit resnet18: 2 missing key\(s\) "
+                                               r"\(fc.bias, layer4.1.bn2.bias\)$"):
+        load_backbone_weights("resnet18", tmp_path / "bad.pt")

@@ -118,6 +118,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return timm.models.clean_state_dict(state)
 
 
+def _some(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more"
+                                       if len(items) > limit else "")
+
+
 @contextlib.contextmanager
 def _timm_quiet() -> Iterator[None]:
     """timm's INFO lines of a load from a file ("Loading pretrained weights from file", "Loaded
@@ -145,7 +150,9 @@ def load_backbone_weights(
     state = _read_state_dict(path)
     probe = timm.create_model(name, pretrained=False, **dict(kwargs or {}))
     classifier = probe.pretrained_cfg.get("classifier") or ""
-    head_key = f"{classifier}.weight" if isinstance(classifier, str) else ""
+    head = ({f"{classifier}.weight", f"{classifier}.bias"} & set(probe.state_dict())
+            if isinstance(classifier, str) and classifier else set())
+    head_key = f"{classifier}.weight"
     num_classes = int(state[head_key].shape[0]) if head_key in state else probe.num_classes
     try:
         with _timm_quiet():
@@ -155,18 +162,23 @@ def load_backbone_weights(
                 **dict(kwargs or {}),
             )
     except RuntimeError as err:
-        expected = probe.state_dict()
-        missing = sorted(set(expected) - set(state))[:10]
-        unexpected = sorted(set(state) - set(expected))[:10]
-        shapes = sorted(
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-            for k, v in expected.items()
-            if k in state and k != head_key and k != head_key.replace(".weight", ".bias")
-            and tuple(state[k].shape) != tuple(v.shape)
-        )[:10]
+        expected = timm.create_model(name, pretrained=False, num_classes=num_classes,
+                                     **dict(kwargs or {})).state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+                        for k, v in expected.items()
+                        if k in state and tuple(state[k].shape) != tuple(v.shape))
+        found = [f"{len(keys)} {what} ({_some(keys)})"
+                 for what, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
+                                    ("shape mismatch(es)", shapes)) if keys]
+        # (the model's own filter, e.g. a ViT's, may have refused the file before the load)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        reason = "; ".join(found) if found else " ".join(lines[-1:] or [type(err).__name__])[:300]
+        if set(missing) == head and not unexpected and not shapes:
+            # (T0 keeps its head: the store holds T0 whole, and a task's copy gets a new one)
+            reason += (" (the classifier only: save the backbone with its head, of any class "
+                       "count)")
         raise ModelConfigError(
-            f"model.weights: {str(path)!r} does not fit {name}: missing keys {missing}, "
-            f"unexpected keys {unexpected}, shape mismatches {shapes} "
-            f"({str(err).splitlines()[0]})"
-        ) from err
+            f"model.weights: {str(path)!r} does not fit {name}: {reason}") from err
     return model
