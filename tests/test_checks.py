@@ -689,7 +689,8 @@ def test_a_sweep_into_a_finished_sweeps_dir_with_other_values_is_refused(no_fits
         preflight(["-m", "cwps.threshold=0.3,0.5", f"hydra.sweep.dir={tmp_path / 'run'}"])
     with pytest.raises(ConfigError, match=r"^job 0 of the sweep \(cwps\.threshold=0\.6 .*\): .*0/"
                                           r"store/manifest\.json was written by a different "
-                                          r"config \(differs in \['cwps\.threshold'\]\)"):
+                                          r"config \(1 setting\(s\) differ: cwps\.threshold: 0\.3 "
+                                          r"there, 0\.6 now\)"):
         preflight(["-m", "cwps.threshold=0.6,0.7", f"hydra.sweep.dir={sweep}"])
 
 

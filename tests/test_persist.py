@@ -80,3 +80,23 @@ def _cwps():
 
     return MethodResult("cwps", bank=None, tasks={"a": {"top1": 70.0, "val_top1": 80.0}},
                         done=[[0, "a"]])
+
+
+def test_the_config_difference_names_each_setting_with_both_values():
+    """A store of another benchmark was refused naming data._convert_, data._target_ and the
+    first keys of data.download, cut at 8 without a word: now the class says it, with values."""
+    from cwps_lightning.config import compose_config
+    from cwps_lightning.persist import config_difference, result_config
+
+    digits = result_config(compose_config([]))
+    domainnet = result_config(compose_config(["+experiment=domainnet", "data.root=/d"]))
+    said = config_difference(domainnet, digits)
+    assert "data._target_: 'cwps_lightning.data.domainnet.DomainNetDataModule' there, " \
+           "'cwps_lightning.data.digits.DigitsDataModule' now" in said, said
+    assert "_convert_" not in said and "data.download" not in said and "data.root" not in said
+    assert said.startswith(f"{said.split()[0]} setting(s) differ: ")
+    many = config_difference({"a": 1, "b": [1] * 40, "c": 3, "d": 4, "e": 5, "f": 6},
+                             {"a": 2, "b": [2] * 40, "g": None}, limit=3)
+    cut = [repr([v] * 40)[:57] + "..." for v in (1, 2)]  # (a long value: its first 57)
+    assert many == (f"7 setting(s) differ: a: 1 there, 2 now; b: {cut[0]} there, {cut[1]} now; "
+                    f"c: 3 there, unset now; and 4 more")

@@ -66,12 +66,32 @@ def check_same_config(store_dir: Path, manifest: dict, config: dict, digest: str
         raise ConfigError(f"{store_dir / MANIFEST} has no record of a training run (a store "
                           "written outside the train command?); use a new run dir")
     if run.get("config_hash") != digest:
-        old, new = _flatten(run.get("config")), _flatten(config)
-        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         raise ConfigError(
             f"{store_dir / MANIFEST} was written by a different config "
-            f"(differs in {diff[:8]}); rerun with the same overrides, or use a new run dir"
+            f"({config_difference(run.get('config'), config)}); rerun with the same overrides, "
+            f"or use a new run dir"
         )
+
+
+def config_difference(stored: dict | None, config: dict, limit: int = 5) -> str:
+    """The settings two result configs differ in, each with its value in both, for a reader:
+    a section whose class (``_target_``: another benchmark, say) differs is named by that
+    alone, since its other keys come with it; Hydra's ``_convert_`` is left out."""
+    old, new = _flatten(stored), _flatten(config)
+    diff = sorted(k for k in set(old) | set(new)
+                  if (k in old) != (k in new) or old.get(k) != new.get(k))
+    swapped = {k[:-len("._target_")] for k in diff if k.endswith("._target_")}
+    shown = sorted((k for k in diff if not k.endswith("._convert_") and (
+        k.endswith("._target_") or not any(k.startswith(f"{s}.") for s in swapped))),
+        key=lambda k: not k.endswith("._target_"))  # (a class first: it says the most)
+
+    def value(d: dict, k: str) -> str:
+        text = repr(d[k]) if k in d else "unset"
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    said = [f"{k}: {value(old, k)} there, {value(new, k)} now" for k in shown[:limit]]
+    more = f"; and {len(shown) - limit} more" if len(shown) > limit else ""
+    return f"{len(shown)} setting(s) differ: {'; '.join(said)}{more}"
 
 
 def check_run_dir_reuse(run_dir: str | Path, cfg: DictConfig) -> None:
