@@ -695,3 +695,26 @@ def test_domainnet_one_wrong_line_is_the_line_named_wherever_it_is(dn_root):
     assert table[int(first_label)] == first_rel.split("/")[1]
     with pytest.raises(DataConfigError, match=r"disagree on labels: clipart_train.txt:1: "):
         _ = dm.task_names
+
+
+def test_a_class_without_test_images_is_said_once_where_training_takes_it(i2s_root, caplog,
+                                                                          monkeypatch):
+    """`data check` calls it an error in a reference dataset; the job trained on it without a
+    word, and its test top-1 left the class out. Now rank 0 says which classes."""
+    import shutil
+
+    import cwps_lightning.distributed as distributed
+
+    task = sorted(p.name for p in i2s_root.iterdir() if p.is_dir())[0]
+    gone = sorted(p.name for p in (i2s_root / task / "test").iterdir())[-1]
+    shutil.rmtree(i2s_root / task / "test" / gone)
+    with caplog.at_level("WARNING", logger="cwps_lightning.data.image_tasks"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), tasks=[task], **SMALL).task_names
+    said = [r.getMessage() for r in caplog.records if "no test image" in r.getMessage()]
+    assert said == [f"task {task!r}: 1 class(es) with training images have no test image, so "
+                    f"the test top-1 leaves them out: {gone}"], caplog.text
+    caplog.clear()
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    with caplog.at_level("WARNING", logger="cwps_lightning.data.image_tasks"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), tasks=[task], **SMALL).task_names
+    assert "no test image" not in caplog.text  # (rank 0 alone)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .. import distributed
 from .base import DataConfigError, MultiTaskDataModule, TaskSplits, short_list, split_indices
 from .images import ImageListDataset, available_cpus, find_unreadable, log_progress
 from .transforms import (
@@ -213,6 +214,15 @@ class ImageTasksDataModule(MultiTaskDataModule):
         self.check_root()
         sources = {task: self.load_source(task) for task in self.tasks_requested}
         self.drop_unreadable(sources)
+        for src in sources.values():
+            untested = sorted({y for _, y in src.train} - {y for _, y in src.test})
+            if untested and distributed.rank() == 0:  # (rank 0 says it)
+                # trains as it is (the head has the class), but the test top-1 leaves it out:
+                # not the protocol of a reference dataset (`data check` calls it an error there)
+                log.warning("task %r: %d class(es) with training images have no test image, so "
+                            "the test top-1 leaves them out: %s", src.name, len(untested),
+                            short_list([src.classes[y] if y < len(src.classes) else str(y)
+                                        for y in untested]))
         return {task: self.make_splits(src) for task, src in sources.items()}
 
     def drop_unreadable(self, sources: Mapping[str, TaskSource]) -> None:
