@@ -20,7 +20,7 @@ import torch
 from cwps_lightning import checks, train
 from cwps_lightning.config import compose_config
 from cwps_lightning.data.base import DataConfigError, MultiTaskDataModule
-from cwps_lightning.errors import ConfigError
+from cwps_lightning.errors import NO_STORE_YET, STORE_KEEPS, ConfigError
 from cwps_lightning.fitting import RunInterrupted, TrainingDiverged
 
 
@@ -127,6 +127,26 @@ def test_any_other_failure_logs_where_the_outputs_are(job_dir, caplog):
         assert wandb.finished == 1
         assert train.task_wrapper(lambda cfg: {"done": True})(None) == {"done": True}
     assert f"outputs: {run_dir}" in caplog.text
+
+
+@pytest.mark.parametrize("error", [
+    TrainingDiverged(f"fit x: the training loss is nan (...); {STORE_KEEPS}"),
+    RunInterrupted(f"fit x: stopped by SIGTERM at epoch 0; {STORE_KEEPS}: the same command "
+                   f"resumes the run", 15)])
+def test_a_stop_before_any_task_was_stored_says_there_is_no_store(job_dir, error):
+    """The line said "the store keeps the tasks finished before" when no task was finished
+    and there was no store; with a store (one task finished, say) it stays."""
+    run_dir, _ = job_dir
+    line = str(error)
+    with pytest.raises(type(error)) as raised:
+        train.task_wrapper(lambda cfg: (_ for _ in ()).throw(error))(None)
+    assert str(raised.value) == line.replace(STORE_KEEPS, NO_STORE_YET)
+    assert NO_STORE_YET in str(raised.value) and raised.value.status == error.status
+    (run_dir / "store").mkdir()
+    error.args = (line, *error.args[1:])
+    with pytest.raises(type(error)) as raised:
+        train.task_wrapper(lambda cfg: (_ for _ in ()).throw(error))(None)
+    assert str(raised.value) == line
 
 
 @pytest.fixture

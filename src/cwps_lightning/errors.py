@@ -2,6 +2,11 @@
 
 import re
 
+#: what the line of a fit stopped by a diverged loss or a signal says of the run's store (the
+#: job says instead that there is none, where no task was finished: train.task_wrapper)
+STORE_KEEPS = "the store keeps the tasks finished before"
+NO_STORE_YET = "no task was finished before it, so there is no store yet"
+
 #: what torch's DataLoader makes of an error raised in a worker process: the same class, built
 #: from "Caught <class> in DataLoader worker process <n>.\nOriginal Traceback ... <class>: msg"
 _WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback")

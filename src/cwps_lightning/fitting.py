@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed
 from .callbacks import MaskStageCallback, SigtermAtNextBatch
 from .cwps.surgery import nonfinite_tensors
+from .errors import STORE_KEEPS
 from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
 from .settings import OptimSettings
@@ -134,6 +136,18 @@ class FitCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumedMetricsWriter(self.log_dir, self.through_epoch)
         return super().experiment
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        if status == "success":
+            return
+        # a fit stopped before its first row (a loss nan at step 2) leaves no empty folders
+        for folder in (self.log_dir, self.root_dir, self.save_dir):
+            try:
+                os.rmdir(folder)
+            except OSError:  # not empty (or not there)
+                break
 
 
 def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
@@ -251,14 +265,14 @@ def fit(
     bad = nonfinite_tensors(model)
     if bad:
         raise TrainingDiverged(f"{what}: the fit ended with nan/inf in {bad[0]} ({len(bad)} "
-                               f"tensor(s) in all; lower optim.lr, or check the data); the "
-                               f"store keeps the tasks finished before")
+                               f"tensor(s) in all; lower optim.lr, or check the data); "
+                               f"{STORE_KEEPS}")
     return model
 
 
 def _stopped_by(what: str, signal_name: str, trainer: L.Trainer) -> str:
     return (f"{what}: stopped by {signal_name} at epoch {trainer.current_epoch} (counted from "
-            f"0); the store keeps the tasks finished before: the same command resumes the run")
+            f"0); {STORE_KEEPS}: the same command resumes the run")
 
 
 def eval_device(accelerator: str = "auto", devices=1) -> torch.device:

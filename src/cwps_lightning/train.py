@@ -44,7 +44,7 @@ from .checks import (
 )
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
-from .errors import ConfigError
+from .errors import NO_STORE_YET, STORE_KEEPS, ConfigError
 from .fitting import (
     FitSettings,
     RunInterrupted,
@@ -127,6 +127,9 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
             results = task(cfg)
         except Exception as err:
             own = isinstance(err, STOPS)
+            if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
+                    STORE_KEEPS in str(err.args[0]) and not (run_dir / "store").is_dir():
+                err.args = (str(err.args[0]).replace(STORE_KEEPS, NO_STORE_YET), *err.args[1:])
             # under DDP: a failed collective may be another rank's stop (its word is in the
             # store), whose error is the run's; an error every rank meets (a bug) stays each
             # rank's own

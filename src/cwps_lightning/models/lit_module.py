@@ -18,6 +18,7 @@ from .. import distributed
 from ..cwps import cwps_layers
 from ..cwps.freeze import SharedChannelFreeze
 from ..cwps.step_compose import StepComposeSGD, trained_tensors
+from ..errors import STORE_KEEPS
 from ..methods.base import OptimizerPlan
 from ..optim import make_sgd
 from ..settings import OptimSettings
@@ -200,7 +201,7 @@ class CWPSLitModule(L.LightningModule):
             value = f"{float(loss.detach()):g}" if not mine else "non-finite on another rank"
             raise NonFiniteLoss(f"the training loss is {value} at epoch {self.current_epoch}, "
                                 f"step {self.global_step} (counted from 0; lower optim.lr, or "
-                                f"check the data); the store keeps the tasks finished before")
+                                f"check the data); {STORE_KEEPS}")
 
     def on_train_epoch_start(self) -> None:
         self._loss_sum, self._loss_steps = None, 0
