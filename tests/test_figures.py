@@ -219,6 +219,28 @@ def test_accuracy_vs_params_writes_each_points_top1():
     assert sorted(t.get_text() for t in fig.axes[0].texts) == ["64.00", "66.00"]
 
 
+def test_accuracy_vs_params_keeps_every_value_inside_the_axes():
+    """The value of the point at the right end ran over the frame (and a top one over the
+    top): each is drawn inside the axes now, the right end's to the left of its point."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    points = [("CWPS", 1.34, 93.27), ("Fine-Tuning", 4.0, 93.29), ("Frozen", 1.0, 76.36),
+              ("TAPS", 3.0, 40.0)]
+    fig = figures.plot_accuracy_vs_params(points, "t")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    frame = ax.get_window_extent(renderer)
+    values = {t.get_text(): t for t in ax.texts}
+    assert sorted(values) == ["40.00", "76.36", "93.27", "93.29"]
+    for text, t in values.items():
+        box = t.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1, (text, box, frame)
+        assert frame.y0 <= box.y0 and box.y1 <= frame.y1, (text, box, frame)
+    assert values["93.29"].get_ha() == "right" and values["93.27"].get_ha() == "left"
+
+
 def test_kernel_tiles_keep_rgb_and_scale_each_kernel_on_its_own():
     w = torch.zeros(2, 3, 2, 2)
     w[0, 0] = 1.0  # a red kernel

@@ -105,10 +105,17 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) 
     """``points``: (label, param_ratio, mean top-1 %) per method (or per job)."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
+    ratios = [ratio for _, ratio, _ in points]
+    right = max(ratios, default=0.0) - 0.2 * (max(ratios, default=0.0) - min(ratios, default=0.0))
     for label, ratio, top1 in points:
         ax.scatter([ratio], [top1], s=60, label=label, zorder=2)
-        ax.annotate(f"{top1:.2f}", (ratio, top1), textcoords="offset points", xytext=(6, 4),
+        # a value at the right end of the axis is written to the left of its point (to the
+        # right it ran over the frame)
+        left = len(points) > 1 and ratio > right
+        ax.annotate(f"{top1:.2f}", (ratio, top1), textcoords="offset points",
+                    xytext=(-6, 4) if left else (6, 4), ha="right" if left else "left",
                     fontsize=8)
+    ax.margins(x=0.08, y=0.1)  # (room for the values above the highest points)
     ax.set_xlabel("Backbone parameters to serve T0 and every task, heads excluded (x backbone)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)
