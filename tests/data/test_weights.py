@@ -74,8 +74,9 @@ def test_mismatching_file_names_the_keys(tmp_path, caplog):
     assert str(err.value).endswith("does not fit resnet18: 1 shape mismatch(es) (fc.bias: file "
                                    "(5,) vs model (7,))"), err.value
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ModelConfigError, match="cannot read .*junk.pt"):
-        load_backbone_weights("resnet18", tmp_path / "junk.pt")
+    with pytest.raises(ModelConfigError, match=r"cannot read .*junk.pt' \(not a file torch.save "
+                                               r"wrote: it starts with b'not '\); accepted: "):
+        load_backbone_weights("resnet18", tmp_path / "junk.pt")  # (it said "KeyError: 110")
     with pytest.raises(ModelConfigError, match="no such file"):
         load_backbone_weights("resnet18", tmp_path / "absent.pt")
 

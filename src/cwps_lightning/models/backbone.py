@@ -98,7 +98,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad file to the user
         text = " ".join(str(err).split())
-        if "Weights only load failed" in text:  # (torch's advice to unpickle it is not ours)
+        with open(path, "rb") as file:
+            head = file.read(4)
+        if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
+            # neither torch.save's zip archive nor its older pickle (a text file read as one
+            # said "KeyError: 101", its first byte)
+            reason = f"not a file torch.save wrote: it starts with {head!r}"
+        elif "Weights only load failed" in text:  # (torch's advice to unpickle it is not ours)
             reason = "not a file of tensors that torch.load(weights_only=True) reads"
         else:
             reason = f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
