@@ -31,7 +31,8 @@ HELP = f"""{USAGE}
 
 Rebuild every task's model from the store alone, test it, and print the table next to the
 top-1 the run recorded. data.<key>=... points at data that moved (the store's data.* keys;
-+data.<key>= adds one); device= is one of {', '.join(DEVICES)} (default auto).
++data.<key>= adds one); data.tasks=[a,b] tests those tasks alone; device= is one of
+{', '.join(DEVICES)} (default auto).
 Exit 0: every task matches; 1: a task differs; 2: bad input (one error: line)."""
 
 
@@ -134,8 +135,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = store.param_count()
     print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in shared kernels, "
           f"{counts['heads']:,} in heads; {counts['backbone']:,} without heads)")
-    return 0 if all(r["recorded"] is None or abs(r["recorded"] - r["top1"]) < 1e-9
-                    for r in rows) else 1
+    differ = [r["task"] for r in rows
+              if r["recorded"] is not None and abs(r["recorded"] - r["top1"]) >= 1e-9]
+    if differ:
+        print(f"\n{why_they_differ(differ, overrides)}")
+    return 1 if differ else 0
+
+
+#: overrides that leave the test images as the run had them (where they are, which tasks)
+SAME_IMAGES = ("data.root", "data.tasks", "data.num_workers", "data.batch_size",
+               "data.pin_memory", "data.persistent_workers")
+
+
+def why_they_differ(tasks: list[str], overrides: Sequence[str]) -> str:
+    """What a top-1 that differs from the recorded one may come from."""
+    changed = [o for o in overrides if o.lstrip("+~").split("=")[0] not in SAME_IMAGES]
+    said = f"{len(tasks)} task(s) differ from the top-1 the run recorded ({', '.join(tasks)})"
+    if changed:
+        return (f"{said}: {', '.join(changed)} may test other images, or transform them "
+                f"otherwise, than the run did; without them the store's own data config is "
+                f"used")
+    return (f"{said}, with the store's own data config: the images under data.root differ "
+            f"from the run's, or the machine or the library versions round otherwise")
 
 
 if __name__ == "__main__":

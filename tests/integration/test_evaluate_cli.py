@@ -149,7 +149,18 @@ def test_a_hundredth_of_a_point_off_exits_1(store_dir, tmp_path, capsys):
     manifest["metrics"]["optdigits"]["top1"] += 0.01
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert main([f"store={copy}", "device=cpu"]) == 1
-    assert "| NO |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| NO |" in out
+    assert out.rstrip().endswith("1 task(s) differ from the top-1 the run recorded (optdigits), "
+                                 "with the store's own data config: the images under data.root "
+                                 "differ from the run's, or the machine or the library versions "
+                                 "round otherwise"), out
+    # an override that changes the test split is named as the likely cause (it said only NO)
+    assert main([f"store={copy}", "device=cpu", "data.limit_per_task=100"]) == 1
+    assert "(optdigits): data.limit_per_task=100 may test other images, or transform them " \
+           "otherwise, than the run did" in capsys.readouterr().out
+    assert main([f"store={store_dir}", "device=cpu"]) == 0
+    assert "differ" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flag", ["--help", "-h"])
