@@ -74,3 +74,17 @@ def test_skip_corrupt_wraps_around_and_fails_when_nothing_reads(tmp_path):
     assert label == 0 and img.size == (8, 8)
     with pytest.raises(DataConfigError, match=f"no readable image among 2 \\(first {junk}\\)"):
         ImageListDataset([junk, junk], [0, 1], skip_corrupt=True)[0]
+
+
+def test_an_image_skipped_again_is_said_once(tmp_path, caplog):
+    """(every epoch read it again, and said it again)"""
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "junk.png").write_bytes(b"not an image")
+    (tmp_path / "junk2.png").write_bytes(b"not one either")
+    paths = [str(tmp_path / n) for n in ("ok.png", "junk.png", "junk2.png")]
+    ds = ImageListDataset(paths, [0, 1, 2], skip_corrupt=True)
+    with caplog.at_level("WARNING", logger=images_module.__name__):
+        for _ in range(3):  # three epochs
+            assert [ds[i][1] for i in range(3)] == [0, 0, 0]
+    said = [r.getMessage() for r in caplog.records if "skipping unreadable" in r.getMessage()]
+    assert len(said) == 2 and {s.split()[4] for s in said} == set(paths[1:]), said

@@ -95,6 +95,7 @@ class ImageListDataset(Dataset):
         self.labels = np.asarray(list(labels), dtype=np.int64)
         self.transform = transform
         self.skip_corrupt = skip_corrupt
+        self._skipped: set[int] = set()  # (said once each, not at every epoch's read)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -115,7 +116,10 @@ class ImageListDataset(Dataset):
                     f"`python -m cwps_lightning.data check` to list every bad file, or set "
                     f"data.skip_corrupt=true to leave unreadable images out"
                 ) from err
-            log.warning("data.skip_corrupt=true: skipping unreadable image %s (%s)", path, err)
+            if index not in self._skipped:
+                self._skipped.add(index)
+                log.warning("data.skip_corrupt=true: skipping unreadable image %s (%s)", path,
+                            err)
         for step in range(1, len(self)):  # a replacement: the next readable sample
             j = (index + step) % len(self)
             try:
