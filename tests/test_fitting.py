@@ -254,28 +254,3 @@ def test_a_fit_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
         counts.append(len(rows))
     assert {row["epoch"] for row in rows} == {"0"} and counts[1] == counts[0] > 0
 
-
-@pytest.mark.parametrize("nan_at", [1, 4])
-def test_a_fit_stopped_before_its_first_row_leaves_no_empty_folders(monkeypatch, tmp_path,
-                                                                    nan_at):
-    """(a loss nan at step 1, before the first row at step 2: the folders the logger made for
-    it go; one stopped after rows keeps them)"""
-    from cwps_lightning.fitting import csv_logger_factory
-
-    step = lit_module.CWPSLitModule._step
-
-    def nan_at_step(self, batch, metric, prefix):
-        loss = step(self, batch, metric, prefix)
-        return loss * float("nan") if self.global_step == nan_at else loss
-
-    monkeypatch.setattr(lit_module.CWPSLitModule, "_step", nan_at_step)
-    logs = tmp_path / "logs"
-    settings = FitSettings(trainer={**TRAINER, "log_every_n_steps": 2},
-                           logger_factory=csv_logger_factory(logs))
-    with pytest.raises(TrainingDiverged):
-        fit(Small(), synthetic_tasks(n_train=48, batch_size=8), "t",
-            FitPlan(1, seed=0, train="finetune"), settings, [], "g", "t")
-    if nan_at == 1:
-        assert not logs.exists()
-    else:
-        assert [row["step"] for row in _metrics(logs / "g" / "t" / "metrics.csv")] == ["1", "3"]

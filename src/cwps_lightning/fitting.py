@@ -18,7 +18,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Subset
@@ -136,18 +135,6 @@ class FitCSVLogger(CSVLogger):
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _ResumedMetricsWriter(self.log_dir, self.through_epoch)
         return super().experiment
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        super().finalize(status)
-        if status == "success":
-            return
-        # a fit stopped before its first row (a loss nan at step 2) leaves no empty folders
-        for folder in (self.log_dir, self.root_dir, self.save_dir):
-            try:
-                os.rmdir(folder)
-            except OSError:  # not empty (or not there)
-                break
 
 
 def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
