@@ -98,8 +98,14 @@ def test_unknown_trainer_argument(no_fits):
 
 
 @pytest.mark.parametrize(("override", "expected"), [
-    ("trainer.precision=16-mix", r"^trainer\.precision='16-mix': accepted: .*16-mixed, "
-                                 r"bf16-true, bf16-mixed, 32-true"),
+    ("trainer.precision=16-mix", r"^trainer\.precision='16-mix': accepted: 32-true, 32, "
+                                 r"16-mixed, 16, bf16-mixed, bf16$"),
+    # Lightning's, which convert the weights: T0's float32 evaluation then failed after T0
+    ("trainer.precision=64-true", r"^trainer\.precision='64-true': the job trains in float32 "
+                                  r"weights; accepted: 32-true, 32, 16-mixed, 16, bf16-mixed, "
+                                  r"bf16 \(mixed precision: autocast over float32 weights\)$"),
+    ("trainer.precision=bf16-true", r"^trainer\.precision='bf16-true': the job trains in "),
+    ("trainer.precision=64", r"^trainer\.precision=64: the job trains in float32 weights"),
     ("trainer.accelerator=cpux", r"^trainer\.accelerator='cpux': accepted: auto, cpu, cuda, gpu"),
     ("trainer.strategy=ddpx", r"^trainer\.strategy='ddpx': accepted: auto, ddp, "),
     ("trainer.devices=0", r"^trainer\.devices=0: accepted: a number of devices >= 1, -1"),
@@ -113,7 +119,8 @@ def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, ove
 
 
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.precision=32",
-                                      "trainer.precision=null", "trainer.strategy=DDP",
+                                      "trainer.precision=null", "trainer.precision=16-mixed",
+                                      "trainer.precision=bf16", "trainer.strategy=DDP",
                                       "trainer.devices=-1", "trainer.strategy=ddp_spawn"])
 def test_trainer_values_lightning_takes_pass(override):
     checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))

@@ -300,7 +300,13 @@ def check_trainer_values(trainer: dict) -> None:
     accepted = _precisions()
     if accepted and precision is not None and precision not in accepted:
         raise ConfigError(f"trainer.precision={precision!r}: accepted: "
-                          f"{', '.join(dict.fromkeys(str(p) for p in accepted))}")
+                          f"{', '.join(dict.fromkeys(str(p) for p in JOB_PRECISIONS))}")
+    if precision is not None and precision not in JOB_PRECISIONS:
+        # ("64-true", "bf16-true", ...: Lightning converts the weights, and T0's evaluation,
+        # CPMS, the merge and the store, which work in float32, then failed after T0)
+        raise ConfigError(f"trainer.precision={precision!r}: the job trains in float32 weights; "
+                          f"accepted: {', '.join(dict.fromkeys(str(p) for p in JOB_PRECISIONS))} "
+                          f"(mixed precision: autocast over float32 weights)")
     devices = trainer.get("devices", "auto")
     if not _devices_ok(devices):
         raise ConfigError(f"trainer.devices={devices!r}: accepted: a number of devices >= 1, -1 "
@@ -313,6 +319,10 @@ def check_trainer_values(trainer: dict) -> None:
     nodes = trainer.get("num_nodes", 1)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError(f"trainer.num_nodes={nodes!r}: accepted: an integer >= 1")
+
+
+#: the trainer.precision values the job runs: float32 weights, with or without autocast
+JOB_PRECISIONS = ("32-true", "32", 32, "16-mixed", "16", 16, "bf16-mixed", "bf16")
 
 
 @cache
