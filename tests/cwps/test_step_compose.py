@@ -912,3 +912,35 @@ def test_finetune_stage_gradients_are_on_the_parameters_after_the_backward():
         assert (pa.grad is None) == (pb.grad is None), name
         if pa.grad is not None:
             torch.testing.assert_close(pb.grad, pa.grad, msg=name)
+
+
+@pytest.mark.parametrize("make", [lambda ps: torch.optim.SGD(ps, lr=0.1),
+                                  lambda ps: torch.optim.Adam(ps, lr=0.01)],
+                         ids=["SGD", "Adam"])
+def test_another_optimiser_over_a_step_compose_layer_is_refused(make):
+    """Its children and scores get no gradient (it lands on the composed weight): torch's SGD
+    and Adam skipped them, and the model trained its head and norms alone without a word."""
+    net = make_net()
+    use_step_compose(net)
+    set_stage(net, "soft")
+    x, y = torch.randn(4, 3, 7, 7), torch.randint(0, 5, (4,))
+    opt = make(net.parameters())
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"steps the child or mask scores of a CWPS layer that "
+                                           r"composes at the step .* in the soft stage: .* use "
+                                           r"StepComposeSGD\(params, model=model\)"):
+        opt.step()
+    # what may step them: StepComposeSGD (its inner SGD too), the finetune stage, the forward
+    # mode; and any optimiser over the other parameters
+    StepComposeSGD(groups(net, 1.0), model=net, compiled=False, **HYPER).step()
+    heads = [p for n, p in net.named_parameters() if n.startswith("8.")]
+    make(heads).step()
+    set_stage(net, "finetune")
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    use_forward_compose(net)
+    set_stage(net, "hard")
+    opt.zero_grad()
+    F.cross_entropy(net(x), y).backward()
+    opt.step()

@@ -31,7 +31,9 @@ forward mode and of everything else (normalisation layers, heads) are stepped by
 over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
 optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
 
-Limits, each refused with an error where it would apply: SGD without dampening or nesterov;
+Limits, each refused with an error where it would apply: StepComposeSGD alone steps these
+layers' children and scores in the soft and hard stages (another optimiser's step over them is
+refused: their gradient is the composed weight's); SGD without dampening or nesterov;
 the stock CWPSConv2d / CWPSLinear (not the transformed timm layers); not under
 torch.jit.trace. Under torch.distributed it needs ``process_group`` (the DDP model's): the step
 averages the composed weights' gradients (and the children's and scores' own) over the ranks in
@@ -53,10 +55,12 @@ forward compose where they are small (the default job's 32 px); see the README.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .freeze import row_matrix
 from .layers import CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
@@ -94,7 +98,10 @@ def use_step_compose(model: nn.Module) -> int:
             raise ValueError(f"compose='step': {name or 'the model'} is a "
                              f"{type(layer).__name__}; only CWPSConv2d and CWPSLinear compose "
                              "at the step (use compose='forward')")
+    _refuse_other_optimisers()
     for _, layer in layers:
+        for t in trained_tensors(layer):  # (what the refusal of other optimisers looks at)
+            t.__dict__["_cwps_step_layer"] = weakref.ref(layer)
         if layer.compose == "step":
             continue
         # allocated at the first forward of the soft / hard stage (CWPSMixin.recompose)
@@ -103,6 +110,36 @@ def use_step_compose(model: nn.Module) -> int:
         layer.__dict__["_compose"] = "step"
         layer.__dict__["_step_key"] = None
     return len(layers)
+
+
+_REFUSING: list = []  # the hook's handle, once registered
+
+
+def _refuse_other_optimisers() -> None:
+    """From the first use_step_compose on, a step of any optimiser but StepComposeSGD (and
+    its inner SGD) over the child or scores of a layer that composes at the step, in the soft
+    or hard stage, is refused: their gradient goes to the composed weight, which only
+    StepComposeSGD takes to them, so another optimiser left them untrained without a word
+    (torch's SGD and Adam skip a parameter without a gradient)."""
+    if not _REFUSING:
+        _REFUSING.append(register_optimizer_step_pre_hook(_check_step))
+
+
+def _check_step(optimizer, args, kwargs) -> None:
+    if isinstance(optimizer, StepComposeSGD) or getattr(optimizer, "_steps_for_compose", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref = p.__dict__.get("_cwps_step_layer") if hasattr(p, "__dict__") else None
+            layer = ref() if ref is not None else None
+            if (layer is not None and layer.compose == "step" and layer.stage != "finetune"
+                    and any(t is p for t in trained_tensors(layer))):
+                raise RuntimeError(
+                    f"{type(optimizer).__name__} steps the child or mask scores of a CWPS layer "
+                    f"that composes at the step (use_step_compose), in the {layer.stage} stage: "
+                    f"the gradient goes to its composed weight, which only StepComposeSGD takes "
+                    f"to them, so they would not train; use StepComposeSGD(params, "
+                    f"model=model), or use_forward_compose(model) first")
 
 
 def release_composed(model: nn.Module) -> int:
@@ -250,6 +287,7 @@ class StepComposeSGD(torch.optim.Optimizer):
         else:
             self._rest = make_rest(groups)
         self._rest.state = self.state  # one state: momentum buffers by parameter
+        self._rest._steps_for_compose = True  # (its step is this one's: _check_step)
         self._step = torch.compile(compose_step) if compiled else compose_step
         self.process_group = process_group
         self._lrs: dict = {}  # (id(group), device, dtype) -> [0-dim lr tensor, its value]
