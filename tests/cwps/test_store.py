@@ -299,12 +299,17 @@ def test_a_save_touches_only_the_stores_own_files(tmp_path):
 
     save_file({"w": torch.ones(1)}, str(tmp_path / "backbone.safetensors"))
     (tmp_path / "notes.tmp").write_text("mine")
+    # named as a store's file, of a version this store has not reached: no file of its own
+    save_file({"w": torch.ones(1)}, str(tmp_path / "kernels-999999.safetensors"))
     bank = _t0_bank()
     save_store(tmp_path, bank, META)
     bank.add("x", _t0(), 10)
     save_store(tmp_path, bank, META)
     assert (tmp_path / "backbone.safetensors").is_file() and (tmp_path / "notes.tmp").is_file()
-    assert len(list(tmp_path.glob("kernels-*.safetensors"))) == 1  # (its stale version went)
+    assert (tmp_path / "kernels-999999.safetensors").is_file()
+    # (its stale version went)
+    assert sorted(p.name for p in tmp_path.glob("kernels-*.safetensors")) == [
+        "kernels-000001.safetensors", "kernels-999999.safetensors"]
     before = (tmp_path / "manifest.json").read_text()
     with pytest.raises(ValueError, match=r"meta sets \['tasks'\], which the store writes"):
         save_store(tmp_path, bank, {**META, "tasks": ["T0"]})

@@ -212,9 +212,18 @@ def _save_version(path: Path, bank: KernelBank, meta: dict, old: dict | None,
     atomic_write(path / MANIFEST, (json.dumps(manifest, indent=2, default=str) + "\n").encode())
     keep = {f["file"] for f in files.values()} | {MANIFEST}
     for stale in path.iterdir():  # (only files a store writes: the folder may hold others)
-        if stale.name not in keep and STORE_FILE.fullmatch(stale.name):
+        if stale.name not in keep and STORE_FILE.fullmatch(stale.name) \
+                and _file_version(stale.name) <= version:
+            # (a version above this one's is no file this store wrote: its versions count up,
+            # and a failed save's files are at the version the next save writes again)
             stale.unlink(missing_ok=True)
     return path
+
+
+def _file_version(name: str) -> int:
+    """The store version in a store file's name (-1 for the manifest's aside files)."""
+    number = re.search(r"-(\d{6})\.safetensors", name)
+    return int(number.group(1)) if number else -1
 
 
 def _read_manifest(path: Path) -> dict:
