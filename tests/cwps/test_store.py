@@ -87,6 +87,13 @@ def test_round_trip_reproduces_every_model_and_counts(tmp_path):
     assert names == ["T0", "a"]
     assert rel.tolist() == [[sum(channels), sum(c - c // 2 for c in channels)],
                             [sum(c - c // 2 for c in channels), sum(channels)]]
+    # index(): a layer's rows; a task or layer it lacks is named (a bare KeyError of its key)
+    layer = store.layers[0]
+    assert store.index("a", layer).shape == (channels[0],)
+    with pytest.raises(KeyError, match=r"task 'nope' is not in the store; tasks: \['T0', 'a'\]"):
+        store.index("nope", layer)
+    with pytest.raises(KeyError, match=r"layer 'conv9' is not one of the store's layers: "):
+        store.index("a", "conv9")
 
 
 def _copy_channels(model, source, layer_channels):

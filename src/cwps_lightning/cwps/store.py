@@ -326,6 +326,11 @@ class MultiTaskStore:
             raise KeyError(f"task {task!r} is not in the store; tasks: {self.tasks}")
 
     def index(self, task: str, layer: str) -> Tensor:
+        """Which stored kernel rows ``task``'s ``layer`` takes, one per output channel."""
+        self._check_task(task)
+        if layer not in self.layers:
+            raise KeyError(f"layer {layer!r} is not one of the store's layers: "
+                           f"{self.layers[:5]}{' ...' if len(self.layers) > 5 else ''}")
         return self._tasks[f"{task}/index/{layer}"].to(torch.int64)
 
     def state_dict(self, task: str) -> dict[str, Tensor]:
