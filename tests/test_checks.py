@@ -867,3 +867,27 @@ def test_a_model_build_that_passed_is_not_built_again(monkeypatch):
         with pytest.raises(ConfigError, match="cannot take data.image_size=32"):
             checks.check_model_build("vit_tiny_patch16_224", {}, 32)
     assert len(builds) == 4
+
+
+@pytest.mark.parametrize(("override", "instead"), [("model.compile=true",
+                                                     "set model.compile=false"),
+                                                    ("cwps.compose=step",
+                                                     "use cwps.compose=forward")])
+def test_compile_without_a_cpp_compiler_is_refused_before_any_work(monkeypatch, override,
+                                                                    instead):
+    """(it failed in the first compiled fit, after T0, with inductor's long traceback)"""
+    from torch._inductor import cpp_builder
+
+    def none_found():
+        raise RuntimeError("No working C++ compiler found in torch._inductor.config.cpp.cxx")
+
+    monkeypatch.setattr(checks, "_COMPILER_FOUND", [])
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", none_found)
+    cfg = compose_config(["trainer=cpu", override])
+    with pytest.raises(ConfigError, match=rf"^{override}: torch.compile needs a working C\+\+ "
+                                          rf"compiler on the CPU and found none \(RuntimeError: "
+                                          rf"No working .*\); install one .*, or {instead}$"):
+        checks.check_config(cfg, data=False)
+    checks.check_config(compose_config(["trainer=cpu"]), data=False)  # (not asked: no check)
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
+    checks.check_config(cfg, data=False)

@@ -99,6 +99,11 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     check_trainer(trainer, gpus_here=here)
     if job.cwps.compose == "step":
         check_step_compose_trainer(trainer, gpus_here=here)
+    if here and _on_cpu(trainer):
+        if job.model.compile:
+            check_cpp_compiler("model.compile=true", "set model.compile=false")
+        if job.cwps.compose == "step":
+            check_cpp_compiler("cwps.compose=step", "use cwps.compose=forward")
     check_logger(job.logger)
     if job.t0.cache:
         check_directory("paths.cache_dir", cfg.paths.cache_dir)
@@ -107,6 +112,33 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
     if job.model.pretrained and not job.model.weights:
         check_hub_weights(job.model.name)
     return job
+
+
+def _on_cpu(trainer: dict) -> bool:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+
+
+_COMPILER_FOUND: list = []  # (a compiler found once is not looked for again in this process)
+
+
+def check_cpp_compiler(setting: str, instead: str) -> None:
+    """torch.compile's inductor builds C++ on the CPU: without a working compiler the job
+    failed in its first compiled fit, after T0, with a traceback of a hundred lines."""
+    if _COMPILER_FOUND:
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler  # (inductor's own search)
+    except ImportError:  # (another torch: the compile says it itself)
+        _COMPILER_FOUND.append(None)
+        return
+    try:
+        _COMPILER_FOUND.append(get_cpp_compiler())
+    except Exception as err:  # noqa: BLE001 - inductor's InvalidCxxCompiler and the like
+        text = " ".join(str(err).split())[:200]
+        raise ConfigError(f"{setting}: torch.compile needs a working C++ compiler on the CPU "
+                          f"and found none ({type(err).__name__}: {text}); install one (g++; "
+                          f"the CXX variable names it), or {instead}") from None
 
 
 def check_top_level_keys(cfg: DictConfig) -> None:
