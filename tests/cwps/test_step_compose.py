@@ -944,3 +944,24 @@ def test_another_optimiser_over_a_step_compose_layer_is_refused(make):
     opt.zero_grad()
     F.cross_entropy(net(x), y).backward()
     opt.step()
+
+
+
+def test_a_copy_of_a_step_compose_model_pickles_and_keeps_the_refusal():
+    """(the guard once rode on the parameters: a weakref there made the model unpicklable,
+    and a deepcopy, which leaves a parameter's attributes behind, trained nothing again)"""
+    import io
+    import pickle
+
+    net = make_net()
+    use_step_compose(net)
+    x, y = torch.randn(4, 3, 7, 7), torch.randint(0, 5, (4,))
+    buffer = io.BytesIO()
+    torch.save(net, buffer)
+    for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)),
+                   torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        set_stage(copied, "soft")
+        opt = torch.optim.SGD(copied.parameters(), lr=0.1)
+        F.cross_entropy(copied(x), y).backward()
+        with pytest.raises(RuntimeError, match="composes at the step"):
+            opt.step()

@@ -377,6 +377,11 @@ def _changed(layer, between: str, what: str = "child, mask scores or parent") ->
         "gradient would be taken against other weights); step or zero_grad first")
 
 
+#: the layers that compose at the step (step_compose.use_step_compose, and their copies): a step
+#: of another optimiser than StepComposeSGD over what they train is refused (_check_step)
+STEP_LAYERS: weakref.WeakSet = weakref.WeakSet()
+
+
 class CWPSMixin:
     """State and behaviour shared by CWPSConv2d and CWPSLinear.
 
@@ -795,6 +800,11 @@ class CWPSMixin:
         # copies the group, which takes the copied layers back in (ComposeGroup.__setstate__)
         state.pop("_compose_group", None)
         return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        if self.__dict__.get("_compose") == "step":  # a copy (or unpickled) composes at the step
+            STEP_LAYERS.add(self)
 
     def extra_repr(self) -> str:
         grad = "" if self.mask_grad == "sigmoid" else f", mask_grad={self.mask_grad}"

@@ -55,7 +55,6 @@ forward compose where they are small (the default job's 32 px); see the README.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable
 
 import torch
@@ -63,7 +62,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .freeze import row_matrix
-from .layers import CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
+from .layers import STEP_LAYERS, CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
 from .surgery import cwps_layers
 
 COMPOSE_MODES = ("forward", "step")
@@ -100,8 +99,7 @@ def use_step_compose(model: nn.Module) -> int:
                              "at the step (use compose='forward')")
     _refuse_other_optimisers()
     for _, layer in layers:
-        for t in trained_tensors(layer):  # (what the refusal of other optimisers looks at)
-            t.__dict__["_cwps_step_layer"] = weakref.ref(layer)
+        STEP_LAYERS.add(layer)  # (what the refusal of other optimisers looks at)
         if layer.compose == "step":
             continue
         # allocated at the first forward of the soft / hard stage (CWPSMixin.recompose)
@@ -128,12 +126,15 @@ def _refuse_other_optimisers() -> None:
 def _check_step(optimizer, args, kwargs) -> None:
     if isinstance(optimizer, StepComposeSGD) or getattr(optimizer, "_steps_for_compose", False):
         return
+    trained = {id(t): (t, layer) for layer in list(STEP_LAYERS)
+               if layer.compose == "step" and layer.stage != "finetune"
+               for t in trained_tensors(layer)}
+    if not trained:
+        return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref = p.__dict__.get("_cwps_step_layer") if hasattr(p, "__dict__") else None
-            layer = ref() if ref is not None else None
-            if (layer is not None and layer.compose == "step" and layer.stage != "finetune"
-                    and any(t is p for t in trained_tensors(layer))):
+            t, layer = trained.get(id(p), (None, None))
+            if t is p:
                 raise RuntimeError(
                     f"{type(optimizer).__name__} steps the child or mask scores of a CWPS layer "
                     f"that composes at the step (use_step_compose), in the {layer.stage} stage: "
@@ -172,6 +173,7 @@ def use_forward_compose(model: nn.Module) -> int:
             del layer._buffers[name]
         for key in ("_compose", "_step_key", "_step_leaves", "_step_stage"):
             layer.__dict__.pop(key, None)
+        STEP_LAYERS.discard(layer)
         n += 1
     return n
 
