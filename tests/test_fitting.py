@@ -253,4 +253,3 @@ def test_a_fit_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
         rows = _metrics(tmp_path / "logs" / "g" / "t" / "metrics.csv")
         counts.append(len(rows))
     assert {row["epoch"] for row in rows} == {"0"} and counts[1] == counts[0] > 0
-

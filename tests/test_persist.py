@@ -100,3 +100,7 @@ def test_the_config_difference_names_each_setting_with_both_values():
     cut = [repr([v] * 40)[:57] + "..." for v in (1, 2)]  # (a long value: its first 57)
     assert many == (f"7 setting(s) differ: a: 1 there, 2 now; b: {cut[0]} there, {cut[1]} now; "
                     f"c: 3 there, unset now; and 4 more")
+    # what the hash tells apart, the line does too (1 against 1.0 read "0 setting(s) differ")
+    assert config_difference({"optim": {"lr": 1}}, {"optim": {"lr": 1.0}}) == \
+        "1 setting(s) differ: optim.lr: 1 there, 1.0 now"
+    assert config_difference({"a": {}}, {}) == "the config's hashes differ"

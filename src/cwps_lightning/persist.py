@@ -78,8 +78,11 @@ def config_difference(stored: dict | None, config: dict, limit: int = 5) -> str:
     a section whose class (``_target_``: another benchmark, say) differs is named by that
     alone, since its other keys come with it; Hydra's ``_convert_`` is left out."""
     old, new = _flatten(stored), _flatten(config)
-    diff = sorted(k for k in set(old) | set(new)
-                  if (k in old) != (k in new) or old.get(k) != new.get(k))
+
+    def hashed(d: dict, k: str) -> str:  # (as config_hash sees it: 1 and 1.0 differ there)
+        return json.dumps(d[k], sort_keys=True, default=str) if k in d else "\0unset"
+
+    diff = sorted(k for k in set(old) | set(new) if hashed(old, k) != hashed(new, k))
     swapped = {k[:-len("._target_")] for k in diff if k.endswith("._target_")}
     shown = sorted((k for k in diff if not k.endswith("._convert_") and (
         k.endswith("._target_") or not any(k.startswith(f"{s}.") for s in swapped))),
@@ -89,6 +92,8 @@ def config_difference(stored: dict | None, config: dict, limit: int = 5) -> str:
         text = repr(d[k]) if k in d else "unset"
         return text if len(text) <= 60 else text[:57] + "..."
 
+    if not shown:  # (a change _flatten cannot show: an empty section there, absent now)
+        return "the config's hashes differ"
     said = [f"{k}: {value(old, k)} there, {value(new, k)} now" for k in shown[:limit]]
     more = f"; and {len(shown) - limit} more" if len(shown) > limit else ""
     return f"{len(shown)} setting(s) differ: {'; '.join(said)}{more}"

@@ -653,3 +653,28 @@ def test_a_download_that_fetched_nothing_leaves_no_root_behind(capsys, tmp_path,
     (partial / ".downloads" / "clipart.zip.part").write_bytes(b"PK")
     assert main([*args, f"data.root={partial}"]) == 2
     assert (partial / ".downloads" / "clipart.zip.part").read_bytes() == b"PK"
+
+
+def test_a_host_that_stops_resolving_after_a_lost_connection_is_retried(tmp_path, monkeypatch):
+    """(a network that drops for a moment in a long download: the retries carry it through)"""
+    import socket
+    from urllib.error import URLError
+
+    calls = []
+    real = download_module.urlopen
+
+    def flaky(request, timeout):
+        calls.append(request.full_url)
+        if len(calls) == 1:
+            raise ConnectionResetError("reset")
+        if len(calls) == 2:
+            raise URLError(socket.gaierror(socket.EAI_AGAIN, "Temporary failure"))
+        return real(request, timeout=timeout)
+
+    monkeypatch.setattr(download_module, "urlopen", flaky)
+    monkeypatch.setattr(download_module.time, "sleep", lambda s: None)
+    said = []
+    with pytest.raises(DownloadError, match=r"failed after 3 attempt\(s\)"):
+        # (the third attempt goes to a port where nothing listens)
+        fetch("http://127.0.0.1:9/x.zip", tmp_path / "x.zip", retries=2, say=said.append)
+    assert len(calls) == 3 and any("cannot resolve" in line for line in said), said

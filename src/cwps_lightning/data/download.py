@@ -73,6 +73,11 @@ class _Retry(Exception):
     """A transient failure: try again (resuming)."""
 
 
+class _NoHost(_Retry):
+    """The host name did not resolve: transient after a connection was lost, but where the
+    first request of a file meets it, no network (or a wrong address) is the likely cause."""
+
+
 def parse_checksum(name: str, spec: str) -> tuple[str, str]:
     """``"sha256:<hex>"`` (or ``md5:``, ``sha512:``, ``sha1:``) -> (algorithm, hex digest)."""
     text = str(spec).strip().lower()
@@ -125,13 +130,8 @@ def _fetch_once(url: str, part: Path, timeout: float, say: Callable[[str], None]
     except (URLError, OSError, HTTPException) as err:
         reason = getattr(err, "reason", err)
         if isinstance(reason, socket.gaierror):
-            # the host name does not resolve: on a machine without network every retry fails
-            # alike (five of them waited a minute); a flaky resolver is one rerun away
-            again = f"resumes from {part} ({have:,} bytes)" if have else "tries again"
-            raise DownloadError(
-                f"{url}: cannot resolve the host {urlsplit(url).hostname!r} ({reason.strerror}): "
-                f"no network on this machine, or a wrong data.download.base_url; the same "
-                f"command {again}") from err
+            raise _NoHost(f"cannot resolve the host {urlsplit(url).hostname!r} "
+                          f"({reason.strerror})") from err
         raise _Retry(f"{type(err).__name__}: {reason}") from err
     with resp:
         total = None
@@ -192,6 +192,12 @@ def fetch(
             break
         except _Retry as err:
             have = part.stat().st_size if part.exists() else 0
+            if isinstance(err, _NoHost) and attempt == 0:
+                # offline every retry fails alike (five of them waited a minute); a resolver
+                # that fails for a moment is one rerun away (the part file resumes)
+                again = f"resumes from {part} ({have:,} bytes)" if have else "tries again"
+                raise DownloadError(f"{url}: {err}: no network on this machine, or a wrong "
+                                    f"data.download.base_url; the same command {again}") from err
             if attempt == retries:
                 # (nothing fetched, nothing to resume: the rerun starts the file again)
                 again = (f"resume from {part} ({have:,} bytes)" if have

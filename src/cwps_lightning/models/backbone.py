@@ -98,12 +98,15 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any reader failure is a bad file to the user
         text = " ".join(str(err).split())
-        with open(path, "rb") as file:
-            head = file.read(4)
-        if path.suffix != ".safetensors" and not head.startswith((b"PK", b"\x80")):
+        try:
+            with open(path, "rb") as file:
+                first = file.read(4)
+        except OSError:  # (no permission: the reader's own error says it)
+            first = b"PK"
+        if path.suffix != ".safetensors" and not first.startswith((b"PK", b"\x80")):
             # neither torch.save's zip archive nor its older pickle (a text file read as one
             # said "KeyError: 101", its first byte)
-            reason = f"not a file torch.save wrote: it starts with {head!r}"
+            reason = f"not a file torch.save wrote: it starts with {first!r}"
         elif "Weights only load failed" in text:  # (torch's advice to unpickle it is not ours)
             reason = "not a file of tensors that torch.load(weights_only=True) reads"
         else:
@@ -181,7 +184,7 @@ def load_backbone_weights(
         # (the model's own filter, e.g. a ViT's, may have refused the file before the load)
         lines = [line.strip() for line in str(err).splitlines() if line.strip()]
         reason = "; ".join(found) if found else " ".join(lines[-1:] or [type(err).__name__])[:300]
-        if set(missing) == head and not unexpected and not shapes:
+        if head and set(missing) == head and not unexpected and not shapes:
             # (T0 keeps its head: the store holds T0 whole, and a task's copy gets a new one)
             reason += (" (the classifier only: save the backbone with its head, of any class "
                        "count)")
