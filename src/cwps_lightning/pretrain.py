@@ -72,10 +72,23 @@ def t0_spec(datamodule, model_name: str, model_kwargs: Mapping[str, Any], epochs
                     else trainer.get(k) for k in T0_TRAINER_KEYS},
         "device_type": device_type,
     }
+    spec["trainer"]["precision"] = precision_run(spec["trainer"]["precision"], device_type)
     threads = cpu_threads(trainer, device_type)
     if threads is not None:  # (absent elsewhere: the keys of GPU and multi-rank T0s stand)
         spec["cpu_threads"] = threads
     return spec
+
+
+#: Lightning's short names of its precisions
+PRECISION_ALIASES = {"16": "16-mixed", "bf16": "bf16-mixed", "32": "32-true", "64": "64-true"}
+
+
+def precision_run(value, device_type: str):
+    """The precision Lightning runs ``value`` as: two names of one arithmetic share a T0
+    (``32`` is ``32-true``; on the CPU ``16-mixed`` runs as ``bf16-mixed``, and pretrained a
+    T0 of its own before)."""
+    name = PRECISION_ALIASES.get(str(value), value) if value is not None else None
+    return "bf16-mixed" if device_type == "cpu" and name == "16-mixed" else name
 
 
 def cpu_threads(trainer: Mapping[str, Any], device_type: str) -> int | None:

@@ -223,6 +223,17 @@ def test_t0_cache_key_holds_the_ranks_device_and_arithmetic_of_the_run():
     keys = {cache_key(t0_spec(DigitsDataModule(), *args, t, d)) for t, d in others}
     assert key not in keys and len(keys) == len(others)
 
+    # two names of one arithmetic are one T0: Lightning's aliases, and on the CPU 16-mixed,
+    # which it runs as bf16-mixed (each pretrained a T0 of its own); on a GPU they differ
+    def keyed(precision, device="cpu"):
+        return cache_key(t0_spec(DigitsDataModule(), *args, {**one, "precision": precision},
+                                 device))
+
+    assert keyed("32") == keyed(32) == key
+    assert keyed("16-mixed") == keyed("bf16-mixed") == keyed("bf16") == keyed(16)
+    assert keyed("16-mixed", "cuda") != keyed("bf16-mixed", "cuda")
+    assert keyed("16-mixed", "cuda") == keyed("16", "cuda")
+
 
 def test_t0_cache_key_holds_the_cpu_thread_count_of_a_one_process_run():
     """One process on the CPU: torch's thread count orders the float sums (another T0), so it
