@@ -329,23 +329,20 @@ def check_trainer_values(trainer: dict) -> None:
         if isinstance(value, str) and fold(value) not in names:
             raise ConfigError(f"trainer.{key}={value!r}: accepted: {', '.join(sorted(names))}")
     precision = trainer.get("precision", "32-true")
-    accepted = _precisions()
-    if accepted and precision is not None and precision not in accepted:
-        raise ConfigError(f"trainer.precision={precision!r}: accepted: "
-                          f"{', '.join(dict.fromkeys(str(p) for p in JOB_PRECISIONS))}")
     if precision is not None and precision not in JOB_PRECISIONS:
+        listed = ", ".join(dict.fromkeys(str(p) for p in JOB_PRECISIONS))  # (32 and "32": one)
+        accepted = _precisions()
+        if accepted and precision not in accepted:  # (no precision of Lightning's)
+            raise ConfigError(f"trainer.precision={precision!r}: accepted: {listed}")
         # ("64-true", "bf16-true", ...: Lightning converts the weights, and T0's evaluation,
         # CPMS, the merge and the store, which work in float32, then failed after T0)
         raise ConfigError(f"trainer.precision={precision!r}: the job trains in float32 weights; "
-                          f"accepted: {', '.join(dict.fromkeys(str(p) for p in JOB_PRECISIONS))} "
-                          f"(mixed precision: autocast over float32 weights)")
+                          f"accepted: {listed} (mixed precision: autocast over float32 weights)")
     devices = trainer.get("devices", "auto")
     if not _devices_ok(devices):
         raise ConfigError(f"trainer.devices={devices!r}: accepted: a number of devices >= 1, -1 "
                           "(all), 'auto', or GPU indices ([0, 1] or '0,1')")
-    accelerator = trainer.get("accelerator", "auto")
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if on_cpu and distributed.device_ids(devices) is not None:
+    if _on_cpu(trainer) and distributed.device_ids(devices) is not None:
         raise ConfigError(f"trainer.devices={devices!r}: on the CPU devices is a number of "
                           "processes (e.g. 1 or 2), not device indices")
     nodes = trainer.get("num_nodes", 1)

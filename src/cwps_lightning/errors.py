@@ -1,11 +1,21 @@
 """Errors that mean "the input is wrong", reported to the user as one line (no traceback)."""
 
 import re
+from collections.abc import Sequence
 
 #: what the line of a fit stopped by a diverged loss or a signal says of the run's store (the
 #: job says instead that there is none, where no task was finished: train.task_wrapper)
 STORE_KEEPS = "the store keeps the tasks finished before"
 NO_STORE_YET = "no task was finished before it, so there is no store yet"
+
+#: how many offending items an error message lists before "... and N more"
+LIST_LIMIT = 10
+
+
+def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
+
 
 #: what torch's DataLoader makes of an error raised in a worker process: the same class, built
 #: from "Caught <class> in DataLoader worker process <n>.\nOriginal Traceback ... <class>: msg"

@@ -49,16 +49,9 @@ class DataConfigError(ConfigError):
     """Bad data configuration or dataset on disk; the message says what and where."""
 
 
-#: how many offending items an error message lists before "... and N more"
-LIST_LIMIT = 10
 #: the name the kernel bank and the store keep the pretrained model under: no task may take it
 #: (its entry would take T0's place)
 PRETRAINED_NAME = "T0"
-
-
-def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def task_name_error(name, key: str) -> str | None:

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DataConfigError, short_list
+from ..errors import short_list
+from .base import DataConfigError
 from .image_tasks import ImageTasksDataModule, TaskSource
 from .images import is_image_file
 

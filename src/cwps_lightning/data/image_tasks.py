@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from .. import distributed
-from .base import DataConfigError, MultiTaskDataModule, TaskSplits, short_list, split_indices
+from ..errors import short_list
+from .base import DataConfigError, MultiTaskDataModule, TaskSplits, split_indices
 from .images import ImageListDataset, available_cpus, find_unreadable, log_progress
 from .transforms import (
     IMAGENET_MEAN,

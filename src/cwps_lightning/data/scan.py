@@ -13,7 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .base import DataConfigError, short_list
+from ..errors import short_list
+from .base import DataConfigError
 from .image_tasks import TaskSource
 from .images import is_image_file
 

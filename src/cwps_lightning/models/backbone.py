@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..cwps.small_input import use_small_input_convs
-from ..errors import ConfigError
+from ..errors import ConfigError, short_list
 
 
 class ModelConfigError(ConfigError):
@@ -127,11 +127,6 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return timm.models.clean_state_dict(state)
 
 
-def _some(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more"
-                                       if len(items) > limit else "")
-
-
 @contextlib.contextmanager
 def _timm_quiet() -> Iterator[None]:
     """timm's INFO lines of a load from a file ("Loading pretrained weights from file", "Loaded
@@ -178,7 +173,7 @@ def load_backbone_weights(
         shapes = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
                         for k, v in expected.items()
                         if k in state and tuple(state[k].shape) != tuple(v.shape))
-        found = [f"{len(keys)} {what} ({_some(keys)})"
+        found = [f"{len(keys)} {what} ({short_list(keys, 5)})"
                  for what, keys in (("missing key(s)", missing), ("unexpected key(s)", unexpected),
                                     ("shape mismatch(es)", shapes)) if keys]
         # (the model's own filter, e.g. a ViT's, may have refused the file before the load)
