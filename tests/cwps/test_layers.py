@@ -899,8 +899,10 @@ def test_a_checkpoint_without_parents_leaves_them_unwritten():
     layer.stage = "soft"
     with pytest.raises(RuntimeError, match="parent was never installed"):
         layer(torch.randn(2, 4, 5, 5))
-    layer.load_state_dict(CWPSConv2d.from_conv(plain).state_dict())
-    assert not layer.parent_unset
+    source = CWPSConv2d.from_conv(plain)
+    source.stage = "soft"
+    layer.load_state_dict(source.state_dict())
+    assert not layer.parent_unset and layer.stage == "soft"
     layer(torch.randn(2, 4, 5, 5))
 
 
@@ -955,3 +957,68 @@ def test_one_shared_channel_among_many_in_bf16_computes_with_its_parent(kind):
         expected = op(x.float(), w.float(), b.float())
     torch.testing.assert_close(y[:, 7], expected[:, 7], atol=0.5, rtol=0.05)
     torch.testing.assert_close(y, expected, atol=0.5, rtol=0.05)
+
+
+def _trained_looking_model(threshold: float, stage: str) -> nn.Module:
+    """A small model (its conv injected) with distinct child / parent weights and mask
+    scores spread around lambda (so lambda decides channels), in ``stage``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 5))
+    inject_cwps(model, exclude=None, threshold=threshold)
+    with torch.no_grad():
+        for _, layer in cwps_layers(model):
+            layer.weight.add_(torch.randn_like(layer.weight))
+            n = layer.mask_logits.numel()  # (sigmoids spread over (0, 1): some in [0.5, 0.6))
+            layer.mask_logits.copy_(torch.logit(torch.linspace(0.05, 0.95, n)))
+    set_stage(model, stage)
+    return model
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_a_state_dict_carries_the_stage_and_lambda(stage):
+    """Loaded into a model injected with another lambda and left in finetune, a state dict
+    gives the saved model's outputs (before, the loading model's lambda and stage stayed:
+    other outputs without a word); lambda round-trips exactly, and loading records no
+    decisions (entering a stage by loading is not one)."""
+    saved = _trained_looking_model(threshold=0.6, stage=stage)
+    x = torch.randn(4, 3, 6, 6)
+    expected = saved(x)
+    state = saved.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())  # (savable as tensors)
+    loading = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(8 * 6 * 6, 5))
+    inject_cwps(loading, exclude=None, threshold=0.5)
+    loading.load_state_dict(state)
+    for _, layer in cwps_layers(loading):
+        assert layer.stage == stage and layer.threshold == 0.6
+        assert layer.decisions == {}
+    torch.testing.assert_close(loading(x), expected, rtol=0, atol=0)
+    # lambda matters here: the same tensors at the loading model's own 0.5 compute otherwise
+    set_threshold(loading, 0.5)
+    if stage == "hard":
+        assert not torch.equal(loading(x), expected)
+
+
+def test_a_state_dict_without_stage_and_lambda_loads_strictly_and_keeps_the_layers_own():
+    """A state dict saved before the stage and lambda were kept (no ``_extra_state`` keys)
+    loads with strict=True; the layer keeps its own stage and lambda."""
+    saved = _trained_looking_model(threshold=0.6, stage="hard")
+    old = {k: v for k, v in saved.state_dict().items() if not k.endswith("_extra_state")}
+    loading = _trained_looking_model(threshold=0.3, stage="soft")
+    result = loading.load_state_dict(old)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for _, layer in cwps_layers(loading):
+        assert layer.stage == "soft" and layer.threshold == 0.3
+        torch.testing.assert_close(layer.mask_logits, saved.get_submodule(_).mask_logits)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([7.0, 0.5], dtype=torch.float64),
+                                 torch.tensor([1.0, 1.5], dtype=torch.float64),
+                                 torch.tensor([1.0]), {"stage": "soft"}])
+def test_a_bad_stage_or_lambda_in_a_state_dict_is_refused(bad):
+    layer = CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3))
+    state = layer.state_dict()
+    state["_extra_state"] = bad
+    with pytest.raises(ValueError, match="stage|threshold"):
+        layer.load_state_dict(state)

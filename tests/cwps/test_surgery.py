@@ -388,9 +388,10 @@ def test_merge_refuses_nan_weights_and_leaves_the_model_as_it_was():
 
 def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty():
     """(after merge_cwps, or before inject_cwps: sharing_stats said 0 % task-specific,
-    set_threshold did nothing, a freeze froze nothing)"""
+    set_threshold did nothing, a freeze froze nothing, a merge merged nothing)"""
     from cwps_lightning.cwps import merged_kernel_ids, set_threshold, sharing_stats
     from cwps_lightning.cwps.freeze import SharedChannelFreeze
+    from cwps_lightning.cwps.step_compose import use_step_compose
     from cwps_lightning.cwps.surgery import specific_by_layer
 
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
@@ -398,7 +399,10 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
                        (lambda: specific_by_layer(plain), "specific_by_layer"),
                        (lambda: set_threshold(plain, 0.3), "set_threshold"),
                        (lambda: merged_kernel_ids(plain, None), "merged_kernel_ids"),
-                       (lambda: SharedChannelFreeze(plain), "SharedChannelFreeze")):
+                       (lambda: SharedChannelFreeze(plain), "SharedChannelFreeze"),
+                       # (merge_cwps returned the model as it was; use_step_compose returned 0)
+                       (lambda: merge_cwps(plain), "merge_cwps"),
+                       (lambda: use_step_compose(plain), "use_step_compose")):
         with pytest.raises(ValueError, match=rf"^{name}: the model has no CWPS layers"):
             call()
 

@@ -480,10 +480,37 @@ class CWPSMixin:
                 "fill_parents=False leaves it unwritten): run search_parents or set_parent first"
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # -- state dict: the stage and lambda travel with the tensors ----------------------------
+    # (they decide the outputs and the merge: a state dict loaded into a layer injected with
+    # another lambda, or still in finetune, gave other outputs without a word). They are one
+    # float64 tensor, (stage index in STAGES, lambda), so a state dict stays all tensors (code
+    # that compares or saves state dicts tensor by tensor, safetensors included, keeps working)
+    # and lambda round-trips exactly. The decisions on entering each stage (mask_flips'
+    # history) stay out: MaskStageCallback's checkpoint keeps them for a resumed fit.
+    def get_extra_state(self) -> Tensor:
+        return torch.tensor([STAGES.index(self.stage), self.threshold], dtype=torch.float64)
+
+    def set_extra_state(self, state: Any) -> None:
+        values = state.tolist() if isinstance(state, Tensor) else None
+        if not (isinstance(values, list) and len(values) == 2
+                and values[0] in range(len(STAGES))):
+            raise ValueError(f"{type(self).__name__}: a CWPS layer's extra state is a tensor "
+                             f"(stage index in {STAGES}, threshold), got {state!r}")
+        self.threshold = values[1]
+        # (as saved, without recording decisions: entering a stage by loading is not one)
+        self._stage = STAGES[int(values[0])]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         if prefix + "parent_weight" in state_dict:
             self._parent_installed()
+        # a state dict saved before the stage and lambda were kept loads as before: the layer
+        # keeps its own
+        extra = prefix + "_extra_state"  # (torch's key for get_extra_state's value)
+        if extra in missing_keys:
+            missing_keys.remove(extra)
 
     @torch.no_grad()
     def _fill_plain(self, plain: nn.Module):

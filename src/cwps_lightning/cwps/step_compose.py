@@ -63,7 +63,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .freeze import row_matrix
 from .layers import STEP_LAYERS, CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
-from .surgery import cwps_layers
+from .surgery import cwps_layers, require_cwps_layers
 
 COMPOSE_MODES = ("forward", "step")
 
@@ -90,8 +90,9 @@ def held_scalar(held: dict, key, value: float, device, dtype=torch.float32) -> T
 def use_step_compose(model: nn.Module) -> int:
     """Put every CWPS layer of ``model`` in ``compose="step"`` (in place; the layers keep
     their parameters, a composed weight and bias are added as non-persistent buffers in the
-    child's memory format). Every layer is checked before any changes. Returns how many."""
-    layers = list(cwps_layers(model))
+    child's memory format). Every layer is checked before any changes. Returns how many; a
+    model with no CWPS layers (inject_cwps first) raises ValueError."""
+    layers = require_cwps_layers(model, "use_step_compose")
     for name, layer in layers:
         if type(layer) not in (CWPSConv2d, CWPSLinear):
             raise ValueError(f"compose='step': {name or 'the model'} is a "

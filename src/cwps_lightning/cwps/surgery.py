@@ -231,9 +231,10 @@ def merge_cwps(model: nn.Module) -> nn.Module:
     The merge uses the hard mask (the paper's post-training stage), so the merged model equals
     the wrapped model in the hard stage. Returns ``model``. A layer whose merged weights are not
     finite (a diverged fit) raises ValueError before any layer is replaced, as PEFT's
-    ``safe_merge`` does: the model stays as it was.
+    ``safe_merge`` does: the model stays as it was. A model with no CWPS layers (never
+    injected, or merged already) raises ValueError: its merge would silently be nothing.
     """
-    plain = {name: layer.to_plain() for name, layer in cwps_layers(model)}
+    plain = {name: layer.to_plain() for name, layer in require_cwps_layers(model, "merge_cwps")}
     for name, layer in plain.items():
         bad = nonfinite_tensors(layer)
         if bad:
