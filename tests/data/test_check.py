@@ -106,6 +106,20 @@ def test_imagenet_sketch_planted_defects(capsys, i2s_root):
                for ln in lines(out, "WARN", "count"))
 
 
+def test_domainnet_missing_domain_folder_says_its_images_are_not_on_disk(capsys, dn_root):
+    """(the INFO line read 'train 12 images, test 6 images' of a domain with no folder)"""
+    for p in sorted((dn_root / "clipart").rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    (dn_root / "clipart").rmdir()
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={dn_root}",
+                         "data.tasks=[clipart,real]")
+    assert code == 1 and any("missing domain folder" in ln for ln in lines(out, "ERROR", "layout"))
+    info = {ln.split(":")[0]: ln for ln in out.splitlines() if ln.startswith("INFO  ")}
+    assert info["INFO  clipart"].endswith(f"in train, none on disk ({dn_root / 'clipart'} is "
+                                          "missing)")
+    assert info["INFO  real"].endswith("in train")
+
+
 def test_imagenet_sketch_missing_task_and_wrong_layout(capsys, i2s_root, dn_root):
     for p in sorted((i2s_root / "cubs_cropped").rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
@@ -305,3 +319,19 @@ def test_folders_check_says_which_root_it_reads(capsys, tmp_path):
     _, out, _ = check(capsys, "data=folders", f"data.root={tmp_path}",
                       "data.folders=[{name: t, train: t1/train, test: t1/test}]")
     assert out.splitlines()[0] == f"checking folders at {tmp_path}: tasks ['t']"
+
+
+def test_a_conflicting_line_is_named_once_though_its_label_left_the_class_table(capsys,
+                                                                                tmp_path):
+    """Label 3's one line names class 'apple', label 0's by majority: label 3 has no class of
+    its own, so with data.num_classes=null the head ends at label 2. The line is named once, as
+    the conflict (it was also reported as outside [0, 3))."""
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",))
+    write_image(root / "clipart" / "apple" / "extra.jpg")
+    with open(root / "clipart_train.txt", "a") as f:
+        f.write("clipart/apple/extra.jpg 3\n")  # line 13
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart]", "data.num_classes=null")
+    assert code == 1
+    named = [ln for ln in out.splitlines() if "clipart_train.txt:13" in ln]
+    assert len(named) == 1 and "[label]" in named[0] and "class 'apple' has label 0" in named[0]
