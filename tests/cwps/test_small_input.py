@@ -228,3 +228,45 @@ def test_small_input_conv_with_a_padding_mode_on_a_1x1_map(padding_mode):
     use_small_input_convs(fast)
     x = torch.randn(4, 8, 1, 1)
     torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [None, "finetune", "soft", "hard"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_an_in_place_activation_after_a_conv_with_a_1x1_output_trains(stage, groups):
+    """A squeeze-excite block's pooled conv followed by ReLU(inplace=True) (MobileNetV3,
+    EfficientNet): autograd refused to modify the window's output in place ('Output 0 of
+    _WindowConv is a view'), in every stage; now the gradients equal the plain model's."""
+    from cwps_lightning.cwps import inject_cwps, set_stage
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1),
+                          nn.Conv2d(8, 6, 1, groups=groups), nn.ReLU(inplace=True),
+                          nn.Flatten(), nn.Linear(6, 3))
+    model = copy.deepcopy(plain)
+    use_small_input_convs(model)
+    if stage is not None:  # (parents = children: every stage computes the plain function)
+        inject_cwps(model)
+        set_stage(model, stage)
+    x = torch.randn(5, 4, 6, 6)
+    plain(x).square().sum().backward()
+    model(x).square().sum().backward()
+    grads = {name: q.grad for name, q in model.named_parameters()}
+    wrapped = {f"{name}.{attr}" for name, m in model.named_modules()
+               if hasattr(m, "mask_logits") for attr in ("weight", "bias")}
+    for name, p in plain.named_parameters():
+        # (the soft mask is sigmoid(0) = 1/2: a child's gradient is half the plain one)
+        scale = 0.5 if stage == "soft" and name in wrapped else 1.0
+        torch.testing.assert_close(grads[name], scale * p.grad, msg=name)
+
+
+def test_a_squeeze_excite_backbone_trains_after_the_switch():
+    """timm's MobileNetV3 at 32 px (its SE convs see a 1x1 map)."""
+    from cwps_lightning.cwps import inject_cwps, set_stage
+
+    torch.manual_seed(0)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=3)
+    use_small_input_convs(model)
+    inject_cwps(model)
+    set_stage(model, "hard")
+    nn.functional.cross_entropy(model(torch.randn(2, 3, 32, 32)), torch.tensor([0, 2])).backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autocast import autocast_dtype, run_plain
-from .small_input import SmallInputConv2d, Window, WindowOp, live_window
+from .small_input import SmallInputConv2d, Window, WindowOp, live_window, own_output
 
 STAGES = ("finetune", "soft", "hard")
 #: kernels with at most this many elements keep their composed weight from the forward for the
@@ -232,6 +232,7 @@ class _ComposedOp(torch.autograd.Function):
             xc = x.to(cast)
             w = w.to(cast)
             y = run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
+        y = own_output(y)  # (a window's output is a view; see small_input.own_output)
         # wc is the child itself, its window or the window's copy; w_child gives the gradient's
         # layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)

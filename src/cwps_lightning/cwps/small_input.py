@@ -139,6 +139,15 @@ class WindowOp:
         return gx, gw, gb
 
 
+def own_output(y: Tensor) -> Tensor:
+    """``y`` as a custom Function returns it: a copy where it is a view (WindowOp's matmul
+    output seen as N x C x 1 x 1). Autograd forbids modifying a view made inside a Function in
+    place, and an in-place activation right after a conv with a 1x1 output is common (the
+    squeeze-excite blocks of MobileNetV3 / EfficientNet: ReLU(inplace=True) after the pooled
+    conv), so such a model did not train. The copy is N x C numbers."""
+    return y.clone() if y._base is not None else y
+
+
 class _WindowConv(torch.autograd.Function):
     """A plain convolution with a 1x1 output on its window (SmallInputConv2d): the weight's
     gradient is full-size with the weight's memory format, zero outside the window."""
@@ -154,6 +163,7 @@ class _WindowConv(torch.autograd.Function):
             xc, w = x.to(cast), w.to(cast)
             b = None if bias is None else bias.to(cast)
             y = run_plain(x.device.type, op.forward, xc, w, b)
+        y = own_output(y)
         ctx.save_for_backward(xc, w, weight)
         ctx.op, ctx.has_bias, ctx.x_dtype = op, bias is not None, x.dtype
         ctx.b_dtype = None if bias is None else bias.dtype
