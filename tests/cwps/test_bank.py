@@ -350,8 +350,10 @@ def test_weights_of_another_dtype_are_refused():
 
 def test_what_add_takes_is_checked_before_the_bank_changes():
     """A model whose CWPS layers are not merged, of another architecture (a missing layer,
-    another kernel shape), a head of another class count, kernel ids not per layer: refused,
-    naming it, with the bank as it was."""
+    another kernel shape, a layer or normalisation the bank's tasks lack or have at another
+    size: a deeper model of the same family was accepted, its extra layers counted as its own,
+    and only the store's rebuild failed), a head of another class count, kernel ids not per
+    layer: refused, naming it, with the bank as it was."""
     from cwps_lightning.cwps import inject_cwps
 
     bank = KernelBank(LAYERS)
@@ -362,7 +364,19 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
     other.conv2 = nn.Conv2d(8, 6, 3, padding=1, bias=False)  # (not grouped: another shape)
     headless = Small()
     del headless.fc
+    deeper = Small()  # every shared layer, and one more the bank's tasks lack
+    deeper.extra = nn.Conv2d(6, 6, 1)
+    wider_bn = Small()
+    wider_bn.bn2 = nn.BatchNorm2d(4)
+    narrower = Small()  # (the bank's tasks have bn; this one has it at another size)
+    narrower.bn = nn.BatchNorm2d(5)
     cases = [
+        (deeper, {}, ValueError, r"the model's state is not the bank's tasks' \(another "
+                                 r"architecture\?\): 2 tensor\(s\) they lack \(extra\.weight, "
+                                 r"extra\.bias\)"),
+        (wider_bn, {}, ValueError, r"5 tensor\(s\) they lack \(bn2\.weight, bn2\.bias, "
+                                   r"bn2\.running_mean, \.\.\.\)"),
+        (narrower, {}, ValueError, r"4 of another shape \(bn\.weight \(5,\) \(theirs \(8,\)\)"),
         (unmerged, {}, ValueError, r"still has CWPS layers \(conv1, .*merge_cwps"),
         (other, {}, ValueError, r"conv2 has a \(6, 8, 3, 3\) kernel, the bank's tasks "
                                 r"\(6, 4, 3, 3\)"),
@@ -378,6 +392,20 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
         with pytest.raises(error, match=message):
             bank.add("T1", model, **kwargs)
         assert bank.tasks == ["T0"] and bank.revision == 1
+
+
+def test_num_classes_is_an_integer():
+    """numpy's and a tensor's integers are taken as ints (the manifest recorded '5' and
+    'tensor(5)', which the store could not rebuild); 5.0, '5' and True are refused."""
+    np = pytest.importorskip("numpy")
+    bank = KernelBank(LAYERS)
+    for i, count in enumerate((3, np.int64(3), torch.tensor(3))):
+        entry = bank.add(f"T{i}", Small(), num_classes=count)
+        assert type(entry.num_classes) is int and entry.num_classes == 3
+    for count in (3.0, "3", True):
+        with pytest.raises(TypeError, match=rf"num_classes must be an integer, got {count!r}"):
+            bank.add("bad", Small(), num_classes=count)
+    assert bank.tasks == ["T0", "T1", "T2"]
 
 
 def test_a_task_name_that_is_no_string_is_refused():

@@ -11,6 +11,7 @@ construction): removing a task from the bank drops exactly the ids no other task
 
 from __future__ import annotations
 
+import operator
 import uuid
 from dataclasses import dataclass, field
 
@@ -62,6 +63,44 @@ def split_state(model: nn.Module, layer_names: list[str]):
         weight = module.weight.detach().cpu().clone(memory_format=torch.contiguous_format)
         weights[name] = (weight, bias)
     return weights, rest, param_names, head_names
+
+
+def _class_count(task: str, num_classes) -> int:
+    """``num_classes`` as an int (numpy's and a one-element tensor's integers are), or a
+    TypeError: the manifest records it and the store rebuilds the head from it."""
+    try:
+        if isinstance(num_classes, bool):
+            raise TypeError
+        return operator.index(num_classes)
+    except TypeError:
+        raise TypeError(f"bank.add({task!r}): num_classes must be an integer, got "
+                        f"{num_classes!r} ({type(num_classes).__name__}). The bank is "
+                        "unchanged") from None
+
+
+def _check_same_rest(task: str, rest: dict[str, Tensor], head_names: list[str],
+                     held: TaskEntry) -> None:
+    """The model's state outside the shared layers and the head (normalisation layers, layers
+    left out of sharing) must be the bank's tasks' keys and shapes: the store rebuilds every
+    task on one architecture. (A deeper model of the same family has every layer the bank
+    shares, and more: those were kept as the task's own, inflating its count, and only
+    rebuilding it from the store failed.)"""
+    mine = {k: tuple(v.shape) for k, v in rest.items() if k not in set(head_names)}
+    theirs = {k: tuple(v.shape) for k, v in held.rest.items()
+              if k not in set(held.head_param_names)}
+    if mine == theirs:
+        return
+    extra = [k for k in mine if k not in theirs]
+    missing = [k for k in theirs if k not in mine]
+    shaped = [f"{k} {mine[k]} (theirs {theirs[k]})" for k in mine
+              if k in theirs and mine[k] != theirs[k]]
+    parts = [f"{len(found)} {what} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
+             for what, found in (("tensor(s) they lack", extra),
+                                 ("of theirs missing", missing),
+                                 ("of another shape", shaped)) if found]
+    raise ValueError(f"bank.add({task!r}): outside the shared layers and the head, the model's "
+                     f"state is not the bank's tasks' (another architecture?): "
+                     f"{'; '.join(parts)}. The bank is unchanged")
 
 
 def param_counts(kernels: int, task_own: int, heads: int) -> dict[str, int]:
@@ -126,8 +165,11 @@ class KernelBank:
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
                              f"({len(bad)} tensor(s) in all); the bank is unchanged")
         self._check_model(task, model, kernel_ids)
+        num_classes = _class_count(task, num_classes)
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
         others = [entry for name, entry in self.entries.items() if name != task]
+        if others:
+            _check_same_rest(task, rest, head_names, others[0])
         for name, (w, b) in weights.items():  # (a store holds one table per layer)
             if not others:
                 continue
