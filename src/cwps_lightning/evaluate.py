@@ -138,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_rows(rows))
     counts = store.param_count()
-    print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in shared kernels, "
-          f"{counts['heads']:,} in heads; {counts['backbone']:,} without heads)")
+    print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in the kernel table, "
+          f"each distinct kernel once, shared or task-specific; {counts['heads']:,} in heads; "
+          f"{counts['backbone']:,} without heads)")
     differ = [r["task"] for r in rows if differs(r)]
     if differ:
         print(f"\n{why_they_differ(differ, overrides)}")

@@ -46,6 +46,11 @@ def test_matching_store_exits_0(store_dir, capsys):
     assert main([f"store={store_dir}", "device=cpu"]) == 0
     out, err = capsys.readouterr()
     assert "optdigits" in out and err == ""
+    # the kernel count is the whole table (it read 'in shared kernels': task-specific ones too)
+    from cwps_lightning.cwps.store import MultiTaskStore
+    kernels = MultiTaskStore.load(store_dir).param_count()["kernels"]
+    assert (f"({kernels:,} in the kernel table, each distinct kernel once, shared or "
+            "task-specific;") in out
 
 
 def test_mismatch_exits_1(mismatching_store, capsys):
