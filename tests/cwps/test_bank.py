@@ -58,6 +58,21 @@ def test_model_layout():
     )
 
 
+def test_shareable_of_takes_inject_cwps_exclude():
+    """A bank for a model injected with an exclude list tracks the layers it wrapped (it took
+    no exclude: such a bank needed shareable_layers by hand); a list replaces the head's
+    default exclusion, as in inject_cwps."""
+    from cwps_lightning.cwps import cwps_layers, inject_cwps
+
+    assert KernelBank.shareable_of(Small()) == LAYERS
+    assert KernelBank.shareable_of(Small(), exclude=["head", "conv2"]) == ["conv1", "fc"]
+    assert KernelBank.shareable_of(Small(), exclude=["conv2"]) == ["conv1", "fc", "head"]
+    model = Small()
+    inject_cwps(model, exclude=["head", "conv2"])
+    assert [n for n, _ in cwps_layers(model)] == KernelBank.shareable_of(
+        Small(), exclude=["head", "conv2"])
+
+
 def test_needs_layers():
     with pytest.raises(ValueError):
         KernelBank([])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import operator
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -126,9 +127,10 @@ class KernelBank:
         self.revision = 0
 
     @staticmethod
-    def shareable_of(model: nn.Module) -> list[str]:
-        """The layer names a bank for ``model`` tracks (those inject_cwps wraps by default)."""
-        return shareable_layers(model)
+    def shareable_of(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
+        """The layer names a bank for ``model`` tracks: those inject_cwps wraps with the same
+        ``exclude`` (by default every Conv2d / Linear but the classifier head)."""
+        return shareable_layers(model, exclude)
 
     # -- identities ----------------------------------------------------------------------------
     def new_ids(self, layer: str, n: int) -> Tensor:

@@ -82,8 +82,10 @@ def shareable_layers(
 ) -> list[str]:
     """Names of the nn.Conv2d / nn.Linear layers CWPS shares (in module order).
 
-    ``exclude`` names modules (or module prefixes) to leave alone; by default the classifier
-    head (see :func:`classifier_names`; a warning when it finds none). Normalisation layers are never shared: they stay per
+    ``exclude`` names modules (or module prefixes) to leave alone; by default (None) the
+    classifier head (see :func:`classifier_names`; a warning when it finds none). A list given
+    replaces that default: to leave the head out as well, name it too
+    (``exclude=[*classifier_names(model), "patch_embed.proj"]``). Normalisation layers are never shared: they stay per
     task (paper section 3.1). timm's weight-standardised and TF-"SAME" convolutions are shared
     through cwps/transformed.py; ``transformed=False`` leaves them out too (for wrappers that
     only reproduce the stock forward). Other Conv2d/Linear subclasses with a custom forward are
@@ -229,7 +231,9 @@ def merge_cwps(model: nn.Module) -> nn.Module:
     """Replace every CWPS layer (in place) by a plain layer holding its merged weights.
 
     The merge uses the hard mask (the paper's post-training stage), so the merged model equals
-    the wrapped model in the hard stage. Returns ``model``. A layer whose merged weights are not
+    the wrapped model in the hard stage (up to float rounding where a conv's output is 1x1:
+    the wrapped layer computes it as a matmul of the taps that meet the input, the plain conv
+    as a convolution). Returns ``model``. A layer whose merged weights are not
     finite (a diverged fit) raises ValueError before any layer is replaced, as PEFT's
     ``safe_merge`` does: the model stays as it was. A model with no CWPS layers (never
     injected, or merged already) raises ValueError: its merge would silently be nothing.
