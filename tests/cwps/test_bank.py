@@ -365,10 +365,10 @@ def test_weights_of_another_dtype_are_refused():
 
 def test_what_add_takes_is_checked_before_the_bank_changes():
     """A model whose CWPS layers are not merged, of another architecture (a missing layer,
-    another kernel shape, a layer or normalisation the bank's tasks lack or have at another
-    size: a deeper model of the same family was accepted, its extra layers counted as its own,
-    and only the store's rebuild failed), a head of another class count, kernel ids not per
-    layer: refused, naming it, with the bank as it was."""
+    another kernel shape, a layer or normalisation the bank's tasks lack: a deeper model of
+    the same family was accepted, its extra layers counted as its own, and only the store's
+    rebuild failed), a head of another class count, kernel ids not per layer: refused, naming
+    it, with the bank as it was."""
     from cwps_lightning.cwps import inject_cwps
 
     bank = KernelBank(LAYERS)
@@ -383,15 +383,12 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
     deeper.extra = nn.Conv2d(6, 6, 1)
     wider_bn = Small()
     wider_bn.bn2 = nn.BatchNorm2d(4)
-    narrower = Small()  # (the bank's tasks have bn; this one has it at another size)
-    narrower.bn = nn.BatchNorm2d(5)
     cases = [
-        (deeper, {}, ValueError, r"the model's state is not the bank's tasks' \(another "
+        (deeper, {}, ValueError, r"the model's tensors are not the bank's tasks' \(another "
                                  r"architecture\?\): 2 tensor\(s\) they lack \(extra\.weight, "
                                  r"extra\.bias\)"),
         (wider_bn, {}, ValueError, r"5 tensor\(s\) they lack \(bn2\.weight, bn2\.bias, "
                                    r"bn2\.running_mean, \.\.\.\)"),
-        (narrower, {}, ValueError, r"4 of another shape \(bn\.weight \(5,\) \(theirs \(8,\)\)"),
         (unmerged, {}, ValueError, r"still has CWPS layers \(conv1, .*merge_cwps"),
         (other, {}, ValueError, r"conv2 has a \(6, 8, 3, 3\) kernel, the bank's tasks "
                                 r"\(6, 4, 3, 3\)"),
@@ -409,6 +406,16 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
         assert bank.tasks == ["T0"] and bank.revision == 1
 
 
+def test_a_task_of_another_class_count_joins_a_bank_whose_t0_kept_no_head_names():
+    """(a store of a revision before head names were kept loads its T0 with none: its head
+    tensors are in its rest, and the architecture check must still leave heads out)"""
+    bank = KernelBank(LAYERS)
+    bank.add("T0", Small(), num_classes=3)
+    bank.entries["T0"].head_param_names = []
+    bank.add("T1", with_head(5), num_classes=5)
+    assert bank.tasks == ["T0", "T1"]
+
+
 def test_num_classes_is_an_integer():
     """numpy's and a tensor's integers are taken as ints (the manifest recorded '5' and
     'tensor(5)', which the store could not rebuild); 5.0, '5' and True are refused."""
@@ -417,9 +424,11 @@ def test_num_classes_is_an_integer():
     for i, count in enumerate((3, np.int64(3), torch.tensor(3))):
         entry = bank.add(f"T{i}", Small(), num_classes=count)
         assert type(entry.num_classes) is int and entry.num_classes == 3
-    for count in (3.0, "3", True):
-        with pytest.raises(TypeError, match=rf"num_classes must be an integer, got {count!r}"):
+    for count in (3.0, "3", True, torch.tensor(True)):
+        with pytest.raises(TypeError, match=r"num_classes must be an integer, got "):
             bank.add("bad", Small(), num_classes=count)
+    with pytest.raises(ValueError, match=r"num_classes must be >= 1, got 0"):
+        bank.add("bad", Small(), num_classes=0)
     assert bank.tasks == ["T0", "T1", "T2"]
 
 

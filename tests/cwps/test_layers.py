@@ -900,9 +900,9 @@ def test_a_checkpoint_without_parents_leaves_them_unwritten():
     with pytest.raises(RuntimeError, match="parent was never installed"):
         layer(torch.randn(2, 4, 5, 5))
     source = CWPSConv2d.from_conv(plain)
-    source.stage = "soft"
+    source.stage = "hard"
     layer.load_state_dict(source.state_dict())
-    assert not layer.parent_unset and layer.stage == "soft"
+    assert not layer.parent_unset and layer.stage == "hard"
     layer(torch.randn(2, 4, 5, 5))
 
 
@@ -990,9 +990,11 @@ def test_a_state_dict_carries_the_stage_and_lambda(stage):
                             nn.Linear(8 * 6 * 6, 5))
     inject_cwps(loading, exclude=None, threshold=0.5)
     loading.load_state_dict(state)
-    for _, layer in cwps_layers(loading):
+    for name, layer in cwps_layers(loading):
         assert layer.stage == stage and layer.threshold == 0.6
-        assert layer.decisions == {}
+        # the loaded stage is entered with the loaded scores (a set_stage after the load did)
+        assert list(layer.decisions) == [stage]
+        assert torch.equal(layer.decisions[stage], saved.get_submodule(name).decision())
     torch.testing.assert_close(loading(x), expected, rtol=0, atol=0)
     # lambda matters here: the same tensors at the loading model's own 0.5 compute otherwise
     set_threshold(loading, 0.5)
@@ -1013,12 +1015,78 @@ def test_a_state_dict_without_stage_and_lambda_loads_strictly_and_keeps_the_laye
         torch.testing.assert_close(layer.mask_logits, saved.get_submodule(_).mask_logits)
 
 
-@pytest.mark.parametrize("bad", [torch.tensor([7.0, 0.5], dtype=torch.float64),
-                                 torch.tensor([1.0, 1.5], dtype=torch.float64),
-                                 torch.tensor([1.0]), {"stage": "soft"}])
-def test_a_bad_stage_or_lambda_in_a_state_dict_is_refused(bad):
-    layer = CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3))
-    state = layer.state_dict()
-    state["_extra_state"] = bad
-    with pytest.raises(ValueError, match="stage|threshold"):
-        layer.load_state_dict(state)
+def _extra(stage: int, threshold: float) -> torch.Tensor:
+    bits = torch.tensor([threshold], dtype=torch.float64).view(torch.int64)
+    return torch.cat([torch.tensor([stage]), bits])
+
+
+@pytest.mark.parametrize("bad, said", [
+    (_extra(7, 0.5), r"stage index 7 is not one of \[0, 1, 2\]"),
+    (_extra(1, 1.5), r"threshold \(lambda\) must be in \[0, 1\], got 1\.5"),
+    (torch.tensor([1.0, 0.5], dtype=torch.float64), r"got a torch\.float64 tensor of shape "
+                                                     r"\(2,\) \(a state dict whose integer"),
+    (torch.tensor([1]), r"got a torch\.int64 tensor of shape \(1,\)"),
+    ({"stage": "soft"}, r"got dict"),
+])
+def test_a_bad_stage_or_lambda_in_a_state_dict_is_refused_naming_its_key(bad, said):
+    model = nn.Sequential(CWPSConv2d.from_conv(nn.Conv2d(3, 4, 3)))
+    state = model.state_dict()
+    state["0._extra_state"] = bad
+    with pytest.raises(RuntimeError, match=rf'extra state "0\._extra_state": .*{said}'):
+        model.load_state_dict(state)
+
+
+def test_a_cast_of_a_state_dicts_floating_point_tensors_leaves_lambda_exact():
+    """(as a float tensor, lambda 0.7 came back 0.7002 after .half())"""
+    saved = _trained_looking_model(threshold=0.7, stage="hard")
+    state = {k: v.half() if v.is_floating_point() else v for k, v in saved.state_dict().items()}
+    loading = _trained_looking_model(threshold=0.5, stage="soft")
+    loading.load_state_dict(state)
+    assert all(layer.threshold == 0.7 for _, layer in cwps_layers(loading))
+
+
+def test_loading_a_state_dict_starts_the_stage_history_anew():
+    """Decisions of the scores held before the load go; the loaded stage is entered with the
+    loaded scores, so mask_flips counts a later hard stage from them."""
+    from cwps_lightning.cwps.surgery import mask_flips
+
+    saved = _trained_looking_model(threshold=0.5, stage="soft")
+    loading = _trained_looking_model(threshold=0.5, stage="hard")  # decisions soft and hard
+    with torch.no_grad():
+        for _, layer in cwps_layers(loading):
+            layer.mask_logits.neg_()  # (other scores: other decisions, which must not stay)
+    set_stage(loading, "finetune")
+    set_stage(loading, "hard")
+    loading.load_state_dict(saved.state_dict())
+    layer = loading[0]
+    assert list(layer.decisions) == ["soft"]
+    with torch.no_grad():
+        layer.mask_logits.neg_()  # every channel's decision flips, but the one at exactly 1/2
+    set_stage(loading, "hard")
+    flips = mask_flips(loading)
+    assert flips["soft"] == flips["total"] == int((layer.decisions["soft"]
+                                                   != layer.decisions["hard"]).sum()) > 0
+    assert flips["hard"] == 0
+
+
+@pytest.mark.parametrize("stage", ["soft", "hard"])
+def test_an_in_place_activation_after_a_large_linear_on_3d_input_trains(stage):
+    """F.linear's output on a 3-D input is a view of its 2-D product, which autograd refused to
+    modify in place inside the Function ('Output 0 of _ComposedOp is a view'); the layer now
+    hands the Function 2-D tensors, and the output and gradients are the same."""
+    torch.manual_seed(0)
+    big = nn.Linear(1100, 1000)  # over KEEP_COMPOSED_NUMEL: the Function's path
+    x = torch.randn(2, 3, 1100)
+    layer = CWPSLinear.from_linear(big)
+    layer.stage = stage
+    reference = copy.deepcopy(layer)
+    y = layer(x)
+    assert y.shape == (2, 3, 1000)
+    torch.relu_(y).sum().backward()
+    y_ref = torch.relu(reference(x.reshape(6, 1100)).reshape(2, 3, 1000))
+    y_ref.sum().backward()
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    for name, p in layer.named_parameters():
+        torch.testing.assert_close(p.grad, reference.get_parameter(name).grad, rtol=0, atol=0)
+    unbatched = layer(x[0, 0])  # (1-D: an unbatched input keeps its shape)
+    assert unbatched.shape == (1000,)

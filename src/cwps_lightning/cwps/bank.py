@@ -68,39 +68,47 @@ def split_state(model: nn.Module, layer_names: list[str]):
 
 def _class_count(task: str, num_classes) -> int:
     """``num_classes`` as an int (numpy's and a one-element tensor's integers are), or a
-    TypeError: the manifest records it and the store rebuilds the head from it."""
+    TypeError / ValueError: the manifest records it and the store rebuilds the head from it."""
     try:
-        if isinstance(num_classes, bool):
+        if isinstance(num_classes, bool) or (isinstance(num_classes, Tensor)
+                                             and num_classes.dtype == torch.bool):
             raise TypeError
-        return operator.index(num_classes)
+        count = operator.index(num_classes)
     except TypeError:
         raise TypeError(f"bank.add({task!r}): num_classes must be an integer, got "
                         f"{num_classes!r} ({type(num_classes).__name__}). The bank is "
                         "unchanged") from None
+    if count < 1:
+        raise ValueError(f"bank.add({task!r}): num_classes must be >= 1, got {count}. The "
+                         "bank is unchanged")
+    return count
 
 
-def _check_same_rest(task: str, rest: dict[str, Tensor], head_names: list[str],
+def _check_same_rest(task: str, model: nn.Module, rest: dict[str, Tensor],
                      held: TaskEntry) -> None:
-    """The model's state outside the shared layers and the head (normalisation layers, layers
-    left out of sharing) must be the bank's tasks' keys and shapes: the store rebuilds every
+    """The names of the model's tensors outside the shared layers and the head (normalisation
+    layers, layers left out of sharing) must be the bank's tasks': the store rebuilds every
     task on one architecture. (A deeper model of the same family has every layer the bank
     shares, and more: those were kept as the task's own, inflating its count, and only
-    rebuilding it from the store failed.)"""
-    mine = {k: tuple(v.shape) for k, v in rest.items() if k not in set(head_names)}
-    theirs = {k: tuple(v.shape) for k, v in held.rest.items()
-              if k not in set(held.head_param_names)}
-    if mine == theirs:
+    rebuilding it from the store failed.) Names, not shapes: the kernel check before this one
+    names a shape that differs, and a head's class-count-sized tensors may sit outside what
+    classifier_names finds."""
+    heads = tuple(f"{h}." for h in classifier_names(model))  # (a store's T0 of a revision
+    # that kept no head names has them in its rest)
+
+    def body(state: dict[str, Tensor], head_names: list[str]) -> list[str]:
+        return [k for k in state if k not in set(head_names) and not k.startswith(heads)]
+
+    mine = body(rest, [])
+    theirs = body(held.rest, held.head_param_names)
+    if set(mine) == set(theirs):
         return
-    extra = [k for k in mine if k not in theirs]
-    missing = [k for k in theirs if k not in mine]
-    shaped = [f"{k} {mine[k]} (theirs {theirs[k]})" for k in mine
-              if k in theirs and mine[k] != theirs[k]]
     parts = [f"{len(found)} {what} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
-             for what, found in (("tensor(s) they lack", extra),
-                                 ("of theirs missing", missing),
-                                 ("of another shape", shaped)) if found]
+             for what, found in (("tensor(s) they lack", [k for k in mine if k not in theirs]),
+                                 ("of theirs missing", [k for k in theirs if k not in mine]))
+             if found]
     raise ValueError(f"bank.add({task!r}): outside the shared layers and the head, the model's "
-                     f"state is not the bank's tasks' (another architecture?): "
+                     f"tensors are not the bank's tasks' (another architecture?): "
                      f"{'; '.join(parts)}. The bank is unchanged")
 
 
@@ -170,8 +178,6 @@ class KernelBank:
         num_classes = _class_count(task, num_classes)
         weights, rest, param_names, head_names = split_state(model, self.layer_names)
         others = [entry for name, entry in self.entries.items() if name != task]
-        if others:
-            _check_same_rest(task, rest, head_names, others[0])
         for name, (w, b) in weights.items():  # (a store holds one table per layer)
             if not others:
                 continue
@@ -186,6 +192,8 @@ class KernelBank:
                                  f"{tuple(held.weight.shape)}"
                                  f"{'' if held.bias is None else ' and a bias'} (another "
                                  "architecture?). The bank is unchanged")
+        if others:
+            _check_same_rest(task, model, rest, others[0])
         heads = [n for n in head_names if n.endswith("weight") and n in rest]
         if heads and rest[heads[-1]].shape[0] != num_classes:  # (the store would record it)
             raise ValueError(f"bank.add({task!r}): num_classes={num_classes}, but its head "

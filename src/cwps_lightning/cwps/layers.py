@@ -232,7 +232,8 @@ class _ComposedOp(torch.autograd.Function):
             xc = x.to(cast)
             w = w.to(cast)
             y = run_plain(x.device.type, op.forward, xc, w, None if b is None else b.to(cast))
-        y = own_output(y)  # (a window's output is a view; see small_input.own_output)
+        if window is not None:  # (its matmul's output seen as N x C x 1 x 1: own_output)
+            y = own_output(y)
         # wc is the child itself, its window or the window's copy; w_child gives the gradient's
         # layout
         ctx.save_for_backward(xc, wc, b_child, w_parent, b_parent, w_child)
@@ -484,32 +485,62 @@ class CWPSMixin:
     # -- state dict: the stage and lambda travel with the tensors ----------------------------
     # (they decide the outputs and the merge: a state dict loaded into a layer injected with
     # another lambda, or still in finetune, gave other outputs without a word). They are one
-    # float64 tensor, (stage index in STAGES, lambda), so a state dict stays all tensors (code
-    # that compares or saves state dicts tensor by tensor, safetensors included, keeps working)
-    # and lambda round-trips exactly. The decisions on entering each stage (mask_flips'
-    # history) stay out: MaskStageCallback's checkpoint keeps them for a resumed fit.
+    # int64 tensor, (stage index in STAGES, lambda's float64 bits): a state dict stays all
+    # tensors (code that compares or saves state dicts tensor by tensor, safetensors included,
+    # keeps working), lambda round-trips exactly, and a cast of a state dict's floating-point
+    # tensors (to half, say) leaves it alone, where a float tensor's 0.7 came back 0.7002.
     def get_extra_state(self) -> Tensor:
-        return torch.tensor([STAGES.index(self.stage), self.threshold], dtype=torch.float64)
+        # (on the CPU whatever device context is active: a meta tensor would hold no values)
+        bits = torch.tensor([self.threshold], dtype=torch.float64, device="cpu")
+        return torch.cat([torch.tensor([STAGES.index(self.stage)], device="cpu"),
+                          bits.view(torch.int64)])
+
+    @staticmethod
+    def _read_extra_state(state: Any) -> tuple[str, float]:
+        """(stage, lambda) of get_extra_state's tensor, or a ValueError saying what it is."""
+        if not (isinstance(state, Tensor) and state.dtype == torch.int64
+                and state.shape == (2,) and not state.is_meta):
+            what = (f"a {state.dtype} {'meta ' if state.is_meta else ''}tensor of shape "
+                    f"{tuple(state.shape)}" if isinstance(state, Tensor)
+                    else type(state).__name__)
+            raise ValueError(f"a CWPS layer's extra state is an int64 tensor of 2 values "
+                             f"(stage index, lambda's float64 bits), got {what} (a state dict "
+                             "whose integer tensors were cast?)")
+        stage = int(state[0])
+        if stage not in range(len(STAGES)):
+            raise ValueError(f"the extra state's stage index {stage} is not one of "
+                             f"{list(range(len(STAGES)))} ({STAGES})")
+        threshold = float(state[1:].cpu().view(torch.float64))
+        check_threshold(threshold)
+        return STAGES[stage], threshold
 
     def set_extra_state(self, state: Any) -> None:
-        values = state.tolist() if isinstance(state, Tensor) else None
-        if not (isinstance(values, list) and len(values) == 2
-                and values[0] in range(len(STAGES))):
-            raise ValueError(f"{type(self).__name__}: a CWPS layer's extra state is a tensor "
-                             f"(stage index in {STAGES}, threshold), got {state!r}")
-        self.threshold = values[1]
-        # (as saved, without recording decisions: entering a stage by loading is not one)
-        self._stage = STAGES[int(values[0])]
+        """Take the stage and lambda of a state dict. Loading starts the stage history anew
+        (``decisions``): the loaded stage is entered with the loaded scores, as a
+        ``set_stage`` right after the load did before the stage was kept, and the decisions
+        of the scores the layer held before are dropped. (A fit resumed by the training job
+        gets its recorded decisions back from the checkpoint: MaskStageCallback.)"""
+        stage, threshold = self._read_extra_state(state)
+        self.threshold = threshold
+        self.decisions = {}
+        self._stage = "finetune"
+        self.stage = stage  # (after the scores: load_state_dict sets the extra state last)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
+        extra = prefix + "_extra_state"  # (torch's key for get_extra_state's value)
+        if extra in state_dict:
+            try:
+                self._read_extra_state(state_dict[extra])
+            except ValueError as err:  # (reported with the key, as torch reports a bad shape)
+                error_msgs.append(f'While copying the extra state "{extra}": {err}.')
+                return
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         if prefix + "parent_weight" in state_dict:
             self._parent_installed()
         # a state dict saved before the stage and lambda were kept loads as before: the layer
         # keeps its own
-        extra = prefix + "_extra_state"  # (torch's key for get_extra_state's value)
         if extra in missing_keys:
             missing_keys.remove(extra)
 
@@ -772,10 +803,19 @@ class CWPSMixin:
                 w, b = group[0].weights(group[1])
             return op.forward(x, w, b)
         parent = self.parent_weight if window is None else self._parent_window(window)
-        return self._composed_op.apply(
+        flat = op is _LINEAR_OP and x.dim() != 2
+        if flat:
+            # F.linear returns a view of its 2-D product for any other input, and a view made
+            # inside the Function cannot be modified in place (an in-place activation after
+            # the layer): the Function takes and returns 2-D tensors, the view is made here
+            # (the same product: F.linear flattens an N-D input the same way)
+            lead = x.shape[:-1]
+            x = x.reshape(-1, x.shape[-1])
+        y = self._composed_op.apply(
             x, self.weight, self.bias, self.mask_logits, parent, self.parent_bias,
             self.stage == "hard", self.threshold, op, window, self.mask_grad,
         )
+        return y.view(*lead, y.shape[-1]) if flat else y
 
     def _composed_by_autograd(self) -> tuple[Tensor, Tensor | None]:
         """The composed weight and bias of the soft / hard stage as ordinary autograd ops.

@@ -144,7 +144,8 @@ def own_output(y: Tensor) -> Tensor:
     output seen as N x C x 1 x 1). Autograd forbids modifying a view made inside a Function in
     place, and an in-place activation right after a conv with a 1x1 output is common (the
     squeeze-excite blocks of MobileNetV3 / EfficientNet: ReLU(inplace=True) after the pooled
-    conv), so such a model did not train. The copy is N x C numbers."""
+    conv), so such a model did not train. The copy is N x C numbers. (CWPSLinear's Function
+    takes a 2-D input instead, whose product is not a view: no copy of a larger output.)"""
     return y.clone() if y._base is not None else y
 
 
