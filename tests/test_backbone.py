@@ -40,6 +40,22 @@ def test_the_backbone_count_leaves_out_the_head():
     assert backbone_param_count(create_backbone(MODEL, 100)) == backbone_param_count(model)
 
 
+def test_a_model_with_two_heads_counts_and_sizes_by_both():
+    """Distilled DeiT / LeViT: get_classifier() is (head, head_dist). The job stopped after
+    T0's pretraining ('tuple' object has no attribute 'out_features'), and the backbone count
+    took both heads in."""
+    from cwps_lightning.models import head_classes
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 1}
+    model = create_backbone("deit_tiny_distilled_patch16_224", 7, kwargs)
+    heads = [model.head, model.head_dist]
+    every = sum(p.numel() for p in model.parameters())
+    assert backbone_param_count(model) == every - sum(p.numel() for h in heads
+                                                      for p in h.parameters())
+    assert head_classes(model) == 7
+    assert head_classes(create_backbone(MODEL, 5)) == 5
+
+
 def test_a_task_model_is_t0_with_a_fresh_seeded_head_and_leaves_t0_alone():
     t0 = create_backbone(MODEL, 10)
     before = {k: v.clone() for k, v in t0.state_dict().items()}

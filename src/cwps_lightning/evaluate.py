@@ -18,6 +18,7 @@ from .config import apply_overrides, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .errors import ConfigError
 from .fitting import eval_device, evaluate_top1
+from .models import head_classes
 from .runner import T0
 
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"
@@ -96,8 +97,7 @@ def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
             continue
         model = store.model(task)
         datamodule.use(task)
-        head = model.get_classifier() if hasattr(model, "get_classifier") else None
-        classes = getattr(head, "out_features", None)
+        classes = head_classes(model)
         if classes is not None and classes != datamodule.num_classes(task):
             raise ConfigError(
                 f"task {task!r}: the data has {datamodule.num_classes(task)} classes, the "

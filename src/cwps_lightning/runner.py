@@ -30,7 +30,7 @@ from .methods.base import (
     head_param_count,
     param_ratios,
 )
-from .models import backbone_param_count, task_model
+from .models import backbone_param_count, head_classes, task_model
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ class Runner:
         self.on_task_done = on_task_done or (lambda result: None)
         self.shareable = KernelBank.shareable_of(t0_model)
         self.backbone_params = backbone_param_count(t0_model)
-        self.t0_classes = int(t0_model.get_classifier().out_features)
+        self.t0_classes = head_classes(t0_model)
         self._progress = Progress(0)
         self._group = ""
 

@@ -3,6 +3,7 @@ from .backbone import (
     backbone_param_count,
     check_model_name,
     create_backbone,
+    head_classes,
     load_backbone_weights,
     task_model,
 )
@@ -15,6 +16,7 @@ __all__ = [
     "check_model_name",
     "load_backbone_weights",
     "create_backbone",
+    "head_classes",
     "select_trainable",
     "task_model",
 ]

@@ -49,10 +49,29 @@ def create_backbone(
     return timm.create_model(name, pretrained=False, num_classes=num_classes, **dict(kwargs or {}))
 
 
-def backbone_param_count(model: nn.Module) -> int:
-    """Parameters of the backbone without its classifier head (the param_ratio denominator)."""
+def head_modules(model: nn.Module) -> list[nn.Module]:
+    """The classifier head(s) timm's ``get_classifier`` names: one module, or a tuple of them
+    where a model has two heads (distilled DeiT and LeViT: ``head`` and ``head_dist``)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
+    heads = head if isinstance(head, (tuple, list)) else (head,)
+    return [h for h in heads if isinstance(h, nn.Module)]
+
+
+def head_classes(model: nn.Module) -> int | None:
+    """The class count of the model's (first) head, or None where it has no sized head."""
+    for head in head_modules(model):
+        for attr in ("out_features", "out_channels"):
+            count = getattr(head, attr, None)
+            if isinstance(count, int):
+                return count
+    count = getattr(model, "num_classes", None)
+    return count if isinstance(count, int) and count > 0 else None
+
+
+def backbone_param_count(model: nn.Module) -> int:
+    """Parameters of the backbone without its classifier head(s) (the param_ratio
+    denominator)."""
+    head_ids = {id(p) for head in head_modules(model) for p in head.parameters()}
     return sum(p.numel() for p in model.parameters() if id(p) not in head_ids)
 
 
