@@ -365,7 +365,7 @@ def test_weights_of_another_dtype_are_refused():
 
 def test_what_add_takes_is_checked_before_the_bank_changes():
     """A model whose CWPS layers are not merged, of another architecture (a missing layer,
-    another kernel shape, a layer or normalisation the bank's tasks lack: a deeper model of
+    another kernel shape, a layer the bank's tasks lack: a deeper model of
     the same family was accepted, its extra layers counted as its own, and only the store's
     rebuild failed), a head of another class count, kernel ids not per layer: refused, naming
     it, with the bank as it was."""
@@ -381,14 +381,15 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
     del headless.fc
     deeper = Small()  # every shared layer, and one more the bank's tasks lack
     deeper.extra = nn.Conv2d(6, 6, 1)
-    wider_bn = Small()
-    wider_bn.bn2 = nn.BatchNorm2d(4)
+    wider = Small()  # (a layer left out of sharing: not in the bank's layers)
+    wider.extra = nn.Sequential(nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1),
+                                nn.Conv2d(6, 6, 1))
     cases = [
-        (deeper, {}, ValueError, r"the model's tensors are not the bank's tasks' \(another "
-                                 r"architecture\?\): 2 tensor\(s\) they lack \(extra\.weight, "
-                                 r"extra\.bias\)"),
-        (wider_bn, {}, ValueError, r"5 tensor\(s\) they lack \(bn2\.weight, bn2\.bias, "
-                                   r"bn2\.running_mean, \.\.\.\)"),
+        (deeper, {}, ValueError, r"the model's kernels are not the bank's tasks' \(another "
+                                 r"architecture\?\): 1 kernel\(s\) they lack "
+                                 r"\(extra\.weight\)"),
+        (wider, {}, ValueError, r"4 kernel\(s\) they lack \(extra\.0\.weight, "
+                                r"extra\.1\.weight, extra\.2\.weight, \.\.\.\)"),
         (unmerged, {}, ValueError, r"still has CWPS layers \(conv1, .*merge_cwps"),
         (other, {}, ValueError, r"conv2 has a \(6, 8, 3, 3\) kernel, the bank's tasks "
                                 r"\(6, 4, 3, 3\)"),
@@ -413,6 +414,18 @@ def test_a_task_of_another_class_count_joins_a_bank_whose_t0_kept_no_head_names(
     bank.add("T0", Small(), num_classes=3)
     bank.entries["T0"].head_param_names = []
     bank.add("T1", with_head(5), num_classes=5)
+    assert bank.tasks == ["T0", "T1"]
+
+
+def test_a_head_that_drops_t0s_distillation_head_joins_the_bank():
+    """timm's RepViT: a task's head (reset_classifier) has no head_dist, T0's has one with its
+    BatchNorm; the architecture check must not take that for another architecture."""
+    from cwps_lightning.models import create_backbone, task_model
+
+    t0 = create_backbone("repvit_m0_9", 10)
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, num_classes=10)
+    bank.add("T1", task_model(t0, 5), num_classes=5)
     assert bank.tasks == ["T0", "T1"]
 
 

@@ -86,29 +86,31 @@ def _class_count(task: str, num_classes) -> int:
 
 def _check_same_rest(task: str, model: nn.Module, rest: dict[str, Tensor],
                      held: TaskEntry) -> None:
-    """The names of the model's tensors outside the shared layers and the head (normalisation
-    layers, layers left out of sharing) must be the bank's tasks': the store rebuilds every
-    task on one architecture. (A deeper model of the same family has every layer the bank
-    shares, and more: those were kept as the task's own, inflating its count, and only
-    rebuilding it from the store failed.) Names, not shapes: the kernel check before this one
-    names a shape that differs, and a head's class-count-sized tensors may sit outside what
-    classifier_names finds."""
+    """The model's kernels outside the shared layers and the head (layers left out of
+    sharing, embeddings: its tensors of 2 or more dimensions) must be the bank's tasks', by
+    name: the store rebuilds every task on one architecture. (A deeper model of the same
+    family has every layer the bank shares, and more: those were kept as the task's own,
+    inflating its count, and only rebuilding it from the store failed.) Names, not shapes:
+    the kernel check before this one names a shape that differs. Vectors are left out: a
+    head's normalisation may go with it (timm's RepViT drops T0's distillation head, its
+    BatchNorm included, when a task's head is made)."""
     heads = tuple(f"{h}." for h in classifier_names(model))  # (a store's T0 of a revision
     # that kept no head names has them in its rest)
 
-    def body(state: dict[str, Tensor], head_names: list[str]) -> list[str]:
-        return [k for k in state if k not in set(head_names) and not k.startswith(heads)]
+    def kernels(state: dict[str, Tensor], head_names: list[str]) -> list[str]:
+        return [k for k, v in state.items() if v.dim() >= 2 and k not in set(head_names)
+                and not k.startswith(heads)]
 
-    mine = body(rest, [])
-    theirs = body(held.rest, held.head_param_names)
+    mine = kernels(rest, [])
+    theirs = kernels(held.rest, held.head_param_names)
     if set(mine) == set(theirs):
         return
     parts = [f"{len(found)} {what} ({', '.join(found[:3])}{', ...' if len(found) > 3 else ''})"
-             for what, found in (("tensor(s) they lack", [k for k in mine if k not in theirs]),
+             for what, found in (("kernel(s) they lack", [k for k in mine if k not in theirs]),
                                  ("of theirs missing", [k for k in theirs if k not in mine]))
              if found]
     raise ValueError(f"bank.add({task!r}): outside the shared layers and the head, the model's "
-                     f"tensors are not the bank's tasks' (another architecture?): "
+                     f"kernels are not the bank's tasks' (another architecture?): "
                      f"{'; '.join(parts)}. The bank is unchanged")
 
 
