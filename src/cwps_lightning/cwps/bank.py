@@ -98,7 +98,8 @@ def _check_same_rest(task: str, model: nn.Module, rest: dict[str, Tensor],
     # that kept no head names has them in its rest)
 
     def kernels(state: dict[str, Tensor], head_names: list[str]) -> list[str]:
-        return [k for k, v in state.items() if v.dim() >= 2 and k not in set(head_names)
+        named = set(head_names)  # (once, not per tensor)
+        return [k for k, v in state.items() if v.dim() >= 2 and k not in named
                 and not k.startswith(heads)]
 
     mine = kernels(rest, [])
