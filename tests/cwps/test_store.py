@@ -398,3 +398,37 @@ def test_a_truncated_file_is_named_truncated_without_the_checksum(tmp_path):
     with pytest.raises(StoreError, match=rf"{kernels.name}: \d+ bytes, the manifest says \d+ "
                                          r"\(truncated\?\)"):
         MultiTaskStore.load(tmp_path, verify=False)
+
+
+def test_a_task_whose_head_reset_classifier_made_is_rebuilt_as_the_job_made_it(tmp_path):
+    # timm RepViT: the constructor gives T0 a distillation head, reset_classifier (how the
+    # job makes a task's model) drops it; the store rebuilt every task with the constructor
+    torch.manual_seed(0)
+    meta = {"backbone": {"name": "repvit_m0_9", "kwargs": {}}}
+    t0 = timm.create_model("repvit_m0_9", num_classes=10).eval()
+    task = timm.create_model("repvit_m0_9", num_classes=10)
+    task.load_state_dict(t0.state_dict())
+    task.reset_classifier(5)
+    task.eval()
+    assert any("head_dist" in k for k in t0.state_dict())
+    assert not any("head_dist" in k for k in task.state_dict())
+    bank = KernelBank(KernelBank.shareable_of(t0))
+    bank.add("T0", t0, 10)
+    bank.add("a", task, 5)
+    save_store(tmp_path, bank, meta)
+    store = MultiTaskStore.load(tmp_path)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(store.model("a")(x), task(x))
+        assert torch.equal(store.model("T0")(x), t0(x))
+
+
+def test_a_model_that_does_not_fit_a_tasks_tensors_is_named_with_its_keys(tmp_path):
+    bank, _ = _small_bank("T0")
+    save_store(tmp_path, bank, META)
+    store = MultiTaskStore.load(tmp_path)
+    with pytest.raises(StoreError, match=r"task 'T0''s tensors do not fit the factory's model: "
+                                         r"\d+ missing \(.*\); \d+ unexpected \(.*\); pass a"):
+        store.model("T0", lambda n: torch.nn.Linear(3, n))
+    with pytest.raises(StoreError, match=r"do not fit timm's 'resnet18': \d+ missing"):
+        store.model("T0")  # (META names resnet18; the tensors are helpers.Small's)

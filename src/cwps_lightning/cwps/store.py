@@ -16,6 +16,7 @@ manifest names are deleted. A kill at any moment leaves the previous or the new 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -362,7 +363,26 @@ class MultiTaskStore:
             )
         else:
             model = factory(num_classes)
-        model.load_state_dict(self.state_dict(task))
+        state = self.state_dict(task)
+        if set(state) != set(model.state_dict()) and hasattr(model, "reset_classifier"):
+            # a task's model is T0's with reset_classifier(n), which may build another head
+            # than the constructor does (timm RepViT drops its distillation head)
+            reset = copy.deepcopy(model)
+            reset.reset_classifier(num_classes)
+            if set(state) == set(reset.state_dict()):
+                model = reset
+        missing = sorted(set(model.state_dict()) - set(state))
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        if missing or unexpected:
+            found = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:4])}"
+                              f"{', ...' if len(keys) > 4 else ''})"
+                              for what, keys in (("missing", missing), ("unexpected", unexpected))
+                              if keys)
+            built = "the factory's model" if factory is not None else (
+                f"timm's {self.manifest['backbone']['name']!r}")
+            raise StoreError(f"{self.path}: task {task!r}'s tensors do not fit {built}: "
+                             f"{found}; pass a factory that builds the task's architecture")
+        model.load_state_dict(state)
         return model.eval()
 
     def relation_matrix(self) -> tuple[list[str], Tensor]:
