@@ -384,3 +384,59 @@ def test_init_arguments_follow_kwargs_to_the_bases_only_where_passed_on():
 
     assert init_arguments(PassesOn) == ["tasks", "root", "batch_size"]
     assert init_arguments(Closed) == ["tasks"]
+
+
+def test_the_lr_key_a_diverged_fit_names_is_the_key_its_lr_came_from(monkeypatch):
+    """A nan loss says which learning rate to lower: T0's pretraining, TAPS and Piggyback fits
+    train at their own (the hint said optim.lr for every fit)."""
+    from cwps_lightning import pretrain
+    from cwps_lightning.fitting import FitSettings
+    from cwps_lightning.methods.base import OptimizerPlan
+    from cwps_lightning.methods.piggyback import PiggybackMethod
+    from cwps_lightning.methods.taps import TAPSMethod
+    from cwps_lightning.settings import MethodsSettings
+
+    from .helpers import Small, synthetic_tasks
+
+    cfg = compose_config(["t0.lr=0.011", "methods.taps.lr=0.012", "methods.piggyback.lr=0.013"])
+    methods = settings_of(cfg.methods, MethodsSettings, "methods")
+    t0_lr = settings_of(cfg.t0, T0Settings, "t0").lr
+    plans = []
+
+    class Harness:
+        epochs, t0, shareable = 1, None, []
+
+        def new_model(self, task, iteration=0):
+            return Small()
+
+        def seed(self, task, phase, iteration=0):
+            return 0
+
+        def step(self, message):
+            pass
+
+        def fit(self, model, task, plan, name):
+            plans.append(plan)
+            return model
+
+    TAPSMethod(methods.taps).train("t", 0, None, Harness())
+    PiggybackMethod(methods.piggyback).train("t", 0, None, Harness())
+
+    class Stop(Exception):
+        pass
+
+    def stop(model, datamodule, task, plan, *args, **kwargs):
+        plans.append(plan)
+        raise Stop
+
+    monkeypatch.setattr(pretrain, "fit", stop)
+    data = synthetic_tasks(n_train=8, batch_size=4)
+    monkeypatch.setattr(type(data), "pretrain_task", "t", raising=False)
+    with pytest.raises(Stop):
+        pretrain.pretrain_t0(data, "resnet18", {}, 1, t0_lr, FitSettings(trainer={}), None)
+    assert len(plans) == 3
+    for plan in plans:
+        assert OmegaConf.select(cfg, plan.optimizer.lr_key) == plan.optimizer.lr
+    assert [p.optimizer.lr for p in plans] == [0.012, 0.013, 0.011]
+    # the other fits train at optim.lr, which their plans leave to the run's settings
+    assert OptimizerPlan().lr is None and OptimizerPlan().lr_key == "optim.lr"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cwps_lightning.fitting import FitSettings, RunInterrupted, TrainingDiverged, fit
-from cwps_lightning.methods.base import FitPlan
+from cwps_lightning.methods.base import FitPlan, OptimizerPlan
 from cwps_lightning.models import lit_module
 
 from .helpers import Small, synthetic_tasks
@@ -16,9 +16,9 @@ TRAINER = dict(accelerator="cpu", devices=1, enable_progress_bar=False,
                enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=False)
 
 
-def _fit(net):
+def _fit(net, plan=None):
     fit(net, synthetic_tasks(n_train=24, batch_size=8), "t",
-        FitPlan(1, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")
+        plan or FitPlan(1, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")
 
 
 def test_a_fit_that_trains_finite_weights_returns_them():
@@ -38,8 +38,13 @@ def test_a_nan_loss_stops_the_fit_at_its_step(monkeypatch):
         return loss * float("nan") if self.global_step == 1 else loss
 
     monkeypatch.setattr(lit_module.CWPSLitModule, "_step", nan_at_step_one)
-    with pytest.raises(TrainingDiverged, match=r"task 't', fit g/t: .*loss is nan.*step 1"):
+    with pytest.raises(TrainingDiverged, match=r"task 't', fit g/t: .*loss is nan.*step 1 "
+                                               r"\(counted from 0; lower optim\.lr, or"):
         _fit(Small())
+    # a fit with its own learning rate (T0's pretraining, TAPS, Piggyback) names its key
+    plan = FitPlan(1, seed=0, train="finetune", optimizer=OptimizerPlan(lr=0.1, lr_key="t0.lr"))
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(counted from 0; lower t0\.lr, or"):
+        _fit(Small(), plan)
 
 
 def test_finite_losses_but_nan_statistics_stop_the_fit(monkeypatch):
@@ -52,8 +57,13 @@ def test_finite_losses_but_nan_statistics_stop_the_fit(monkeypatch):
 
     monkeypatch.setattr(lit_module.CWPSLitModule, "on_train_end", poison, raising=False)
     with pytest.raises(TrainingDiverged, match=r"fit g/t: the fit ended with nan/inf in "
-                                               r"bn\.running_var \(1 tensor"):
+                                               r"bn\.running_var \(1 tensor\(s\) in all; "
+                                               r"lower optim\.lr, or"):
         _fit(Small())
+    plan = FitPlan(1, seed=0, train="finetune",
+                   optimizer=OptimizerPlan(lr=0.1, lr_key="methods.taps.lr"))
+    with pytest.raises(TrainingDiverged, match=r"in all; lower methods\.taps\.lr, or"):
+        _fit(Small(), plan)
 
 
 def test_sigterm_in_a_fit_stops_it_with_run_interrupted_and_no_collective(monkeypatch):

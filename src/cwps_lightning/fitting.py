@@ -252,7 +252,8 @@ def fit(
     bad = nonfinite_tensors(model)
     if bad:
         raise TrainingDiverged(f"{what}: the fit ended with nan/inf in {bad[0]} ({len(bad)} "
-                               f"tensor(s) in all; lower optim.lr, or check the data); "
+                               f"tensor(s) in all; lower {plan.optimizer.lr_key}, or check the "
+                               f"data); "
                                f"{STORE_KEEPS}")
     return model
 

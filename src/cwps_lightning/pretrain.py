@@ -149,7 +149,8 @@ def pretrain_t0(
     model = create_backbone(model_name, num_classes, model_kwargs)
     use_small_input_convs(model)  # exact, faster on CPU (cwps/small_input.py)
     shareable: list[str] = []  # finetune mode trains everything
-    plan = FitPlan(epochs, seed=seed, train="finetune", optimizer=OptimizerPlan(lr=lr))
+    plan = FitPlan(epochs, seed=seed, train="finetune",
+                   optimizer=OptimizerPlan(lr=lr, lr_key="t0.lr"))
     fit(model, datamodule, task, plan, settings, shareable, log_group="t0", log_name=task)
     settings.drop_checkpoints("t0", lambda name: True)  # T0 is trained: in the cache now
     datamodule.use(task)

@@ -30,12 +30,14 @@ class OptimizerPlan:
 
     ``groups``: parameter-name suffix -> learning rate of an own group without weight decay
     (CWPS's mask logits, Piggyback's masks). The schedule is always the run's cosine.
+    ``lr_key``: the config key ``lr`` comes from, which a diverged fit's message names.
     """
 
     kind: str = "sgd"
     lr: float | None = None
     weight_decay: float | None = None
     groups: dict[str, float] = field(default_factory=dict)
+    lr_key: str = "optim.lr"
 
     def __post_init__(self):
         if self.kind not in OPTIMIZERS:

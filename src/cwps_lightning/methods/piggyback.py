@@ -213,7 +213,8 @@ class PiggybackMethod(Method):
             harness.epochs, seed=harness.seed(task, "fit", iteration),
             train=trainable_setter(s.train_norms),
             optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=0.0,
-                                    groups={"mask_real": s.mask_lr}),
+                                    groups={"mask_real": s.mask_lr},
+                                    lr_key="methods.piggyback.lr"),
             frozen_norms=not s.train_norms,
         )
         harness.fit(model, task, plan, name=task)

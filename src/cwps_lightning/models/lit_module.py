@@ -200,7 +200,8 @@ class CWPSLitModule(L.LightningModule):
         if not finite:
             value = f"{float(loss.detach()):g}" if not mine else "non-finite on another rank"
             raise NonFiniteLoss(f"the training loss is {value} at epoch {self.current_epoch}, "
-                                f"step {self.global_step} (counted from 0; lower optim.lr, or "
+                                f"step {self.global_step} (counted from 0; lower "
+                                f"{self.optimizer_plan.lr_key}, or "
                                 f"check the data); {STORE_KEEPS}")
 
     def on_train_epoch_start(self) -> None:
