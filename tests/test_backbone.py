@@ -14,6 +14,7 @@ from cwps_lightning.models import (
     backbone_param_count,
     check_model_name,
     create_backbone,
+    head_classes,
     load_backbone_weights,
     task_model,
 )
@@ -114,3 +115,18 @@ def test_an_unreadable_weights_file_says_what_the_reader_said(tmp_path):
     with pytest.raises(ModelConfigError, match=r"cannot read .*cut\.pt' \(RuntimeError: \S.*\); "
                                                r"accepted: "):
         load_backbone_weights(MODEL, tmp_path / "cut.pt")
+
+
+def test_the_backbone_count_leaves_out_every_head_the_bank_leaves_out():
+    """VOLO's aux_head is a head to the bank (classifier_names, from timm's metadata) and to
+    reset_classifier, not to get_classifier(): the backbone count took it in. Heads that
+    get_classifier() names whole (RepViT's head with its BatchNorms) stay out whole."""
+    with torch.device("meta"):  # (shapes only: the counts need no weights)
+        volo = create_backbone("volo_d1_224", 7)
+        repvit = create_backbone("repvit_m0_9", 7)
+    every = sum(p.numel() for p in volo.parameters())
+    heads = sum(p.numel() for h in (volo.head, volo.aux_head) for p in h.parameters())
+    assert backbone_param_count(volo) == every - heads
+    every = sum(p.numel() for p in repvit.parameters())
+    assert backbone_param_count(repvit) == every - sum(p.numel() for p in repvit.head.parameters())
+    assert head_classes(volo) == head_classes(repvit) == 7

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..cwps.small_input import use_small_input_convs
+from ..cwps.surgery import classifier_names
 from ..errors import ConfigError, short_list
 
 
@@ -50,11 +51,17 @@ def create_backbone(
 
 
 def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The classifier head(s) timm's ``get_classifier`` names: one module, or a tuple of them
-    where a model has two heads (distilled DeiT and LeViT: ``head`` and ``head_dist``)."""
+    """The classifier head(s): those timm's ``get_classifier`` names (one module, or a tuple
+    of them where a model has two heads: distilled DeiT and LeViT's ``head`` and
+    ``head_dist``), then those of the core's ``classifier_names`` (the heads the bank and the
+    methods' counts leave out) that are not inside them (VOLO's ``aux_head``)."""
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    heads = head if isinstance(head, (tuple, list)) else (head,)
-    return [h for h in heads if isinstance(h, nn.Module)]
+    heads = [h for h in (head if isinstance(head, (tuple, list)) else (head,))
+             if isinstance(h, nn.Module)]
+    inside = {id(m) for h in heads for m in h.modules()}
+    heads += [m for m in map(model.get_submodule, classifier_names(model))
+              if id(m) not in inside]
+    return heads
 
 
 def head_classes(model: nn.Module) -> int | None:
