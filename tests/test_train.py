@@ -491,3 +491,23 @@ def test_data_found_bad_on_reading_stops_the_run_before_t0_is_acquired(tmp_path,
     with pytest.raises(ConfigError, match="its images do not decode"):
         tiny_run(tmp_path / "run", f"data._target_={__name__}.UnreadableTask", "data.tasks=[t]")
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_between_fits_stops_with_the_line_a_fit_gives(job_dir):
+    """Ctrl-C in a test pass, CPMS or a store write (outside a fit, which turns it into
+    RunInterrupted itself) printed a KeyboardInterrupt traceback of over 100 lines."""
+    run_dir, wandb = job_dir
+
+    def task(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(RunInterrupted) as raised:
+        train.task_wrapper(task)(None)
+    assert str(raised.value) == (f"stopped by Ctrl-C (SIGINT) outside a fit; {NO_STORE_YET}: "
+                                 f"the same command resumes the run")
+    assert raised.value.status == 130 and train.exit_status(raised.value) == 130
+    assert raised.value.__cause__ is None and raised.value.__suppress_context__
+    assert wandb.finished == 1
+    (run_dir / "store").mkdir()
+    with pytest.raises(RunInterrupted, match=f"outside a fit; {STORE_KEEPS}: the same"):
+        train.task_wrapper(task)(None)

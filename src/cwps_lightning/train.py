@@ -20,6 +20,7 @@ import functools
 import logging
 import re
 import shutil
+import signal
 import sys
 import time
 import warnings
@@ -124,7 +125,13 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
     def wrapped(cfg: DictConfig) -> dict:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
-            results = task(cfg)
+            try:
+                results = task(cfg)
+            except KeyboardInterrupt:
+                # (a fit turns Ctrl-C into RunInterrupted itself; here it came between fits:
+                # a test pass, CPMS, a store write, ...)
+                raise RunInterrupted(f"stopped by Ctrl-C (SIGINT) outside a fit; {STORE_KEEPS}: "
+                                     f"the same command resumes the run", signal.SIGINT) from None
         except Exception as err:
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
