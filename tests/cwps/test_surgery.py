@@ -194,14 +194,25 @@ def test_unwritten_parents_are_refused_until_installed():
     assert all(layer.parent_unset for _, layer in cwps_layers(model))
     x = torch.randn(2, 3, 8, 8)
     model(x)  # finetune: the parent is not read
-    set_stage(model, "soft")
+    # set_stage names the layers (the forward, later, named only the class)
+    for stage in ("soft", "hard"):
+        with pytest.raises(RuntimeError, match=rf"set_stage\('{stage}'\): no parent installed "
+                                               r"in conv1, conv2, fc \(inject_cwps with "):
+            set_stage(model, stage)
+        assert all(layer.stage == "finetune" for _, layer in cwps_layers(model))
+    set_stage(model, "finetune")
+    for _, layer in cwps_layers(model):  # (a layer's own stage setter: its forward refuses)
+        layer.stage = "soft"
     with pytest.raises(RuntimeError, match="parent was never installed"):
         model(x)
-    set_stage(model, "hard")
+    for _, layer in cwps_layers(model):
+        layer.stage = "hard"
     with pytest.raises(RuntimeError, match="parent was never installed"):
         merge_cwps(model)
     model.conv1.set_parent(model.conv1.weight, model.conv1.bias)
     assert not model.conv1.parent_unset and model.conv2.parent_unset
+    with pytest.raises(RuntimeError, match=r"no parent installed in conv2, fc \("):
+        set_stage(model, "hard")
     filled = Small()
     inject_cwps(filled)
     model.load_state_dict(filled.state_dict())

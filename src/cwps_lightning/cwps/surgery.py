@@ -261,8 +261,19 @@ def require_cwps_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Mod
 
 
 def set_stage(model: nn.Module, stage: str) -> None:
-    """Set the stage of every CWPS layer."""
-    for _, layer in require_cwps_layers(model, "set_stage"):
+    """Set the stage of every CWPS layer. The soft and hard stages need every layer's parent
+    (refused, naming the layers, after ``inject_cwps(fill_parents=False)`` until
+    search_parents or set_parent installs them)."""
+    layers = require_cwps_layers(model, "set_stage")
+    if stage in ("soft", "hard"):
+        unset = [name for name, layer in layers if layer.parent_unset]
+        if unset:
+            shown = ", ".join(unset[:5]) + (f", ... ({len(unset)} in all)" if len(unset) > 5
+                                             else "")
+            raise RuntimeError(f"set_stage({stage!r}): no parent installed in {shown} "
+                               f"(inject_cwps with fill_parents=False leaves it unwritten): "
+                               f"run search_parents or set_parent first")
+    for _, layer in layers:
         layer.stage = stage
 
 
