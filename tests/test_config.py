@@ -396,31 +396,16 @@ def test_the_lr_key_a_diverged_fit_names_is_the_key_its_lr_came_from(monkeypatch
     from cwps_lightning.methods.taps import TAPSMethod
     from cwps_lightning.settings import MethodsSettings
 
-    from .helpers import Small, synthetic_tasks
+    from .helpers import synthetic_tasks
+    from .methods.helpers import PlanRecorder
 
     cfg = compose_config(["t0.lr=0.011", "methods.taps.lr=0.012", "methods.piggyback.lr=0.013"])
     methods = settings_of(cfg.methods, MethodsSettings, "methods")
     t0_lr = settings_of(cfg.t0, T0Settings, "t0").lr
-    plans = []
-
-    class Harness:
-        epochs, t0, shareable = 1, None, []
-
-        def new_model(self, task, iteration=0):
-            return Small()
-
-        def seed(self, task, phase, iteration=0):
-            return 0
-
-        def step(self, message):
-            pass
-
-        def fit(self, model, task, plan, name):
-            plans.append(plan)
-            return model
-
-    TAPSMethod(methods.taps).train("t", 0, None, Harness())
-    PiggybackMethod(methods.piggyback).train("t", 0, None, Harness())
+    harness = PlanRecorder()
+    TAPSMethod(methods.taps).train("t", 0, None, harness)
+    PiggybackMethod(methods.piggyback).train("t", 0, None, harness)
+    plans = harness.plans
 
     class Stop(Exception):
         pass

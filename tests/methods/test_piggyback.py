@@ -23,7 +23,15 @@ from cwps_lightning.methods.piggyback import (
     piggyback_layers,
 )
 
-from .helpers import CONV_VARIANTS, MODELS, NORM_TYPES, resnet18, small_model, spy_conv2d
+from .helpers import (
+    CONV_VARIANTS,
+    MODELS,
+    NORM_TYPES,
+    PlanRecorder,
+    resnet18,
+    small_model,
+    spy_conv2d,
+)
 
 
 @torch.no_grad()
@@ -274,28 +282,10 @@ def test_a_piggyback_fit_trains_masks_and_head_and_the_norms_only_if_asked(train
     from cwps_lightning.methods.piggyback import PiggybackMethod, trainable_setter
     from cwps_lightning.settings import PiggybackSettings
 
-    plans = []
-
-    class Harness:
-        epochs = 1
-        t0, shareable = None, []
-
-        def new_model(self, task, iteration=0):
-            return small_model()
-
-        def seed(self, task, phase, iteration=0):
-            return 0
-
-        def step(self, message):
-            pass
-
-        def fit(self, model, task, plan, name):
-            plans.append(plan)
-            return model
-
+    harness = PlanRecorder()
     settings = PiggybackSettings(lr=0.02, mask_lr=0.03, train_norms=train_norms)
-    PiggybackMethod(settings).train("t", 0, None, Harness())
-    (plan,) = plans
+    PiggybackMethod(settings).train("t", 0, None, harness)
+    (plan,) = harness.plans
     assert (plan.optimizer.kind, plan.optimizer.lr) == ("adam", 0.02)
     assert plan.optimizer.weight_decay == 0.0
     assert plan.optimizer.groups == {"mask_real": 0.03}
