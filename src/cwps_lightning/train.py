@@ -128,10 +128,11 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
             try:
                 results = task(cfg)
             except KeyboardInterrupt:
-                # (a fit turns Ctrl-C into RunInterrupted itself; here it came between fits:
-                # a test pass, CPMS, a store write, ...)
-                raise RunInterrupted(f"stopped by Ctrl-C (SIGINT) outside a fit; {STORE_KEEPS}: "
-                                     f"the same command resumes the run", signal.SIGINT) from None
+                # (a fit's training loop turns Ctrl-C into RunInterrupted itself; here it came
+                # elsewhere: a test pass, CPMS, a store write, ...)
+                raise RunInterrupted(f"stopped by Ctrl-C (SIGINT) outside a training loop; "
+                                     f"{STORE_KEEPS}: the same command resumes the run",
+                                     signal.SIGINT) from None
         except Exception as err:
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \

@@ -428,7 +428,30 @@ def test_a_model_that_does_not_fit_a_tasks_tensors_is_named_with_its_keys(tmp_pa
     save_store(tmp_path, bank, META)
     store = MultiTaskStore.load(tmp_path)
     with pytest.raises(StoreError, match=r"task 'T0''s tensors do not fit the factory's model: "
-                                         r"\d+ missing \(.*\); \d+ unexpected \(.*\); pass a"):
+                                         r"\d+ missing \(.*\); \d+ unexpected \(.*\); in Python"):
         store.model("T0", lambda n: torch.nn.Linear(3, n))
-    with pytest.raises(StoreError, match=r"do not fit timm's 'resnet18': \d+ missing"):
+    with pytest.raises(StoreError, match=r"do not fit timm's 'resnet18' \(kwargs \{\}\): \d+ "
+                                         r"missing .*in Python, MultiTaskStore.model\(task, "):
         store.model("T0")  # (META names resnet18; the tensors are helpers.Small's)
+
+    from ..helpers import Small
+
+    class OtherReset(Small):  # a reset_classifier of another signature: the keys are named
+        def __init__(self):
+            super().__init__()
+            self.extra = torch.nn.Linear(2, 2)
+
+        def reset_classifier(self):
+            pass
+
+    with pytest.raises(StoreError, match=r": 2 missing \(extra\.bias, extra\.weight\); in"):
+        store.model("T0", lambda n: OtherReset())
+
+    def seven_classes(n):
+        model = Small()
+        model.head = torch.nn.Linear(10, 7)
+        return model
+
+    with pytest.raises(StoreError, match=r": 2 of another shape \(head\.bias \(3,\) vs \(7,\), "
+                                         r"head\.weight \(3, 10\) vs \(7, 10\)\); in"):
+        store.model("T0", seven_classes)

@@ -368,20 +368,29 @@ class MultiTaskStore:
             # a task's model is T0's with reset_classifier(n), which may build another head
             # than the constructor does (timm RepViT drops its distillation head)
             reset = copy.deepcopy(model)
-            reset.reset_classifier(num_classes)
+            try:
+                reset.reset_classifier(num_classes)
+            except Exception:  # noqa: BLE001 - another signature: the keys' error below says it
+                reset = model
             if set(state) == set(reset.state_dict()):
                 model = reset
-        missing = sorted(set(model.state_dict()) - set(state))
-        unexpected = sorted(set(state) - set(model.state_dict()))
-        if missing or unexpected:
-            found = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:4])}"
-                              f"{', ...' if len(keys) > 4 else ''})"
-                              for what, keys in (("missing", missing), ("unexpected", unexpected))
-                              if keys)
+        expected = model.state_dict()
+        found = [(what, keys) for what, keys in (
+            ("missing", sorted(set(expected) - set(state))),
+            ("unexpected", sorted(set(state) - set(expected))),
+            ("of another shape", sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+                                        for k, v in expected.items()
+                                        if k in state and state[k].shape != v.shape)),
+        ) if keys]
+        if found:
+            said = "; ".join(f"{len(keys)} {what} ({', '.join(keys[:4])}"
+                             f"{', ...' if len(keys) > 4 else ''})" for what, keys in found)
             built = "the factory's model" if factory is not None else (
-                f"timm's {self.manifest['backbone']['name']!r}")
+                f"timm's {self.manifest['backbone']['name']!r} "
+                f"(kwargs {self.manifest['backbone'].get('kwargs', {})})")
             raise StoreError(f"{self.path}: task {task!r}'s tensors do not fit {built}: "
-                             f"{found}; pass a factory that builds the task's architecture")
+                             f"{said}; in Python, MultiTaskStore.model(task, factory) takes a "
+                             f"factory(num_classes) that builds the task's architecture")
         model.load_state_dict(state)
         return model.eval()
 
