@@ -104,3 +104,25 @@ def test_the_config_difference_names_each_setting_with_both_values():
     assert config_difference({"optim": {"lr": 1}}, {"optim": {"lr": 1.0}}) == \
         "1 setting(s) differ: optim.lr: 1 there, 1.0 now"
     assert config_difference({"a": {}}, {}) == "the config's hashes differ"
+
+
+def test_a_store_folder_a_stopped_first_save_left_is_started_afresh(tmp_path, caplog):
+    """SIGTERM outside a fit (Python's default handler: no cleanup) while the first task's
+    store was written left kernels-000000 without a manifest; the same command then refused
+    the run ("files but no manifest.json; not a store this code wrote")."""
+    import pytest
+
+    from cwps_lightning import persist
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "kernels-000000.safetensors").write_bytes(b"part of a file")
+    (store / ".manifest.json.k2j3.tmp").write_bytes(b"{")
+    recorder = persist.RunRecorder(tmp_path, OmegaConf.create({"cwps": {}}), {}, {})
+    with caplog.at_level("WARNING", logger="cwps_lightning.persist"):
+        assert recorder.existing() is None
+    assert "stopped while writing the store's first version (.manifest.json.k2j3.tmp, " \
+           "kernels-000000.safetensors, no manifest.json): starting afresh" in caplog.text
+    (store / "notes.txt").write_text("mine")  # a folder holding anything else stays refused
+    with pytest.raises(persist.StoreError, match="files but no manifest.json; not a store"):
+        recorder.existing()

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
 from .cwps import MultiTaskStore, StoreError, save_store
-from .cwps.store import MANIFEST
+from .cwps.store import MANIFEST, unfinished_first_save
 from .errors import ConfigError
 from .methods.base import Method
 from .runner import T0, MethodResult, Runner
@@ -133,6 +133,12 @@ class RunRecorder:
     def existing(self) -> MultiTaskStore | None:
         """The store of an earlier attempt at this run, checked against this config."""
         if not (self.store_dir / MANIFEST).exists():
+            unfinished = unfinished_first_save(self.store_dir)
+            if unfinished:  # (the first save's manifest is its last write: nothing was stored)
+                log.warning("%s: an earlier attempt stopped while writing the store's first "
+                            "version (%s, no %s): starting afresh", self.store_dir,
+                            ", ".join(unfinished), MANIFEST)
+                return None
             if self.store_dir.exists() and any(self.store_dir.iterdir()):
                 raise StoreError(
                     f"{self.store_dir}: files but no {MANIFEST}; not a store this code wrote "

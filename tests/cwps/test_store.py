@@ -455,3 +455,39 @@ def test_a_model_that_does_not_fit_a_tasks_tensors_is_named_with_its_keys(tmp_pa
     with pytest.raises(StoreError, match=r": 2 of another shape \(head\.bias \(3,\) vs \(7,\), "
                                          r"head\.weight \(3, 10\) vs \(7, 10\)\); in"):
         store.model("T0", seven_classes)
+
+
+def test_a_first_save_stopped_before_its_manifest_is_found_and_written_over(tmp_path,
+                                                                            monkeypatch):
+    """A run killed (SIGTERM outside a fit, SIGKILL) while it wrote its store's first version
+    left kernels-000000 and no manifest; the resume refused the folder as not a store."""
+    from cwps_lightning.cwps import store as store_module
+
+    bank, models = _small_bank("T0")
+    real = store_module.atomic_write
+
+    def killed(path, data):
+        raise KeyboardInterrupt  # (stopped at the manifest: the tensors are written)
+
+    monkeypatch.setattr(store_module, "atomic_write", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_store(tmp_path, bank, META)
+    monkeypatch.setattr(store_module, "atomic_write", real)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kernels-000000.safetensors",
+                                                          "tasks-000000.safetensors"]
+    assert store_module.unfinished_first_save(tmp_path) == ["kernels-000000.safetensors",
+                                                            "tasks-000000.safetensors"]
+    save_store(tmp_path, bank, META)  # the next save writes version 0 and keeps its files
+    assert store_module.unfinished_first_save(tmp_path) == []
+    store = MultiTaskStore.load(tmp_path)
+    assert store.manifest["version"] == 0 and store.tasks == ["T0"]
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(store.model("T0", _small_factory)(x), models["T0"](x))
+    # anything else in a folder without a manifest is not taken for it
+    for names in (["kernels-000000.safetensors", "notes.txt"], ["kernels-000001.safetensors"],
+                  []):
+        other = tmp_path / f"other{len(names)}{names[:1]}"
+        other.mkdir()
+        for name in names:
+            (other / name).write_bytes(b"x")
+        assert store_module.unfinished_first_save(other) == []

@@ -136,6 +136,18 @@ MANIFEST_KEYS = ("format", "format_version", "version", "bank_uid", "bank_revisi
                  "layers", "kernel_counts", "tasks", "task_order", "libraries")
 
 
+def unfinished_first_save(path: str | Path) -> list[str]:
+    """The files a store's first save left in ``path`` where it stopped before writing its
+    manifest (killed, power lost): the names, where the folder holds nothing else and no
+    manifest; else []. The next save_store there writes version 0 again and tidies them."""
+    path = Path(path)
+    if not path.is_dir() or (path / MANIFEST).exists():
+        return []
+    names = sorted(p.name for p in path.iterdir())
+    own = names and all(STORE_FILE.fullmatch(n) and _file_version(n) <= 0 for n in names)
+    return names if own else []
+
+
 def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
     """Write ``bank`` (plus ``meta``: backbone, metrics, progress ...) as a store at ``path``.
     Only the store's own files are written and tidied there."""
