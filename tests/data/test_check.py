@@ -335,3 +335,34 @@ def test_a_conflicting_line_is_named_once_though_its_label_left_the_class_table(
     assert code == 1
     named = [ln for ln in out.splitlines() if "clipart_train.txt:13" in ln]
     assert len(named) == 1 and "[label]" in named[0] and "class 'apple' has label 0" in named[0]
+
+
+def test_domainnet_class_a_domain_lists_in_neither_split_is_a_warning_not_an_error(
+        capsys, tmp_path):
+    """Training and evaluation accept such a domain (its labels are unaffected); the check
+    said ERROR [missing-class] for its absent folder and FAILED."""
+    root = make_domainnet(tmp_path / "dn", domains=("clipart", "sketch"),
+                          drop={("sketch", "train"): {"bee"}, ("sketch", "test"): {"bee"}})
+    assert not (root / "sketch" / "bee").exists()
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart,sketch]")
+    assert code == 0, out
+    assert not lines(out, "ERROR", "missing-class")
+    warn = lines(out, "WARN", "class-not-in-split")
+    assert len(warn) == 2 and all("bee (1)" in w for w in warn)
+
+
+def test_a_split_file_with_a_byte_order_mark_is_read_as_without(capsys, tmp_path):
+    """A BOM (an editor's UTF-8 signature) became part of the first line's path: the check
+    warned of a file outside its domain, and training refused the 'missing' image."""
+    from cwps_lightning.data.domainnet import parse_split_file
+
+    root = make_domainnet(tmp_path / "dn", domains=("clipart",))
+    split = root / "clipart_train.txt"
+    text = split.read_text()
+    split.write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    entries, bad = parse_split_file(split)
+    assert not bad and entries[0].rel == text.split()[0]
+    code, out, _ = check(capsys, "+experiment=domainnet", f"data.root={root}",
+                         "data.tasks=[clipart]")
+    assert code == 0 and not lines(out, "WARN", "layout"), out
