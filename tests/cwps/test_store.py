@@ -491,3 +491,22 @@ def test_a_first_save_stopped_before_its_manifest_is_found_and_written_over(tmp_
         for name in names:
             (other / name).write_bytes(b"x")
         assert store_module.unfinished_first_save(other) == []
+
+
+def test_a_save_gives_its_tensor_files_the_manifests_mode_and_tidies_safetensors_aside_files(
+        tmp_path):
+    """safetensors writes through a '.tmp' + 6 characters file of mode 0600: the tensor files
+    were owner-only next to a manifest readable by the group (a shared store), and the aside
+    file of a save killed mid-write (47 MB in a walk-through) stayed in the store for good."""
+    import stat
+
+    from cwps_lightning.cwps import store as store_module
+
+    bank, _ = _small_bank("T0")
+    (tmp_path / ".tmpi3hVtd").write_bytes(b"a killed save's tensors")
+    assert store_module.unfinished_first_save(tmp_path) == [".tmpi3hVtd"]
+    save_store(tmp_path, bank, META)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert set(modes) == {"manifest.json", "kernels-000000.safetensors",
+                          "tasks-000000.safetensors"}
+    assert set(modes.values()) == {0o666 & ~store_module._UMASK}  # (0644 under umask 022)

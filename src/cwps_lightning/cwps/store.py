@@ -122,15 +122,19 @@ def _write_tensors(path: Path, name: str, tensors: dict[str, Tensor]) -> dict:
     from safetensors.torch import save_file
 
     save_file(tensors, str(path / name))
+    # (safetensors writes through a temporary file of mode 0600: the store's files get the
+    # mode the manifest gets, under the umask)
+    os.chmod(path / name, 0o666 & ~_UMASK)
     with open(path / name, "rb") as f:
         os.fsync(f.fileno())
     return {"file": name, "sha256": _sha256(path / name), "bytes": (path / name).stat().st_size}
 
 
 #: the files a store writes (its versions' tensors, atomic_write's aside files of them and of
-#: the manifest): what a save tidies away, and nothing else in the folder
+#: the manifest, and safetensors' own aside file, ".tmp" and six letters or digits, that a
+#: killed save leaves): what a save tidies away, and nothing else in the folder
 STORE_FILE = re.compile(r"(kernels|tasks)-\d{6}\.safetensors|\.(manifest\.json|(kernels|tasks)"
-                        r"-\d{6}\.safetensors)\..*\.tmp")
+                        r"-\d{6}\.safetensors)\..*\.tmp|\.tmp[A-Za-z0-9]{6}")
 #: manifest keys save_store writes itself (``meta`` may not set them)
 MANIFEST_KEYS = ("format", "format_version", "version", "bank_uid", "bank_revision", "files",
                  "layers", "kernel_counts", "tasks", "task_order", "libraries")
