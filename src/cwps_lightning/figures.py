@@ -101,8 +101,10 @@ def plot_relation_graph(tasks: list[str], shared: np.ndarray) -> Figure:
 
 
 # -- Figure 4 (left): accuracy against parameters ----------------------------------------------------
-def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) -> Figure:
-    """``points``: (label, param_ratio, mean top-1 %) per method (or per job)."""
+def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str,
+                            legend_loc: str = "lower right") -> Figure:
+    """``points``: (label, param_ratio, mean top-1 %) per method (or per job: the legend
+    where it covers the fewest points, ``legend_loc="best"``)."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     ratios = [ratio for _, ratio, _ in points]
@@ -120,7 +122,7 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) 
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, zorder=0)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc=legend_loc)
     return fig
 
 

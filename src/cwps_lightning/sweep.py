@@ -105,7 +105,8 @@ class SweepReport(Callback):
 
 # -- the report ---------------------------------------------------------------------------------
 def sweep_rows(sweep_dir: Path) -> list[dict]:
-    """One row per job directory below ``sweep_dir`` that recorded a status, by job number."""
+    """One row per job directory below ``sweep_dir`` that recorded a status, by job number
+    (then folder name: a folder of single runs holds many a job 0)."""
     rows = []
     for status_file in sweep_dir.glob(f"*/{STATUS_FILE}"):
         status = json.loads(status_file.read_text())
@@ -126,7 +127,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
             rows.append({"job": int(job_dir.name), "overrides": overrides,
                          "status": "incomplete", "error": None, "dir": job_dir.name,
                          "methods": {}, "seconds": None, "values": parse_overrides(overrides)})
-    return sorted(rows, key=lambda r: r["job"])
+    return sorted(rows, key=lambda r: (r["job"], r["dir"]))
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
@@ -145,18 +146,33 @@ def override_value(row: dict, key: str) -> str | None:
     return row["values"].get(key)
 
 
-def pareto_jobs(rows: list[dict]) -> list[int]:
-    """Jobs no other job beats on both CWPS mean top-1 (higher) and param_ratio (lower).
+def pareto_rows(rows: list[dict]) -> list[int]:
+    """Indices of the rows no other row beats on both CWPS mean top-1 (higher) and
+    param_ratio (lower).
 
     Compared at 9 decimals: two means of the same per-task accuracies summed in another order
     differ in the last bit (70.22222222222223 and ...21), and that must not decide."""
-    pts = {r["job"]: (r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
-           for r in rows if "cwps" in r["methods"]}
-    pts = {j: (round(t, 9), round(p, 9)) for j, (t, p) in pts.items()
+    pts = {i: (r["methods"]["cwps"]["mean_top1"], r["methods"]["cwps"]["param_ratio"])
+           for i, r in enumerate(rows) if "cwps" in r["methods"]}
+    pts = {i: (round(t, 9), round(p, 9)) for i, (t, p) in pts.items()
            if math.isfinite(t) and math.isfinite(p)}
-    return sorted(j for j, (top1, ratio) in pts.items()
+    return sorted(i for i, (top1, ratio) in pts.items()
                   if not any(t >= top1 and p <= ratio and (t, p) != (top1, ratio)
-                             for k, (t, p) in pts.items() if k != j))
+                             for k, (t, p) in pts.items() if k != i))
+
+
+def pareto_jobs(rows: list[dict]) -> list[int]:
+    """The job numbers of pareto_rows (one sweep's jobs: each number once)."""
+    return [rows[i]["job"] for i in pareto_rows(rows)]
+
+
+def row_labels(rows: list[dict]) -> list[str]:
+    """What names each row: its job number, or, where numbers repeat (a folder of single
+    runs, each job 0 of its own), its run folder."""
+    jobs = [r["job"] for r in rows]
+    if len(set(jobs)) == len(jobs):
+        return [str(j) for j in jobs]
+    return [str(r.get("dir", r["job"])) for r in rows]
 
 
 def sweep_table(rows: list[dict]) -> tuple[str, str]:
@@ -164,21 +180,23 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     methods = sorted({m for r in rows for m in r["methods"]},
                      key=lambda m: (m != "cwps", m))
     keys = varying_keys(rows)
-    head = ["job", *keys, "status"]
+    labels = row_labels(rows)
+    by_job = labels == [str(r["job"]) for r in rows]
+    head = ["job" if by_job else "run", *keys, "status"]
     for m in methods:
         head += [f"{m} mean top-1", f"{m} param_ratio"]
     head += ["seconds", "pareto"]
-    pareto = pareto_jobs(rows)
+    pareto = pareto_rows(rows)
     body = []
-    for r in rows:
-        cells = [str(r["job"]), *[override_value(r, k) or "-" for k in keys],
+    for i, r in enumerate(rows):
+        cells = [labels[i], *[override_value(r, k) or "-" for k in keys],
                  f"failed: {r['error']}" if r["status"] == "failed" else r["status"]]
         for m in methods:
             got = r["methods"].get(m)
             cells += ([f"{got['mean_top1']:.2f}", f"{got['param_ratio']:.3f}"] if got
                       else ["-", "-"])
         cells.append("-" if r["seconds"] is None else f"{r['seconds']:.0f}")
-        cells.append("yes" if r["job"] in pareto else "")
+        cells.append("yes" if i in pareto else "")
         body.append(cells)
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body]
@@ -189,7 +207,8 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     md += ["", f"{len(rows)} job(s), {failed} failed{unfinished}. Mean top-1 (%) over each "
            "job's tasks; "
            "param_ratio as in the job's results.md. Pareto-optimal (CWPS mean top-1 up, "
-           f"param_ratio down): job(s) {pareto}."]
+           f"param_ratio down): {'job' if by_job else 'run'}(s) "
+           f"{[int(labels[i]) if by_job else labels[i] for i in pareto]}."]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(head)
@@ -258,12 +277,17 @@ def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
     else:
         from .figures import plot_accuracy_vs_params
 
+        labels = row_labels(rows)
+        by_job = labels == [str(r["job"]) for r in rows]
         points = [(", ".join(f"{k}={override_value(r, k)}" for k in keys)
-                   or f"job {r['job']}", r["methods"]["cwps"]["param_ratio"],
-                   r["methods"]["cwps"]["mean_top1"]) for r in rows if "cwps" in r["methods"]]
+                   or f"{'job' if by_job else 'run'} {label}",
+                   r["methods"]["cwps"]["param_ratio"], r["methods"]["cwps"]["mean_top1"])
+                  for r, label in zip(rows, labels, strict=True) if "cwps" in r["methods"]]
         if len(points) >= 2:
             figure = ("accuracy_vs_params.png",
-                      plot_accuracy_vs_params(points, "CWPS per job: accuracy vs parameters"))
+                      plot_accuracy_vs_params(
+                          points, f"CWPS per {'job' if by_job else 'run'}: accuracy vs "
+                          "parameters", legend_loc="best"))
     if figure is None:
         return None
     figures_dir.mkdir(exist_ok=True)

@@ -339,3 +339,42 @@ def test_sigterm_stops_the_whole_sweep_not_only_its_job(tmp_path, t0_cache):
     assert [line for line in err.splitlines() if line.startswith("error")] == [
         line for line in err.splitlines() if "stopped by SIGTERM" in line][:1]
     assert not (sweep_dir / "1").exists()
+
+
+def test_a_folder_of_single_runs_tells_the_runs_apart_and_finds_their_pareto_runs(
+        tmp_path, monkeypatch):
+    """Every single run is job 0 of its own: the report keyed its Pareto set by job number,
+    marked every row 'yes' (59.52 at 1.815 next to 72.62 at 1.247) and said 'job(s) [0]'."""
+    import numpy as np
+
+    from cwps_lightning import figures
+    from cwps_lightning.sweep import STATUS_FILE, sweep_rows, write_sweep_report
+
+    drawn = []
+    plot = figures.plot_accuracy_vs_params
+    monkeypatch.setattr(figures, "plot_accuracy_vs_params",
+                        lambda *a, **k: drawn.append(plot(*a, **k)) or drawn[-1])
+
+    for name, top1, ratio in [("b_run", 59.52, 1.815), ("a_run", 72.62, 1.247),
+                              ("c_run", 70.0, 1.1)]:
+        d = tmp_path / name
+        d.mkdir()
+        (d / STATUS_FILE).write_text(json.dumps({
+            "job": 0, "overrides": [], "status": "completed", "error": None}))
+        (d / "results.json").write_text(json.dumps({"seconds": 5.0, "methods": {
+            "cwps": {"mean_top1": top1, "param_ratio": ratio}}}))
+    assert [r["dir"] for r in sweep_rows(tmp_path)] == ["a_run", "b_run", "c_run"]
+    assert write_sweep_report(tmp_path)[-1] == "figures/accuracy_vs_params.png"
+    md = (tmp_path / "sweep.md").read_text()
+    assert "| run | status |" in md
+    assert "| a_run | completed | 72.62 | 1.247 | 5 | yes |" in md
+    assert "| b_run | completed | 59.52 | 1.815 | 5 |  |" in md
+    assert "| c_run | completed | 70.00 | 1.100 | 5 | yes |" in md
+    assert "param_ratio down): run(s) ['a_run', 'c_run']." in md
+    (fig,) = drawn
+    ax = fig.axes[0]
+    assert ax.get_title() == "CWPS per run: accuracy vs parameters"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["run a_run", "run b_run",
+                                                                   "run c_run"]
+    assert np.allclose(np.concatenate([c.get_offsets() for c in ax.collections]),
+                       [[1.247, 72.62], [1.815, 59.52], [1.1, 70.0]])
