@@ -263,3 +263,23 @@ def test_a_fit_without_a_checkpoint_starts_its_metrics_afresh(tmp_path):
         rows = _metrics(tmp_path / "logs" / "g" / "t" / "metrics.csv")
         counts.append(len(rows))
     assert {row["epoch"] for row in rows} == {"0"} and counts[1] == counts[0] > 0
+
+
+def test_a_batch_of_one_image_at_a_1x1_batch_norm_is_a_config_error_naming_the_batch_size():
+    """data.batch_size=1 (or a task of one training image) with a backbone whose feature map
+    is 1x1 before a batch norm (resnet18 at 32 px) ended in torch's ValueError traceback."""
+    from torch import nn
+
+    from cwps_lightning.errors import ConfigError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4),
+                        nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(ConfigError, match=r"^task 't', fit g/t: a training batch of one image "
+                                          r"at a 1x1 feature map .*set data\.batch_size >= 2 "
+                                          r"\(it is 1\)"):
+        fit(net, synthetic_tasks(n_train=4, batch_size=1), "t",
+            FitPlan(1, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")
+    # two images a batch train
+    fit(net, synthetic_tasks(n_train=4, batch_size=2), "t",
+        FitPlan(1, seed=0, train="finetune"), FitSettings(trainer=TRAINER), [], "g", "t")

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from . import distributed
 from .callbacks import MaskStageCallback, SigtermAtNextBatch
 from .cwps.surgery import nonfinite_tensors
-from .errors import STORE_KEEPS
+from .errors import STORE_KEEPS, ConfigError
 from .methods.base import FitPlan
 from .models.lit_module import CWPSLitModule, NonFiniteLoss, select_trainable
 from .settings import OptimSettings
@@ -39,6 +39,10 @@ class TrainingDiverged(RuntimeError):
     ``status``: the run's exit status."""
 
     status = 3
+
+
+#: torch's error for batch norm given one value per channel in training mode
+ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
 class RunInterrupted(RuntimeError):
@@ -234,6 +238,16 @@ def fit(
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
+    except ValueError as err:
+        if ONE_VALUE_PER_CHANNEL not in str(err):
+            raise
+        # a batch of one image, where the backbone's feature map is 1x1: batch norm has one
+        # value per channel (data.batch_size=1, or a task of one training image per rank)
+        raise ConfigError(
+            f"{what}: a training batch of one image at a 1x1 feature map leaves batch norm one "
+            f"value per channel (torch: '{ONE_VALUE_PER_CHANNEL}'); set data.batch_size >= 2 "
+            f"(it is {getattr(datamodule, 'batch_size', '?')}) and give each task at least "
+            f"2 training images per rank") from None
     except SIGTERMException:
         raise RunInterrupted(_stopped_by(what, "SIGTERM", trainer), signal.SIGTERM) from None
     except SystemExit as stop:
