@@ -222,10 +222,13 @@ def fit(
         if (fit_dir / "last.ckpt").is_file():
             resume_from = str(fit_dir / "last.ckpt")
             log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
+    resumed_epoch = None if resume_from is None else _checkpoint_epoch(resume_from)
+    if hasattr(datamodule, "start_at_epoch"):
+        datamodule.start_at_epoch(0 if resumed_epoch is None else resumed_epoch + 1)
     with settings.stopwatch.timed("trainer_construction"):
         logger = settings.logger_factory(log_group, log_name)
-        if resume_from is not None and isinstance(logger, FitCSVLogger):
-            logger.resume_through(_checkpoint_epoch(resume_from))
+        if resumed_epoch is not None and isinstance(logger, FitCSVLogger):
+            logger.resume_through(resumed_epoch)
         trainer = L.Trainer(
             max_epochs=plan.epochs,
             callbacks=callbacks,
@@ -258,6 +261,8 @@ def fit(
         raise RunInterrupted(_stopped_by(what, "Ctrl-C (SIGINT)", trainer),
                              signal.SIGINT) from None
     datamodule.epochs_trained(plan.epochs)
+    if hasattr(datamodule, "start_at_epoch"):
+        datamodule.start_at_epoch(0)
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)
     distributed.check_same_weights(model, what)

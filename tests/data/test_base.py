@@ -60,3 +60,32 @@ def test_the_loaders_order_starts_at_the_seed_continues_after_a_fit_and_restarts
     assert first_epoch(dm) == permutations(9, 4)[3]
     dm.reseed_shuffle(9)
     assert first_epoch(dm) == permutations(9, 1)[0]
+
+
+def test_a_dataset_that_takes_sample_seeds_gets_one_per_sample_from_the_seed_and_epoch(
+        tmp_path):
+    """(index, seed) pairs in the epoch's order; the seeds depend on the order's seed and the
+    epoch alone, the orders are those without seeds; ImageListDataset's random transform
+    draws from the seed and leaves the process's RNG as it was."""
+    from torchvision import transforms as T
+
+    from cwps_lightning.data.images import ImageListDataset
+
+    from .helpers import write_image
+
+    paths = [str(write_image(tmp_path / f"{i}.png", seed=i, size=(12, 10))) for i in range(N)]
+    ds = ImageListDataset(paths, [0] * N, T.Compose([T.RandomResizedCrop(6), T.ToTensor()]))
+    sampler = EpochOrderSampler(ds, seed=5)
+    epochs = [list(sampler) for _ in range(3)]
+    assert [[i for i, _ in e] for e in epochs] == permutations(5, 3)
+    late = EpochOrderSampler(ds, seed=5, epoch=2)  # (a fit resumed at its epoch 2)
+    assert list(late) == epochs[2]
+    seeds = [s for e in epochs for _, s in e]
+    assert len(set(seeds)) == len(seeds)
+    state = torch.get_rng_state()
+    first = ds[epochs[0][0]][0]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(ds[epochs[0][0]][0], first)  # the same pair: the same crop
+    index, seed = epochs[0][0]
+    assert any(not torch.equal(ds[(index, s)][0], first) for s in (seed + 1, seed + 2, seed + 3))
+    assert ds[index][0].shape == first.shape  # (a plain index: the process's RNG, as before)

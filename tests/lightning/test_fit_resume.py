@@ -12,6 +12,7 @@ import torch
 from cwps_lightning.cwps import cwps_layers, inject_cwps, use_step_compose
 from cwps_lightning.cwps.surgery import mask_flips
 from cwps_lightning.data import base
+from cwps_lightning.data.images import ImageListDataset
 from cwps_lightning.fitting import FitSettings, fit
 from cwps_lightning.methods.base import FitPlan
 from cwps_lightning.models import lit_module
@@ -37,16 +38,44 @@ def flip_a_shared_channel(module) -> None:
         s[int(s.argmin())] = 3.0
 
 
+def augmented_tasks(root, num_workers: int = 0):
+    """One task of 24 small image files, trained with random crops and flips (the real
+    benchmarks' transforms), read by ``num_workers`` persistent workers."""
+    from torchvision import transforms as T
+
+    from cwps_lightning.data.base import MultiTaskDataModule, TaskSplits
+    from cwps_lightning.data.images import ImageListDataset
+
+    from ..data.helpers import write_image
+
+    paths = [str(write_image(root / f"{i}.png", seed=i, size=(12, 10))) for i in range(24)]
+    labels = [i % 3 for i in range(24)]
+    train_tf = T.Compose([T.RandomResizedCrop(6), T.RandomHorizontalFlip(), T.ToTensor()])
+    eval_tf = T.Compose([T.Resize((6, 6)), T.ToTensor()])
+
+    class Augmented(MultiTaskDataModule):
+        default_tasks = ("t",)
+
+        def build_tasks(self):
+            return {"t": TaskSplits("t", 3, ImageListDataset(paths, labels, train_tf),
+                                    ImageListDataset(paths[:6], labels[:6], eval_tf),
+                                    ImageListDataset(paths[:6], labels[:6], eval_tf))}
+
+    return Augmented(batch_size=8, num_workers=num_workers,
+                     persistent_workers=num_workers > 0)
+
+
 def visit(checkpoints, kill_at_epoch: int | None = None,
           flip_at_epoch: int | None = None, compose: str = "forward",
-          flips: dict | None = None) -> dict:
+          flips: dict | None = None, data=None) -> dict:
     """A warm-up fit, CWPS injection with fixed parents, a mask fit; a fresh datamodule and
     model each time, as in a rerun of the job. ``flip_at_epoch``: a shared channel turns
     task-specific as that epoch of the mask fit starts (flip_a_shared_channel). ``compose``:
     the layers' compose mode in the mask fit (cwps.compose). ``flips``: filled with the mask
-    fit's mask_flips."""
+    fit's mask_flips. ``data``: a function making the datamodule (synthetic_tasks')."""
     torch.manual_seed(0)
-    net, dm = Small(), synthetic_tasks(n_train=45, batch_size=8)
+    net = Small()
+    dm = data() if data is not None else synthetic_tasks(n_train=45, batch_size=8)
     settings = FitSettings(trainer=TRAINER, checkpoint_dir=checkpoints)
     dm.reseed_shuffle(11)
     fit(net, dm, "t", FitPlan(1, seed=11, train="finetune", continue_order=True), settings,
@@ -91,6 +120,32 @@ def test_a_killed_fit_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(
     assert whole.keys() == resumed.keys()
     differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
     assert not differ, f"the resumed visit differs in {differ}"
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_fit_draws_the_random_crops_and_flips_of_the_uninterrupted_one(tmp_path,
+                                                                               workers):
+    """The real benchmarks train with random augmentations. Their draws came from the global
+    RNG (no workers) or the workers' seeds, which a resume restarts: the resumed epochs saw
+    other crops (a walk-through: train loss 1.27 against 0.61 in the first resumed epoch).
+    Each sample's draws now come from the data order's seed and the epoch alone."""
+    torch.set_num_threads(1)
+
+    def data():
+        return augmented_tasks(tmp_path / "images", workers)
+
+    whole = visit(tmp_path / "whole", data=data)
+    visit(tmp_path / "killed", kill_at_epoch=2, data=data)
+    resumed = visit(tmp_path / "killed", data=data)
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not differ, f"the resumed visit differs in {differ}"
+    # and the draws matter: the same visit with other augmentation seeds ends elsewhere
+    with pytest.MonkeyPatch.context() as mp:
+        load = ImageListDataset.load
+        mp.setattr(ImageListDataset, "load",
+                   lambda self, i, seed=None: load(self, i, None if seed is None else seed + 1))
+        other = visit(tmp_path / "other", data=data)
+    assert any(not torch.equal(whole[k], other[k]) for k in whole)
 
 
 def test_the_comparison_tells_another_data_order_apart(tmp_path, monkeypatch):

@@ -111,11 +111,17 @@ class EpochOrderSampler(RandomSampler):
     Lightning calls ``set_epoch`` at every epoch's start, with the epoch restored from a
     checkpoint on resume, so a fit resumed at epoch ``k`` sees the batches the uninterrupted fit
     saw. Iterated without ``set_epoch`` (plain PyTorch), it moves on one epoch per pass.
+
+    A dataset with ``takes_sample_seeds`` (images.ImageListDataset) is given ``(index, seed)``
+    pairs: a seed per sample, drawn from ``seed`` and the epoch's index alone, for its random
+    augmentations. They then depend on nothing else either (not the global RNG, the workers'
+    seeds, their number, or where a resume restarted the workers), so a resumed epoch sees the
+    crops and flips of the uninterrupted one.
     """
 
-    def __init__(self, data_source, seed: int, start: int = 0):
+    def __init__(self, data_source, seed: int, start: int = 0, epoch: int = 0):
         super().__init__(data_source)
-        self.seed, self.start, self.epoch = seed, start, 0
+        self.seed, self.start, self.epoch = seed, start, epoch
         self._generator: torch.Generator | None = None
         self._drawn = 0  # permutations drawn from _generator so far
 
@@ -132,7 +138,14 @@ class EpochOrderSampler(RandomSampler):
         order = torch.randperm(n, generator=self._generator).tolist()
         self._drawn += 1
         self.epoch += 1
-        yield from order
+        if getattr(self.data_source, "takes_sample_seeds", False):
+            # (a generator of its own: the orders stay those drawn without seeds)
+            epoch_seed = (self.seed * 1_000_003 + index) % (2**63)
+            seeds = torch.randint(0, 2**62, (n,),
+                                  generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+            yield from zip(order, seeds, strict=True)
+        else:
+            yield from order
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -177,6 +190,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.current: str | None = None
         self._partial_warned: set[str | None] = set()  # (tasks said to train on a partial batch)
         self._order_seed, self._order_start = self.seed, 0
+        self._first_epoch = 0  # (start_at_epoch)
 
     # -- settings ------------------------------------------------------------------------------
     def checked_int(self, value, key: str, minimum: int | None, fallback, none_ok: bool = False,
@@ -275,6 +289,14 @@ class MultiTaskDataModule(L.LightningDataModule):
         """
         self._order_seed, self._order_start = seed, 0
 
+    def start_at_epoch(self, epoch: int) -> None:
+        """The next training loaders start at ``epoch`` of the fit (a fit resumed from its
+        checkpoint; 0 otherwise). Lightning sets each epoch's index itself, but only after
+        it created the first epoch's iterator, whose workers had already drawn their first
+        batches from the sampler: a resumed fit trained its first epoch in epoch 0's order
+        wherever the loader had workers."""
+        self._first_epoch = epoch
+
     def epochs_trained(self, epochs: int) -> None:
         """A fit trained ``epochs`` epochs of the current order: the next training loader
         continues after them (fitting.fit calls this, also for a fit resumed from a finished
@@ -305,8 +327,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         # generator, which would also make it draw worker seeds from it, and the order would
         # then depend on how the epochs are split into fits. On one device only: under DDP,
         # Lightning replaces the sampler with a DistributedSampler seeded per fit.
-        sampler = (EpochOrderSampler(ds, self._order_seed, self._order_start) if train
-                   else None)
+        sampler = (EpochOrderSampler(ds, self._order_seed, self._order_start,
+                                     epoch=self._first_epoch) if train else None)
         return DataLoader(
             ds,
             batch_size=self.batch_size if train else self.eval_batch_size,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS, is_image_file
@@ -87,7 +88,14 @@ def log_progress(what: str) -> Callable[[int, int, float], None]:
 
 class ImageListDataset(Dataset):
     """``(image, label)`` pairs from image files; paths are kept in a numpy array so that
-    worker processes do not copy them (no Python refcounts to touch)."""
+    worker processes do not copy them (no Python refcounts to touch).
+
+    An item is an index, or an ``(index, seed)`` pair (base.EpochOrderSampler gives them): the
+    transform's random draws then come from ``seed`` alone, and the process's RNG is left as
+    it was."""
+
+    #: base.EpochOrderSampler gives it (index, seed) pairs
+    takes_sample_seeds = True
 
     def __init__(self, paths: Sequence[str], labels: Sequence[int], transform=None,
                  skip_corrupt: bool = False):
@@ -100,14 +108,24 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def load(self, index: int):
+    def load(self, index: int, seed: int | None = None):
         with Image.open(str(self.paths[index])) as img:
             img = img.convert("RGB")
-        return self.transform(img) if self.transform is not None else img
-
-    def __getitem__(self, index: int):
+        if self.transform is None:
+            return img
+        if seed is None:
+            return self.transform(img)
+        state = torch.get_rng_state()  # (torchvision's random transforms draw from torch's RNG)
+        torch.manual_seed(seed)
         try:
-            return self.load(index), int(self.labels[index])
+            return self.transform(img)
+        finally:
+            torch.set_rng_state(state)
+
+    def __getitem__(self, item: int | tuple[int, int]):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        try:
+            return self.load(index, seed), int(self.labels[index])
         except Exception as err:  # noqa: BLE001
             path = str(self.paths[index])
             if not self.skip_corrupt:
@@ -123,7 +141,7 @@ class ImageListDataset(Dataset):
         for step in range(1, len(self)):  # a replacement: the next readable sample
             j = (index + step) % len(self)
             try:
-                return self.load(j), int(self.labels[j])
+                return self.load(j, seed), int(self.labels[j])
             except Exception:  # noqa: BLE001
                 continue
         raise DataConfigError(f"no readable image among {len(self)} (first {self.paths[0]})")
