@@ -115,12 +115,15 @@ class ImageListDataset(Dataset):
             return img
         if seed is None:
             return self.transform(img)
-        state = torch.get_rng_state()  # (torchvision's random transforms draw from torch's RNG)
-        torch.manual_seed(seed)
+        # torchvision's random transforms draw from torch's CPU generator (only that one is
+        # seeded and restored: torch.manual_seed would also reseed the GPUs' generators)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
         try:
             return self.transform(img)
         finally:
-            torch.set_rng_state(state)
+            generator.set_state(state)
 
     def __getitem__(self, item: int | tuple[int, int]):
         index, seed = item if isinstance(item, tuple) else (item, None)
