@@ -126,3 +126,16 @@ def test_a_store_folder_a_stopped_first_save_left_is_started_afresh(tmp_path, ca
     (store / "notes.txt").write_text("mine")  # a folder holding anything else stays refused
     with pytest.raises(persist.StoreError, match="files but no manifest.json; not a store"):
         recorder.existing()
+
+
+def test_only_rank_zero_says_it_starts_afresh(tmp_path, caplog, monkeypatch):
+    from cwps_lightning import persist
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "kernels-000000.safetensors").write_bytes(b"part")
+    monkeypatch.setattr(persist.distributed, "rank", lambda: 1)
+    recorder = persist.RunRecorder(tmp_path, OmegaConf.create({"cwps": {}}), {}, {})
+    with caplog.at_level("WARNING", logger="cwps_lightning.persist"):
+        assert recorder.existing() is None  # (the same decision on every rank)
+    assert "starting afresh" not in caplog.text

@@ -135,9 +135,10 @@ class RunRecorder:
         if not (self.store_dir / MANIFEST).exists():
             unfinished = unfinished_first_save(self.store_dir)
             if unfinished:  # (the first save's manifest is its last write: nothing was stored)
-                log.warning("%s: an earlier attempt stopped while writing the store's first "
-                            "version (%s, no %s): starting afresh", self.store_dir,
-                            ", ".join(unfinished), MANIFEST)
+                if distributed.rank() == 0:  # (every rank reads the folder; one says it)
+                    log.warning("%s: an earlier attempt stopped while writing the store's "
+                                "first version (%s, no %s): starting afresh", self.store_dir,
+                                ", ".join(unfinished), MANIFEST)
                 return None
             if self.store_dir.exists() and any(self.store_dir.iterdir()):
                 raise StoreError(
