@@ -120,8 +120,9 @@ class CWPSSettings:
     #: the init's scale (standardized/mean_ratio: factor; random: std; constant: the logit);
     #: null = 1 / 1 / 3 / 1 / 0 respectively
     init_scale: Optional[float] = None  # noqa: UP045
-    #: hard-stage gradient to the mask scores: sigmoid (dL/dm * sigmoid', the paper's) or
-    #: identity (dL/dm, the straight-through estimator TAPS uses)
+    #: hard-stage gradient to the mask scores: sigmoid (dL/dm * sigmoid': Eq. 10 with F alone
+    #: passed straight through, our reading of the paper, which names no formula) or identity
+    #: (dL/dm, the straight-through estimator TAPS uses)
     mask_grad: str = "sigmoid"
     #: where the soft / hard weight is composed (cwps/step_compose.py): forward (every forward,
     #: autograd through the compose) | step (kept between steps, written by the optimiser step:

@@ -19,7 +19,9 @@ Stages:
   soft      m = sigmoid(mask_logits)                                     (Eq. 9);
   hard      m = 1[sigmoid(mask_logits) >= threshold] in the forward       (Eq. 10/11),
             straight-through in the backward: dL/ds = dL/dm * sigmoid'(s) (mask_grad
-            "sigmoid", the paper's), or dL/ds = dL/dm (mask_grad "identity", the plain
+            "sigmoid": F alone passed straight through, our reading of the paper's
+            "straight-through estimator ... drawing inspiration from TAPS", which names no
+            formula), or dL/ds = dL/dm (mask_grad "identity", the plain
             straight-through estimator TAPS uses: no sigmoid slope to damp the score's update).
 
 Every layer remembers its hard decisions (sigmoid(s) >= lambda) at the moment it enters the
