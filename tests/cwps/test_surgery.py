@@ -426,3 +426,41 @@ def test_one_excluded_name_as_a_string_and_a_threshold_out_of_range():
     assert "fc" not in shareable_layers(model, exclude="fc")
     with pytest.raises(ValueError, match=r"threshold \(lambda\) must be in \[0, 1\], got 2\.0"):
         hard_mask(torch.zeros(3), 2.0)
+
+
+class _Aliased(nn.Module):
+    """One conv registered under two names (c and c2), applied twice."""
+
+    def __init__(self, classes=3):
+        super().__init__()
+        self.inp = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(4, 4, 3, padding=1)
+        self.c2 = self.c
+        self.fc = nn.Linear(4, classes)
+
+    def forward(self, x):
+        h = torch.relu(self.c(self.inp(x)))
+        return self.fc(torch.relu(self.c2(h)).mean((2, 3)))
+
+
+def test_a_module_registered_under_two_names_stays_one_module_through_inject_and_merge():
+    """inject_cwps set the first name only: the second kept the plain conv (untied), the
+    model trained two different convs, and a store rebuilt it from both of them."""
+    from cwps_lightning.methods.taps import inject_taps, merge_taps
+
+    torch.manual_seed(0)
+    model = _Aliased()
+    names = inject_cwps(model, exclude=["fc"])
+    assert names == ["inp", "c"]
+    assert model.c2 is model.c and isinstance(model.c, CWPSConv2d)
+    set_stage(model, "hard")
+    x = torch.randn(2, 3, 6, 6)
+    hard = model(x)
+    merge_cwps(model)
+    assert model.c2 is model.c and type(model.c) is nn.Conv2d
+    assert torch.allclose(model(x), hard, atol=1e-6)
+    other = _Aliased()  # the baselines' layers (methods/weight_layers.py) likewise
+    inject_taps(other, exclude=["fc"])
+    assert other.c2 is other.c and type(other.c) is not nn.Conv2d
+    merge_taps(other)
+    assert other.c2 is other.c and type(other.c) is nn.Conv2d

@@ -71,10 +71,17 @@ def _cwps_class(module: nn.Module, transformed: bool = True) -> type | None:
     return None
 
 
-def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` wherever ``model`` holds the module named ``name``: a module registered
+    under two names (the same conv as two attributes) stays one module, as it was; setting
+    the one name left the other the plain layer, silently untied (a store then rebuilt the
+    model from two different weights)."""
+    old = model.get_submodule(name)
+    for parent in model.modules():  # (each module once)
+        for attr, child in list(parent._modules.items()):
+            if child is old:
+                setattr(parent, attr, new)
+
 
 
 def shareable_layers(
@@ -167,7 +174,7 @@ def inject_cwps(
         else:
             new = cls.from_conv(module, threshold=threshold, mask_grad=mask_grad, take=take,
                                 fill_parent=fill_parents)
-        _set_submodule(model, name, new)
+        replace_module(model, name, new)
     group_small_kernels(model)
     return targets
 
@@ -245,7 +252,7 @@ def merge_cwps(model: nn.Module) -> nn.Module:
             raise ValueError(f"merge_cwps: {name}.{bad[0]} has nan/inf values after the merge "
                              f"(a diverged fit); nothing was merged")
     for name, layer in plain.items():
-        _set_submodule(model, name, layer)
+        replace_module(model, name, layer)
     ungroup_small_kernels(model)
     return model
 

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from ..cwps.small_input import SmallInputConv2d
-from ..cwps.surgery import shareable_layers
+from ..cwps.surgery import replace_module, shareable_layers
 
 
 def to_buffer(layer: nn.Module, name: str) -> None:
@@ -152,12 +152,12 @@ def inject(model: nn.Module, conv_cls: type[WeightConv2d], linear_cls: type[Weig
             new = conv_cls.from_conv(module)
         else:
             new = linear_cls.from_linear(module)
-        model.set_submodule(name, new)
+        replace_module(model, name, new)
     return names
 
 
 def merge(model: nn.Module, types: tuple[type, ...]) -> nn.Module:
     """Replace every layer of ``types`` (in place) by its plain layer; returns ``model``."""
     for name, layer in list(layers_of(model, types)):
-        model.set_submodule(name, layer.to_plain())
+        replace_module(model, name, layer.to_plain())
     return model
