@@ -211,6 +211,14 @@ def test_init_mask_logits_mean_ratio_formula():
                                torch.tensor([-0.5, 0.5]))
 
 
+@pytest.mark.parametrize("mask_init", ["mean_ratio", "log_standardized", "constant", "random"])
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_init_scale_is_refused(mask_init, scale):
+    """search_parents(init_scale=nan) gave every mask logit, and then every output, nan."""
+    with pytest.raises(ValueError, match=r"init_scale must be a finite number or None, got "):
+        init_mask_logits(torch.tensor([1.0, 3.0]), mask_init, scale)
+
+
 def test_init_mask_logits_standardized_is_a_z_score():
     d = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population std sqrt(3.5)
     z = (d - 3.0) / 3.5 ** 0.5

@@ -510,3 +510,21 @@ def test_a_save_gives_its_tensor_files_the_manifests_mode_and_tidies_safetensors
     assert set(modes) == {"manifest.json", "kernels-000000.safetensors",
                           "tasks-000000.safetensors"}
     assert set(modes.values()) == {0o666 & ~store_module._UMASK}  # (0644 under umask 022)
+
+
+def test_save_store_refuses_meta_it_could_not_rebuild_from_and_task_names_with_a_slash(
+        tmp_path):
+    """A bare backbone name was accepted and failed at MultiTaskStore.model with
+    AttributeError; a task named 'a/rest/x' was stored and task 'a' could not be rebuilt
+    (its keys' prefix took the other task's tensors)."""
+    bank, models = _small_bank("T0")
+    for meta, error in (({"backbone": "resnet18"}, ValueError), (None, TypeError),
+                        ({"backbone": {"name": "resnet18", "kwargs": "x"}}, ValueError)):
+        with pytest.raises(error, match=r"save_store: meta"):
+            save_store(tmp_path, bank, meta)
+    assert not list(tmp_path.iterdir())  # (refused before anything was written)
+    with pytest.raises(ValueError, match=r"bank.add\('a/rest/x'\): a task name may not "
+                                         r"contain '/'"):
+        bank.add("a/rest/x", models["T0"], 3)
+    assert bank.tasks == ["T0"]
+    save_store(tmp_path, bank, {"backbone": {"name": "resnet18"}})  # (kwargs optional)

@@ -281,6 +281,8 @@ class KernelBank:
         shareable layers, and kernel ids (if any) for each of them."""
         if not isinstance(task, str) or not task:  # (a store key: '<task>/index/<layer>')
             raise TypeError(f"bank.add: the task name must be a non-empty string, got {task!r}")
+        if "/" in task:  # (the store's key separator: 'a' would take 'a/rest/x's tensors)
+            raise ValueError(f"bank.add({task!r}): a task name may not contain '/'")
         mixed = [n for n, _ in cwps_layers(model)]
         if mixed:  # (its state would hold children, parents and scores, not the task's weights)
             raise ValueError(f"bank.add({task!r}): the model still has CWPS layers ({mixed[0]}, "

@@ -212,6 +212,8 @@ def init_mask_logits(
     """
     check_mask_init(mask_init)
     a = INIT_SCALES[mask_init] if scale is None else float(scale)
+    if not abs(a) < float("inf"):  # (nan too: every logit, and then every output, was nan)
+        raise ValueError(f"init_scale must be a finite number or None, got {scale!r}")
     dist = dist.float()
     if mask_init == "constant":
         s = torch.full_like(dist, a)

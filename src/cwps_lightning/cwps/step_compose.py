@@ -31,6 +31,12 @@ forward mode and of everything else (normalisation layers, heads) are stepped by
 over the same parameter groups (``make_rest``, default torch.optim.SGD), which shares this
 optimiser's state, so ``state_dict`` and ``load_state_dict`` hold every momentum buffer.
 
+Gradient clipping (``torch.nn.utils.clip_grad_norm_`` over ``model.parameters()``) is not
+refused here, only by the job (``trainer.gradient_clip_val``), and clips the wrong norm: the
+children's gradients are the composed weights', which the model's parameters leave out
+(the children then step thousands of times further than the same clip gives in the forward
+mode). Do not clip in step mode.
+
 Limits, each refused with an error where it would apply: StepComposeSGD alone steps these
 layers' children and scores in the soft and hard stages (another optimiser's step over them is
 refused: their gradient is the composed weight's); SGD without dampening or nesterov;
