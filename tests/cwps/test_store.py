@@ -528,3 +528,6 @@ def test_save_store_refuses_meta_it_could_not_rebuild_from_and_task_names_with_a
         bank.add("a/rest/x", models["T0"], 3)
     assert bank.tasks == ["T0"]
     save_store(tmp_path, bank, {"backbone": {"name": "resnet18"}})  # (kwargs optional)
+    save_store(tmp_path, bank, {"backbone": {}})  # (no name: a factory builds the models)
+    with pytest.raises(StoreError, match="no backbone name; pass a factory"):
+        MultiTaskStore.load(tmp_path).model("T0")

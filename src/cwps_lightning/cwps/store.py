@@ -155,18 +155,19 @@ def unfinished_first_save(path: str | Path) -> list[str]:
 def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
     """Write ``bank`` (plus ``meta``: backbone, metrics, progress ...) as a store at ``path``.
     Only the store's own files are written and tidied there. ``meta['backbone']``, where
-    given, is ``{'name': <timm model name>, 'kwargs': {...}}``: MultiTaskStore.model builds
-    the tasks' models from it when no factory is given."""
+    given, is ``{'name': <timm model name>, 'kwargs': {...}}`` (both optional):
+    MultiTaskStore.model builds the tasks' models from it when no factory is given."""
     path = Path(path)
     if not isinstance(meta, dict):
         raise TypeError(f"save_store: meta must be a dict, got {type(meta).__name__}")
     backbone = meta.get("backbone")
     if backbone is not None and not (isinstance(backbone, dict)
-                                     and isinstance(backbone.get("name"), str)
-                                     and isinstance(backbone.get("kwargs", {}), dict)):
-        # (what MultiTaskStore.model builds a task from; a bare name failed only there)
+                                     and isinstance(backbone.get("name") or "", str)
+                                     and isinstance(backbone.get("kwargs") or {}, dict)):
+        # (what MultiTaskStore.model builds a task from; a bare name failed only there. An
+        # empty one is a store whose models a factory builds)
         raise ValueError(f"save_store: meta['backbone'] must be {{'name': <timm model name>, "
-                         f"'kwargs': {{...}}}} (kwargs optional), got {backbone!r}")
+                         f"'kwargs': {{...}}}} (both optional), got {backbone!r}")
     reserved = sorted(set(meta) & set(MANIFEST_KEYS))
     if reserved:
         raise ValueError(f"save_store: meta sets {reserved}, which the store writes itself "
