@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -454,6 +455,16 @@ def test_invalid_threshold_raises(bad):
     with pytest.raises(ValueError, match=text):
         set_threshold(model, bad)
     assert all(layer.threshold == 0.5 for _, layer in cwps_layers(model))
+
+
+@pytest.mark.parametrize("bad", ["0.5", b"0.5", True])
+def test_a_threshold_that_is_not_a_number_is_refused(bad):
+    """float('0.5') and float(True) made a string or a bool a threshold without a word."""
+    with pytest.raises(TypeError, match=r"threshold \(lambda\) must be a number in "):
+        CWPSLinear(3, 4, threshold=bad)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(TypeError, match=r"got " + re.escape(repr(bad))):
+        inject_cwps(model, threshold=bad)
 
 
 @pytest.mark.parametrize("ok", [0.0, 0.3, 1.0])

@@ -402,7 +402,7 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
     set_threshold did nothing, a freeze froze nothing, a merge merged nothing)"""
     from cwps_lightning.cwps import merged_kernel_ids, set_threshold, sharing_stats
     from cwps_lightning.cwps.freeze import SharedChannelFreeze
-    from cwps_lightning.cwps.step_compose import use_step_compose
+    from cwps_lightning.cwps.step_compose import use_forward_compose, use_step_compose
     from cwps_lightning.cwps.surgery import specific_by_layer
 
     plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 2))
@@ -413,7 +413,9 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
                        (lambda: SharedChannelFreeze(plain), "SharedChannelFreeze"),
                        # (merge_cwps returned the model as it was; use_step_compose returned 0)
                        (lambda: merge_cwps(plain), "merge_cwps"),
-                       (lambda: use_step_compose(plain), "use_step_compose")):
+                       (lambda: use_step_compose(plain), "use_step_compose"),
+                       # (use_forward_compose returned 0 where use_step_compose raised)
+                       (lambda: use_forward_compose(plain), "use_forward_compose")):
         with pytest.raises(ValueError, match=rf"^{name}: the model has no CWPS layers"):
             call()
 

@@ -82,6 +82,9 @@ THRESHOLD_RANGE = "[0, 1]"
 
 
 def check_threshold(threshold: float) -> float:
+    if isinstance(threshold, (str, bytes, bool)):  # (float('0.5') and float(True) would pass)
+        raise TypeError(f"threshold (lambda) must be a number in {THRESHOLD_RANGE}, got "
+                        f"{threshold!r}")
     threshold = float(threshold)
     if not (0.0 <= threshold <= 1.0) or math.isnan(threshold):
         raise ValueError(f"threshold (lambda) must be in {THRESHOLD_RANGE}, got {threshold}")

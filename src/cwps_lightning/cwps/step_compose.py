@@ -169,9 +169,11 @@ def release_composed(model: nn.Module) -> int:
 
 
 def use_forward_compose(model: nn.Module) -> int:
-    """Back to ``compose="forward"``: the composed buffers go. Returns how many layers."""
+    """Back to ``compose="forward"``: the composed buffers go. Returns how many layers; a
+    model with no CWPS layers (never injected, or merged) raises ValueError, as
+    use_step_compose does."""
     n = 0
-    for _, layer in cwps_layers(model):
+    for _, layer in require_cwps_layers(model, "use_forward_compose"):
         if layer.compose != "step":
             continue
         if layer.composed_weight is not None:  # (a pending gradient: the children's now)
