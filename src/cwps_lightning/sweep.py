@@ -166,13 +166,14 @@ def pareto_jobs(rows: list[dict]) -> list[int]:
     return [rows[i]["job"] for i in pareto_rows(rows)]
 
 
-def row_labels(rows: list[dict]) -> list[str]:
-    """What names each row: its job number, or, where numbers repeat (a folder of single
-    runs, each job 0 of its own), its run folder."""
+def row_labels(rows: list[dict]) -> tuple[str, list[str]]:
+    """What names each row, and the noun for it: ``job`` and its job number, or, where
+    numbers repeat (a folder of single runs, each job 0 of its own), ``run`` and its run
+    folder."""
     jobs = [r["job"] for r in rows]
     if len(set(jobs)) == len(jobs):
-        return [str(j) for j in jobs]
-    return [str(r.get("dir", r["job"])) for r in rows]
+        return "job", [str(j) for j in jobs]
+    return "run", [str(r.get("dir", r["job"])) for r in rows]
 
 
 def sweep_table(rows: list[dict]) -> tuple[str, str]:
@@ -180,9 +181,8 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     methods = sorted({m for r in rows for m in r["methods"]},
                      key=lambda m: (m != "cwps", m))
     keys = varying_keys(rows)
-    labels = row_labels(rows)
-    by_job = labels == [str(r["job"]) for r in rows]
-    head = ["job" if by_job else "run", *keys, "status"]
+    noun, labels = row_labels(rows)
+    head = [noun, *keys, "status"]
     for m in methods:
         head += [f"{m} mean top-1", f"{m} param_ratio"]
     head += ["seconds", "pareto"]
@@ -207,8 +207,8 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     md += ["", f"{len(rows)} job(s), {failed} failed{unfinished}. Mean top-1 (%) over each "
            "job's tasks; "
            "param_ratio as in the job's results.md. Pareto-optimal (CWPS mean top-1 up, "
-           f"param_ratio down): {'job' if by_job else 'run'}(s) "
-           f"{[int(labels[i]) if by_job else labels[i] for i in pareto]}."]
+           f"param_ratio down): {noun}(s) "
+           f"{[int(labels[i]) if noun == 'job' else labels[i] for i in pareto]}."]
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(head)
@@ -277,16 +277,15 @@ def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
     else:
         from .figures import plot_accuracy_vs_params
 
-        labels = row_labels(rows)
-        by_job = labels == [str(r["job"]) for r in rows]
+        noun, labels = row_labels(rows)
         points = [(", ".join(f"{k}={override_value(r, k)}" for k in keys)
-                   or f"{'job' if by_job else 'run'} {label}",
+                   or f"{noun} {label}",
                    r["methods"]["cwps"]["param_ratio"], r["methods"]["cwps"]["mean_top1"])
                   for r, label in zip(rows, labels, strict=True) if "cwps" in r["methods"]]
         if len(points) >= 2:
             figure = ("accuracy_vs_params.png",
                       plot_accuracy_vs_params(
-                          points, f"CWPS per {'job' if by_job else 'run'}: accuracy vs "
+                          points, f"CWPS per {noun}: accuracy vs "
                           "parameters", legend_loc="best"))
     if figure is None:
         return None
