@@ -223,8 +223,7 @@ def fit(
             resume_from = str(fit_dir / "last.ckpt")
             log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
     resumed_epoch = None if resume_from is None else _checkpoint_epoch(resume_from)
-    if hasattr(datamodule, "start_at_epoch"):
-        datamodule.start_at_epoch(0 if resumed_epoch is None else resumed_epoch + 1)
+    datamodule.start_at_epoch(0 if resumed_epoch is None else resumed_epoch + 1)
     with settings.stopwatch.timed("trainer_construction"):
         logger = settings.logger_factory(log_group, log_name)
         if resumed_epoch is not None and isinstance(logger, FitCSVLogger):
@@ -261,8 +260,7 @@ def fit(
         raise RunInterrupted(_stopped_by(what, "Ctrl-C (SIGINT)", trainer),
                              signal.SIGINT) from None
     datamodule.epochs_trained(plan.epochs)
-    if hasattr(datamodule, "start_at_epoch"):
-        datamodule.start_at_epoch(0)
+    datamodule.start_at_epoch(0)
     # every rank leaves the fit with rank 0's weights, or the run stops here
     distributed.sync_buffers(model)
     distributed.check_same_weights(model, what)
