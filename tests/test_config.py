@@ -422,6 +422,10 @@ def test_the_lr_key_a_diverged_fit_names_is_the_key_its_lr_came_from(monkeypatch
     assert len(plans) == 3
     for plan in plans:
         assert OmegaConf.select(cfg, plan.optimizer.lr_key) == plan.optimizer.lr
+        for group, key in plan.optimizer.group_keys.items():  # (masks, gates: their own rate)
+            assert OmegaConf.select(cfg, key) == plan.optimizer.groups[group]
+    assert [list(p.optimizer.group_keys.values()) for p in plans] == [
+        ["methods.taps.gate_lr"], ["methods.piggyback.mask_lr"], []]
     assert [p.optimizer.lr for p in plans] == [0.012, 0.013, 0.011]
     # the other fits train at optim.lr, which their plans leave to the run's settings
     assert OptimizerPlan().lr is None and OptimizerPlan().lr_key == "optim.lr"

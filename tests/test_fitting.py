@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cwps_lightning.cwps import inject_cwps
 from cwps_lightning.fitting import FitSettings, RunInterrupted, TrainingDiverged, fit
 from cwps_lightning.methods.base import FitPlan, OptimizerPlan
 from cwps_lightning.models import lit_module
@@ -44,6 +45,19 @@ def test_a_nan_loss_stops_the_fit_at_its_step(monkeypatch):
     # a fit with its own learning rate (T0's pretraining, TAPS, Piggyback) names its key
     plan = FitPlan(1, seed=0, train="finetune", optimizer=OptimizerPlan(lr=0.1, lr_key="t0.lr"))
     with pytest.raises(TrainingDiverged, match=r"step 1 \(counted from 0; lower t0\.lr, or"):
+        _fit(Small(), plan)
+    # a fit that trains a group at its own rate names that key too: mask logits (a CWPS
+    # fit) at optim.mask_lr, Piggyback's masks at methods.piggyback.mask_lr
+    net = Small()
+    inject_cwps(net)
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(counted from 0; lower optim\.lr "
+                                               r"\(or optim\.mask_lr\), or"):
+        _fit(net, FitPlan(1, seed=0, train="cwps"))
+    plan = FitPlan(1, seed=0, train="finetune", optimizer=OptimizerPlan(
+        lr=0.1, lr_key="methods.piggyback.lr",
+        group_keys={"mask_real": "methods.piggyback.mask_lr"}))
+    with pytest.raises(TrainingDiverged, match=r"lower methods\.piggyback\.lr \(or "
+                                               r"methods\.piggyback\.mask_lr\), or"):
         _fit(Small(), plan)
 
 

@@ -190,7 +190,8 @@ def fit(
         weight_decay=settings.weight_decay,
         lr_window=plan.lr_window,
         optimizer=replace(plan.optimizer, groups={"mask_logits": settings.mask_lr,
-                                                  **plan.optimizer.groups}),
+                                                  **plan.optimizer.groups},
+                          group_keys={**mask_lr_key(model), **plan.optimizer.group_keys}),
         penalty=plan.penalty,
         penalty_weight=plan.penalty_weight,
         penalty_from_epoch=plan.penalty_from_epoch,
@@ -269,10 +270,17 @@ def fit(
     bad = nonfinite_tensors(model)
     if bad:
         raise TrainingDiverged(f"{what}: the fit ended with nan/inf in {bad[0]} ({len(bad)} "
-                               f"tensor(s) in all; lower {plan.optimizer.lr_key}, or check the "
+                               f"tensor(s) in all; lower {plan.optimizer.lr_hint}, or check the "
                                f"data); "
                                f"{STORE_KEEPS}")
     return model
+
+
+def mask_lr_key(model: nn.Module) -> dict[str, str]:
+    """optim.mask_lr, for a diverged fit's message, where the fit trains mask logits."""
+    trains = any(p.requires_grad for n, p in model.named_parameters()
+                 if n.endswith("mask_logits"))
+    return {"mask_logits": "optim.mask_lr"} if trains else {}
 
 
 def _stopped_by(what: str, signal_name: str, trainer: L.Trainer) -> str:

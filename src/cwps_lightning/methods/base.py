@@ -30,7 +30,8 @@ class OptimizerPlan:
 
     ``groups``: parameter-name suffix -> learning rate of an own group without weight decay
     (CWPS's mask logits, Piggyback's masks). The schedule is always the run's cosine.
-    ``lr_key``: the config key ``lr`` comes from, which a diverged fit's message names.
+    ``lr_key``: the config key ``lr`` comes from, which a diverged fit's message names;
+    ``group_keys``: group suffix -> the config key of that group's learning rate, named too.
     """
 
     kind: str = "sgd"
@@ -38,6 +39,13 @@ class OptimizerPlan:
     weight_decay: float | None = None
     groups: dict[str, float] = field(default_factory=dict)
     lr_key: str = "optim.lr"
+    group_keys: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lr_hint(self) -> str:
+        """The learning-rate keys a diverged fit's message tells the user to lower."""
+        extra = [k for k in self.group_keys.values() if k != self.lr_key]
+        return self.lr_key + (f" (or {' / '.join(extra)})" if extra else "")
 
     def __post_init__(self):
         if self.kind not in OPTIMIZERS:

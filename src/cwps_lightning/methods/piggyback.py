@@ -214,7 +214,8 @@ class PiggybackMethod(Method):
             train=trainable_setter(s.train_norms),
             optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=0.0,
                                     groups={"mask_real": s.mask_lr},
-                                    lr_key="methods.piggyback.lr"),
+                                    lr_key="methods.piggyback.lr",
+                                    group_keys={"mask_real": "methods.piggyback.mask_lr"}),
             frozen_norms=not s.train_norms,
         )
         harness.fit(model, task, plan, name=task)

@@ -199,7 +199,8 @@ class TAPSMethod(Method):
         plan = FitPlan(
             harness.epochs, seed=harness.seed(task, "fit", iteration), train="finetune",
             optimizer=OptimizerPlan(s.optimizer, lr=s.lr, weight_decay=s.weight_decay,
-                                    groups={"gate": s.gate_lr}, lr_key="methods.taps.lr"),
+                                    groups={"gate": s.gate_lr}, lr_key="methods.taps.lr",
+                                    group_keys={"gate": "methods.taps.gate_lr"}),
             penalty=gate_penalty, penalty_weight=s.lam, penalty_from_epoch=s.penalty_from_epoch,
         )
         harness.fit(model, task, plan, name=task)

@@ -201,7 +201,7 @@ class CWPSLitModule(L.LightningModule):
             value = f"{float(loss.detach()):g}" if not mine else "non-finite on another rank"
             raise NonFiniteLoss(f"the training loss is {value} at epoch {self.current_epoch}, "
                                 f"step {self.global_step} (counted from 0; lower "
-                                f"{self.optimizer_plan.lr_key}, or "
+                                f"{self.optimizer_plan.lr_hint}, or "
                                 f"check the data); {STORE_KEEPS}")
 
     def on_train_epoch_start(self) -> None:
