@@ -305,9 +305,11 @@ def test_check_refuses_the_settings_training_refuses(capsys, tmp_path):
     root = make_domainnet(tmp_path / "dn", domains=("clipart",), n_train=1, n_test=1)
     for setting, needle in (("data.transform=zoom", "data.transform must be auto or one of"),
                             ("data.val_fraction=2", "data.val_fraction must be"),
-                            ("data.verify_images=some", "data.verify_images must be one of")):
+                            ("data.verify_images=some", "data.verify_images must be one of"),
+                            ("data.transform=resize data.resize_size=300",
+                             "data.resize_size=300 is not used")):
         code, out, err = check(capsys, "+experiment=domainnet", f"data.root={root}",
-                               "data.tasks=[clipart]", setting)
+                               "data.tasks=[clipart]", *setting.split())
         assert code == 2 and err.startswith(f"error: {needle}") and not out, (setting, out, err)
 
 

@@ -66,6 +66,41 @@ def test_imagenet_sketch_transform_policy_per_task(i2s_root):
     assert everything_resized.policy_for("flowers") == "resize"
 
 
+def test_a_resize_size_no_task_uses_is_refused(i2s_root, tmp_path):
+    """data.resize_size only sets the shorter side before a crop; where every task is resized
+    to image_size x image_size it would change nothing (it was ignored without a word)."""
+    resized = dict(root=str(i2s_root), transform="resize", resize_size=40, **SMALL)
+    with pytest.raises(DataConfigError, match=r"data\.resize_size=40 is not used: every task's "
+                                              r"transform is 'resize'.*leave data\.resize_size "
+                                              r"null.*crop, rrc"):
+        _ = ImageNetSketchDataModule(**resized).task_names
+    with pytest.raises(DataConfigError, match=r"data\.resize_size=40 is not used"):
+        ImageNetSketchDataModule(**resized).check_settings()
+    # the *_cropped tasks alone are resized under transform=auto: the same
+    with pytest.raises(DataConfigError, match=r"data\.resize_size=40 is not used"):
+        _ = ImageNetSketchDataModule(root=str(i2s_root), tasks=["cubs_cropped"], resize_size=40,
+                                     **SMALL).task_names
+    # used by one task, or left at its default: fine
+    dm = ImageNetSketchDataModule(root=str(i2s_root), tasks=["cubs_cropped", "flowers"],
+                                  resize_size=40, **SMALL)
+    assert dm.task_names == ["cubs_cropped", "flowers"]
+    test_steps = dm.splits["flowers"].test.transform.transforms
+    assert [t.size for t in test_steps if type(t).__name__ == "Resize"] == [40]
+    assert ImageNetSketchDataModule(root=str(i2s_root), transform="resize",
+                                    **SMALL).task_names == list(I2S_TASKS)
+    # a folders entry's own transform counts
+    for task in ("a", "b"):
+        make_folder_task(tmp_path / task, classes=("x", "y"), n_train=2, n_test=1)
+    folders = [{"name": "a", "train": "a/train", "test": "a/test", "transform": "resize"},
+               {"name": "b", "train": "b/train", "test": "b/test", "transform": "resize"}]
+    with pytest.raises(DataConfigError, match=r"data\.resize_size=40 is not used"):
+        _ = FoldersDataModule(root=str(tmp_path), folders=folders, resize_size=40,
+                              **SMALL).task_names
+    folders[1]["transform"] = "crop"
+    assert FoldersDataModule(root=str(tmp_path), folders=folders, resize_size=40,
+                             **SMALL).task_names == ["a", "b"]
+
+
 def test_task_order_is_configurable(i2s_root):
     dm = ImageNetSketchDataModule(root=str(i2s_root), tasks=["sketches", "flowers"], **SMALL)
     assert dm.task_names == ["sketches", "flowers"]

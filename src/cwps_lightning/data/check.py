@@ -103,6 +103,7 @@ def run_check(overrides: Sequence[str], strict: bool = False, stream: TextIO | N
     dm.validate_settings()
     root = dm.check_root()
     dm.validate_tasks()
+    dm.check_resize_used()
     stream = stream or sys.stdout
     # (no root: data.folders lists every folder by its absolute path)
     where = f"at {root}" if root is not None else "listed in data.folders"

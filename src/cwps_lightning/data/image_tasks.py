@@ -141,6 +141,7 @@ class ImageTasksDataModule(MultiTaskDataModule):
         self._deferred[:0] = errors
         self.root = Path(str(root)).expanduser() if root else None
         self.image_size, self.resize_size = image_size, resize_size
+        self._resize_given = resize_size is not None  # (validate_settings fills in a default)
         self.transform, self.mean, self.std = transform, mean, std
         self.val_fraction = val_fraction
         self.verify_images = verify_images
@@ -182,6 +183,18 @@ class ImageTasksDataModule(MultiTaskDataModule):
             self.check_root()
         if here or not self.tasks_from_disk:
             self.validate_tasks()
+            self.check_resize_used()
+
+    def check_resize_used(self) -> None:
+        """A data.resize_size given where every task is resized to image_size x image_size
+        (policy resize) would change nothing: said, not ignored. (After validate_tasks.)"""
+        policies = [self.policy_for(t) for t in self.tasks_requested]
+        if self._resize_given and policies and all(p == "resize" for p in policies):
+            raise DataConfigError(
+                f"data.resize_size={self.resize_size} is not used: every task's transform is "
+                f"'resize', which resizes each image to data.image_size x data.image_size "
+                f"({self.image_size}); leave data.resize_size null, or take a transform that "
+                f"crops (data.transform: {', '.join(p for p in POLICIES if p != 'resize')})")
 
     def check_root(self) -> Path:
         obtain = f"; {self.obtain}" if self.obtain else ""
@@ -213,6 +226,7 @@ class ImageTasksDataModule(MultiTaskDataModule):
     def build_tasks(self) -> dict[str, TaskSplits]:
         self.validate_settings()
         self.check_root()
+        self.check_resize_used()
         sources = {task: self.load_source(task) for task in self.tasks_requested}
         self.drop_unreadable(sources)
         for src in sources.values():
