@@ -32,7 +32,8 @@ HELP = f"""{USAGE}
 
 Rebuild every task's model from the store alone, test it, and print the table next to the
 top-1 the run recorded. data.<key>=... points at data that moved (the store's data.* keys;
-+data.<key>= adds one); data.tasks=[a,b] tests those tasks alone; device= is one of
++data.<key>= adds one); data.tasks=[a,b] tests those tasks alone (null: the store's
+tasks, as without it); device= is one of
 {', '.join(DEVICES)} (default auto).
 Exit 0: every task matches; 1: a task differs; 2: bad input (one error: line)."""
 
@@ -82,6 +83,11 @@ def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
                          "evaluate rebuilds the test splits from (a store the train command "
                          "writes has one)")
     cfg = apply_overrides(OmegaConf.create(config), overrides)
+    kept = [t for t in store.tasks if t != T0]
+    if OmegaConf.select(cfg, "data.tasks") is None and kept:
+        # data.tasks=null tests the store's tasks, not the benchmark's default list (which
+        # names tasks a store of some of them lacks)
+        OmegaConf.update(cfg, "data.tasks", kept)
     datamodule = instantiate_data(cfg)
     recorded = store.manifest.get("metrics", {})
     # data.tasks=[...] narrows the test to those, and a task the store lacks is refused; else
@@ -89,8 +95,7 @@ def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
     given = list(datamodule.task_names)
     unknown = [t for t in given if t not in store.tasks]
     if unknown and any(o.lstrip("+~").split("=")[0] == "data.tasks" for o in overrides):
-        raise ConfigError(f"data.tasks: {unknown} not in the store; its tasks: "
-                          f"{[t for t in store.tasks if t != T0]}")
+        raise ConfigError(f"data.tasks: {unknown} not in the store; its tasks: {kept}")
     rows = []
     for task in store.tasks:
         if task == T0 or task not in given:

@@ -130,6 +130,11 @@ def test_data_that_does_not_fit_the_store_is_refused(store_dir, tmp_path, capsys
     (partial / "manifest.json").write_text(json.dumps(manifest))
     assert main([f"store={partial}", "device=cpu"]) == 0
     assert "| optdigits |" in capsys.readouterr().out
+    # data.tasks=null: the store's tasks too (it was the benchmark's default list, and the
+    # tasks the store lacks were refused)
+    assert main([f"store={partial}", "device=cpu", "data.tasks=null"]) == 0
+    out = capsys.readouterr().out
+    assert "| optdigits |" in out and "mnist" not in out
     monkeypatch.setattr(DigitsDataModule, "num_classes", lambda self, task: 3)
     assert main([f"store={store_dir}", "device=cpu"]) == 2
     assert one_error_line(capsys.readouterr().err) == (
