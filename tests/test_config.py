@@ -212,7 +212,12 @@ def test_readme_plain_pytorch_example_runs_the_clis_cpms(monkeypatch):
 
     monkeypatch.setattr(cwps_lightning, "search_parents", spy)
     torch.manual_seed(0)
-    exec(compile(code, "README.md", "exec"), {})
+    scope = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    # the freeze the CLI attaches hooks the example's optimiser (a shared channel's child
+    # would drift under momentum in the hard stage without it)
+    assert "SharedChannelFreeze(model).attach(opt)" in code
+    assert len(scope["opt"]._optimizer_step_pre_hooks) == 1
     cli = settings_of(compose_config([]).cwps, CWPSSettings, "cwps")
     assert re.search(r"inject_cwps\(model, threshold=([0-9.]+)", code).group(1) == str(cli.threshold)
     explicit = code.replace('search_parents(model, bank, "task1")',

@@ -1,6 +1,7 @@
 """The CWPS core, in plain PyTorch (no Lightning, no Hydra)."""
 
 from .bank import KernelBank, TaskEntry
+from .freeze import SharedChannelFreeze
 from .layers import STAGES, CWPSConv2d, CWPSLinear, hard_mask
 from .search import (
     DISTANCES,
@@ -39,6 +40,7 @@ __all__ = [
     "MultiTaskStore",
     "StoreError",
     "SearchResult",
+    "SharedChannelFreeze",
     "StepComposeSGD",
     "TaskEntry",
     "check_distance",
