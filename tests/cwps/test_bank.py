@@ -373,6 +373,7 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
 
     bank = KernelBank(LAYERS)
     bank.add("T0", Small(), num_classes=3)
+    fresh = {n: torch.full((CHANNELS[n],), -1) for n in LAYERS}
     unmerged = Small()
     inject_cwps(unmerged)
     other = Small()
@@ -399,12 +400,38 @@ def test_what_add_takes_is_checked_before_the_bank_changes():
         (Small(), {"kernel_ids": [1, 2]}, TypeError, r"kernel_ids must be a dict"),
         (Small(), {"kernel_ids": {"conv1": torch.full((8,), -1)}}, ValueError,
          r"kernel_ids has no entry for layer 'conv2'"),
+        # ids: integers, -1 or a kept kernel's (-3 counted as fresh; a float list was
+        # truncated, a str raised an AttributeError)
+        (Small(), {"kernel_ids": {**fresh, "conv1": torch.tensor([-1] * 7 + [-3])}}, ValueError,
+         r"conv1 channel 7 carries kernel id -3; an id is a kept kernel's \(>= 0\) or -1"),
+        (Small(), {"kernel_ids": {**fresh, "conv2": [0.0] * 6}}, TypeError,
+         r"kernel_ids\['conv2'\] must be integer ids \(a tensor or list of ints\), got list "
+         r"of torch\.float32"),
+        (Small(), {"kernel_ids": {**fresh, "fc": "0123456789"}}, TypeError,
+         r"kernel_ids\['fc'\] must be integer ids .*got str"),
+        (Small(), {"kernel_ids": {**fresh, "fc": [-1] * 9}}, ValueError,
+         r"fc: \(9,\) kernel ids for 10 channels"),
+        ("Small", {}, TypeError, r"bank\.add\('T1'\): expected the model, an nn\.Module; got "
+                                 r"str 'Small'"),
     ]
     for model, kwargs, error, message in cases:
         kwargs = {"num_classes": 3, **kwargs}
         with pytest.raises(error, match=message):
             bank.add("T1", model, **kwargs)
         assert bank.tasks == ["T0"] and bank.revision == 1
+
+
+def test_kernel_ids_given_as_lists_are_taken_and_layers_not_conv_or_linear_refused():
+    bank = KernelBank(LAYERS)
+    t0 = Small()
+    bank.add("T0", t0, num_classes=3)
+    held = {n: bank.entries["T0"].layers[n].ids.tolist() for n in LAYERS}
+    bank.add("T1", copy.deepcopy(t0), num_classes=3, kernel_ids=held)  # every channel shared
+    assert bank.shared_channels("T0", "T1") == sum(CHANNELS.values())
+    # a norm's weight is a vector of the task's own; the bank shares Conv2d / Linear kernels
+    with pytest.raises(ValueError, match=r"bank\.add\('T0'\): the bank's layer 'bn' is a "
+                                         r"BatchNorm2d, not an nn\.Conv2d / nn\.Linear"):
+        KernelBank([*LAYERS, "bn"]).add("T0", Small(), num_classes=3)
 
 
 def test_a_task_of_another_class_count_joins_a_bank_whose_t0_kept_no_head_names():

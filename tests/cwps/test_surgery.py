@@ -420,6 +420,28 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
             call()
 
 
+def test_something_that_is_not_a_module_is_refused_by_name():
+    """(a model's name passed for the model: raw AttributeErrors from deep inside)"""
+    from cwps_lightning.cwps import KernelBank, SharedChannelFreeze, search_parents
+
+    for call, name in ((lambda: inject_cwps("resnet18"), "inject_cwps"),
+                       (lambda: KernelBank.shareable_of("resnet18"), "shareable_layers"),
+                       (lambda: set_stage("resnet18", "soft"), "set_stage"),
+                       (lambda: merge_cwps("resnet18"), "merge_cwps"),
+                       (lambda: SharedChannelFreeze("resnet18"), "SharedChannelFreeze"),
+                       (lambda: search_parents("resnet18", None, "t"), "search_parents")):
+        with pytest.raises(TypeError, match=rf"^{name}: expected the model, an nn\.Module; got "
+                                            r"str 'resnet18' \(a name is not a model"):
+            call()
+    with pytest.raises(TypeError, match=r"^set_stage: expected the model, an nn\.Module; got "
+                                        r"NoneType$"):
+        set_stage(None, "soft")
+    model = Small()
+    inject_cwps(model)
+    with pytest.raises(TypeError, match=r"search_parents: bank must be a KernelBank, got dict"):
+        search_parents(model, {}, "t")
+
+
 def test_one_excluded_name_as_a_string_and_a_threshold_out_of_range():
     from cwps_lightning.cwps import hard_mask, shareable_layers
 

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .surgery import classifier_names, cwps_layers, nonfinite_tensors, shareable_layers
+from .surgery import (
+    check_model,
+    classifier_names,
+    cwps_layers,
+    nonfinite_tensors,
+    shareable_layers,
+)
 
 
 @dataclass
@@ -115,6 +121,21 @@ def _check_same_rest(task: str, model: nn.Module, rest: dict[str, Tensor],
                      f"{'; '.join(parts)}. The bank is unchanged")
 
 
+def _kernel_id_tensor(task: str, layer: str, ids) -> Tensor:
+    """One layer's kernel ids as an int64 CPU tensor (a list or an integer array is taken as
+    one); other values, fractional ids included, a TypeError."""
+    given = ids
+    try:
+        ids = torch.as_tensor(ids.detach() if isinstance(ids, Tensor) else ids)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        what = type(given).__name__ if ids is None else f"{type(given).__name__} of {ids.dtype}"
+        raise TypeError(f"bank.add({task!r}): kernel_ids[{layer!r}] must be integer ids (a "
+                        f"tensor or list of ints), got {what}. The bank is unchanged")
+    return ids.cpu().to(torch.int64)
+
+
 def param_counts(kernels: int, task_own: int, heads: int) -> dict[str, int]:
     """The parameter-count keys every counter returns: ``kernels``, ``task_own`` (heads
     included), ``heads``, ``total`` = kernels + task_own, and ``backbone`` = total - heads: the
@@ -173,6 +194,7 @@ class KernelBank:
         and the weights must have the dtype of the bank's other tasks; otherwise ValueError and
         the bank is unchanged.
         """
+        check_model(model, f"bank.add({task!r})")
         bad = nonfinite_tensors(model)
         if bad:  # a diverged fit must not reach the store
             raise ValueError(f"bank.add({task!r}): {bad[0]} has nan/inf values "
@@ -206,9 +228,18 @@ class KernelBank:
         for name, (w, _) in weights.items():
             if kernel_ids is None:
                 continue
-            ids = kernel_ids[name].detach().cpu().to(torch.int64)
+            ids = _kernel_id_tensor(task, name, kernel_ids[name])
             if ids.shape != (w.shape[0],):
-                raise ValueError(f"{name}: {ids.shape[0]} kernel ids for {w.shape[0]} channels")
+                raise ValueError(f"bank.add({task!r}): {name}: {tuple(ids.shape)} kernel ids for "
+                                 f"{w.shape[0]} channels (one id per output channel). The bank "
+                                 "is unchanged")
+            below = (ids < -1).nonzero()
+            if below.numel():
+                j = int(below[0, 0])
+                raise ValueError(f"bank.add({task!r}): {name} channel {j} carries kernel id "
+                                 f"{int(ids[j])}; an id is a kept kernel's (>= 0) or -1 (a "
+                                 "task-specific channel, given a fresh id). The bank is "
+                                 "unchanged")
             carried[name] = ids
         for name, ids in carried.items():  # before any id is issued: a refusal changes nothing
             self._check_carried(task, name, ids, *weights[name])
@@ -294,6 +325,12 @@ class KernelBank:
             raise ValueError(f"bank.add({task!r}): the model has no layer {missing[0]!r} "
                              f"({len(missing)} of the bank's {len(self.layer_names)} layers "
                              "missing: another architecture?)")
+        other = [n for n in self.layer_names if not isinstance(modules[n], (nn.Conv2d, nn.Linear))]
+        if other:  # (CWPS shares Conv2d / Linear kernels; a norm's weight is a vector per task)
+            raise ValueError(f"bank.add({task!r}): the bank's layer {other[0]!r} is a "
+                             f"{type(modules[other[0]]).__name__}, not an nn.Conv2d / nn.Linear "
+                             f"({len(other)} such layer(s)); build the bank with "
+                             "KernelBank.shareable_of(model)")
         if kernel_ids is not None:
             if not hasattr(kernel_ids, "keys"):
                 raise TypeError(f"bank.add({task!r}): kernel_ids must be a dict of layer name "

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from .bank import KernelBank
-from .surgery import cwps_layers, require_cwps_layers
+from .surgery import check_model, cwps_layers, require_cwps_layers
 
 DISTANCES = ("l2", "cosine")
 INIT_SCOPES = ("layer", "global")
@@ -278,7 +278,9 @@ def search_parents(
     check_mask_init(mask_init)
     if init_scope not in INIT_SCOPES:
         raise ValueError(f"init_scope must be one of {INIT_SCOPES}, got {init_scope!r}")
-    layers = dict(cwps_layers(model))
+    layers = dict(cwps_layers(check_model(model, "search_parents")))
+    if not isinstance(bank, KernelBank):
+        raise TypeError(f"search_parents: bank must be a KernelBank, got {type(bank).__name__}")
     missing = [n for n in bank.layer_names if n not in layers]
     if missing:
         raise ValueError(f"the model has no CWPS layer for bank layers {missing[:5]}")

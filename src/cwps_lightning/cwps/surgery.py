@@ -22,6 +22,17 @@ from .transformed import transformed_class
 CWPSLayer = CWPSConv2d | CWPSLinear
 
 
+def check_model(model, caller: str) -> nn.Module:
+    """``model`` if it is an nn.Module; else a TypeError naming ``caller`` and what it got
+    (a model's name is not a model: the core takes the module itself)."""
+    if not isinstance(model, nn.Module):
+        hint = (f" {model!r} (a name is not a model: build it first, e.g. with "
+                "timm.create_model)" if isinstance(model, str) else "")
+        raise TypeError(f"{caller}: expected the model, an nn.Module; got "
+                        f"{type(model).__name__}{hint}")
+    return model
+
+
 def cwps_layers(model: nn.Module) -> Iterator[tuple[str, CWPSLayer]]:
     """Iterate (qualified name, layer) over the CWPS layers of ``model``, in module order."""
     for name, module in model.named_modules():
@@ -98,6 +109,7 @@ def shareable_layers(
     only reproduce the stock forward). Other Conv2d/Linear subclasses with a custom forward are
     left out with a warning, since wrapping them would change what they compute.
     """
+    check_model(model, "shareable_layers")
     if isinstance(exclude, str):  # (one name; list("fc") would be ['f', 'c'])
         exclude = [exclude]
     excluded = list(classifier_names(model) if exclude is None else exclude)
@@ -153,6 +165,7 @@ def inject_cwps(
     copy saved); until then the layers refuse the soft and hard stages and the merge. Returns
     the names wrapped. Raises if the model already has CWPS layers, or if nothing matched.
     """
+    check_model(model, "inject_cwps")
     threshold = check_threshold(threshold)
     already = [n for n, _ in cwps_layers(model)]
     if already:
@@ -260,7 +273,7 @@ def merge_cwps(model: nn.Module) -> nn.Module:
 def require_cwps_layers(model: nn.Module, caller: str) -> list[tuple[str, nn.Module]]:
     """The model's CWPS layers; a ValueError naming ``caller`` where it has none (a model
     not injected yet, or merged already), whose answer would be silently empty."""
-    layers = list(cwps_layers(model))
+    layers = list(cwps_layers(check_model(model, caller)))
     if not layers:
         raise ValueError(f"{caller}: the model has no CWPS layers (inject_cwps first; after "
                          "merge_cwps it has plain layers again)")
