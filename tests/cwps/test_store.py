@@ -337,7 +337,8 @@ def test_two_banks_taken_from_one_store_save_their_own_tensors(tmp_path):
     first.add("one", _t0(), 10)
     second.add("two", _t0(), 10)
     save_store(tmp_path / "b", first, META)
-    save_store(tmp_path / "b", second, META)
+    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], written from another"):
+        save_store(tmp_path / "b", second, META)
     store = MultiTaskStore.load(tmp_path / "b")
     assert store.tasks == ["T0", "two"]
     store.model("two", lambda n: timm.create_model("resnet18", num_classes=n))
@@ -380,11 +381,40 @@ def test_a_task_added_to_a_loaded_bank_gets_ids_no_stored_kernel_has(tmp_path):
         assert torch.equal(store.model(task, _small_factory)(x), models[task](x)), task
 
 
-def test_a_save_after_a_remove_stores_what_the_bank_holds(tmp_path):
+def test_copies_of_a_bank_grown_apart_save_their_own_tensors_and_dropped_tasks_are_said(
+        tmp_path, recwarn):
+    """(a deepcopy kept the bank's uid: two copies that each added a task were both (uid,
+    revision + 1), and the second's save kept the first's tensors under its own manifest,
+    which named a task the tensors lacked)"""
+    import copy
+    import pickle
+
+    from ..helpers import Small
+
+    bank, models = _small_bank("T0")
+    fork, pickled = copy.deepcopy(bank), pickle.loads(pickle.dumps(bank))
+    assert len({bank.uid, fork.uid, pickled.uid, copy.copy(bank).uid}) == 4
+    torch.manual_seed(1)
+    models["one"], models["two"] = Small().eval(), Small().eval()
+    bank.add("one", models["one"], 3)
+    fork.add("two", models["two"], 3)
+    save_store(tmp_path, bank, META)
+    assert not recwarn.list
+    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], written from another "
+                                         r"bank .*the new version drops them"):
+        save_store(tmp_path, fork, META)
+    store = MultiTaskStore.load(tmp_path)
+    assert store.tasks == ["T0", "two"]
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(store.model("two", _small_factory)(x), models["two"](x))
+
+
+def test_a_save_after_a_remove_stores_what_the_bank_holds(tmp_path, recwarn):
     bank, _ = _small_bank("T0", "a")
     save_store(tmp_path, bank, META)
     bank.remove("a")
     save_store(tmp_path, bank, META)
+    assert not recwarn.list  # (this bank's own removal: no word)
     store = MultiTaskStore.load(tmp_path)
     assert store.tasks == ["T0"]
     assert store.param_count() == bank.param_count()

@@ -158,6 +158,13 @@ class KernelBank:
         self.uid = uuid.uuid4().hex
         self.revision = 0
 
+    def __setstate__(self, state: dict) -> None:
+        # a copy (copy.copy / deepcopy) or an unpickled bank names its content anew: two
+        # copies grown apart would both be (uid, revision + 1), and a save of the second into
+        # the first's store kept the first's tensors under the second's manifest
+        self.__dict__.update(state)
+        self.uid = uuid.uuid4().hex
+
     @staticmethod
     def shareable_of(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
         """The layer names a bank for ``model`` tracks: those inject_cwps wraps with the same
