@@ -514,3 +514,45 @@ def test_ctrl_c_between_fits_stops_with_the_line_a_fit_gives(job_dir):
     (run_dir / "store").mkdir()
     with pytest.raises(RunInterrupted, match=f"training loop; {STORE_KEEPS}: the same"):
         train.task_wrapper(task)(None)
+
+
+def test_sigterm_between_fits_stops_with_one_line_and_a_fits_handler_keeps_it(job_dir):
+    """SIGTERM in a test pass, CPMS or a store write ended the process by the default action:
+    status 143 with no word. Inside a fit, Lightning's handler calls the one it found after
+    its own (the fit stops at the next batch): that one must not raise there."""
+    import os
+    import signal
+
+    run_dir, _ = job_dir
+    seen = []
+
+    def task(cfg):
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        found = signal.getsignal(signal.SIGTERM)
+
+        def fits_handler(signum, frame):  # (Lightning's: its own, then the one it found)
+            seen.append(signum)
+            found(signum, frame)
+
+        signal.signal(signal.SIGTERM, fits_handler)
+        os.kill(os.getpid(), signal.SIGTERM)  # (handled before the next line runs)
+        signal.signal(signal.SIGTERM, found)  # (the fit's teardown)
+        seen.append("fit went on")
+        os.kill(os.getpid(), signal.SIGTERM)
+        seen.append("not reached")
+
+    with pytest.raises(RunInterrupted) as raised:
+        train.task_wrapper(task)(None)
+    assert seen == [signal.SIGTERM, "fit went on"]
+    assert str(raised.value) == (f"stopped by SIGTERM outside a training loop; "
+                                 f"{NO_STORE_YET}: the same command resumes the run")
+    assert raised.value.status == 143 and train.exit_status(raised.value) == 143
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # (restored after the job)
+    # where SIGTERM has a handler already (a launcher's), that one stays
+    mine = lambda signum, frame: seen.append("launcher's")  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        train.task_wrapper(lambda cfg: os.kill(os.getpid(), signal.SIGTERM))(None)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert seen[-1] == "launcher's"

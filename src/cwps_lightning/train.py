@@ -4,7 +4,8 @@ check the config (every job of a sweep, before any runs) -> data -> T0 -> CWPS (
 -> results.json / results.md. Exit status: 0 done, 2 bad configuration or input (one
 ``error:`` line, nothing written), 3 training diverged (one ``error:`` line naming the task,
 fit, epoch and step; the store keeps the tasks finished before), 143 / 130 SIGTERM / Ctrl-C
-stopped a fit (one ``error:`` line; the same command resumes), 1 anything else (a traceback).
+stopped the job, in a fit or between fits (one ``error:`` line; the same command resumes), 1
+anything else (a traceback).
 Under DDP an error one rank meets alone stops every rank with that rank's status, and rank 0
 says it (``error (rank <i>): ...``).
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -118,6 +121,40 @@ def logger_factory(cfg: DictConfig, job: JobSettings, run_dir: Path):
     return lambda group, name: False
 
 
+class _Terminated(BaseException):
+    """SIGTERM outside a training loop, raised where the job is as Ctrl-C raises
+    KeyboardInterrupt (a BaseException: ``except Exception`` on the way does not take it)."""
+
+
+@contextlib.contextmanager
+def sigterm_stops_the_job():
+    """SIGTERM outside a fit stops the job as Ctrl-C does, with one error line and status 143
+    (the default action ended the process without a word). A fit's own handling stands: Lightning
+    installs its handler for the fit and calls the one it found after its own, so this one
+    raises only when it is the process's handler itself. Installed where SIGTERM has its
+    default action, from the main thread; a forked process (a DataLoader worker) dies of the
+    signal as before."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame) -> None:
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        if signal.getsignal(signal.SIGTERM) is handler:  # (else a fit's handler called it)
+            raise _Terminated
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], dict]:
     """Say where a job's outputs are, whatever happens to it, and close its loggers."""
 
@@ -126,13 +163,17 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         try:
             try:
-                results = task(cfg)
-            except KeyboardInterrupt:
-                # (a fit's training loop turns Ctrl-C into RunInterrupted itself; here it came
-                # elsewhere: a test pass, CPMS, a store write, ...)
-                raise RunInterrupted(f"stopped by Ctrl-C (SIGINT) outside a training loop; "
+                with sigterm_stops_the_job():
+                    results = task(cfg)
+            except (KeyboardInterrupt, _Terminated) as stop:
+                # (a fit's training loop turns a signal into RunInterrupted itself; here it
+                # came elsewhere: a test pass, CPMS, a store write, ...)
+                name, signum = (("Ctrl-C (SIGINT)", signal.SIGINT)
+                                if isinstance(stop, KeyboardInterrupt)
+                                else ("SIGTERM", signal.SIGTERM))
+                raise RunInterrupted(f"stopped by {name} outside a training loop; "
                                      f"{STORE_KEEPS}: the same command resumes the run",
-                                     signal.SIGINT) from None
+                                     signum) from None
         except Exception as err:
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
