@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 from pathlib import Path
@@ -42,6 +43,8 @@ class TrainingDiverged(RuntimeError):
 
 
 #: torch's error for batch norm given one value per channel in training mode
+#: Lightning's warning that a fit's checkpoint folder is not empty, which a resumed fit's is
+RESUMED_DIRECTORY_WARNING = r"Checkpoint directory .* exists and is not empty"
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
@@ -237,7 +240,9 @@ def fit(
         )
     what = f"task {task!r}, fit {log_group}/{log_name}"
     try:
-        with settings.stopwatch.timed("training"):
+        with settings.stopwatch.timed("training"), warnings.catch_warnings():
+            if resume_from is not None:  # (the folder holds the checkpoint it resumes from)
+                warnings.filterwarnings("ignore", message=RESUMED_DIRECTORY_WARNING)
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
     except NonFiniteLoss as err:
         raise TrainingDiverged(f"{what}: {err}") from None
