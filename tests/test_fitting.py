@@ -117,6 +117,29 @@ def test_sigterm_in_a_fit_stops_it_with_run_interrupted_and_no_collective(monkey
     assert signal.getsignal(signal.SIGTERM) == before  # (the fit put the handler back)
 
 
+def test_sigterm_after_the_last_training_batch_stops_the_run_at_the_fits_end(monkeypatch):
+    """In the last validation (or a checkpoint save, the teardown) the callback recorded the
+    signal, but no batch end was left to act on it: the fit returned and the job went on."""
+    import os
+    import signal
+
+    torch.manual_seed(0)
+    step = lit_module.CWPSLitModule._step
+    sent = []
+
+    def signal_in_validation(self, batch, metric, prefix):
+        if prefix == "val" and not sent:
+            sent.append(self.current_epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step(self, batch, metric, prefix)
+
+    monkeypatch.setattr(lit_module.CWPSLitModule, "_step", signal_in_validation)
+    with pytest.raises(RunInterrupted, match=r"^task 't', fit g/t: stopped by SIGTERM at the "
+                                             r"end of the fit; .* the same command resumes") as stop:
+        _fit(Small())
+    assert sent == [0] and stop.value.status == 143
+
+
 def test_ctrl_c_in_a_fit_stops_it_with_run_interrupted_status_130(monkeypatch):
     """Lightning ends a fit Ctrl-C interrupts with sys.exit(1), its line at INFO (which the
     job keeps quiet): the run ended with status 1 and no word."""

@@ -556,3 +556,45 @@ def test_sigterm_between_fits_stops_with_one_line_and_a_fits_handler_keeps_it(jo
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert seen[-1] == "launcher's"
+
+
+def test_a_sigterm_a_finaliser_swallowed_stops_the_job_at_its_end(job_dir):
+    """(the handler's exception raised in a __del__, a DataLoader iterator joining its
+    workers, is printed and dropped by Python: the job went on as if no signal came)"""
+    import os
+    import signal
+
+    class Joins:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    done = []
+
+    def task(cfg):
+        it = Joins()
+        del it
+        done.append("went on")
+
+    with pytest.raises(RunInterrupted, match=r"^stopped by SIGTERM outside a training loop"):
+        train.task_wrapper(task)(None)
+    assert done == ["went on"]
+
+
+@pytest.mark.parametrize("ranks", ["1", "2"])
+def test_sigterm_in_a_job_of_several_ranks_ends_the_process_as_before(ranks):
+    """A rank waiting in a collective runs no Python handler until it ends, and the ranks
+    would not stop together: there the signal keeps its default action."""
+    import os
+    import signal
+    import subprocess
+
+    code = ("import os, signal\n"
+            "from cwps_lightning.train import sigterm_stops_the_job\n"
+            "with sigterm_stops_the_job():\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "WORLD_SIZE": ranks}, timeout=120)
+    if ranks == "2":
+        assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == 1 and "_Terminated" in proc.stderr, proc.stderr[-2000:]

@@ -42,9 +42,9 @@ class TrainingDiverged(RuntimeError):
     status = 3
 
 
-#: torch's error for batch norm given one value per channel in training mode
 #: Lightning's warning that a fit's checkpoint folder is not empty, which a resumed fit's is
 RESUMED_DIRECTORY_WARNING = r"Checkpoint directory .* exists and is not empty"
+#: torch's error for batch norm given one value per channel in training mode
 ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
 
 
@@ -201,7 +201,8 @@ def fit(
         frozen_norms=plan.frozen_norms,
         compile_mode=settings.compile_mode,
     )
-    callbacks: list[L.Callback] = [SigtermAtNextBatch()]
+    sigterm = SigtermAtNextBatch()
+    callbacks: list[L.Callback] = [sigterm]
     if plan.soft_epochs is not None:
         callbacks.append(MaskStageCallback(plan.soft_epochs))
     trainer_args = dict(settings.trainer)
@@ -265,6 +266,13 @@ def fit(
             raise
         raise RunInterrupted(_stopped_by(what, "Ctrl-C (SIGINT)", trainer),
                              signal.SIGINT) from None
+    # a SIGTERM after the last training batch (in the last validation, a checkpoint save, the
+    # teardown) was recorded, but no batch end was left to act on it: the run stops here, on
+    # every rank, rather than going on as if none came
+    late = int(sigterm.signalled or bool(getattr(trainer, "received_sigterm", False)))
+    if distributed.all_reduce_sum([late], trainer.strategy.root_device)[0]:
+        raise RunInterrupted(f"{what}: stopped by SIGTERM at the end of the fit; "
+                             f"{STORE_KEEPS}: the same command resumes the run", signal.SIGTERM)
     datamodule.epochs_trained(plan.epochs)
     datamodule.start_at_epoch(0)
     # every rank leaves the fit with rank 0's weights, or the run stops here

@@ -132,25 +132,34 @@ def sigterm_stops_the_job():
     (the default action ended the process without a word). A fit's own handling stands: Lightning
     installs its handler for the fit and calls the one it found after its own, so this one
     raises only when it is the process's handler itself. Installed where SIGTERM has its
-    default action, from the main thread; a forked process (a DataLoader worker) dies of the
-    signal as before."""
+    default action, from the main thread. Where the signal cannot be taken this way it ends
+    the process as before: in a forked process (a DataLoader worker), and in a job of several
+    ranks (a rank waiting in a collective runs no Python handler until the collective ends,
+    and the ranks would not stop together). A signal whose exception a finaliser swallowed
+    (one raised in a ``__del__`` is printed and dropped) stops the job when it ends."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
     pid = os.getpid()
+    received = []
 
     def handler(signum, frame) -> None:
-        if os.getpid() != pid:
+        received.append(signum)
+        if signal.getsignal(signal.SIGTERM) is not handler:
+            return  # a fit's handler called this one: the fit stops itself
+        if (os.getpid() != pid or distributed.active()
+                or distributed.world_size_from_env() > 1):
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        if signal.getsignal(signal.SIGTERM) is handler:  # (else a fit's handler called it)
-            raise _Terminated
+        raise _Terminated
 
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
+        if received:
+            raise _Terminated
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 

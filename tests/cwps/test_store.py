@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 
@@ -337,7 +338,7 @@ def test_two_banks_taken_from_one_store_save_their_own_tensors(tmp_path):
     first.add("one", _t0(), 10)
     second.add("two", _t0(), 10)
     save_store(tmp_path / "b", first, META)
-    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], written from another"):
+    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], which this bank neither"):
         save_store(tmp_path / "b", second, META)
     store = MultiTaskStore.load(tmp_path / "b")
     assert store.tasks == ["T0", "two"]
@@ -386,7 +387,6 @@ def test_copies_of_a_bank_grown_apart_save_their_own_tensors_and_dropped_tasks_a
     """(a deepcopy kept the bank's uid: two copies that each added a task were both (uid,
     revision + 1), and the second's save kept the first's tensors under its own manifest,
     which named a task the tensors lacked)"""
-    import copy
     import pickle
 
     from ..helpers import Small
@@ -400,8 +400,8 @@ def test_copies_of_a_bank_grown_apart_save_their_own_tensors_and_dropped_tasks_a
     fork.add("two", models["two"], 3)
     save_store(tmp_path, bank, META)
     assert not recwarn.list
-    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], written from another "
-                                         r"bank .*the new version drops them"):
+    with pytest.warns(UserWarning, match=r"holds task\(s\) \['one'\], which this bank neither "
+                                         r"holds nor removed .*the new version drops them"):
         save_store(tmp_path, fork, META)
     store = MultiTaskStore.load(tmp_path)
     assert store.tasks == ["T0", "two"]
@@ -418,6 +418,28 @@ def test_a_save_after_a_remove_stores_what_the_bank_holds(tmp_path, recwarn):
     store = MultiTaskStore.load(tmp_path)
     assert store.tasks == ["T0"]
     assert store.param_count() == bank.param_count()
+    # nor that of a bank loaded from the store (a uid of its own) or a copy of one
+    save_store(tmp_path, _small_bank("T0", "a")[0], META)
+    loaded = MultiTaskStore.load(tmp_path).to_bank()
+    loaded.remove("a")
+    save_store(tmp_path, copy.deepcopy(loaded), META)
+    assert not recwarn.list and MultiTaskStore.load(tmp_path).tasks == ["T0"]
+
+
+def test_a_shallow_copy_of_a_bank_is_a_bank_of_its_own(tmp_path):
+    """(copy.copy shared the entries dict: a task added to the original appeared in the copy
+    under its unchanged (uid, revision), and its save named a task its tensors lacked)"""
+    bank, _ = _small_bank("T0")
+    shallow = copy.copy(bank)
+    save_store(tmp_path, shallow, META)
+    bank.add("a", _small_bank("a")[1]["a"], 3)
+    assert shallow.tasks == ["T0"] and bank.tasks == ["T0", "a"]
+    shallow.remove("T0")
+    assert bank.tasks == ["T0", "a"] and "T0" not in bank.removed
+    save_store(tmp_path, bank, META)
+    assert MultiTaskStore.load(tmp_path).tasks == ["T0", "a"]
+    store = MultiTaskStore.load(tmp_path)
+    store.model("a", _small_factory)
 
 
 def test_a_truncated_file_is_named_truncated_without_the_checksum(tmp_path):

@@ -422,9 +422,18 @@ def test_a_model_without_cwps_layers_is_refused_where_the_answer_would_be_empty(
 
 def test_something_that_is_not_a_module_is_refused_by_name():
     """(a model's name passed for the model: raw AttributeErrors from deep inside)"""
-    from cwps_lightning.cwps import KernelBank, SharedChannelFreeze, search_parents
+    from cwps_lightning.cwps import (
+        KernelBank,
+        SharedChannelFreeze,
+        classifier_names,
+        release_composed,
+        search_parents,
+    )
 
     for call, name in ((lambda: inject_cwps("resnet18"), "inject_cwps"),
+                       (lambda: list(cwps_layers("resnet18")), "cwps_layers"),
+                       (lambda: classifier_names("resnet18"), "classifier_names"),
+                       (lambda: release_composed("resnet18"), "release_composed"),
                        (lambda: KernelBank.shareable_of("resnet18"), "shareable_layers"),
                        (lambda: set_stage("resnet18", "soft"), "set_stage"),
                        (lambda: merge_cwps("resnet18"), "merge_cwps"),

@@ -157,13 +157,28 @@ class KernelBank:
         # (uid, revision) names this bank's content, so a store knows when to rewrite tensors
         self.uid = uuid.uuid4().hex
         self.revision = 0
+        #: tasks this bank (or the bank it was copied from) removed: a save that drops them
+        #: from a store is this bank's own doing, not a stale copy's
+        self.removed: set[str] = set()
 
     def __setstate__(self, state: dict) -> None:
-        # a copy (copy.copy / deepcopy) or an unpickled bank names its content anew: two
-        # copies grown apart would both be (uid, revision + 1), and a save of the second into
-        # the first's store kept the first's tensors under the second's manifest
+        # a deep copy or an unpickled bank names its content anew: two copies grown apart
+        # would both be (uid, revision + 1), and a save of the second into the first's store
+        # kept the first's tensors under the second's manifest
         self.__dict__.update(state)
+        self.__dict__.setdefault("removed", set())
         self.uid = uuid.uuid4().hex
+
+    def __copy__(self) -> KernelBank:
+        """A bank of its own (copy.copy): the entries are shared tensors, but adding to or
+        removing from one bank leaves the other as it was (a shared entries dict gave a
+        copy new tasks under an unchanged (uid, revision))."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.layer_names, new.entries = list(self.layer_names), dict(self.entries)
+        new.next_id, new.removed = dict(self.next_id), set(self.removed)
+        new.uid = uuid.uuid4().hex
+        return new
 
     @staticmethod
     def shareable_of(model: nn.Module, exclude: Iterable[str] | None = None) -> list[str]:
@@ -262,6 +277,7 @@ class KernelBank:
             layers[name] = LayerWeights(w, b, ids)
         entry = TaskEntry(layers, rest, param_names, num_classes, dict(meta or {}), head_names)
         self.entries[task] = entry
+        self.removed.discard(task)
         self.revision += 1
         return entry
 
@@ -312,6 +328,7 @@ class KernelBank:
         if task not in self.entries:
             raise KeyError(f"bank.remove({task!r}): no such task; the bank holds {self.tasks}")
         del self.entries[task]
+        self.removed.add(task)
         self.revision += 1
 
     def _check_model(self, task: str, model: nn.Module, kernel_ids) -> None:

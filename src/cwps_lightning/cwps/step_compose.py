@@ -69,7 +69,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .freeze import row_matrix
 from .layers import STEP_LAYERS, CWPSConv2d, CWPSLinear, _stage_mask, mask_slope
-from .surgery import cwps_layers, require_cwps_layers
+from .surgery import check_model, cwps_layers, require_cwps_layers
 
 COMPOSE_MODES = ("forward", "step")
 
@@ -156,7 +156,7 @@ def release_composed(model: nn.Module) -> int:
     gradient of theirs that no step has taken yet goes to the children and the scores first
     (CWPSMixin.fold_step_gradient)."""
     n = 0
-    for _, layer in cwps_layers(model):
+    for _, layer in cwps_layers(check_model(model, "release_composed")):
         if layer.compose != "step" or layer.composed_weight is None:
             continue
         layer.fold_step_gradient()

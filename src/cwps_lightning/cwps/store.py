@@ -180,11 +180,12 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     old = _read_manifest(path) if (path / MANIFEST).exists() else None
     version = (old["version"] + 1) if old else 0
-    dropped = [t for t in (old or {}).get("task_order", []) if t not in bank.entries]
-    if dropped and old.get("bank_uid") != bank.uid:  # (this bank's own removals go quietly)
-        warnings.warn(f"save_store: the store at {path} holds task(s) {dropped}, written from "
-                      f"another bank (a copy, or another run), which this bank lacks; the "
-                      f"new version drops them", stacklevel=2)
+    dropped = [t for t in (old or {}).get("task_order", [])
+               if t not in bank.entries and t not in bank.removed]  # (its removals: quietly)
+    if dropped:
+        warnings.warn(f"save_store: the store at {path} holds task(s) {dropped}, which this "
+                      f"bank neither holds nor removed (a copy taken before they were added, "
+                      f"or another run's bank); the new version drops them", stacklevel=2)
     try:
         return _save_version(path, bank, meta, old, version)
     except Exception as err:  # disk full, quota, permissions: the old manifest still rules

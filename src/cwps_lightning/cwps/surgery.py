@@ -35,7 +35,7 @@ def check_model(model, caller: str) -> nn.Module:
 
 def cwps_layers(model: nn.Module) -> Iterator[tuple[str, CWPSLayer]]:
     """Iterate (qualified name, layer) over the CWPS layers of ``model``, in module order."""
-    for name, module in model.named_modules():
+    for name, module in check_model(model, "cwps_layers").named_modules():
         if isinstance(module, CWPS_LAYER_TYPES):
             yield name, module
 
@@ -45,6 +45,7 @@ def classifier_names(model: nn.Module) -> list[str]:
 
     Falls back to the last nn.Linear of the model when no timm metadata is present.
     """
+    check_model(model, "classifier_names")
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     names = cfg.get("classifier")
     if names:

@@ -187,7 +187,9 @@ class ImageTasksDataModule(MultiTaskDataModule):
 
     def check_resize_used(self) -> None:
         """A data.resize_size given where every task is resized to image_size x image_size
-        (policy resize) would change nothing: said, not ignored. (After validate_tasks.)"""
+        (policy resize) would change nothing: said, not ignored. (After validate_tasks; the
+        run's checks and data check call it, not the build: evaluate rebuilds a stored config
+        for some of its tasks, which may all be resized where the run's were not.)"""
         policies = [self.policy_for(t) for t in self.tasks_requested]
         if self._resize_given and policies and all(p == "resize" for p in policies):
             raise DataConfigError(
@@ -226,7 +228,6 @@ class ImageTasksDataModule(MultiTaskDataModule):
     def build_tasks(self) -> dict[str, TaskSplits]:
         self.validate_settings()
         self.check_root()
-        self.check_resize_used()
         sources = {task: self.load_source(task) for task in self.tasks_requested}
         self.drop_unreadable(sources)
         for src in sources.values():
