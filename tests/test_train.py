@@ -558,6 +558,7 @@ def test_sigterm_between_fits_stops_with_one_line_and_a_fits_handler_keeps_it(jo
     assert seen[-1] == "launcher's"
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # (the point)
 def test_a_sigterm_a_finaliser_swallowed_stops_the_job_at_its_end(job_dir):
     """(the handler's exception raised in a __del__, a DataLoader iterator joining its
     workers, is printed and dropped by Python: the job went on as if no signal came)"""
