@@ -219,6 +219,12 @@ def test_a_non_finite_init_scale_is_refused(mask_init, scale):
         init_mask_logits(torch.tensor([1.0, 3.0]), mask_init, scale)
 
 
+def test_distances_that_are_no_tensor_are_refused_by_name():
+    with pytest.raises(TypeError, match=r"^init_mask_logits: dist must be a tensor of kernel "
+                                        r"distances, got list"):
+        init_mask_logits([1.0, 3.0])
+
+
 def test_init_mask_logits_standardized_is_a_z_score():
     d = torch.tensor([1.0, 2.0, 3.0, 6.0])  # mean 3, population std sqrt(3.5)
     z = (d - 3.0) / 3.5 ** 0.5

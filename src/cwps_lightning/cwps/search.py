@@ -211,6 +211,9 @@ def init_mask_logits(
     ``generator`` draws the random init (on the CPU, so every device and rank draws the same).
     """
     check_mask_init(mask_init)
+    if not isinstance(dist, Tensor):
+        raise TypeError(f"init_mask_logits: dist must be a tensor of kernel distances, got "
+                        f"{type(dist).__name__}")
     a = INIT_SCALES[mask_init] if scale is None else float(scale)
     if not abs(a) < float("inf"):  # (nan too: every logit, and then every output, was nan)
         raise ValueError(f"init_scale must be a finite number or None, got {scale!r}")
