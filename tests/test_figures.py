@@ -110,6 +110,15 @@ def test_first_layer_kernels_frame_shared_and_specific_channels(tmp_path):
     assert flags["b"].tolist() == [True, True, False, False, False, True, True, False]
     tiles = {t: figures.kernel_tiles(store.state_dict(t)["conv1.weight"]) for t in store.tasks}
     fig, order = figures.plot_first_layer_kernels("conv1", tiles, flags)
+    # the legend is below the axis label, not over it (it was with resnet18's 64 kernels of
+    # 7x7 in two rows, T0 and a task: a wide, low image)
+    wide = {t: np.random.default_rng(0).random((64, 7, 7, 3)) for t in ("T0", "a")}
+    wide_flags = {t: np.arange(64) % (2 + k) == 0 for k, t in enumerate(wide)}
+    for shown in (fig, figures.plot_first_layer_kernels("conv1", wide, wide_flags)[0]):
+        renderer = _drawn(shown)
+        ax = shown.axes[0]
+        label = ax.xaxis.label.get_window_extent(renderer)
+        assert ax.get_legend().get_window_extent(renderer).y1 < label.y0
     # columns: shared by 3 tasks (0, 1), then by 2 (2, 3, 4, 5, 6), then by none (7)
     assert order.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
     grid = fig.axes[0].images[0].get_array()
@@ -259,3 +268,24 @@ def test_joint_iterations_dashed_lines_are_the_val_top1():
     ax = figures.plot_joint_iterations(history, TASKS).axes[0]
     dashed = [list(line.get_ydata()) for line in ax.lines if line.get_linestyle() == "--"]
     assert dashed == [[80.0, 75.0], [60.0, 65.0]]
+
+
+def _drawn(fig):
+    """Draw ``fig`` (on Agg) and return its renderer, for the extents of what it shows."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    return renderer
+
+
+def test_accuracy_vs_params_writes_plain_ratios_on_its_axis():
+    """Ratios 4e-4 apart were ticked 0.0002 ... with a '+1.279' offset over the axis label."""
+    fig = figures.plot_accuracy_vs_params([("a", 1.2792, 73.1), ("b", 1.2796, 74.0)], "t")
+    _drawn(fig)
+    axis = fig.axes[0].xaxis
+    assert axis.get_major_formatter().get_offset() == ""
+    ticks = [float(t.get_text().replace("\u2212", "-")) for t in axis.get_ticklabels()
+             if t.get_text()]
+    assert min(ticks) > 1.27 and max(ticks) < 1.29
+

@@ -78,3 +78,37 @@ def test_report_help_exits_0_and_bad_arguments_2(capsys):
     assert out.startswith("usage: python -m cwps_lightning.report <run dir") and err == ""
     assert main([]) == 2 and main(["a", "b"]) == 2
     assert capsys.readouterr().err.count("usage:") == 2
+
+
+def test_a_run_that_cannot_be_rebuilt_is_named_and_the_others_and_the_sweep_still_are(
+        tmp_path, capsys, monkeypatch):
+    """(the first broken run of a multirun stopped the command: the runs after it and the
+    sweep's table were not rebuilt)"""
+    from cwps_lightning import report
+    from cwps_lightning.cwps.store import StoreError
+    from cwps_lightning.sweep import STATUS_FILE
+
+    for job in range(3):
+        d = tmp_path / str(job)
+        d.mkdir()
+        (d / STATUS_FILE).write_text(json.dumps({
+            "job": job, "overrides": [f"seed={job}"], "status": "completed", "error": None}))
+        (d / "results.json").write_text(json.dumps(results()))
+    rebuilt = []
+
+    def report_run(run_dir):
+        if run_dir.name == "1":
+            raise StoreError(f"{run_dir / 'results.json'}: cannot read (cut short)")
+        rebuilt.append(run_dir.name)
+        return {}
+
+    monkeypatch.setattr(report, "report_run", report_run)
+    assert report.main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert rebuilt == ["0", "2"] and (tmp_path / "sweep.md").is_file()
+    assert f"{tmp_path / '1'}: not rebuilt: {tmp_path / '1' / 'results.json'}: cannot read" in out
+    assert err.count("\n") == 1 and err.startswith("error: 1 of 3 run(s) not rebuilt")
+    # one run given: its error alone, as before
+    assert report.main([str(tmp_path / "1")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {tmp_path / '1' / 'results.json'}: ")
+

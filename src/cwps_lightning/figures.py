@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
+from matplotlib.transforms import offset_copy
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,9 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str,
                     xytext=(-6, 4) if left else (6, 4), ha="right" if left else "left",
                     fontsize=8)
     ax.margins(x=0.08, y=0.1)  # (room for the values above the highest points)
+    # plain tick values: ratios a few 1e-4 apart got ticks 0.0002... and a "+1.279" offset
+    # written over the axis label
+    ax.ticklabel_format(useOffset=False)
     ax.set_xlabel("Backbone parameters to serve T0 and every task, heads excluded (x backbone)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)
@@ -188,9 +192,13 @@ def plot_first_layer_kernels(layer: str, tiles: dict[str, np.ndarray],
     ax.set_xticks([])
     ax.set_xlabel(f"output channels of {layer} (shared by the most tasks first)")
     ax.set_title(f"First layer's kernels per task ({layer})")
+    # below the axis label by a fixed distance in points (a fraction of the axes' height put
+    # it over the label where there are few rows)
+    below = offset_copy(ax.transAxes, fig=fig, y=-26, units="points")
     ax.legend(handles=[Patch(color=SHARED_RGB, label="shared with another task"),
                        Patch(color=SPECIFIC_RGB, label="task-specific")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2, fontsize=8)
+              loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below, ncol=2,
+              fontsize=8)
     return fig, order
 
 

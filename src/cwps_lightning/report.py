@@ -152,8 +152,9 @@ def results_layout_gap(results: dict) -> str | None:
     return None
 
 
-def report_run(run_dir: Path) -> dict:
-    """Rebuild a finished run's figures and results.md from its results.json and store."""
+def read_results(run_dir: Path) -> dict:
+    """A run's results.json, with the layout the report needs; else a StoreError saying why
+    (unreadable, cut short, edited, or written by an older revision)."""
     path = run_dir / "results.json"
     try:
         results = json.loads(path.read_text())
@@ -165,6 +166,12 @@ def report_run(run_dir: Path) -> dict:
     if missing:
         raise StoreError(f"{path}: {missing} missing or of another type (cut short, edited, or "
                          "written by an older revision)")
+    return results
+
+
+def report_run(run_dir: Path) -> dict:
+    """Rebuild a finished run's figures and results.md from its results.json and store."""
+    results = read_results(run_dir)
     store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
         else None
     add_figures(run_dir, results, store)
@@ -196,8 +203,9 @@ USAGE = "usage: python -m cwps_lightning.report <run dir | multirun dir>"
 HELP = f"""{USAGE}
 
 Rebuild a run's results.md and figures from its results.json and store (a multirun
-directory: every run below it, then the sweep's table and figure).
-Exit 0: done; 2: bad input (one error: line)."""
+directory: every run below it, then the sweep's table and figure; a run that cannot be
+rebuilt is named and skipped, and the sweep's table marks it).
+Exit 0: done; 2: bad input, or a run not rebuilt (one error: line)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,19 +218,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        for run_dir in run_dirs(Path(argv[0])):
-            started = time.perf_counter()
-            results = report_run(run_dir)
-            print(f"{run_dir}: results.md and {len(results.get('figures', []))} figure(s) "
-                  f"in {time.perf_counter() - started:.1f} s")
-        from .sweep import STATUS_FILE, write_sweep_report
-
-        root = Path(argv[0])
-        if not (root / "results.json").is_file() and any(root.glob(f"*/{STATUS_FILE}")):
-            written = write_sweep_report(root)
-            print(f"{root}: {', '.join(written)}")
+        runs = run_dirs(Path(argv[0]))
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    failed = []
+    for run_dir in runs:
+        started = time.perf_counter()
+        try:
+            results = report_run(run_dir)
+        except StoreError as err:
+            if len(runs) == 1:
+                print(f"error: {err}", file=sys.stderr)
+                return 2
+            failed.append(run_dir)  # (the others are still rebuilt, and the sweep's table)
+            print(f"{run_dir}: not rebuilt: {err}")
+            continue
+        print(f"{run_dir}: results.md and {len(results.get('figures', []))} figure(s) "
+              f"in {time.perf_counter() - started:.1f} s")
+    from .sweep import STATUS_FILE, write_sweep_report
+
+    root = Path(argv[0])
+    if not (root / "results.json").is_file() and any(root.glob(f"*/{STATUS_FILE}")):
+        written = write_sweep_report(root)
+        print(f"{root}: {', '.join(written)}")
+    if failed:
+        print(f"error: {len(failed)} of {len(runs)} run(s) not rebuilt (each said above): "
+              f"{[str(p) for p in failed]}", file=sys.stderr)
         return 2
     return 0
 

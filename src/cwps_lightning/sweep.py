@@ -104,6 +104,30 @@ class SweepReport(Callback):
 
 
 # -- the report ---------------------------------------------------------------------------------
+def job_results(path: Path) -> tuple[float | None, dict]:
+    """A job's seconds and each method's mean top-1 and param_ratio from its results.json;
+    a ValueError saying what is wrong with the file (one job's must not stop the report)."""
+    try:
+        results = json.loads(path.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ValueError(f"not JSON ({err})") from None
+    methods = results.get("methods") if isinstance(results, dict) else None
+    if not isinstance(methods, dict):
+        raise ValueError("no 'methods'")
+    out = {}
+    for name, r in methods.items():
+        got = {k: r.get(k) if isinstance(r, dict) else None
+               for k in ("mean_top1", "param_ratio")}
+        bad = [k for k, v in got.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+        if bad:
+            raise ValueError(f"'methods.{name}.{bad[0]}' missing or not a number")
+        out[name] = got
+    seconds = results.get("seconds")
+    return (seconds if isinstance(seconds, int | float) else None), out
+
+
 def sweep_rows(sweep_dir: Path) -> list[dict]:
     """One row per job directory below ``sweep_dir`` that recorded a status, by job number
     (then folder name: a folder of single runs holds many a job 0)."""
@@ -113,11 +137,11 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
         results_file = status_file.parent / "results.json"
         row = {**status, "dir": status_file.parent.name, "methods": {}, "seconds": None,
                "values": parse_overrides(status["overrides"])}
-        if status["status"] == "completed" and results_file.is_file():
-            results = json.loads(results_file.read_text())
-            row["seconds"] = results.get("seconds")
-            row["methods"] = {m: {"mean_top1": r["mean_top1"], "param_ratio": r["param_ratio"]}
-                              for m, r in results["methods"].items()}
+        if status["status"] == "completed":
+            try:
+                row["seconds"], row["methods"] = job_results(results_file)
+            except ValueError as err:  # (missing, cut short, edited: said in its row)
+                row.update(status="unreadable", error=f"results.json: {err}")
         rows.append(row)
     # a job Hydra started that recorded no status (killed, or still running): listed as such
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
@@ -190,7 +214,7 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     body = []
     for i, r in enumerate(rows):
         cells = [labels[i], *[override_value(r, k) or "-" for k in keys],
-                 f"failed: {r['error']}" if r["status"] == "failed" else r["status"]]
+                 f"{r['status']}: {r['error']}" if r.get("error") else r["status"]]
         for m in methods:
             got = r["methods"].get(m)
             cells += ([f"{got['mean_top1']:.2f}", f"{got['param_ratio']:.3f}"] if got
@@ -202,11 +226,14 @@ def sweep_table(rows: list[dict]) -> tuple[str, str]:
     md += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells in body]
     failed = sum(r["status"] == "failed" for r in rows)
     incomplete = sum(r["status"] == "incomplete" for r in rows)
+    unreadable = sum(r["status"] == "unreadable" for r in rows)
     unfinished = (f", {incomplete} incomplete (no {STATUS_FILE}: killed, or still running)"
                   if incomplete else "")
-    md += ["", f"{len(rows)} job(s), {failed} failed{unfinished}. Mean top-1 (%) over each "
-           "job's tasks; "
-           "param_ratio as in the job's results.md. Pareto-optimal (CWPS mean top-1 up, "
+    unfinished += (f", {unreadable} completed with a results.json the report cannot read"
+                   if unreadable else "")
+    md += ["", f"{len(rows)} {noun}(s), {failed} failed{unfinished}. Mean top-1 (%) over each "
+           f"{noun}'s tasks; "
+           f"param_ratio as in the {noun}'s results.md. Pareto-optimal (CWPS mean top-1 up, "
            f"param_ratio down): {noun}(s) "
            f"{[int(labels[i]) if noun == 'job' else labels[i] for i in pareto]}."]
     buf = io.StringIO()
@@ -240,10 +267,16 @@ def plot_lambda(points: list[tuple[float, float, float]]):
         ax.annotate(f"{r:.2f}x", (x, y), textcoords="offset points", xytext=(8, -12), fontsize=8)
     ax.set_xlabel("lambda (cwps.threshold)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
+    ax.margins(x=0.12, y=0.12)  # (the end points and their labels inside the frame)
+    ax.ticklabel_format(useOffset=False)
     ax.set_title("Accuracy vs lambda (labels: param_ratio)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     return fig
+
+
+#: the figures a sweep report draws (one of them, or none under two points)
+SWEEP_FIGURES = ("lambda.png", "accuracy_vs_params.png")
 
 
 def write_sweep_report(sweep_dir: Path) -> list[str]:
@@ -287,6 +320,11 @@ def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
                       plot_accuracy_vs_params(
                           points, f"CWPS per {noun}: accuracy vs "
                           "parameters", legend_loc="best"))
+    # the other figure (or both) a report of fewer jobs drew stays no longer: it would show
+    # those jobs alone next to the table of all of them
+    for stale in SWEEP_FIGURES:
+        if figure is None or stale != figure[0]:
+            (figures_dir / stale).unlink(missing_ok=True)
     if figure is None:
         return None
     figures_dir.mkdir(exist_ok=True)

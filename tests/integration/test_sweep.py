@@ -87,6 +87,61 @@ def test_figure5_plots_each_lambdas_accuracy_with_area_by_parameters():
     assert np.allclose(dots.get_offsets(), [[0.3, 90.0], [0.7, 85.0]])
     assert np.allclose(dots.get_sizes(), [240.0, 150.0])
     assert [t.get_text() for t in fig.axes[0].texts] == ["2.00x", "1.25x"]
+    # every value label inside the frame (the right end's ran past it)
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    ax = fig.axes[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    fig.draw(renderer)
+    frame = ax.get_window_extent(renderer)
+    for text in ax.texts:
+        box = text.get_window_extent(renderer)
+        assert frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0, text
+
+
+def test_a_completed_job_whose_results_cannot_be_read_is_marked_and_the_rest_reported(tmp_path):
+    """(one cut-short or edited results.json stopped the whole sweep report; a missing one
+    gave a 'completed' row of dashes without a word)"""
+    from cwps_lightning.sweep import sweep_table, write_sweep_report
+
+    job_dir(tmp_path, 0, ["cwps.threshold=0.3"], cwps=(90.0, 1.3))
+    job_dir(tmp_path, 1, ["cwps.threshold=0.5"], cwps=(91.0, 1.2))
+    path = tmp_path / "1" / "results.json"
+    path.write_text(path.read_text()[:30])
+    job_dir(tmp_path, 2, ["cwps.threshold=0.7"])  # (completed, its results.json gone)
+    job_dir(tmp_path, 3, ["cwps.threshold=0.9"], cwps=(92.0, 1.1))
+    path = tmp_path / "3" / "results.json"
+    path.write_text(path.read_text().replace("92.0", '"92"'))
+    rows = sweep_rows(tmp_path)
+    assert [r["status"] for r in rows] == ["completed", "unreadable", "unreadable", "unreadable"]
+    assert rows[1]["error"].startswith("results.json: not JSON (")
+    assert rows[2]["error"] == "results.json: cannot read (No such file or directory)"
+    assert rows[3]["error"] == "results.json: 'methods.cwps.mean_top1' missing or not a number"
+    md, _ = sweep_table(rows)
+    assert "| 0 | 0.3 | completed | 90.00 | 1.300 | 7 | yes |" in md
+    assert "| 2 | 0.7 | unreadable: results.json: cannot read (No such file or directory) | - " \
+           "| - | - |  |" in md
+    assert "4 job(s), 0 failed, 3 completed with a results.json the report cannot read." in md
+    assert write_sweep_report(tmp_path)[:2] == ["sweep.md", "sweep.csv"]
+
+
+def test_a_figure_of_fewer_jobs_does_not_stay_next_to_the_table(tmp_path):
+    """After two jobs only lambda varied (lambda.png); a third job with another key made the
+    report draw accuracy_vs_params.png, and the lambda figure of two jobs stayed."""
+    from cwps_lightning.sweep import write_sweep_report
+
+    job_dir(tmp_path, 0, ["cwps.threshold=0.3", "data.limit_per_task=10"], cwps=(90.0, 1.3))
+    job_dir(tmp_path, 1, ["cwps.threshold=0.7", "data.limit_per_task=10"], cwps=(91.0, 1.2))
+    assert write_sweep_report(tmp_path)[-1] == "figures/lambda.png"
+    job_dir(tmp_path, 2, ["cwps.threshold=0.3", "data.limit_per_task=200"], cwps=(92.0, 1.1))
+    assert write_sweep_report(tmp_path)[-1] == "figures/accuracy_vs_params.png"
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        "accuracy_vs_params.png"]
+    # under two points: no figure at all, and none left over
+    for job in ("1", "2"):
+        (tmp_path / job / "results.json").unlink()
+    assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
+    assert list((tmp_path / "figures").iterdir()) == []
 
 
 def test_pareto_jobs_are_those_no_other_job_beats_on_both_objectives():
