@@ -173,3 +173,17 @@ def test_an_empty_or_foreign_cache_file_is_pretrained_again(tmp_path, content):
     for key, value in first.state_dict().items():
         assert torch.equal(again.state_dict()[key], value), key  # the same seed, the same T0
     assert torch.load(cached, weights_only=True)["val_top1"] == info["val_top1"]  # rewritten
+
+
+def test_the_pretraining_line_says_a_limit_caps_t0s_task_too(caplog, monkeypatch):
+    """(data.limit_per_task, a quick run's setting, also caps T0's pretraining task: a T0 of a
+    few hundred images is weak, and nothing said where it came from)"""
+    with caplog.at_level("INFO", logger="cwps_lightning.pretrain"):
+        t0()
+    assert f"T0: pretraining {MODEL} on 'p' for 1 epoch(s)\n" in caplog.text + "\n"
+    caplog.clear()
+    monkeypatch.setattr(Pretrainable, "limit_per_task", 300, raising=False)
+    with caplog.at_level("INFO", logger="cwps_lightning.pretrain"):
+        t0()
+    assert (f"T0: pretraining {MODEL} on 'p' for 1 epoch(s), on the first 300 of its images "
+            "(data.limit_per_task)") in caplog.text

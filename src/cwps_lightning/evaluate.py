@@ -157,14 +157,22 @@ SAME_IMAGES = ("data.root", "data.tasks", "data.num_workers", "data.batch_size",
                "data.pin_memory", "data.persistent_workers")
 
 
+#: overrides that carve every split from another pool of images
+RECARVED = ("data.limit_per_task",)
+
+
 def why_they_differ(tasks: list[str], overrides: Sequence[str]) -> str:
     """What a top-1 that differs from the recorded one may come from."""
     changed = [o for o in overrides if o.lstrip("+~").split("=")[0] not in SAME_IMAGES]
     said = f"{len(tasks)} task(s) differ from the top-1 the run recorded ({', '.join(tasks)})"
     if changed:
+        recarved = [o for o in changed if o.lstrip("+~").split("=")[0] in RECARVED]
+        overlap = (f" ({', '.join(recarved)} draws the splits anew from other images: its test "
+                   f"split may hold images the run trained on, which inflates the top-1)"
+                   if recarved else "")
         return (f"{said}: {', '.join(changed)} may test other images, or transform them "
-                f"otherwise, than the run did; without them the store's own data config is "
-                f"used")
+                f"otherwise, than the run did{overlap}; without them the store's own data "
+                f"config is used")
     return (f"{said}, with the store's own data config: the images under data.root differ "
             f"from the run's, or the machine or the library versions round otherwise")
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import offset_copy
 
@@ -231,7 +232,13 @@ def plot_joint_iterations(history: list[dict], tasks: list[str]) -> Figure:
     ax.set_ylabel("Top-1 (%): test solid, val dashed")
     ax.set_title("CWPS joint mode: every visit (filled = accepted, hollow = kept the old model)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    # the line styles and markers in the legend too, not only in the title and axis label
+    handles, _ = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], ls="--", color="0.45", label="val top-1 of the same visits"),
+                Line2D([], [], ls="", marker="o", color="0.45", label="accepted visit"),
+                Line2D([], [], ls="", marker="o", markerfacecolor="white",
+                       markeredgecolor="0.45", label="rejected: the earlier model kept")]
+    ax.legend(handles=handles, fontsize=8)
     return fig
 
 

@@ -144,7 +144,10 @@ def pretrain_t0(
             return model, {"cached": str(path), "val_top1": val}
         if cached is not None:
             log.warning("T0: another rank has no cache %s: every rank pretrains T0", path)
-    log.info("T0: pretraining %s on %r for %d epoch(s)", model_name, task, epochs)
+    limit = getattr(datamodule, "limit_per_task", None)
+    log.info("T0: pretraining %s on %r for %d epoch(s)%s", model_name, task, epochs,
+             # (a quick run's limit caps T0's task too: a T0 of a few hundred images is weak)
+             f", on the first {limit} of its images (data.limit_per_task)" if limit else "")
     torch.manual_seed(seed)
     model = create_backbone(model_name, num_classes, model_kwargs)
     use_small_input_convs(model)  # exact, faster on CPU (cwps/small_input.py)
