@@ -142,7 +142,10 @@ def test_joint_iterations_plot_every_visit_and_the_kept_mean():
     hollow = [c for c in fig.axes[0].collections
               if np.allclose(c.get_facecolor()[0], (1, 1, 1, 1))]
     assert [tuple(c.get_offsets()[0]) for c in hollow] == [(1.0, 90.0)]
-    # the legend says what the dashes and the hollow markers are
+    # the legend says what the dashes and the hollow markers are, outside the curves
+    renderer = _drawn(fig)
+    legend = fig.axes[0].get_legend().get_window_extent(renderer)
+    assert legend.x0 > fig.axes[0].get_window_extent(renderer).x1
     assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()] == [
         "a (test)", "b (test)", "mean test top-1 of the kept models",
         "val top-1 of the same visits", "accepted visit", "rejected: the earlier model kept"]

@@ -111,4 +111,16 @@ def test_a_run_that_cannot_be_rebuilt_is_named_and_the_others_and_the_sweep_stil
     # one run given: its error alone, as before
     assert report.main([str(tmp_path / "1")]) == 2
     assert capsys.readouterr().err.startswith(f"error: {tmp_path / '1' / 'results.json'}: ")
+    # a completed job whose results.json is gone is not rebuilt either (it exited 0), and a
+    # sweep with none left still gets its table
+    (tmp_path / "2" / "results.json").unlink()
+    assert report.main([str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert f"{tmp_path / '2'}: not rebuilt: results.json: cannot read" in out
+    assert err.startswith("error: 2 of 3 run(s) not rebuilt")
+    for job in ("0", "1"):
+        (tmp_path / job / "results.json").unlink()
+    (tmp_path / "sweep.md").unlink()
+    assert report.main([str(tmp_path)]) == 2 and (tmp_path / "sweep.md").is_file()
+    assert capsys.readouterr().err.startswith("error: 3 of 3 run(s) not rebuilt")
 

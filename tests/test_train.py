@@ -599,3 +599,20 @@ def test_sigterm_in_a_job_of_several_ranks_ends_the_process_as_before(ranks):
         assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
     else:
         assert proc.returncode == 1 and "_Terminated" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_job_refuses_an_unused_resize_size_the_checks_before_it_could_not_see(tmp_path):
+    """A job submitted to a cluster checks its settings only before the submission: folder
+    tasks found on a disk this machine cannot see left data.resize_size unchecked, and the
+    build (which the job's own check leaves the data to) no longer checks it."""
+    from .data.helpers import make_folder_task
+
+    for task in ("t1", "t2"):
+        make_folder_task(tmp_path / task)
+    cfg = compose_config(["data=folders", f"data.root={tmp_path}", "data.transform=resize",
+                          "data.resize_size=300", "data.image_size=32", "data.num_workers=0"])
+    from cwps_lightning.config import instantiate_data
+
+    instantiate_data(cfg).check_settings(here=False)  # (the remote check cannot tell)
+    with pytest.raises(DataConfigError, match=r"data\.resize_size=300 is not used"):
+        train.build_data(cfg)

@@ -238,7 +238,8 @@ def plot_joint_iterations(history: list[dict], tasks: list[str]) -> Figure:
                 Line2D([], [], ls="", marker="o", color="0.45", label="accepted visit"),
                 Line2D([], [], ls="", marker="o", markerfacecolor="white",
                        markeredgecolor="0.45", label="rejected: the earlier model kept")]
-    ax.legend(handles=handles, fontsize=8)
+    # outside the axes: ten entries and more (six tasks) covered the curves inside
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

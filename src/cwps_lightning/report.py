@@ -190,7 +190,7 @@ def run_dirs(path: Path) -> list[Path]:
     if (path / "results.json").is_file():
         return [path]
     found = sorted({p.parent for p in path.glob("**/results.json")})
-    if not found:
+    if not found and not any(path.glob("*/job_status.json")):  # (a sweep's table stands alone)
         # (a folder of a run, its store or figures: the run directory is the one above)
         hint = f"; the run directory is {path.parent}" if (
             path.parent / "results.json").is_file() else ""
@@ -222,28 +222,39 @@ def main(argv: list[str] | None = None) -> int:
     except StoreError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    failed = []
+    root = Path(argv[0])
+    if runs == [root]:  # one run: its error alone
+        try:
+            results = report_run(root)
+        except StoreError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"{root}: results.md and {len(results.get('figures', []))} figure(s)")
+        return 0
+    failed = {}
     for run_dir in runs:
         started = time.perf_counter()
         try:
             results = report_run(run_dir)
         except StoreError as err:
-            if len(runs) == 1:
-                print(f"error: {err}", file=sys.stderr)
-                return 2
-            failed.append(run_dir)  # (the others are still rebuilt, and the sweep's table)
+            failed[run_dir] = str(err)  # (the others are still rebuilt, and the sweep's table)
             print(f"{run_dir}: not rebuilt: {err}")
             continue
         print(f"{run_dir}: results.md and {len(results.get('figures', []))} figure(s) "
               f"in {time.perf_counter() - started:.1f} s")
-    from .sweep import STATUS_FILE, write_sweep_report
+    from .sweep import STATUS_FILE, sweep_rows, write_sweep_report
 
-    root = Path(argv[0])
-    if not (root / "results.json").is_file() and any(root.glob(f"*/{STATUS_FILE}")):
+    if any(root.glob(f"*/{STATUS_FILE}")):
         written = write_sweep_report(root)
         print(f"{root}: {', '.join(written)}")
+        for row in sweep_rows(root):  # (a completed job whose results.json is gone)
+            job_dir = root / row["dir"]
+            if row["status"] == "unreadable" and job_dir not in failed:
+                failed[job_dir] = row["error"]
+                print(f"{job_dir}: not rebuilt: {row['error']}")
     if failed:
-        print(f"error: {len(failed)} of {len(runs)} run(s) not rebuilt (each said above): "
+        total = len(set(runs) | set(failed))
+        print(f"error: {len(failed)} of {total} run(s) not rebuilt (each said above): "
               f"{[str(p) for p in failed]}", file=sys.stderr)
         return 2
     return 0

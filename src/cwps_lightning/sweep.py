@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -271,7 +272,7 @@ def plot_lambda(points: list[tuple[float, float, float]]):
     ax.ticklabel_format(useOffset=False)
     ax.set_title("Accuracy vs lambda (labels: param_ratio)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.legend(fontsize=8, loc="best")
     return fig
 
 
@@ -285,10 +286,13 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
     if not rows:
         return []
     md, csv_text = sweep_table(rows)
+    before = sweep_dir / "sweep.md"
+    linked = before.read_text(errors="replace") if before.is_file() else ""
     atomic_write(sweep_dir / "sweep.csv", csv_text.encode())
     written = ["sweep.md", "sweep.csv"]
     try:
-        figure = sweep_figure(rows, sweep_dir / "figures")
+        figure = sweep_figure(rows, sweep_dir / "figures",
+                              drawn_before=[f for f in SWEEP_FIGURES if f"(figures/{f})" in linked])
     except Exception as err:  # noqa: BLE001 - the table stands without its figure
         figure = None
         log.error("the sweep's figure failed (%s: %s); sweep.md and sweep.csv are written "
@@ -300,9 +304,12 @@ def write_sweep_report(sweep_dir: Path) -> list[str]:
     return written
 
 
-def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
+def sweep_figure(rows: list[dict], figures_dir: Path,
+                 drawn_before: Sequence[str] = ()) -> str | None:
     """Draw the sweep's figure into ``figures_dir`` (Figure 5 for a lambda sweep, accuracy
-    against parameters per job otherwise); its file name, or None with under two points."""
+    against parameters per job otherwise); its file name, or None with under two points.
+    ``drawn_before``: the figures the previous report linked, removed where this one draws
+    another (or none): a file of that name the report did not draw stays."""
     figure = None
     keys, lambdas = varying_keys(rows), lambda_points(rows)
     if keys == [LAMBDA_KEY] and len(lambdas) >= 2:
@@ -322,7 +329,7 @@ def sweep_figure(rows: list[dict], figures_dir: Path) -> str | None:
                           "parameters", legend_loc="best"))
     # the other figure (or both) a report of fewer jobs drew stays no longer: it would show
     # those jobs alone next to the table of all of them
-    for stale in SWEEP_FIGURES:
+    for stale in drawn_before:
         if figure is None or stale != figure[0]:
             (figures_dir / stale).unlink(missing_ok=True)
     if figure is None:

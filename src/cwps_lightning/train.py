@@ -238,6 +238,11 @@ def build_data(cfg: DictConfig):
     datamodule = instantiate_data(cfg)
     for task in datamodule.task_names:
         datamodule.num_classes(task)
+    # (the checks before the run skip it where the task names come from a disk they cannot
+    # see: a job submitted to a cluster)
+    unused_resize = getattr(datamodule, "check_resize_used", None)
+    if unused_resize is not None:
+        unused_resize()
     return datamodule
 
 

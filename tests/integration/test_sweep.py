@@ -142,6 +142,10 @@ def test_a_figure_of_fewer_jobs_does_not_stay_next_to_the_table(tmp_path):
         (tmp_path / job / "results.json").unlink()
     assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
     assert list((tmp_path / "figures").iterdir()) == []
+    # a file of that name the report did not draw (a folder of single runs) stays
+    (tmp_path / "figures" / "lambda.png").write_bytes(b"mine")
+    assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
+    assert (tmp_path / "figures" / "lambda.png").read_bytes() == b"mine"
 
 
 def test_pareto_jobs_are_those_no_other_job_beats_on_both_objectives():
