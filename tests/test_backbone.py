@@ -83,6 +83,18 @@ def test_an_unknown_name_far_from_any_lists_the_models_of_its_family():
     assert similar, str(err.value)
     names = re.findall(r"'([^']+)'", similar.group(1))
     assert names and all("efficientnet" in name for name in names)
+    # the family of its first word, shortest first (it was resnet50_gn, tresnet_m, tresnet_l;
+    # vit_nope gave convit_* and crossvit_*), and a misspelling by spelling
+    for name, first in (("resnet_nope", ["resnet18", "resnet26", "resnet34", "resnet50"]),
+                        ("vit_nope", None), ("resnt18", ["resnet18"])):
+        with pytest.raises(ModelConfigError) as err:
+            check_model_name(name)
+        names = re.findall(r"'([^']+)'", re.search(r"; similar: \[(.*)\]$",
+                                                   str(err.value)).group(1))
+        if first:
+            assert names[:len(first)] == first, (name, names)
+        else:
+            assert names and all(n.startswith("vit_") for n in names), names
 
 
 def test_a_checkpoint_wrapping_its_state_dict_under_model_loads(tmp_path):

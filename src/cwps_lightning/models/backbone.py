@@ -29,11 +29,19 @@ def check_model_name(name: str) -> str:
     if not timm.is_model(name):
         import difflib
 
-        # (names it begins, else the nearest by spelling, else those sharing its first word)
+        # names it begins; else the nearest by spelling; else the family of its first word,
+        # shortest first (resnet_nope: resnet18, resnet26, ...; by spelling it was
+        # resnet50_gn, tresnet_m); else a looser spelling; else names holding that word
         known = timm.list_models()
+        word = name.split("_")[0]
+        family = sorted((m for m in known if word and m.startswith(word)
+                         and not m[len(word):len(word) + 1].isalpha()),
+                        key=lambda m: (len(m), m))
         close = ([m for m in known if name and m.startswith(name)][:8]
+                 or difflib.get_close_matches(name, known, n=8, cutoff=0.8)
+                 or family[:8]
                  or difflib.get_close_matches(name, known, n=8, cutoff=0.7)
-                 or (timm.list_models(f"*{name.split('_')[0]}*")[:8] if name else []))
+                 or (timm.list_models(f"*{word}*")[:8] if name else []))
         hint = f"; similar: {close}" if close else ""
         raise ModelConfigError(
             f"unknown model {name!r}: model.name takes any timm model name "
