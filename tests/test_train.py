@@ -512,6 +512,12 @@ def test_ctrl_c_between_fits_stops_with_the_line_a_fit_gives(job_dir):
     assert raised.value.__cause__ is None and raised.value.__suppress_context__
     assert wandb.finished == 1
     (run_dir / "store").mkdir()
+    # a first save cut short leaves a folder without a manifest: still no task stored (it
+    # said the store keeps the tasks finished before)
+    (run_dir / "store" / "kernels-000000.safetensors").write_bytes(b"part")
+    with pytest.raises(RunInterrupted, match=f"training loop; {NO_STORE_YET}: the same"):
+        train.task_wrapper(task)(None)
+    (run_dir / "store" / "manifest.json").write_text("{}")
     with pytest.raises(RunInterrupted, match=f"training loop; {STORE_KEEPS}: the same"):
         train.task_wrapper(task)(None)
 
@@ -582,23 +588,34 @@ def test_a_sigterm_a_finaliser_swallowed_stops_the_job_at_its_end(job_dir):
 
 
 @pytest.mark.parametrize("ranks", ["1", "2"])
-def test_sigterm_in_a_job_of_several_ranks_ends_the_process_as_before(ranks):
+def test_sigterm_in_a_job_of_several_ranks_ends_the_process_as_before(ranks, tmp_path):
     """A rank waiting in a collective runs no Python handler until it ends, and the ranks
     would not stop together: there the signal keeps its default action."""
     import os
     import signal
     import subprocess
 
-    code = ("import os, signal\n"
+    # rank 0 under Lightning's launcher passes it on to the ranks it started (signalled
+    # alone, it left them running, to fail in their next collective 17 s later)
+    code = ("import os, signal, sys\n"
+            "from cwps_lightning import distributed\n"
             "from cwps_lightning.train import sigterm_stops_the_job\n"
+            "class Launcher:\n"
+            "    procs = [object()]\n"
+            "    def kill(self, signum):\n"
+            "        open(sys.argv[1], 'w').write(str(signum))\n"
+            "distributed.remember_launcher(Launcher())\n"
             "with sigterm_stops_the_job():\n"
             "    os.kill(os.getpid(), signal.SIGTERM)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "WORLD_SIZE": ranks}, timeout=120)
+    marker = tmp_path / "forwarded"
+    proc = subprocess.run([sys.executable, "-c", code, str(marker)], capture_output=True,
+                          text=True, env={**os.environ, "WORLD_SIZE": ranks}, timeout=120)
     if ranks == "2":
         assert proc.returncode == -signal.SIGTERM, proc.stderr[-2000:]
+        assert marker.read_text() == str(int(signal.SIGTERM))
     else:
         assert proc.returncode == 1 and "_Terminated" in proc.stderr, proc.stderr[-2000:]
+        assert not marker.exists()  # (one process: the job stops itself, nothing to pass on)
 
 
 def test_the_job_refuses_an_unused_resize_size_the_checks_before_it_could_not_see(tmp_path):

@@ -247,6 +247,25 @@ class RankZeroStop:
     removed: bool
 
 
+#: Lightning's launcher of the last fit, where it started the other ranks from this process
+_CHILD_LAUNCHER: list = []
+
+
+def remember_launcher(launcher) -> None:
+    """Keep the launcher of a fit that started the other ranks from this process (rank 0
+    under Lightning's own launcher), for forward_signal between fits."""
+    if launcher is not None and getattr(launcher, "procs", None):
+        _CHILD_LAUNCHER[:] = [launcher]
+
+
+def forward_signal(signum: int) -> None:
+    """Send ``signum`` to the ranks Lightning's launcher started from this process, as a fit's
+    handler does (a rank 0 that a supervisor signalled alone left them running, to fail in
+    their next collective); nothing where no launcher started any (torchrun, SLURM)."""
+    for launcher in _CHILD_LAUNCHER:
+        launcher.kill(signum)
+
+
 def launcher_store(timeout_s: float):
     """A key-value store every rank reaches, as a client: the one torchrun's agent serves at
     MASTER_ADDR:MASTER_PORT for the life of the job (``TORCHELASTIC_USE_AGENT_STORE``), or,

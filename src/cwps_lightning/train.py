@@ -48,6 +48,7 @@ from .checks import (
 )
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
+from .cwps.store import MANIFEST
 from .errors import NO_STORE_YET, STORE_KEEPS, ConfigError
 from .fitting import (
     FitSettings,
@@ -135,7 +136,8 @@ def sigterm_stops_the_job():
     default action, from the main thread. Where the signal cannot be taken this way it ends
     the process as before: in a forked process (a DataLoader worker), and in a job of several
     ranks (a rank waiting in a collective runs no Python handler until the collective ends,
-    and the ranks would not stop together). A signal whose exception a finaliser swallowed
+    and the ranks would not stop together); rank 0 under Lightning's launcher passes it on to
+    the ranks it started, as a fit's handler does. A signal whose exception a finaliser swallowed
     (one raised in a ``__del__`` is printed and dropped) stops the job when it ends."""
     if (threading.current_thread() is not threading.main_thread()
             or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
@@ -148,8 +150,10 @@ def sigterm_stops_the_job():
         received.append(signum)
         if signal.getsignal(signal.SIGTERM) is not handler:
             return  # a fit's handler called this one: the fit stops itself
-        if (os.getpid() != pid or distributed.active()
-                or distributed.world_size_from_env() > 1):
+        if os.getpid() == pid and (distributed.active()
+                                   or distributed.world_size_from_env() > 1):
+            distributed.forward_signal(signum)  # (the ranks Lightning started from here)
+        if os.getpid() != pid or distributed.active() or distributed.world_size_from_env() > 1:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
@@ -186,7 +190,9 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         except Exception as err:
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
-                    STORE_KEEPS in str(err.args[0]) and not (run_dir / "store").is_dir():
+                    STORE_KEEPS in str(err.args[0]) and \
+                    not (run_dir / "store" / MANIFEST).is_file():  # (a first save cut short
+                # left a folder without one: no task is stored)
                 err.args = (str(err.args[0]).replace(STORE_KEEPS, NO_STORE_YET), *err.args[1:])
             # under DDP: a failed collective may be another rank's stop (its word is in the
             # store), whose error is the run's; an error every rank meets (a bug) stays each

@@ -39,13 +39,14 @@ class SigtermAtNextBatch(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.signalled = False
+        distributed.remember_launcher(getattr(trainer.strategy, "launcher", None))
         connector = getattr(trainer, "_signal_connector", None)
         if connector is None or not hasattr(connector, "_sigterm_notifier_fn"):
             return
 
         def record(signum, frame) -> None:
-            log.warning("rank %d: SIGTERM: the fit stops at the next batch",
-                        trainer.global_rank)
+            log.warning("rank %d: SIGTERM: the fit stops at its next training batch, or at "
+                        "its end", trainer.global_rank)
             if not self.signalled:
                 launcher = trainer.strategy.launcher
                 if launcher is not None:  # (the ranks Lightning's launcher started)
