@@ -143,6 +143,7 @@ def test_a_stop_before_any_task_was_stored_says_there_is_no_store(job_dir, error
     assert str(raised.value) == line.replace(STORE_KEEPS, NO_STORE_YET)
     assert NO_STORE_YET in str(raised.value) and raised.value.status == error.status
     (run_dir / "store").mkdir()
+    (run_dir / "store" / "manifest.json").write_text("{}")  # (a store: its manifest written)
     error.args = (line, *error.args[1:])
     with pytest.raises(type(error)) as raised:
         train.task_wrapper(lambda cfg: (_ for _ in ()).throw(error))(None)
