@@ -38,6 +38,11 @@ tasks, as without it); device= is one of
 Exit 0: every task matches; 1: a task differs; 2: bad input (one error: line)."""
 
 
+def override_key(override: str) -> str:
+    """The config key of a ``[+~]key=value`` override."""
+    return override.lstrip("+~").split("=")[0]
+
+
 def parse_args(argv: Sequence[str]) -> tuple[dict, list[str]]:
     """``store=`` and ``device=``, and the config overrides (everything else)."""
     own, overrides = {}, []
@@ -94,7 +99,7 @@ def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
     # the store's tasks are tested (a killed run's store holds the tasks it finished)
     given = list(datamodule.task_names)
     unknown = [t for t in given if t not in store.tasks]
-    if unknown and any(o.lstrip("+~").split("=")[0] == "data.tasks" for o in overrides):
+    if unknown and any(override_key(o) == "data.tasks" for o in overrides):
         raise ConfigError(f"data.tasks: {unknown} not in the store; its tasks: {kept}")
     rows = []
     for task in store.tasks:
@@ -163,10 +168,10 @@ RECARVED = ("data.limit_per_task",)
 
 def why_they_differ(tasks: list[str], overrides: Sequence[str]) -> str:
     """What a top-1 that differs from the recorded one may come from."""
-    changed = [o for o in overrides if o.lstrip("+~").split("=")[0] not in SAME_IMAGES]
+    changed = [o for o in overrides if override_key(o) not in SAME_IMAGES]
     said = f"{len(tasks)} task(s) differ from the top-1 the run recorded ({', '.join(tasks)})"
     if changed:
-        recarved = [o for o in changed if o.lstrip("+~").split("=")[0] in RECARVED]
+        recarved = [o for o in changed if override_key(o) in RECARVED]
         overlap = (f" ({', '.join(recarved)} draws the splits anew from other images: its test "
                    f"split may hold images the run trained on, which inflates the top-1)"
                    if recarved else "")

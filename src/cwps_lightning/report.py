@@ -245,9 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     from .sweep import STATUS_FILE, sweep_rows, write_sweep_report
 
     if any(root.glob(f"*/{STATUS_FILE}")):
-        written = write_sweep_report(root)
+        rows = sweep_rows(root)
+        written = write_sweep_report(root, rows)
         print(f"{root}: {', '.join(written)}")
-        for row in sweep_rows(root):  # (a completed job whose results.json is gone)
+        for row in rows:  # (a completed job whose results.json is gone)
             job_dir = root / row["dir"]
             if row["status"] == "unreadable" and job_dir not in failed:
                 failed[job_dir] = row["error"]

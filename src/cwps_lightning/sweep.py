@@ -280,9 +280,10 @@ def plot_lambda(points: list[tuple[float, float, float]]):
 SWEEP_FIGURES = ("lambda.png", "accuracy_vs_params.png")
 
 
-def write_sweep_report(sweep_dir: Path) -> list[str]:
-    """sweep.md, sweep.csv and the sweep's figures; returns the files written (relative)."""
-    rows = sweep_rows(sweep_dir)
+def write_sweep_report(sweep_dir: Path, rows: list[dict] | None = None) -> list[str]:
+    """sweep.md, sweep.csv and the sweep's figures; returns the files written (relative).
+    ``rows``: sweep_rows(sweep_dir), where the caller has them already."""
+    rows = sweep_rows(sweep_dir) if rows is None else rows
     if not rows:
         return []
     md, csv_text = sweep_table(rows)

@@ -150,10 +150,10 @@ def sigterm_stops_the_job():
         received.append(signum)
         if signal.getsignal(signal.SIGTERM) is not handler:
             return  # a fit's handler called this one: the fit stops itself
-        if os.getpid() == pid and (distributed.active()
-                                   or distributed.world_size_from_env() > 1):
-            distributed.forward_signal(signum)  # (the ranks Lightning started from here)
-        if os.getpid() != pid or distributed.active() or distributed.world_size_from_env() > 1:
+        forked = os.getpid() != pid
+        if forked or distributed.active() or distributed.world_size_from_env() > 1:
+            if not forked:
+                distributed.forward_signal(signum)  # (the ranks Lightning started from here)
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return

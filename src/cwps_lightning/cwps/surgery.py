@@ -95,7 +95,6 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
                 setattr(parent, attr, new)
 
 
-
 def shareable_layers(
     model: nn.Module, exclude: Iterable[str] | None = None, transformed: bool = True
 ) -> list[str]:
