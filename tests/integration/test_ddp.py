@@ -188,7 +188,7 @@ def test_sigterm_to_rank_0_stops_both_ranks_at_the_next_batch(tmp_path):
     """Lightning's own SIGTERM handler calls a collective inside the handler; mid-backward it
     paired with rank 1's gradient all-reduce and both waited for gloo's timeout (measured: no
     progress in 120 s). The project's handler records the signal; the ranks stop together at
-    the next batch, exit 143 with one line."""
+    the next batch, exit 143 with one `error:` line."""
     import signal
     import time
 
@@ -206,11 +206,14 @@ def test_sigterm_to_rank_0_stops_both_ranks_at_the_next_batch(tmp_path):
         time.sleep(1.5)  # (inside the mask fit, whose 4 epochs take several seconds)
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=90)
+        out, err = proc.communicate(timeout=90)
     finally:
         proc.kill()
     assert proc.returncode == 143, err[-3000:]
     assert time.monotonic() - sent < 60
+    # rank 0 passed the signal on in this, the job's second fit, whose launcher started no
+    # ranks (the first fit's did): rank 1 had it too, and said so
+    assert "rank 1: SIGTERM" in out + err, (out + err)[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("error")]
     assert len(errors) == 1 and "cwps/optdigits-it0-mask: stopped by SIGTERM" in errors[0], \
         err[-3000:]

@@ -48,9 +48,9 @@ class SigtermAtNextBatch(L.Callback):
             log.warning("rank %d: SIGTERM: the fit stops at its next training batch, or at "
                         "its end", trainer.global_rank)
             if not self.signalled:
-                launcher = trainer.strategy.launcher
-                if launcher is not None:  # (the ranks Lightning's launcher started)
-                    launcher.kill(signum)
+                # to the ranks Lightning's launcher started from this process: the first
+                # fit's launcher (a later fit's started none, the ranks existed already)
+                distributed.forward_signal(signum)
             self.signalled = True
 
         connector._sigterm_notifier_fn = record
