@@ -257,6 +257,23 @@ def test_accuracy_vs_params_keeps_every_value_inside_the_axes():
     assert values["93.29"].get_ha() == "right" and values["93.27"].get_ha() == "left"
 
 
+def test_accuracy_vs_params_legend_hides_no_point_and_no_value():
+    """Inside the axes (lower right) the legend hid Fine-Tuning's point (4.00x, low accuracy)
+    and its value: it stands right of the axes now."""
+    points = [("CWPS-Incremental", 1.34, 27.11), ("Fine-Tuning", 4.0, 27.56),
+              ("TAPS", 4.0, 43.56)]
+    fig = figures.plot_accuracy_vs_params(points, "t")
+    renderer = _drawn(fig)
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [p[0] for p in points]
+    for collection in ax.collections:
+        for x, y in ax.transData.transform(collection.get_offsets()):
+            assert not legend.contains(x, y), (x, y, legend)
+    for text in ax.texts:
+        assert not legend.overlaps(text.get_window_extent(renderer)), text.get_text()
+
+
 def test_kernel_tiles_keep_rgb_and_scale_each_kernel_on_its_own():
     w = torch.zeros(2, 3, 2, 2)
     w[0, 0] = 1.0  # a red kernel

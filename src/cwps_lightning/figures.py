@@ -103,10 +103,10 @@ def plot_relation_graph(tasks: list[str], shared: np.ndarray) -> Figure:
 
 
 # -- Figure 4 (left): accuracy against parameters ----------------------------------------------------
-def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str,
-                            legend_loc: str = "lower right") -> Figure:
-    """``points``: (label, param_ratio, mean top-1 %) per method (or per job: the legend
-    where it covers the fewest points, ``legend_loc="best"``)."""
+def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) -> Figure:
+    """``points``: (label, param_ratio, mean top-1 %) per method (or per job). The legend
+    stands right of the axes: inside them (lower right) it hid a method of many parameters and
+    low accuracy, and its value."""
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     ratios = [ratio for _, ratio, _ in points]
@@ -127,7 +127,7 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str,
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3, zorder=0)
-    ax.legend(fontsize=8, loc=legend_loc)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 

@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -155,9 +156,16 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: (r["job"], r["dir"]))
 
 
+#: a character Hydra's sweeper escapes in a job's overrides (``[a,m.x\\:Cls]``), and its escape
+_HYDRA_ESCAPE = re.compile(r"\\([\\()\[\]{}:=, \t])")
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, str]:
-    """``key=value`` overrides as {key: value} (the ``+`` / ``~`` prefix dropped)."""
-    return {k.lstrip("+~"): v for k, _, v in (o.partition("=") for o in overrides)}
+    """``key=value`` overrides as {key: value} (the ``+`` / ``~`` prefix dropped), the values
+    as they were typed: without the escapes Hydra's sweeper writes into a job's overrides
+    (``m.x\\:Cls`` for ``m.x:Cls``), which the table, the CSV and the figure showed."""
+    return {k.lstrip("+~"): _HYDRA_ESCAPE.sub(r"\1", v)
+            for k, _, v in (o.partition("=") for o in overrides)}
 
 
 def varying_keys(rows: list[dict]) -> list[str]:
@@ -326,8 +334,7 @@ def sweep_figure(rows: list[dict], figures_dir: Path,
         if len(points) >= 2:
             figure = ("accuracy_vs_params.png",
                       plot_accuracy_vs_params(
-                          points, f"CWPS per {noun}: accuracy vs "
-                          "parameters", legend_loc="best"))
+                          points, f"CWPS per {noun}: accuracy vs parameters"))
     # the other figure (or both) a report of fewer jobs drew stays no longer: it would show
     # those jobs alone next to the table of all of them
     for stale in drawn_before:

@@ -125,6 +125,20 @@ def test_a_completed_job_whose_results_cannot_be_read_is_marked_and_the_rest_rep
     assert write_sweep_report(tmp_path)[:2] == ["sweep.md", "sweep.csv"]
 
 
+def test_the_table_shows_values_as_typed_not_with_hydras_escapes(tmp_path):
+    """Hydra's sweeper writes ``m.x\\:Cls`` into a job's overrides for ``m.x:Cls``: the table,
+    the CSV and the figure's legend showed the backslash."""
+    from cwps_lightning.sweep import sweep_table
+
+    job_dir(tmp_path, 0, ["cwps.baselines=[finetune]"], cwps=(90.0, 1.3))
+    job_dir(tmp_path, 1, ["cwps.baselines=[taps,mine.last\\:Last]"], cwps=(91.0, 1.2))
+    rows = sweep_rows(tmp_path)
+    assert [r["values"]["cwps.baselines"] for r in rows] == ["[finetune]",
+                                                            "[taps,mine.last:Last]"]
+    md, csv_text = sweep_table(rows)
+    assert "| 1 | [taps,mine.last:Last] |" in md and "\\" not in md + csv_text
+
+
 def test_a_figure_of_fewer_jobs_does_not_stay_next_to_the_table(tmp_path):
     """After two jobs only lambda varied (lambda.png); a third job with another key made the
     report draw accuracy_vs_params.png, and the lambda figure of two jobs stayed."""
