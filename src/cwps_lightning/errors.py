@@ -7,6 +7,9 @@ from collections.abc import Sequence
 #: job says instead that there is none, where no task was finished: train.task_wrapper)
 STORE_KEEPS = "the store keeps the tasks finished before"
 NO_STORE_YET = "no task was finished before it, so there is no store yet"
+#: after STORE_KEEPS, where a fit diverged: the run dir resumes under its own settings only
+DIVERGED_RUN_DIR = ("under this run's settings, which a run dir keeps: rerun with the lower "
+                    "learning rate in a new run dir")
 
 #: how many offending items an error message lists before "... and N more"
 LIST_LIMIT = 10

@@ -49,7 +49,7 @@ from .checks import (
 from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .cwps.store import MANIFEST
-from .errors import NO_STORE_YET, STORE_KEEPS, ConfigError
+from .errors import DIVERGED_RUN_DIR, NO_STORE_YET, STORE_KEEPS, ConfigError
 from .fitting import (
     FitSettings,
     RunInterrupted,
@@ -190,10 +190,14 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
         except Exception as err:
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
-                    STORE_KEEPS in str(err.args[0]) and \
-                    not (run_dir / "store" / MANIFEST).is_file():  # (a first save cut short
-                # left a folder without one: no task is stored)
-                err.args = (str(err.args[0]).replace(STORE_KEEPS, NO_STORE_YET), *err.args[1:])
+                    STORE_KEEPS in str(err.args[0]):
+                if not (run_dir / "store" / MANIFEST).is_file():  # (a first save cut short
+                    # left a folder without one: no task is stored)
+                    err.args = (str(err.args[0]).replace(STORE_KEEPS, NO_STORE_YET),
+                                *err.args[1:])
+                elif isinstance(err, TrainingDiverged):  # (the same run dir refuses a lower
+                    # learning rate: its store was written under these settings)
+                    err.args = (f"{err.args[0]}, {DIVERGED_RUN_DIR}", *err.args[1:])
             # under DDP: a failed collective may be another rank's stop (its word is in the
             # store), whose error is the run's; an error every rank meets (a bug) stays each
             # rank's own
