@@ -22,10 +22,12 @@ from torch import nn
 from . import distributed
 from .cwps import KernelBank
 from .data.base import PRETRAINED_NAME
+from .errors import ConfigError
 from .fitting import FitSettings, evaluate_top1, fit
 from .methods.base import (
     FitPlan,
     Method,
+    Trained,
     additive_param_count,
     head_param_count,
     param_ratios,
@@ -35,6 +37,22 @@ from .models import backbone_param_count, head_classes, task_model
 log = logging.getLogger(__name__)
 
 T0 = PRETRAINED_NAME
+
+
+def check_trained(method: Method, trained) -> None:
+    """What a method's ``train`` returned keeps the contract of methods/base.py, or one line
+    (a ConfigError) names the method and what is wrong; the tasks stored before stay."""
+    where = (f"method {method.name!r} ({type(method).__module__}:{type(method).__qualname__}): "
+             f"train() must return a Trained")
+    if not isinstance(trained, Trained):
+        raise ConfigError(f"{where}, got {type(trained).__name__} (README: *A method of your "
+                          f"own*)")
+    if not isinstance(trained.model, nn.Module):
+        raise ConfigError(f"{where} whose model is an nn.Module, got "
+                          f"{type(trained.model).__name__}")
+    if not method.shares_tasks and not {"kernels", "task_own"} <= set(trained.params):
+        raise ConfigError(f"{where} with params 'kernels' and 'task_own' (the parameters the "
+                          f"task adds to the store; got {sorted(trained.params)})")
 
 
 @dataclass
@@ -193,12 +211,10 @@ class Runner:
     def visit(self, method: Method, result: MethodResult, task: str, iteration: int) -> None:
         started = time.perf_counter()
         trained = method.train(task, iteration, result.bank, self)
+        check_trained(method, trained)  # (before its test pass: a broken method stops sooner)
         val, test = self._test(trained.model, task)
         info = {"val_top1": val, "top1": test, **trained.info}
         if not method.shares_tasks:
-            if not {"kernels", "task_own"} <= set(trained.params):
-                raise ValueError(f"method {method.name!r}: train() must return params with "
-                                 f"'kernels' and 'task_own' (got {sorted(trained.params)})")
             # the head is the task's own whatever the method: counted for the with-heads figure
             info["params"] = {"heads": head_param_count(trained.model), **trained.params}
         info["seconds"] = round(time.perf_counter() - started, 1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 from torch import nn
 
 from cwps_lightning.cwps.method import CWPSMethod
@@ -28,7 +29,9 @@ def test_a_method_from_any_module_by_its_path():
 
 @pytest.mark.parametrize("name, needle", [
     ("magic", r"unknown method 'magic'; accepted: \['finetune', 'frozen', 'taps', 'piggyback'\]"),
-    ("examples.nope:LoRA", r"cannot import examples.nope:LoRA"),
+    ("examples.nope:LoRA", r"cannot import examples.nope:LoRA \(No module named "
+                           r"'examples.nope'; a module of your own must be importable: under "
+                           r"the working directory, or on PYTHONPATH\)"),
     ("examples.lora:Nope", r"cannot import examples.lora:Nope"),
     ("examples.lora:RANK", r"is not a subclass of cwps_lightning.methods.base.Method"),
 ])
@@ -56,6 +59,8 @@ def test_the_core_and_the_methods_import_without_lightning_or_hydra():
     (["finetune", "tests.methods.plugins:AlsoFineTune"],
      "tests.methods.plugins:AlsoFineTune and finetune are both named 'finetune'"),
     (["tests.methods.plugins:Sharing"], "only CWPS may share between tasks"),
+    (["cwps"], "cwps: CWPS runs in every job; list the methods to compare it with "
+               "(['finetune', 'frozen', 'taps', 'piggyback'] or 'package.module:Class')"),
 ])
 def test_config_check_refuses_methods_that_would_mix_up_results(baselines, needle):
     from cwps_lightning.checks import check_methods
@@ -66,20 +71,33 @@ def test_config_check_refuses_methods_that_would_mix_up_results(baselines, needl
     check_methods(["finetune", "frozen", "taps", "piggyback", "examples.lora:LoRA"])
 
 
-def test_a_method_without_its_cost_fails_at_its_visit():
+@pytest.mark.parametrize("returned, needle", [
+    ("no cost", r"must return a Trained with params 'kernels' and 'task_own' \(the parameters "
+                r"the task adds to the store; got \[\]\)"),
+    (None, r"must return a Trained, got NoneType \(README: \*A method of your own\*\)"),
+    ("a tensor", r"must return a Trained whose model is an nn.Module, got Tensor")])
+def test_a_method_that_breaks_its_contract_stops_with_one_line_before_its_test_pass(
+        returned, needle):
+    """(a method's ValueError stopped the run with a traceback; the test pass ran first)"""
     from types import SimpleNamespace
 
+    from cwps_lightning.errors import ConfigError
     from cwps_lightning.methods.base import Trained
     from cwps_lightning.runner import Runner
 
-    class NoCost(FineTune):
-        name = "nocost"
+    class Broken(FineTune):
+        name = "broken"
 
         def train(self, task, iteration, bank, harness):
-            return Trained(nn.Linear(1, 1))
+            if returned is None:
+                return None
+            return Trained(nn.Linear(1, 1) if returned == "no cost" else torch.zeros(1))
 
+    tested = []
     runner = Runner.__new__(Runner)  # only the visit's bookkeeping is exercised
-    runner._test = lambda model, task: (1.0, 1.0)
+    runner._test = lambda model, task: tested.append(task) or (1.0, 1.0)
     result = SimpleNamespace(bank=None)
-    with pytest.raises(ValueError, match=r"'nocost': train\(\) must return params"):
-        runner.visit(NoCost(), result, "t", 0)
+    with pytest.raises(ConfigError, match=r"^method 'broken' \(tests\.methods\.test_registry:.*Broken\): "
+                                          r"train\(\) " + needle):
+        runner.visit(Broken(), result, "t", 0)
+    assert tested == []

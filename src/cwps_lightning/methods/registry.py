@@ -34,7 +34,12 @@ def method_class(name: str) -> type[Method]:
     module_name, _, class_name = path.partition(":")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as err:
+    except ImportError as err:  # (a module of one's own: found from the working directory
+        # when the job runs as `python -m`, else on PYTHONPATH)
+        raise ValueError(f"method {name!r}: cannot import {path} ({err}; a module of your own "
+                         f"must be importable: under the working directory, or on "
+                         f"PYTHONPATH)") from None
+    except AttributeError as err:
         raise ValueError(f"method {name!r}: cannot import {path} ({err})") from None
     if not (isinstance(cls, type) and issubclass(cls, Method)):
         raise ValueError(f"method {name!r}: {path} is not a subclass of "
