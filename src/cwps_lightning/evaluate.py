@@ -146,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, StoreError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    # (the store holds CWPS's models alone: the baselines' are not kept)
+    print(f"CWPS, each task's model rebuilt from the store {own['store']}:\n")
     print(format_rows(rows))
     counts = store.param_count()
     print(f"\nparameters stored: {counts['total']:,} ({counts['kernels']:,} in the kernel table, "

@@ -46,6 +46,8 @@ def test_matching_store_exits_0(store_dir, capsys):
     assert main([f"store={store_dir}", "device=cpu"]) == 0
     out, err = capsys.readouterr()
     assert "optdigits" in out and err == ""
+    # the table says whose models it re-tests (the store keeps CWPS's alone)
+    assert out.startswith(f"CWPS, each task's model rebuilt from the store {store_dir}:\n\n| Task |")
     # the kernel count is the whole table (it read 'in shared kernels': task-specific ones too)
     from cwps_lightning.cwps.store import MultiTaskStore
     kernels = MultiTaskStore.load(store_dir).param_count()["kernels"]
