@@ -112,6 +112,22 @@ def test_unknown_trainer_argument(no_fits):
     ("trainer.devices=two", r"^trainer\.devices='two': accepted"),
     ("trainer.devices=[]", r"^trainer\.devices=\[\]: accepted"),
     ("trainer.num_nodes=0", r"^trainer\.num_nodes=0: accepted: an integer >= 1"),
+    # Lightning's annotations, checked before T0: these failed after it with a traceback, or
+    # ran (a "maybe" turned checkpoints on, a negative clip value clipped nothing)
+    ("trainer.accumulate_grad_batches=0",
+     r"^trainer\.accumulate_grad_batches=0: accepted: an integer >= 1$"),
+    ("trainer.check_val_every_n_epoch=abc",
+     r"^trainer\.check_val_every_n_epoch='abc': accepted: an integer >= 1 or null$"),
+    ("trainer.gradient_clip_val=-1", r"^trainer\.gradient_clip_val=-1: accepted: a number >= 0 "
+                                      r"or null$"),
+    ("trainer.log_every_n_steps=abc", r"^trainer\.log_every_n_steps='abc': accepted: an "
+                                       r"integer >= 0 or null$"),
+    ("trainer.enable_checkpointing=maybe", r"^trainer\.enable_checkpointing='maybe': accepted: "
+                                            r"true, false, or null$"),
+    ("trainer.deterministic=1", r"^trainer\.deterministic=1: accepted: true, false, 'warn', or "
+                                r"null$"),
+    ("trainer.num_sanity_val_steps=-2", r"^trainer\.num_sanity_val_steps=-2: accepted: an "
+                                         r"integer >= -1 or null$"),
 ])
 def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, override, expected):
     with pytest.raises(ConfigError, match=expected):
@@ -121,7 +137,13 @@ def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, ove
 @pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "trainer.precision=32",
                                       "trainer.precision=null", "trainer.precision=16-mixed",
                                       "trainer.precision=bf16", "trainer.strategy=DDP",
-                                      "trainer.devices=-1", "trainer.strategy=ddp_spawn"])
+                                      "trainer.devices=-1", "trainer.strategy=ddp_spawn",
+                                      "trainer.gradient_clip_val=0.5",
+                                      "trainer.accumulate_grad_batches=2",
+                                      "trainer.num_sanity_val_steps=-1",
+                                      "trainer.check_val_every_n_epoch=null",
+                                      "trainer.deterministic=warn", "+trainer.fast_dev_run=true",
+                                      "+trainer.limit_train_batches=0.5"])
 def test_trainer_values_lightning_takes_pass(override):
     checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))
 

@@ -29,9 +29,22 @@ def test_zero_iterations_are_refused_in_joint_mode():
 
 @pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
 def test_a_non_finite_init_scale_is_refused(scale):
-    assert CWPSSettings(init_scale=-2.5).init_scale == -2.5
+    assert CWPSSettings(mask_init="constant", init_scale=-2.5).init_scale == -2.5
     with pytest.raises(ValueError, match=r"^cwps\.init_scale must be a finite number or null"):
         CWPSSettings(init_scale=scale)
+
+
+@pytest.mark.parametrize("init", ["log_standardized", "standardized", "mean_ratio", "random"])
+def test_a_scale_or_std_at_or_below_zero_is_refused(init):
+    """(-1 ran: the init turned around, the channels nearest their parent started
+    task-specific, and the digits job's CWPS mean fell from 60 to 20)"""
+    assert CWPSSettings(mask_init=init, init_scale=0.5).init_scale == 0.5
+    for scale in (-1.0, 0.0):
+        with pytest.raises(ValueError, match=rf"^cwps\.init_scale must be > 0 \(or null\) for "
+                                             rf"cwps\.mask_init={init}, a factor or std; got "
+                                             rf"{scale} \(any finite logit for "
+                                             rf"mask_init=constant\)$"):
+            CWPSSettings(mask_init=init, init_scale=scale)
 
 
 def test_a_baseline_is_a_known_name_or_module_colon_class():
@@ -68,6 +81,10 @@ def test_optim_momentum_is_checked():
     assert OptimSettings(momentum=0.0, mask_lr=0.0, weight_decay=0.0).momentum == 0.0
     with pytest.raises(ValueError, match=r"^optim\.momentum must be a finite number >= 0"):
         OptimSettings(momentum=-0.9)
+    for momentum in (1.0, 1.5):  # (1.5 ran; every method's training collapsed)
+        with pytest.raises(ValueError, match=rf"^optim\.momentum must be in \[0, 1\), got "
+                                             rf"{momentum}$"):
+            OptimSettings(momentum=momentum)
 
 
 @pytest.mark.parametrize("mode", ["online", "offline", "disabled"])

@@ -352,6 +352,90 @@ def check_trainer_values(trainer: dict) -> None:
     nodes = trainer.get("num_nodes", 1)
     if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
         raise ConfigError(f"trainer.num_nodes={nodes!r}: accepted: an integer >= 1")
+    check_trainer_types(trainer)
+
+
+#: the lowest value of Trainer arguments that fail or do nothing below it, after T0 (0
+#: accumulated batches divided by zero; a negative clip value clipped nothing, without a word)
+TRAINER_MINIMA = {"accumulate_grad_batches": 1, "check_val_every_n_epoch": 1,
+                  "log_every_n_steps": 0, "num_sanity_val_steps": -1, "gradient_clip_val": 0,
+                  "reload_dataloaders_every_n_epochs": 0}
+
+
+def check_trainer_types(trainer: dict) -> None:
+    """Each Trainer argument whose annotation is made of plain types (bool, int, float, str,
+    None, literals) holds one of them, and the numbers above are in range: Lightning checks
+    them when a fit starts, after T0, or not at all (``enable_checkpointing=maybe`` turned
+    checkpoints on). Arguments that take objects (callbacks, a timedelta) are left to it."""
+    for key, value in trainer.items():
+        kinds = _plain_kinds(key)
+        if kinds is None or value is None and None in kinds:
+            continue
+        low = TRAINER_MINIMA.get(key)
+        if not _of_kinds(value, kinds) or (
+                low is not None and not isinstance(value, bool) and value < low):
+            raise ConfigError(f"trainer.{key}={value!r}: accepted: {_kinds_text(kinds, low)}")
+
+
+@cache
+def _plain_kinds(key: str) -> tuple | None:
+    """The plain types (and literal values, None for NoneType) lightning.Trainer's annotation
+    of ``key`` allows; None where it allows anything else too, or cannot be read."""
+    import types
+    import typing
+
+    from lightning import Trainer
+
+    try:
+        hint = typing.get_type_hints(Trainer.__init__).get(key)
+    except Exception:  # (an annotation that does not resolve in this version: no check)
+        return None
+    kinds, todo = [], [hint]
+    while todo:
+        t = todo.pop(0)
+        origin = typing.get_origin(t)
+        if origin in (typing.Union, types.UnionType):
+            todo.extend(typing.get_args(t))
+        elif origin is typing.Literal:
+            kinds.extend(("literal", v) for v in typing.get_args(t))
+        elif t is type(None):
+            kinds.append(None)
+        elif t in (bool, int, float, str):
+            kinds.append(t)
+        else:
+            return None
+    return tuple(kinds)
+
+
+def _of_kinds(value, kinds: tuple) -> bool:
+    for kind in kinds:
+        if isinstance(kind, tuple):
+            if value == kind[1] and type(value) is type(kind[1]):
+                return True
+        elif kind is bool:
+            if isinstance(value, bool):
+                return True
+        elif kind is int:
+            if isinstance(value, int) and not isinstance(value, bool):
+                return True
+        elif kind is float:
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                return True
+        elif kind is str and isinstance(value, str):
+            return True
+    return False
+
+
+def _kinds_text(kinds: tuple, low=None) -> str:
+    """``kinds`` in words: "an integer >= 1 or null", "true, false, 'warn', or null"."""
+    number = ("a number" if float in kinds else "an integer" if int in kinds else None)
+    parts = [*(("true", "false") if bool in kinds else ()),
+             None if number is None else number + ("" if low is None else f" >= {low}"),
+             "a string" if str in kinds else None,
+             *(repr(k[1]) for k in kinds if isinstance(k, tuple)),
+             "null" if None in kinds else None]
+    parts = [p for p in parts if p is not None]
+    return " or ".join(parts) if len(parts) <= 2 else ", ".join(parts[:-1]) + ", or " + parts[-1]
 
 
 #: the trainer.precision values the job runs: float32 weights, with or without autocast

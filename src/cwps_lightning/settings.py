@@ -157,6 +157,12 @@ class CWPSSettings:
         if self.init_scale is not None and not abs(self.init_scale) < float("inf"):
             raise ValueError(f"cwps.init_scale must be a finite number or null, got "
                              f"{self.init_scale}")
+        if self.init_scale is not None and self.mask_init != "constant" and \
+                not self.init_scale > 0:  # (a factor or std <= 0 turned the init around:
+            # the channels nearest their parent started task-specific)
+            raise ValueError(f"cwps.init_scale must be > 0 (or null) for cwps.mask_init="
+                             f"{self.mask_init}, a factor or std; got {self.init_scale} (any "
+                             f"finite logit for mask_init=constant)")
         bad = [b for b in self.baselines if b not in BASELINE_NAMES and ":" not in b]
         if bad:
             raise ValueError(
@@ -269,6 +275,8 @@ class OptimSettings:
         _positive("optim.lr", self.lr)
         for key in ("mask_lr", "momentum", "weight_decay"):
             _non_negative(f"optim.{key}", getattr(self, key))
+        if not self.momentum < 1:  # (1.5 ran, and every method's training collapsed)
+            raise ValueError(f"optim.momentum must be in [0, 1), got {self.momentum}")
 
 
 @dataclass
