@@ -78,9 +78,11 @@ class OpenRun:
         self.module = types.ModuleType("wandb")
         self.module.run = object()
         self.finished = 0
+        self.exit_codes = []
 
-        def finish():
+        def finish(exit_code=None):
             self.finished += 1
+            self.exit_codes.append(exit_code)
             self.module.run = None
 
         self.module.finish = finish
@@ -109,7 +111,8 @@ def test_an_error_with_its_own_line_is_not_logged_again(job_dir, caplog, error):
     with caplog.at_level(logging.INFO, logger="cwps_lightning"), pytest.raises(type(error)):
         train.task_wrapper(task)(None)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
-    assert wandb.finished == 1
+    # with the job's exit status: W&B marks the run failed (it read as a success)
+    assert wandb.finished == 1 and wandb.exit_codes == [train.exit_status(error)]
 
 
 def test_any_other_failure_logs_where_the_outputs_are(job_dir, caplog):
@@ -124,8 +127,10 @@ def test_any_other_failure_logs_where_the_outputs_are(job_dir, caplog):
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "RuntimeError: disk full" in errors[0]
         assert str(run_dir) in errors[0]
-        assert wandb.finished == 1
+        assert wandb.finished == 1 and wandb.exit_codes == [1]
+        wandb.module.run = object()  # (a job that ends well finishes its run as done)
         assert train.task_wrapper(lambda cfg: {"done": True})(None) == {"done": True}
+        assert wandb.exit_codes == [1, None]
     assert f"outputs: {run_dir}" in caplog.text
 
 

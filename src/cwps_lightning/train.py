@@ -188,6 +188,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                                      f"{STORE_KEEPS}: the same command resumes the run",
                                      signum) from None
         except Exception as err:
+            close_run(exit_status(err))  # (the fit's W&B run, marked failed)
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
                     STORE_KEEPS in str(err.args[0]):

@@ -16,11 +16,16 @@ from omegaconf import DictConfig, OmegaConf
 from .settings import LoggerSettings
 
 
-def close_run() -> None:
-    """Finish the W&B run left open, if any (also when a job fails: train.task_wrapper)."""
+def close_run(exit_code: int | None = None) -> None:
+    """Finish the W&B run left open, if any; when a job fails (train.task_wrapper) with its
+    exit status, so that W&B marks the run failed (finished without one, it read as a
+    success)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        wandb.finish()
+        if exit_code is None:
+            wandb.finish()
+        else:
+            wandb.finish(exit_code=exit_code)
 
 
 def group_of(settings: LoggerSettings, run_dir: Path) -> str:
