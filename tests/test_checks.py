@@ -238,6 +238,24 @@ def test_an_optuna_search_space_is_checked_at_its_ends_and_choices(no_fits):
     assert search_space_probes(["cwps.threshold=0.3,0.5"]) == []  # (the basic sweeper's jobs)
 
 
+def test_an_optuna_search_maximises_accuracy_and_runs_as_a_multirun(no_fits):
+    """The Optuna sweeper's default direction, minimize, searched for the worst job (it
+    reported the lower of two accuracies as the best); the preset without -m ran one job at
+    its fixed values without a word."""
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.direction=minimize: each job "
+                                          r"returns CWPS mean top-1 \(higher is better\), "):
+        preflight(["-m", "hydra/sweeper=optuna", "cwps.threshold=interval(0.1,0.9)"])
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.direction=\[maximize, maximize\]: "
+                                          r".*accepted: maximize, or \[maximize, minimize\]"):
+        preflight(["-m", "hparams_search=cwps_optuna", "hydra.sweeper.direction=[maximize,"
+                                                       "maximize]"])
+    preflight(["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=maximize",
+               "cwps.threshold=interval(0.1,0.9)"])
+    with pytest.raises(ConfigError, match=r"^hparams_search=cwps_optuna is a search: run it as "
+                                          r"a multirun \(-m\)$"):
+        preflight(["hparams_search=cwps_optuna"])
+
+
 def test_a_root_is_not_looked_for_where_the_job_does_not_run():
     cfg = compose_config(["+experiment=imagenet_sketch", "data.root=/nonexistent/isk"])
     checks.check_data(cfg, here=False)  # (the cluster's disk)

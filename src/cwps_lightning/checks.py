@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from . import distributed
@@ -548,6 +548,11 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
     ranks = distributed.torchrun_world_size()
     if not multirun and ranks is not None and ranks > 1:
         check_torchrun_trainer(trainer, ranks)
+    search = cfg.hydra.runtime.choices.get("hparams_search") if "hydra" in cfg else None
+    if search and not multirun:  # (it ran one job at the preset's fixed values, without a word)
+        raise ConfigError(f"hparams_search={search} is a search: run it as a multirun (-m)")
+    if multirun and "hydra" in cfg:
+        check_sweep_direction(cfg.hydra.sweeper.get("direction"))
     if multirun and launcher == SLURM_LAUNCHER:
         # (submitit submits with sbatch and fails with a traceback about srun without it)
         if shutil.which("sbatch") is None:
@@ -569,6 +574,23 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
             raise ConfigError(
                 f"hydra.launcher.tasks_per_node={lc.get('tasks_per_node')} must equal "
                 f"gpus_per_node={lc.get('gpus_per_node')} (Lightning runs one rank per task)")
+
+
+def check_sweep_direction(direction) -> None:
+    """A sweeper that optimises (Optuna: ``hydra.sweeper.direction``) gets CWPS mean top-1 from
+    each job, higher better, and with two directions also its param_ratio, lower better
+    (train.hydra_main): the Optuna sweeper's default, minimize, searched for the worst job."""
+    if direction is None:
+        return
+    given = list(direction) if isinstance(direction, Sequence | ListConfig) and \
+        not isinstance(direction, str) else [direction]
+    names = [str(getattr(d, "name", d)).lower() for d in given]
+    if names not in (["maximize"], ["maximize", "minimize"]):
+        shown = names[0] if len(names) == 1 else f"[{', '.join(names)}]"
+        raise ConfigError(f"hydra.sweeper.direction={shown}: each job returns CWPS mean top-1 "
+                          f"(higher is better), and with two directions also its param_ratio "
+                          f"(lower is better); accepted: maximize, or [maximize, minimize] "
+                          f"(as hparams_search=cwps_optuna sets)")
 
 
 def check_torchrun_trainer(trainer: dict, ranks: int) -> None:
