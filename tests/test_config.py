@@ -78,6 +78,10 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.iterations=1.5", r"^cwps\.iterations must be a whole number, got 1\.5$"),
     ("model.pretrained=maybe", r"^model\.pretrained must be true or false, got 'maybe'$"),
     ("data=nosuchdata", r"^data=nosuchdata: no such config; available: colour_digits, digits, "),
+    # a sweeper comes from a plugin (one missing offered "basic" alone, without a word why)
+    ("hydra/sweeper=optunaa", r"^hydra/sweeper=optunaa: no such config; available: .*basic.* "
+                              r"\(is hydra-optuna-sweeper installed\? pip install -e \. "
+                              r"installs it\)$"),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
     ("cwps.compose=backward", r"^cwps\.compose must be one of \['forward', 'step'\]"),

@@ -73,8 +73,13 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, MissingConfigException) and err.missing_cfg_file:
         group = err.missing_cfg_file.rsplit("/", 1)
         if err.options and len(group) == 2:
+            # (a sweeper or launcher comes from a Hydra plugin: the project depends on these)
+            plugin = {"hydra/sweeper": "hydra-optuna-sweeper",
+                      "hydra/launcher": "hydra-submitit-launcher"}.get(group[0])
+            hint = (f" (is {plugin} installed? pip install -e . installs it)"
+                    if plugin and group[1] not in err.options else "")
             return (f"{group[0]}={group[1]}: no such config; available: "
-                    f"{', '.join(err.options)}")
+                    f"{', '.join(err.options)}{hint}")
         return f"cannot find config {err.missing_cfg_file!r}"
     full_key = getattr(cause, "full_key", None)
     msg = getattr(cause, "msg", None)
