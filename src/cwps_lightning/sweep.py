@@ -316,7 +316,8 @@ def write_sweep_report(sweep_dir: Path, rows: list[dict] | None = None) -> list[
 def sweep_figure(rows: list[dict], figures_dir: Path,
                  drawn_before: Sequence[str] = ()) -> str | None:
     """Draw the sweep's figure into ``figures_dir`` (Figure 5 for a lambda sweep, accuracy
-    against parameters per job otherwise); its file name, or None with under two points.
+    against parameters per job otherwise); its file name, or None with under two points
+    (jobs at the same point count once).
     ``drawn_before``: the figures the previous report linked, removed where this one draws
     another (or none): a file of that name the report did not draw stays."""
     figure = None
@@ -327,11 +328,14 @@ def sweep_figure(rows: list[dict], figures_dir: Path,
         from .figures import plot_accuracy_vs_params
 
         noun, labels = row_labels(rows)
-        points = [(", ".join(f"{k}={override_value(r, k)}" for k in keys)
-                   or f"{noun} {label}",
+        # (named as the table names the row: its job number or run folder, then its values)
+        points = [(f"{noun} {label}" + "".join(
+                       f"{', ' if i else ': '}{k}={override_value(r, k)}"
+                       for i, k in enumerate(keys)),
                    r["methods"]["cwps"]["param_ratio"], r["methods"]["cwps"]["mean_top1"])
                   for r, label in zip(rows, labels, strict=True) if "cwps" in r["methods"]]
-        if len(points) >= 2:
+        # (jobs whose CWPS is the same, a sweep over cwps.baselines: one dot hid the others)
+        if len({(ratio, top1) for _, ratio, top1 in points}) >= 2:
             figure = ("accuracy_vs_params.png",
                       plot_accuracy_vs_params(
                           points, f"CWPS per {noun}: accuracy vs parameters"))

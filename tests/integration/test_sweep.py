@@ -128,15 +128,20 @@ def test_a_completed_job_whose_results_cannot_be_read_is_marked_and_the_rest_rep
 def test_the_table_shows_values_as_typed_not_with_hydras_escapes(tmp_path):
     """Hydra's sweeper writes ``m.x\\:Cls`` into a job's overrides for ``m.x:Cls``: the table,
     the CSV and the figure's legend showed the backslash."""
-    from cwps_lightning.sweep import sweep_table
+    from cwps_lightning.sweep import sweep_table, write_sweep_report
 
     job_dir(tmp_path, 0, ["cwps.baselines=[finetune]"], cwps=(90.0, 1.3))
-    job_dir(tmp_path, 1, ["cwps.baselines=[taps,mine.last\\:Last]"], cwps=(91.0, 1.2))
+    job_dir(tmp_path, 1, ["cwps.baselines=[taps,mine.last\\:Last]"], cwps=(90.0, 1.3))
     rows = sweep_rows(tmp_path)
     assert [r["values"]["cwps.baselines"] for r in rows] == ["[finetune]",
                                                             "[taps,mine.last:Last]"]
     md, csv_text = sweep_table(rows)
     assert "| 1 | [taps,mine.last:Last] |" in md and "\\" not in md + csv_text
+    # CWPS is the same in both jobs (the baselines do not change it): no figure of one dot
+    # hiding the other
+    assert write_sweep_report(tmp_path) == ["sweep.md", "sweep.csv"]
+    job_dir(tmp_path, 2, ["cwps.baselines=[]"], cwps=(91.5, 1.2))
+    assert write_sweep_report(tmp_path)[-1] == "figures/accuracy_vs_params.png"
 
 
 def test_a_figure_of_fewer_jobs_does_not_stay_next_to_the_table(tmp_path):
@@ -449,5 +454,15 @@ def test_a_folder_of_single_runs_tells_the_runs_apart_and_finds_their_pareto_run
     assert ax.get_title() == "CWPS per run: accuracy vs parameters"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["run a_run", "run b_run",
                                                                    "run c_run"]
+    # runs made with other overrides: each named by its folder, as the table names it, then
+    # what differs
+    for name, size in (("a_run", 32), ("b_run", 64), ("c_run", 64)):
+        status = json.loads((tmp_path / name / STATUS_FILE).read_text())
+        status["overrides"] = [f"data.image_size={size}"]
+        (tmp_path / name / STATUS_FILE).write_text(json.dumps(status))
+    write_sweep_report(tmp_path)
+    assert [t.get_text() for t in drawn[-1].axes[0].get_legend().get_texts()] == [
+        "run a_run: data.image_size=32", "run b_run: data.image_size=64",
+        "run c_run: data.image_size=64"]
     assert np.allclose(np.concatenate([c.get_offsets() for c in ax.collections]),
                        [[1.247, 72.62], [1.815, 59.52], [1.1, 70.0]])
