@@ -126,6 +126,10 @@ def test_unknown_trainer_argument(no_fits):
                                             r"true, false, or null$"),
     ("trainer.deterministic=1", r"^trainer\.deterministic=1: accepted: true, false, 'warn', or "
                                 r"null$"),
+    ("trainer.gradient_clip_val=nan", r"^trainer\.gradient_clip_val=nan: accepted: a number >= 0 "
+                                      r"or null$"),
+    ("trainer.accumulate_grad_batches=true", r"^trainer\.accumulate_grad_batches=true: "
+                                             r"accepted: an integer >= 1$"),
     ("trainer.num_sanity_val_steps=-2", r"^trainer\.num_sanity_val_steps=-2: accepted: an "
                                          r"integer >= -1 or null$"),
 ])
@@ -254,6 +258,17 @@ def test_an_optuna_search_maximises_accuracy_and_runs_as_a_multirun(no_fits):
     with pytest.raises(ConfigError, match=r"^hparams_search=cwps_optuna is a search: run it as "
                                           r"a multirun \(-m\)$"):
         preflight(["hparams_search=cwps_optuna"])
+    # hydra.mode=MULTIRUN starts a multirun as -m does: the preset runs, the direction is
+    # checked, and a basic sweep's jobs are each checked
+    preflight(["hparams_search=cwps_optuna", "hydra.mode=MULTIRUN"])
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.direction=minimize: "):
+        preflight(["hydra.mode=MULTIRUN", "hydra/sweeper=optuna"])
+    with pytest.raises(ConfigError, match=r"^job 1 of the sweep \(hydra\.mode=MULTIRUN "
+                                          r"cwps\.threshold=1\.5\): cwps\.threshold"):
+        preflight(["hydra.mode=MULTIRUN", "cwps.threshold=0.3,1.5"])
+    # (Optuna takes the names in lower case only)
+    with pytest.raises(ConfigError, match=r"^hydra\.sweeper\.direction=MAXIMIZE: "):
+        preflight(["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=MAXIMIZE"])
 
 
 def test_a_root_is_not_looked_for_where_the_job_does_not_run():

@@ -78,10 +78,10 @@ def test_library_defaults_of_the_lower_layers_match():
     ("cwps.iterations=1.5", r"^cwps\.iterations must be a whole number, got 1\.5$"),
     ("model.pretrained=maybe", r"^model\.pretrained must be true or false, got 'maybe'$"),
     ("data=nosuchdata", r"^data=nosuchdata: no such config; available: colour_digits, digits, "),
-    # a sweeper comes from a plugin (one missing offered "basic" alone, without a word why)
-    ("hydra/sweeper=optunaa", r"^hydra/sweeper=optunaa: no such config; available: .*basic.* "
-                              r"\(is hydra-optuna-sweeper installed\? pip install -e \. "
-                              r"installs it\)$"),
+    ("hydra/sweeper=optunaa", r"^hydra/sweeper=optunaa: no such config; available: .*basic.*"
+                              r"optuna$"),
+    ("cwps.baselines=[finetune,cwps]", r"^cwps\.baselines lists cwps: CWPS runs in every job; "
+                                       r"list the methods to compare it with \(\['finetune', "),
     ("cwps.threshold=1.5", r"^cwps\.threshold \(lambda\) must be in \[0, 1\], got 1\.5$"),
     ("cwps.mode=sideways", r"^cwps\.mode must be one of \['incremental', 'joint'\]"),
     ("cwps.compose=backward", r"^cwps\.compose must be one of \['forward', 'step'\]"),
@@ -438,3 +438,20 @@ def test_the_lr_key_a_diverged_fit_names_is_the_key_its_lr_came_from(monkeypatch
     assert [p.optimizer.lr for p in plans] == [0.012, 0.013, 0.011]
     # the other fits train at optim.lr, which their plans leave to the run's settings
     assert OptimizerPlan().lr is None and OptimizerPlan().lr_key == "optim.lr"
+
+
+def test_a_missing_sweeper_plugin_is_named():
+    """Without hydra-optuna-sweeper, hydra/sweeper=optuna offered "basic" alone, without a word
+    why; a name no plugin gives gets no such hint."""
+    from hydra.errors import MissingConfigException
+
+    from cwps_lightning.config import one_line
+
+    def missing(name):
+        return MissingConfigException("x", missing_cfg_file=f"hydra/sweeper/{name}",
+                                      options=["basic"])
+
+    assert one_line(missing("optuna")) == (
+        "hydra/sweeper=optuna: no such config; available: basic (is hydra-optuna-sweeper "
+        "installed? pip install -e . installs it)")
+    assert one_line(missing("ax")) == "hydra/sweeper=ax: no such config; available: basic"

@@ -372,9 +372,11 @@ def check_trainer_types(trainer: dict) -> None:
         if kinds is None or value is None and None in kinds:
             continue
         low = TRAINER_MINIMA.get(key)
-        if not _of_kinds(value, kinds) or (
-                low is not None and not isinstance(value, bool) and value < low):
-            raise ConfigError(f"trainer.{key}={value!r}: accepted: {_kinds_text(kinds, low)}")
+        if not _of_kinds(value, kinds) or (  # (not >=: nan is refused too)
+                low is not None and not isinstance(value, bool) and not value >= low):
+            shown = {True: "true", False: "false"}.get(value, repr(value)) \
+                if isinstance(value, bool) else repr(value)
+            raise ConfigError(f"trainer.{key}={shown}: accepted: {_kinds_text(kinds, low)}")
 
 
 @cache
@@ -530,6 +532,8 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
     """
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     launcher = launcher_kind(cfg)
+    # (hydra.mode=MULTIRUN, from the command line or a config, starts one as -m does)
+    multirun = multirun or ("hydra" in cfg and str(cfg.hydra.get("mode")).endswith("MULTIRUN"))
     if multirun and uses_ddp(trainer) and launcher != SLURM_LAUNCHER:
         raise ConfigError(
             f"a multirun with DDP (trainer.strategy={trainer.get('strategy')}, "
@@ -584,7 +588,7 @@ def check_sweep_direction(direction) -> None:
         return
     given = list(direction) if isinstance(direction, Sequence | ListConfig) and \
         not isinstance(direction, str) else [direction]
-    names = [str(getattr(d, "name", d)).lower() for d in given]
+    names = [str(getattr(d, "name", d)) for d in given]  # (Optuna takes lower case only)
     if names not in (["maximize"], ["maximize", "minimize"]):
         shown = names[0] if len(names) == 1 else f"[{', '.join(names)}]"
         raise ConfigError(f"hydra.sweeper.direction={shown}: each job returns CWPS mean top-1 "

@@ -74,10 +74,11 @@ def one_line(err: BaseException) -> str:
         group = err.missing_cfg_file.rsplit("/", 1)
         if err.options and len(group) == 2:
             # (a sweeper or launcher comes from a Hydra plugin: the project depends on these)
-            plugin = {"hydra/sweeper": "hydra-optuna-sweeper",
-                      "hydra/launcher": "hydra-submitit-launcher"}.get(group[0])
-            hint = (f" (is {plugin} installed? pip install -e . installs it)"
-                    if plugin and group[1] not in err.options else "")
+            plugin = {("hydra/sweeper", "optuna"): "hydra-optuna-sweeper",
+                      ("hydra/launcher", "submitit_local"): "hydra-submitit-launcher",
+                      ("hydra/launcher", "submitit_slurm"): "hydra-submitit-launcher",
+                      }.get((group[0], group[1]))
+            hint = f" (is {plugin} installed? pip install -e . installs it)" if plugin else ""
             return (f"{group[0]}={group[1]}: no such config; available: "
                     f"{', '.join(err.options)}{hint}")
         return f"cannot find config {err.missing_cfg_file!r}"

@@ -50,9 +50,11 @@ def check_trained(method: Method, trained) -> None:
     if not isinstance(trained.model, nn.Module):
         raise ConfigError(f"{where} whose model is an nn.Module, got "
                           f"{type(trained.model).__name__}")
-    if not method.shares_tasks and not {"kernels", "task_own"} <= set(trained.params):
+    if not method.shares_tasks and not (isinstance(trained.params, dict) and
+                                        {"kernels", "task_own"} <= set(trained.params)):
+        got = sorted(trained.params) if isinstance(trained.params, dict) else trained.params
         raise ConfigError(f"{where} with params 'kernels' and 'task_own' (the parameters the "
-                          f"task adds to the store; got {sorted(trained.params)})")
+                          f"task adds to the store; got {got!r})")
 
 
 @dataclass

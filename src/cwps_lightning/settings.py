@@ -163,6 +163,10 @@ class CWPSSettings:
             raise ValueError(f"cwps.init_scale must be > 0 (or null) for cwps.mask_init="
                              f"{self.mask_init}, a factor or std; got {self.init_scale} (any "
                              f"finite logit for mask_init=constant)")
+        if "cwps" in self.baselines:
+            raise ValueError(f"cwps.baselines lists cwps: CWPS runs in every job; list the "
+                             f"methods to compare it with ({list(BASELINE_NAMES)} or "
+                             f"'package.module:Class')")
         bad = [b for b in self.baselines if b not in BASELINE_NAMES and ":" not in b]
         if bad:
             raise ValueError(

@@ -174,6 +174,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
     @functools.wraps(task)
     def wrapped(cfg: DictConfig) -> dict:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
+        failed = None  # (the job's exit status, for its W&B run: a failed run is marked so)
         try:
             try:
                 with sigterm_stops_the_job():
@@ -188,7 +189,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                                      f"{STORE_KEEPS}: the same command resumes the run",
                                      signum) from None
         except Exception as err:
-            close_run(exit_status(err))  # (the fit's W&B run, marked failed)
+            failed = exit_status(err)
             own = isinstance(err, STOPS)
             if isinstance(err, TrainingDiverged | RunInterrupted) and err.args and \
                     STORE_KEEPS in str(err.args[0]):
@@ -204,6 +205,7 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
             # rank's own
             peer = distributed.peer_error() if _failed_collective(err) else None
             if peer is not None and peer.line != error_line(err):
+                failed = exit_status(peer)
                 distributed.close_group()  # (a third rank may be waiting for this one)
                 raise peer from None  # (the CLI prints its line)
             if not isinstance(err, RunInterrupted):  # (a signal stops every rank together)
@@ -217,7 +219,9 @@ def task_wrapper(task: Callable[[DictConfig], dict]) -> Callable[[DictConfig], d
                 _stop_together_on_a_crash(error_line(err))
             raise
         finally:
-            close_run()
+            # (after the other ranks were told: W&B's finish may take long online, and they
+            # wait for rank 0's word a limited time)
+            close_run(failed)
         log.info("outputs: %s", run_dir)
         return results
 
@@ -626,23 +630,26 @@ def preflight(argv: Sequence[str]) -> None:
     if (args.help or args.hydra_help or args.info or args.cfg or args.shell_completion
             or args.config_path or args.config_dir or args.config_name or args.experimental_rerun):
         return  # Hydra's own commands, or another config tree: Hydra checks those
-    jobs = sweep_jobs_checked(args.overrides) if args.multirun else [list(args.overrides)]
+    # (hydra.mode=MULTIRUN on the command line starts a multirun as -m does)
+    multirun = args.multirun or any(o.lstrip("+") == "hydra.mode=MULTIRUN"
+                                    for o in args.overrides)
+    jobs = sweep_jobs_checked(args.overrides) if multirun else [list(args.overrides)]
     for i, overrides in enumerate(jobs):
         try:
             cfg = compose_config(overrides)
-            check_config(cfg, here=not (args.multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
-            check_launch(cfg, multirun=args.multirun, overrides=overrides)
-            if args.multirun and basic_sweeper(cfg):
+            check_config(cfg, here=not (multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
+            check_launch(cfg, multirun=multirun, overrides=overrides)
+            if multirun and basic_sweeper(cfg):
                 check_sweep_job_dir(cfg, i)  # (its job numbers are these; Optuna's come later)
         except ConfigError as err:
             if len(jobs) == 1:
                 raise
             raise ConfigError(f"job {i} of the sweep ({' '.join(overrides)}): {err}") from None
-    if not args.multirun:
+    if not multirun:
         check_run_dir(cfg)
         global RUN_DIR_EXISTED
         RUN_DIR_EXISTED = run_dir_existed(cfg)
-    for probe, overrides in _parsed(search_space_probes, args.overrides) if args.multirun \
+    for probe, overrides in _parsed(search_space_probes, args.overrides) if multirun \
             else ():
         try:
             cfg = compose_config(overrides)

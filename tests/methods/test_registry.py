@@ -75,7 +75,9 @@ def test_config_check_refuses_methods_that_would_mix_up_results(baselines, needl
     ("no cost", r"must return a Trained with params 'kernels' and 'task_own' \(the parameters "
                 r"the task adds to the store; got \[\]\)"),
     (None, r"must return a Trained, got NoneType \(README: \*A method of your own\*\)"),
-    ("a tensor", r"must return a Trained whose model is an nn.Module, got Tensor")])
+    ("a tensor", r"must return a Trained whose model is an nn.Module, got Tensor"),
+    ("params None", r"must return a Trained with params 'kernels' and 'task_own' \(the "
+                    r"parameters the task adds to the store; got None\)")])
 def test_a_method_that_breaks_its_contract_stops_with_one_line_before_its_test_pass(
         returned, needle):
     """(a method's ValueError stopped the run with a traceback; the test pass ran first)"""
@@ -91,6 +93,8 @@ def test_a_method_that_breaks_its_contract_stops_with_one_line_before_its_test_p
         def train(self, task, iteration, bank, harness):
             if returned is None:
                 return None
+            if returned == "params None":
+                return Trained(nn.Linear(1, 1), params=None)
             return Trained(nn.Linear(1, 1) if returned == "no cost" else torch.zeros(1))
 
     tested = []
