@@ -75,6 +75,50 @@ def test_the_record_keeps_t0_and_the_ranks_over_attempts(monkeypatch, tmp_path):
     assert again.ranks_over_attempts() == {"world_size": 2, "fits_checked_equal": 5}
 
 
+def test_a_resume_under_another_cpu_thread_count_says_so_and_keeps_the_first(
+        monkeypatch, tmp_path, caplog):
+    """On the CPU the thread count orders the float sums: a run stopped under one count and
+    resumed under another mixed both without a word (results.json recorded the last)."""
+    import logging
+
+    import torch
+
+    from cwps_lightning import persist
+
+    saved = []
+    monkeypatch.setattr(persist, "save_store", lambda store_dir, bank, meta: saved.append(meta))
+    cfg = OmegaConf.create({"cwps": {"threshold": 0.5}})
+    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 1)
+    persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {}).save({"cwps": _cwps()})
+    manifest = saved[-1]
+    assert manifest["run"]["cpu_threads"] == 1
+
+    class Store:
+        def __init__(self):
+            self.manifest = manifest
+
+    monkeypatch.setattr(persist.MultiTaskStore, "load", staticmethod(lambda path: Store()))
+    monkeypatch.setattr(persist, "check_same_config", lambda *a: None)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / persist.MANIFEST).write_text("{}")
+    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 2)
+    again = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
+    again.existing()
+    with caplog.at_level(logging.WARNING, logger="cwps_lightning.persist"):
+        again.warn_other_thread_count(torch.device("cuda", 0))  # (the count plays no part)
+        assert caplog.records == []
+        again.warn_other_thread_count(torch.device("cpu"))
+    (record,) = caplog.records
+    assert "the stored tasks trained with 1 CPU thread(s), this attempt has 2" in \
+        record.getMessage() and "OMP_NUM_THREADS=1" in record.getMessage()
+    again.save({"cwps": _cwps()})
+    assert saved[-1]["run"]["cpu_threads"] == 1  # (the count the stored tasks trained under)
+    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 1)
+    caplog.clear()
+    again.warn_other_thread_count(torch.device("cpu"))
+    assert caplog.records == []
+
+
 def _cwps():
     from cwps_lightning.runner import MethodResult
 

@@ -14,6 +14,7 @@ import json
 import logging
 from pathlib import Path
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import distributed
@@ -128,6 +129,9 @@ class RunRecorder:
         self.t0_info: dict = {}
         #: the ranks record of the attempts before this one (ranks_over_attempts)
         self.earlier_ranks: dict | None = None
+        #: torch's intra-op thread count the stored tasks trained under (the first attempt's;
+        #: None: a store written before it was kept)
+        self.stored_threads: int | None = None
 
     # -- restore -------------------------------------------------------------------------------
     def existing(self) -> MultiTaskStore | None:
@@ -151,7 +155,24 @@ class RunRecorder:
         run = store.manifest["run"]
         self.t0_info = dict(run.get("t0") or {})
         self.earlier_ranks = run.get("ranks")
+        self.stored_threads = run.get("cpu_threads")
         return store
+
+    def warn_other_thread_count(self, device) -> None:
+        """On the CPU the intra-op thread count orders the float sums: a run resumed under
+        another count than its stored tasks trained under goes on with other rounding (its
+        results then match neither count's uninterrupted run). Said once, by rank 0; the run
+        goes on (a refusal on one rank alone, before any process group, would leave the others
+        waiting)."""
+        now = torch.get_num_threads()
+        if self.stored_threads is None or self.stored_threads == now or \
+                torch.device(device).type != "cpu" or distributed.rank() != 0:
+            return
+        log.warning("%s: the stored tasks trained with %d CPU thread(s), this attempt has %d: "
+                    "on the CPU the count orders the float sums, so the tasks still to train "
+                    "will not give the numbers of an uninterrupted run; resume with "
+                    "OMP_NUM_THREADS=%d for those", self.store_dir, self.stored_threads, now,
+                    self.stored_threads)
 
     def ranks_over_attempts(self) -> dict:
         """results.json's ``ranks`` over every attempt at this run: the fits whose weights
@@ -206,6 +227,8 @@ class RunRecorder:
                 "methods": {name: m.record() for name, m in methods.items()},
                 "t0": self.t0_info,
                 "ranks": self.ranks_over_attempts(),
+                "cpu_threads": self.stored_threads if self.stored_threads is not None
+                else torch.get_num_threads(),
             },
             "config": self.full_config,
         }
