@@ -40,7 +40,29 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--setting must be NAME=OVERRIDES, got {text!r}")
-    return name, shlex.split(overrides)
+    return name, split_overrides(overrides, "--setting")
+
+
+def split_overrides(text: str, flag: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as err:  # (an unbalanced quote)
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: {err}") from None
+
+
+def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
+    """Why the kept run in ``out`` was made with other settings than ``overrides`` give (the
+    train command's own resume check, on its store's manifest), or None: --reuse read such a
+    run's numbers under the new setting's name."""
+    from cwps_lightning.config import compose_config
+    from cwps_lightning.errors import ConfigError
+    from cwps_lightning.persist import check_run_dir_reuse
+
+    try:
+        check_run_dir_reuse(out, compose_config(overrides))
+    except ConfigError as err:
+        return str(err)
+    return None
 
 
 def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> dict:
@@ -52,6 +74,10 @@ def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> d
     ]
     t0 = time.perf_counter()
     if reuse and results.is_file():  # a finished run of an earlier, interrupted sweep
+        differs = kept_run_differs(out, cmd[3:])
+        if differs is not None:
+            print(f"  {name} seed {seed}: FAILED (not reused: {differs})", flush=True)
+            return {"setting": name, "seed": seed, "ok": False, "wall_s": 0.0}
         proc = subprocess.CompletedProcess(cmd, 0, "", "")
         print(f"  {name} seed {seed}: reused {results}", flush=True)
     else:
@@ -139,14 +165,19 @@ def main(argv=None) -> int:
                         "instead of running them again (resumes an interrupted sweep)")
     args = p.parse_args(argv)
     if args.reuse and not args.keep_dir:
-        raise SystemExit("--reuse needs --keep-dir (the directory of the earlier runs)")
+        p.error("--reuse needs --keep-dir (the directory of the earlier runs)")
     settings = args.setting or [("default", [])]
     names = [n for n, _ in settings]
     if len(set(names)) != len(names):
-        raise SystemExit(f"--setting names must be unique, got {names}")
+        p.error(f"--setting names must be unique, got {names}")
     if args.parallel < 1:
-        raise SystemExit(f"--parallel must be >= 1, got {args.parallel}")
-    common = shlex.split(args.common)
+        p.error(f"--parallel must be >= 1, got {args.parallel}")
+    try:
+        common = split_overrides(args.common, "--common")
+    except argparse.ArgumentTypeError as err:
+        p.error(str(err))
+    if args.keep_dir and Path(args.keep_dir).exists() and not Path(args.keep_dir).is_dir():
+        p.error(f"--keep-dir {args.keep_dir}: not a directory")
     jobs = [(n, o, seed) for seed in args.seeds for n, o in settings]
     print(f"{len(jobs)} runs ({len(settings)} settings x {len(args.seeds)} seeds), "
           f"{args.parallel} at a time", flush=True)

@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import statistics
+import sys
 from pathlib import Path
 
 RUN_DIR = re.compile(r"^(?P<setting>.+)_s(?P<seed>\d+)$")
@@ -49,7 +50,13 @@ def collect(root: Path) -> dict[str, list[dict]]:
         results = run / "results.json"
         if not match or not results.is_file():
             continue
-        row = run_row(json.loads(results.read_text()))
+        try:
+            row = run_row(json.loads(results.read_text()))
+        except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError) as err:
+            # (one cut-short or foreign file must not hide the others, nor itself)
+            print(f"{results}: skipped, cannot read its CWPS figures ({type(err).__name__}: "
+                  f"{err})", file=sys.stderr)
+            continue
         row["seed"] = int(match["seed"])
         by_setting.setdefault(match["setting"], []).append(row)
     return by_setting

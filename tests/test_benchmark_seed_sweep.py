@@ -110,7 +110,34 @@ def test_a_finished_run_is_reused_only_when_asked(tmp_path, monkeypatch, capsys)
     assert len(calls) == 2 and "reused" in capsys.readouterr().out
 
 
-def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path, monkeypatch):
+def test_a_kept_run_of_other_settings_is_not_reused(tmp_path, monkeypatch, capsys):
+    """--reuse read a kept run's numbers under a setting it was not made with (the train
+    command itself refuses such a run dir): the store's manifest is checked as train checks it."""
+    from cwps_lightning.config import compose_config
+    from cwps_lightning.persist import config_hash, result_config
+
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", fake_job(calls))
+    keep = tmp_path / "runs"
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(keep), "--setting",
+                       "a=cwps.threshold=0.5"]) == 0
+    made = result_config(compose_config(["cwps.threshold=0.5", "seed=0"]))
+    (keep / "a_s0" / "store").mkdir()
+    (keep / "a_s0" / "store" / "manifest.json").write_text(json.dumps(
+        {"run": {"config_hash": config_hash(made), "config": made}}))
+    capsys.readouterr()
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(keep), "--reuse", "--setting",
+                       "a=cwps.threshold=0.5"]) == 0
+    assert "a seed 0: reused" in capsys.readouterr().out
+    assert sweep.main(["--seeds", "0", "--keep-dir", str(keep), "--reuse", "--setting",
+                       "a=cwps.threshold=0.3"]) == 1
+    out = capsys.readouterr().out
+    assert "a seed 0: FAILED (not reused: " in out and "cwps.threshold: 0.5 there, 0.3 now" in out
+    assert len(calls) == 1
+
+
+def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path, monkeypatch,
+                                                                        capsys):
     import argparse
 
     import pytest
@@ -126,10 +153,17 @@ def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path
     assert "cwps.threshold=0.3" in calls[0][0] and "cwps.threshold=0.3" not in calls[1][0]
     with pytest.raises(argparse.ArgumentTypeError, match="NAME=OVERRIDES"):
         sweep.parse_setting("no_equals_sign")
-    with pytest.raises(SystemExit, match="--reuse needs --keep-dir"):
-        sweep.main(["--reuse"])
-    with pytest.raises(SystemExit, match="must be unique"):
-        sweep.main(["--setting", "a=", "--setting", "a=x=1"])
+    # one usage line and exit 2 each, before any run (an unbalanced quote in --common and a
+    # --keep-dir that is a file ended in tracebacks)
+    (tmp_path / "a_file").write_text("")
+    for argv, needle in ((["--reuse"], "--reuse needs --keep-dir"),
+                         (["--setting", "a=", "--setting", "a=x=1"], "must be unique"),
+                         (["--common", 'seed="1'], "--common 'seed=\"1': No closing quotation"),
+                         (["--setting", 'a=seed="1'], "No closing quotation"),
+                         (["--keep-dir", str(tmp_path / "a_file")], "a_file: not a directory")):
+        with pytest.raises(SystemExit) as stop:
+            sweep.main(argv)
+        assert stop.value.code == 2 and needle in capsys.readouterr().err, argv
     assert len(calls) == 2
 
 

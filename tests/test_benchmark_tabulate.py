@@ -87,3 +87,14 @@ def test_main_prints_the_table_and_refuses_an_unknown_reference(sweep_dir, monke
     said = capsys.readouterr()
     assert stop.value.code == 2 and "no such curve" in said.err
     assert said.out == ""  # refused before the table: no half-written output
+
+
+def test_a_run_whose_results_cannot_be_read_is_named_and_skipped(sweep_dir, capsys):
+    """(a cut-short results.json ended the script in a JSONDecodeError naming no file)"""
+    broken = sweep_dir / "base_l0.7_s1" / "results.json"
+    broken.parent.mkdir()
+    broken.write_text('{"methods": {"cw')
+    by_setting = tab.collect(sweep_dir)
+    assert [r["seed"] for r in by_setting["base_l0.7"]] == [0]
+    assert capsys.readouterr().err.startswith(f"{broken}: skipped, cannot read its CWPS "
+                                              f"figures (JSONDecodeError: ")
