@@ -148,6 +148,10 @@ def test_the_config_difference_names_each_setting_with_both_values():
     assert config_difference({"optim": {"lr": 1}}, {"optim": {"lr": 1.0}}) == \
         "1 setting(s) differ: optim.lr: 1 there, 1.0 now"
     assert config_difference({"a": {}}, {}) == "the config's hashes differ"
+    # null and booleans as an override types them (a stored task order read "None there")
+    assert config_difference({"data": {"tasks": None}, "x": True}, {
+        "data": {"tasks": ["b", "a"]}, "x": False}) == (
+        "2 setting(s) differ: data.tasks: null there, ['b', 'a'] now; x: true there, false now")
 
 
 def test_a_store_folder_a_stopped_first_save_left_is_started_afresh(tmp_path, caplog):
