@@ -102,7 +102,11 @@ class SweepReport(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if _rank_zero():
-            write_sweep_report(Path(config.hydra.sweep.dir))
+            sweep_dir = Path(config.hydra.sweep.dir)
+            written = write_sweep_report(sweep_dir)
+            if written:  # (the jobs' lines name their own dirs; this one the sweep's)
+                log.info("the sweep's report: %s", ", ".join(str(sweep_dir / f)
+                                                             for f in written))
 
 
 # -- the report ---------------------------------------------------------------------------------

@@ -45,6 +45,9 @@ def test_lambda_sweep_writes_table_and_figure5(tmp_path, t0_cache):
                        [p[2] for p in points], atol=5e-4)
     assert (sweep / "figures" / "lambda.png").stat().st_size > 0
     assert "![lambda.png](figures/lambda.png)" in (sweep / "sweep.md").read_text()
+    # the end says where the sweep's report is (the jobs' lines name the jobs' dirs only)
+    assert f"the sweep's report: {sweep / 'sweep.md'}, {sweep / 'sweep.csv'}, " \
+           f"{sweep / 'figures' / 'lambda.png'}" in proc.stdout + proc.stderr
 
 
 def test_a_job_that_fails_does_not_stop_the_sweep(tmp_path, t0_cache):
