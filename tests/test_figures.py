@@ -313,3 +313,20 @@ def test_accuracy_vs_params_writes_plain_ratios_on_its_axis():
              if t.get_text()]
     assert min(ticks) > 1.27 and max(ticks) < 1.29
 
+
+
+def test_an_accuracy_axis_spans_at_least_a_point():
+    """Two means 0.02 apart were drawn as a steep line over the whole axis (their noise):
+    the y-axis spans at least figures.MIN_TOP1_SPAN points, around them; a wider spread keeps
+    its own range."""
+    from cwps_lightning.sweep import plot_lambda
+
+    close = [("a", 1.30, 92.38), ("b", 1.25, 92.40)]
+    for fig in (figures.plot_accuracy_vs_params(close, "t"),
+                plot_lambda([(0.5, 92.38, 1.30), (0.7, 92.40, 1.25)])):
+        lo, hi = fig.axes[0].get_ylim()
+        assert hi - lo == pytest.approx(figures.MIN_TOP1_SPAN)
+        assert lo < 92.38 and 92.40 < hi and (lo + hi) / 2 == pytest.approx(92.39, abs=0.01)
+    lo, hi = figures.plot_accuracy_vs_params([("a", 1.3, 80.0), ("b", 4.0, 90.0)],
+                                             "t").axes[0].get_ylim()
+    assert lo < 80.0 and hi > 90.0 and hi - lo < 13

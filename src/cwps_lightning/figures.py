@@ -37,6 +37,19 @@ def _save(fig: Figure, path: Path) -> None:
     fig.savefig(path, dpi=DPI, bbox_inches="tight")
 
 
+#: the least span of an accuracy axis, in points of top-1 (%)
+MIN_TOP1_SPAN = 1.0
+
+
+def at_least_span(ax, span: float = MIN_TOP1_SPAN) -> None:
+    """Widen the y-axis to ``span`` around its middle where the points lie closer: fitted to
+    two means 0.02 apart, it drew their noise as a steep line."""
+    lo, hi = ax.get_ylim()
+    if hi - lo < span:
+        mid = (lo + hi) / 2
+        ax.set_ylim(mid - span / 2, mid + span / 2)
+
+
 # -- Figure 4 (right): the relation of tasks -------------------------------------------------------
 def plot_relation_heatmap(tasks: list[str], shared: np.ndarray, channels: int) -> Figure:
     """``shared[i, j]``: output channels where tasks i and j hold the same kernel."""
@@ -123,6 +136,7 @@ def plot_accuracy_vs_params(points: list[tuple[str, float, float]], title: str) 
     # plain tick values: ratios a few 1e-4 apart got ticks 0.0002... and a "+1.279" offset
     # written over the axis label
     ax.ticklabel_format(useOffset=False)
+    at_least_span(ax)
     ax.set_xlabel("Backbone parameters to serve T0 and every task, heads excluded (x backbone)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.set_title(title)

@@ -270,6 +270,8 @@ def plot_lambda(points: list[tuple[float, float, float]]):
     """The paper's Figure 5: accuracy against lambda, marker area proportional to parameters."""
     from matplotlib.figure import Figure
 
+    from .figures import at_least_span
+
     fig = Figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     lam, top1, ratio = zip(*points, strict=True)
@@ -281,6 +283,7 @@ def plot_lambda(points: list[tuple[float, float, float]]):
     ax.set_xlabel("lambda (cwps.threshold)")
     ax.set_ylabel("Mean top-1 over tasks (%)")
     ax.margins(x=0.12, y=0.12)  # (the end points and their labels inside the frame)
+    at_least_span(ax)
     ax.ticklabel_format(useOffset=False)
     ax.set_title("Accuracy vs lambda (labels: param_ratio)")
     ax.grid(alpha=0.3)
