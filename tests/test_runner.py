@@ -162,8 +162,13 @@ def test_joint_mode_keeps_the_model_with_the_higher_val_top1(monkeypatch, tmp_pa
     said = [r.getMessage() for r in caplog.records if "optdigits it1: val" in r.getMessage()]
     assert len(said) == 1, said
     why = {60.0: "(kept the earlier model, of it0: its val top-1 80.00 is higher; ",
-           80.0: "(kept the earlier model, of it0: its val top-1 80.00 is equal; "}
-    assert (why[second_val] in said[0]) if not wins else ("kept" not in said[0]), said[0]
+           80.0: "(kept the earlier model, of it0: its val top-1 80.00 is equal; ",
+           # (a winner's line said nothing: a falling test top-1 read as if it were kept)
+           95.0: "(replaces the model of it0: its val top-1 was 80.00)"}
+    assert why[second_val] in said[0], said[0]
+    first_line = [r.getMessage() for r in caplog.records if "optdigits it0: val" in
+                  r.getMessage()]
+    assert len(first_line) == 1 and "(" not in first_line[0].split("test")[1], first_line
     assert [h["accepted"] for h in result.history] == [True, wins]
     assert [(h["val_top1"], h["top1"]) for h in result.history] == [(80.0, 70.0),
                                                                    (second_val, 90.0)]

@@ -234,7 +234,9 @@ class Runner:
         result.done.append([iteration, task])
         log.info("%s %s it%d: val %.2f test %.2f%s%s", method.name, task, iteration, val, test,
                  method.describe(trained.info),
-                 "" if accepted else
+                 "" if kept is None else
+                 f" (replaces the model of it{kept['iteration']}: its val top-1 was "
+                 f"{kept['val_top1']:.2f})" if accepted else
                  f" (kept the earlier model, of it{kept['iteration']}: its val top-1 "
                  f"{kept['val_top1']:.2f} is {'equal' if val == kept['val_top1'] else 'higher'}; "
                  f"a new model must beat it)")
