@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,14 +41,18 @@ def parse_setting(text: str) -> tuple[str, list[str]]:
     name, sep, overrides = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"--setting must be NAME=OVERRIDES, got {text!r}")
-    return name, split_overrides(overrides, "--setting")
+    return name, split_overrides(overrides)
 
 
-def split_overrides(text: str, flag: str) -> list[str]:
+def split_overrides(text: str, flag: str = "") -> list[str]:
     try:
         return shlex.split(text)
     except ValueError as err:  # (an unbalanced quote)
-        raise argparse.ArgumentTypeError(f"{flag} {text!r}: {err}") from None
+        raise argparse.ArgumentTypeError(f"{flag} {text!r}: {err}".lstrip()) from None
+
+
+#: Hydra's compose is process-wide (GlobalHydra): the pool's threads take turns
+_COMPOSE = threading.Lock()
 
 
 def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
@@ -59,7 +64,8 @@ def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
     from cwps_lightning.persist import check_run_dir_reuse
 
     try:
-        check_run_dir_reuse(out, compose_config(overrides))
+        with _COMPOSE:
+            check_run_dir_reuse(out, compose_config(overrides))
     except ConfigError as err:
         return str(err)
     return None
@@ -176,8 +182,12 @@ def main(argv=None) -> int:
         common = split_overrides(args.common, "--common")
     except argparse.ArgumentTypeError as err:
         p.error(str(err))
-    if args.keep_dir and Path(args.keep_dir).exists() and not Path(args.keep_dir).is_dir():
-        p.error(f"--keep-dir {args.keep_dir}: not a directory")
+    if args.keep_dir:
+        try:  # (made here, before any run: a file in its path ended the sweep in a traceback)
+            Path(args.keep_dir).resolve().mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            p.error(f"--keep-dir {args.keep_dir}: cannot be made a directory "
+                    f"({err.strerror or err})")
     jobs = [(n, o, seed) for seed in args.seeds for n, o in settings]
     print(f"{len(jobs)} runs ({len(settings)} settings x {len(args.seeds)} seeds), "
           f"{args.parallel} at a time", flush=True)

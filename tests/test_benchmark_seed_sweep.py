@@ -134,6 +134,19 @@ def test_a_kept_run_of_other_settings_is_not_reused(tmp_path, monkeypatch, capsy
     out = capsys.readouterr().out
     assert "a seed 0: FAILED (not reused: " in out and "cwps.threshold: 0.5 there, 0.3 now" in out
     assert len(calls) == 1
+    # the pool's threads check their kept runs in turn (Hydra's compose is process-wide: two at
+    # once ended the sweep in "GlobalHydra is already initialized")
+    for seed in (1, 2, 3):
+        assert sweep.main(["--seeds", str(seed), "--keep-dir", str(keep), "--setting",
+                           "a=cwps.threshold=0.5"]) == 0
+        made = result_config(compose_config(["cwps.threshold=0.5", f"seed={seed}"]))
+        (keep / f"a_s{seed}" / "store").mkdir()
+        (keep / f"a_s{seed}" / "store" / "manifest.json").write_text(json.dumps(
+            {"run": {"config_hash": config_hash(made), "config": made}}))
+    capsys.readouterr()
+    assert sweep.main(["--seeds", "0", "1", "2", "3", "--parallel", "4", "--keep-dir", str(keep),
+                       "--reuse", "--setting", "a=cwps.threshold=0.5"]) == 0
+    assert capsys.readouterr().out.count(": reused ") == 4 and len(calls) == 4
 
 
 def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path, monkeypatch,
@@ -159,8 +172,11 @@ def test_common_overrides_go_to_every_run_and_bad_arguments_are_refused(tmp_path
     for argv, needle in ((["--reuse"], "--reuse needs --keep-dir"),
                          (["--setting", "a=", "--setting", "a=x=1"], "must be unique"),
                          (["--common", 'seed="1'], "--common 'seed=\"1': No closing quotation"),
-                         (["--setting", 'a=seed="1'], "No closing quotation"),
-                         (["--keep-dir", str(tmp_path / "a_file")], "a_file: not a directory")):
+                         (["--setting", 'a=seed="1'], "argument --setting: 'seed=\"1': No "
+                                                      "closing quotation"),
+                         (["--keep-dir", str(tmp_path / "a_file")], "a_file: cannot be made a "
+                                                                      "directory"),
+                         (["--keep-dir", str(tmp_path / "a_file" / "sub")], "cannot be made")):
         with pytest.raises(SystemExit) as stop:
             sweep.main(argv)
         assert stop.value.code == 2 and needle in capsys.readouterr().err, argv
