@@ -78,7 +78,9 @@ def test_the_record_keeps_t0_and_the_ranks_over_attempts(monkeypatch, tmp_path):
 def test_a_resume_under_another_cpu_thread_count_says_so_and_keeps_the_first(
         monkeypatch, tmp_path, caplog):
     """On the CPU the thread count orders the float sums: a run stopped under one count and
-    resumed under another mixed both without a word (results.json recorded the last)."""
+    resumed under another mixed both without a word (results.json recorded the last). Said at
+    the resumed attempt's first stored task, once: its fits ran under the count they use
+    (Lightning's launcher sets it at the first fit); a rerun that trains nothing says nothing."""
     import logging
 
     import torch
@@ -88,35 +90,48 @@ def test_a_resume_under_another_cpu_thread_count_says_so_and_keeps_the_first(
     saved = []
     monkeypatch.setattr(persist, "save_store", lambda store_dir, bank, meta: saved.append(meta))
     cfg = OmegaConf.create({"cwps": {"threshold": 0.5}})
-    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 1)
-    persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {}).save({"cwps": _cwps()})
+    threads = [1]
+    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: threads[0])
+    first = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
+    first.device = torch.device("cpu")
+    first.save({"cwps": _cwps()})
     manifest = saved[-1]
     assert manifest["run"]["cpu_threads"] == 1
 
     class Store:
-        def __init__(self):
+        def __init__(self, manifest):
             self.manifest = manifest
 
-    monkeypatch.setattr(persist.MultiTaskStore, "load", staticmethod(lambda path: Store()))
     monkeypatch.setattr(persist, "check_same_config", lambda *a: None)
     (tmp_path / "store").mkdir()
     (tmp_path / "store" / persist.MANIFEST).write_text("{}")
-    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 2)
-    again = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
-    again.existing()
+
+    def resumed(manifest, device="cpu"):
+        monkeypatch.setattr(persist.MultiTaskStore, "load",
+                            staticmethod(lambda path: Store(manifest)))
+        recorder = persist.RunRecorder(tmp_path, cfg, {"name": "resnet18"}, {})
+        recorder.existing()
+        recorder.device = torch.device(device)
+        return recorder
+
+    threads[0] = 2
     with caplog.at_level(logging.WARNING, logger="cwps_lightning.persist"):
-        again.warn_other_thread_count(torch.device("cuda", 0))  # (the count plays no part)
+        resumed(manifest, "cuda").save({"cwps": _cwps()})  # (the count plays no part there)
+        resumed(manifest).save({"cwps": _cwps()}, complete=True)  # (a rerun: nothing trained)
         assert caplog.records == []
-        again.warn_other_thread_count(torch.device("cpu"))
+        again = resumed(manifest)
+        again.save({"cwps": _cwps()})
+        again.save({"cwps": _cwps()})
     (record,) = caplog.records
-    assert "the stored tasks trained with 1 CPU thread(s), this attempt has 2" in \
+    assert "the tasks stored before trained with 1 CPU thread(s), this attempt's with 2" in \
         record.getMessage() and "OMP_NUM_THREADS=1" in record.getMessage()
-    again.save({"cwps": _cwps()})
     assert saved[-1]["run"]["cpu_threads"] == 1  # (the count the stored tasks trained under)
-    monkeypatch.setattr(persist.torch, "get_num_threads", lambda: 1)
+    # a store written before the count was kept: unknown, and kept so (not this attempt's)
+    older = {**manifest, "run": {k: v for k, v in manifest["run"].items() if k != "cpu_threads"}}
     caplog.clear()
-    again.warn_other_thread_count(torch.device("cpu"))
-    assert caplog.records == []
+    with caplog.at_level(logging.WARNING, logger="cwps_lightning.persist"):
+        resumed(older).save({"cwps": _cwps()})
+    assert caplog.records == [] and saved[-1]["run"]["cpu_threads"] is None
 
 
 def _cwps():

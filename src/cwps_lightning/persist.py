@@ -132,8 +132,13 @@ class RunRecorder:
         #: the ranks record of the attempts before this one (ranks_over_attempts)
         self.earlier_ranks: dict | None = None
         #: torch's intra-op thread count the stored tasks trained under (the first attempt's;
-        #: None: a store written before it was kept)
+        #: None: a store written before it was kept, whose count is unknown)
         self.stored_threads: int | None = None
+        #: whether an earlier attempt stored tasks (existing found a store)
+        self.resumed = False
+        #: this rank's evaluation device (the job sets it): the thread count matters on the CPU
+        self.device = None
+        self._threads_said = False
 
     # -- restore -------------------------------------------------------------------------------
     def existing(self) -> MultiTaskStore | None:
@@ -158,21 +163,24 @@ class RunRecorder:
         self.t0_info = dict(run.get("t0") or {})
         self.earlier_ranks = run.get("ranks")
         self.stored_threads = run.get("cpu_threads")
+        self.resumed = True
         return store
 
-    def warn_other_thread_count(self, device) -> None:
+    def _warn_other_thread_count(self) -> None:
         """On the CPU the intra-op thread count orders the float sums: a run resumed under
-        another count than its stored tasks trained under goes on with other rounding (its
-        results then match neither count's uninterrupted run). Said once, by rank 0; the run
-        goes on (a refusal on one rank alone, before any process group, would leave the others
-        waiting)."""
+        another count than its stored tasks trained under went on with other rounding (its
+        results then match neither count's uninterrupted run). Said once, at this attempt's
+        first stored task: its fits ran under the count they use (Lightning's launcher sets it
+        at the first fit, where OMP_NUM_THREADS is unset), and a rerun that trains nothing says
+        nothing. Rank 0 saves, so rank 0 says it; the run goes on."""
         now = torch.get_num_threads()
-        if self.stored_threads is None or self.stored_threads == now or \
-                torch.device(device).type != "cpu" or distributed.rank() != 0:
+        if self._threads_said or self.stored_threads is None or self.stored_threads == now or \
+                self.device is None or torch.device(self.device).type != "cpu":
             return
-        log.warning("%s: the stored tasks trained with %d CPU thread(s), this attempt has %d: "
-                    "on the CPU the count orders the float sums, so the tasks still to train "
-                    "will not give the numbers of an uninterrupted run; resume with "
+        self._threads_said = True
+        log.warning("%s: the tasks stored before trained with %d CPU thread(s), this attempt's "
+                    "with %d: on the CPU the count orders the float sums, so the results will "
+                    "not be the numbers of an uninterrupted run; resume with "
                     "OMP_NUM_THREADS=%d for those", self.store_dir, self.stored_threads, now,
                     self.stored_threads)
 
@@ -216,6 +224,8 @@ class RunRecorder:
     # -- save ----------------------------------------------------------------------------------
     def save(self, methods: dict[str, MethodResult], complete: bool = False) -> None:
         """The store (CWPS's bank) with every method's progress record in its manifest."""
+        if not complete:  # (a task this attempt trained: the run's last save stores none)
+            self._warn_other_thread_count()
         cwps = methods["cwps"]
         meta = {
             "backbone": self.backbone,
@@ -229,8 +239,8 @@ class RunRecorder:
                 "methods": {name: m.record() for name, m in methods.items()},
                 "t0": self.t0_info,
                 "ranks": self.ranks_over_attempts(),
-                "cpu_threads": self.stored_threads if self.stored_threads is not None
-                else torch.get_num_threads(),
+                # (the first attempt's; unknown for a store written before it was kept)
+                "cpu_threads": self.stored_threads if self.resumed else torch.get_num_threads(),
             },
             "config": self.full_config,
         }

@@ -304,7 +304,7 @@ def run(cfg: DictConfig) -> dict:
     stopwatch = Stopwatch()
     fit_settings = fit_settings_of(cfg, job, run_dir, recorder.hash, stopwatch)
     device = eval_device(cfg.trainer.accelerator, cfg.trainer.devices)
-    recorder.warn_other_thread_count(device)
+    recorder.device = device
     with stopwatch.timed("t0"):
         if store is not None:
             t0_model = recorder.t0_from(store)
