@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 from cwps_lightning.cwps import MultiTaskStore
+from cwps_lightning.errors import DIVERGED_RUN_DIR
 from cwps_lightning.sweep import sweep_rows
 
 from .helpers import REPO, TINY, cli_env, run_train
@@ -23,9 +24,11 @@ def test_a_diverged_fit_stops_the_run_with_one_line_and_the_store_keeps_cwps_tas
     assert proc.returncode == 3, proc.stderr[-3000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr[-3000:]
+    # (after a stored task: a lower learning rate takes a new run dir, the line says)
     assert re.fullmatch(r"error: task 'optdigits', fit diverging/optdigits: the training loss "
                         r"is (nan|inf|-inf) at epoch \d+, step \d+ \(counted from 0; .*\); the "
-                        r"store keeps the tasks finished before", errors[0]), errors[0]
+                        r"store keeps the tasks finished before, " + re.escape(DIVERGED_RUN_DIR),
+                        errors[0]), errors[0]
     assert "Traceback" not in proc.stderr
     store = MultiTaskStore.load(run_dir / "store")
     assert store.tasks == ["T0", "optdigits", "mnist_sketch", "mnist_m"]
