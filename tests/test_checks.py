@@ -258,6 +258,9 @@ def test_an_optuna_search_maximises_accuracy_and_runs_as_a_multirun(no_fits):
     with pytest.raises(ConfigError, match=r"^hparams_search=cwps_optuna is a search: run it as "
                                           r"a multirun \(-m\)$"):
         preflight(["hparams_search=cwps_optuna"])
+    with pytest.raises(ConfigError, match=r"^hydra/sweeper=optuna picks a sweep's jobs: run it "
+                                          r"as a multirun \(-m\)$"):
+        preflight(["hydra/sweeper=optuna", "hydra.sweeper.direction=maximize"])
     # hydra.mode=MULTIRUN starts a multirun as -m does: the preset runs, the direction is
     # checked, and a basic sweep's jobs are each checked
     preflight(["hparams_search=cwps_optuna", "hydra.mode=MULTIRUN"])

@@ -552,9 +552,13 @@ def check_launch(cfg: DictConfig, multirun: bool, overrides) -> None:
     ranks = distributed.torchrun_world_size()
     if not multirun and ranks is not None and ranks > 1:
         check_torchrun_trainer(trainer, ranks)
-    search = cfg.hydra.runtime.choices.get("hparams_search") if "hydra" in cfg else None
+    choices = cfg.hydra.runtime.choices if "hydra" in cfg else {}
+    search, sweeper = choices.get("hparams_search"), choices.get("hydra/sweeper")
     if search and not multirun:  # (it ran one job at the preset's fixed values, without a word)
         raise ConfigError(f"hparams_search={search} is a search: run it as a multirun (-m)")
+    if sweeper not in (None, "basic") and not multirun:  # (likewise)
+        raise ConfigError(f"hydra/sweeper={sweeper} picks a sweep's jobs: run it as a "
+                          f"multirun (-m)")
     if multirun and "hydra" in cfg:
         check_sweep_direction(cfg.hydra.sweeper.get("direction"))
     if multirun and launcher == SLURM_LAUNCHER:
