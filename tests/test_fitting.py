@@ -48,6 +48,11 @@ def test_a_nan_loss_stops_the_fit_at_its_step(monkeypatch):
     plan = FitPlan(1, seed=0, train="finetune", optimizer=OptimizerPlan(lr=0.1, lr_key="t0.lr"))
     with pytest.raises(TrainingDiverged, match=r"step 1 \(counted from 0; lower t0\.lr, or"):
         _fit(Small(), plan)
+    # a method's own rate that names no key: that rate (it named optim.lr, which it ignores)
+    plan = FitPlan(1, seed=0, train="finetune", optimizer=OptimizerPlan(lr=0.1))
+    with pytest.raises(TrainingDiverged, match=r"step 1 \(counted from 0; lower the learning "
+                                               r"rate its method sets \(0\.1\), or"):
+        _fit(Small(), plan)
     # a fit that trains a group at its own rate names that key too: mask logits (a CWPS
     # fit) at optim.mask_lr, Piggyback's masks at methods.piggyback.mask_lr
     net = Small()

@@ -43,9 +43,12 @@ class OptimizerPlan:
 
     @property
     def lr_hint(self) -> str:
-        """The learning-rate keys a diverged fit's message tells the user to lower."""
+        """The learning-rate keys a diverged fit's message tells the user to lower (a rate a
+        method sets itself without naming its key: that rate, not optim.lr, which it ignores)."""
         extra = [k for k in self.group_keys.values() if k != self.lr_key]
-        return self.lr_key + (f" (or {' / '.join(extra)})" if extra else "")
+        base = (f"the learning rate its method sets ({self.lr:g})"
+                if self.lr is not None and self.lr_key == "optim.lr" else self.lr_key)
+        return base + (f" (or {' / '.join(extra)})" if extra else "")
 
     def __post_init__(self):
         if self.kind not in OPTIMIZERS:
