@@ -38,7 +38,7 @@ from .config import (
 )
 from .errors import ConfigError
 from .fs import file_in_the_way
-from .methods.registry import BASELINE_NAMES, BUILTIN, method_class
+from .methods.registry import BUILTIN, CWPS_ALWAYS_RUNS, method_class
 from .models import check_model_name
 from .models.backbone import check_weights_file
 from .models.lit_module import step_compose_refusal
@@ -282,9 +282,7 @@ def check_methods(baselines: list[str]) -> None:
             raise ConfigError(f"cwps.baselines: {entry}: the class sets no `name` (the key of "
                               "its results)")
         if cls.name == "cwps" and entry in ("cwps", BUILTIN["cwps"]):
-            raise ConfigError(f"cwps.baselines: {entry}: CWPS runs in every job; list the "
-                              f"methods to compare it with ({list(BASELINE_NAMES)} or "
-                              f"'package.module:Class')")
+            raise ConfigError(f"cwps.baselines: {entry}: {CWPS_ALWAYS_RUNS}")
         if cls.name in seen:
             raise ConfigError(f"cwps.baselines: {entry} and {seen[cls.name]} are both named "
                               f"{cls.name!r}; give each method its own `name`")

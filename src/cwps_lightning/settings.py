@@ -24,7 +24,7 @@ from .cwps.search import (
 )
 from .cwps.step_compose import COMPOSE_MODES
 from .methods.base import OPTIMIZERS
-from .methods.registry import BASELINE_NAMES
+from .methods.registry import BASELINE_NAMES, CWPS_ALWAYS_RUNS
 
 MODES = ("incremental", "joint")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -164,9 +164,7 @@ class CWPSSettings:
                              f"{self.mask_init}, a factor or std; got {self.init_scale} (any "
                              f"finite logit for mask_init=constant)")
         if "cwps" in self.baselines:
-            raise ValueError(f"cwps.baselines lists cwps: CWPS runs in every job; list the "
-                             f"methods to compare it with ({list(BASELINE_NAMES)} or "
-                             f"'package.module:Class')")
+            raise ValueError(f"cwps.baselines lists cwps: {CWPS_ALWAYS_RUNS}")
         bad = [b for b in self.baselines if b not in BASELINE_NAMES and ":" not in b]
         if bad:
             raise ValueError(

@@ -21,6 +21,9 @@ BUILTIN = {
 }
 #: what ``cwps.baselines`` may list by short name (CWPS itself always runs)
 BASELINE_NAMES = tuple(n for n in BUILTIN if n != "cwps")
+#: what a cwps.baselines that lists CWPS itself is told (the settings' check and the job's)
+CWPS_ALWAYS_RUNS = (f"CWPS runs in every job; list the methods to compare it with "
+                    f"({list(BASELINE_NAMES)} or 'package.module:Class')")
 
 
 def method_class(name: str) -> type[Method]:
