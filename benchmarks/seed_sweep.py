@@ -74,13 +74,12 @@ def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
 def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> dict:
     out = root / f"{name}_s{seed}"
     results = out / "results.json"
-    cmd = [
-        sys.executable, "-m", "cwps_lightning.train", *common, *overrides, f"seed={seed}",
-        "trainer.enable_progress_bar=false", f"hydra.run.dir={out}",
-    ]
+    job = [*common, *overrides, f"seed={seed}", "trainer.enable_progress_bar=false",
+           f"hydra.run.dir={out}"]
+    cmd = [sys.executable, "-m", "cwps_lightning.train", *job]
     t0 = time.perf_counter()
     if reuse and results.is_file():  # a finished run of an earlier, interrupted sweep
-        differs = kept_run_differs(out, cmd[3:])
+        differs = kept_run_differs(out, job)
         if differs is not None:
             print(f"  {name} seed {seed}: FAILED (not reused: {differs})", flush=True)
             return {"setting": name, "seed": seed, "ok": False, "wall_s": 0.0}
