@@ -34,7 +34,7 @@ class FakeWandb:
     def open(self):
         self.module.run = "a run left open"
 
-    def finish(self):
+    def finish(self, exit_code=None):
         self.events.append(("finish", self.module.run))
         self.module.run = None
 

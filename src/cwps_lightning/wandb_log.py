@@ -22,10 +22,7 @@ def close_run(exit_code: int | None = None) -> None:
     success)."""
     wandb = sys.modules.get("wandb")
     if wandb is not None and getattr(wandb, "run", None) is not None:
-        if exit_code is None:
-            wandb.finish()
-        else:
-            wandb.finish(exit_code=exit_code)
+        wandb.finish(exit_code=exit_code)  # (None: wandb's default, the run's own end)
 
 
 def group_of(settings: LoggerSettings, run_dir: Path) -> str:
