@@ -36,7 +36,7 @@ from .config import (
     settings_of,
     trainer_arguments,
 )
-from .errors import ConfigError
+from .errors import ConfigError, as_typed
 from .fs import file_in_the_way
 from .methods.registry import BUILTIN, CWPS_ALWAYS_RUNS, method_class
 from .models import check_model_name
@@ -347,15 +347,13 @@ def check_trainer_values(trainer: dict) -> None:
     if _on_cpu(trainer) and distributed.device_ids(devices) is not None:
         raise ConfigError(f"trainer.devices={devices!r}: on the CPU devices is a number of "
                           "processes (e.g. 1 or 2), not device indices")
-    nodes = trainer.get("num_nodes", 1)
-    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
-        raise ConfigError(f"trainer.num_nodes={nodes!r}: accepted: an integer >= 1")
-    check_trainer_types(trainer)
+    check_trainer_types(trainer)  # (num_nodes among them)
 
 
-#: the lowest value of Trainer arguments that fail or do nothing below it, after T0 (0
-#: accumulated batches divided by zero; a negative clip value clipped nothing, without a word)
-TRAINER_MINIMA = {"accumulate_grad_batches": 1, "check_val_every_n_epoch": 1,
+#: the lowest value of Trainer arguments that fail or do nothing below it, at the first
+#: Trainer or after T0 (0 nodes; 0 accumulated batches divided by zero; a negative clip value
+#: clipped nothing, without a word)
+TRAINER_MINIMA = {"num_nodes": 1, "accumulate_grad_batches": 1, "check_val_every_n_epoch": 1,
                   "log_every_n_steps": 0, "num_sanity_val_steps": -1, "gradient_clip_val": 0,
                   "reload_dataloaders_every_n_epochs": 0}
 
@@ -372,9 +370,8 @@ def check_trainer_types(trainer: dict) -> None:
         low = TRAINER_MINIMA.get(key)
         if not _of_kinds(value, kinds) or (  # (not >=: nan is refused too)
                 low is not None and not isinstance(value, bool) and not value >= low):
-            shown = {True: "true", False: "false"}.get(value, repr(value)) \
-                if isinstance(value, bool) else repr(value)
-            raise ConfigError(f"trainer.{key}={shown}: accepted: {_kinds_text(kinds, low)}")
+            raise ConfigError(f"trainer.{key}={as_typed(value)}: accepted: "
+                              f"{_kinds_text(kinds, low)}")
 
 
 @cache

@@ -20,6 +20,13 @@ def short_list(items: Sequence[str], limit: int = LIST_LIMIT) -> str:
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def as_typed(value) -> str:
+    """A config value as an override types it: null, true, false; anything else its repr."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    return repr(value)
+
+
 #: what torch's DataLoader makes of an error raised in a worker process: the same class, built
 #: from "Caught <class> in DataLoader worker process <n>.\nOriginal Traceback ... <class>: msg"
 _WORKER = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\nOriginal Traceback")

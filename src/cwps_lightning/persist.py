@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import distributed
 from .cwps import MultiTaskStore, StoreError, save_store
 from .cwps.store import MANIFEST, unfinished_first_save
-from .errors import ConfigError
+from .errors import ConfigError, as_typed
 from .methods.base import Method
 from .runner import T0, MethodResult, Runner
 from .settings import ADDED_KEYS_AT_OLD_VALUE
@@ -89,10 +89,8 @@ def config_difference(stored: dict | None, config: dict, limit: int = 5) -> str:
         k.endswith("._target_") or not any(k.startswith(f"{s}.") for s in swapped))),
         key=lambda k: not k.endswith("._target_"))  # (a class first: it says the most)
 
-    def value(d: dict, k: str) -> str:  # (as typed in an override: null, true, false)
-        shown = {None: "null", True: "true", False: "false"}
-        text = ("unset" if k not in d else shown[d[k]] if d[k] is None or isinstance(d[k], bool)
-                else repr(d[k]))
+    def value(d: dict, k: str) -> str:
+        text = as_typed(d[k]) if k in d else "unset"
         return text if len(text) <= 60 else text[:57] + "..."
 
     if not shown:  # (a change _flatten cannot show: an empty section there, absent now)
