@@ -152,6 +152,25 @@ def test_trainer_values_lightning_takes_pass(override):
     checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))
 
 
+def test_one_unresolvable_trainer_annotation_leaves_the_others_checked(monkeypatch):
+    """get_type_hints resolves every annotation of Trainer.__init__ or fails: one string that
+    does not resolve (another Lightning version) skipped every key's check."""
+    import typing
+
+    from lightning import Trainer
+
+    def fails(obj, *args, **kwargs):
+        raise NameError("name 'SomeNewType' is not defined")
+
+    monkeypatch.setattr(typing, "get_type_hints", fails)
+    monkeypatch.setitem(Trainer.__init__.__annotations__, "max_time", "SomeNewType | None")
+    trainer = dict(compose_config(["trainer=cpu"]).trainer)
+    with pytest.raises(ConfigError, match=r"^trainer\.accumulate_grad_batches=0: accepted: an "
+                                          r"integer >= 1$"):
+        checks.check_trainer_types({**trainer, "accumulate_grad_batches": 0})
+    checks.check_trainer_types({**trainer, "max_time": "anything"})  # (its own: unchecked)
+
+
 @pytest.mark.parametrize("devices", ["[0,1]", "'0,1'", "'0,'", "[0]"])
 def test_device_indices_on_the_cpu_are_refused_and_on_a_gpu_taken(devices, monkeypatch):
     """Lightning's CPU accelerator takes a number of processes only."""

@@ -385,8 +385,11 @@ def _plain_kinds(key: str) -> tuple | None:
 
     try:
         hint = typing.get_type_hints(Trainer.__init__).get(key)
-    except Exception:  # (an annotation that does not resolve in this version: no check)
-        return None
+    except Exception:  # (one annotation that does not resolve in this version fails them all:
+        # take this key's as written, unchecked where it is a string to resolve)
+        hint = Trainer.__init__.__annotations__.get(key)
+        if isinstance(hint, str | typing.ForwardRef):
+            return None
     kinds, todo = [], [hint]
     while todo:
         t = todo.pop(0)
