@@ -293,6 +293,27 @@ def test_an_optuna_search_maximises_accuracy_and_runs_as_a_multirun(no_fits):
         preflight(["-m", "hydra/sweeper=optuna", "hydra.sweeper.direction=MAXIMIZE"])
 
 
+def test_a_preset_that_sets_the_multirun_mode_has_its_sweep_checked(tmp_path, monkeypatch,
+                                                                     no_fits):
+    """hydra.mode=MULTIRUN in a config file starts a multirun without -m (Hydra reads the
+    composed mode): every job of its sweep is checked, as with -m; before, only the config
+    without the sweep was, and a bad value failed at its job, after the jobs before it ran."""
+    import shutil
+
+    from cwps_lightning import config
+
+    conf = tmp_path / "conf"
+    shutil.copytree(config.CONF_DIR, conf)
+    (conf / "experiment" / "my_sweep.yaml").write_text(
+        "# @package _global_\nhydra:\n  mode: MULTIRUN\n  sweeper:\n    params:\n"
+        "      cwps.threshold: 0.3,1.5\n")
+    monkeypatch.setattr(config, "CONF_DIR", conf)
+    with pytest.raises(ConfigError, match=r"^job 1 of the sweep \(cwps\.threshold=1\.5 "
+                                          r"\+experiment=my_sweep\): cwps\.threshold"):
+        preflight(["+experiment=my_sweep"])
+    preflight(["+experiment=my_sweep", "cwps.threshold=0.3,0.5"])  # (the command line's wins)
+
+
 def test_a_root_is_not_looked_for_where_the_job_does_not_run():
     cfg = compose_config(["+experiment=imagenet_sketch", "data.root=/nonexistent/isk"])
     checks.check_data(cfg, here=False)  # (the cluster's disk)

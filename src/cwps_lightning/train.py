@@ -622,6 +622,25 @@ def sweep_jobs_checked(overrides: Sequence[str]) -> list[list[str]]:
     return jobs
 
 
+def _mode_set_in_config(overrides: Sequence[str]) -> tuple[bool, DictConfig | None]:
+    """Whether the config (a preset's file) sets ``hydra.mode=MULTIRUN``, which starts a
+    multirun as -m does (Hydra reads the mode of the config composed without the sweeps), and
+    the composed config when it does not and it is the single job's. Overrides that do not
+    parse or compose: (False, None), for the job's own check to name."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        cfg = compose_config(fixed)
+    except (HydraException, ValueError, ConfigError):
+        return False, None
+    if str(cfg.hydra.get("mode")).endswith("MULTIRUN"):
+        return True, None
+    return False, cfg if len(fixed) == len(overrides) else None
+
+
 def preflight(argv: Sequence[str]) -> None:
     """Compose and check the config of every job the command would run, before Hydra runs
     any: a bad key, type, value or environment stops the command with one line."""
@@ -634,10 +653,13 @@ def preflight(argv: Sequence[str]) -> None:
     # (hydra.mode=MULTIRUN on the command line starts a multirun as -m does)
     multirun = args.multirun or any(o.lstrip("+") == "hydra.mode=MULTIRUN"
                                     for o in args.overrides)
+    composed = None  # (the single job's config, when composed to read its mode)
+    if not multirun:
+        multirun, composed = _mode_set_in_config(args.overrides)
     jobs = sweep_jobs_checked(args.overrides) if multirun else [list(args.overrides)]
     for i, overrides in enumerate(jobs):
         try:
-            cfg = compose_config(overrides)
+            cfg = composed if composed is not None else compose_config(overrides)
             check_config(cfg, here=not (multirun and launcher_kind(cfg) == SLURM_LAUNCHER))
             check_launch(cfg, multirun=multirun, overrides=overrides)
             if multirun and basic_sweeper(cfg):
