@@ -198,6 +198,9 @@ def test_summary_arithmetic_mean_top1_time_per_task_and_ratios():
     summary = result.summary(backbone_params=10)
     assert summary["mean_top1"] == 75.0
     assert summary["seconds_per_task"] == 5.0  # 10 s over two passes of two tasks
+    three = MethodResult("m", Bank(), tasks={t: {"top1": 1.0} for t in "abc"},
+                         history=[{"seconds": s} for s in (7.4, 6.8, 8.0)])
+    assert three.summary(10)["seconds_per_task"] == 7.4  # (the plain mean: 7.400000000000001)
     assert (summary["param_ratio"], summary["param_ratio_with_heads"]) == (3.0, 3.6)
 
 

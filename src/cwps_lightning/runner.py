@@ -88,8 +88,9 @@ class MethodResult:
             **param_ratios(counts, backbone_params),
             "params": counts,
             # every visit's training and test time (joint mode: all passes), per task
-            "seconds_per_task": (sum(h.get("seconds", 0.0) for h in self.history)
-                                 / len(self.tasks) if self.tasks else float("nan")),
+            # (a mean of times kept to 0.1 s: two decimals, not 7.400000000000001)
+            "seconds_per_task": (round(sum(h.get("seconds", 0.0) for h in self.history)
+                                       / len(self.tasks), 2) if self.tasks else float("nan")),
             "history": self.history,
         }
 
