@@ -27,6 +27,8 @@ from .methods.base import OPTIMIZERS
 from .methods.registry import BASELINE_NAMES, CWPS_ALWAYS_RUNS
 
 MODES = ("incremental", "joint")
+#: the largest float32, the mask logits' type
+FLOAT32_MAX = 3.4028234663852886e38
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: the baselines of the default run
 BASELINES = ("finetune", "frozen")
@@ -154,9 +156,10 @@ class CWPSSettings:
         _one_of("cwps.mask_init", self.mask_init, MASK_INITS)
         _one_of("cwps.mask_grad", self.mask_grad, MASK_GRADS)
         _one_of("cwps.compose", self.compose, COMPOSE_MODES)
-        if self.init_scale is not None and not abs(self.init_scale) < float("inf"):
-            raise ValueError(f"cwps.init_scale must be a finite number or null, got "
-                             f"{self.init_scale}")
+        # (the logits are float32: 1e40 overflowed at the mask's making, after T0)
+        if self.init_scale is not None and not abs(self.init_scale) <= FLOAT32_MAX:
+            raise ValueError(f"cwps.init_scale must be a finite number (float32: magnitude at "
+                             f"most {FLOAT32_MAX:.4g}) or null, got {self.init_scale}")
         if self.init_scale is not None and self.mask_init != "constant" and \
                 not self.init_scale > 0:  # (a factor or std <= 0 turned the init around:
             # the channels nearest their parent started task-specific)
