@@ -99,6 +99,23 @@ def test_a_full_disk_gives_one_clear_error_and_keeps_the_previous_store(
     assert MultiTaskStore.load(tmp_path, verify=True).tasks == ["t0", "t1"]
 
 
+def test_safetensors_own_io_error_is_an_io_error_too(tmp_path, monkeypatch):
+    """safetensors wraps an OS error in its own type: the writer's real one (here: a folder
+    that is not there) must take the clear line too, not a traceback."""
+    from safetensors.torch import save_file
+
+    save_store(tmp_path, _bank(2), META)
+
+    def unwritable(path, name, tensors):
+        save_file(tensors, str(path / "no-such-folder" / name))
+
+    monkeypatch.setattr(store_module, "_write_tensors", unwritable)
+    with pytest.raises(StoreError, match=r"cannot write store version 1 \(.*I/O error.*\); the "
+                                         r"store there is still version 0"):
+        save_store(tmp_path, _bank(3), META)
+    assert MultiTaskStore.load(tmp_path, verify=True).tasks == ["t0", "t1"]
+
+
 def test_a_full_disk_on_the_first_write_says_nothing_was_stored(tmp_path, monkeypatch):
     _full_disk_on(monkeypatch, "_write_tensors")
     with pytest.raises(StoreError, match="still without a manifest"):

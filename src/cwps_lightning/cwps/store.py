@@ -206,9 +206,11 @@ def save_store(path: str | Path, bank: KernelBank, meta: dict) -> Path:
 
 
 def _is_io_error(err: Exception) -> bool:
-    """An OSError, or safetensors' error for one (it wraps the OS error in its own type)."""
-    return isinstance(err, OSError) or (type(err).__name__ == "SafetensorError"
-                                        and "Io" in str(err))
+    """An OSError, or safetensors' error for one (it wraps the OS error in its own type; its
+    text read "IoError" and now reads "I/O error: ... (os error 13)")."""
+    return isinstance(err, OSError) or (
+        type(err).__name__ == "SafetensorError"
+        and re.search(r"\bio ?error|i/o error|os error \d+", str(err), re.IGNORECASE) is not None)
 
 
 def _save_version(path: Path, bank: KernelBank, meta: dict, old: dict | None,
