@@ -202,3 +202,37 @@ def test_only_rank_zero_says_it_starts_afresh(tmp_path, caplog, monkeypatch):
     with caplog.at_level("WARNING", logger="cwps_lightning.persist"):
         assert recorder.existing() is None  # (the same decision on every rank)
     assert "starting afresh" not in caplog.text
+
+
+def test_a_resume_refuses_a_store_without_a_task_its_record_has_done(tmp_path):
+    """A manifest that lost a task (edited, damaged) but kept the progress record: the resume
+    stored the run again without it (the ratio fell from 1.32x to 1.21x, a helper's run) and
+    evaluate then tested the others, all without a word."""
+    import pytest
+
+    from cwps_lightning import persist
+    from cwps_lightning.cwps import StoreError
+
+    class Store:
+        tasks = ["T0", "b"]
+        manifest = {"run": {"methods": {"cwps": _cwps().record()}}}
+
+        def to_bank(self):
+            raise AssertionError("the bank was taken")
+
+    class Runner:
+        def new_result(self, method, **record):
+            from cwps_lightning.runner import MethodResult
+
+            return MethodResult(method.name, None, shares_tasks=method.shares_tasks, **record)
+
+    class Cwps:
+        name, shares_tasks = "cwps", True
+
+    recorder = persist.RunRecorder(tmp_path, OmegaConf.create({}), {"name": "resnet18"}, {})
+    with pytest.raises(StoreError, match=r"cwps's record has task\(s\) \['a'\] done that the "
+                                         r"store does not hold \(it holds \['T0', 'b'\]\)"):
+        recorder.restore(Store(), Runner(), [Cwps()])
+    Store.tasks = ["T0", "a"]
+    Store.to_bank = lambda self: "bank"
+    assert recorder.restore(Store(), Runner(), [Cwps()])["cwps"].bank == "bank"

@@ -209,6 +209,12 @@ class RunRecorder:
                 continue
             result = runner.new_result(method, **record)
             if method.shares_tasks:
+                lost = [t for t in result.tasks if t not in store.tasks]
+                if lost:  # (resumed, the run stored itself again without them)
+                    raise StoreError(f"{self.store_dir}: {method.name}'s record has task(s) "
+                                     f"{lost} done that the store does not hold (it holds "
+                                     f"{store.tasks}): an edited or damaged manifest; move the "
+                                     "store away to run afresh")
                 result.bank = store.to_bank()
             restored[method.name] = result
         log.info("resuming %s: visits done %s", self.store_dir,

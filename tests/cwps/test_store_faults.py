@@ -4,6 +4,7 @@ random moments), a full disk, and a diverged model that must not enter the bank.
 from __future__ import annotations
 
 import errno
+import json
 import multiprocessing as mp
 import os
 import random
@@ -159,3 +160,27 @@ def test_a_store_replaced_while_it_is_read_loads_the_new_version(tmp_path, monke
     store = MultiTaskStore.load(tmp_path)
     assert replaced == [0] and store.manifest["version"] == 1
     assert store.tasks == ["t0", "t1", "t2"]
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda m: m["task_order"].remove("t1"), r"\(task_order \['t0'\] and the tasks it describes "
+                                            r"\['t0', 't1'\] differ"),
+    (lambda m: m["tasks"].pop("t1"), r"\(task_order \['t0', 't1'\] and the tasks it describes "
+                                     r"\['t0'\] differ"),
+    (lambda m: m["task_order"].append("t0"), r"\(task_order \['t0', 't1', 't0'\]"),
+    (lambda m: m.pop("kernel_counts"), r"\('kernel_counts' missing or of another type\)"),
+    (lambda m: m["tasks"]["t1"].update(num_classes="10"),
+     r"\('tasks\.t1' missing or of another type\)"),
+    (lambda m: m["tasks"]["t1"].pop("rest_params"), r"\('tasks\.t1' missing"),
+    (lambda m: m["tasks"].update(t1=3), r"\('tasks\.t1' missing"),
+])
+def test_a_manifest_whose_tasks_disagree_or_lack_a_field_is_named(tmp_path, edit, expected):
+    """(a task dropped from task_order was dropped without a word: a resume stored the run
+    again without it; a missing field failed later with a KeyError)"""
+    save_store(tmp_path, _bank(2), META)
+    file = tmp_path / "manifest.json"
+    manifest = json.loads(file.read_text())
+    edit(manifest)
+    file.write_text(json.dumps(manifest))
+    with pytest.raises(StoreError, match=r"manifest\.json: corrupt manifest " + expected):
+        MultiTaskStore.load(tmp_path)

@@ -286,7 +286,8 @@ def _read_manifest(path: Path) -> dict:
             f"this code reads {FORMAT_VERSION}"
         )
     # (what every reader takes from it: a manifest cut short or edited fails here, by name)
-    shapes = {"version": int, "files": dict, "layers": list, "tasks": dict, "task_order": list}
+    shapes = {"version": int, "files": dict, "layers": list, "tasks": dict, "task_order": list,
+              "kernel_counts": dict}
     wrong = [k for k, kind in shapes.items() if not isinstance(manifest.get(k), kind)]
     files = manifest.get("files")
     if not wrong and not all(
@@ -294,9 +295,23 @@ def _read_manifest(path: Path) -> dict:
             and isinstance(files[k].get("bytes"), int) and isinstance(files[k].get("sha256"), str)
             for k in ("kernels", "tasks")):
         wrong = ["files"]
+    if not wrong:
+        wrong = [f"tasks.{t}" for t, info in manifest["tasks"].items()
+                 if not (isinstance(info, dict) and _is_int(info.get("num_classes"))
+                         and isinstance(info.get("rest_params"), list))][:1]
     if wrong:
         raise StoreError(f"{file}: corrupt manifest ({wrong[0]!r} missing or of another type)")
+    order, tasks = manifest["task_order"], list(manifest["tasks"])
+    if sorted(map(str, order)) != sorted(tasks) or len(set(map(str, order))) != len(order):
+        # (a task left out of one of them was dropped without a word: a resume stored the run
+        # again without it, and evaluate tested the others)
+        raise StoreError(f"{file}: corrupt manifest (task_order {order} and the tasks it "
+                         f"describes {tasks} differ)")
     return manifest
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 class _Missing(StoreError):
