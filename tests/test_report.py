@@ -68,6 +68,25 @@ def test_results_layout_gap_names_the_first_missing_key():
     del no_mean["methods"]["cwps"]["mean_top1"]
     assert results_layout_gap(no_mean) == "'methods.cwps.mean_top1'"
 
+    def edited(edit):
+        copy = json.loads(json.dumps(whole))
+        edit(copy)
+        return results_layout_gap(copy)
+
+    # (each printed as a figure, or failed in the table after the figures were redrawn)
+    cwps = lambda r: r["methods"]["cwps"]  # noqa: E731
+    assert edited(lambda r: cwps(r).update(mean_top1=True)) == "'methods.cwps.mean_top1'"
+    assert edited(lambda r: cwps(r).update(mean_top1=float("nan"))) == \
+        "'methods.cwps.mean_top1'"
+    assert edited(lambda r: cwps(r)["tasks"]["a"].update(top1=None)) == \
+        "'methods.cwps.tasks.a.top1'"
+    assert edited(lambda r: cwps(r)["tasks"].update(b=91.0)) == "'methods.cwps.tasks.b.top1'"
+    assert edited(lambda r: cwps(r).update(seconds_per_task="3 s")) == \
+        "'methods.cwps.seconds_per_task'"
+    assert edited(lambda r: cwps(r).update(mode=1)) == "'methods.cwps.mode'"
+    assert edited(lambda r: r.update(backbone_params=True)) == "'backbone_params'"
+    assert edited(lambda r: cwps(r).update(seconds_per_task=None)) is None
+
 
 def test_report_help_exits_0_and_bad_arguments_2(capsys):
     """(--help printed the usage as an error and exited 2)"""

@@ -131,23 +131,46 @@ def add_figures(run_dir: Path, results: dict, store: MultiTaskStore | None) -> N
                   "%s", type(err).__name__, err, run_dir)
 
 
-#: what the table reads of results.json, and of each method in it
+#: what the table reads of results.json, and of each method in it ("number": an int or a
+#: float, not a boolean, finite)
 RESULTS_KEYS = {"methods": dict, "tasks": list, "backbone": str, "backbone_params": int}
-METHOD_KEYS = {"tasks": dict, "mean_top1": float | int, "param_ratio": float | int,
-               "param_ratio_with_heads": float | int}
+METHOD_KEYS = {"tasks": dict, "mean_top1": "number", "param_ratio": "number",
+               "param_ratio_with_heads": "number"}
+
+
+def is_number(value) -> bool:
+    """An int or float (not a boolean) that is finite: what a table may print as a figure."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and abs(value) < float("inf"))
+
+
+def _of_kind(value, kind) -> bool:
+    if kind == "number":
+        return is_number(value)
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
 
 
 def results_layout_gap(results: dict) -> str | None:
-    """The first key the report needs that ``results`` lacks (or holds of another type), as
-    a path ("methods.cwps.mean_top1"); None when the layout is whole."""
+    """The first key the report needs that ``results`` lacks (or holds of another type: a
+    boolean or nan is no accuracy), as a path ("methods.cwps.mean_top1"); None when the
+    layout is whole."""
     for key, kind in RESULTS_KEYS.items():
-        if not isinstance(results.get(key), kind):
+        if not _of_kind(results.get(key), kind):
             return repr(key)
+    if not all(isinstance(t, str) for t in results["tasks"]):
+        return repr("tasks")
     for name, method in results["methods"].items():
         if not isinstance(method, dict):
             return repr(f"methods.{name}")
         for key, kind in METHOD_KEYS.items():
-            if not isinstance(method.get(key), kind):
+            if not _of_kind(method.get(key), kind):
+                return repr(f"methods.{name}.{key}")
+        for task, metrics in method["tasks"].items():
+            if not (isinstance(metrics, dict) and is_number(metrics.get("top1"))):
+                return repr(f"methods.{name}.tasks.{task}.top1")
+        for key in ("seconds_per_task", "mode", "label"):  # (optional: None or their kind)
+            kind = "number" if key == "seconds_per_task" else str
+            if method.get(key) is not None and not _of_kind(method[key], kind):
                 return repr(f"methods.{name}.{key}")
     return None
 

@@ -30,10 +30,11 @@ from typing import Any
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.errors import CompactHydraException
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .cwps.store import atomic_write
 from .distributed import PeerStopped
+from .report import is_number
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +127,9 @@ def job_results(path: Path) -> tuple[float | None, dict]:
     for name, r in methods.items():
         got = {k: r.get(k) if isinstance(r, dict) else None
                for k in ("mean_top1", "param_ratio")}
-        bad = [k for k, v in got.items() if isinstance(v, bool) or not isinstance(v, int | float)]
+        bad = [k for k, v in got.items() if not is_number(v)]
         if bad:
-            raise ValueError(f"'methods.{name}.{bad[0]}' missing or not a number")
+            raise ValueError(f"'methods.{name}.{bad[0]}' missing or not a finite number")
         out[name] = got
     seconds = results.get("seconds")
     return (seconds if isinstance(seconds, int | float) else None), out
@@ -139,7 +140,15 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     (then folder name: a folder of single runs holds many a job 0)."""
     rows = []
     for status_file in sweep_dir.glob(f"*/{STATUS_FILE}"):
-        status = json.loads(status_file.read_text())
+        try:
+            status = _read_status(status_file)
+        except ValueError as err:  # (cut short, edited: said in its row, the others stand)
+            overrides, _ = _job_overrides(status_file.parent)
+            rows.append({"job": _job_number(status_file.parent), "overrides": overrides,
+                         "status": "unreadable", "error": f"{STATUS_FILE}: {err}",
+                         "dir": status_file.parent.name, "methods": {}, "seconds": None,
+                         "values": parse_overrides(overrides)})
+            continue
         results_file = status_file.parent / "results.json"
         row = {**status, "dir": status_file.parent.name, "methods": {}, "seconds": None,
                "values": parse_overrides(status["overrides"])}
@@ -153,11 +162,48 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
     for overrides_file in sweep_dir.glob("*/.hydra/overrides.yaml"):
         job_dir = overrides_file.parent.parent
         if job_dir.name.isdigit() and not (job_dir / STATUS_FILE).exists():
-            overrides = [str(o) for o in OmegaConf.load(overrides_file)]
+            overrides, error = _job_overrides(job_dir)
             rows.append({"job": int(job_dir.name), "overrides": overrides,
-                         "status": "incomplete", "error": None, "dir": job_dir.name,
+                         "status": "incomplete", "error": error, "dir": job_dir.name,
                          "methods": {}, "seconds": None, "values": parse_overrides(overrides)})
     return sorted(rows, key=lambda r: (r["job"], r["dir"]))
+
+
+def _read_status(status_file: Path) -> dict:
+    """A job's job_status.json, or a ValueError saying what is wrong with it."""
+    try:
+        status = json.loads(status_file.read_text())
+    except OSError as err:
+        raise ValueError(f"cannot read ({err.strerror or err})") from None
+    except ValueError as err:
+        raise ValueError(f"not JSON ({err})") from None
+    kinds = {"job": int, "status": str, "overrides": list}
+    bad = [k for k, kind in kinds.items() if not isinstance(status, dict)
+           or not isinstance(status.get(k), kind) or isinstance(status.get(k), bool)]
+    if not bad and not all(isinstance(o, str) for o in status["overrides"]):
+        bad = ["overrides"]
+    if bad:
+        raise ValueError(f"'{bad[0]}' missing or of another type")
+    return status
+
+
+def _job_number(job_dir: Path) -> int:
+    return int(job_dir.name) if job_dir.name.isdigit() else -1
+
+
+def _job_overrides(job_dir: Path) -> tuple[list[str], str | None]:
+    """The overrides Hydra recorded for a job (its .hydra/overrides.yaml), and what is wrong
+    with that file (None: nothing, or no such file)."""
+    file = job_dir / ".hydra" / "overrides.yaml"
+    if not file.exists():
+        return [], None
+    try:
+        overrides = OmegaConf.load(file)
+        if not isinstance(overrides, ListConfig):
+            raise ValueError("not a list")
+        return [str(o) for o in overrides], None
+    except Exception as err:  # noqa: BLE001 - YAML's and OmegaConf's errors: said in its row
+        return [], f".hydra/overrides.yaml: cannot read ({type(err).__name__})"
 
 
 #: a character Hydra's sweeper escapes in a job's overrides (``[a,m.x\\:Cls]``), and its escape

@@ -119,7 +119,8 @@ def test_a_completed_job_whose_results_cannot_be_read_is_marked_and_the_rest_rep
     assert [r["status"] for r in rows] == ["completed", "unreadable", "unreadable", "unreadable"]
     assert rows[1]["error"].startswith("results.json: not JSON (")
     assert rows[2]["error"] == "results.json: cannot read (No such file or directory)"
-    assert rows[3]["error"] == "results.json: 'methods.cwps.mean_top1' missing or not a number"
+    assert rows[3]["error"] == ("results.json: 'methods.cwps.mean_top1' missing or not a finite "
+                                "number")
     md, _ = sweep_table(rows)
     assert "| 0 | 0.3 | completed | 90.00 | 1.300 | 7 | yes |" in md
     assert "| 2 | 0.7 | unreadable: results.json: cannot read (No such file or directory) | - " \
@@ -244,6 +245,41 @@ def test_a_job_that_recorded_no_status_is_listed_as_incomplete(tmp_path):
     md = (tmp_path / "sweep.md").read_text()
     assert "| 1 | 0.5 | incomplete | - | - | - |  |" in md
     assert "2 job(s), 0 failed, 1 incomplete (no job_status.json: killed, or still running)." in md
+
+
+def test_a_job_status_or_overrides_file_that_cannot_be_read_is_marked_and_the_rest_reported(
+        tmp_path):
+    """(a cut-short job_status.json, or a garbage overrides.yaml of a job without one, stopped
+    the whole report with a traceback; a boolean or nan accuracy was reported as a number)"""
+    from cwps_lightning.sweep import STATUS_FILE, write_sweep_report
+
+    job_dir(tmp_path, 0, ["cwps.threshold=0.3"], cwps=(90.0, 1.3))
+    job_dir(tmp_path, 1, ["cwps.threshold=0.5"], cwps=(91.0, 1.2))
+    status = tmp_path / "1" / STATUS_FILE
+    status.write_text(status.read_text()[:20])
+    job_dir(tmp_path, 2, ["cwps.threshold=0.7"], cwps=(92.0, 1.1))
+    (tmp_path / "2" / STATUS_FILE).write_text(json.dumps({"job": 2, "status": "completed"}))
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text("{[: not yaml\x00")
+    job_dir(tmp_path, 4, ["cwps.threshold=0.9"], cwps=(93.0, 1.0))
+    path = tmp_path / "4" / "results.json"
+    path.write_text(path.read_text().replace("93.0", "true"))
+    job_dir(tmp_path, 5, ["cwps.threshold=1.0"], cwps=(94.0, 1.0))
+    path = tmp_path / "5" / "results.json"
+    path.write_text(path.read_text().replace("94.0", "NaN"))
+    rows = sweep_rows(tmp_path)
+    assert [(r["job"], r["status"]) for r in rows] == [
+        (0, "completed"), (1, "unreadable"), (2, "unreadable"), (3, "incomplete"),
+        (4, "unreadable"), (5, "unreadable")]
+    assert rows[1]["error"].startswith("job_status.json: not JSON (")
+    assert rows[1]["values"] == {"cwps.threshold": "0.5"}  # (from Hydra's record)
+    assert rows[2]["error"] == "job_status.json: 'overrides' missing or of another type"
+    assert rows[3]["error"].startswith(".hydra/overrides.yaml: cannot read (")
+    assert rows[4]["error"] == ("results.json: 'methods.cwps.mean_top1' missing or not a finite "
+                                "number")
+    assert rows[5]["error"] == rows[4]["error"]
+    assert write_sweep_report(tmp_path)[:2] == ["sweep.md", "sweep.csv"]
+    assert "| 0 | 0.3 | completed | 90.00 |" in (tmp_path / "sweep.md").read_text()
 
 
 def test_optuna_search_goes_on_after_a_failed_trial_and_exits_non_zero(tmp_path, t0_cache):
