@@ -15,7 +15,8 @@ CWPS - fine-tune, and of the parameter ratio.
 A setting is NAME=OVERRIDES (space-separated Hydra overrides, may be empty). ``--common`` is
 added to every run, before the setting's overrides (a key in both: the setting's wins). Runs
 go to a temporary directory unless ``--keep-dir`` is given; with ``--reuse`` a run already
-finished there is read instead of run again. Every run starts in the
+finished there is read instead of run again, when its store's manifest shows the same settings
+(a kept run without a readable one, or of other settings, is named FAILED). Every run starts in the
 checkout this script is in, so it uses that checkout's T0 cache (``<checkout>/.cache``): a
 worktree of another revision, with its copy of this script, compares against its own T0s.
 """
@@ -60,9 +61,20 @@ def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
     train command's own resume check, on its store's manifest), or None: --reuse read such a
     run's numbers under the new setting's name."""
     from cwps_lightning.config import compose_config
+    from cwps_lightning.cwps.store import MANIFEST
     from cwps_lightning.errors import ConfigError
     from cwps_lightning.persist import check_run_dir_reuse
 
+    manifest = out / "store" / MANIFEST
+    try:
+        run = json.loads(manifest.read_text()).get("run")
+    except (OSError, ValueError, AttributeError):
+        run = None
+    if not (isinstance(run, dict) and isinstance(run.get("config_hash"), str)):
+        # (train's own check passes a run dir without one, to start afresh: here its
+        # results.json would be read under this setting's name unchecked)
+        return (f"{manifest} is missing, unreadable or holds no run record, so the kept run's "
+                "settings cannot be checked; move the run away to run it again")
     try:
         with _COMPOSE:
             check_run_dir_reuse(out, compose_config(overrides))
@@ -93,7 +105,13 @@ def run_one(name, overrides, seed, common, root: Path, reuse: bool = False) -> d
         why = f"exit {proc.returncode}" if proc.returncode else f"no {results}"
         print(f"  {name} seed {seed}: FAILED ({why})\n    " + "\n    ".join(tail))
         return {"setting": name, "seed": seed, "ok": False, "wall_s": wall}
-    data = json.loads(results.read_text())
+    from cwps_lightning.report import StoreError, read_results
+
+    try:  # (the report's check: cut short, edited, a boolean or nan for a figure)
+        data = read_results(out)
+    except StoreError as err:
+        print(f"  {name} seed {seed}: FAILED ({err})", flush=True)
+        return {"setting": name, "seed": seed, "ok": False, "wall_s": wall}
     methods = {
         m: {
             "mean_top1": r["mean_top1"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import statistics
 import sys
@@ -31,6 +32,12 @@ CURVE = re.compile(r"^(?P<curve>.+)_l(?P<lam>[0-9.]+)$")
 def run_row(results: dict) -> dict:
     """CWPS's figures of one run."""
     cwps = results["methods"]["cwps"]
+    for key in ("mean_top1", "param_ratio"):  # (a string failed in the table, a boolean or
+        # nan was averaged)
+        value = cwps[key]
+        if isinstance(value, bool) or not isinstance(value, int | float) \
+                or not math.isfinite(value):
+            raise ValueError(f"methods.cwps.{key} is {value!r}, not a finite number")
     tasks = list(cwps["tasks"].values())
     flips = [t["mask_flips"] for t in tasks]
     return {
@@ -42,8 +49,9 @@ def run_row(results: dict) -> dict:
     }
 
 
-def collect(root: Path) -> dict[str, list[dict]]:
-    """Rows by setting, in the order the settings first appear (sorted by name)."""
+def collect(root: Path, skipped: list[Path] | None = None) -> dict[str, list[dict]]:
+    """Rows by setting, in the order the settings first appear (sorted by name); the
+    results.json files that cannot be read are said and added to ``skipped``."""
     by_setting: dict[str, list[dict]] = {}
     for run in sorted(root.iterdir()):
         match = RUN_DIR.match(run.name)
@@ -56,6 +64,8 @@ def collect(root: Path) -> dict[str, list[dict]]:
             # (one cut-short or foreign file must not hide the others, nor itself)
             print(f"{results}: skipped, cannot read its CWPS figures ({type(err).__name__}: "
                   f"{err})", file=sys.stderr)
+            if skipped is not None:
+                skipped.append(results)
             continue
         row["seed"] = int(match["seed"])
         by_setting.setdefault(match["setting"], []).append(row)
@@ -127,9 +137,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.root.is_dir():
         parser.error(f"{args.root} is not a directory")
-    by_setting = collect(args.root)
+    skipped: list[Path] = []
+    by_setting = collect(args.root, skipped)
     if not by_setting:
-        parser.error(f"no <setting>_s<seed>/results.json under {args.root}")
+        skipped = (f" ({len(skipped)} found, none readable: each said above)"
+                   if skipped else "")
+        parser.error(f"no readable <setting>_s<seed>/results.json under {args.root}{skipped}")
     found = curves(by_setting) if args.reference else {}
     if args.reference and args.reference not in found:  # (before anything is printed)
         parser.error(f"--reference {args.reference!r}: no such curve; found {sorted(found)}")

@@ -11,6 +11,23 @@ from .helpers import load_benchmark
 sweep = load_benchmark("seed_sweep")
 
 
+def results_json(methods: dict) -> str:
+    """A results.json of the layout the report reads, with these methods."""
+    return json.dumps({"methods": methods, "tasks": ["a"], "backbone": "resnet18",
+                       "backbone_params": 100})
+
+
+def keep_manifest(run_dir: Path, overrides: list[str]) -> None:
+    """The store manifest's run record train leaves, as --reuse checks it."""
+    from cwps_lightning.config import compose_config
+    from cwps_lightning.persist import config_hash, result_config
+
+    made = result_config(compose_config(overrides))
+    (run_dir / "store").mkdir()
+    (run_dir / "store" / "manifest.json").write_text(json.dumps(
+        {"run": {"config_hash": config_hash(made), "config": made}}))
+
+
 def fake_job(calls: list):
     """subprocess.run for ``python -m cwps_lightning.train``: writes a results.json into
     hydra.run.dir, read as the job reads it (relative to the job's cwd)."""
@@ -24,7 +41,7 @@ def fake_job(calls: list):
                        "param_ratio_with_heads": ratio,
                        "tasks": {"a": {"top1": base + seed}}}
                    for m, base, ratio in (("cwps", 90.0, 1.3), ("finetune", 91.0, 4.0))}
-        (run_dir / "results.json").write_text(json.dumps({"methods": methods}))
+        (run_dir / "results.json").write_text(results_json(methods))
         return subprocess.CompletedProcess(cmd, 0, "", "")
     return run
 
@@ -87,7 +104,7 @@ def test_the_summary_takes_the_papers_param_ratio_and_the_sample_sd(tmp_path, mo
         out.mkdir(parents=True, exist_ok=True)
         methods = {"cwps": {"mean_top1": 1.0, "param_ratio": 1.3, "param_ratio_with_heads": 1.9,
                             "tasks": {"a": {"top1": 1.0}}}}
-        (out / "results.json").write_text(json.dumps({"methods": methods}))
+        (out / "results.json").write_text(results_json(methods))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(sweep.subprocess, "run", run)
@@ -106,8 +123,22 @@ def test_a_finished_run_is_reused_only_when_asked(tmp_path, monkeypatch, capsys)
     assert len(calls) == 1
     assert sweep.main(["--seeds", "0", "--keep-dir", keep]) == 0  # run again
     assert len(calls) == 2
+    # (a kept run whose settings cannot be checked, without its store's manifest: not read)
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep, "--reuse"]) == 1
+    out = capsys.readouterr().out
+    assert "default seed 0: FAILED (not reused: " in out and "settings cannot be checked" in out
+    keep_manifest(Path(keep) / "default_s0", ["seed=0"])
     assert sweep.main(["--seeds", "0", "--keep-dir", keep, "--reuse"]) == 0
     assert len(calls) == 2 and "reused" in capsys.readouterr().out
+    # (a kept results.json cut short or edited: named, not a traceback)
+    results = Path(keep) / "default_s0" / "results.json"
+    results.write_text(results.read_text().replace("91.0", "true"))
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep, "--reuse"]) == 1
+    assert "'methods.finetune.mean_top1' missing or of another type" in capsys.readouterr().out
+    results.write_text(results.read_text()[:40])
+    assert sweep.main(["--seeds", "0", "--keep-dir", keep, "--reuse"]) == 1
+    assert "results.json: cannot read (" in capsys.readouterr().out
+    assert len(calls) == 2
 
 
 def test_a_kept_run_of_other_settings_is_not_reused(tmp_path, monkeypatch, capsys):

@@ -98,3 +98,26 @@ def test_a_run_whose_results_cannot_be_read_is_named_and_skipped(sweep_dir, caps
     assert [r["seed"] for r in by_setting["base_l0.7"]] == [0]
     assert capsys.readouterr().err.startswith(f"{broken}: skipped, cannot read its CWPS "
                                               f"figures (JSONDecodeError: ")
+
+
+def test_a_figure_that_is_no_finite_number_is_named_and_when_none_is_read_the_error_says_so(
+        tmp_path, monkeypatch, capsys):
+    """(a string mean ended the script in a TypeError at the table; a boolean or nan was
+    averaged; with every file unreadable the error said there was none)"""
+    for i, bad in enumerate(["92", True, float("nan")]):
+        write_run(tmp_path, f"base_s{i}", 90.0, 1.2)
+        path = tmp_path / f"base_s{i}" / "results.json"
+        results = json.loads(path.read_text())
+        results["methods"]["cwps"]["mean_top1"] = bad
+        path.write_text(json.dumps(results))
+    skipped = []
+    assert tab.collect(tmp_path, skipped) == {} and len(skipped) == 3
+    err = capsys.readouterr().err
+    assert "methods.cwps.mean_top1 is '92', not a finite number" in err
+    assert "is True," in err and "is nan," in err
+    monkeypatch.setattr("sys.argv", ["tabulate_runs.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as stop:
+        tab.main()
+    assert stop.value.code == 2
+    assert f"no readable <setting>_s<seed>/results.json under {tmp_path} (3 found, none " \
+           "readable: each said above)" in capsys.readouterr().err
