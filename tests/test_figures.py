@@ -330,3 +330,26 @@ def test_an_accuracy_axis_spans_at_least_a_point():
     lo, hi = figures.plot_accuracy_vs_params([("a", 1.3, 80.0), ("b", 4.0, 90.0)],
                                              "t").axes[0].get_ylim()
     assert lo < 80.0 and hi > 90.0 and hi - lo < 13
+
+
+def test_a_figure_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """(a report killed while drawing left an empty PNG, which results.md linked)"""
+    from matplotlib.figure import Figure
+
+    from cwps_lightning.figures import save_figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [0, 1])
+    path = tmp_path / "a.png"
+    save_figure(fig, path)
+    drawn = path.read_bytes()
+    assert drawn.startswith(b"\x89PNG") and len(drawn) > 1000
+
+    def stops_halfway(self, target, **kwargs):
+        target.write(b"\x89PNG partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", stops_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_figure(fig, path)
+    assert path.read_bytes() == drawn and [p.name for p in tmp_path.iterdir()] == ["a.png"]

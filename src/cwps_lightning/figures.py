@@ -15,6 +15,7 @@ run into ``<run dir>/figures/`` and returns their file names. The paper's figure
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 from pathlib import Path
@@ -26,6 +27,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import offset_copy
 
+from .cwps.store import atomic_write
+
 log = logging.getLogger(__name__)
 
 SHARED_RGB = (0.10, 0.55, 0.25)  # frame of a kernel shared with another task
@@ -33,8 +36,14 @@ SPECIFIC_RGB = (0.90, 0.45, 0.05)  # frame of a task-specific kernel
 DPI = 120
 
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.savefig(path, dpi=DPI, bbox_inches="tight")
+def save_figure(fig: Figure, path: Path) -> None:
+    """Draw ``fig`` to ``path`` whole or not at all: drawn in memory, then written aside and
+    renamed (a report killed while drawing left an empty PNG that results.md linked)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=DPI,
+                bbox_inches="tight")
+    atomic_write(path, buffer.getvalue())
+
 
 
 #: the least span of an accuracy axis, in points of top-1 (%)
@@ -282,7 +291,7 @@ def write_run_figures(run_dir: str | Path, results: dict, store=None) -> list[st
     written = []
 
     def save(fig: Figure, name: str) -> None:
-        _save(fig, out / name)
+        save_figure(fig, out / name)
         written.append(f"figures/{name}")
 
     save(plot_accuracy_vs_params(method_points(results),

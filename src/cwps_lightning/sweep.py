@@ -400,5 +400,7 @@ def sweep_figure(rows: list[dict], figures_dir: Path,
     if figure is None:
         return None
     figures_dir.mkdir(exist_ok=True)
-    figure[1].savefig(figures_dir / figure[0], dpi=120, bbox_inches="tight")
+    from .figures import save_figure
+
+    save_figure(figure[1], figures_dir / figure[0])
     return figure[0]
