@@ -88,6 +88,31 @@ def test_an_unreadable_cache_entry_is_pretrained_again(tmp_path, caplog):
     assert t0(tmp_path)[1]["cached"] is None
 
 
+def test_a_cache_entry_whose_val_top1_is_no_number_is_pretrained_again(tmp_path, caplog):
+    """(a string went into results.json and the log lines as T0's accuracy)"""
+    model, _ = t0(tmp_path)
+    cached, = (tmp_path / "t0").glob("*.pt")
+    for bad in ("93.1", None, True, float("nan")):
+        torch.save({"state_dict": model.state_dict(), "val_top1": bad}, cached)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert t0(tmp_path)[1]["cached"] is None, bad
+        assert "not a finite number" in caplog.text
+
+
+def test_a_cache_that_cannot_be_written_leaves_the_run_its_t0(tmp_path, caplog):
+    """(a read-only cache, or a full disk: the run failed after pretraining T0)"""
+    cache = tmp_path / "cache"
+    (cache / "t0").mkdir(parents=True)
+    model, _ = t0(tmp_path / "fresh")
+    key_file, = (tmp_path / "fresh" / "t0").glob("*.pt")
+    (cache / "t0" / key_file.name).mkdir()  # (where the file goes: a folder, so unwritable)
+    with caplog.at_level("WARNING"):
+        again, info = t0(cache)
+    assert info["cached"] is None and same_weights(model, again)
+    assert "cannot write the cache" in caplog.text and "the run goes on" in caplog.text
+
+
 def test_the_seed_alone_decides_t0(tmp_path):
     """Whatever drew from torch's generator before, one seed gives one T0 (the cache key holds
     the seed, not the generator's state); another seed gives another."""

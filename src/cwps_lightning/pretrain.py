@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -161,10 +162,14 @@ def pretrain_t0(
     model.cpu()
     log.info("T0: val top-1 %.2f", val)
     if path is not None and distributed.rank() == 0:  # the ranks trained it together
-        path.parent.mkdir(parents=True, exist_ok=True)
         buf = io.BytesIO()
         torch.save({"state_dict": model.state_dict(), "val_top1": val, "spec": spec}, buf)
-        atomic_write(path, buf.getvalue())
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, buf.getvalue())
+        except OSError as err:  # (a read-only or full cache: the run has its T0 all the same)
+            log.warning("T0: cannot write the cache %s (%s); the run goes on, and the next "
+                        "run pretrains T0 again", path, err.strerror or err)
     return model, {"cached": None, "val_top1": val}
 
 
@@ -178,8 +183,12 @@ def _load_cached(path: Path, model_name: str, num_classes: int,
         saved = torch.load(path, map_location="cpu", weights_only=True)
         model = create_backbone(model_name, num_classes, model_kwargs)
         model.load_state_dict(saved["state_dict"])
-        return model, saved["val_top1"]
-    except (RuntimeError, KeyError, OSError, EOFError, pickle.UnpicklingError) as err:
+        val = saved["val_top1"]
+        if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
+            raise KeyError(f"val_top1 is {val!r}, not a finite number")  # (went to results)
+        return model, float(val)
+    except (RuntimeError, KeyError, TypeError, OSError, EOFError,
+            pickle.UnpicklingError) as err:
         # (an empty or truncated file: EOFError; bytes of something else: Unpickling)
         log.warning("T0: cache %s unreadable (%s); pretraining again", path, err)
         return None
