@@ -50,6 +50,7 @@ from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .cwps.store import MANIFEST
 from .errors import DIVERGED_RUN_DIR, NO_STORE_YET, STORE_KEEPS, ConfigError
+from .fs import RunDirBusy, RunDirLock
 from .fitting import (
     FitSettings,
     RunInterrupted,
@@ -464,7 +465,10 @@ def stop_on_error(err: BaseException, status: int, run_dir: Path | None = None,
 @hydra.main(version_base="1.3", config_path="../../conf", config_name="config")
 def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
     try:
-        results = run(cfg)
+        # (rank 0 holds the run dir for the job; the other ranks work in it under its lock)
+        with RunDirLock(HydraConfig.get().runtime.output_dir) if is_rank_zero() \
+                else contextlib.nullcontext():
+            results = run(cfg)
     except STOPS as err:
         hydra_cfg = HydraConfig.get()
         if _in_multirun() and not isinstance(err, RunInterrupted):
@@ -477,7 +481,8 @@ def hydra_main(cfg: DictConfig) -> float | tuple[float, float]:
         stop_on_error(err, status,
                       # (bad input may leave a stub run dir; a run stopped in a fit (3, 143,
                       # 130) keeps it: its log is its story)
-                      run_dir=Path(runtime.output_dir) if status == 2 else None,
+                      run_dir=Path(runtime.output_dir)
+                      if status == 2 and not isinstance(err, RunDirBusy) else None,
                       cwds=(Path.cwd(), Path(runtime.cwd)),
                       own_log=Path(runtime.output_dir) / f"{hydra_cfg.job.name}.log")
     # what a Hydra sweeper optimises: CWPS mean top-1, and with two directions declared
@@ -549,6 +554,8 @@ def check_run_dir(cfg: DictConfig) -> None:
     run_dir = _resolved(cfg, "hydra.run.dir")
     if run_dir:
         check_directory("hydra.run.dir", run_dir)
+        with RunDirLock(run_dir):  # (a job running there: refused before Hydra writes in it)
+            pass
         check_run_dir_reuse(run_dir, cfg)
 
 
@@ -566,6 +573,8 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
         return
+    with RunDirLock(Path(sweep_dir) / str(num)):  # (a job running there)
+        pass
     check_run_dir_reuse(Path(sweep_dir) / str(num), cfg)
 
 
