@@ -554,8 +554,10 @@ def check_run_dir(cfg: DictConfig) -> None:
     run_dir = _resolved(cfg, "hydra.run.dir")
     if run_dir:
         check_directory("hydra.run.dir", run_dir)
-        with RunDirLock(run_dir):  # (a job running there: refused before Hydra writes in it)
-            pass
+        if is_rank_zero():  # (a job running there: refused before Hydra writes in it; a
+            # rank above 0 runs in rank 0's dir, under its lock)
+            with RunDirLock(run_dir):
+                pass
         check_run_dir_reuse(run_dir, cfg)
 
 
@@ -573,8 +575,9 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
         return
-    with RunDirLock(Path(sweep_dir) / str(num)):  # (a job running there)
-        pass
+    if is_rank_zero():
+        with RunDirLock(Path(sweep_dir) / str(num)):  # (a job running there)
+            pass
     check_run_dir_reuse(Path(sweep_dir) / str(num), cfg)
 
 
