@@ -146,7 +146,7 @@ def test_trainer_values_lightning_would_refuse_at_its_first_trainer(no_fits, ove
                                       "trainer.accumulate_grad_batches=2",
                                       "trainer.num_sanity_val_steps=-1",
                                       "trainer.check_val_every_n_epoch=null",
-                                      "trainer.deterministic=warn", "+trainer.fast_dev_run=true",
+                                      "trainer.deterministic=warn",
                                       "+trainer.limit_train_batches=0.5"])
 def test_trainer_values_lightning_takes_pass(override):
     checks.check_trainer_values(dict(compose_config(["trainer=cpu", override]).trainer))
@@ -169,6 +169,39 @@ def test_one_unresolvable_trainer_annotation_leaves_the_others_checked(monkeypat
                                           r"integer >= 1$"):
         checks.check_trainer_types({**trainer, "accumulate_grad_batches": 0})
     checks.check_trainer_types({**trainer, "max_time": "anything"})  # (its own: unchecked)
+
+
+@pytest.mark.parametrize(("override", "expected"), [
+    # Lightning's own refusals, at its Trainer: they came after T0 with a traceback
+    ("trainer.accelerator=tpu", r"lightning\.Trainer refuses them: Requirement 'torch_xla"),
+    ("trainer.accelerator=null", r"refuses them: You selected an invalid accelerator name"),
+    ("trainer.strategy=fsdp", r"refuses them: The strategy `fsdp` requires a GPU accelerator"),
+    ("+trainer.limit_train_batches=1.5", r"refuses them: You have passed invalid value 1\.5 "),
+    ("+trainer.gradient_clip_algorithm=nope", r"refuses them: `gradient_clip_algorithm` nope "),
+    ("+trainer.profiler=nope", r"refuses them: When passing string value for the `profiler`"),
+    # taken by Lightning, and then no training (reported as trained), a crash or a hang
+    ("+trainer.limit_train_batches=0", r"^trainer\.limit_train_batches=0: no training batches"),
+    ("+trainer.fast_dev_run=true", r"^trainer\.fast_dev_run=true: one batch per fit"),
+    ("+trainer.val_check_interval=0", r"^trainer\.val_check_interval=0: accepted: a number > 0"),
+    ("trainer.num_nodes=2", r"^trainer\.num_nodes=2: nothing starts the other nodes here"),
+])
+def test_trainer_settings_lightning_refuses_or_that_train_nothing_stop_before_the_job(
+        no_fits, monkeypatch, override, expected):
+    for var in ("SLURM_NTASKS", "SLURM_JOB_NAME", "TORCHELASTIC_RUN_ID", "NODE_RANK",
+                "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "KUBERNETES_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match=expected):
+        preflight(["trainer=cpu", override])
+
+
+def test_the_trainer_probe_says_nothing_and_leaves_lightnings_loggers_as_they_were(capsys):
+    import logging
+
+    before = logging.getLogger("lightning.pytorch").level
+    checks.probe_trainer(dict(compose_config(["trainer=cpu"]).trainer))
+    said = capsys.readouterr()
+    assert "GPU available" not in said.out + said.err
+    assert logging.getLogger("lightning.pytorch").level == before
 
 
 @pytest.mark.parametrize("devices", ["[0,1]", "'0,1'", "'0,'", "[0]"])
@@ -621,9 +654,10 @@ def test_checks_compose_the_default_run_cleanly(no_fits):
     assert job.cwps.baselines == ["finetune", "frozen"] and job.model.name == "resnet18"
 
 
-def test_lightnings_trainer_defaults_take_a_plain_override(no_fits):
+def test_lightnings_trainer_defaults_take_a_plain_override(no_fits, monkeypatch):
     """num_nodes, gradient_clip_val and accumulate_grad_batches are in the trainer config with
     Lightning's defaults: set without "+", passed to the Trainer."""
+    monkeypatch.setenv("NODE_RANK", "0")  # (a launcher of the nodes: its own, by hand)
     cfg = compose_config(["trainer.num_nodes=2", "trainer.gradient_clip_val=0.5",
                           "trainer.accumulate_grad_batches=4"])
     checks.check_config(cfg)

@@ -315,6 +315,93 @@ def check_trainer(trainer: dict, gpus_here: bool = True) -> None:
         devices = trainer.get("devices", "auto")
         if isinstance(devices, int) and devices > available:
             raise ConfigError(f"trainer.devices={devices}: only {available} GPU(s) visible")
+    check_trainer_plan(trainer, here=gpus_here)
+    if gpus_here and not _cluster_launched():  # (a launcher's Trainer reads its environment:
+        # the ranks' variables, which the launch checks (check_launch) read first)
+        probe_trainer(trainer)
+
+
+def check_trainer_plan(trainer: dict, here: bool = True) -> None:
+    """Trainer values Lightning takes that would leave the job's fits untrained while the run
+    still reported them, or hang: no training batches, a debug run of one batch, and several
+    nodes with nothing to start them (the first fit waited for the other nodes forever, deaf
+    to SIGTERM). ``here``: the job runs on this machine (not a SLURM launcher's)."""
+    limit = trainer.get("limit_train_batches")
+    if limit is not None and not isinstance(limit, bool) and isinstance(limit, int | float) \
+            and limit == 0:
+        raise ConfigError(f"trainer.limit_train_batches={limit}: no training batches; every "
+                          "fit would end untrained and the run report it as trained")
+    fast = trainer.get("fast_dev_run")
+    if fast not in (None, False, 0):
+        raise ConfigError(f"trainer.fast_dev_run={as_typed(fast)}: one batch per fit, while the "
+                          "run would report every method as trained; for a short run lower "
+                          "the epochs (cwps.stages.*, t0.epochs) or +trainer.limit_train_batches")
+    interval = trainer.get("val_check_interval")
+    if interval is not None and not isinstance(interval, bool) and \
+            isinstance(interval, int | float) and not interval > 0:
+        raise ConfigError(f"trainer.val_check_interval={interval}: accepted: a number > 0 "
+                          "or null")
+    nodes = trainer.get("num_nodes", 1)
+    if here and isinstance(nodes, int) and nodes > 1 and not _cluster_launched():
+        raise ConfigError(f"trainer.num_nodes={nodes}: nothing starts the other nodes here (no "
+                          "SLURM, torchrun, LSF, Kubeflow or MPI environment, no NODE_RANK); "
+                          "launch the job on every node with one of them, or use "
+                          "trainer.num_nodes=1")
+
+
+def _cluster_launched() -> bool:
+    """Whether a launcher that starts several nodes started this process (the environments
+    Lightning detects, or NODE_RANK set by hand for its own)."""
+    import os
+
+    from lightning.fabric.plugins.environments import (
+        KubeflowEnvironment,
+        LSFEnvironment,
+        MPIEnvironment,
+        SLURMEnvironment,
+        TorchElasticEnvironment,
+    )
+
+    detectors = (SLURMEnvironment, TorchElasticEnvironment, LSFEnvironment,
+                 KubeflowEnvironment, MPIEnvironment)
+    for env in detectors:
+        try:
+            if env.detect():
+                return True
+        except Exception:  # noqa: BLE001 - a detector's own dependency missing (mpi4py)
+            continue
+    return "NODE_RANK" in os.environ
+
+
+def probe_trainer(trainer: dict) -> None:
+    """Make a lightning.Trainer of these arguments (a few milliseconds, nothing run): what it
+    refuses (an accelerator this machine lacks, a strategy it cannot run, a value out of its
+    range, a profiler or plugin it does not know) is refused here, in its words, not after
+    T0 with a traceback. Its banners are kept quiet."""
+    import logging
+    import warnings
+
+    from lightning import Trainer
+
+    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch",
+                                              "lightning.fabric")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Trainer(**{**trainer, "logger": False, "callbacks": [], "max_epochs": 1,
+                       "enable_progress_bar": False, "enable_model_summary": False,
+                       "enable_checkpointing": False})
+    except Exception as err:  # noqa: BLE001 - Lightning's errors are of many types
+        text = next((ln.strip() for ln in str(err).splitlines() if ln.strip()),
+                    type(err).__name__)
+        raise ConfigError(f"the trainer settings: lightning.Trainer refuses them: {text}") \
+            from None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def check_trainer_values(trainer: dict) -> None:
