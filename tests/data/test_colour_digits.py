@@ -124,7 +124,8 @@ def test_image_size_and_limit_per_task():
     (dict(tasks=[]), "data.tasks is empty: name at least one task"),
     (dict(image_size=4), "data.image_size must be an integer from 8 to 2048, got 4"),
     (dict(limit_per_task=3), ">= 4 (images per task; fewer leave a split empty), got 3"),
-    (dict(seed=0.5), "seed must be an integer, got 0.5"),
+    (dict(seed=0.5), "data.seed must be an integer from 0 to 4294967295, got 0.5"),
+    (dict(seed=-1), "data.seed must be an integer from 0 to 4294967295, got -1"),
 ])
 def test_bad_settings_are_config_errors(kwargs, needle):
     dm = ColourDigitsDataModule(**kwargs)

@@ -185,7 +185,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.pin_memory = self.checked_bool(pin_memory, "data.pin_memory")
         self.persistent_workers = (self.checked_bool(persistent_workers, "data.persistent_workers")
                                    and self.num_workers > 0)
-        self.seed = self.checked_int(seed, "seed", None, fallback=0)
+        # (the run's seed's range: 1e20 overflowed in the split, -1 ran)
+        self.seed = self.checked_int(seed, "data.seed", 0, fallback=0, maximum=2**32 - 1)
         self._splits: dict[str, TaskSplits] | None = None
         self.current: str | None = None
         self._partial_warned: set[str | None] = set()  # (tasks said to train on a partial batch)
