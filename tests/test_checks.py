@@ -204,6 +204,19 @@ def test_the_trainer_probe_says_nothing_and_leaves_lightnings_loggers_as_they_we
     assert logging.getLogger("lightning.pytorch").level == before
 
 
+@pytest.mark.parametrize(("override", "expected"), [
+    # (an unset variable in a script: the working directory, the checkout, took the T0 cache
+    # or the whole run; the benchmark's own T0 ran in place of a checkpoint)
+    ("paths.cache_dir=", r"^paths\.cache_dir='': empty; give a directory$"),
+    ("model.weights=", r"^model\.weights='': empty; give a T0 checkpoint file, or null"),
+    ("hydra.run.dir=", r"^hydra\.run\.dir='': empty; give a directory \(hydra\.run\.dir=\. "),
+])
+def test_an_empty_path_is_refused_not_read_as_the_working_directory(no_fits, override,
+                                                                     expected):
+    with pytest.raises(ConfigError, match=expected):
+        preflight([override])
+
+
 @pytest.mark.parametrize("devices", ["[0,1]", "'0,1'", "'0,'", "[0]"])
 def test_device_indices_on_the_cpu_are_refused_and_on_a_gpu_taken(devices, monkeypatch):
     """Lightning's CPU accelerator takes a number of processes only."""

@@ -93,6 +93,11 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
         raise ConfigError(one_line(err)) from None
     check_seed(seed)
     check_model_build(job.model.name, dict(job.model.kwargs or {}), _image_size(cfg))
+    if isinstance(job.model.weights, str) and not job.model.weights.strip():
+        # (it fell back to the benchmark's own T0 without a word: an unset $WEIGHTS in a
+        # script ran another experiment)
+        raise ConfigError(f"model.weights='{job.model.weights}': empty; give a T0 checkpoint "
+                          "file, or null for the benchmark's own T0")
     if job.model.weights:
         check_weights_file(job.model.weights)
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -193,6 +198,9 @@ def _check_arguments(made_by, target: str, cfg: DictConfig) -> None:
 def check_directory(key: str, path) -> None:
     """``path`` is, or can be made, a directory: neither it nor a folder above it is a file
     (found otherwise only where the job first writes there, after its work: T0's cache)."""
+    if isinstance(path, str) and not path.strip():  # (Path("") is the working directory:
+        # paths.cache_dir= cached T0 in the checkout's top folder)
+        raise ConfigError(f"{key}='{path}': empty; give a directory")
     if path is not None and (there := file_in_the_way(path)) is not None:
         raise ConfigError(f"{key}={path}: {there} is a file, not a directory")
 

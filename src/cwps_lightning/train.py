@@ -552,6 +552,10 @@ def check_run_dir(cfg: DictConfig) -> None:
     there; the run refuses it too (RunRecorder.existing), but by then those files record this
     config next to the other's results."""
     run_dir = _resolved(cfg, "hydra.run.dir")
+    if isinstance(run_dir, str) and not run_dir.strip():  # (the working directory: an unset
+        # $RUN_DIR in a script wrote the run into the checkout; "." says so on purpose)
+        raise ConfigError("hydra.run.dir='': empty; give a directory (hydra.run.dir=. for the "
+                          "working directory)")
     if run_dir:
         check_directory("hydra.run.dir", run_dir)
         if is_rank_zero():  # (a job running there: refused before Hydra writes in it; a
@@ -566,6 +570,8 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     a store another config wrote (rerunning a sweep with other values into a finished one's
     dir): refused before Hydra writes the sweep's and the jobs' records there."""
     sweep_dir = _resolved(cfg, "hydra.sweep.dir")
+    if isinstance(sweep_dir, str) and not sweep_dir.strip():
+        raise ConfigError("hydra.sweep.dir='': empty; give a directory")
     if not sweep_dir:
         return
     check_directory("hydra.sweep.dir", sweep_dir)
