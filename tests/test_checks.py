@@ -993,6 +993,18 @@ def test_a_bad_config_is_printed_once_under_torchrun(monkeypatch, capsys, no_fit
     assert err.startswith("error: cwps.threshold must be") and len(err.splitlines()) == 1
 
 
+def test_kwargs_that_break_the_forward_are_named_not_the_image_size():
+    """(drop_rate=2 was said as 'resnet18 cannot take data.image_size=32 images; set
+    data.image_size ...')"""
+    with pytest.raises(ConfigError, match=r"^model\.kwargs=\{'drop_rate': 2\}: resnet18 with "
+                                          r"them cannot run a batch \(ValueError: dropout"):
+        checks.check_model_build("resnet18", {"drop_rate": 2}, 32)
+    # a model that cannot take the size without its kwargs either: the size is named
+    with pytest.raises(ConfigError, match=r"^model\.name=vit_tiny_patch16_224 cannot take "
+                                          r"data\.image_size=32"):
+        checks.check_model_build("vit_tiny_patch16_224", {"drop_rate": 0.1}, 32)
+
+
 def test_a_model_build_that_passed_is_not_built_again(monkeypatch):
     """(the launch's check and the job's own ask for the same model: one meta build)"""
     import timm

@@ -268,6 +268,9 @@ def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
         text = _first_line(err)
         if "meta" in text.lower():
             return  # (an op without a meta kernel, or one that reads values: not the input's)
+        if kwargs and _takes_size(name, image_size):  # (the kwargs' doing: drop_rate=2)
+            raise ConfigError(f"model.kwargs={kwargs}: {name} with them cannot run a batch "
+                              f"({type(err).__name__}: {text}); without them it can") from None
         raise ConfigError(
             f"model.name={name} cannot take data.image_size={image_size} images "
             f"({type(err).__name__}: {text}); set data.image_size to a size the model takes, "
@@ -275,6 +278,20 @@ def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
         ) from None
     except Exception:  # noqa: BLE001 - anything else the meta forward cannot do
         return
+
+
+def _takes_size(name: str, image_size: int) -> bool:
+    """Whether timm's ``name`` without kwargs runs a batch of ``image_size`` images (meta)."""
+    import timm
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=10)
+        with torch.no_grad():
+            model.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+    except Exception:  # noqa: BLE001 - the size, or anything else: not the kwargs' doing
+        return False
+    return True
 
 
 def check_methods(baselines: list[str]) -> None:
