@@ -993,6 +993,16 @@ def test_a_bad_config_is_printed_once_under_torchrun(monkeypatch, capsys, no_fit
     assert err.startswith("error: cwps.threshold must be") and len(err.splitlines()) == 1
 
 
+def test_a_taps_penalty_from_past_its_epochs_is_refused(no_fits):
+    """(penalty_from_epoch=100: the penalty never counted, and TAPS was reported at 4.00x as
+    fine-tuning under its own name)"""
+    with pytest.raises(ConfigError, match=r"^methods\.taps\.penalty_from_epoch=4: TAPS trains 4 "
+                                          r"epoch\(s\) a task .* accepted: 0 to 3$"):
+        preflight(["cwps.baselines=[taps]", "methods.taps.penalty_from_epoch=4"])
+    preflight(["cwps.baselines=[taps]", "methods.taps.penalty_from_epoch=3"])
+    preflight(["methods.taps.penalty_from_epoch=4"])  # (no TAPS in the job: not its concern)
+
+
 def test_kwargs_that_break_the_forward_are_named_not_the_image_size():
     """(drop_rate=2 was said as 'resnet18 cannot take data.image_size=32 images; set
     data.image_size ...')"""

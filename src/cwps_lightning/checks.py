@@ -86,6 +86,12 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
         logger=settings_of(cfg.logger, LoggerSettings, "logger"),
     )
     check_methods(job.cwps.baselines)
+    taps_from, epochs = job.methods.taps.penalty_from_epoch, job.cwps.total_epochs
+    if "taps" in job.cwps.baselines and taps_from >= epochs:  # (the gates never penalised:
+        # TAPS ran as fine-tuning, 4.00x, under its own name)
+        raise ConfigError(f"methods.taps.penalty_from_epoch={taps_from}: TAPS trains "
+                          f"{epochs} epoch(s) a task (cwps.stages), so the gate penalty would "
+                          f"never count; accepted: 0 to {epochs - 1}")
     check_model_name(job.model.name)
     try:
         seed = cfg.seed
