@@ -34,6 +34,10 @@ def test_a_method_from_any_module_by_its_path():
                            r"the working directory, or on PYTHONPATH\)"),
     ("examples.lora:Nope", r"cannot import examples.lora:Nope"),
     ("examples.lora:RANK", r"is not a subclass of cwps_lightning.methods.base.Method"),
+    # (importlib's "Empty module name" said nothing of the form)
+    (":", r"^method ':': accepted: 'package\.module:Class' \(a Method subclass: a module and a "
+          r"class, both named\)"),
+    ("examples.lora:", r"^method 'examples\.lora:': accepted: 'package\.module:Class'"),
 ])
 def test_bad_names_say_what_is_accepted(name, needle):
     with pytest.raises(ValueError, match=needle):

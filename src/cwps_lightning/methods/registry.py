@@ -35,6 +35,10 @@ def method_class(name: str) -> type[Method]:
             "'package.module:Class' (a Method subclass)"
         )
     module_name, _, class_name = path.partition(":")
+    if not module_name or not class_name:  # (':' failed in importlib: "Empty module name")
+        raise ValueError(f"method {name!r}: accepted: 'package.module:Class' (a Method "
+                         f"subclass: a module and a class, both named), or one of "
+                         f"{list(BASELINE_NAMES)}")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except ImportError as err:  # (a module of one's own: found from the working directory
