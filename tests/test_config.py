@@ -113,6 +113,9 @@ def test_library_defaults_of_the_lower_layers_match():
                                 r"cwps\.baselines=\[finetune\]; got 'finetune'$"),
     ("cwps.baselines={a:1}", r"^cwps\.baselines: a list is accepted.*; got a dict$"),
     ("cwps.stages=[1]", r"^cwps\.stages: a group of keys is accepted \(warmup_epochs, "),
+    # (a Hydra traceback)
+    ("trainer=null", r"^trainer=null: Config group override must be a string or a list\. .*; "
+                     r"a config group takes one of its options"),
 ])
 def test_bad_values_give_one_line_naming_the_key(override, expected):
     with pytest.raises(ConfigError) as err:
