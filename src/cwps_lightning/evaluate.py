@@ -16,9 +16,11 @@ from omegaconf import OmegaConf
 
 from .config import apply_overrides, instantiate_data
 from .cwps import MultiTaskStore, StoreError
+from .cwps.store import MANIFEST
 from .errors import ConfigError
 from .fitting import eval_device, evaluate_top1
 from .models import head_classes
+from .report import is_number
 from .runner import T0
 
 USAGE = "usage: python -m cwps_lightning.evaluate store=<store dir> [data.root=... device=cpu]"
@@ -95,6 +97,11 @@ def evaluate_store(store: MultiTaskStore, overrides: Sequence[str] = (),
         OmegaConf.update(cfg, "data.tasks", kept)
     datamodule = instantiate_data(cfg)
     recorded = store.manifest.get("metrics", {})
+    if not isinstance(recorded, dict) or not all(
+            isinstance(m, dict) and (m.get("top1") is None or is_number(m["top1"]))
+            for m in recorded.values()):  # (a string top-1 failed in the comparison)
+        raise StoreError(f"{store.path / MANIFEST}: corrupt manifest ('metrics' of another "
+                         "type: each task's top1 a number)")
     # data.tasks=[...] narrows the test to those, and a task the store lacks is refused; else
     # the store's tasks are tested (a killed run's store holds the tasks it finished)
     given = list(datamodule.task_names)
@@ -156,7 +163,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     differ = [r["task"] for r in rows if differs(r)]
     if differ:
         print(f"\n{why_they_differ(differ, overrides)}")
-    return 1 if differ else 0
+    unrecorded = [r["task"] for r in rows if r["recorded"] is None]
+    if unrecorded:  # (a manifest edited or cut: every Match '-' passed with nothing checked)
+        print(f"\n{len(unrecorded)} task(s) have no recorded top-1 in the manifest to compare "
+              f"with ({', '.join(unrecorded)}): not checked")
+    if not rows:
+        print("\nno task was tested (the store holds T0 alone, or data.tasks names none)")
+    return 1 if differ or unrecorded or not rows else 0
 
 
 #: overrides that leave the test images as the run had them (where they are, which tasks)

@@ -86,6 +86,28 @@ def test_bad_input_exits_2_with_one_error_line(store_dir, tmp_path, capsys):
         assert out == "", case
 
 
+def test_a_manifest_whose_recorded_top1_is_missing_or_no_number_is_not_a_pass(
+        store_dir, tmp_path, capsys):
+    """(without metrics every Match read '-' and evaluate exited 0 with nothing checked; a
+    string top-1 failed in the comparison with a traceback)"""
+    def copy_with(name, edit):
+        copy = shutil.copytree(store_dir, tmp_path / name)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        edit(manifest)
+        (copy / "manifest.json").write_text(json.dumps(manifest))
+        return copy
+
+    unrecorded = copy_with("no_metrics", lambda m: m.pop("metrics"))
+    assert main([f"store={unrecorded}", "device=cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "1 task(s) have no recorded top-1 in the manifest to compare with (optdigits): not " \
+           "checked" in out
+    text = copy_with("str_top1", lambda m: m["metrics"]["optdigits"].update(top1="92"))
+    assert main([f"store={text}", "device=cpu"]) == 2
+    assert "corrupt manifest ('metrics' of another type" in one_error_line(
+        capsys.readouterr().err)
+
+
 def test_cli_subprocess_exit_status(mismatching_store):
     """The module run as a program: the table on stdout, the exit status main returns."""
     proc = subprocess.run(
