@@ -37,7 +37,8 @@ top-1 the run recorded. data.<key>=... points at data that moved (the store's da
 +data.<key>= adds one); data.tasks=[a,b] tests those tasks alone (null: the store's
 tasks, as without it); device= is one of
 {', '.join(DEVICES)} (default auto).
-Exit 0: every task matches; 1: a task differs; 2: bad input (one error: line)."""
+Exit 0: every task matches; 1: a task differs, or has no recorded top-1 to compare with; 2: bad
+input (one error: line)."""
 
 
 def override_key(override: str) -> str:
