@@ -143,3 +143,21 @@ def test_a_run_that_cannot_be_rebuilt_is_named_and_the_others_and_the_sweep_stil
     assert report.main([str(tmp_path)]) == 2 and (tmp_path / "sweep.md").is_file()
     assert capsys.readouterr().err.startswith("error: 3 of 3 run(s) not rebuilt")
 
+
+
+def test_a_store_another_run_left_in_the_folder_is_refused_before_its_figures(tmp_path):
+    """(the figures were drawn from the other run's store next to this run's table)"""
+    import pytest
+
+    from cwps_lightning.cwps.store import StoreError
+    from cwps_lightning.report import check_store_is_the_runs
+
+    class Store:
+        manifest = {"metrics": {"a": {"top1": 90.0, "val_top1": 91.0},
+                                "b": {"top1": 80.5, "val_top1": 81.0}}}
+
+    check_store_is_the_runs(Store(), results(), tmp_path)
+    Store.manifest["metrics"]["b"]["top1"] = 70.0
+    with pytest.raises(StoreError, match=r"not this run's store \(its top-1 of b is 70\.0, "
+                                         r"results\.json's 80\.5\)"):
+        check_store_is_the_runs(Store(), results(), tmp_path)

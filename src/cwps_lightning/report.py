@@ -197,9 +197,28 @@ def report_run(run_dir: Path) -> dict:
     results = read_results(run_dir)
     store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
         else None
+    if store is not None:
+        check_store_is_the_runs(store, results, run_dir)
     add_figures(run_dir, results, store)
     write_results(run_dir, results)
     return results
+
+
+def check_store_is_the_runs(store: MultiTaskStore, results: dict, run_dir: Path) -> None:
+    """The store's recorded CWPS top-1s are results.json's: the figures drawn from a store
+    another run left in the folder (copied over, or restored from elsewhere) sat next to this
+    run's table without a word."""
+    recorded = store.manifest.get("metrics")
+    ours = results["methods"].get("cwps", {}).get("tasks", {})
+    if not isinstance(recorded, dict):
+        return  # (evaluate names a manifest without its metrics)
+    for task, metrics in ours.items():
+        theirs = recorded.get(task, {}).get("top1") if isinstance(recorded.get(task), dict) \
+            else None
+        if theirs != metrics["top1"]:
+            raise StoreError(f"{run_dir / 'store'}: not this run's store (its top-1 of {task} "
+                             f"is {theirs}, results.json's {metrics['top1']}); put the run's "
+                             f"own store back, or report the run it belongs to")
 
 
 def run_dirs(path: Path) -> list[Path]:
