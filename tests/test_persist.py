@@ -236,3 +236,23 @@ def test_a_resume_refuses_a_store_without_a_task_its_record_has_done(tmp_path):
     Store.tasks = ["T0", "a"]
     Store.to_bank = lambda self: "bank"
     assert recorder.restore(Store(), Runner(), [Cwps()])["cwps"].bank == "bank"
+
+
+def test_a_store_path_that_is_a_file_or_a_record_of_another_type_is_one_line(tmp_path):
+    """(NotADirectoryError and AttributeError tracebacks on resume)"""
+    import pytest
+
+    from cwps_lightning import persist
+    from cwps_lightning.cwps import StoreError
+
+    (tmp_path / "store").write_text("not a folder")
+    recorder = persist.RunRecorder(tmp_path, OmegaConf.create({}), {"name": "resnet18"}, {})
+    with pytest.raises(StoreError, match=r"store: a file where the run keeps its store"):
+        recorder.existing()
+
+    class Store:
+        tasks = ["T0"]
+        manifest = {"run": {"methods": [1, 2]}}
+
+    with pytest.raises(StoreError, match=r"corrupt manifest \('run\.methods' of another type"):
+        recorder.restore(Store(), None, [])

@@ -141,6 +141,9 @@ class RunRecorder:
     # -- restore -------------------------------------------------------------------------------
     def existing(self) -> MultiTaskStore | None:
         """The store of an earlier attempt at this run, checked against this config."""
+        if self.store_dir.exists() and not self.store_dir.is_dir():
+            raise StoreError(f"{self.store_dir}: a file where the run keeps its store (a "
+                             "folder); move it away")
         if not (self.store_dir / MANIFEST).exists():
             unfinished = unfinished_first_save(self.store_dir)
             if unfinished:  # (the first save's manifest is its last write: nothing was stored)
@@ -202,6 +205,10 @@ class RunRecorder:
         the method that shares between tasks (CWPS); the others' banks are T0 only."""
         run = store.manifest["run"]
         records = run.get("methods", {})
+        if not isinstance(records, dict) or not all(isinstance(r, dict)
+                                                    for r in records.values()):
+            raise StoreError(f"{self.store_dir / MANIFEST}: corrupt manifest ('run.methods' of "
+                             "another type: each method's progress record)")
         restored = {}
         for method in methods:
             record = records.get(method.name)
