@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
+import pickle
 import shutil
 import signal
 import warnings
@@ -25,6 +27,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import distributed
 from .callbacks import MaskStageCallback, SigtermAtNextBatch
+from .cwps.store import atomic_write
 from .cwps.surgery import nonfinite_tensors
 from .errors import STORE_KEEPS, ConfigError
 from .methods.base import FitPlan
@@ -111,18 +114,27 @@ class _ResumedMetricsWriter(ExperimentWriter):
     def _check_log_dir_exists(self) -> None:
         if not self._fs.isfile(self.metrics_file_path):
             return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            reader = csv.DictReader(file)
-            # save() appends its rows in the order of metrics_keys: the file's header is written
-            # in that same order (Lightning's is sorted already)
-            self.metrics_keys = sorted(reader.fieldnames or [])
-            # (a row of the epoch the fit was stopped in is logged again when it reruns it)
-            rows = [row for row in reader if (row.get("epoch") or "").strip() and
-                    int(float(row["epoch"])) <= self.through_epoch]
-        with self._fs.open(self.metrics_file_path, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=self.metrics_keys)
-            writer.writeheader()
-            writer.writerows(rows)
+        try:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                # save() appends its rows in the order of metrics_keys: the file's header is
+                # written in that same order (Lightning's is sorted already)
+                keys = sorted(reader.fieldnames or [])
+                # (a row of the epoch the fit was stopped in is logged again when it reruns it)
+                rows = [row for row in reader if (row.get("epoch") or "").strip() and
+                        int(float(row["epoch"])) <= self.through_epoch]
+        except (UnicodeDecodeError, csv.Error, ValueError, TypeError) as err:
+            # (damaged: the resumed fit goes on, and its earlier epochs' rows are lost)
+            log.warning("%s: unreadable (%s: %s); it starts again with the resumed epochs",
+                        self.metrics_file_path, type(err).__name__, err)
+            self._fs.rm(self.metrics_file_path)
+            return
+        self.metrics_keys = keys
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(self.metrics_file_path, text.getvalue().encode())  # (never half a file)
 
 
 class FitCSVLogger(CSVLogger):
@@ -153,9 +165,17 @@ def csv_logger_factory(save_dir: str | Path) -> Callable[[str, str], Logger]:
     return make
 
 
-def _checkpoint_epoch(path: str) -> int:
-    """The epoch a Lightning checkpoint was saved at the end of (read without its tensors)."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+def _checkpoint_epoch(path: str) -> int | None:
+    """The epoch a Lightning checkpoint was saved at the end of (read without its tensors);
+    None, said, where the file cannot be read (cut short by a full disk or a copy): the fit
+    then starts from its beginning, as without one (its next epoch's end overwrites it)."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    except (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError,
+            pickle.UnpicklingError) as err:
+        log.warning("%s: unreadable (%s: %s); this fit starts from its beginning", path,
+                    type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return None
 
 
 def fit(
@@ -228,6 +248,8 @@ def fit(
             resume_from = str(fit_dir / "last.ckpt")
             log.info("%s/%s: continuing from %s", log_group, log_name, resume_from)
     resumed_epoch = None if resume_from is None else _checkpoint_epoch(resume_from)
+    if resumed_epoch is None:
+        resume_from = None
     datamodule.start_at_epoch(0 if resumed_epoch is None else resumed_epoch + 1)
     with settings.stopwatch.timed("trainer_construction"):
         logger = settings.logger_factory(log_group, log_name)

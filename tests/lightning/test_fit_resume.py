@@ -122,6 +122,23 @@ def test_a_killed_fit_resumed_from_its_checkpoint_ends_as_the_uninterrupted_one(
     assert not differ, f"the resumed visit differs in {differ}"
 
 
+def test_a_cut_short_checkpoint_or_metrics_file_restarts_the_fit_not_the_run(tmp_path, caplog):
+    """(a truncated last.ckpt stopped the resumed run with a PytorchStreamReader traceback, an
+    undecodable metrics.csv with a UnicodeDecodeError)"""
+    torch.set_num_threads(1)
+    whole = visit(tmp_path / "whole")
+    visit(tmp_path / "killed", kill_at_epoch=2)
+    fit_dir = tmp_path / "killed" / "cwps" / "t-mask"
+    ckpt = fit_dir / "last.ckpt"
+    ckpt.write_bytes(ckpt.read_bytes()[:2000])
+    with caplog.at_level("WARNING"):
+        resumed = visit(tmp_path / "killed")
+    assert "unreadable" in caplog.text and "this fit starts from its beginning" in caplog.text
+    differ = [k for k in whole if not torch.equal(whole[k], resumed[k])]
+    assert not differ, f"the fit started again differs in {differ}"
+    assert torch.load(ckpt, weights_only=False)["epoch"] == MASK_EPOCHS - 1
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_resumed_fit_draws_the_random_crops_and_flips_of_the_uninterrupted_one(tmp_path,
                                                                                workers):
@@ -186,3 +203,17 @@ def test_a_channel_that_turns_task_specific_as_the_resumed_fit_starts(tmp_path, 
     visit(tmp_path / "forgot", kill_at_epoch=2)
     forgot = visit(tmp_path / "forgot", flip_at_epoch=2)
     assert any(not torch.equal(whole[k], forgot[k]) for k in whole)
+
+
+def test_a_resumed_fits_metrics_file_keeps_its_epochs_or_starts_again_when_unreadable(
+        tmp_path, caplog):
+    from cwps_lightning.fitting import _ResumedMetricsWriter
+
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,step,train/loss\n0,3,1.5\n1,7,1.2\n2,9,1.1\n")
+    _ResumedMetricsWriter(str(tmp_path), through_epoch=1)
+    assert metrics.read_text().splitlines() == ["epoch,step,train/loss", "0,3,1.5", "1,7,1.2"]
+    metrics.write_bytes(b"epoch,step\n\xff\xfe\x00garbage\n")
+    with caplog.at_level("WARNING"):
+        _ResumedMetricsWriter(str(tmp_path), through_epoch=1)
+    assert "unreadable (UnicodeDecodeError" in caplog.text and not metrics.exists()
