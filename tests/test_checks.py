@@ -1058,3 +1058,10 @@ def test_compile_without_a_cpp_compiler_is_refused_before_any_work(monkeypatch, 
     checks.check_config(compose_config(["trainer=cpu"]), data=False)  # (not asked: no check)
     monkeypatch.setattr(cpp_builder, "get_cpp_compiler", lambda: "g++")
     checks.check_config(cfg, data=False)
+
+
+def test_a_run_dir_the_run_cannot_write_in_is_refused(tmp_path, monkeypatch, no_fits):
+    """(Hydra's log handler failed on it with a ValueError traceback)"""
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)  # (root ignores modes)
+    with pytest.raises(ConfigError, match=rf"^hydra\.run\.dir={tmp_path}: not writable"):
+        preflight([f"hydra.run.dir={tmp_path}"])

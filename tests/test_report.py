@@ -161,3 +161,21 @@ def test_a_store_another_run_left_in_the_folder_is_refused_before_its_figures(tm
     with pytest.raises(StoreError, match=r"not this run's store \(its top-1 of b is 70\.0, "
                                          r"results\.json's 80\.5\)"):
         check_store_is_the_runs(Store(), results(), tmp_path)
+
+
+def test_a_run_dir_it_cannot_write_in_is_said_before_any_figure(tmp_path, monkeypatch):
+    """(the figures were redrawn, then writing results.json failed with a traceback)"""
+    import os
+
+    import pytest
+
+    from cwps_lightning import report
+    from cwps_lightning.cwps.store import StoreError
+
+    (tmp_path / "results.json").write_text(json.dumps(results()))
+    drawn = []
+    monkeypatch.setattr(report, "add_figures", lambda *a: drawn.append(a))
+    monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)  # (root ignores modes)
+    with pytest.raises(StoreError, match=r"not writable, so its figures and results\.md cannot "):
+        report.report_run(tmp_path)
+    assert drawn == [] and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -195,6 +196,9 @@ def read_results(run_dir: Path) -> dict:
 def report_run(run_dir: Path) -> dict:
     """Rebuild a finished run's figures and results.md from its results.json and store."""
     results = read_results(run_dir)
+    if not os.access(run_dir, os.W_OK):  # (figures redrawn, then a PermissionError traceback)
+        raise StoreError(f"{run_dir}: not writable, so its figures and results.md cannot be "
+                         "rebuilt there; copy the run somewhere writable and report the copy")
     store = MultiTaskStore.load(run_dir / "store") if (run_dir / "store" / MANIFEST).exists() \
         else None
     if store is not None:

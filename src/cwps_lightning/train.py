@@ -558,6 +558,10 @@ def check_run_dir(cfg: DictConfig) -> None:
                           "working directory)")
     if run_dir:
         check_directory("hydra.run.dir", run_dir)
+        if Path(run_dir).is_dir() and not os.access(run_dir, os.W_OK):  # (Hydra's log
+            # handler failed with a ValueError traceback)
+            raise ConfigError(f"hydra.run.dir={run_dir}: not writable; give a directory the "
+                              "run can write in")
         if is_rank_zero():  # (a job running there: refused before Hydra writes in it; a
             # rank above 0 runs in rank 0's dir, under its lock)
             with RunDirLock(run_dir):
