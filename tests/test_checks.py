@@ -1065,3 +1065,11 @@ def test_a_run_dir_the_run_cannot_write_in_is_refused(tmp_path, monkeypatch, no_
     monkeypatch.setattr(os, "access", lambda path, mode: mode != os.W_OK)  # (root ignores modes)
     with pytest.raises(ConfigError, match=rf"^hydra\.run\.dir={tmp_path}: not writable"):
         preflight([f"hydra.run.dir={tmp_path}"])
+
+
+def test_a_batch_of_one_image_at_a_one_by_one_feature_map_is_refused_before_t0(no_fits):
+    """(it was found in T0's first step, after the data was built)"""
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=1: resnet18 at data\.image_size=32 "
+                                          r"ends in a 1x1 feature map.*accepted here: 2 or more$"):
+        preflight(["data.batch_size=1"])
+    preflight(["data.batch_size=1", "data.image_size=64"])  # (2x2 at the end: batch norm runs)

@@ -99,6 +99,7 @@ def check_config(cfg: DictConfig, here: bool = True, data: bool = True) -> JobSe
         raise ConfigError(one_line(err)) from None
     check_seed(seed)
     check_model_build(job.model.name, dict(job.model.kwargs or {}), _image_size(cfg))
+    check_single_image_batch(cfg, job)
     if isinstance(job.model.weights, str) and not job.model.weights.strip():
         # (it fell back to the benchmark's own T0 without a word: an unset $WEIGHTS in a
         # script ran another experiment)
@@ -283,6 +284,35 @@ def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
             f"or, for a model built for one size (ViT), +model.kwargs.img_size={image_size}"
         ) from None
     except Exception:  # noqa: BLE001 - anything else the meta forward cannot do
+        return
+
+
+def check_single_image_batch(cfg: DictConfig, job) -> None:
+    """data.batch_size=1 where the backbone's feature map ends at 1x1: train-mode batch norm
+    gets one value per channel and fails, which was found in T0's first step. One train-mode
+    batch of one image on the meta device (shapes only) finds it here."""
+    try:
+        batch = cfg.data.get("batch_size")
+    except OmegaConfBaseException:
+        return
+    size = _image_size(cfg)
+    if batch != 1 or size is None or isinstance(batch, bool):
+        return
+    import timm
+
+    from .fitting import ONE_VALUE_PER_CHANNEL
+
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(job.model.name, pretrained=False, num_classes=10,
+                                      **dict(job.model.kwargs or {}))
+        model.train()(torch.empty(1, 3, size, size, device="meta"))
+    except ValueError as err:
+        if ONE_VALUE_PER_CHANNEL in str(err):
+            raise ConfigError(f"data.batch_size=1: {job.model.name} at data.image_size={size} "
+                              "ends in a 1x1 feature map, where train-mode batch norm has one "
+                              "value per channel; accepted here: 2 or more") from None
+    except Exception:  # noqa: BLE001 - anything else: the job's own fit says it
         return
 
 
