@@ -111,15 +111,20 @@ class SweepReport(Callback):
 
 
 # -- the report ---------------------------------------------------------------------------------
-def job_results(path: Path) -> tuple[float | None, dict]:
-    """A job's seconds and each method's mean top-1 and param_ratio from its results.json;
-    a ValueError saying what is wrong with the file (one job's must not stop the report)."""
+def _read_json(path: Path):
+    """A job file's JSON, or a ValueError saying why it cannot be read."""
     try:
-        results = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except OSError as err:
         raise ValueError(f"cannot read ({err.strerror or err})") from None
     except ValueError as err:
         raise ValueError(f"not JSON ({err})") from None
+
+
+def job_results(path: Path) -> tuple[float | None, dict]:
+    """A job's seconds and each method's mean top-1 and param_ratio from its results.json;
+    a ValueError saying what is wrong with the file (one job's must not stop the report)."""
+    results = _read_json(path)
     methods = results.get("methods") if isinstance(results, dict) else None
     if not isinstance(methods, dict):
         raise ValueError("no 'methods'")
@@ -171,12 +176,7 @@ def sweep_rows(sweep_dir: Path) -> list[dict]:
 
 def _read_status(status_file: Path) -> dict:
     """A job's job_status.json, or a ValueError saying what is wrong with it."""
-    try:
-        status = json.loads(status_file.read_text())
-    except OSError as err:
-        raise ValueError(f"cannot read ({err.strerror or err})") from None
-    except ValueError as err:
-        raise ValueError(f"not JSON ({err})") from None
+    status = _read_json(status_file)
     kinds = {"job": int, "status": str, "overrides": list}
     bad = [k for k, kind in kinds.items() if not isinstance(status, dict)
            or not isinstance(status.get(k), kind) or isinstance(status.get(k), bool)]
