@@ -50,7 +50,6 @@ from .config import compose_config, instantiate_data
 from .cwps import MultiTaskStore, StoreError
 from .cwps.store import MANIFEST
 from .errors import DIVERGED_RUN_DIR, NO_STORE_YET, STORE_KEEPS, ConfigError
-from .fs import RunDirBusy, RunDirLock
 from .fitting import (
     FitSettings,
     RunInterrupted,
@@ -58,6 +57,7 @@ from .fitting import (
     csv_logger_factory,
     eval_device,
 )
+from .fs import RunDirBusy, RunDirLock
 from .methods.base import Method
 from .methods.registry import method_class
 from .persist import RunRecorder, check_run_dir_reuse
