@@ -61,23 +61,13 @@ def kept_run_differs(out: Path, overrides: list[str]) -> str | None:
     train command's own resume check, on its store's manifest), or None: --reuse read such a
     run's numbers under the new setting's name."""
     from cwps_lightning.config import compose_config
-    from cwps_lightning.cwps.store import MANIFEST
     from cwps_lightning.errors import ConfigError
     from cwps_lightning.persist import check_run_dir_reuse
 
-    manifest = out / "store" / MANIFEST
-    try:
-        run = json.loads(manifest.read_text()).get("run")
-    except (OSError, ValueError, AttributeError):
-        run = None
-    if not (isinstance(run, dict) and isinstance(run.get("config_hash"), str)):
-        # (train's own check passes a run dir without one, to start afresh: here its
-        # results.json would be read under this setting's name unchecked)
-        return (f"{manifest} is missing, unreadable or holds no run record, so the kept run's "
-                "settings cannot be checked; move the run away to run it again")
-    try:
+    try:  # (required: train's own check passes a run dir without a record, to start afresh;
+        # here its results.json would be read under this setting's name unchecked)
         with _COMPOSE:
-            check_run_dir_reuse(out, compose_config(overrides))
+            check_run_dir_reuse(out, compose_config(overrides), required=True)
     except ConfigError as err:
         return str(err)
     return None

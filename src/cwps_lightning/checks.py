@@ -254,12 +254,24 @@ def check_model_build(name: str, kwargs: dict, image_size: int | None = None) ->
     _BUILDS_PASSED.add(key)
 
 
-def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
+def _meta_model(name: str, kwargs: dict) -> torch.nn.Module:
+    """timm's ``name`` on the meta device (no memory, no initialisation), with a
+    num_classes, as create_backbone builds it."""
     import timm
 
-    try:  # (with a num_classes, as create_backbone builds it)
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+    with torch.device("meta"):
+        return timm.create_model(name, pretrained=False, num_classes=10, **kwargs)
+
+
+def _meta_batch(model: torch.nn.Module, batch: int, image_size: int, train: bool = False):
+    """One batch of ``image_size`` images through ``model`` on the meta device (shapes only)."""
+    with torch.no_grad():
+        return model.train(train)(torch.empty(batch, 3, image_size, image_size, device="meta"))
+
+
+def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
+    try:
+        model = _meta_model(name, kwargs)
     except Exception as err:  # noqa: BLE001 - whatever timm raises for a bad argument
         text = _first_line(err)
         if "meta" in text.lower() or not kwargs:
@@ -269,8 +281,7 @@ def _check_model_build(name: str, kwargs: dict, image_size: int | None) -> None:
     if image_size is None:
         return
     try:
-        with torch.no_grad():
-            model.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+        _meta_batch(model, 2, image_size)
     except (AssertionError, RuntimeError, ValueError) as err:
         text = _first_line(err)
         if "meta" in text.lower():
@@ -298,15 +309,11 @@ def check_single_image_batch(cfg: DictConfig, job) -> None:
     size = _image_size(cfg)
     if batch != 1 or size is None or isinstance(batch, bool):
         return
-    import timm
-
     from .fitting import ONE_VALUE_PER_CHANNEL
 
     try:
-        with torch.device("meta"):
-            model = timm.create_model(job.model.name, pretrained=False, num_classes=10,
-                                      **dict(job.model.kwargs or {}))
-        model.train()(torch.empty(1, 3, size, size, device="meta"))
+        _meta_batch(_meta_model(job.model.name, dict(job.model.kwargs or {})), 1, size,
+                    train=True)
     except ValueError as err:
         if ONE_VALUE_PER_CHANNEL in str(err):
             raise ConfigError(f"data.batch_size=1: {job.model.name} at data.image_size={size} "
@@ -318,13 +325,8 @@ def check_single_image_batch(cfg: DictConfig, job) -> None:
 
 def _takes_size(name: str, image_size: int) -> bool:
     """Whether timm's ``name`` without kwargs runs a batch of ``image_size`` images (meta)."""
-    import timm
-
     try:
-        with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, num_classes=10)
-        with torch.no_grad():
-            model.eval()(torch.empty(2, 3, image_size, image_size, device="meta"))
+        _meta_batch(_meta_model(name, {}), 2, image_size)
     except Exception:  # noqa: BLE001 - the size, or anything else: not the kwargs' doing
         return False
     return True

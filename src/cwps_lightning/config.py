@@ -207,10 +207,11 @@ def compose_config(overrides: Sequence[str], job_name: str = "cwps_lightning") -
             except ValueError as err:  # (Hydra's own, for trainer=null: a traceback)
                 nulls = [o for o in overrides if o.split("=", 1)[-1] in ("null", "None", "~")
                          and "." not in o.split("=", 1)[0].split("@")[0]]
-                where = f"{nulls[0]}: " if nulls else ""
-                raise ConfigError(f"{where}{one_line(err)}; a config group takes one of its "
-                                  "options (python -m cwps_lightning.train --help lists them)"
-                                  if nulls else one_line(err)) from None
+                if nulls:
+                    raise ConfigError(f"{nulls[0]}: {one_line(err)}; a config group takes one "
+                                      "of its options (python -m cwps_lightning.train --help "
+                                      "lists them)") from None
+                raise ConfigError(one_line(err)) from None
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(one_line(err)) from None
     HydraConfig.instance().set_config(cfg)

@@ -100,19 +100,26 @@ def config_difference(stored: dict | None, config: dict, limit: int = 5) -> str:
     return f"{len(shown)} setting(s) differ: {'; '.join(said)}{more}"
 
 
-def check_run_dir_reuse(run_dir: str | Path, cfg: DictConfig) -> None:
+def check_run_dir_reuse(run_dir: str | Path, cfg: DictConfig, required: bool = False) -> None:
     """Refuse, from the manifest alone (nothing else is read), a run dir whose store a
     different config wrote: the train command's check, before Hydra rewrites the run dir's
-    .hydra/ files (which would then record this config next to the other's results)."""
+    .hydra/ files (which would then record this config next to the other's results).
+    ``required``: a run dir without a readable run record is refused too (a kept run whose
+    results would be read as this config's: seed_sweep --reuse); the train command starts
+    such a one afresh."""
     store_dir = Path(run_dir) / "store"
     try:
         manifest = json.loads((store_dir / MANIFEST).read_text())
     except (OSError, ValueError):
-        return  # none, or unreadable: the run's own load says what is wrong with it
+        manifest = None  # none, or unreadable: the run's own load says what is wrong with it
     run = manifest.get("run") if isinstance(manifest, dict) else None
     if isinstance(run, dict) and isinstance(run.get("config"), dict | None):
         config = result_config(cfg)
         check_same_config(store_dir, manifest, config, config_hash(config))
+    elif required:
+        raise ConfigError(f"{store_dir / MANIFEST} is missing, unreadable or holds no run "
+                          "record, so the kept run's settings cannot be checked; move the run "
+                          "away to run it again")
     # (anything else is not a manifest this code wrote: the run's own load names it)
 
 

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 import logging
-import math
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from .cwps.store import atomic_write
 from .fitting import FitSettings, evaluate_top1, fit
 from .methods.base import FitPlan, OptimizerPlan
 from .models import ModelConfigError, create_backbone, load_backbone_weights
+from .report import is_number
 from .settings import ADDED_KEYS_AT_OLD_VALUE
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def _load_cached(path: Path, model_name: str, num_classes: int,
         model = create_backbone(model_name, num_classes, model_kwargs)
         model.load_state_dict(saved["state_dict"])
         val = saved["val_top1"]
-        if isinstance(val, bool) or not isinstance(val, int | float) or not math.isfinite(val):
+        if not is_number(val):
             raise KeyError(f"val_top1 is {val!r}, not a finite number")  # (went to results)
         return model, float(val)
     except (RuntimeError, KeyError, TypeError, OSError, EOFError,

@@ -562,11 +562,16 @@ def check_run_dir(cfg: DictConfig) -> None:
             # handler failed with a ValueError traceback)
             raise ConfigError(f"hydra.run.dir={run_dir}: not writable; give a directory the "
                               "run can write in")
-        if is_rank_zero():  # (a job running there: refused before Hydra writes in it; a
-            # rank above 0 runs in rank 0's dir, under its lock)
-            with RunDirLock(run_dir):
-                pass
+        refuse_if_held(run_dir)
         check_run_dir_reuse(run_dir, cfg)
+
+
+def refuse_if_held(run_dir) -> None:
+    """A job running in ``run_dir`` (its RunDirLock): refused before Hydra writes there. Rank
+    0 asks: a rank above 0 runs in rank 0's dir, under its lock."""
+    if is_rank_zero():
+        with RunDirLock(run_dir):
+            pass
 
 
 def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
@@ -574,20 +579,16 @@ def check_sweep_job_dir(cfg: DictConfig, num: int) -> None:
     a store another config wrote (rerunning a sweep with other values into a finished one's
     dir): refused before Hydra writes the sweep's and the jobs' records there."""
     sweep_dir = _resolved(cfg, "hydra.sweep.dir")
-    if isinstance(sweep_dir, str) and not sweep_dir.strip():
-        raise ConfigError("hydra.sweep.dir='': empty; give a directory")
-    if not sweep_dir:
+    if sweep_dir is None:
         return
-    check_directory("hydra.sweep.dir", sweep_dir)
+    check_directory("hydra.sweep.dir", sweep_dir)  # (an empty one too: the working directory)
     if (Path(sweep_dir) / "results.json").is_file() or (Path(sweep_dir) / "store").is_dir():
         raise ConfigError(f"hydra.sweep.dir={sweep_dir}: a single run's directory (it holds "
                           "its results.json or store); give the sweep a directory of its own")
     subdir = OmegaConf.to_container(cfg.hydra.sweep, resolve=False).get("subdir")
     if subdir != "${hydra.job.num}":  # (another layout: the job's own check finds it)
         return
-    if is_rank_zero():
-        with RunDirLock(Path(sweep_dir) / str(num)):  # (a job running there)
-            pass
+    refuse_if_held(Path(sweep_dir) / str(num))
     check_run_dir_reuse(Path(sweep_dir) / str(num), cfg)
 
 
